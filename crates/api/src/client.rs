@@ -1,0 +1,290 @@
+//! A client of the service API over its Unix socket: one HTTP/1.1 connection per call, JSON in
+//! and out, NDJSON streams for long operations, byte streams for archives, and HTTP upgrades
+//! for interactive sessions.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt, TryStreamExt};
+use http_body_util::{BodyExt, BodyStream, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::AsyncBufReadExt;
+use tokio::net::UnixStream;
+
+use crate::{API_PREFIX, ApiError, ErrorKind};
+
+/// Body type of requests: a whole buffer or a stream of chunks.
+pub type RequestBody = BoxBody<Bytes, std::io::Error>;
+
+/// Why a call to the service failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket.
+    #[error("the container service is not running (no answer on {})", socket.display())]
+    NotRunning {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The socket exists but the caller may not connect to it.
+    #[error("cannot connect to the container service at {}", socket.display())]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The service answered with an error.
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The HTTP exchange itself failed.
+    #[error("talking to the container service")]
+    Http(#[from] hyper::Error),
+    /// The service's answer was not what this client understands.
+    #[error("unexpected answer from the container service")]
+    Decode(#[source] serde_json::Error),
+    /// Reading or writing a streamed body failed.
+    #[error("streaming data to or from the container service")]
+    Io(#[from] std::io::Error),
+}
+
+impl ClientError {
+    /// The API error kind, when the service answered with one.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Api(e) => Some(e.kind),
+            _ => None,
+        }
+    }
+}
+
+/// A client bound to one service socket.
+#[derive(Debug, Clone)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+/// Wraps a buffer as a request body.
+pub fn full_body(bytes: impl Into<Bytes>) -> RequestBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// Wraps a stream of chunks as a request body.
+pub fn stream_body<S>(stream: S) -> RequestBody
+where
+    S: Stream<Item = std::io::Result<Bytes>> + Send + Sync + 'static,
+{
+    BodyExt::boxed(StreamBody::new(stream.map_ok(Frame::data)))
+}
+
+impl Client {
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Sends one request on a fresh connection and returns the raw response. The connection
+    /// task keeps running for upgrades.
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: Option<&str>,
+        body: RequestBody,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let stream = UnixStream::connect(&self.socket).await.map_err(|source| {
+            use std::io::ErrorKind as K;
+            match source.kind() {
+                K::NotFound | K::ConnectionRefused => ClientError::NotRunning {
+                    socket: self.socket.clone(),
+                    source,
+                },
+                _ => ClientError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                },
+            }
+        })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            // Errors here surface on the response side; nothing to add.
+            let _ = conn.with_upgrades().await;
+        });
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(format!("http://container{API_PREFIX}{path}"))
+            .header(hyper::header::HOST, "container");
+        if let Some(ct) = content_type {
+            builder = builder.header(hyper::header::CONTENT_TYPE, ct);
+        }
+        if upgrade {
+            builder = builder
+                .header(hyper::header::CONNECTION, "upgrade")
+                .header(hyper::header::UPGRADE, "container-exec");
+        }
+        let request = builder
+            .body(body)
+            .expect("a request built from a valid path and fixed headers");
+        let response = sender.send_request(request).await?;
+        Ok(response)
+    }
+
+    /// Turns a non-success response into its `ApiError`.
+    async fn check(response: Response<Incoming>) -> Result<Response<Incoming>, ClientError> {
+        let status = response.status();
+        if status.is_success() || status == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok(response);
+        }
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let error = serde_json::from_slice::<ApiError>(&bytes).unwrap_or_else(|_| {
+            ApiError::new(
+                ErrorKind::from_http_status(status.as_u16()),
+                format!(
+                    "the service answered {status}: {}",
+                    String::from_utf8_lossy(&bytes).trim()
+                ),
+            )
+        });
+        Err(ClientError::Api(error))
+    }
+
+    /// A JSON call: `body` serialised when given, the answer parsed as `R`.
+    pub async fn call<B: Serialize, R: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<R, ClientError> {
+        let response = self.call_raw(method, path, body).await?;
+        let bytes = response.into_body().collect().await?.to_bytes();
+        serde_json::from_slice(&bytes).map_err(ClientError::Decode)
+    }
+
+    /// A JSON call whose answer is read by the caller (streams, archives).
+    pub async fn call_raw<B: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Response<Incoming>, ClientError> {
+        let (ct, body) = match body {
+            Some(b) => (
+                Some("application/json"),
+                full_body(serde_json::to_vec(b).map_err(ClientError::Decode)?),
+            ),
+            None => (None, full_body(Bytes::new())),
+        };
+        Self::check(self.send(method, path, ct, body, false).await?).await
+    }
+
+    pub async fn get<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        self.call::<(), R>(Method::GET, path, None).await
+    }
+
+    pub async fn post<B: Serialize, R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<R, ClientError> {
+        self.call(Method::POST, path, Some(body)).await
+    }
+
+    pub async fn delete<R: DeserializeOwned>(&self, path: &str) -> Result<R, ClientError> {
+        self.call::<(), R>(Method::DELETE, path, None).await
+    }
+
+    /// Uploads a byte stream (an archive) and parses the JSON answer.
+    pub async fn upload<R: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: RequestBody,
+    ) -> Result<R, ClientError> {
+        let response = self
+            .send(
+                Method::POST,
+                path,
+                Some("application/octet-stream"),
+                body,
+                false,
+            )
+            .await?;
+        let bytes = Self::check(response)
+            .await?
+            .into_body()
+            .collect()
+            .await?
+            .to_bytes();
+        serde_json::from_slice(&bytes).map_err(ClientError::Decode)
+    }
+
+    /// Opens an upgraded connection (interactive sessions). The request body is JSON.
+    pub async fn upgrade<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        let body = full_body(serde_json::to_vec(body).map_err(ClientError::Decode)?);
+        let response = self
+            .send(Method::POST, path, Some("application/json"), body, true)
+            .await?;
+        let response = Self::check(response).await?;
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(ClientError::Api(ApiError::internal(format!(
+                "the service did not switch protocols (answered {})",
+                response.status()
+            ))));
+        }
+        Ok(TokioIo::new(hyper::upgrade::on(response).await?))
+    }
+}
+
+/// Reads a response body as a stream of chunks.
+pub fn body_stream(response: Response<Incoming>) -> impl Stream<Item = std::io::Result<Bytes>> {
+    BodyStream::new(response.into_body()).filter_map(|frame| async move {
+        match frame {
+            Ok(frame) => frame.into_data().ok().map(Ok),
+            Err(e) => Some(Err(std::io::Error::other(e))),
+        }
+    })
+}
+
+/// Reads a response body as newline-delimited JSON values of type `T`.
+pub fn ndjson<T: DeserializeOwned + Send + 'static>(
+    response: Response<Incoming>,
+) -> impl Stream<Item = Result<T, ClientError>> {
+    let reader = tokio_util_reader(body_stream(response));
+    let lines = tokio::io::BufReader::new(reader).lines();
+    futures::stream::unfold(lines, |mut lines| async move {
+        loop {
+            match lines.next_line().await {
+                Ok(Some(line)) if line.trim().is_empty() => continue,
+                Ok(Some(line)) => {
+                    return Some((
+                        serde_json::from_str(&line).map_err(ClientError::Decode),
+                        lines,
+                    ));
+                }
+                Ok(None) => return None,
+                Err(e) => return Some((Err(ClientError::Io(e)), lines)),
+            }
+        }
+    })
+}
+
+/// Adapts a chunk stream to `AsyncRead`.
+pub fn tokio_util_reader(
+    stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+) -> impl tokio::io::AsyncRead + Send + Unpin {
+    tokio_util::io::StreamReader::new(Box::pin(stream))
+}

@@ -1,0 +1,4 @@
+//! The container service: one typed request enum is the only door into its core; the HTTP
+//! layer translates. See docs/ARCHITECTURE.md.
+
+pub mod runtime;
