@@ -1,4 +1,7 @@
 //! The container service: one typed request enum is the only door into its core; the HTTP
 //! layer translates. See docs/ARCHITECTURE.md.
 
+pub mod config;
+pub mod core;
+pub mod http;
 pub mod runtime;

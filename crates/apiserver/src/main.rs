@@ -1,1 +1,86 @@
-fn main() {}
+//! `container-apiserver`: the system-wide service behind the `container` CLI.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use container_apiserver::config::{self, HostFacts};
+use container_apiserver::core::{Core, ServiceOptions};
+use container_apiserver::http;
+
+/// The container service. Normally started by `container system start`.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Data directory: images, machines, kernels.
+    #[arg(long, env = "CONTAINER_ROOT", default_value = container_api::paths::DEFAULT_ROOT)]
+    root: PathBuf,
+    /// Directory for runtime files (sockets, pid files).
+    #[arg(long, env = "CONTAINER_RUN_DIR", default_value = container_api::paths::DEFAULT_RUN_DIR)]
+    run_dir: PathBuf,
+    /// The API socket.
+    #[arg(long, env = "CONTAINER_SOCKET", default_value = container_api::paths::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Config files to read instead of the standard ones, highest precedence first.
+    #[arg(long = "config")]
+    config_files: Vec<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CONTAINER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("container-apiserver: starting the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain is printed once, here.
+            eprintln!("container-apiserver: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let files = if args.config_files.is_empty() {
+        config::config_files(&config::install_prefix())
+    } else {
+        args.config_files.clone()
+    };
+    let config = config::load(&files, HostFacts::detect())?;
+    let options = ServiceOptions {
+        root: args.root,
+        run_dir: args.run_dir,
+        socket: args.socket.clone(),
+    };
+    let core = Core::open(options, config)
+        .await
+        .context("opening the service state")?;
+    let listener = http::bind(&args.socket).await?;
+    tracing::info!(socket = %args.socket.display(), pid = std::process::id(), "container service listening");
+    let stop = core.clone();
+    let shutdown = async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = stop.shutdown_requested() => {}
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("container service stopping; machines keep running");
+    };
+    http::serve(listener, core, shutdown).await?;
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(())
+}

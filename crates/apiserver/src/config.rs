@@ -1,0 +1,451 @@
+//! Service configuration: `config.toml` files layered per key. The user file
+//! (`$XDG_CONFIG_HOME/container/config.toml`, else `~/.config/container/config.toml`, of the
+//! user the service runs as) wins over `<install prefix>/etc/container/config.toml`, which wins
+//! over the built-in defaults. Files are read once, at service start. Unknown keys are refused
+//! so a typo never silently does nothing.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use container_api::machine::HomeMount;
+use container_api::size::parse_size;
+use container_api::system::Property;
+use serde::{Deserialize, Serialize};
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {}: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Virtualization backend selection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Virtualization {
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// One file's worth of settings: every key optional, unknown keys refused.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    machine: Option<MachineSection>,
+    network: Option<NetworkSection>,
+    kernel: Option<KernelSection>,
+    runtime: Option<RuntimeSection>,
+    registry: Option<RegistrySection>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct MachineSection {
+    cpus: Option<u32>,
+    memory: Option<String>,
+    disk_size: Option<String>,
+    home_mount: Option<HomeMount>,
+    kernel: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct NetworkSection {
+    subnet: Option<String>,
+    bridge: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct KernelSection {
+    binary: Option<String>,
+    modules: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RuntimeSection {
+    virtualization: Option<Virtualization>,
+    qemu: Option<String>,
+    virtiofsd: Option<String>,
+    vhost_device_vsock: Option<String>,
+    agent: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RegistrySection {
+    insecure: Option<Vec<String>>,
+    max_concurrent_downloads: Option<u32>,
+}
+
+/// The merged, validated configuration the service runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub machine: MachineDefaults,
+    pub network: NetworkConfig,
+    pub kernel: KernelOverride,
+    pub runtime: RuntimeConfig,
+    pub registry: RegistryConfig,
+    /// Every key with its value and where it came from, for `system property list`.
+    pub properties: Vec<Property>,
+}
+
+/// Defaults for `machine create`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MachineDefaults {
+    pub cpus: u32,
+    pub memory: u64,
+    pub disk_size: u64,
+    pub home_mount: HomeMount,
+    pub kernel: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkConfig {
+    pub subnet: String,
+    pub bridge: String,
+}
+
+/// A kernel named in config wins over the one installed with `system kernel set`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KernelOverride {
+    pub binary: Option<String>,
+    pub modules: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RuntimeConfig {
+    pub virtualization: Virtualization,
+    pub qemu: Option<String>,
+    pub virtiofsd: Option<String>,
+    pub vhost_device_vsock: Option<String>,
+    pub agent: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegistryConfig {
+    pub insecure: Vec<String>,
+    pub max_concurrent_downloads: u32,
+}
+
+/// Facts about the host the defaults depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct HostFacts {
+    pub cpus: u32,
+    pub memory: u64,
+}
+
+impl HostFacts {
+    pub fn detect() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
+        let memory = nix::sys::sysinfo::sysinfo()
+            .map(|i| i.ram_total())
+            .unwrap_or(2 << 30);
+        Self { cpus, memory }
+    }
+}
+
+const GIB: u64 = 1 << 30;
+
+fn defaults(host: HostFacts) -> FileConfig {
+    FileConfig {
+        machine: Some(MachineSection {
+            cpus: Some((host.cpus / 2).max(1)),
+            memory: Some(format!("{}G", (host.memory / 2 / GIB).max(1))),
+            disk_size: Some("64G".into()),
+            home_mount: Some(HomeMount::Rw),
+            kernel: None,
+        }),
+        network: Some(NetworkSection {
+            subnet: Some("192.168.64.0/24".into()),
+            bridge: Some("container0".into()),
+        }),
+        kernel: None,
+        runtime: Some(RuntimeSection {
+            virtualization: Some(Virtualization::Auto),
+            ..Default::default()
+        }),
+        registry: Some(RegistrySection {
+            insecure: Some(Vec::new()),
+            max_concurrent_downloads: Some(3),
+        }),
+    }
+}
+
+/// The files consulted, highest precedence first.
+pub fn config_files(install_prefix: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let user_dir = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    if let Some(dir) = user_dir {
+        files.push(dir.join("container/config.toml"));
+    }
+    files.push(install_prefix.join("etc/container/config.toml"));
+    files
+}
+
+/// The install prefix: the parent of the directory holding the service binary.
+pub fn install_prefix() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent()?.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/usr/local"))
+}
+
+/// Flattens a table into dotted keys.
+fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, toml::Value>) {
+    for (k, v) in table {
+        let key = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match v {
+            toml::Value::Table(t) => flatten(&key, t, out),
+            other => {
+                out.insert(key, other.clone());
+            }
+        }
+    }
+}
+
+fn unflatten(flat: &BTreeMap<String, toml::Value>) -> toml::Table {
+    let mut root = toml::Table::new();
+    for (key, value) in flat {
+        let mut table = &mut root;
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().expect("split yields at least one part");
+        for part in parts {
+            table = table
+                .entry(part)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .expect("config keys never mix tables and values");
+        }
+        table.insert(last.to_string(), value.clone());
+    }
+    root
+}
+
+fn to_table(config: &FileConfig) -> toml::Table {
+    toml::Table::try_from(config).expect("FileConfig always serialises to a table")
+}
+
+/// Parses one file's text; `path` names it in errors.
+fn parse_file(path: &Path, text: &str) -> Result<toml::Table, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    // Typed parse first: it reports unknown keys and wrong types with line numbers.
+    let typed: FileConfig = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    validate(&typed).map_err(invalid)?;
+    Ok(to_table(&typed))
+}
+
+fn validate(config: &FileConfig) -> Result<(), String> {
+    if let Some(m) = &config.machine {
+        if m.cpus == Some(0) {
+            return Err("machine.cpus must be at least 1".into());
+        }
+        for (key, value) in [("memory", &m.memory), ("disk-size", &m.disk_size)] {
+            if let Some(v) = value {
+                parse_size(v).map_err(|e| format!("machine.{key}: {e}"))?;
+            }
+        }
+    }
+    if let Some(n) = &config.network
+        && let Some(bridge) = &n.bridge
+        && (bridge.is_empty() || bridge.len() > 15)
+    {
+        return Err(format!(
+            "network.bridge `{bridge}` must be 1 to 15 characters (a Linux interface name)"
+        ));
+    }
+    Ok(())
+}
+
+/// Loads and merges the given files (highest precedence first) over the defaults.
+pub fn load(files: &[PathBuf], host: HostFacts) -> Result<Config, ConfigError> {
+    let mut merged: BTreeMap<String, (toml::Value, String)> = BTreeMap::new();
+    for path in files {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                });
+            }
+        };
+        let mut flat = BTreeMap::new();
+        flatten("", &parse_file(path, &text)?, &mut flat);
+        for (k, v) in flat {
+            merged
+                .entry(k)
+                .or_insert((v, path.display().to_string()));
+        }
+    }
+    let mut flat_defaults = BTreeMap::new();
+    flatten("", &to_table(&defaults(host)), &mut flat_defaults);
+    for (k, v) in flat_defaults {
+        merged.entry(k).or_insert((v, "default".into()));
+    }
+    let values: BTreeMap<String, toml::Value> =
+        merged.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+    let file: FileConfig = unflatten(&values)
+        .try_into()
+        .map_err(|e: toml::de::Error| ConfigError::Invalid {
+            path: PathBuf::from("<merged>"),
+            message: e.to_string(),
+        })?;
+    let properties = merged
+        .into_iter()
+        .map(|(key, (value, source))| Property {
+            key,
+            value: serde_json::to_value(&value).unwrap_or(serde_json::Value::Null),
+            source,
+        })
+        .collect();
+    Ok(resolve(file, properties))
+}
+
+fn resolve(file: FileConfig, properties: Vec<Property>) -> Config {
+    // Every key has a default, so the unwraps below only see merged values.
+    let m = file.machine.unwrap_or_default();
+    let n = file.network.unwrap_or_default();
+    let k = file.kernel.unwrap_or_default();
+    let r = file.runtime.unwrap_or_default();
+    let g = file.registry.unwrap_or_default();
+    let size = |v: Option<String>, fallback: u64| {
+        v.and_then(|s| parse_size(&s).ok()).unwrap_or(fallback)
+    };
+    Config {
+        machine: MachineDefaults {
+            cpus: m.cpus.unwrap_or(1),
+            memory: size(m.memory, GIB),
+            disk_size: size(m.disk_size, 64 * GIB),
+            home_mount: m.home_mount.unwrap_or_default(),
+            kernel: m.kernel,
+        },
+        network: NetworkConfig {
+            subnet: n.subnet.unwrap_or_else(|| "192.168.64.0/24".into()),
+            bridge: n.bridge.unwrap_or_else(|| "container0".into()),
+        },
+        kernel: KernelOverride {
+            binary: k.binary,
+            modules: k.modules,
+        },
+        runtime: RuntimeConfig {
+            virtualization: r.virtualization.unwrap_or_default(),
+            qemu: r.qemu,
+            virtiofsd: r.virtiofsd,
+            vhost_device_vsock: r.vhost_device_vsock,
+            agent: r.agent,
+        },
+        registry: RegistryConfig {
+            insecure: g.insecure.unwrap_or_default(),
+            max_concurrent_downloads: g.max_concurrent_downloads.unwrap_or(3).max(1),
+        },
+        properties,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: HostFacts = HostFacts {
+        cpus: 8,
+        memory: 16 << 30,
+    };
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_are_half_the_host() {
+        let c = load(&[], HOST).unwrap();
+        assert_eq!(c.machine.cpus, 4);
+        assert_eq!(c.machine.memory, 8 << 30);
+        assert_eq!(c.machine.disk_size, 64 << 30);
+        assert_eq!(c.machine.home_mount, HomeMount::Rw);
+        assert_eq!(c.network.subnet, "192.168.64.0/24");
+        let small = load(&[], HostFacts { cpus: 1, memory: 1 << 30 }).unwrap();
+        assert_eq!(small.machine.cpus, 1);
+        assert_eq!(small.machine.memory, 1 << 30);
+    }
+
+    #[test]
+    fn first_file_wins_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = write(dir.path(), "user.toml", "[machine]\ncpus = 3\n");
+        let system = write(
+            dir.path(),
+            "system.toml",
+            "[machine]\ncpus = 6\nmemory = \"2G\"\n[network]\nsubnet = \"10.9.0.0/24\"\n",
+        );
+        let c = load(&[user.clone(), system.clone()], HOST).unwrap();
+        assert_eq!(c.machine.cpus, 3);
+        assert_eq!(c.machine.memory, 2 << 30);
+        assert_eq!(c.network.subnet, "10.9.0.0/24");
+        let source = |key: &str| {
+            c.properties
+                .iter()
+                .find(|p| p.key == key)
+                .map(|p| p.source.clone())
+                .unwrap()
+        };
+        assert_eq!(source("machine.cpus"), user.display().to_string());
+        assert_eq!(source("machine.memory"), system.display().to_string());
+        assert_eq!(source("machine.disk-size"), "default");
+    }
+
+    #[test]
+    fn malformed_toml_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = write(dir.path(), "bad.toml", "[machine]\ncpus = 2\nmemory = \n");
+        let e = load(&[bad.clone()], HOST).unwrap_err().to_string();
+        assert!(e.contains(&bad.display().to_string()), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let typo = write(dir.path(), "typo.toml", "[machine]\ncpu = 2\n");
+        assert!(load(&[typo], HOST).unwrap_err().to_string().contains("cpu"));
+        let size = write(dir.path(), "size.toml", "[machine]\nmemory = \"lots\"\n");
+        assert!(load(&[size], HOST).unwrap_err().to_string().contains("machine.memory"));
+        let mount = write(dir.path(), "mount.toml", "[machine]\nhome-mount = \"maybe\"\n");
+        assert!(load(&[mount], HOST).is_err());
+    }
+
+    #[test]
+    fn xdg_config_home_is_honoured() {
+        // Reads the environment; the variables are restored by the process only, so use
+        // values that cannot clash with other tests.
+        let files = config_files(Path::new("/opt/container"));
+        assert_eq!(
+            files.last().unwrap(),
+            Path::new("/opt/container/etc/container/config.toml")
+        );
+    }
+}
