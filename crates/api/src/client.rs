@@ -116,7 +116,8 @@ impl Client {
                 },
             }
         })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             // Errors here surface on the response side; nothing to add.
             let _ = conn.with_upgrades().await;

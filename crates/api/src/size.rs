@@ -32,7 +32,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Formats bytes the way tables show them: `512M`, `4G`, `1.5G`.
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
     for (unit, scale) in UNITS {
         if bytes >= scale {
             let value = bytes as f64 / scale as f64;
@@ -65,7 +70,11 @@ mod tests {
         assert!(parse_size("G").unwrap_err().contains("expected a number"));
         assert!(parse_size("4X").unwrap_err().contains("unknown unit"));
         assert!(parse_size("-1G").is_err());
-        assert!(parse_size("99999999999999T").unwrap_err().contains("too large"));
+        assert!(
+            parse_size("99999999999999T")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 
     #[test]

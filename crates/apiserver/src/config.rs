@@ -295,9 +295,7 @@ pub fn load(files: &[PathBuf], host: HostFacts) -> Result<Config, ConfigError> {
         let mut flat = BTreeMap::new();
         flatten("", &parse_file(path, &text)?, &mut flat);
         for (k, v) in flat {
-            merged
-                .entry(k)
-                .or_insert((v, path.display().to_string()));
+            merged.entry(k).or_insert((v, path.display().to_string()));
         }
     }
     let mut flat_defaults = BTreeMap::new();
@@ -305,8 +303,10 @@ pub fn load(files: &[PathBuf], host: HostFacts) -> Result<Config, ConfigError> {
     for (k, v) in flat_defaults {
         merged.entry(k).or_insert((v, "default".into()));
     }
-    let values: BTreeMap<String, toml::Value> =
-        merged.iter().map(|(k, (v, _))| (k.clone(), v.clone())).collect();
+    let values: BTreeMap<String, toml::Value> = merged
+        .iter()
+        .map(|(k, (v, _))| (k.clone(), v.clone()))
+        .collect();
     let file: FileConfig = unflatten(&values)
         .try_into()
         .map_err(|e: toml::de::Error| ConfigError::Invalid {
@@ -331,9 +331,8 @@ fn resolve(file: FileConfig, properties: Vec<Property>) -> Config {
     let k = file.kernel.unwrap_or_default();
     let r = file.runtime.unwrap_or_default();
     let g = file.registry.unwrap_or_default();
-    let size = |v: Option<String>, fallback: u64| {
-        v.and_then(|s| parse_size(&s).ok()).unwrap_or(fallback)
-    };
+    let size =
+        |v: Option<String>, fallback: u64| v.and_then(|s| parse_size(&s).ok()).unwrap_or(fallback);
     Config {
         machine: MachineDefaults {
             cpus: m.cpus.unwrap_or(1),
@@ -388,7 +387,14 @@ mod tests {
         assert_eq!(c.machine.disk_size, 64 << 30);
         assert_eq!(c.machine.home_mount, HomeMount::Rw);
         assert_eq!(c.network.subnet, "192.168.64.0/24");
-        let small = load(&[], HostFacts { cpus: 1, memory: 1 << 30 }).unwrap();
+        let small = load(
+            &[],
+            HostFacts {
+                cpus: 1,
+                memory: 1 << 30,
+            },
+        )
+        .unwrap();
         assert_eq!(small.machine.cpus, 1);
         assert_eq!(small.machine.memory, 1 << 30);
     }
@@ -433,8 +439,17 @@ mod tests {
         let typo = write(dir.path(), "typo.toml", "[machine]\ncpu = 2\n");
         assert!(load(&[typo], HOST).unwrap_err().to_string().contains("cpu"));
         let size = write(dir.path(), "size.toml", "[machine]\nmemory = \"lots\"\n");
-        assert!(load(&[size], HOST).unwrap_err().to_string().contains("machine.memory"));
-        let mount = write(dir.path(), "mount.toml", "[machine]\nhome-mount = \"maybe\"\n");
+        assert!(
+            load(&[size], HOST)
+                .unwrap_err()
+                .to_string()
+                .contains("machine.memory")
+        );
+        let mount = write(
+            dir.path(),
+            "mount.toml",
+            "[machine]\nhome-mount = \"maybe\"\n",
+        );
         assert!(load(&[mount], HOST).is_err());
     }
 

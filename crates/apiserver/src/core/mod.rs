@@ -96,7 +96,9 @@ impl Core {
         tracing::debug!(uid = caller.uid, ?request, "request");
         match request {
             Request::SystemStatus => Ok(Reply::Status(Box::new(self.status()))),
-            Request::SystemProperties => Ok(Reply::Properties(self.state.config.properties.clone())),
+            Request::SystemProperties => {
+                Ok(Reply::Properties(self.state.config.properties.clone()))
+            }
             Request::SystemShutdown => {
                 if !caller.is_root() {
                     return Err(ApiError::new(

@@ -125,8 +125,8 @@ pub async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
         std::fs::remove_file(socket)
             .with_context(|| format!("removing the stale socket {}", socket.display()))?;
     }
-    let listener = UnixListener::bind(socket)
-        .with_context(|| format!("listening on {}", socket.display()))?;
+    let listener =
+        UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
     // Anyone may connect: each request is authorised from the peer's uid.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666))
