@@ -3,5 +3,7 @@
 
 pub mod config;
 pub mod core;
+pub mod fsutil;
+pub mod machines;
 pub mod http;
 pub mod runtime;

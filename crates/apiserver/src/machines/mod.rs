@@ -1,0 +1,242 @@
+//! The machine store: one directory per machine under `<root>/machines/<name>/` holding its
+//! record (`machine.json`) and its disk (`disk.qcow2`), plus `<root>/machines/defaults.json`
+//! with each user's default machine. Records are replaced atomically; a directory without a
+//! record is debris from a crashed create and is removed at open.
+
+pub mod name;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use container_api::machine::{HomeMount, MachineUser, MountSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil;
+
+/// What is persisted about a machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineRecord {
+    pub name: String,
+    pub owner_uid: u32,
+    pub user: MachineUser,
+    pub image: String,
+    pub image_digest: String,
+    /// The image's STOPSIGNAL, used when `stop` names none.
+    pub stop_signal: Option<String>,
+    pub created: chrono::DateTime<chrono::Utc>,
+    pub cpus: u32,
+    pub memory: u64,
+    pub disk_size: u64,
+    pub home_mount: HomeMount,
+    pub mounts: Vec<MountSpec>,
+    /// `default` or `none`.
+    pub network: String,
+    pub kernel: Option<String>,
+    /// The sticky address leased at create, when networked.
+    pub ip_address: Option<String>,
+    pub mac: String,
+    /// Settings changed while running; cleared at the next start.
+    #[serde(default)]
+    pub pending_restart: bool,
+}
+
+/// Errors of the machine store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("machine `{0}` not found")]
+    NotFound(String),
+    #[error("a machine named `{0}` already exists")]
+    Exists(String),
+    #[error("machine store I/O on {}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The machine directories.
+#[derive(Debug)]
+pub struct MachineStore {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl MachineStore {
+    /// Opens `<root>/machines`, removing debris of interrupted creates.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let dir = root.join("machines");
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+            let entry = entry.map_err(io(&dir))?;
+            let path = entry.path();
+            if path.is_dir() && !path.join("machine.json").exists() {
+                tracing::warn!(path = %path.display(), "removing an incomplete machine directory");
+                let _ = std::fs::remove_dir_all(&path);
+            }
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn machine_dir(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn disk_path(&self, name: &str) -> PathBuf {
+        self.machine_dir(name).join("disk.qcow2")
+    }
+
+    fn record_path(&self, name: &str) -> PathBuf {
+        self.machine_dir(name).join("machine.json")
+    }
+
+    /// All records, sorted by name.
+    pub fn list(&self) -> Result<Vec<MachineRecord>, StoreError> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io(&self.dir))? {
+            let entry = entry.map_err(io(&self.dir))?;
+            if !entry.path().is_dir() {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().to_string();
+            match self.get(&name) {
+                Ok(r) => out.push(r),
+                Err(StoreError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    pub fn get(&self, name: &str) -> Result<MachineRecord, StoreError> {
+        if name::validate(name).is_err() {
+            return Err(StoreError::NotFound(name.to_string()));
+        }
+        let path = self.record_path(name);
+        fsutil::read_json(&path)
+            .map_err(io(&path))?
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))
+    }
+
+    /// Creates the machine directory; fails if the name is taken. The record is written last,
+    /// by [`MachineStore::save`], so a crash in between leaves debris `open` removes.
+    pub fn reserve(&self, name: &str) -> Result<PathBuf, StoreError> {
+        let dir = self.machine_dir(name);
+        match std::fs::create_dir(&dir) {
+            Ok(()) => Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                Err(StoreError::Exists(name.to_string()))
+            }
+            Err(e) => Err(io(&dir)(e)),
+        }
+    }
+
+    pub fn save(&self, record: &MachineRecord) -> Result<(), StoreError> {
+        let path = self.record_path(&record.name);
+        fsutil::write_json(&path, record).map_err(io(&path))
+    }
+
+    /// Removes a machine's directory and everything in it.
+    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+        let dir = self.machine_dir(name);
+        // Drop the record first: a crash mid-way leaves debris, not a half machine.
+        let record = self.record_path(name);
+        std::fs::remove_file(&record).map_err(io(&record))?;
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))
+    }
+
+    fn defaults_path(&self) -> PathBuf {
+        self.dir.join("defaults.json")
+    }
+
+    /// Each owner's default machine.
+    pub fn defaults(&self) -> Result<BTreeMap<u32, String>, StoreError> {
+        let path = self.defaults_path();
+        Ok(fsutil::read_json(&path).map_err(io(&path))?.unwrap_or_default())
+    }
+
+    pub fn default_for(&self, uid: u32) -> Result<Option<String>, StoreError> {
+        Ok(self.defaults()?.remove(&uid))
+    }
+
+    pub fn set_default(&self, uid: u32, name: Option<&str>) -> Result<(), StoreError> {
+        let mut all = self.defaults()?;
+        match name {
+            Some(n) => all.insert(uid, n.to_string()),
+            None => all.remove(&uid),
+        };
+        let path = self.defaults_path();
+        fsutil::write_json(&path, &all).map_err(io(&path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str) -> MachineRecord {
+        MachineRecord {
+            name: name.into(),
+            owner_uid: 1000,
+            user: MachineUser {
+                name: "alice".into(),
+                uid: 1000,
+                gid: 1000,
+                home: "/home/alice".into(),
+                shell: "/bin/bash".into(),
+            },
+            image: "debian:12".into(),
+            image_digest: "sha256:00".into(),
+            stop_signal: None,
+            created: chrono::Utc::now(),
+            cpus: 1,
+            memory: 1 << 30,
+            disk_size: 64 << 30,
+            home_mount: HomeMount::Rw,
+            mounts: vec![],
+            network: "default".into(),
+            kernel: None,
+            ip_address: None,
+            mac: "52:54:00:00:00:01".into(),
+            pending_restart: false,
+        }
+    }
+
+    #[test]
+    fn create_list_remove_and_defaults() {
+        let root = tempfile::tempdir().unwrap();
+        let store = MachineStore::open(root.path()).unwrap();
+        store.reserve("dev").unwrap();
+        store.save(&record("dev")).unwrap();
+        assert!(matches!(store.reserve("dev"), Err(StoreError::Exists(_))));
+        store.reserve("db").unwrap();
+        store.save(&record("db")).unwrap();
+        let names: Vec<_> = store.list().unwrap().into_iter().map(|r| r.name).collect();
+        assert_eq!(names, ["db", "dev"]);
+        store.set_default(1000, Some("dev")).unwrap();
+        assert_eq!(store.default_for(1000).unwrap().as_deref(), Some("dev"));
+        assert_eq!(store.default_for(0).unwrap(), None);
+        store.remove("dev").unwrap();
+        assert!(matches!(store.get("dev"), Err(StoreError::NotFound(_))));
+        assert!(matches!(store.get("../etc"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn debris_of_an_interrupted_create_is_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let store = MachineStore::open(root.path()).unwrap();
+        store.reserve("half").unwrap();
+        drop(store);
+        let store = MachineStore::open(root.path()).unwrap();
+        assert!(!store.machine_dir("half").exists());
+        store.reserve("half").unwrap();
+    }
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian 12 host: Debian packages, the
+# vhost-user helpers from crates.io, and the Rust components of the gate. Idempotent: a second
+# run installs nothing and takes a second.
+set -euo pipefail
+
+need_root() {
+  if [ "$(id -u)" != 0 ]; then
+    echo "install-deps: run as root (or through sudo)" >&2
+    exit 1
+  fi
+}
+
+PACKAGES=(
+  qemu-system-x86 qemu-utils e2fsprogs debootstrap busybox-static docker-registry skopeo umoci
+  libseccomp-dev libcap-ng-dev iproute2 iptables nftables cpio zstd curl tmux sudo hyperfine
+  apache2-utils python3 openssh-client
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+if [ ${#missing[@]} -gt 0 ]; then
+  need_root
+  echo "install-deps: installing ${missing[*]}"
+  apt-get update -qq
+  # Some hosts carry a newer qemu-utils than the distribution's qemu-system-x86 accepts; pin
+  # both to the version qemu-system-x86 comes in so they install together.
+  qver=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  pins=()
+  if [ -n "$qver" ] && [ "$qver" != "(none)" ]; then
+    pins=("qemu-utils=$qver" "qemu-block-extra=$qver")
+  fi
+  install=()
+  for p in "${missing[@]}"; do [ "$p" = qemu-utils ] || install+=("$p"); done
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --allow-downgrades \
+    "${install[@]}" "${pins[@]}" >/dev/null
+fi
+
+export PATH="$HOME/.cargo/bin:$PATH"
+for tool in virtiofsd vhost-device-vsock; do
+  if ! command -v "$tool" >/dev/null; then
+    echo "install-deps: cargo install $tool (about a minute)"
+    cargo install --locked --quiet "$tool"
+  fi
+done
+
+for component in rustfmt clippy; do
+  rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
+done
+echo "install-deps: ready"
