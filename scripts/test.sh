@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole gate, the same locally and in CI: dependencies, formatting, lints, the build, the
+# test images, and every test (unit, integration, end to end with real QEMU under TCG).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" != 0 ]; then
+  exec sudo -E "$0" "$@"
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+
+scripts/install-deps.sh
+echo "== fmt";    cargo fmt --all -- --check
+echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
+echo "== build";  scripts/build.sh
+echo "== test images"; tests/images/build.sh all
+echo "== tests"
+# VM tests share two cores under software emulation: run test binaries one at a time.
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
