@@ -1,1 +1,257 @@
-//! placeholder
+//! The end-to-end harness: a real `container-apiserver` in a temporary root, the real
+//! `container` CLI talking to it, a real `docker-registry` on 127.0.0.1, and the locally built
+//! test images. Binaries come from `target/install/bin` (`scripts/build.sh` puts them there:
+//! the guest agent must be the static build).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("crates/e2e sits two levels below the root")
+        .to_path_buf()
+}
+
+/// A binary of the install prefix `scripts/build.sh` lays out.
+pub fn install_bin(name: &str) -> PathBuf {
+    let path = workspace_root().join("target/install/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/build.sh first",
+        path.display()
+    );
+    path
+}
+
+/// Runs a command and returns its stdout, failing the test with its stderr otherwise.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Builds (or takes from the cache) a test image; returns its OCI layout directory.
+pub fn test_image(name: &str) -> PathBuf {
+    let out = run_ok(Command::new(workspace_root().join("tests/images/build.sh")).arg(name));
+    PathBuf::from(
+        out.lines()
+            .last()
+            .expect("build.sh prints the layout path")
+            .trim(),
+    )
+}
+
+/// A `docker-registry` on a free loopback port, stopped on drop.
+#[derive(Debug)]
+pub struct Registry {
+    dir: tempfile::TempDir,
+    pub addr: String,
+}
+
+impl Registry {
+    pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// `extra` is passed to `scripts/test-registry.sh start` (e.g. `--htpasswd FILE`).
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out = run_ok(
+            Command::new(workspace_root().join("scripts/test-registry.sh"))
+                .arg("start")
+                .arg(dir.path())
+                .args(extra),
+        );
+        let addr = out.lines().last().expect("an address").trim().to_string();
+        Self { dir, addr }
+    }
+
+    /// Pushes an OCI layout as `name:tag`; returns the full reference.
+    pub fn push(&self, layout: &Path, name_tag: &str) -> String {
+        run_ok(
+            Command::new(workspace_root().join("scripts/test-registry.sh"))
+                .arg("push")
+                .arg(self.dir.path())
+                .arg(layout)
+                .arg(name_tag),
+        );
+        format!("{}/{name_tag}", self.addr)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = Command::new(workspace_root().join("scripts/test-registry.sh"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+/// A service with its own root, run dir and socket; stopped (machines included) on drop.
+#[derive(Debug)]
+pub struct Service {
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub run_dir: PathBuf,
+    pub socket: PathBuf,
+    pub config: PathBuf,
+}
+
+impl Service {
+    /// Starts a service with the given config.toml text.
+    pub fn start(config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ct-")
+            .tempdir_in("/tmp")
+            .expect("temp dir");
+        let root = dir.path().join("root");
+        let run_dir = dir.path().join("run");
+        let socket = run_dir.join("api.sock");
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        // Let non-root test users reach the socket.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let service = Self {
+            dir,
+            root,
+            run_dir,
+            socket,
+            config: config_path,
+        };
+        service.launch();
+        service
+    }
+
+    /// Starts the service process (again, after `stop_service`).
+    pub fn launch(&self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("apiserver.log"))
+            .expect("log file");
+        use std::os::unix::process::CommandExt;
+        Command::new(install_bin("container-apiserver"))
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--config")
+            .arg(&self.config)
+            .env("CONTAINER_LOG", "info,container_apiserver=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .expect("spawn container-apiserver");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.cli(&["system", "status"]).status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the service did not start:\n{}", self.log());
+    }
+
+    /// The service's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("apiserver.log")).unwrap_or_default()
+    }
+
+    /// A `container` command aimed at this service.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(install_bin("container"));
+        c.args(args)
+            .env("CONTAINER_SOCKET", &self.socket)
+            .env("CONTAINER_ROOT", &self.root)
+            .env("CONTAINER_RUN_DIR", &self.run_dir)
+            .stdin(Stdio::null());
+        c
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run container")
+    }
+
+    /// Runs the CLI and returns stdout, failing the test (with the service log) otherwise.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "container {args:?} failed ({}):\nstdout: {}\nstderr: {}\nservice log tail:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 40)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs the CLI, expects failure, and returns stderr.
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            !out.status.success(),
+            "container {args:?} unexpectedly succeeded:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Stops the service process (machines keep running).
+    pub fn stop_service(&self) {
+        let _ = self.cli(&["system", "stop"]);
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // Stop every machine, then the service, so no VM outlives its test.
+        if let Ok(out) = self.command(&["machine", "ls", "-q"]).output() {
+            for name in String::from_utf8_lossy(&out.stdout).lines() {
+                let _ = self.cli(&["machine", "stop", "--time", "5", name]);
+            }
+        }
+        self.stop_service();
+    }
+}
+
+/// The last `n` lines of a text.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Fails in CI, skips with a message elsewhere, when a prerequisite is missing.
+pub fn require(ok: bool, what: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("prerequisite missing in CI: {what}");
+    }
+    eprintln!("skipping: {what}");
+    false
+}
+
+/// True when running as root (the service and VMs need it).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
