@@ -89,6 +89,24 @@ impl Registry {
         );
         format!("{}/{name_tag}", self.addr)
     }
+
+    /// Pushes to a registry that requires basic auth (`user:password`).
+    pub fn push_with_auth(&self, layout: &Path, name_tag: &str, creds: &str) -> String {
+        run_ok(
+            Command::new(workspace_root().join("scripts/test-registry.sh"))
+                .arg("push")
+                .arg(self.dir.path())
+                .arg(layout)
+                .arg(name_tag)
+                .env("REGISTRY_CREDS", creds),
+        );
+        format!("{}/{name_tag}", self.addr)
+    }
+
+    /// Where the registry keeps its blobs (to corrupt them on purpose).
+    pub fn storage_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
 }
 
 impl Drop for Registry {

@@ -1,0 +1,157 @@
+//! Image commands end to end: a real registry on loopback, images pushed with skopeo, pulled
+//! with `container image pull`, and the resulting base disk read back with debugfs.
+
+use std::path::Path;
+use std::process::Command;
+
+use container_e2e::{Registry, Service, is_root, require, run_ok, test_image};
+
+fn debugfs(disk: &Path, request: &str) -> String {
+    run_ok(Command::new("debugfs").arg("-R").arg(request).arg(disk))
+}
+
+fn inspect(service: &Service, reference: &str) -> serde_json::Value {
+    let out = service.cli_ok(&["image", "inspect", reference]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("inspect prints JSON");
+    v[0].clone()
+}
+
+#[test]
+fn pull_inspect_tag_save_load_and_remove() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let busybox = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let service = Service::start("");
+
+    let out = service.cli_ok(&["image", "pull", &busybox]);
+    assert!(out.contains(&busybox), "{out}");
+
+    let ls = service.cli_ok(&["image", "ls"]);
+    assert!(ls.lines().next().unwrap().starts_with("NAME"), "{ls}");
+    assert!(ls.contains("tests/busybox"), "{ls}");
+    let json: serde_json::Value =
+        serde_json::from_str(&service.cli_ok(&["image", "ls", "--format", "json"])).unwrap();
+    assert_eq!(json[0]["reference"], busybox.as_str());
+    let quiet = service.cli_ok(&["image", "ls", "-q"]);
+    assert_eq!(quiet.trim(), busybox);
+
+    let detail = inspect(&service, &busybox);
+    assert_eq!(detail["has_init"], true, "{detail}");
+    assert_eq!(detail["architecture"], "amd64");
+    let disk = detail["base_disk"]["path"].as_str().expect("a base disk").to_string();
+    let stat = debugfs(Path::new(&disk), "stat /bin/busybox");
+    assert!(stat.contains("Type: regular"), "{stat}");
+    let passwd = debugfs(Path::new(&disk), "cat /etc/passwd");
+    assert!(passwd.starts_with("root:x:0:0"), "{passwd}");
+
+    // A second pull fetches nothing.
+    let again = service.cli(&["image", "pull", &busybox]);
+    assert!(again.status.success());
+    let log = String::from_utf8_lossy(&again.stderr);
+    assert!(!log.contains(" done"), "blobs were fetched again: {log}");
+
+    service.cli_ok(&["image", "tag", &busybox, "local/busybox:copy"]);
+    assert!(service.cli_ok(&["image", "ls", "-q"]).contains("local/busybox:copy"));
+
+    let archive = service.dir.path().join("busybox.tar");
+    service.cli_ok(&["image", "save", &busybox, "-o", archive.to_str().unwrap()]);
+    run_ok(Command::new("skopeo").args([
+        "inspect",
+        &format!("oci-archive:{}", archive.display()),
+    ]));
+
+    service.cli_ok(&["image", "rm", &busybox, "local/busybox:copy"]);
+    assert_eq!(service.cli_ok(&["image", "ls", "-q"]).trim(), "");
+    let blobs = service.root.join("images");
+    let leftover = run_ok(Command::new("find").arg(&blobs).args(["-type", "f", "-size", "+100k"]));
+    assert_eq!(leftover.trim(), "", "image rm left large files behind");
+
+    let loaded = service.cli_ok(&["image", "load", "-i", archive.to_str().unwrap()]);
+    assert!(loaded.contains("busybox"), "{loaded}");
+    assert_eq!(inspect(&service, &busybox)["has_init"], true);
+}
+
+#[test]
+fn images_without_init_are_reported() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let noinit = registry.push(&test_image("noinit"), "tests/noinit:1");
+    let service = Service::start("");
+    service.cli_ok(&["image", "pull", "-q", &noinit]);
+    assert_eq!(inspect(&service, &noinit)["has_init"], false);
+}
+
+#[test]
+fn bad_references_and_missing_images_fail_clearly() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let service = Service::start("");
+    let missing = format!("{}/tests/absent:1", registry.addr);
+    let err = service.cli_err(&["image", "pull", &missing]);
+    assert!(err.contains("absent"), "{err}");
+    let err = service.cli_err(&["image", "inspect", "nothing/here:1"]);
+    assert!(err.to_lowercase().contains("not found"), "{err}");
+    let err = service.cli_err(&["image", "pull", "UPPER/Case::bad"]);
+    assert!(err.to_lowercase().contains("invalid"), "{err}");
+    assert_eq!(service.cli_ok(&["image", "ls", "-q"]).trim(), "");
+}
+
+#[test]
+fn a_corrupted_blob_is_refused_and_nothing_is_recorded() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let reference = registry.push(&test_image("busybox"), "tests/corrupt:1");
+    // Corrupt every large blob the registry stores, keeping its size.
+    let data = registry.storage_dir();
+    let blobs = run_ok(Command::new("find").arg(&data).args(["-name", "data", "-size", "+100k"]));
+    assert!(!blobs.trim().is_empty(), "no layer blob found under {}", data.display());
+    for blob in blobs.lines() {
+        let mut bytes = std::fs::read(blob).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+        std::fs::write(blob, bytes).unwrap();
+    }
+    let service = Service::start("");
+    let err = service.cli_err(&["image", "pull", &reference]);
+    assert!(err.contains("digest"), "{err}");
+    assert_eq!(service.cli_ok(&["image", "ls", "-q"]).trim(), "");
+    // The next pull, once the registry is healthy again, is not blocked by debris.
+}
+
+#[test]
+fn basic_auth_registry_needs_login() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    run_ok(Command::new("htpasswd").args(["-Bbc"]).arg(&htpasswd).args(["alice", "s3cret"]));
+    let registry = Registry::start_with(&["--htpasswd", htpasswd.to_str().unwrap()]);
+    let reference = registry.push_with_auth(&test_image("busybox"), "tests/private:1", "alice:s3cret");
+    let service = Service::start("");
+    let err = service.cli_err(&["image", "pull", &reference]);
+    assert!(err.to_lowercase().contains("auth") || err.contains("401"), "{err}");
+
+    let mut login = service.command(&["registry", "login", &registry.addr, "-u", "alice", "--password-stdin"]);
+    login.stdin(std::process::Stdio::piped());
+    let mut child = login.spawn().unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"wrong\n").unwrap();
+    assert!(!child.wait().unwrap().success(), "a wrong password was accepted");
+
+    let mut login = service.command(&["registry", "login", &registry.addr, "-u", "alice", "--password-stdin"]);
+    login.stdin(std::process::Stdio::piped());
+    let mut child = login.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    assert!(child.wait().unwrap().success());
+    service.cli_ok(&["image", "pull", "-q", &reference]);
+    service.cli_ok(&["registry", "logout", &registry.addr]);
+}
