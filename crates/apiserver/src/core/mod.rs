@@ -3,17 +3,23 @@
 //! with a [`Reply`] or an [`ApiError`]. Operations that stream (pull progress, archives,
 //! interactive sessions) carry their channel inside the request.
 
+mod machines;
+pub mod ports;
 mod system;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use container_api::ApiError;
+use container_api::machine::{CreateRequest, Machine, RunRequest, SetReply, StopRequest};
 use container_api::system::{Property, SystemStatus};
+use container_api::{ApiError, ErrorKind};
 use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::config::Config;
+use crate::machines::MachineStore;
+pub use machines::{DEFAULT_STOP_TIMEOUT, caller_user, parse_signal};
+use ports::{ClientStream, Images, Vms};
 
 /// Who is calling, from the socket's peer credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,12 +36,75 @@ impl Caller {
 }
 
 /// Everything the core can be asked to do.
-#[derive(Debug)]
 pub enum Request {
     SystemStatus,
     SystemProperties,
     /// Stop the service; machines keep running.
     SystemShutdown,
+    MachineCreate(CreateRequest),
+    MachineList,
+    MachineInspect(String),
+    MachineStart(String),
+    MachineStop(String, StopRequest),
+    MachineDelete { name: String, force: bool },
+    MachineSet { name: String, settings: Vec<(String, String)> },
+    MachineSetDefault(String),
+    /// The console (or, with `boot`, the boot) log file of a machine.
+    MachineLogs { name: String, boot: bool },
+    /// Unpack a tar stream at `path` in the machine.
+    MachineCopyIn {
+        name: String,
+        path: String,
+        tar: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    },
+    /// A tar stream of `path` in the machine.
+    MachineCopyOut { name: String, path: String },
+    /// Run a process; its frames are relayed on `client` (an upgraded connection).
+    MachineExec {
+        name: String,
+        request: RunRequest,
+        client: Box<dyn ClientStream>,
+    },
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::MachineExec { name, request, .. } => f
+                .debug_struct("MachineExec")
+                .field("name", name)
+                .field("command", &request.command)
+                .finish_non_exhaustive(),
+            Request::MachineCreate(r) => f.debug_tuple("MachineCreate").field(&r.image).finish(),
+            Request::SystemStatus => f.write_str("SystemStatus"),
+            Request::SystemProperties => f.write_str("SystemProperties"),
+            Request::SystemShutdown => f.write_str("SystemShutdown"),
+            Request::MachineList => f.write_str("MachineList"),
+            Request::MachineInspect(n) => f.debug_tuple("MachineInspect").field(n).finish(),
+            Request::MachineStart(n) => f.debug_tuple("MachineStart").field(n).finish(),
+            Request::MachineStop(n, _) => f.debug_tuple("MachineStop").field(n).finish(),
+            Request::MachineDelete { name, force } => f
+                .debug_struct("MachineDelete")
+                .field("name", name)
+                .field("force", force)
+                .finish(),
+            Request::MachineSet { name, .. } => f.debug_tuple("MachineSet").field(name).finish(),
+            Request::MachineSetDefault(n) => {
+                f.debug_tuple("MachineSetDefault").field(n).finish()
+            }
+            Request::MachineLogs { name, boot } => f
+                .debug_struct("MachineLogs")
+                .field("name", name)
+                .field("boot", boot)
+                .finish(),
+            Request::MachineCopyIn { name, path, .. } => {
+                f.debug_tuple("MachineCopyIn").field(name).field(path).finish()
+            }
+            Request::MachineCopyOut { name, path } => {
+                f.debug_tuple("MachineCopyOut").field(name).field(path).finish()
+            }
+        }
+    }
 }
 
 /// What the core answers; serialised as the variant's content.
@@ -44,7 +113,25 @@ pub enum Request {
 pub enum Reply {
     Status(Box<SystemStatus>),
     Properties(Vec<Property>),
+    Machine(Box<Machine>),
+    Machines(Vec<Machine>),
+    Set(Box<SetReply>),
+    /// A file the HTTP layer streams (logs); never serialised.
+    #[serde(skip)]
+    File(PathBuf),
+    /// A byte stream the HTTP layer forwards (archives); never serialised.
+    #[serde(skip)]
+    Stream(ByteStream),
     Empty {},
+}
+
+/// A byte stream inside a [`Reply`].
+pub struct ByteStream(pub Box<dyn tokio::io::AsyncRead + Send + Unpin>);
+
+impl std::fmt::Debug for ByteStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ByteStream")
+    }
 }
 
 /// Paths and settings the service was started with.
@@ -55,11 +142,22 @@ pub struct ServiceOptions {
     pub socket: PathBuf,
 }
 
+/// The core's side effects.
+#[allow(missing_debug_implementations)]
+pub struct Ports {
+    pub images: Arc<dyn Images>,
+    pub vms: Arc<dyn Vms>,
+}
+
 struct State {
     options: ServiceOptions,
     config: Config,
     started: chrono::DateTime<chrono::Utc>,
     shutdown: Notify,
+    machines: MachineStore,
+    images: Arc<dyn Images>,
+    vms: Arc<dyn Vms>,
+    locks: machines::Locks,
 }
 
 /// The service core; cheap to clone.
@@ -78,15 +176,20 @@ impl std::fmt::Debug for Core {
 
 impl Core {
     /// Opens the stores under `options.root` and readies the core.
-    pub async fn open(options: ServiceOptions, config: Config) -> anyhow::Result<Self> {
+    pub fn open(options: ServiceOptions, config: Config, ports: Ports) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&options.root)?;
         std::fs::create_dir_all(&options.run_dir)?;
+        let machines = MachineStore::open(&options.root)?;
         Ok(Self {
             state: Arc::new(State {
                 options,
                 config,
                 started: chrono::Utc::now(),
                 shutdown: Notify::new(),
+                machines,
+                images: ports.images,
+                vms: ports.vms,
+                locks: Default::default(),
             }),
         })
     }
@@ -94,6 +197,7 @@ impl Core {
     /// The single entry point.
     pub async fn handle(&self, caller: &Caller, request: Request) -> Result<Reply, ApiError> {
         tracing::debug!(uid = caller.uid, ?request, "request");
+        let machine = |m: Machine| Reply::Machine(Box::new(m));
         match request {
             Request::SystemStatus => Ok(Reply::Status(Box::new(self.status()))),
             Request::SystemProperties => {
@@ -102,11 +206,46 @@ impl Core {
             Request::SystemShutdown => {
                 if !caller.is_root() {
                     return Err(ApiError::new(
-                        container_api::ErrorKind::PermissionDenied,
+                        ErrorKind::PermissionDenied,
                         "only root can stop the container service",
                     ));
                 }
                 self.state.shutdown.notify_waiters();
+                Ok(Reply::Empty {})
+            }
+            Request::MachineCreate(r) => self.machine_create(caller, r).await.map(machine),
+            Request::MachineList => self.machine_list(caller).map(Reply::Machines),
+            Request::MachineInspect(n) => self.machine_get(caller, &n).map(machine),
+            Request::MachineStart(n) => self.machine_start(caller, &n).await.map(machine),
+            Request::MachineStop(n, r) => self.machine_stop(caller, &n, r).await.map(machine),
+            Request::MachineDelete { name, force } => {
+                self.machine_delete(caller, &name, force).await.map(machine)
+            }
+            Request::MachineSet { name, settings } => self
+                .machine_set(caller, &name, settings)
+                .await
+                .map(|r| Reply::Set(Box::new(r))),
+            Request::MachineSetDefault(n) => {
+                self.machine_set_default(caller, &n).await.map(machine)
+            }
+            Request::MachineLogs { name, boot } => {
+                self.visible(caller, &name)?;
+                Ok(Reply::File(self.state.vms.log_path(&name, boot)))
+            }
+            Request::MachineCopyIn { name, path, tar } => {
+                self.machine_copy_in(caller, &name, &path, tar).await?;
+                Ok(Reply::Empty {})
+            }
+            Request::MachineCopyOut { name, path } => self
+                .machine_copy_out(caller, &name, &path)
+                .await
+                .map(|s| Reply::Stream(ByteStream(s))),
+            Request::MachineExec {
+                name,
+                request,
+                client,
+            } => {
+                self.machine_exec(caller, &name, request, client).await?;
                 Ok(Reply::Empty {})
             }
         }

@@ -2,6 +2,7 @@
 //! the path and body into a [`Request`], call [`Core::handle`] and write the [`Reply`] or the
 //! [`ApiError`] back. The caller's identity comes from SO_PEERCRED, never from the request.
 
+mod machines;
 mod system;
 
 use std::path::Path;
@@ -96,7 +97,9 @@ pub async fn answer(core: &Core, caller: &Caller, request: Request) -> Response 
 
 /// The routes, all under `/v1`.
 pub fn router(core: Core) -> Router {
-    let v1 = Router::new().merge(system::routes());
+    let v1 = Router::new()
+        .merge(system::routes())
+        .merge(machines::routes());
     Router::new()
         .nest(API_PREFIX, v1)
         .fallback(|| async {
