@@ -428,7 +428,9 @@ mod tests {
     fn malformed_toml_names_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let bad = write(dir.path(), "bad.toml", "[machine]\ncpus = 2\nmemory = \n");
-        let e = load(&[bad.clone()], HOST).unwrap_err().to_string();
+        let e = load(std::slice::from_ref(&bad), HOST)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains(&bad.display().to_string()), "{e}");
         assert!(e.contains("line 3"), "{e}");
     }

@@ -12,7 +12,11 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     let name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other("atomic_write needs a file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -62,6 +66,9 @@ mod tests {
         assert_eq!(read_json::<Vec<i32>>(&p).unwrap(), Some(vec![3]));
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
         assert_eq!(names.len(), 1);
-        assert_eq!(read_json::<Vec<i32>>(&dir.path().join("absent")).unwrap(), None);
+        assert_eq!(
+            read_json::<Vec<i32>>(&dir.path().join("absent")).unwrap(),
+            None
+        );
     }
 }

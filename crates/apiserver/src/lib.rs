@@ -4,8 +4,8 @@
 pub mod config;
 pub mod core;
 pub mod fsutil;
+pub mod http;
 pub mod logs;
 pub mod machines;
-pub mod http;
 pub mod runtime;
 pub mod wiring;

@@ -33,14 +33,6 @@ pub fn stream(
     lines: Option<usize>,
     follow: bool,
 ) -> impl Stream<Item = std::io::Result<Bytes>> {
-    async_stream(path, lines, follow)
-}
-
-fn async_stream(
-    path: PathBuf,
-    lines: Option<usize>,
-    follow: bool,
-) -> impl Stream<Item = std::io::Result<Bytes>> {
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(16);
     tokio::spawn(async move {
         let initial = tokio::fs::read(&path).await.unwrap_or_default();
@@ -49,7 +41,10 @@ fn async_stream(
         if !first.is_empty() && tx.send(Ok(first)).await.is_err() {
             return;
         }
-        while follow {
+        if !follow {
+            return;
+        }
+        loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             if tx.is_closed() {
                 return;
@@ -77,12 +72,7 @@ fn async_stream(
             }
         }
     });
-    tokio_stream_from(rx)
-}
-
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
-) -> impl Stream<Item = std::io::Result<Bytes>> {
+    let mut rx = rx;
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 

@@ -126,6 +126,7 @@ pub struct Service {
     pub run_dir: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
+    process: std::sync::Mutex<Option<std::process::Child>>,
 }
 
 impl Service {
@@ -149,6 +150,7 @@ impl Service {
             run_dir,
             socket,
             config: config_path,
+            process: std::sync::Mutex::new(None),
         };
         service.launch();
         service
@@ -162,7 +164,7 @@ impl Service {
             .open(self.dir.path().join("apiserver.log"))
             .expect("log file");
         use std::os::unix::process::CommandExt;
-        Command::new(install_bin("container-apiserver"))
+        let child = Command::new(install_bin("container-apiserver"))
             .arg("--root")
             .arg(&self.root)
             .arg("--run-dir")
@@ -178,6 +180,9 @@ impl Service {
             .process_group(0)
             .spawn()
             .expect("spawn container-apiserver");
+        if let Some(mut old) = self.process.lock().unwrap().replace(child) {
+            let _ = old.wait();
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if self.cli(&["system", "status"]).status.success() {
@@ -236,6 +241,17 @@ impl Service {
     /// Stops the service process (machines keep running).
     pub fn stop_service(&self) {
         let _ = self.cli(&["system", "stop"]);
+        if let Some(mut child) = self.process.lock().unwrap().take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the service process without letting it clean up (a crash).
+    pub fn kill_service(&self) {
+        if let Some(mut child) = self.process.lock().unwrap().take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -40,7 +40,10 @@ fn pull_inspect_tag_save_load_and_remove() {
     let detail = inspect(&service, &busybox);
     assert_eq!(detail["has_init"], true, "{detail}");
     assert_eq!(detail["architecture"], "amd64");
-    let disk = detail["base_disk"]["path"].as_str().expect("a base disk").to_string();
+    let disk = detail["base_disk"]["path"]
+        .as_str()
+        .expect("a base disk")
+        .to_string();
     let stat = debugfs(Path::new(&disk), "stat /bin/busybox");
     assert!(stat.contains("Type: regular"), "{stat}");
     let passwd = debugfs(Path::new(&disk), "cat /etc/passwd");
@@ -53,19 +56,24 @@ fn pull_inspect_tag_save_load_and_remove() {
     assert!(!log.contains(" done"), "blobs were fetched again: {log}");
 
     service.cli_ok(&["image", "tag", &busybox, "local/busybox:copy"]);
-    assert!(service.cli_ok(&["image", "ls", "-q"]).contains("local/busybox:copy"));
+    assert!(
+        service
+            .cli_ok(&["image", "ls", "-q"])
+            .contains("local/busybox:copy")
+    );
 
     let archive = service.dir.path().join("busybox.tar");
     service.cli_ok(&["image", "save", &busybox, "-o", archive.to_str().unwrap()]);
-    run_ok(Command::new("skopeo").args([
-        "inspect",
-        &format!("oci-archive:{}", archive.display()),
-    ]));
+    run_ok(Command::new("skopeo").args(["inspect", &format!("oci-archive:{}", archive.display())]));
 
     service.cli_ok(&["image", "rm", &busybox, "local/busybox:copy"]);
     assert_eq!(service.cli_ok(&["image", "ls", "-q"]).trim(), "");
     let blobs = service.root.join("images");
-    let leftover = run_ok(Command::new("find").arg(&blobs).args(["-type", "f", "-size", "+100k"]));
+    let leftover = run_ok(
+        Command::new("find")
+            .arg(&blobs)
+            .args(["-type", "f", "-size", "+100k"]),
+    );
     assert_eq!(leftover.trim(), "", "image rm left large files behind");
 
     let loaded = service.cli_ok(&["image", "load", "-i", archive.to_str().unwrap()]);
@@ -111,8 +119,16 @@ fn a_corrupted_blob_is_refused_and_nothing_is_recorded() {
     let reference = registry.push(&test_image("busybox"), "tests/corrupt:1");
     // Corrupt every large blob the registry stores, keeping its size.
     let data = registry.storage_dir();
-    let blobs = run_ok(Command::new("find").arg(&data).args(["-name", "data", "-size", "+100k"]));
-    assert!(!blobs.trim().is_empty(), "no layer blob found under {}", data.display());
+    let blobs = run_ok(
+        Command::new("find")
+            .arg(&data)
+            .args(["-name", "data", "-size", "+100k"]),
+    );
+    assert!(
+        !blobs.trim().is_empty(),
+        "no layer blob found under {}",
+        data.display()
+    );
     for blob in blobs.lines() {
         let mut bytes = std::fs::read(blob).unwrap();
         let mid = bytes.len() / 2;
@@ -133,21 +149,47 @@ fn basic_auth_registry_needs_login() {
     }
     let dir = tempfile::tempdir().unwrap();
     let htpasswd = dir.path().join("htpasswd");
-    run_ok(Command::new("htpasswd").args(["-Bbc"]).arg(&htpasswd).args(["alice", "s3cret"]));
+    run_ok(
+        Command::new("htpasswd")
+            .args(["-Bbc"])
+            .arg(&htpasswd)
+            .args(["alice", "s3cret"]),
+    );
     let registry = Registry::start_with(&["--htpasswd", htpasswd.to_str().unwrap()]);
-    let reference = registry.push_with_auth(&test_image("busybox"), "tests/private:1", "alice:s3cret");
+    let reference =
+        registry.push_with_auth(&test_image("busybox"), "tests/private:1", "alice:s3cret");
     let service = Service::start("");
     let err = service.cli_err(&["image", "pull", &reference]);
-    assert!(err.to_lowercase().contains("auth") || err.contains("401"), "{err}");
+    assert!(
+        err.to_lowercase().contains("auth") || err.contains("401"),
+        "{err}"
+    );
 
-    let mut login = service.command(&["registry", "login", &registry.addr, "-u", "alice", "--password-stdin"]);
+    let mut login = service.command(&[
+        "registry",
+        "login",
+        &registry.addr,
+        "-u",
+        "alice",
+        "--password-stdin",
+    ]);
     login.stdin(std::process::Stdio::piped());
     let mut child = login.spawn().unwrap();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"wrong\n").unwrap();
-    assert!(!child.wait().unwrap().success(), "a wrong password was accepted");
+    assert!(
+        !child.wait().unwrap().success(),
+        "a wrong password was accepted"
+    );
 
-    let mut login = service.command(&["registry", "login", &registry.addr, "-u", "alice", "--password-stdin"]);
+    let mut login = service.command(&[
+        "registry",
+        "login",
+        &registry.addr,
+        "-u",
+        "alice",
+        "--password-stdin",
+    ]);
     login.stdin(std::process::Stdio::piped());
     let mut child = login.spawn().unwrap();
     child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();

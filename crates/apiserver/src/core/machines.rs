@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use container_api::machine::{
-    CreateRequest, HomeMount, Machine, MachineState, MachineUser, MountSpec, RunRequest,
-    SetReply, StopRequest,
+    CreateRequest, HomeMount, Machine, MachineState, MachineUser, MountSpec, RunRequest, SetReply,
+    StopRequest,
 };
 use container_api::size::parse_size;
 use container_api::{ApiError, ErrorKind};
@@ -147,7 +147,9 @@ fn guest_path(path: &str) -> Result<String, ApiError> {
         }
     }
     if parts.is_empty() {
-        return Err(ApiError::invalid("cannot mount over the machine's root `/`"));
+        return Err(ApiError::invalid(
+            "cannot mount over the machine's root `/`",
+        ));
     }
     Ok(format!("/{}", parts.join("/")))
 }
@@ -546,7 +548,10 @@ impl Core {
     }
 
     /// Works out what `run` starts: user, working directory, environment, argv.
-    pub(super) fn exec_spec(record: &MachineRecord, req: &RunRequest) -> Result<ExecSpec, ApiError> {
+    pub(super) fn exec_spec(
+        record: &MachineRecord,
+        req: &RunRequest,
+    ) -> Result<ExecSpec, ApiError> {
         let user = &record.user;
         let exec_user = if req.root {
             ExecUser::Ids {
@@ -591,7 +596,9 @@ impl Core {
                 if w == "/" {
                     Ok("/".to_string())
                 } else {
-                    Err(ApiError::invalid(format!("workdir `{w}` must be an absolute path")))
+                    Err(ApiError::invalid(format!(
+                        "workdir `{w}` must be an absolute path"
+                    )))
                 }
             })?,
             None => req
@@ -660,6 +667,72 @@ fn visible_path(record: &MachineRecord, cwd: &str) -> Option<String> {
     })
 }
 
+impl Core {
+    /// Boots the machine if needed and runs the process, relaying frames to `client`.
+    pub(super) async fn machine_exec(
+        &self,
+        caller: &Caller,
+        name: &str,
+        req: RunRequest,
+        client: Box<dyn super::ports::ClientStream>,
+    ) -> Result<(), ApiError> {
+        let mut client = client;
+        let prepared = async {
+            let record = self.visible(caller, name)?;
+            let spec = Self::exec_spec(&record, &req)?;
+            let _guard = self.state.locks.lock(name).await;
+            self.boot(&record).await?;
+            Ok::<_, ApiError>(spec)
+        }
+        .await;
+        match prepared {
+            Ok(spec) => self.state.vms.exec(name, spec, client).await,
+            Err(e) => {
+                // The connection is already upgraded: the error travels as a frame.
+                let _ = container_api::session::Frame::Error(e.clone())
+                    .write(&mut client)
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies a tar stream into a running (or booted on demand) machine.
+    pub(super) async fn machine_copy_in(
+        &self,
+        caller: &Caller,
+        name: &str,
+        path: &str,
+        tar: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> Result<(), ApiError> {
+        let record = self.visible(caller, name)?;
+        let path =
+            guest_path(path).or_else(|e| if path == "/" { Ok("/".into()) } else { Err(e) })?;
+        {
+            let _guard = self.state.locks.lock(name).await;
+            self.boot(&record).await?;
+        }
+        self.state.vms.copy_in(name, &path, tar).await
+    }
+
+    /// A tar stream of a path in the machine.
+    pub(super) async fn machine_copy_out(
+        &self,
+        caller: &Caller,
+        name: &str,
+        path: &str,
+    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, ApiError> {
+        let record = self.visible(caller, name)?;
+        let path =
+            guest_path(path).or_else(|e| if path == "/" { Ok("/".into()) } else { Err(e) })?;
+        {
+            let _guard = self.state.locks.lock(name).await;
+            self.boot(&record).await?;
+        }
+        self.state.vms.copy_out(name, &path).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,13 +780,36 @@ mod tests {
     #[test]
     fn run_lands_in_the_callers_directory_when_visible() {
         let r = record(HomeMount::Rw);
-        assert_eq!(Core::exec_spec(&r, &run(&["pwd"], "/home/alice/src/x")).unwrap().cwd, "/home/alice/src/x");
-        assert_eq!(Core::exec_spec(&r, &run(&["pwd"], "/srv/data/a")).unwrap().cwd, "/data/a");
-        assert_eq!(Core::exec_spec(&r, &run(&["pwd"], "/srv/data")).unwrap().cwd, "/data");
-        assert_eq!(Core::exec_spec(&r, &run(&["pwd"], "/opt")).unwrap().cwd, "/home/alice");
+        assert_eq!(
+            Core::exec_spec(&r, &run(&["pwd"], "/home/alice/src/x"))
+                .unwrap()
+                .cwd,
+            "/home/alice/src/x"
+        );
+        assert_eq!(
+            Core::exec_spec(&r, &run(&["pwd"], "/srv/data/a"))
+                .unwrap()
+                .cwd,
+            "/data/a"
+        );
+        assert_eq!(
+            Core::exec_spec(&r, &run(&["pwd"], "/srv/data"))
+                .unwrap()
+                .cwd,
+            "/data"
+        );
+        assert_eq!(
+            Core::exec_spec(&r, &run(&["pwd"], "/opt")).unwrap().cwd,
+            "/home/alice"
+        );
         // With no home share, the host home is not visible: start in the guest home.
         let none = record(HomeMount::None);
-        assert_eq!(Core::exec_spec(&none, &run(&["pwd"], "/home/alice/src")).unwrap().cwd, "/home/alice");
+        assert_eq!(
+            Core::exec_spec(&none, &run(&["pwd"], "/home/alice/src"))
+                .unwrap()
+                .cwd,
+            "/home/alice"
+        );
         let mut w = run(&["pwd"], "/home/alice");
         w.workdir = Some("/tmp".into());
         assert_eq!(Core::exec_spec(&r, &w).unwrap().cwd, "/tmp");
@@ -726,7 +822,13 @@ mod tests {
         let spec = Core::exec_spec(&record(HomeMount::Rw), &run(&[], "/")).unwrap();
         assert_eq!(spec.argv, ["/bin/bash"]);
         assert_eq!(spec.arg0.as_deref(), Some("-bash"));
-        assert_eq!(spec.user, ExecUser::Ids { uid: 1000, gid: Some(1000) });
+        assert_eq!(
+            spec.user,
+            ExecUser::Ids {
+                uid: 1000,
+                gid: Some(1000)
+            }
+        );
         assert!(spec.env.contains(&"USER=alice".to_string()));
         assert!(spec.env.contains(&"HOME=/home/alice".to_string()));
     }
@@ -737,13 +839,28 @@ mod tests {
         let mut req = run(&["id"], "/");
         req.root = true;
         let spec = Core::exec_spec(&r, &req).unwrap();
-        assert_eq!(spec.user, ExecUser::Ids { uid: 0, gid: Some(0) });
+        assert_eq!(
+            spec.user,
+            ExecUser::Ids {
+                uid: 0,
+                gid: Some(0)
+            }
+        );
         assert!(spec.env.contains(&"HOME=/root".to_string()));
         req.root = false;
         req.user = Some("postgres".into());
-        assert_eq!(Core::exec_spec(&r, &req).unwrap().user, ExecUser::Name("postgres".into()));
+        assert_eq!(
+            Core::exec_spec(&r, &req).unwrap().user,
+            ExecUser::Name("postgres".into())
+        );
         req.user = Some("33:44".into());
-        assert_eq!(Core::exec_spec(&r, &req).unwrap().user, ExecUser::Ids { uid: 33, gid: Some(44) });
+        assert_eq!(
+            Core::exec_spec(&r, &req).unwrap().user,
+            ExecUser::Ids {
+                uid: 33,
+                gid: Some(44)
+            }
+        );
         req.user = Some("33:x".into());
         assert!(Core::exec_spec(&r, &req).is_err());
         req.user = None;
@@ -772,69 +889,5 @@ mod tests {
         assert!(guest_path("data").is_err());
         assert!(guest_path("/a/../b").is_err());
         assert!(guest_path("/").is_err());
-    }
-}
-
-impl Core {
-    /// Boots the machine if needed and runs the process, relaying frames to `client`.
-    pub(super) async fn machine_exec(
-        &self,
-        caller: &Caller,
-        name: &str,
-        req: RunRequest,
-        client: Box<dyn super::ports::ClientStream>,
-    ) -> Result<(), ApiError> {
-        let mut client = client;
-        let prepared = async {
-            let record = self.visible(caller, name)?;
-            let spec = Self::exec_spec(&record, &req)?;
-            let _guard = self.state.locks.lock(name).await;
-            self.boot(&record).await?;
-            Ok::<_, ApiError>(spec)
-        }
-        .await;
-        match prepared {
-            Ok(spec) => self.state.vms.exec(name, spec, client).await,
-            Err(e) => {
-                // The connection is already upgraded: the error travels as a frame.
-                let _ = container_api::session::Frame::Error(e.clone())
-                    .write(&mut client)
-                    .await;
-                Err(e)
-            }
-        }
-    }
-
-    /// Copies a tar stream into a running (or booted on demand) machine.
-    pub(super) async fn machine_copy_in(
-        &self,
-        caller: &Caller,
-        name: &str,
-        path: &str,
-        tar: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
-    ) -> Result<(), ApiError> {
-        let record = self.visible(caller, name)?;
-        let path = guest_path(path).or_else(|e| if path == "/" { Ok("/".into()) } else { Err(e) })?;
-        {
-            let _guard = self.state.locks.lock(name).await;
-            self.boot(&record).await?;
-        }
-        self.state.vms.copy_in(name, &path, tar).await
-    }
-
-    /// A tar stream of a path in the machine.
-    pub(super) async fn machine_copy_out(
-        &self,
-        caller: &Caller,
-        name: &str,
-        path: &str,
-    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, ApiError> {
-        let record = self.visible(caller, name)?;
-        let path = guest_path(path).or_else(|e| if path == "/" { Ok("/".into()) } else { Err(e) })?;
-        {
-            let _guard = self.state.locks.lock(name).await;
-            self.boot(&record).await?;
-        }
-        self.state.vms.copy_out(name, &path).await
     }
 }

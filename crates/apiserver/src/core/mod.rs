@@ -46,11 +46,20 @@ pub enum Request {
     MachineInspect(String),
     MachineStart(String),
     MachineStop(String, StopRequest),
-    MachineDelete { name: String, force: bool },
-    MachineSet { name: String, settings: Vec<(String, String)> },
+    MachineDelete {
+        name: String,
+        force: bool,
+    },
+    MachineSet {
+        name: String,
+        settings: Vec<(String, String)>,
+    },
     MachineSetDefault(String),
     /// The console (or, with `boot`, the boot) log file of a machine.
-    MachineLogs { name: String, boot: bool },
+    MachineLogs {
+        name: String,
+        boot: bool,
+    },
     /// Unpack a tar stream at `path` in the machine.
     MachineCopyIn {
         name: String,
@@ -58,7 +67,10 @@ pub enum Request {
         tar: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
     },
     /// A tar stream of `path` in the machine.
-    MachineCopyOut { name: String, path: String },
+    MachineCopyOut {
+        name: String,
+        path: String,
+    },
     /// Run a process; its frames are relayed on `client` (an upgraded connection).
     MachineExec {
         name: String,
@@ -89,20 +101,22 @@ impl std::fmt::Debug for Request {
                 .field("force", force)
                 .finish(),
             Request::MachineSet { name, .. } => f.debug_tuple("MachineSet").field(name).finish(),
-            Request::MachineSetDefault(n) => {
-                f.debug_tuple("MachineSetDefault").field(n).finish()
-            }
+            Request::MachineSetDefault(n) => f.debug_tuple("MachineSetDefault").field(n).finish(),
             Request::MachineLogs { name, boot } => f
                 .debug_struct("MachineLogs")
                 .field("name", name)
                 .field("boot", boot)
                 .finish(),
-            Request::MachineCopyIn { name, path, .. } => {
-                f.debug_tuple("MachineCopyIn").field(name).field(path).finish()
-            }
-            Request::MachineCopyOut { name, path } => {
-                f.debug_tuple("MachineCopyOut").field(name).field(path).finish()
-            }
+            Request::MachineCopyIn { name, path, .. } => f
+                .debug_tuple("MachineCopyIn")
+                .field(name)
+                .field(path)
+                .finish(),
+            Request::MachineCopyOut { name, path } => f
+                .debug_tuple("MachineCopyOut")
+                .field(name)
+                .field(path)
+                .finish(),
         }
     }
 }
@@ -264,3 +278,6 @@ impl Core {
         &self.state.options
     }
 }
+
+#[cfg(test)]
+mod tests;

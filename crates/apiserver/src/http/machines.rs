@@ -123,13 +123,7 @@ async fn logs(
     Query(q): Query<LogsQuery>,
 ) -> Response {
     let path = match core
-        .handle(
-            &caller,
-            Request::MachineLogs {
-                name,
-                boot: q.boot,
-            },
-        )
+        .handle(&caller, Request::MachineLogs { name, boot: q.boot })
         .await
     {
         Ok(Reply::File(p)) => p,

@@ -160,7 +160,9 @@ impl MachineStore {
     /// Each owner's default machine.
     pub fn defaults(&self) -> Result<BTreeMap<u32, String>, StoreError> {
         let path = self.defaults_path();
-        Ok(fsutil::read_json(&path).map_err(io(&path))?.unwrap_or_default())
+        Ok(fsutil::read_json(&path)
+            .map_err(io(&path))?
+            .unwrap_or_default())
     }
 
     pub fn default_for(&self, uid: u32) -> Result<Option<String>, StoreError> {

@@ -74,7 +74,10 @@ mod tests {
         assert_eq!(from_image("alpine:3.22"), "alpine-3-22");
         assert_eq!(from_image("127.0.0.1:5000/tests/debian:12"), "debian-12");
         assert_eq!(from_image("x/Ubuntu_Dev:24.04"), "ubuntu-dev-24-04");
-        assert_eq!(from_image("r/x@sha256:0123456789abcdef0123"), "x-0123456789ab");
+        assert_eq!(
+            from_image("r/x@sha256:0123456789abcdef0123"),
+            "x-0123456789ab"
+        );
     }
 
     #[test]

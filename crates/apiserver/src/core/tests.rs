@@ -1,0 +1,409 @@
+//! Unit tests of the machine core through its one door, with recording fakes for the image
+//! store and the VM runtime.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use container_api::machine::{CreateRequest, MachineState, StopRequest};
+use container_api::{ApiError, ErrorKind};
+use tokio::io::AsyncRead;
+
+use super::ports::{BootSpec, ClientStream, ExecSpec, ImageInfo, Images, Vms};
+use super::*;
+use crate::config::{HostFacts, load};
+
+struct FakeImages;
+
+#[async_trait]
+impl Images for FakeImages {
+    async fn prepare(&self, reference: &str) -> Result<ImageInfo, ApiError> {
+        match reference {
+            "busybox" | "debian" => Ok(ImageInfo {
+                reference: reference.into(),
+                digest: format!("sha256:{reference}"),
+                has_init: true,
+                stop_signal: (reference == "debian").then(|| "SIGRTMIN+3".into()),
+                base_disk: PathBuf::from("/base.ext4"),
+            }),
+            "noinit" => Ok(ImageInfo {
+                reference: reference.into(),
+                digest: "sha256:noinit".into(),
+                has_init: false,
+                stop_signal: None,
+                base_disk: PathBuf::from("/base.ext4"),
+            }),
+            other => Err(ApiError::not_found(format!("image {other} not found"))),
+        }
+    }
+}
+
+#[derive(Default)]
+struct FakeVms {
+    running: Mutex<HashMap<String, BootSpec>>,
+    calls: Mutex<Vec<String>>,
+}
+
+#[async_trait]
+impl Vms for FakeVms {
+    async fn create_disk(&self, _base: &Path, disk: &Path, size: u64) -> Result<(), ApiError> {
+        std::fs::write(disk, b"qcow").unwrap();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("create_disk {size}"));
+        Ok(())
+    }
+    async fn grow_disk(&self, _disk: &Path, size: u64) -> Result<(), ApiError> {
+        self.calls.lock().unwrap().push(format!("grow_disk {size}"));
+        Ok(())
+    }
+    fn disk_allocated(&self, _disk: &Path) -> u64 {
+        4096
+    }
+    async fn boot(&self, spec: BootSpec) -> Result<(), ApiError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("boot {}", spec.record.name));
+        self.running
+            .lock()
+            .unwrap()
+            .insert(spec.record.name.clone(), spec);
+        Ok(())
+    }
+    async fn shutdown(
+        &self,
+        name: &str,
+        signal: Option<i32>,
+        _t: Duration,
+    ) -> Result<(), ApiError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("shutdown {name} {signal:?}"));
+        self.running.lock().unwrap().remove(name);
+        Ok(())
+    }
+    fn state(&self, name: &str) -> MachineState {
+        if self.running.lock().unwrap().contains_key(name) {
+            MachineState::Running
+        } else {
+            MachineState::Stopped
+        }
+    }
+    fn started(&self, _name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        None
+    }
+    async fn exec(&self, _: &str, _: ExecSpec, _: Box<dyn ClientStream>) -> Result<(), ApiError> {
+        Ok(())
+    }
+    async fn copy_in(
+        &self,
+        _: &str,
+        _: &str,
+        _: Box<dyn AsyncRead + Send + Unpin>,
+    ) -> Result<(), ApiError> {
+        Ok(())
+    }
+    async fn copy_out(
+        &self,
+        _: &str,
+        _: &str,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError> {
+        Ok(Box::new(&b""[..]))
+    }
+    fn log_path(&self, name: &str, _boot: bool) -> PathBuf {
+        PathBuf::from(format!("/logs/{name}"))
+    }
+}
+
+struct Fixture {
+    core: Core,
+    vms: Arc<FakeVms>,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let vms = Arc::new(FakeVms::default());
+    let config = load(
+        &[],
+        HostFacts {
+            cpus: 4,
+            memory: 8 << 30,
+        },
+    )
+    .unwrap();
+    let core = Core::open(
+        ServiceOptions {
+            root: dir.path().join("root"),
+            run_dir: dir.path().join("run"),
+            socket: dir.path().join("s.sock"),
+        },
+        config,
+        Ports {
+            images: Arc::new(FakeImages),
+            vms: vms.clone(),
+        },
+    )
+    .unwrap();
+    Fixture {
+        core,
+        vms,
+        _dir: dir,
+    }
+}
+
+/// Root is the only caller with a passwd entry everywhere tests run.
+const ROOT: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    pid: None,
+};
+/// `nobody` exists on Debian; machines need the caller's passwd entry.
+const NOBODY: Caller = Caller {
+    uid: 65534,
+    gid: 65534,
+    pid: None,
+};
+
+fn create(image: &str, name: Option<&str>) -> Request {
+    Request::MachineCreate(CreateRequest {
+        image: image.into(),
+        name: name.map(Into::into),
+        no_boot: true,
+        home_mount: Some(container_api::machine::HomeMount::None),
+        ..Default::default()
+    })
+}
+
+async fn machine(core: &Core, caller: &Caller, req: Request) -> Result<Machine, ApiError> {
+    match core.handle(caller, req).await? {
+        Reply::Machine(m) => Ok(*m),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+async fn names(core: &Core, caller: &Caller) -> Vec<String> {
+    match core.handle(caller, Request::MachineList).await.unwrap() {
+        Reply::Machines(ms) => ms.into_iter().map(|m| m.name).collect(),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn create_derives_names_and_the_first_machine_is_the_default() {
+    let f = fixture();
+    let m = machine(&f.core, &ROOT, create("busybox", None))
+        .await
+        .unwrap();
+    assert_eq!(m.name, "busybox-latest");
+    assert!(m.default);
+    assert_eq!(m.state, MachineState::Stopped);
+    assert_eq!(m.cpus, 2, "half the host's cpus");
+    assert_eq!(m.memory, 4 << 30, "half the host's memory");
+    let second = machine(&f.core, &ROOT, create("debian", Some("db")))
+        .await
+        .unwrap();
+    assert!(!second.default);
+    let dup = machine(&f.core, &ROOT, create("busybox", None))
+        .await
+        .unwrap_err();
+    assert_eq!(dup.kind, ErrorKind::AlreadyExists);
+    assert!(dup.message.contains("-n/--name"), "{}", dup.message);
+}
+
+#[tokio::test]
+async fn images_without_init_and_bad_values_change_nothing() {
+    let f = fixture();
+    let e = machine(&f.core, &ROOT, create("noinit", Some("x")))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("/sbin/init"), "{}", e.message);
+    let e = machine(&f.core, &ROOT, create("busybox", Some("Bad.Name")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    let mut small = CreateRequest {
+        image: "busybox".into(),
+        memory: Some(1 << 20),
+        no_boot: true,
+        ..Default::default()
+    };
+    assert!(
+        machine(&f.core, &ROOT, Request::MachineCreate(small.clone()))
+            .await
+            .is_err()
+    );
+    small.memory = None;
+    small.cpus = Some(0);
+    assert!(
+        machine(&f.core, &ROOT, Request::MachineCreate(small))
+            .await
+            .is_err()
+    );
+    assert!(names(&f.core, &ROOT).await.is_empty());
+    assert!(f.vms.calls.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn other_users_machines_are_not_found() {
+    let f = fixture();
+    machine(&f.core, &ROOT, create("busybox", Some("rootbox")))
+        .await
+        .unwrap();
+    assert!(names(&f.core, &NOBODY).await.is_empty());
+    for req in [
+        Request::MachineInspect("rootbox".into()),
+        Request::MachineStart("rootbox".into()),
+        Request::MachineStop("rootbox".into(), StopRequest::default()),
+        Request::MachineDelete {
+            name: "rootbox".into(),
+            force: true,
+        },
+        Request::MachineSetDefault("rootbox".into()),
+    ] {
+        let e = f.core.handle(&NOBODY, req).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{}", e.message);
+    }
+    machine(&f.core, &NOBODY, create("busybox", Some("mine")))
+        .await
+        .unwrap();
+    assert_eq!(names(&f.core, &NOBODY).await, ["mine"]);
+    assert_eq!(names(&f.core, &ROOT).await, ["mine", "rootbox"]);
+    assert!(
+        f.vms
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|c| !c.contains("rootbox"))
+    );
+}
+
+#[tokio::test]
+async fn running_machines_need_force_to_delete_and_stop_uses_the_image_signal() {
+    let f = fixture();
+    machine(&f.core, &ROOT, create("debian", Some("db")))
+        .await
+        .unwrap();
+    machine(&f.core, &ROOT, Request::MachineStart("db".into()))
+        .await
+        .unwrap();
+    let e = machine(
+        &f.core,
+        &ROOT,
+        Request::MachineDelete {
+            name: "db".into(),
+            force: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict);
+    assert_eq!(names(&f.core, &ROOT).await, ["db"]);
+    machine(
+        &f.core,
+        &ROOT,
+        Request::MachineStop("db".into(), StopRequest::default()),
+    )
+    .await
+    .unwrap();
+    let rtmin3 = libc::SIGRTMIN() + 3;
+    assert!(
+        f.vms
+            .calls
+            .lock()
+            .unwrap()
+            .contains(&format!("shutdown db Some({rtmin3})"))
+    );
+    let deleted = machine(
+        &f.core,
+        &ROOT,
+        Request::MachineDelete {
+            name: "db".into(),
+            force: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert!(deleted.default);
+    assert!(names(&f.core, &ROOT).await.is_empty());
+}
+
+#[tokio::test]
+async fn set_validates_keys_and_says_when_a_restart_is_needed() {
+    let f = fixture();
+    machine(&f.core, &ROOT, create("busybox", Some("dev")))
+        .await
+        .unwrap();
+    let set = |settings: &[(&str, &str)]| Request::MachineSet {
+        name: "dev".into(),
+        settings: settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let e = f
+        .core
+        .handle(&ROOT, set(&[("cpu", "2")]))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("valid keys"), "{}", e.message);
+    let e = f
+        .core
+        .handle(&ROOT, set(&[("disk-size", "1G")]))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("only grow"), "{}", e.message);
+    let e = f
+        .core
+        .handle(&ROOT, set(&[("cpus", "3"), ("memory", "lots")]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    let Reply::Machine(m) = f
+        .core
+        .handle(&ROOT, Request::MachineInspect("dev".into()))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(m.cpus, 2, "a failed set changed nothing");
+
+    let Reply::Set(r) = f
+        .core
+        .handle(&ROOT, set(&[("cpus", "3"), ("disk-size", "128G")]))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(!r.takes_effect_at_next_start);
+    assert_eq!(r.machine.cpus, 3);
+    assert!(
+        f.vms
+            .calls
+            .lock()
+            .unwrap()
+            .contains(&format!("grow_disk {}", 128u64 << 30))
+    );
+
+    machine(&f.core, &ROOT, Request::MachineStart("dev".into()))
+        .await
+        .unwrap();
+    let Reply::Set(r) = f
+        .core
+        .handle(&ROOT, set(&[("memory", "2G")]))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert!(r.takes_effect_at_next_start);
+    assert!(r.machine.pending_restart);
+}

@@ -1,0 +1,1 @@
+//! The VM runtime: kernel, initramfs, QEMU microvm runner and its helper processes.
