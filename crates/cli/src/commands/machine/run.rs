@@ -127,9 +127,17 @@ pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
         );
     }
     let size = if tty { window_size() } else { None };
+    let mut env = environment(&args)?;
+    // The local terminal's type, so programs inside draw for it.
+    if tty
+        && let Ok(term) = std::env::var("TERM")
+        && !env.iter().any(|e| e.starts_with("TERM="))
+    {
+        env.insert(0, format!("TERM={term}"));
+    }
     let request = RunRequest {
         command: args.command.clone(),
-        env: environment(&args)?,
+        env,
         workdir: args.workdir.clone(),
         caller_cwd: std::env::current_dir()
             .ok()
