@@ -132,11 +132,22 @@ pub struct Service {
 impl Service {
     /// Starts a service with the given config.toml text.
     pub fn start(config: &str) -> Self {
+        Self::start_with_root(config, None)
+    }
+
+    /// Starts a config-less service whose root is `root` (kept after the test).
+    pub fn start_in(root: &Path) -> Self {
+        Self::start_with_root("", Some(root))
+    }
+
+    fn start_with_root(config: &str, root: Option<&Path>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("ct-")
             .tempdir_in("/tmp")
             .expect("temp dir");
-        let root = dir.path().join("root");
+        let root = root
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("root"));
         let run_dir = dir.path().join("run");
         let socket = run_dir.join("api.sock");
         let config_path = dir.path().join("config.toml");
@@ -288,4 +299,128 @@ pub fn require(ok: bool, what: &str) -> bool {
 /// True when running as root (the service and VMs need it).
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// A host user for tests that must run as a regular (non-root) caller.
+#[derive(Debug, Clone)]
+pub struct TestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+impl TestUser {
+    /// The user with `uid`, created (with a home and bash) as `name` when no user has it.
+    pub fn ensure(name: &str, uid: u32) -> Self {
+        let existing = nix::unistd::User::from_uid(uid.into()).ok().flatten();
+        let user = match existing {
+            Some(u) => u,
+            None => {
+                run_ok(Command::new("useradd").args([
+                    "--create-home",
+                    "--shell",
+                    "/bin/bash",
+                    "--uid",
+                    &uid.to_string(),
+                    "--user-group",
+                    name,
+                ]));
+                nix::unistd::User::from_uid(uid.into())
+                    .ok()
+                    .flatten()
+                    .expect("the user just created")
+            }
+        };
+        std::fs::create_dir_all(&user.dir).ok();
+        let _ = nix::unistd::chown(&user.dir, Some(user.uid), Some(user.gid));
+        Self {
+            name: user.name,
+            uid,
+            gid: user.gid.as_raw(),
+            home: user.dir,
+        }
+    }
+
+    /// A `container` command run as this user from `cwd`.
+    pub fn command(&self, service: &Service, cwd: &Path, args: &[&str]) -> Command {
+        use std::os::unix::process::CommandExt;
+        let mut c = service.command(args);
+        c.uid(self.uid)
+            .gid(self.gid)
+            .current_dir(cwd)
+            .env("HOME", &self.home)
+            .env("USER", &self.name);
+        c
+    }
+
+    /// Runs `container ARGS` as this user from their home; returns stdout or fails the test.
+    pub fn cli_ok(&self, service: &Service, args: &[&str]) -> String {
+        self.cli_ok_in(service, &self.home.clone(), args)
+    }
+
+    pub fn cli_ok_in(&self, service: &Service, cwd: &Path, args: &[&str]) -> String {
+        let out = self
+            .command(service, cwd, args)
+            .output()
+            .expect("run container");
+        assert!(
+            out.status.success(),
+            "container {args:?} as {} failed ({}):\nstdout: {}\nstderr: {}\nservice log tail:\n{}",
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&service.log(), 60)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn cli(&self, service: &Service, args: &[&str]) -> Output {
+        self.command(service, &self.home.clone(), args)
+            .output()
+            .expect("run container")
+    }
+}
+
+/// Config lines that point a test service at a kernel installed once and shared by all tests
+/// (`container system kernel set --recommended`, run in a cache root).
+pub fn kernel_config() -> String {
+    static KERNEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            let cache = std::env::var_os("CONTAINER_TEST_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                        .join(".cache/container-test-images")
+                })
+                .join("kernel-root");
+            let lock = cache.with_extension("lock");
+            std::fs::create_dir_all(cache.parent().unwrap()).unwrap();
+            // One test process installs; the others wait on the lock.
+            let lock_file = std::fs::File::create(&lock).unwrap();
+            let _guard = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+                .expect("lock the kernel cache");
+            let info = cache.join("kernel.json");
+            if !info.exists() {
+                let service = Service::start_in(&cache);
+                let out = service.cli_ok(&["system", "status", "--format", "json"]);
+                let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+                if status["kernel"].is_null() {
+                    service.cli_ok(&["system", "kernel", "set", "--recommended"]);
+                }
+                let out = service.cli_ok(&["system", "status", "--format", "json"]);
+                let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+                std::fs::write(&info, status["kernel"].to_string()).unwrap();
+            }
+            let kernel: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&info).unwrap()).unwrap();
+            let mut text = format!("[kernel]\nbinary = {}\n", kernel["path"]);
+            if let Some(m) = kernel["modules"].as_str() {
+                text.push_str(&format!("modules = \"{m}\"\n"));
+            }
+            text
+        })
+        .clone()
 }
