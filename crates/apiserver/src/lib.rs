@@ -3,7 +3,7 @@
 
 pub mod config;
 pub mod core;
-pub mod fsutil;
+pub use container_image::fsutil;
 pub mod http;
 pub mod logs;
 pub mod machines;

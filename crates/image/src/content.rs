@@ -1,0 +1,258 @@
+//! The content-addressed blob store: `blobs/sha256/<hex>`, written through `ingest/`.
+//!
+//! A blob becomes visible only once complete and verified: bytes go to an ingest file while
+//! their digest and size are computed; `commit` checks both against what was expected, fsyncs
+//! the file, renames it into place and fsyncs the directory (containerd's local store does the
+//! same). A crash or kill leaves at worst an ingest file, which `open` removes; a blob present
+//! under its name is always whole and correct.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::ImageError;
+
+/// Checks a `sha256:<hex>` digest and returns the hex part.
+pub fn digest_hex(digest: &str) -> Result<&str, ImageError> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| ImageError::InvalidDigest(digest.to_string()))?;
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return Err(ImageError::InvalidDigest(digest.to_string()));
+    }
+    Ok(hex)
+}
+
+/// The digest of a byte slice.
+pub fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// The blob store.
+#[derive(Debug, Clone)]
+pub struct ContentStore {
+    blobs: PathBuf,
+    ingest: PathBuf,
+}
+
+impl ContentStore {
+    /// Opens the store under `root`, removing ingest files of interrupted writes.
+    pub fn open(root: &Path) -> Result<Self, ImageError> {
+        let blobs = root.join("blobs/sha256");
+        let ingest = root.join("ingest");
+        std::fs::create_dir_all(&blobs).map_err(ImageError::io(&blobs))?;
+        if ingest.exists() {
+            std::fs::remove_dir_all(&ingest).map_err(ImageError::io(&ingest))?;
+        }
+        std::fs::create_dir_all(&ingest).map_err(ImageError::io(&ingest))?;
+        Ok(Self { blobs, ingest })
+    }
+
+    /// Where a blob lives (whether or not it is present).
+    pub fn path(&self, digest: &str) -> Result<PathBuf, ImageError> {
+        Ok(self.blobs.join(digest_hex(digest)?))
+    }
+
+    pub fn contains(&self, digest: &str) -> bool {
+        self.path(digest).is_ok_and(|p| p.exists())
+    }
+
+    pub fn read(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
+        let path = self.path(digest)?;
+        std::fs::read(&path).map_err(ImageError::io(&path))
+    }
+
+    pub fn size(&self, digest: &str) -> Result<u64, ImageError> {
+        let path = self.path(digest)?;
+        Ok(std::fs::metadata(&path)
+            .map_err(ImageError::io(&path))?
+            .len())
+    }
+
+    /// Starts writing a blob expected to have `digest` and, when known, `size`.
+    pub fn writer(
+        &self,
+        what: &'static str,
+        digest: &str,
+        size: Option<u64>,
+    ) -> Result<BlobWriter, ImageError> {
+        digest_hex(digest)?;
+        let file =
+            tempfile::NamedTempFile::new_in(&self.ingest).map_err(ImageError::io(&self.ingest))?;
+        Ok(BlobWriter {
+            what,
+            expected: digest.to_string(),
+            size,
+            file,
+            hasher: Sha256::new(),
+            written: 0,
+            target: self.path(digest)?,
+        })
+    }
+
+    /// Writes a whole blob held in memory.
+    pub fn put(&self, what: &'static str, digest: &str, bytes: &[u8]) -> Result<(), ImageError> {
+        if self.contains(digest) {
+            return Ok(());
+        }
+        let mut w = self.writer(what, digest, Some(bytes.len() as u64))?;
+        w.write(bytes)?;
+        w.commit()
+    }
+
+    pub fn remove(&self, digest: &str) -> Result<u64, ImageError> {
+        let path = self.path(digest)?;
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(size),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(ImageError::io(&path)(e)),
+        }
+    }
+
+    /// Every blob digest present.
+    pub fn list(&self) -> Result<Vec<String>, ImageError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.blobs).map_err(ImageError::io(&self.blobs))? {
+            let e = e.map_err(ImageError::io(&self.blobs))?;
+            out.push(format!("sha256:{}", e.file_name().to_string_lossy()));
+        }
+        Ok(out)
+    }
+}
+
+/// A blob being written; dropped without `commit`, it leaves nothing behind.
+#[derive(Debug)]
+pub struct BlobWriter {
+    what: &'static str,
+    expected: String,
+    size: Option<u64>,
+    file: tempfile::NamedTempFile,
+    hasher: Sha256,
+    written: u64,
+    target: PathBuf,
+}
+
+impl BlobWriter {
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), ImageError> {
+        self.written += bytes.len() as u64;
+        if let Some(limit) = self.size
+            && self.written > limit
+        {
+            return Err(ImageError::SizeMismatch {
+                what: self.what,
+                digest: self.expected.clone(),
+                expected: limit,
+                actual: self.written,
+            });
+        }
+        self.hasher.update(bytes);
+        let path = self.file.path().to_path_buf();
+        self.file.write_all(bytes).map_err(ImageError::io(&path))
+    }
+
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Verifies size and digest, then makes the blob visible, durably.
+    pub fn commit(self) -> Result<(), ImageError> {
+        if let Some(expected) = self.size
+            && expected != self.written
+        {
+            return Err(ImageError::SizeMismatch {
+                what: self.what,
+                digest: self.expected,
+                expected,
+                actual: self.written,
+            });
+        }
+        let actual = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+        if actual != self.expected {
+            return Err(ImageError::DigestMismatch {
+                what: self.what,
+                digest: self.expected,
+                actual,
+            });
+        }
+        let path = self.file.path().to_path_buf();
+        self.file
+            .as_file()
+            .sync_all()
+            .map_err(ImageError::io(&path))?;
+        self.file
+            .persist(&self.target)
+            .map_err(|e| ImageError::io(&self.target)(e.error))?;
+        let dir = self.target.parent().expect("blobs live in a directory");
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(ImageError::io(dir))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commits_only_verified_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let good = digest_of(b"hello");
+        let mut w = store.writer("blob", &good, Some(5)).unwrap();
+        w.write(b"hello").unwrap();
+        w.commit().unwrap();
+        assert_eq!(store.read(&good).unwrap(), b"hello");
+
+        let other = digest_of(b"other");
+        let mut w = store.writer("blob", &other, Some(5)).unwrap();
+        w.write(b"hellx").unwrap();
+        assert!(matches!(w.commit(), Err(ImageError::DigestMismatch { .. })));
+        assert!(!store.contains(&other));
+
+        let mut w = store.writer("blob", &other, Some(3)).unwrap();
+        assert!(matches!(
+            w.write(b"toolong"),
+            Err(ImageError::SizeMismatch { .. })
+        ));
+        drop(w);
+        let w = store.writer("blob", &other, Some(5)).unwrap();
+        assert!(matches!(w.commit(), Err(ImageError::SizeMismatch { .. })));
+        // Nothing is left in the ingest area.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn digests_are_validated() {
+        assert!(digest_hex("sha256:abc").is_err());
+        assert!(digest_hex("md5:00").is_err());
+        assert!(digest_hex(&format!("sha256:{}", "A".repeat(64))).is_err());
+        assert!(digest_hex(&format!("sha256:{}", "../".repeat(21) + "a")).is_err());
+        assert!(digest_hex(&digest_of(b"")).is_ok());
+    }
+
+    #[test]
+    fn interrupted_ingests_are_cleaned_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let w = store.writer("blob", &digest_of(b"x"), None).unwrap();
+        std::mem::forget(w);
+        ContentStore::open(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("ingest"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+}

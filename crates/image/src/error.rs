@@ -1,0 +1,78 @@
+//! Errors of the image store: one variant per failure, each naming what failed.
+
+/// Why an image operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("invalid image reference `{reference}`: {reason}")]
+    InvalidReference { reference: String, reason: String },
+    #[error("image `{0}` not found; pull it with `container image pull {0}`")]
+    NotFound(String),
+    #[error("registry {registry}: {message}")]
+    Registry { registry: String, message: String },
+    #[error("registry {registry} refused the credentials (authentication failed)")]
+    Unauthorized { registry: String },
+    #[error(
+        "{what} {digest}: digest mismatch (got {actual}); the registry sent corrupt or tampered data"
+    )]
+    DigestMismatch {
+        what: &'static str,
+        digest: String,
+        actual: String,
+    },
+    #[error("{what} {digest}: size mismatch (expected {expected} bytes, got {actual})")]
+    SizeMismatch {
+        what: &'static str,
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("invalid digest `{0}`: expected sha256:<64 hex digits>")]
+    InvalidDigest(String),
+    #[error("malformed {what}: {message}")]
+    Malformed { what: &'static str, message: String },
+    #[error("{what} is {size} bytes, over the limit of {limit}")]
+    TooLarge {
+        what: &'static str,
+        size: u64,
+        limit: u64,
+    },
+    #[error("no linux/amd64 image in the index of {0}")]
+    NoPlatform(String),
+    #[error("unsupported media type `{0}`")]
+    UnsupportedMediaType(String),
+    #[error("refusing layer entry `{path}`: {reason}")]
+    UnsafeEntry { path: String, reason: &'static str },
+    #[error("reading a layer archive (truncated or corrupt data?)")]
+    Archive {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("applying layer entry `{path}`: {what}")]
+    Apply {
+        path: String,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "image `{reference}` is used by machine(s) {machines}; delete them first or use --force"
+    )]
+    InUse { reference: String, machines: String },
+    #[error("building the base disk with mkfs.ext4: {0}")]
+    Mkfs(String),
+    #[error("image store I/O on {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ImageError {
+    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+        move |source| ImageError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Talking to registries: the OCI distribution protocol through `oci-client` (which handles
+//! the WWW-Authenticate challenge, bearer tokens and basic auth), plain HTTP only for loopback
+//! registries or those configured as insecure, and stored credentials.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use oci_client::errors::OciDistributionError;
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ImageError;
+
+/// Parses and normalises a reference (`alpine` → `docker.io/library/alpine:latest`).
+pub fn parse_reference(text: &str) -> Result<Reference, ImageError> {
+    text.parse::<Reference>()
+        .map_err(|e| ImageError::InvalidReference {
+            reference: text.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Whether a registry host is on this machine's loopback.
+pub fn is_loopback(registry: &str) -> bool {
+    let host = registry
+        .rsplit_once(':')
+        .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+        .map(|(h, _)| h)
+        .unwrap_or(registry)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A client for one registry: HTTP for loopback or insecure-listed registries, HTTPS else.
+pub fn client(registry: &str, insecure: &[String]) -> Client {
+    let plain = is_loopback(registry) || insecure.iter().any(|r| r == registry);
+    let protocol = if plain {
+        oci_client::client::ClientProtocol::HttpsExcept(vec![registry.to_string()])
+    } else {
+        oci_client::client::ClientProtocol::Https
+    };
+    Client::new(oci_client::client::ClientConfig {
+        protocol,
+        connect_timeout: Some(std::time::Duration::from_secs(15)),
+        read_timeout: Some(std::time::Duration::from_secs(120)),
+        ..Default::default()
+    })
+}
+
+/// Maps a protocol error to ours, naming the registry.
+pub fn registry_error(registry: &str, reference: &str, e: OciDistributionError) -> ImageError {
+    match e {
+        OciDistributionError::AuthenticationFailure(_)
+        | OciDistributionError::UnauthorizedError { .. } => ImageError::Unauthorized {
+            registry: registry.to_string(),
+        },
+        OciDistributionError::ImageManifestNotFoundError(_) => ImageError::Registry {
+            registry: registry.to_string(),
+            message: format!("{reference} not found (no such repository or tag)"),
+        },
+        OciDistributionError::RegistryError { envelope, .. }
+            if envelope.errors.iter().any(|e| {
+                matches!(
+                    e.code,
+                    oci_client::errors::OciErrorCode::ManifestUnknown
+                        | oci_client::errors::OciErrorCode::NameUnknown
+                        | oci_client::errors::OciErrorCode::NotFound
+                )
+            }) =>
+        {
+            ImageError::Registry {
+                registry: registry.to_string(),
+                message: format!("{reference} not found (no such repository or tag)"),
+            }
+        }
+        OciDistributionError::ServerError { code: 401, .. } => ImageError::Unauthorized {
+            registry: registry.to_string(),
+        },
+        OciDistributionError::ServerError { code: 404, .. } => ImageError::Registry {
+            registry: registry.to_string(),
+            message: format!("{reference} not found (no such repository or tag)"),
+        },
+        other => ImageError::Registry {
+            registry: registry.to_string(),
+            message: error_chain(&other),
+        },
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Stored registry credentials (`auth.json`, mode 0600, replaced atomically).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    path: PathBuf,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CredentialFile {
+    auths: BTreeMap<String, Entry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Entry {
+    username: String,
+    password: String,
+}
+
+impl Credentials {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            path: root.join("auth.json"),
+        }
+    }
+
+    fn load(&self) -> Result<CredentialFile, ImageError> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| ImageError::Malformed {
+                what: "credentials file",
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CredentialFile::default()),
+            Err(e) => Err(ImageError::io(&self.path)(e)),
+        }
+    }
+
+    fn save(&self, file: &CredentialFile) -> Result<(), ImageError> {
+        let bytes = serde_json::to_vec_pretty(file).expect("credentials serialise");
+        crate::fsutil::atomic_write(&self.path, &bytes, 0o600).map_err(ImageError::io(&self.path))
+    }
+
+    /// The auth to use for a registry.
+    pub fn auth_for(&self, registry: &str) -> Result<RegistryAuth, ImageError> {
+        Ok(match self.load()?.auths.get(registry) {
+            Some(e) => RegistryAuth::Basic(e.username.clone(), e.password.clone()),
+            None => RegistryAuth::Anonymous,
+        })
+    }
+
+    /// Checks the credentials against the registry, then stores them.
+    pub async fn login(
+        &self,
+        server: &str,
+        username: &str,
+        password: &str,
+        insecure: &[String],
+    ) -> Result<(), ImageError> {
+        let client = client(server, insecure);
+        // Any repository name will do for the challenge; the token is not kept.
+        let probe = parse_reference(&format!("{server}/login-check:latest"))?;
+        let auth = RegistryAuth::Basic(username.to_string(), password.to_string());
+        match client
+            .auth(&probe, &auth, oci_client::RegistryOperation::Pull)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => return Err(registry_error(server, server, e)),
+        }
+        // Basic-auth registries answer the challenge lazily: verify with a real request.
+        match client
+            .pull_manifest_raw(&probe, &auth, crate::manifest::ACCEPTED)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => match registry_error(server, server, e) {
+                ImageError::Registry { message, .. } if message.contains("not found") => {}
+                other => return Err(other),
+            },
+        }
+        let mut file = self.load()?;
+        file.auths.insert(
+            server.to_string(),
+            Entry {
+                username: username.to_string(),
+                password: password.to_string(),
+            },
+        );
+        self.save(&file)
+    }
+
+    /// Forgets a registry's credentials; false when there were none.
+    pub fn logout(&self, server: &str) -> Result<bool, ImageError> {
+        let mut file = self.load()?;
+        let had = file.auths.remove(server).is_some();
+        if had {
+            self.save(&file)?;
+        }
+        Ok(had)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_registries_are_recognised() {
+        assert!(is_loopback("127.0.0.1:5000"));
+        assert!(is_loopback("localhost:5000"));
+        assert!(is_loopback("[::1]:5000"));
+        assert!(is_loopback("127.1.2.3"));
+        assert!(!is_loopback("192.168.1.5:5000"));
+        assert!(!is_loopback("registry.example:5000"));
+    }
+
+    #[test]
+    fn references_are_normalised() {
+        assert_eq!(
+            parse_reference("alpine").unwrap().whole(),
+            "docker.io/library/alpine:latest"
+        );
+        assert_eq!(
+            parse_reference("127.0.0.1:5000/x/y:1").unwrap().whole(),
+            "127.0.0.1:5000/x/y:1"
+        );
+        assert!(parse_reference("UPPER/Case::bad").is_err());
+    }
+}
