@@ -2,15 +2,21 @@
 
 use std::sync::Arc;
 
-use crate::core::Ports;
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::core::{Ports, ServiceOptions, StoreImages};
 
 /// The ports of a running service.
-pub fn ports(
-    _options: &crate::core::ServiceOptions,
-    _config: &crate::config::Config,
-) -> anyhow::Result<Ports> {
-    anyhow::bail!("the image store and VM runtime are not wired yet")
+pub fn ports(options: &ServiceOptions, config: &Config) -> anyhow::Result<Ports> {
+    let images_root = options.root.join("images");
+    let store = Arc::new(
+        container_image::ImageStore::open(&images_root)
+            .with_context(|| format!("opening the image store in {}", images_root.display()))?,
+    );
+    Ok(Ports {
+        images: Arc::new(StoreImages(store.clone())),
+        store,
+        vms: crate::runtime::vms(options, config)?,
+    })
 }
-
-#[allow(dead_code)]
-fn _keep(_: Arc<()>) {}

@@ -7,7 +7,10 @@ use std::path::Path;
 use container_e2e::{Registry, Service, TestUser, is_root, kernel_config, require, test_image};
 
 fn config() -> String {
-    format!("[machine]\ncpus = 1\nmemory = \"512M\"\n{}", kernel_config())
+    format!(
+        "[machine]\ncpus = 1\nmemory = \"512M\"\n{}",
+        kernel_config()
+    )
 }
 
 #[test]
@@ -26,30 +29,62 @@ fn quickstart_and_host_integration_on_busybox() {
     // The quickstart, verbatim.
     let out = alice.cli_ok(&service, &["machine", "create", &image, "--name", "dev"]);
     assert_eq!(out.trim(), "dev");
-    assert_eq!(alice.cli_ok(&service, &["machine", "run", "-n", "dev", "whoami"]).trim(), alice.name);
+    assert_eq!(
+        alice
+            .cli_ok(&service, &["machine", "run", "-n", "dev", "whoami"])
+            .trim(),
+        alice.name
+    );
     let pwd = alice.cli_ok_in(&service, &project, &["machine", "run", "-n", "dev", "pwd"]);
     assert_eq!(pwd.trim(), project.display().to_string());
     alice.cli_ok(&service, &["machine", "set-default", "dev"]);
     let ls = alice.cli_ok(&service, &["m", "ls"]);
     let header: Vec<&str> = ls.lines().next().unwrap().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "IMAGE", "CREATED", "IP", "CPUS", "MEMORY", "DISK", "STATE", "DEFAULT"]);
+    assert_eq!(
+        header,
+        [
+            "NAME", "IMAGE", "CREATED", "IP", "CPUS", "MEMORY", "DISK", "STATE", "DEFAULT"
+        ]
+    );
     assert!(ls.contains("running") && ls.contains('*'), "{ls}");
 
     // Same identity inside as outside.
     let id = alice.cli_ok(&service, &["machine", "run", "id"]);
-    assert!(id.contains(&format!("uid={}({})", alice.uid, alice.name)), "{id}");
+    assert!(
+        id.contains(&format!("uid={}({})", alice.uid, alice.name)),
+        "{id}"
+    );
     assert!(id.contains(&format!("gid={}", alice.gid)), "{id}");
-    assert_eq!(alice.cli_ok(&service, &["machine", "run", "hostname"]).trim(), "dev");
-    assert_eq!(alice.cli_ok(&service, &["machine", "run", "uname", "-s"]).trim(), "Linux");
+    assert_eq!(
+        alice
+            .cli_ok(&service, &["machine", "run", "hostname"])
+            .trim(),
+        "dev"
+    );
+    assert_eq!(
+        alice
+            .cli_ok(&service, &["machine", "run", "uname", "-s"])
+            .trim(),
+        "Linux"
+    );
 
     // Exit codes pass through; a missing command says so.
     let out = alice.cli(&service, &["machine", "run", "sh", "-c", "exit 42"]);
     assert_eq!(out.status.code(), Some(42));
     let out = alice.cli(&service, &["machine", "run", "no-such-command"]);
-    assert_eq!(out.status.code(), Some(127), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(127),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Files made inside the shared home appear on the host, owned by the user.
-    alice.cli_ok_in(&service, &project, &["machine", "run", "sh", "-c", "echo hi > made-inside"]);
+    alice.cli_ok_in(
+        &service,
+        &project,
+        &["machine", "run", "sh", "-c", "echo hi > made-inside"],
+    );
     let made = project.join("made-inside");
     assert_eq!(std::fs::read_to_string(&made).unwrap(), "hi\n");
     assert_eq!(std::fs::metadata(&made).unwrap().uid(), alice.uid);
@@ -57,12 +92,29 @@ fn quickstart_and_host_integration_on_busybox() {
     // -e, --env-file and -w.
     let env_file = project.join("env");
     std::fs::write(&env_file, "# comment\nFROM_FILE=yes\n").unwrap();
-    let out = alice.cli_ok(&service, &[
-        "machine", "run", "-e", "GREETING=hello", "--env-file", env_file.to_str().unwrap(),
-        "-w", "/tmp", "sh", "-c", "echo $GREETING $FROM_FILE $(pwd)",
-    ]);
+    let out = alice.cli_ok(
+        &service,
+        &[
+            "machine",
+            "run",
+            "-e",
+            "GREETING=hello",
+            "--env-file",
+            env_file.to_str().unwrap(),
+            "-w",
+            "/tmp",
+            "sh",
+            "-c",
+            "echo $GREETING $FROM_FILE $(pwd)",
+        ],
+    );
     assert_eq!(out.trim(), "hello yes /tmp");
-    assert_eq!(alice.cli_ok(&service, &["machine", "run", "--root", "id", "-u"]).trim(), "0");
+    assert_eq!(
+        alice
+            .cli_ok(&service, &["machine", "run", "--root", "id", "-u"])
+            .trim(),
+        "0"
+    );
 
     // cp both ways, a directory tree byte for byte.
     let tree = project.join("tree");
@@ -71,13 +123,22 @@ fn quickstart_and_host_integration_on_busybox() {
     std::fs::write(tree.join("sub/b.bin"), [0u8, 1, 2, 255]).unwrap();
     let tree_str = tree.to_str().unwrap().to_string();
     // Give the tree to alice: cp reads host files as the caller.
-    std::process::Command::new("chown").args(["-R", &format!("{}:{}", alice.uid, alice.gid), &tree_str]).status().unwrap();
+    std::process::Command::new("chown")
+        .args(["-R", &format!("{}:{}", alice.uid, alice.gid), &tree_str])
+        .status()
+        .unwrap();
     alice.cli_ok(&service, &["machine", "cp", &tree_str, "dev:/tmp/copied"]);
     let listing = alice.cli_ok(&service, &["machine", "run", "cat", "/tmp/copied/a.txt"]);
     assert_eq!(listing, "alpha");
     let back = project.join("back");
-    alice.cli_ok(&service, &["machine", "cp", "dev:/tmp/copied", back.to_str().unwrap()]);
-    assert_eq!(std::fs::read(back.join("sub/b.bin")).unwrap(), [0u8, 1, 2, 255]);
+    alice.cli_ok(
+        &service,
+        &["machine", "cp", "dev:/tmp/copied", back.to_str().unwrap()],
+    );
+    assert_eq!(
+        std::fs::read(back.join("sub/b.bin")).unwrap(),
+        [0u8, 1, 2, 255]
+    );
 
     // logs: the boot log shows the agent; -n limits lines.
     let boot = alice.cli_ok(&service, &["machine", "logs", "--boot", "dev"]);
@@ -86,17 +147,41 @@ fn quickstart_and_host_integration_on_busybox() {
     assert!(two.lines().count() <= 2, "{two}");
 
     // Stop, and the disk keeps what was written; run boots it again.
-    alice.cli_ok(&service, &["machine", "run", "--root", "sh", "-c", "echo kept > /var/kept"]);
+    alice.cli_ok(
+        &service,
+        &[
+            "machine",
+            "run",
+            "--root",
+            "sh",
+            "-c",
+            "echo kept > /var/kept",
+        ],
+    );
     alice.cli_ok(&service, &["machine", "stop", "dev"]);
     assert!(alice.cli_ok(&service, &["m", "ls"]).contains("stopped"));
     alice.cli_ok(&service, &["machine", "stop", "dev"]); // idempotent
-    assert_eq!(alice.cli_ok(&service, &["machine", "run", "cat", "/var/kept"]).trim(), "kept");
+    assert_eq!(
+        alice
+            .cli_ok(&service, &["machine", "run", "cat", "/var/kept"])
+            .trim(),
+        "kept"
+    );
 
     // set: cpus after a restart.
-    let out = alice.command(&service, Path::new("/"), &["machine", "set", "cpus=2"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("take effect"), "{out:?}");
+    let out = alice
+        .command(&service, Path::new("/"), &["machine", "set", "cpus=2"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("take effect"),
+        "{out:?}"
+    );
     alice.cli_ok(&service, &["machine", "stop", "dev"]);
-    assert_eq!(alice.cli_ok(&service, &["machine", "run", "nproc"]).trim(), "2");
+    assert_eq!(
+        alice.cli_ok(&service, &["machine", "run", "nproc"]).trim(),
+        "2"
+    );
 
     // Bad input: clear errors, nothing changed.
     let bad = |args: &[&str], needle: &str| {
@@ -107,11 +192,30 @@ fn quickstart_and_host_integration_on_busybox() {
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     };
     bad(&["machine", "run", "-n", "nope", "true"], "not found");
-    bad(&["machine", "create", &image, "--name", "dev"], "already exists");
-    bad(&["machine", "create", &image, "--name", "x", "--memory", "lots"], "invalid size");
+    bad(
+        &["machine", "create", &image, "--name", "dev"],
+        "already exists",
+    );
+    bad(
+        &[
+            "machine", "create", &image, "--name", "x", "--memory", "lots",
+        ],
+        "invalid size",
+    );
     bad(&["machine", "set", "-n", "dev", "cpu=2"], "valid keys");
     bad(&["machine", "rm", "dev"], "running");
-    bad(&["machine", "create", &image, "--name", "y", "--mount", "/root:/data"], "cannot mount");
+    bad(
+        &[
+            "machine",
+            "create",
+            &image,
+            "--name",
+            "y",
+            "--mount",
+            "/root:/data",
+        ],
+        "cannot mount",
+    );
     assert_eq!(alice.cli_ok(&service, &["m", "ls", "-q"]).trim(), "dev");
 
     alice.cli_ok(&service, &["machine", "rm", "-f", "dev"]);
@@ -128,7 +232,17 @@ fn another_user_cannot_see_or_touch_a_machine() {
     let service = Service::start(&config());
     let alice = TestUser::ensure("ctalice", 1500);
     let bob = TestUser::ensure("ctbob", 1501);
-    alice.cli_ok(&service, &["machine", "create", &image, "--name", "private", "--no-boot"]);
+    alice.cli_ok(
+        &service,
+        &[
+            "machine",
+            "create",
+            &image,
+            "--name",
+            "private",
+            "--no-boot",
+        ],
+    );
     assert_eq!(bob.cli_ok(&service, &["m", "ls", "-q"]).trim(), "");
     for args in [
         vec!["machine", "inspect", "private"],
@@ -138,9 +252,15 @@ fn another_user_cannot_see_or_touch_a_machine() {
     ] {
         let out = bob.cli(&service, &args);
         assert!(!out.status.success());
-        assert!(String::from_utf8_lossy(&out.stderr).contains("not found"), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not found"),
+            "{args:?}"
+        );
     }
-    assert!(service.cli_ok(&["m", "ls", "-q"]).contains("private"), "root sees all");
+    assert!(
+        service.cli_ok(&["m", "ls", "-q"]).contains("private"),
+        "root sees all"
+    );
     assert_eq!(alice.cli_ok(&service, &["m", "ls", "-q"]).trim(), "private");
 }
 

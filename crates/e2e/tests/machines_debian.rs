@@ -5,7 +5,9 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use container_e2e::{Registry, Service, TestUser, is_root, kernel_config, require, run_ok, test_image};
+use container_e2e::{
+    Registry, Service, TestUser, is_root, kernel_config, require, run_ok, test_image,
+};
 
 fn config() -> String {
     format!("[machine]\ncpus = 2\nmemory = \"1G\"\n{}", kernel_config())
@@ -22,17 +24,42 @@ fn systemd_sudo_and_a_login_shell() {
     let alice = TestUser::ensure("ctalice", 1500);
 
     alice.cli_ok(&service, &["machine", "create", &image, "--name", "deb"]);
-    let state = alice.cli_ok(&service, &[
-        "machine", "run", "-n", "deb", "sh", "-c", "systemctl is-system-running --wait || true",
-    ]);
+    let state = alice.cli_ok(
+        &service,
+        &[
+            "machine",
+            "run",
+            "-n",
+            "deb",
+            "sh",
+            "-c",
+            "systemctl is-system-running --wait || true",
+        ],
+    );
     assert!(matches!(state.trim(), "running" | "degraded"), "{state}");
     assert_eq!(
-        alice.cli_ok(&service, &["machine", "run", "-n", "deb", "ps", "-o", "comm=", "-p", "1"]).trim(),
+        alice
+            .cli_ok(
+                &service,
+                &[
+                    "machine", "run", "-n", "deb", "ps", "-o", "comm=", "-p", "1"
+                ]
+            )
+            .trim(),
         "systemd"
     );
-    alice.cli_ok(&service, &["machine", "run", "-n", "deb", "sudo", "-n", "true"]);
-    let sudoers = alice.cli_ok(&service, &["machine", "run", "-n", "deb", "ls", "/etc/sudoers.d"]);
-    assert!(sudoers.lines().all(|l| !l.contains('.')), "sudo ignores files with dots: {sudoers}");
+    alice.cli_ok(
+        &service,
+        &["machine", "run", "-n", "deb", "sudo", "-n", "true"],
+    );
+    let sudoers = alice.cli_ok(
+        &service,
+        &["machine", "run", "-n", "deb", "ls", "/etc/sudoers.d"],
+    );
+    assert!(
+        sudoers.lines().all(|l| !l.contains('.')),
+        "sudo ignores files with dots: {sudoers}"
+    );
 
     // The interactive shell is a login shell in the directory we came from, on a terminal.
     let session = format!("ct-{}", std::process::id());
@@ -48,9 +75,21 @@ fn systemd_sudo_and_a_login_shell() {
         bin.display()
     );
     run_ok(Command::new("tmux").args([
-        "new-session", "-d", "-s", &session, "-x", "120", "-y", "40",
-        "setpriv", &format!("--reuid={}", alice.uid), &format!("--regid={}", alice.gid),
-        "--init-groups", "sh", "-c", &command,
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "120",
+        "-y",
+        "40",
+        "setpriv",
+        &format!("--reuid={}", alice.uid),
+        &format!("--regid={}", alice.gid),
+        "--init-groups",
+        "sh",
+        "-c",
+        &command,
     ]));
     let send = |keys: &str| {
         run_ok(Command::new("tmux").args(["send-keys", "-t", &session, keys, "Enter"]));
@@ -72,14 +111,19 @@ fn systemd_sudo_and_a_login_shell() {
     let line = s.lines().rev().find(|l| l.starts_with("login=")).unwrap();
     assert!(line.starts_with("login=-"), "not a login shell: {line}");
     assert!(line.contains("tty=/dev/pts/"), "{line}");
-    assert!(line.contains(&format!("dir={}", project.display())), "{line}");
+    assert!(
+        line.contains(&format!("dir={}", project.display())),
+        "{line}"
+    );
     assert!(line.contains("size=40 120"), "{line}");
     run_ok(Command::new("tmux").args(["resize-window", "-t", &session, "-x", "100", "-y", "30"]));
     std::thread::sleep(Duration::from_millis(500));
     send("echo resized=$(stty size)");
     wait_for("resized=30 100");
     send("exit");
-    let _ = Command::new("tmux").args(["kill-session", "-t", &session]).output();
+    let _ = Command::new("tmux")
+        .args(["kill-session", "-t", &session])
+        .output();
 
     alice.cli_ok(&service, &["machine", "stop", "deb"]);
     assert!(alice.cli_ok(&service, &["m", "ls"]).contains("stopped"));
@@ -94,14 +138,44 @@ fn the_host_user_takes_uid_1000_from_the_images_account() {
     let image = registry.push(&test_image("uid1000"), "tests/uid1000:1");
     let service = Service::start(&config());
     let user = TestUser::ensure("ctuid1000", 1000);
-    user.cli_ok(&service, &["machine", "create", &image, "--name", "collide", "--home-mount", "none"]);
+    user.cli_ok(
+        &service,
+        &[
+            "machine",
+            "create",
+            &image,
+            "--name",
+            "collide",
+            "--home-mount",
+            "none",
+        ],
+    );
     let id = user.cli_ok(&service, &["machine", "run", "-n", "collide", "id"]);
     assert!(id.contains(&format!("uid=1000({})", user.name)), "{id}");
-    user.cli_ok(&service, &["machine", "run", "-n", "collide", "sudo", "-n", "true"]);
-    let passwd = user.cli_ok(&service, &["machine", "run", "-n", "collide", "getent", "passwd", "1000"]);
+    user.cli_ok(
+        &service,
+        &["machine", "run", "-n", "collide", "sudo", "-n", "true"],
+    );
+    let passwd = user.cli_ok(
+        &service,
+        &[
+            "machine", "run", "-n", "collide", "getent", "passwd", "1000",
+        ],
+    );
     assert!(passwd.starts_with(&format!("{}:", user.name)), "{passwd}");
     // home-mount none: the home is a local directory owned by the user, filled from skel.
-    let home = user.cli_ok(&service, &["machine", "run", "-n", "collide", "sh", "-c", "stat -c %u $HOME; ls -a $HOME"]);
+    let home = user.cli_ok(
+        &service,
+        &[
+            "machine",
+            "run",
+            "-n",
+            "collide",
+            "sh",
+            "-c",
+            "stat -c %u $HOME; ls -a $HOME",
+        ],
+    );
     assert!(home.starts_with("1000"), "{home}");
     assert!(home.contains(".bashrc"), "{home}");
 }
@@ -115,8 +189,22 @@ fn create_user_script_replaces_the_built_in_setup() {
     let image = registry.push(&test_image("createuser"), "tests/createuser:1");
     let service = Service::start(&config());
     let alice = TestUser::ensure("ctalice", 1500);
-    alice.cli_ok(&service, &["machine", "create", &image, "--name", "scripted"]);
-    let env = alice.cli_ok(&service, &["machine", "run", "-n", "scripted", "--root", "cat", "/var/log/create-user.env"]);
+    alice.cli_ok(
+        &service,
+        &["machine", "create", &image, "--name", "scripted"],
+    );
+    let env = alice.cli_ok(
+        &service,
+        &[
+            "machine",
+            "run",
+            "-n",
+            "scripted",
+            "--root",
+            "cat",
+            "/var/log/create-user.env",
+        ],
+    );
     for expected in [
         format!("CONTAINER_USER={}", alice.name),
         format!("CONTAINER_UID={}", alice.uid),
@@ -126,7 +214,12 @@ fn create_user_script_replaces_the_built_in_setup() {
     ] {
         assert!(env.contains(&expected), "{expected} missing in:\n{env}");
     }
-    assert_eq!(alice.cli_ok(&service, &["machine", "run", "-n", "scripted", "whoami"]).trim(), alice.name);
+    assert_eq!(
+        alice
+            .cli_ok(&service, &["machine", "run", "-n", "scripted", "whoami"])
+            .trim(),
+        alice.name
+    );
 }
 
 #[test]
@@ -137,13 +230,31 @@ fn machines_survive_a_service_restart() {
     let registry = Registry::start();
     let image = registry.push(&test_image("busybox"), "tests/busybox:1");
     let service = Service::start(&config());
-    service.cli_ok(&["machine", "create", &image, "--name", "survivor", "--memory", "512M"]);
-    service.cli_ok(&["machine", "run", "-n", "survivor", "sh", "-c", "echo before > /tmp/mark"]);
+    service.cli_ok(&[
+        "machine", "create", &image, "--name", "survivor", "--memory", "512M",
+    ]);
+    service.cli_ok(&[
+        "machine",
+        "run",
+        "-n",
+        "survivor",
+        "sh",
+        "-c",
+        "echo before > /tmp/mark",
+    ]);
     service.kill_service();
     service.launch();
     let ls = service.cli_ok(&["m", "ls"]);
-    assert!(ls.contains("running"), "the machine was not re-adopted:\n{ls}");
-    assert_eq!(service.cli_ok(&["machine", "run", "-n", "survivor", "cat", "/tmp/mark"]).trim(), "before");
+    assert!(
+        ls.contains("running"),
+        "the machine was not re-adopted:\n{ls}"
+    );
+    assert_eq!(
+        service
+            .cli_ok(&["machine", "run", "-n", "survivor", "cat", "/tmp/mark"])
+            .trim(),
+        "before"
+    );
     service.stop_service();
     service.launch();
     assert!(service.cli_ok(&["m", "ls"]).contains("running"));

@@ -69,7 +69,8 @@ pub enum ImageError {
 }
 
 impl ImageError {
-    pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    /// Maps an I/O error on `path`.
+    pub fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
         move |source| ImageError::Io {
             path: path.display().to_string(),
             source,

@@ -3,6 +3,7 @@
 //! base disk that machines' disks are overlays of. Layer archives are untrusted input: see
 //! [`unpack::layer`] for how nothing in them can write outside the root being built.
 
+pub mod archive;
 pub mod content;
 pub mod error;
 pub mod fsutil;

@@ -119,9 +119,10 @@ struct Entry {
 }
 
 impl Credentials {
-    pub fn new(root: &Path) -> Self {
+    /// The credentials of one host user: each user logs in for themselves.
+    pub fn for_uid(root: &Path, uid: u32) -> Self {
         Self {
-            path: root.join("auth.json"),
+            path: root.join("auth").join(format!("{uid}.json")),
         }
     }
 
@@ -138,6 +139,11 @@ impl Credentials {
 
     fn save(&self, file: &CredentialFile) -> Result<(), ImageError> {
         let bytes = serde_json::to_vec_pretty(file).expect("credentials serialise");
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(ImageError::io(dir))?;
+            std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(ImageError::io(dir))?;
+        }
         crate::fsutil::atomic_write(&self.path, &bytes, 0o600).map_err(ImageError::io(&self.path))
     }
 

@@ -43,6 +43,8 @@ pub struct PullOptions {
     /// Registries reached over plain HTTP besides loopback ones.
     pub insecure: Vec<String>,
     pub max_concurrent_downloads: usize,
+    /// Whose registry credentials to use.
+    pub uid: u32,
 }
 
 impl Default for PullOptions {
@@ -50,6 +52,7 @@ impl Default for PullOptions {
         Self {
             insecure: Vec::new(),
             max_concurrent_downloads: 3,
+            uid: 0,
         }
     }
 }
@@ -96,7 +99,6 @@ struct Refs {
 pub struct ImageStore {
     root: PathBuf,
     content: ContentStore,
-    credentials: Credentials,
     /// Serialises reference updates, collection and disk builds.
     lock: Mutex<()>,
 }
@@ -114,13 +116,13 @@ impl ImageStore {
         Ok(Self {
             root: root.to_path_buf(),
             content: ContentStore::open(root)?,
-            credentials: Credentials::new(root),
             lock: Mutex::new(()),
         })
     }
 
-    pub fn credentials(&self) -> &Credentials {
-        &self.credentials
+    /// The registry credentials of a host user.
+    pub fn credentials(&self, uid: u32) -> Credentials {
+        Credentials::for_uid(&self.root, uid)
     }
 
     pub fn content(&self) -> &ContentStore {
@@ -151,6 +153,16 @@ impl ImageStore {
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records a loaded image's reference.
+    pub(crate) fn record_loaded(&self, reference: &str, digest: &str) -> Result<(), ImageError> {
+        self.set_ref(reference, digest)
+    }
+
+    /// The scratch directory for builds and loads.
+    pub fn work_dir(&self) -> PathBuf {
+        self.root.join("work")
+    }
+
     /// Records `reference` → `digest`.
     fn set_ref(&self, reference: &str, digest: &str) -> Result<(), ImageError> {
         let _g = self.guard();
@@ -171,7 +183,7 @@ impl ImageStore {
         let name = r.whole();
         let reg = r.resolve_registry().to_string();
         let client = registry::client(&reg, &opts.insecure);
-        let auth = self.credentials.auth_for(r.registry())?;
+        let auth = self.credentials(opts.uid).auth_for(r.registry())?;
         let (bytes, mut digest) = client
             .pull_manifest_raw(&r, &auth, manifest::ACCEPTED)
             .await
@@ -228,56 +240,15 @@ impl ImageStore {
                 l.media_type.clone(),
             ));
         }
-        let content = &self.content;
-        let fetches = blobs.into_iter().map(|(what, blob, size, media)| {
-            let client = &client;
-            let repo = &repo;
-            let reg = &reg;
-            let name = &name;
-            async move {
-                if content.contains(&blob) {
-                    progress(Progress::BlobDone {
-                        digest: blob,
-                        cached: true,
-                    });
-                    return Ok::<(), ImageError>(());
-                }
-                let descriptor = oci_client::manifest::OciDescriptor {
-                    media_type: media,
-                    digest: blob.clone(),
-                    size: size as i64,
-                    ..Default::default()
-                };
-                let stream = client
-                    .pull_blob_stream(repo, &descriptor)
-                    .await
-                    .map_err(|e| registry::registry_error(reg, name, e))?;
-                let mut writer = content.writer(what, &blob, Some(size))?;
-                let mut stream = stream.stream;
-                let mut last = 0;
-                while let Some(chunk) = stream
-                    .try_next()
-                    .await
-                    .map_err(|e| registry::registry_error(reg, name, e.into()))?
-                {
-                    writer.write(&chunk)?;
-                    if writer.written() - last >= 256 << 10 || writer.written() == size {
-                        last = writer.written();
-                        progress(Progress::Bytes {
-                            digest: blob.clone(),
-                            current: last,
-                            total: size,
-                        });
-                    }
-                }
-                writer.commit()?;
-                progress(Progress::BlobDone {
-                    digest: blob,
-                    cached: false,
-                });
-                Ok(())
-            }
-        });
+        let fetches: Vec<_> = blobs
+            .into_iter()
+            .map(|(what, blob, size, media)| {
+                Box::pin(self.fetch_blob(&client, &repo, &name, what, blob, size, media, progress))
+                    as std::pin::Pin<
+                        Box<dyn std::future::Future<Output = Result<(), ImageError>> + Send + '_>,
+                    >
+            })
+            .collect();
         futures::stream::iter(fetches)
             .buffer_unordered(opts.max_concurrent_downloads.max(1))
             .try_collect::<Vec<()>>()
@@ -289,6 +260,64 @@ impl ImageStore {
         progress(Progress::Step("building the base disk".into()));
         let record = self.inspect(&name)?;
         Ok(record)
+    }
+
+    /// Fetches one blob into the content store, verified; a present blob is not fetched.
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_blob(
+        &self,
+        client: &oci_client::Client,
+        repo: &oci_client::Reference,
+        name: &str,
+        what: &'static str,
+        blob: String,
+        size: u64,
+        media: String,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<(), ImageError> {
+        let content = &self.content;
+        let reg = repo.resolve_registry().to_string();
+        if content.contains(&blob) {
+            progress(Progress::BlobDone {
+                digest: blob,
+                cached: true,
+            });
+            return Ok(());
+        }
+        let descriptor = oci_client::manifest::OciDescriptor {
+            media_type: media,
+            digest: blob.clone(),
+            size: size as i64,
+            ..Default::default()
+        };
+        let stream = client
+            .pull_blob_stream(repo, &descriptor)
+            .await
+            .map_err(|e| registry::registry_error(&reg, name, e))?;
+        let mut writer = content.writer(what, &blob, Some(size))?;
+        let mut stream = stream.stream;
+        let mut last = 0;
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(|e| registry::registry_error(&reg, name, e.into()))?
+        {
+            writer.write(&chunk)?;
+            if writer.written() - last >= 256 << 10 || writer.written() == size {
+                last = writer.written();
+                progress(Progress::Bytes {
+                    digest: blob.clone(),
+                    current: last,
+                    total: size,
+                });
+            }
+        }
+        writer.commit()?;
+        progress(Progress::BlobDone {
+            digest: blob,
+            cached: false,
+        });
+        Ok(())
     }
 
     /// All references, each as a record.

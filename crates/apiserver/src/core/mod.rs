@@ -3,6 +3,7 @@
 //! with a [`Reply`] or an [`ApiError`]. Operations that stream (pull progress, archives,
 //! interactive sessions) carry their channel inside the request.
 
+mod images;
 mod machines;
 pub mod ports;
 mod system;
@@ -10,6 +11,9 @@ mod system;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use container_api::image::{
+    ImageDetail, ImageSummary, LoginRequest, PullEvent, RemoveReport, TagRequest,
+};
 use container_api::machine::{CreateRequest, Machine, RunRequest, SetReply, StopRequest};
 use container_api::system::{Property, SystemStatus};
 use container_api::{ApiError, ErrorKind};
@@ -18,6 +22,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::machines::MachineStore;
+pub use images::StoreImages;
 pub use machines::{DEFAULT_STOP_TIMEOUT, caller_user, parse_signal};
 use ports::{ClientStream, Images, Vms};
 
@@ -41,6 +46,24 @@ pub enum Request {
     SystemProperties,
     /// Stop the service; machines keep running.
     SystemShutdown,
+    ImageList,
+    ImageInspect(String),
+    /// Pull; progress and the result go to `events`.
+    ImagePull {
+        reference: String,
+        events: tokio::sync::mpsc::Sender<PullEvent>,
+    },
+    ImageTag(TagRequest),
+    /// Load the images of an archive read from `archive`.
+    ImageLoad(Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+    /// An OCI-layout archive of these references.
+    ImageSave(Vec<String>),
+    ImageRemove {
+        reference: String,
+        force: bool,
+    },
+    RegistryLogin(LoginRequest),
+    RegistryLogout(String),
     MachineCreate(CreateRequest),
     MachineList,
     MachineInspect(String),
@@ -91,6 +114,21 @@ impl std::fmt::Debug for Request {
             Request::SystemStatus => f.write_str("SystemStatus"),
             Request::SystemProperties => f.write_str("SystemProperties"),
             Request::SystemShutdown => f.write_str("SystemShutdown"),
+            Request::ImageList => f.write_str("ImageList"),
+            Request::ImageInspect(r) => f.debug_tuple("ImageInspect").field(r).finish(),
+            Request::ImagePull { reference, .. } => {
+                f.debug_tuple("ImagePull").field(reference).finish()
+            }
+            Request::ImageTag(t) => f.debug_tuple("ImageTag").field(t).finish(),
+            Request::ImageLoad(_) => f.write_str("ImageLoad"),
+            Request::ImageSave(r) => f.debug_tuple("ImageSave").field(r).finish(),
+            Request::ImageRemove { reference, force } => f
+                .debug_struct("ImageRemove")
+                .field("reference", reference)
+                .field("force", force)
+                .finish(),
+            Request::RegistryLogin(l) => f.debug_tuple("RegistryLogin").field(&l.server).finish(),
+            Request::RegistryLogout(s) => f.debug_tuple("RegistryLogout").field(s).finish(),
             Request::MachineList => f.write_str("MachineList"),
             Request::MachineInspect(n) => f.debug_tuple("MachineInspect").field(n).finish(),
             Request::MachineStart(n) => f.debug_tuple("MachineStart").field(n).finish(),
@@ -130,6 +168,11 @@ pub enum Reply {
     Machine(Box<Machine>),
     Machines(Vec<Machine>),
     Set(Box<SetReply>),
+    Images(Vec<ImageSummary>),
+    Image(Box<ImageDetail>),
+    ImageSummary(Box<ImageSummary>),
+    Removed(RemoveReport),
+    Object(serde_json::Value),
     /// A file the HTTP layer streams (logs); never serialised.
     #[serde(skip)]
     File(PathBuf),
@@ -159,6 +202,7 @@ pub struct ServiceOptions {
 /// The core's side effects.
 #[allow(missing_debug_implementations)]
 pub struct Ports {
+    pub store: Arc<container_image::ImageStore>,
     pub images: Arc<dyn Images>,
     pub vms: Arc<dyn Vms>,
 }
@@ -169,6 +213,7 @@ struct State {
     started: chrono::DateTime<chrono::Utc>,
     shutdown: Notify,
     machines: MachineStore,
+    store: Arc<container_image::ImageStore>,
     images: Arc<dyn Images>,
     vms: Arc<dyn Vms>,
     locks: machines::Locks,
@@ -201,6 +246,7 @@ impl Core {
                 started: chrono::Utc::now(),
                 shutdown: Notify::new(),
                 machines,
+                store: ports.store,
                 images: ports.images,
                 vms: ports.vms,
                 locks: Default::default(),
@@ -227,6 +273,36 @@ impl Core {
                 self.state.shutdown.notify_waiters();
                 Ok(Reply::Empty {})
             }
+            Request::ImageList => self.image_list().await.map(Reply::Images),
+            Request::ImageInspect(r) => self
+                .image_inspect(r)
+                .await
+                .map(|d| Reply::Image(Box::new(d))),
+            Request::ImagePull { reference, events } => {
+                self.image_pull(caller, reference, events).await;
+                Ok(Reply::Empty {})
+            }
+            Request::ImageTag(t) => self
+                .image_tag(t.source, t.target)
+                .await
+                .map(|s| Reply::ImageSummary(Box::new(s))),
+            Request::ImageLoad(archive) => self.image_load(archive).await.map(Reply::Images),
+            Request::ImageSave(refs) => self
+                .image_save(refs)
+                .await
+                .map(|s| Reply::Stream(ByteStream(s))),
+            Request::ImageRemove { reference, force } => self
+                .image_remove(reference, force)
+                .await
+                .map(Reply::Removed),
+            Request::RegistryLogin(l) => self
+                .registry_login(caller, l)
+                .await
+                .map(|()| Reply::Object(serde_json::json!({}))),
+            Request::RegistryLogout(s) => self
+                .registry_logout(caller, s)
+                .await
+                .map(|()| Reply::Object(serde_json::json!({}))),
             Request::MachineCreate(r) => self.machine_create(caller, r).await.map(machine),
             Request::MachineList => self.machine_list(caller).map(Reply::Machines),
             Request::MachineInspect(n) => self.machine_get(caller, &n).map(machine),

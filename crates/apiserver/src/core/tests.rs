@@ -145,6 +145,7 @@ fn fixture() -> Fixture {
         },
         config,
         Ports {
+            store: Arc::new(container_image::ImageStore::open(&dir.path().join("images")).unwrap()),
             images: Arc::new(FakeImages),
             vms: vms.clone(),
         },

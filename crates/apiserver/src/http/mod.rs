@@ -2,6 +2,7 @@
 //! the path and body into a [`Request`], call [`Core::handle`] and write the [`Reply`] or the
 //! [`ApiError`] back. The caller's identity comes from SO_PEERCRED, never from the request.
 
+mod images;
 mod machines;
 mod system;
 
@@ -99,6 +100,7 @@ pub async fn answer(core: &Core, caller: &Caller, request: Request) -> Response 
 pub fn router(core: Core) -> Router {
     let v1 = Router::new()
         .merge(system::routes())
+        .merge(images::routes())
         .merge(machines::routes());
     Router::new()
         .nest(API_PREFIX, v1)

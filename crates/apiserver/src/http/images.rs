@@ -1,0 +1,149 @@
+//! `/v1/images/*` and `/v1/registry/*` routes.
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use container_api::image::{LoginRequest, PullRequest, TagRequest};
+use futures::StreamExt;
+use serde::Deserialize;
+
+use super::{JsonBody, answer};
+use crate::core::{Caller, Core, Request};
+
+pub fn routes() -> Router<Core> {
+    Router::new()
+        .route("/images", get(list).delete(remove))
+        .route("/images/inspect", get(inspect))
+        .route("/images/pull", post(pull))
+        .route("/images/tag", post(tag))
+        .route("/images/load", post(load))
+        .route("/images/save", get(save))
+        .route("/registry/login", post(login))
+        .route("/registry/logout", post(logout))
+}
+
+async fn list(State(core): State<Core>, caller: Caller) -> Response {
+    answer(&core, &caller, Request::ImageList).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefQuery {
+    reference: String,
+    #[serde(default)]
+    force: bool,
+}
+
+async fn inspect(State(core): State<Core>, caller: Caller, Query(q): Query<RefQuery>) -> Response {
+    answer(&core, &caller, Request::ImageInspect(q.reference)).await
+}
+
+async fn remove(State(core): State<Core>, caller: Caller, Query(q): Query<RefQuery>) -> Response {
+    answer(
+        &core,
+        &caller,
+        Request::ImageRemove {
+            reference: q.reference,
+            force: q.force,
+        },
+    )
+    .await
+}
+
+async fn tag(
+    State(core): State<Core>,
+    caller: Caller,
+    JsonBody(body): JsonBody<TagRequest>,
+) -> Response {
+    answer(&core, &caller, Request::ImageTag(body)).await
+}
+
+/// Streams NDJSON progress; the pull goes on in its own task.
+async fn pull(
+    State(core): State<Core>,
+    caller: Caller,
+    JsonBody(body): JsonBody<PullRequest>,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(async move {
+        let _ = core
+            .handle(
+                &caller,
+                Request::ImagePull {
+                    reference: body.reference,
+                    events: tx,
+                },
+            )
+            .await;
+    });
+    let mut rx = rx;
+    let lines = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|event| {
+        let mut line = serde_json::to_vec(&event).expect("events serialise");
+        line.push(b'\n');
+        Ok::<_, std::io::Error>(line)
+    });
+    (
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response()
+}
+
+async fn login(
+    State(core): State<Core>,
+    caller: Caller,
+    JsonBody(body): JsonBody<LoginRequest>,
+) -> Response {
+    answer(&core, &caller, Request::RegistryLogin(body)).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogoutBody {
+    server: String,
+}
+
+async fn logout(
+    State(core): State<Core>,
+    caller: Caller,
+    JsonBody(body): JsonBody<LogoutBody>,
+) -> Response {
+    answer(&core, &caller, Request::RegistryLogout(body.server)).await
+}
+
+async fn load(State(core): State<Core>, caller: Caller, body: Body) -> Response {
+    use futures::TryStreamExt;
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let reader = Box::new(tokio_util::io::StreamReader::new(stream));
+    answer(&core, &caller, Request::ImageLoad(reader)).await
+}
+
+async fn save(
+    State(core): State<Core>,
+    caller: Caller,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    // `reference` repeats, which serde's map-shaped Query cannot hold.
+    let references: Vec<String> = form_pairs(query.as_deref().unwrap_or(""))
+        .into_iter()
+        .filter(|(k, _)| k == "reference")
+        .map(|(_, v)| v)
+        .collect();
+    match core.handle(&caller, Request::ImageSave(references)).await {
+        Ok(crate::core::Reply::Stream(s)) => (
+            [(header::CONTENT_TYPE, "application/x-tar")],
+            Body::from_stream(tokio_util::io::ReaderStream::new(s.0)),
+        )
+            .into_response(),
+        Ok(_) => super::ApiResponseError(container_api::ApiError::internal("unexpected reply"))
+            .into_response(),
+        Err(e) => super::ApiResponseError(e).into_response(),
+    }
+}
+
+fn form_pairs(query: &str) -> Vec<(String, String)> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(query).unwrap_or_default()
+}
