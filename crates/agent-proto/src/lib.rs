@@ -56,29 +56,59 @@ pub enum Frame {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Message {
-    Hello { version: u32 },
-    HelloOk { version: u32, agent: String },
+    Hello {
+        version: u32,
+    },
+    HelloOk {
+        version: u32,
+        agent: String,
+    },
     /// Start a process.
     Exec(ExecRequest),
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
     StdinEof,
-    Resize { rows: u16, cols: u16 },
-    Signal { signal: i32 },
-    Exit { code: Option<i32>, signal: Option<i32> },
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
+    Signal {
+        signal: i32,
+    },
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
     /// Unpack the tar stream that follows (data frames, then `DataEof`) at `path`: into it
     /// when it is a directory, else as it (the archive's top entry renamed).
-    CopyIn { path: String },
+    CopyIn {
+        path: String,
+    },
     /// Send a tar stream of `path` (its base name at the top).
-    CopyOut { path: String },
+    CopyOut {
+        path: String,
+    },
     DataEof,
     Done,
-    Shutdown { signal: Option<i32>, timeout_ms: u64 },
-    SetTime { unix_ns: u64 },
+    Shutdown {
+        signal: Option<i32>,
+        timeout_ms: u64,
+    },
+    SetTime {
+        unix_ns: u64,
+    },
     Ping,
-    Pong { uptime_ms: u64, init_pid: i32 },
+    Pong {
+        uptime_ms: u64,
+        init_pid: i32,
+    },
     /// The operation failed; `code` follows the shell convention where it applies
     /// (126 not executable, 127 not found).
-    Error { message: String, code: Option<i32> },
+    Error {
+        message: String,
+        code: Option<i32>,
+    },
 }
 
 /// A process to start.
@@ -310,9 +340,14 @@ pub mod host {
     }
 
     /// Waits until the agent answers a ping, or `deadline`.
-    pub async fn wait_ready(uds: &Path, port: u32, deadline: Instant) -> Result<Message, ProtoError> {
+    pub async fn wait_ready(
+        uds: &Path,
+        port: u32,
+        deadline: Instant,
+    ) -> Result<Message, ProtoError> {
         loop {
-            let attempt = tokio::time::timeout(Duration::from_secs(2), call(uds, port, Message::Ping)).await;
+            let attempt =
+                tokio::time::timeout(Duration::from_secs(2), call(uds, port, Message::Ping)).await;
             match attempt {
                 Ok(Ok(m @ Message::Pong { .. })) => return Ok(m),
                 Ok(Ok(other)) => {
@@ -348,7 +383,10 @@ mod tests {
                 ..Default::default()
             })),
             Frame::Data(Kind::Stdout, b"hi".to_vec()),
-            Frame::Message(Message::Exit { code: None, signal: Some(9) }),
+            Frame::Message(Message::Exit {
+                code: None,
+                signal: Some(9),
+            }),
         ];
         let mut buf = Vec::new();
         for f in &frames {
@@ -363,9 +401,18 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error() {
-        assert!(matches!(sync::read(&mut &[9u8, 0, 0, 0, 0][..]), Err(ProtoError::UnknownKind(9))));
-        assert!(matches!(sync::read(&mut &[0u8, 0xff, 0, 0, 0][..]), Err(ProtoError::TooLarge(_))));
-        assert!(matches!(sync::read(&mut &[0u8, 0, 0, 0, 2, b'{', b'}'][..]), Err(ProtoError::Malformed(_))));
+        assert!(matches!(
+            sync::read(&mut &[9u8, 0, 0, 0, 0][..]),
+            Err(ProtoError::UnknownKind(9))
+        ));
+        assert!(matches!(
+            sync::read(&mut &[0u8, 0xff, 0, 0, 0][..]),
+            Err(ProtoError::TooLarge(_))
+        ));
+        assert!(matches!(
+            sync::read(&mut &[0u8, 0, 0, 0, 2, b'{', b'}'][..]),
+            Err(ProtoError::Malformed(_))
+        ));
         assert!(sync::read(&mut &[2u8, 0, 0, 0, 9, 1][..]).is_err());
     }
 

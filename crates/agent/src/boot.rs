@@ -14,9 +14,16 @@ use crate::{Context, Result, log, server, sys, users};
 
 const NEWROOT: &str = "/newroot";
 
-fn mount_fs(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+fn mount_fs(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
     std::fs::create_dir_all(target).ctx(format!("creating {target}"))?;
-    mount(Some(src), target, Some(fstype), flags, data).ctx(format!("mounting {fstype} on {target}"))
+    mount(Some(src), target, Some(fstype), flags, data)
+        .ctx(format!("mounting {fstype} on {target}"))
 }
 
 /// Runs the boot sequence; returns only on failure.
@@ -26,7 +33,11 @@ pub fn run(started: Instant) -> Result<Infallible> {
     mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::empty(), None)?;
     let text = std::fs::read(BOOT_CONFIG_PATH).ctx(format!("reading {BOOT_CONFIG_PATH}"))?;
     let cfg: BootConfig = serde_json::from_slice(&text).ctx("parsing the boot config")?;
-    log!("machine {} booting (agent {})", cfg.hostname, env!("CARGO_PKG_VERSION"));
+    log!(
+        "machine {} booting (agent {})",
+        cfg.hostname,
+        env!("CARGO_PKG_VERSION")
+    );
     set_clock(cfg.time_unix_ns);
 
     for m in &cfg.modules {
@@ -37,19 +48,36 @@ pub fn run(started: Instant) -> Result<Infallible> {
 
     wait_for(&cfg.root_device, Duration::from_secs(20))?;
     mount_fs(&cfg.root_device, NEWROOT, "ext4", MsFlags::empty(), None)?;
-    if cfg.grow_root {
-        grow_root(&cfg.root_device)?;
+    if cfg.grow_root
+        && let Err(e) = grow_root(&cfg.root_device)
+    {
+        // The machine still works at its current size; say why it did not grow.
+        log!("warning: {e}");
     }
     for share in &cfg.shares {
         let target = format!("{NEWROOT}{}", share.guest_path);
-        let flags = if share.read_only { MsFlags::MS_RDONLY } else { MsFlags::empty() };
+        let flags = if share.read_only {
+            MsFlags::MS_RDONLY
+        } else {
+            MsFlags::empty()
+        };
         mount_fs(&share.tag, &target, "virtiofs", flags, None)?;
-        log!("shared {} at {}{}", share.tag, share.guest_path, if share.read_only { " (read-only)" } else { "" });
+        log!(
+            "shared {} at {}{}",
+            share.tag,
+            share.guest_path,
+            if share.read_only { " (read-only)" } else { "" }
+        );
     }
     nix::unistd::sethostname(&cfg.hostname).ctx("setting the host name")?;
     write_host_files(&cfg)?;
     if let Some(net) = &cfg.network {
-        log!("network {} {} via {}", net.interface, net.address_cidr, net.gateway);
+        log!(
+            "network {} {} via {}",
+            net.interface,
+            net.address_cidr,
+            net.gateway
+        );
     }
 
     switch_root()?;
@@ -57,7 +85,11 @@ pub fn run(started: Instant) -> Result<Infallible> {
         // Reported and retried at the next boot; the machine still comes up.
         log!("user setup failed (will retry at next start): {e}");
     }
-    let init = if cfg.init.is_empty() { vec!["/sbin/init".to_string()] } else { cfg.init.clone() };
+    let init = if cfg.init.is_empty() {
+        vec!["/sbin/init".to_string()]
+    } else {
+        cfg.init.clone()
+    };
     log!("ready in {} ms", started.elapsed().as_millis());
     log!("{}", INIT_MARKER.trim_start_matches("container-agent: "));
 
@@ -81,7 +113,10 @@ fn set_clock(unix_ns: u64) {
     if unix_ns == 0 {
         return;
     }
-    let ts = nix::sys::time::TimeSpec::new((unix_ns / 1_000_000_000) as i64, (unix_ns % 1_000_000_000) as i64);
+    let ts = nix::sys::time::TimeSpec::new(
+        (unix_ns / 1_000_000_000) as i64,
+        (unix_ns % 1_000_000_000) as i64,
+    );
     let _ = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts);
 }
 
@@ -89,7 +124,9 @@ fn wait_for(path: &str, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     while !Path::new(path).exists() {
         if Instant::now() > deadline {
-            return Err(format!("{path} did not appear (is the virtio-blk module in the initramfs?)"));
+            return Err(format!(
+                "{path} did not appear (is the virtio-blk module in the initramfs?)"
+            ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -114,7 +151,8 @@ fn grow_root(device: &str) -> Result<()> {
 fn write_host_files(cfg: &BootConfig) -> Result<()> {
     let etc = format!("{NEWROOT}/etc");
     std::fs::create_dir_all(&etc).ctx("creating /etc")?;
-    std::fs::write(format!("{etc}/hostname"), format!("{}\n", cfg.hostname)).ctx("writing /etc/hostname")?;
+    std::fs::write(format!("{etc}/hostname"), format!("{}\n", cfg.hostname))
+        .ctx("writing /etc/hostname")?;
     let hosts_path = format!("{etc}/hosts");
     let hosts = std::fs::read_to_string(&hosts_path).unwrap_or_default();
     let mut lines: Vec<String> = hosts
@@ -136,7 +174,11 @@ fn write_host_files(cfg: &BootConfig) -> Result<()> {
     {
         let resolv = format!("{etc}/resolv.conf");
         let _ = std::fs::remove_file(&resolv);
-        let text: String = net.nameservers.iter().map(|n| format!("nameserver {n}\n")).collect();
+        let text: String = net
+            .nameservers
+            .iter()
+            .map(|n| format!("nameserver {n}\n"))
+            .collect();
         std::fs::write(&resolv, text).ctx("writing /etc/resolv.conf")?;
     }
     Ok(())
@@ -147,15 +189,28 @@ fn switch_root() -> Result<()> {
     for m in ["/dev", "/proc", "/sys"] {
         let target = format!("{NEWROOT}{m}");
         std::fs::create_dir_all(&target).ctx(format!("creating {target}"))?;
-        mount(Some(m), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-            .ctx(format!("moving {m}"))?;
+        mount(
+            Some(m),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .ctx(format!("moving {m}"))?;
     }
     std::env::set_current_dir(NEWROOT).ctx("entering the new root")?;
-    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>).ctx("moving the new root to /")?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .ctx("moving the new root to /")?;
     nix::unistd::chroot(".").ctx("changing root")?;
     std::env::set_current_dir("/").ctx("entering /")?;
     // Devices the image's init and our sessions expect.
-    let _ = mount_fs("devpts", "/dev/pts", "devpts", MsFlags::empty(), Some("gid=5,mode=620,ptmxmode=666"));
+    let _ = mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::empty(),
+        Some("gid=5,mode=620,ptmxmode=666"),
+    );
     let _ = std::fs::create_dir_all("/run");
     Ok(())
 }

@@ -20,7 +20,10 @@ pub fn serve(cfg: &BootConfig) -> ! {
         match VsockListener::bind_with_cid_port(VMADDR_CID_ANY, cfg.vsock_port) {
             Ok(l) => break l,
             Err(e) => {
-                log!("cannot listen on vsock port {}: {e}; retrying", cfg.vsock_port);
+                log!(
+                    "cannot listen on vsock port {}: {e}; retrying",
+                    cfg.vsock_port
+                );
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
@@ -61,11 +64,20 @@ fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
     let writer: Shared = Arc::new(Mutex::new(stream));
     match read(&mut reader).map_err(|e| e.to_string())? {
         Some(Frame::Message(Message::Hello { version })) if version == VERSION => {
-            reply(&writer, Message::HelloOk { version: VERSION, agent: env!("CARGO_PKG_VERSION").into() })
-                .map_err(|e| e.to_string())?;
+            reply(
+                &writer,
+                Message::HelloOk {
+                    version: VERSION,
+                    agent: env!("CARGO_PKG_VERSION").into(),
+                },
+            )
+            .map_err(|e| e.to_string())?;
         }
         Some(Frame::Message(Message::Hello { version })) => {
-            let _ = reply(&writer, error(format!("protocol version {version} is not {VERSION}"), None));
+            let _ = reply(
+                &writer,
+                error(format!("protocol version {version} is not {VERSION}"), None),
+            );
             return Ok(());
         }
         _ => return Err("session without hello".into()),
@@ -83,7 +95,10 @@ fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
             },
         ),
         Message::SetTime { unix_ns } => {
-            let ts = nix::sys::time::TimeSpec::new((unix_ns / 1_000_000_000) as i64, (unix_ns % 1_000_000_000) as i64);
+            let ts = nix::sys::time::TimeSpec::new(
+                (unix_ns / 1_000_000_000) as i64,
+                (unix_ns % 1_000_000_000) as i64,
+            );
             match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
                 Ok(()) => reply(&writer, Message::Done),
                 Err(e) => reply(&writer, error(format!("setting the clock: {e}"), None)),
@@ -102,7 +117,10 @@ fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
         Message::Exec(req) => exec(req, reader, writer.clone()),
         Message::CopyIn { path } => copy_in(&path, reader, &writer),
         Message::CopyOut { path } => copy_out(&path, &writer),
-        other => reply(&writer, error(format!("unexpected request {other:?}"), None)),
+        other => reply(
+            &writer,
+            error(format!("unexpected request {other:?}"), None),
+        ),
     };
     r.map_err(|e| e.to_string())
 }
@@ -112,7 +130,10 @@ fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
 /// off): a halted VM would sit until the timeout.
 fn stop_signal(requested: Option<i32>) -> i32 {
     let target = std::fs::canonicalize("/sbin/init").unwrap_or_default();
-    let name = target.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let systemd = name.contains("systemd");
     let rtmin = libc::SIGRTMIN();
     match requested {
@@ -165,7 +186,9 @@ fn find_program(argv0: &str, env: &[String]) -> Option<String> {
         .find_map(|e| e.strip_prefix("PATH="))
         .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     path.split(':').map(|d| format!("{d}/{argv0}")).find(|p| {
-        std::fs::metadata(p).is_ok_and(|m| m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0)
+        std::fs::metadata(p).is_ok_and(|m| {
+            m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+        })
     })
 }
 
@@ -176,18 +199,42 @@ fn exec(req: ExecRequest, mut reader: VsockStream, writer: Shared) -> std::io::R
     let (uid, gid, name) = match (&req.user, req.uid) {
         (Some(n), _) => match lookup_user(Some(n), None) {
             Some(u) => u,
-            None => return reply(&writer, error(format!("unable to find user {n}: no matching entries in passwd file"), Some(126))),
+            None => {
+                return reply(
+                    &writer,
+                    error(
+                        format!("unable to find user {n}: no matching entries in passwd file"),
+                        Some(126),
+                    ),
+                );
+            }
         },
         (None, Some(u)) => lookup_user(None, Some(u)).unwrap_or((u, u, String::new())),
         (None, None) => (0, 0, "root".into()),
     };
     let gid = req.gid.unwrap_or(gid);
-    let groups = if name.is_empty() { vec![gid] } else { groups_of(&name, gid) };
+    let groups = if name.is_empty() {
+        vec![gid]
+    } else {
+        groups_of(&name, gid)
+    };
     let Some(program) = find_program(&argv0, &req.env) else {
-        return reply(&writer, error(format!("exec: \"{argv0}\": executable file not found in $PATH"), Some(127)));
+        return reply(
+            &writer,
+            error(
+                format!("exec: \"{argv0}\": executable file not found in $PATH"),
+                Some(127),
+            ),
+        );
     };
     if !std::path::Path::new(&req.cwd).is_dir() {
-        return reply(&writer, error(format!("working directory {}: no such directory", req.cwd), Some(126)));
+        return reply(
+            &writer,
+            error(
+                format!("working directory {}: no such directory", req.cwd),
+                Some(126),
+            ),
+        );
     }
     let mut cmd = Command::new(&program);
     cmd.args(&req.argv[1..]).env_clear().current_dir(&req.cwd);
@@ -214,7 +261,9 @@ fn exec(req: ExecRequest, mut reader: VsockStream, writer: Shared) -> std::io::R
                 .stderr(Stdio::from(p.slave.try_clone()?));
         }
         None => {
-            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+            cmd.stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
         }
     }
     sys::pre_exec(&mut cmd, move || {
@@ -229,8 +278,15 @@ fn exec(req: ExecRequest, mut reader: VsockStream, writer: Shared) -> std::io::R
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
-            return reply(&writer, error(format!("exec: \"{argv0}\": {e}"), Some(code)));
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
+            return reply(
+                &writer,
+                error(format!("exec: \"{argv0}\": {e}"), Some(code)),
+            );
         }
     };
     let pid = child.id() as i32;
@@ -249,8 +305,12 @@ fn exec(req: ExecRequest, mut reader: VsockStream, writer: Shared) -> std::io::R
             let mut out = child.stdout.take().expect("piped");
             let mut err = child.stderr.take().expect("piped");
             let (w1, w2) = (writer.clone(), writer.clone());
-            outputs.push(std::thread::spawn(move || pump(&mut out, Kind::Stdout, &w1)));
-            outputs.push(std::thread::spawn(move || pump(&mut err, Kind::Stderr, &w2)));
+            outputs.push(std::thread::spawn(move || {
+                pump(&mut out, Kind::Stdout, &w1)
+            }));
+            outputs.push(std::thread::spawn(move || {
+                pump(&mut err, Kind::Stderr, &w2)
+            }));
             Box::new(child.stdin.take().expect("piped"))
         }
     };
@@ -361,9 +421,15 @@ fn unpack(path: &str, input: std::fs::File) -> Result<(), String> {
     let (dir, rename) = if dest.is_dir() {
         (dest.to_path_buf(), None)
     } else {
-        let parent = dest.parent().unwrap_or(std::path::Path::new("/")).to_path_buf();
+        let parent = dest
+            .parent()
+            .unwrap_or(std::path::Path::new("/"))
+            .to_path_buf();
         if !parent.is_dir() {
-            return Err(format!("{} does not exist in the machine", parent.display()));
+            return Err(format!(
+                "{} does not exist in the machine",
+                parent.display()
+            ));
         }
         (parent, dest.file_name().map(std::path::PathBuf::from))
     };
@@ -386,7 +452,9 @@ fn unpack(path: &str, input: std::fs::File) -> Result<(), String> {
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
-        entry.unpack(&target).map_err(|e| format!("writing {}: {e}", target.display()))?;
+        entry
+            .unpack(&target)
+            .map_err(|e| format!("writing {}: {e}", target.display()))?;
     }
     Ok(())
 }
@@ -413,7 +481,10 @@ fn copy_out(path: &str, writer: &Shared) -> std::io::Result<()> {
         Ok(m) => m,
         Err(e) => return reply(writer, error(format!("{path}: {e}"), None)),
     };
-    let name = src.file_name().map(std::path::PathBuf::from).unwrap_or_else(|| "root".into());
+    let name = src
+        .file_name()
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "root".into());
     let mut builder = tar::Builder::new(FrameWriter(writer));
     builder.follow_symlinks(false);
     let r = if meta.is_dir() {
@@ -428,4 +499,3 @@ fn copy_out(path: &str, writer: &Shared) -> std::io::Result<()> {
         Err(e) => reply(writer, error(format!("reading {path}: {e}"), None)),
     }
 }
-

@@ -21,7 +21,11 @@ pub fn finit_module(file: &std::fs::File) -> std::io::Result<()> {
     } else {
         let e = std::io::Error::last_os_error();
         // Already loaded (or built in) is success.
-        if e.raw_os_error() == Some(libc::EEXIST) { Ok(()) } else { Err(e) }
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            Ok(())
+        } else {
+            Err(e)
+        }
     }
 }
 

@@ -25,7 +25,10 @@ pub fn provision(cfg: &BootConfig) -> Result<()> {
     if scripted {
         let status = std::process::Command::new(SCRIPT)
             .env_clear()
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .env("CONTAINER_USER", &user.name)
             .env("CONTAINER_UID", user.uid.to_string())
             .env("CONTAINER_GID", user.gid.to_string())
@@ -57,7 +60,8 @@ fn read_lines(path: &str) -> Vec<String> {
 fn write_lines(path: &str, lines: &[String], mode: u32) -> Result<()> {
     let tmp = format!("{path}.container-tmp");
     std::fs::write(&tmp, lines.join("\n") + "\n").ctx(format!("writing {path}"))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode)).ctx(format!("chmod {path}"))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .ctx(format!("chmod {path}"))?;
     std::fs::rename(&tmp, path).ctx(format!("replacing {path}"))
 }
 
@@ -86,7 +90,10 @@ fn builtin(user: &UserSpec, home_mount: HomeMount) -> Result<()> {
         .into_iter()
         .filter(|l| !evicted.iter().any(|e| field(l, 0) == e))
         .collect();
-    passwd.push(format!("{}:x:{uid}:{gid}::{}:{shell}", user.name, user.home));
+    passwd.push(format!(
+        "{}:x:{uid}:{gid}::{}:{shell}",
+        user.name, user.home
+    ));
     write_lines("/etc/passwd", &passwd, 0o644)?;
 
     if Path::new("/etc/shadow").exists() {
@@ -117,7 +124,9 @@ fn builtin(user: &UserSpec, home_mount: HomeMount) -> Result<()> {
                 .filter(|m| !m.is_empty() && !evicted.iter().any(|e| e == m))
                 .map(str::to_string)
                 .collect();
-            if matches!(parts[0].as_str(), "sudo" | "wheel" | "adm") && !members.contains(&user.name) {
+            if matches!(parts[0].as_str(), "sudo" | "wheel" | "adm")
+                && !members.contains(&user.name)
+            {
                 members.push(user.name.clone());
             }
             parts[3] = members.join(",");
@@ -137,8 +146,10 @@ fn builtin(user: &UserSpec, home_mount: HomeMount) -> Result<()> {
     if Path::new("/etc/sudoers.d").is_dir() {
         // sudo ignores drop-ins whose names contain a dot.
         let file = format!("/etc/sudoers.d/container-{}", user.name.replace('.', "_"));
-        std::fs::write(&file, format!("{} ALL=(ALL) NOPASSWD:ALL\n", user.name)).ctx("writing the sudoers drop-in")?;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o440)).ctx("chmod the sudoers drop-in")?;
+        std::fs::write(&file, format!("{} ALL=(ALL) NOPASSWD:ALL\n", user.name))
+            .ctx("writing the sudoers drop-in")?;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o440))
+            .ctx("chmod the sudoers drop-in")?;
     }
 
     if home_mount == HomeMount::None {
@@ -153,7 +164,9 @@ fn builtin(user: &UserSpec, home_mount: HomeMount) -> Result<()> {
 }
 
 fn copy_skel(from: &Path, to: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(from) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return Ok(());
+    };
     for e in entries.flatten() {
         let dest = to.join(e.file_name());
         let ft = e.file_type().ctx("reading /etc/skel")?;
@@ -168,7 +181,8 @@ fn copy_skel(from: &Path, to: &Path) -> Result<()> {
 }
 
 fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<()> {
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid)).ctx(format!("chown {}", path.display()))?;
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+        .ctx(format!("chown {}", path.display()))?;
     if path.is_dir() && !path.is_symlink() {
         for e in std::fs::read_dir(path).ctx("reading the home")?.flatten() {
             chown_tree(&e.path(), uid, gid)?;

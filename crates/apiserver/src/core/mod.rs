@@ -46,6 +46,7 @@ pub enum Request {
     SystemProperties,
     /// Stop the service; machines keep running.
     SystemShutdown,
+    KernelSet(container_api::system::KernelSetRequest),
     ImageList,
     ImageInspect(String),
     /// Pull; progress and the result go to `events`.
@@ -114,6 +115,7 @@ impl std::fmt::Debug for Request {
             Request::SystemStatus => f.write_str("SystemStatus"),
             Request::SystemProperties => f.write_str("SystemProperties"),
             Request::SystemShutdown => f.write_str("SystemShutdown"),
+            Request::KernelSet(k) => f.debug_tuple("KernelSet").field(k).finish(),
             Request::ImageList => f.write_str("ImageList"),
             Request::ImageInspect(r) => f.debug_tuple("ImageInspect").field(r).finish(),
             Request::ImagePull { reference, .. } => {
@@ -168,6 +170,7 @@ pub enum Reply {
     Machine(Box<Machine>),
     Machines(Vec<Machine>),
     Set(Box<SetReply>),
+    Kernel(Box<container_api::system::KernelInfo>),
     Images(Vec<ImageSummary>),
     Image(Box<ImageDetail>),
     ImageSummary(Box<ImageSummary>),
@@ -273,6 +276,10 @@ impl Core {
                 self.state.shutdown.notify_waiters();
                 Ok(Reply::Empty {})
             }
+            Request::KernelSet(k) => self
+                .kernel_set(caller, k)
+                .await
+                .map(|k| Reply::Kernel(Box::new(k))),
             Request::ImageList => self.image_list().await.map(Reply::Images),
             Request::ImageInspect(r) => self
                 .image_inspect(r)

@@ -13,6 +13,7 @@ pub fn routes() -> Router<Core> {
         .route("/system/status", get(status))
         .route("/system/properties", get(properties))
         .route("/system/shutdown", post(shutdown))
+        .route("/system/kernel", post(kernel))
 }
 
 async fn status(State(core): State<Core>, caller: Caller) -> Response {
@@ -25,4 +26,12 @@ async fn properties(State(core): State<Core>, caller: Caller) -> Response {
 
 async fn shutdown(State(core): State<Core>, caller: Caller) -> Response {
     answer(&core, &caller, Request::SystemShutdown).await
+}
+
+async fn kernel(
+    State(core): State<Core>,
+    caller: Caller,
+    super::JsonBody(body): super::JsonBody<container_api::system::KernelSetRequest>,
+) -> Response {
+    answer(&core, &caller, Request::KernelSet(body)).await
 }

@@ -110,7 +110,7 @@ pub fn build_base_disk(
     let has_init = has_init(&staging);
     let (content, inodes) = measure(&staging).map_err(ImageError::io(&staging))?;
     // Room for metadata and the journal, plus slack so the image boots before it is grown.
-    let disk_bytes = (content + content / 4 + inodes * 512 + (96 << 20)).div_ceil(1 << 20) << 20;
+    let disk_bytes = (content + content / 4 + inodes * 512 + (160 << 20)).div_ceil(1 << 20) << 20;
     let image = tmp.path().join("base.ext4");
     let file = std::fs::File::create(&image).map_err(ImageError::io(&image))?;
     file.set_len(disk_bytes).map_err(ImageError::io(&image))?;
@@ -119,7 +119,7 @@ pub fn build_base_disk(
     // Growable online to 16 TiB of 4 KiB blocks.
     let resize_blocks: u64 = (16u64 << 40) / 4096;
     let out = Command::new("mkfs.ext4")
-        .args(["-F", "-q", "-L", "root", "-b", "4096", "-N"])
+        .args(["-F", "-q", "-L", "root", "-b", "4096", "-J", "size=64", "-N"])
         .arg(inode_count.to_string())
         .arg("-E")
         .arg(format!("resize={resize_blocks},root_owner=0:0"))
