@@ -40,10 +40,16 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 export PATH="$HOME/.cargo/bin:$PATH"
+# The helpers go to /usr/local/bin: virtiofsd runs as each machine's owner, who must be able
+# to execute it (root's ~/.cargo/bin is private).
 for tool in virtiofsd vhost-device-vsock; do
-  if ! command -v "$tool" >/dev/null; then
-    echo "install-deps: cargo install $tool (about a minute)"
-    cargo install --locked --quiet "$tool"
+  if [ ! -x "/usr/local/bin/$tool" ]; then
+    if [ -x "$HOME/.cargo/bin/$tool" ]; then
+      install -m 0755 "$HOME/.cargo/bin/$tool" /usr/local/bin/
+    else
+      echo "install-deps: cargo install $tool (about a minute)"
+      cargo install --locked --quiet --root /usr/local "$tool"
+    fi
   fi
 done
 

@@ -82,13 +82,29 @@ pub fn find_binary(name: &str, configured: Option<&str>) -> Result<PathBuf, ApiE
     {
         candidates.push(home.join(".cargo/bin").join(name));
     }
-    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+    // Prefer a binary every user can execute: virtiofsd runs as the machine's owner.
+    let existing: Vec<PathBuf> = candidates.into_iter().filter(|p| p.is_file()).collect();
+    existing
+        .iter()
+        .find(|p| world_executable(p))
+        .or(existing.first())
+        .cloned()
+        .ok_or_else(|| {
         let hint = match name {
             "virtiofsd" | "vhost-device-vsock" => "install it with `cargo install virtiofsd vhost-device-vsock` (scripts/install-deps.sh does)",
             "qemu-system-x86_64" => "install the qemu-system-x86 package",
             _ => "build it with scripts/build.sh",
         };
         ApiError::new(container_api::ErrorKind::Unavailable, format!("{name} not found: {hint}"))
+    })
+}
+
+/// Whether others may execute `path` and traverse every directory above it.
+fn world_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.ancestors().all(|p| {
+        p.as_os_str().is_empty()
+            || std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
     })
 }
 

@@ -119,7 +119,9 @@ pub fn build_base_disk(
     // Growable online to 16 TiB of 4 KiB blocks.
     let resize_blocks: u64 = (16u64 << 40) / 4096;
     let out = Command::new("mkfs.ext4")
-        .args(["-F", "-q", "-L", "root", "-b", "4096", "-J", "size=64", "-N"])
+        .args([
+            "-F", "-q", "-L", "root", "-b", "4096", "-J", "size=64", "-N",
+        ])
         .arg(inode_count.to_string())
         .arg("-E")
         .arg(format!("resize={resize_blocks},root_owner=0:0"))
