@@ -196,12 +196,15 @@ fn quickstart_and_host_integration_on_busybox() {
         &["machine", "create", &image, "--name", "dev"],
         "already exists",
     );
-    bad(
+    // A usage error: clap's message (with its usage hint) and exit code 2.
+    let out = alice.cli(
+        &service,
         &[
             "machine", "create", &image, "--name", "x", "--memory", "lots",
         ],
-        "invalid size",
     );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid size"));
     bad(&["machine", "set", "-n", "dev", "cpu=2"], "valid keys");
     bad(&["machine", "rm", "dev"], "running");
     bad(

@@ -19,5 +19,4 @@ cp -a "$WORK/tmp-root/home/ubuntu" "$WORK/layers/2/home/"
 rm -rf "$WORK/tmp-root"
 # A whiteout: the second layer deletes /etc/motd.
 touch "$WORK/layers/2/etc/.wh.motd"
-cp "$(dirname "$BUILD")/recipes/debian.sh" /dev/null
 python3 -c "import json; c=json.load(open('$base/blobs/sha256/'+json.load(open('$base/blobs/sha256/'+json.load(open('$base/index.json'))['manifests'][0]['digest'].split(':')[1]))['config']['digest'].split(':')[1])); json.dump(c['config'], open('$WORK/config.json','w'))"
