@@ -73,6 +73,21 @@ pub struct Runtime {
 
 /// How long a boot may take before it is called failed (software emulation is slow).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a guest may stay silent on its console before the boot is retried.
+const SILENCE_LIMIT: Duration = Duration::from_secs(20);
+
+/// Why one boot attempt failed.
+enum BootError {
+    /// Nothing on the console: worth another try.
+    Silent,
+    Failed(ApiError),
+}
+
+impl From<ApiError> for BootError {
+    fn from(e: ApiError) -> Self {
+        BootError::Failed(e)
+    }
+}
 
 /// The runtime of a running service, with running machines adopted.
 pub fn vms(options: &ServiceOptions, config: &Config) -> anyhow::Result<Arc<dyn Vms>> {
@@ -203,7 +218,24 @@ impl Runtime {
         Ok((binary, digest, modules))
     }
 
+    /// Boots, retrying once when the guest stays silent: under software emulation a guest
+    /// kernel occasionally stalls before its first console line (cause not yet found); a
+    /// fresh start gets past it.
     async fn boot_inner(self: &Arc<Self>, spec: BootSpec) -> Result<(), ApiError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.boot_once(spec.clone(), attempt < 3).await {
+                Err(BootError::Silent) => {
+                    tracing::warn!(machine = %spec.record.name, attempt, "the guest printed nothing; restarting the VM");
+                }
+                Err(BootError::Failed(e)) => return Err(e),
+                Ok(()) => return Ok(()),
+            }
+        }
+    }
+
+    async fn boot_once(self: &Arc<Self>, spec: BootSpec, may_retry: bool) -> Result<(), BootError> {
         let name = spec.record.name.clone();
         let (kernel, kernel_key, modules) = self.kernel_for(spec.record.kernel.as_deref())?;
         let agent = qemu::find_binary("container-agent", self.config.runtime.agent.as_deref())?;
@@ -406,6 +438,8 @@ impl Runtime {
         .await
         .map_err(|e| ApiError::internal(format!("boot task failed: {e}")))??;
         let name = spec_name(&vm);
+        let launched = Instant::now();
+        let console = vm.machine_dir.join("console.log");
         self.vms
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -414,13 +448,20 @@ impl Runtime {
         let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
             if vm.get() == MachineState::Stopped {
-                return Err(ApiError::new(
+                return Err(BootError::Failed(ApiError::new(
                     ErrorKind::Unavailable,
                     format!(
                         "the VM exited during boot; last lines of its console:\n{}",
                         qemu::tail(&vm.machine_dir.join("console.log"), 15)
                     ),
-                ));
+                )));
+            }
+            if may_retry
+                && launched.elapsed() > SILENCE_LIMIT
+                && std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0) == 0
+            {
+                let _ = self.force_stop(&vm).await;
+                return Err(BootError::Silent);
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             let attempt = Instant::now() + remaining.min(Duration::from_secs(2));
@@ -428,14 +469,14 @@ impl Runtime {
                 Ok(_) => break,
                 Err(e) if Instant::now() >= deadline => {
                     let _ = self.force_stop(&vm).await;
-                    return Err(ApiError::new(
+                    return Err(BootError::Failed(ApiError::new(
                         ErrorKind::Unavailable,
                         format!(
                             "the guest agent did not answer within {} s ({e}); last lines of the console:\n{}",
                             BOOT_TIMEOUT.as_secs(),
                             qemu::tail(&vm.machine_dir.join("console.log"), 15)
                         ),
-                    ));
+                    )));
                 }
                 Err(_) => {}
             }
