@@ -33,7 +33,8 @@ fn systemd_sudo_and_a_login_shell() {
             "deb",
             "sh",
             "-c",
-            "systemctl is-system-running --wait || true",
+            // `create` returns once the agent answers; systemd may still be starting.
+            "for i in $(seq 300); do [ -d /run/systemd/system ] && break; sleep 0.2; done; systemctl is-system-running --wait || true",
         ],
     );
     assert!(matches!(state.trim(), "running" | "degraded"), "{state}");
