@@ -14,5 +14,6 @@ echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
 echo "== build";  scripts/build.sh
 echo "== test images"; tests/images/build.sh all
 echo "== tests"
-# VM tests share two cores under software emulation: run test binaries one at a time.
-cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-2}"
+# VM tests share two cores under software emulation: one test at a time keeps them fast
+# and their timings honest.
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-1}"
