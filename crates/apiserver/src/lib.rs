@@ -7,5 +7,6 @@ pub use container_image::fsutil;
 pub mod http;
 pub mod logs;
 pub mod machines;
+pub mod network;
 pub mod runtime;
 pub mod wiring;

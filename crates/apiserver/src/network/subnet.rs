@@ -162,10 +162,26 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_usable_ipv4_network() {
-        for bad in ["", "192.168.64.0", "192.168.64.0/", "fd00::/64", "192.168.64.0/33", "x/24", "192.168.64.0/+4"] {
-            assert!(matches!(bad.parse::<Subnet>(), Err(SubnetError::NotCidr(_))), "{bad}");
+        for bad in [
+            "",
+            "192.168.64.0",
+            "192.168.64.0/",
+            "fd00::/64",
+            "192.168.64.0/33",
+            "x/24",
+            "192.168.64.0/+4",
+        ] {
+            assert!(
+                matches!(bad.parse::<Subnet>(), Err(SubnetError::NotCidr(_))),
+                "{bad}"
+            );
         }
-        for bad in ["192.168.64.0/31", "192.168.64.1/32", "10.0.0.0/7", "0.0.0.0/0"] {
+        for bad in [
+            "192.168.64.0/31",
+            "192.168.64.1/32",
+            "10.0.0.0/7",
+            "0.0.0.0/0",
+        ] {
             assert!(
                 matches!(bad.parse::<Subnet>(), Err(SubnetError::PrefixOutOfRange(_))),
                 "{bad}"
