@@ -1,22 +1,42 @@
 //! Image archives: `save` writes an OCI image-layout tar (what `skopeo copy oci-archive:`
-//! reads); `load` reads that or a `docker save` archive. Archives are untrusted: they are
-//! unpacked with the same hardened layer code as images, then every blob is verified against
-//! its digest as it enters the content store.
+//! reads), one manifest per image, named by `org.opencontainers.image.ref.name` (and
+//! `io.containerd.image.name`, which docker reads); `load` reads that, any OCI image-layout tar
+//! (skopeo's, docker's own), or a legacy `docker save` archive (`manifest.json`, layers as
+//! `<id>/layer.tar`).
+//!
+//! Archives are untrusted. `load` never writes an archive's files to the filesystem by their
+//! names: it streams the tar once, sending `blobs/sha256/<hex>` members into the content store
+//! (verified against the digest their name claims) and other large members into it under the
+//! digest of their bytes, and keeping small metadata members in memory, bounded. Names in the
+//! metadata are then only looked up in that table, so no name can reach a host file. Like a
+//! pull, a load records references only after every blob is present and the base disks are
+//! built: a bad archive leaves no image.
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Component, Path};
 
-use oci_client::manifest::{OciDescriptor, OciImageIndex, OciImageManifest};
+use oci_client::manifest::{OciImageIndex, OciImageManifest};
 use serde::Deserialize;
 
 use crate::content::{digest_hex, digest_of};
 use crate::error::ImageError;
 use crate::manifest::{self, Parsed};
 use crate::registry::parse_reference;
-use crate::store::{ImageRecord, ImageStore};
-use crate::unpack::layer::apply_layer;
+use crate::store::{ImageRecord, ImageStore, Lease};
 
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// The OCI annotation naming an image in a layout.
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// containerd's (and docker's) annotation with the full image name.
+pub const CONTAINERD_NAME: &str = "io.containerd.image.name";
+/// The repository given to images whose archive names them only by tag, or not at all.
+pub const LOADED_REPOSITORY: &str = "localhost/loaded";
+/// Bytes of metadata members (everything but blobs and large files) kept in memory.
+const MAX_METADATA: u64 = 64 << 20;
+/// Members an archive may have.
+const MAX_MEMBERS: usize = 100_000;
+/// Symlinks followed when looking a member up.
+const MAX_LINK_HOPS: usize = 16;
 
 /// One entry of a `docker save` manifest.json.
 #[derive(Debug, Deserialize)]
@@ -28,53 +48,235 @@ struct DockerEntry {
     layers: Vec<String>,
 }
 
-fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>, ImageError> {
-    let meta = std::fs::metadata(path).map_err(ImageError::io(path))?;
-    if meta.len() > limit {
+/// What an archive member became.
+#[derive(Debug)]
+enum Member {
+    /// A small file, in memory.
+    Small(Vec<u8>),
+    /// A file now in the content store under this digest.
+    Blob(String),
+    /// A link to another member (normalised archive path).
+    Link(String),
+}
+
+/// An archive read into the content store and memory.
+#[derive(Debug)]
+struct Members {
+    files: HashMap<String, Member>,
+    lease: Lease,
+}
+
+/// An archive path made relative to the archive root, `..` resolved lexically (members are
+/// only names in a table, never paths on the host).
+fn normalise(path: &Path) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::ParentDir => {
+                parts.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    parts.join("/")
+}
+
+fn malformed(message: String) -> ImageError {
+    ImageError::Malformed {
+        what: "image archive",
+        message,
+    }
+}
+
+impl Members {
+    /// Streams `archive` into the store and memory.
+    fn read<R: Read>(store: &ImageStore, archive: R) -> Result<Self, ImageError> {
+        let mut files = HashMap::new();
+        let mut lease = store.lease();
+        let mut metadata = 0u64;
+        let mut archive = tar::Archive::new(archive);
+        let entries = archive
+            .entries()
+            .map_err(|source| ImageError::Archive { source })?;
+        for entry in entries {
+            let mut entry = entry.map_err(|source| ImageError::Archive { source })?;
+            if files.len() >= MAX_MEMBERS {
+                return Err(ImageError::TooLarge {
+                    what: "image archive (members)",
+                    size: files.len() as u64 + 1,
+                    limit: MAX_MEMBERS as u64,
+                });
+            }
+            let path = normalise(
+                &entry
+                    .path()
+                    .map_err(|source| ImageError::Archive { source })?,
+            );
+            let kind = entry.header().entry_type();
+            let link = || -> Result<String, ImageError> {
+                let target = entry
+                    .link_name()
+                    .map_err(|source| ImageError::Archive { source })?
+                    .ok_or_else(|| malformed(format!("link {path} has no target")))?;
+                Ok(if kind.is_symlink() && !target.is_absolute() {
+                    let dir = Path::new(&path).parent().unwrap_or(Path::new(""));
+                    normalise(&dir.join(target))
+                } else {
+                    normalise(&target)
+                })
+            };
+            let member = if kind.is_symlink() || kind.is_hard_link() {
+                Member::Link(link()?)
+            } else if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
+                let size = entry.size();
+                let named = path
+                    .strip_prefix("blobs/sha256/")
+                    .map(|hex| format!("sha256:{hex}"))
+                    .filter(|d| digest_hex(d).is_ok());
+                if let Some(digest) = named {
+                    if !store.content.contains(&digest) {
+                        let mut w = store.content.writer("archive blob", &digest, Some(size))?;
+                        w.write_from(&mut entry)?;
+                        w.commit()?;
+                    }
+                    lease.add(&digest);
+                    Member::Blob(digest)
+                } else if size <= manifest::MAX_JSON && metadata + size <= MAX_METADATA {
+                    metadata += size;
+                    let mut bytes = Vec::with_capacity(size as usize);
+                    entry
+                        .read_to_end(&mut bytes)
+                        .map_err(|source| ImageError::Archive { source })?;
+                    Member::Small(bytes)
+                } else {
+                    let mut w = store.content.writer_unnamed("archive layer")?;
+                    w.write_from(&mut entry)?;
+                    let digest = w.commit()?;
+                    lease.add(&digest);
+                    Member::Blob(digest)
+                }
+            } else {
+                continue;
+            };
+            files.insert(path, member);
+        }
+        Ok(Self { files, lease })
+    }
+
+    /// The member at `path`, links followed.
+    fn get(&self, path: &str) -> Result<&Member, ImageError> {
+        let mut path = normalise(Path::new(path));
+        for _ in 0..MAX_LINK_HOPS {
+            match self.files.get(&path) {
+                Some(Member::Link(target)) => path = target.clone(),
+                Some(m) => return Ok(m),
+                None => return Err(malformed(format!("{path} is missing"))),
+            }
+        }
+        Err(malformed(format!("{path}: too many levels of links")))
+    }
+
+    /// The bytes of a small member (metadata JSON).
+    fn small(&self, store: &ImageStore, path: &str) -> Result<Vec<u8>, ImageError> {
+        match self.get(path)? {
+            Member::Small(bytes) => Ok(bytes.clone()),
+            Member::Blob(digest) => read_small(store, digest),
+            Member::Link(_) => Err(malformed(format!("{path}: unresolved link"))),
+        }
+    }
+
+    /// The digest of a member, putting it in the content store (leased) if it is not yet.
+    fn blob(
+        &mut self,
+        store: &ImageStore,
+        what: &'static str,
+        path: &str,
+    ) -> Result<String, ImageError> {
+        let digest = match self.get(path)? {
+            Member::Blob(digest) => digest.clone(),
+            Member::Small(bytes) => {
+                let digest = digest_of(bytes);
+                store.content.put(what, &digest, bytes)?;
+                digest
+            }
+            Member::Link(_) => return Err(malformed(format!("{path}: unresolved link"))),
+        };
+        self.lease.add(&digest);
+        Ok(digest)
+    }
+}
+
+/// A metadata blob from the store, refusing large ones before reading them.
+fn read_small(store: &ImageStore, digest: &str) -> Result<Vec<u8>, ImageError> {
+    let size = store.content.size(digest)?;
+    if size > manifest::MAX_JSON {
         return Err(ImageError::TooLarge {
-            what: "archive metadata file",
-            size: meta.len(),
-            limit,
+            what: "manifest",
+            size,
+            limit: manifest::MAX_JSON,
         });
     }
-    std::fs::read(path).map_err(ImageError::io(path))
+    store.content.read(digest)
+}
+
+/// A blob the archive's metadata names, which must be in the store by now.
+fn require(store: &ImageStore, lease: &mut Lease, digest: &str) -> Result<(), ImageError> {
+    digest_hex(digest)?;
+    if !store.content.contains(digest) {
+        return Err(malformed(format!(
+            "blob {digest} is missing from the archive"
+        )));
+    }
+    lease.add(digest);
+    Ok(())
+}
+
+/// The reference an OCI layout entry's annotations give, normalised.
+fn layout_name(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    digest: &str,
+) -> Result<String, ImageError> {
+    let named = annotations.and_then(|a| a.get(CONTAINERD_NAME).or_else(|| a.get(REF_NAME)));
+    let name = match named {
+        // A bare tag (what skopeo and docker write in ref.name) names no repository.
+        Some(n) if !n.contains('/') && !n.contains(':') && !n.contains('@') => {
+            format!("{LOADED_REPOSITORY}:{n}")
+        }
+        Some(n) => n.clone(),
+        None => format!("{LOADED_REPOSITORY}:{}", &digest_hex(digest)?[..12]),
+    };
+    Ok(parse_reference(&name)?.whole())
 }
 
 impl ImageStore {
-    /// Writes the images `references` name as one OCI image-layout tar.
+    /// Writes the images `references` name (references, digests or digest prefixes) as one
+    /// OCI image-layout tar.
     pub fn save<W: Write>(&self, references: &[String], out: W) -> Result<(), ImageError> {
-        let mut records: Vec<ImageRecord> = Vec::new();
-        for r in references {
-            records.push(self.inspect(r)?);
-        }
+        let records = references
+            .iter()
+            .map(|r| self.inspect(r))
+            .collect::<Result<Vec<ImageRecord>, _>>()?;
         let mut tar = tar::Builder::new(out);
-        let mut added = std::collections::HashSet::new();
-        let mut add = |tar: &mut tar::Builder<W>, digest: &str| -> Result<(), ImageError> {
-            if !added.insert(digest.to_string()) {
-                return Ok(());
-            }
-            let path = self.content().path(digest)?;
-            let name = format!("blobs/sha256/{}", digest_hex(digest)?);
-            tar.append_path_with_name(&path, name)
-                .map_err(ImageError::io(&path))
-        };
+        let mut added = BTreeSet::new();
         let mut index_entries = Vec::new();
         for r in &records {
-            add(&mut tar, &r.digest)?;
-            let m = self.content().read(&r.digest)?;
-            let Parsed::Manifest(manifest) = manifest::parse(&m)? else {
-                continue;
-            };
-            add(&mut tar, &manifest.config.digest)?;
-            for l in &manifest.layers {
-                add(&mut tar, &l.digest)?;
+            let bytes = read_small(self, &r.digest)?;
+            let m = self.manifest_of(&r.digest)?;
+            let blobs = std::iter::once(&r.digest)
+                .chain(std::iter::once(&m.config.digest))
+                .chain(m.layers.iter().map(|l| &l.digest));
+            for digest in blobs {
+                if added.insert(digest.clone()) {
+                    self.append_blob(&mut tar, digest)?;
+                }
             }
             index_entries.push(serde_json::json!({
-                "mediaType": manifest.media_type.clone().unwrap_or_else(|| manifest::OCI_MANIFEST.into()),
+                "mediaType": m.media_type.clone().unwrap_or_else(|| manifest::OCI_MANIFEST.into()),
                 "digest": r.digest,
-                "size": m.len(),
+                "size": bytes.len(),
                 "platform": {"architecture": r.config.architecture, "os": r.config.os},
-                "annotations": {REF_NAME: r.reference},
+                "annotations": {REF_NAME: r.reference, CONTAINERD_NAME: r.reference},
             }));
         }
         let index = serde_json::json!({
@@ -86,200 +288,213 @@ impl ImageStore {
             ("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()),
             (
                 "index.json",
-                serde_json::to_vec(&index).expect("index serialises"),
+                serde_json::to_vec(&index).expect("an index serialises"),
             ),
         ];
         for (name, bytes) in files {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(bytes.len() as u64);
-            h.set_mode(0o644);
-            h.set_cksum();
+            let mut h = member_header(bytes.len() as u64);
             tar.append_data(&mut h, name, bytes.as_slice())
-                .map_err(|e| ImageError::io(Path::new(name))(e))?;
+                .map_err(ImageError::io(Path::new(name)))?;
         }
         tar.into_inner()
             .and_then(|mut w| w.flush())
-            .map_err(|e| ImageError::io(Path::new("archive"))(e))
+            .map_err(ImageError::io(Path::new("the archive")))
+    }
+
+    fn append_blob<W: Write>(
+        &self,
+        tar: &mut tar::Builder<W>,
+        digest: &str,
+    ) -> Result<(), ImageError> {
+        let path = self.content.path(digest)?;
+        let file = std::fs::File::open(&path).map_err(ImageError::io(&path))?;
+        let len = file.metadata().map_err(ImageError::io(&path))?.len();
+        let mut h = member_header(len);
+        tar.append_data(
+            &mut h,
+            format!("blobs/sha256/{}", digest_hex(digest)?),
+            file,
+        )
+        .map_err(ImageError::io(&path))
     }
 
     /// Loads every image of an OCI-layout or `docker save` archive; returns their records.
-    pub fn load<R: Read>(&self, archive: R, work: &Path) -> Result<Vec<ImageRecord>, ImageError> {
-        let dir = tempfile::Builder::new()
-            .prefix(".load-")
-            .tempdir_in(work)
-            .map_err(ImageError::io(work))?;
-        apply_layer(dir.path(), archive)?;
-        if dir.path().join("index.json").exists() {
-            self.load_oci(dir.path())
-        } else if dir.path().join("manifest.json").exists() {
-            self.load_docker(dir.path())
+    /// `_work` is unused (the archive is streamed) and kept for callers of the first version.
+    pub fn load<R: Read>(&self, archive: R, _work: &Path) -> Result<Vec<ImageRecord>, ImageError> {
+        let mut members = Members::read(self, archive)?;
+        let images = if members.files.contains_key("index.json") {
+            self.layout_images(&mut members)?
+        } else if members.files.contains_key("manifest.json") {
+            self.docker_images(&mut members)?
         } else {
-            Err(ImageError::Malformed {
-                what: "image archive",
-                message: "neither an OCI image layout (index.json) nor a docker save archive (manifest.json)".into(),
-            })
+            return Err(malformed(
+                "neither an OCI image layout (index.json) nor a docker save archive \
+                 (manifest.json)"
+                    .into(),
+            ));
+        };
+        let digests: BTreeSet<&String> = images.iter().map(|(_, d)| d).collect();
+        for digest in digests {
+            self.disk_job(digest)?.run()?;
         }
+        for (reference, digest) in &images {
+            self.set_ref(reference, digest)?;
+        }
+        drop(members);
+        images.iter().map(|(r, _)| self.inspect(r)).collect()
     }
 
-    /// Copies a blob from an unpacked layout into the store, verifying it.
-    fn import_blob(
-        &self,
-        layout: &Path,
-        what: &'static str,
-        d: &OciDescriptor,
-    ) -> Result<(), ImageError> {
-        if self.content().contains(&d.digest) {
-            return Ok(());
+    /// Checks a manifest's blobs are all present and its config parses.
+    fn check_manifest(&self, lease: &mut Lease, m: &OciImageManifest) -> Result<(), ImageError> {
+        require(self, lease, &m.config.digest)?;
+        manifest::parse_config(&read_small(self, &m.config.digest)?)?;
+        for l in &m.layers {
+            require(self, lease, &l.digest)?;
         }
-        let path = layout.join("blobs/sha256").join(digest_hex(&d.digest)?);
-        let mut file = std::fs::File::open(&path).map_err(|_| ImageError::Malformed {
-            what: "image archive",
-            message: format!("blob {} is missing", d.digest),
-        })?;
-        let mut w = self
-            .content()
-            .writer(what, &d.digest, Some(d.size.max(0) as u64))?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf).map_err(ImageError::io(&path))?;
-            if n == 0 {
-                break;
-            }
-            w.write(&buf[..n])?;
-        }
-        w.commit()
+        Ok(())
     }
 
-    fn load_oci(&self, layout: &Path) -> Result<Vec<ImageRecord>, ImageError> {
-        let index: OciImageIndex = serde_json::from_slice(&read_limited(
-            &layout.join("index.json"),
-            manifest::MAX_JSON,
-        )?)
-        .map_err(|e| ImageError::Malformed {
-            what: "image index",
-            message: e.to_string(),
-        })?;
-        let mut loaded = Vec::new();
+    /// The (reference, manifest digest) pairs of an OCI image layout.
+    fn layout_images(&self, members: &mut Members) -> Result<Vec<(String, String)>, ImageError> {
+        let index: OciImageIndex = serde_json::from_slice(&members.small(self, "index.json")?)
+            .map_err(|e| ImageError::Malformed {
+                what: "image index",
+                message: e.to_string(),
+            })?;
+        let mut images = Vec::new();
         for entry in &index.manifests {
-            let name = entry
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(REF_NAME))
-                .cloned()
-                .unwrap_or_else(|| {
-                    let hex = digest_hex(&entry.digest).unwrap_or("unnamed");
-                    hex.chars().take(12).collect()
-                });
-            // A bare tag (as skopeo writes) becomes a local reference.
-            let name = if name.contains('/') {
-                name
-            } else {
-                format!("localhost/loaded:{name}")
-            };
-            let reference = parse_reference(&name)?.whole();
-            self.import_blob(layout, "manifest", &descriptor(&entry.digest, entry.size))?;
-            let bytes = self.content().read(&entry.digest)?;
-            let (manifest_digest, m) = match manifest::parse(&bytes)? {
+            let reference = layout_name(entry.annotations.as_ref(), &entry.digest)?;
+            require(self, &mut members.lease, &entry.digest)?;
+            let (digest, m) = match manifest::parse(&read_small(self, &entry.digest)?)? {
                 Parsed::Manifest(m) => (entry.digest.clone(), *m),
                 Parsed::Index(inner) => {
                     let picked = manifest::pick_platform(&inner)
                         .ok_or_else(|| ImageError::NoPlatform(reference.clone()))?;
-                    let size = inner
-                        .manifests
-                        .iter()
-                        .find(|m| m.digest == picked)
-                        .map(|m| m.size)
-                        .unwrap_or_default();
-                    self.import_blob(layout, "manifest", &descriptor(&picked, size))?;
-                    match manifest::parse(&self.content().read(&picked)?)? {
+                    require(self, &mut members.lease, &picked)?;
+                    match manifest::parse(&read_small(self, &picked)?)? {
                         Parsed::Manifest(m) => (picked, *m),
                         Parsed::Index(_) => {
                             return Err(ImageError::Malformed {
                                 what: "image index",
-                                message: "an index inside an index".into(),
+                                message: format!("{picked} is an index inside an index"),
                             });
                         }
                     }
                 }
             };
-            self.import_manifest_blobs(layout, &m)?;
-            self.record_loaded(&reference, &manifest_digest)?;
-            loaded.push(self.inspect(&reference)?);
+            self.check_manifest(&mut members.lease, &m)?;
+            images.push((reference, digest));
         }
-        Ok(loaded)
+        Ok(images)
     }
 
-    fn import_manifest_blobs(&self, layout: &Path, m: &OciImageManifest) -> Result<(), ImageError> {
-        self.import_blob(layout, "config", &m.config)?;
-        manifest::parse_config(&self.content().read(&m.config.digest)?)?;
-        for l in &m.layers {
-            self.import_blob(layout, "layer", l)?;
-        }
-        Ok(())
-    }
-
-    fn load_docker(&self, dir: &Path) -> Result<Vec<ImageRecord>, ImageError> {
-        let entries: Vec<DockerEntry> = serde_json::from_slice(&read_limited(
-            &dir.join("manifest.json"),
-            manifest::MAX_JSON,
-        )?)
-        .map_err(|e| ImageError::Malformed {
-            what: "docker save manifest.json",
-            message: e.to_string(),
-        })?;
-        let mut loaded = Vec::new();
+    /// The (reference, manifest digest) pairs of a `docker save` archive, whose manifests
+    /// are made here (docker v2 schema) from its configs and layers.
+    fn docker_images(&self, members: &mut Members) -> Result<Vec<(String, String)>, ImageError> {
+        let entries: Vec<DockerEntry> =
+            serde_json::from_slice(&members.small(self, "manifest.json")?).map_err(|e| {
+                ImageError::Malformed {
+                    what: "docker save manifest.json",
+                    message: e.to_string(),
+                }
+            })?;
+        let mut images = Vec::new();
         for e in entries {
-            let config_bytes = read_limited(&dir.join(&e.config), manifest::MAX_JSON)?;
+            let config = members.blob(self, "config", &e.config)?;
+            let config_bytes = read_small(self, &config)?;
             manifest::parse_config(&config_bytes)?;
-            let config_digest = digest_of(&config_bytes);
-            self.content()
-                .put("config", &config_digest, &config_bytes)?;
             let mut layers = Vec::new();
             for l in &e.layers {
-                let path = dir.join(l);
-                let bytes = std::fs::read(&path).map_err(|_| ImageError::Malformed {
-                    what: "docker save archive",
-                    message: format!("layer {l} is missing"),
-                })?;
-                let gz = bytes.starts_with(&[0x1f, 0x8b]);
-                let digest = digest_of(&bytes);
-                self.content().put("layer", &digest, &bytes)?;
+                let digest = members.blob(self, "layer", l)?;
                 layers.push(serde_json::json!({
-                    "mediaType": if gz { "application/vnd.docker.image.rootfs.diff.tar.gzip" } else { "application/vnd.docker.image.rootfs.diff.tar" },
+                    "mediaType": self.sniff_layer_type(&digest)?,
                     "digest": digest,
-                    "size": bytes.len(),
+                    "size": self.content.size(&digest)?,
                 }));
             }
             let m = serde_json::json!({
                 "schemaVersion": 2,
                 "mediaType": manifest::DOCKER_MANIFEST,
-                "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": config_digest, "size": config_bytes.len()},
+                "config": {
+                    "mediaType": "application/vnd.docker.container.image.v1+json",
+                    "digest": config,
+                    "size": config_bytes.len(),
+                },
                 "layers": layers,
             });
-            let bytes = serde_json::to_vec(&m).expect("manifest serialises");
+            let bytes = serde_json::to_vec(&m).expect("a manifest serialises");
             let digest = digest_of(&bytes);
-            self.content().put("manifest", &digest, &bytes)?;
+            self.content.put("manifest", &digest, &bytes)?;
+            members.lease.add(&digest);
             let tags = e.repo_tags.unwrap_or_default();
-            let tags = if tags.is_empty() {
-                vec![format!("localhost/loaded:{}", &digest_hex(&digest)?[..12])]
-            } else {
-                tags
-            };
+            if tags.is_empty() {
+                let name = format!("{LOADED_REPOSITORY}:{}", &digest_hex(&digest)?[..12]);
+                images.push((parse_reference(&name)?.whole(), digest.clone()));
+            }
             for t in tags {
-                let reference = parse_reference(&t)?.whole();
-                self.record_loaded(&reference, &digest)?;
-                loaded.push(self.inspect(&reference)?);
+                images.push((parse_reference(&t)?.whole(), digest.clone()));
             }
         }
-        Ok(loaded)
+        Ok(images)
+    }
+
+    /// The media type of a docker layer, from its first bytes.
+    fn sniff_layer_type(&self, digest: &str) -> Result<&'static str, ImageError> {
+        let path = self.content.path(digest)?;
+        let mut magic = [0u8; 4];
+        let mut file = std::fs::File::open(&path).map_err(ImageError::io(&path))?;
+        let n = file.read(&mut magic).map_err(ImageError::io(&path))?;
+        Ok(match &magic[..n] {
+            [0x1f, 0x8b, ..] => "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            [0x28, 0xb5, 0x2f, 0xfd] => "application/vnd.docker.image.rootfs.diff.tar.zstd",
+            _ => "application/vnd.docker.image.rootfs.diff.tar",
+        })
     }
 }
 
-fn descriptor(digest: &str, size: i64) -> OciDescriptor {
-    OciDescriptor {
-        media_type: manifest::OCI_MANIFEST.into(),
-        digest: digest.to_string(),
-        size,
-        ..Default::default()
+/// A tar header for a regular, root-owned, world-readable member with a fixed mtime, so saved
+/// archives of the same images are byte-identical.
+fn member_header(size: u64) -> tar::Header {
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_cksum();
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_names_never_leave_the_archive() {
+        assert_eq!(normalise(Path::new("../../etc/shadow")), "etc/shadow");
+        assert_eq!(normalise(Path::new("/abs/./x/../y")), "abs/y");
+        assert_eq!(normalise(Path::new("./index.json")), "index.json");
+    }
+
+    #[test]
+    fn layout_names_are_normalised() {
+        let d = digest_of(b"x");
+        let named = |k: &str, v: &str| {
+            let mut m = std::collections::BTreeMap::new();
+            m.insert(k.to_string(), v.to_string());
+            layout_name(Some(&m), &d).unwrap()
+        };
+        assert_eq!(named(REF_NAME, "latest"), "localhost/loaded:latest");
+        assert_eq!(named(REF_NAME, "alpine:3"), "docker.io/library/alpine:3");
+        assert_eq!(
+            named(CONTAINERD_NAME, "127.0.0.1:5000/a/b:c"),
+            "127.0.0.1:5000/a/b:c"
+        );
+        assert!(
+            layout_name(None, &d)
+                .unwrap()
+                .starts_with("localhost/loaded:")
+        );
     }
 }

@@ -58,15 +58,18 @@ impl ContentStore {
         Ok(self.blobs.join(digest_hex(digest)?))
     }
 
+    /// Whether the blob is present (and therefore whole and verified).
     pub fn contains(&self, digest: &str) -> bool {
         self.path(digest).is_ok_and(|p| p.exists())
     }
 
+    /// A blob's bytes; for small blobs (manifests, configs).
     pub fn read(&self, digest: &str) -> Result<Vec<u8>, ImageError> {
         let path = self.path(digest)?;
         std::fs::read(&path).map_err(ImageError::io(&path))
     }
 
+    /// A blob's size in bytes.
     pub fn size(&self, digest: &str) -> Result<u64, ImageError> {
         let path = self.path(digest)?;
         Ok(std::fs::metadata(&path)
@@ -82,16 +85,25 @@ impl ContentStore {
         size: Option<u64>,
     ) -> Result<BlobWriter, ImageError> {
         digest_hex(digest)?;
+        let mut w = self.writer_unnamed(what)?;
+        w.expected = Some(digest.to_string());
+        w.size = size;
+        Ok(w)
+    }
+
+    /// Starts writing a blob whose digest is not known in advance (`docker save` layers): it
+    /// is stored under the digest of what was written.
+    pub fn writer_unnamed(&self, what: &'static str) -> Result<BlobWriter, ImageError> {
         let file =
             tempfile::NamedTempFile::new_in(&self.ingest).map_err(ImageError::io(&self.ingest))?;
         Ok(BlobWriter {
             what,
-            expected: digest.to_string(),
-            size,
+            expected: None,
+            size: None,
             file,
             hasher: Sha256::new(),
             written: 0,
-            target: self.path(digest)?,
+            blobs: self.blobs.clone(),
         })
     }
 
@@ -102,9 +114,10 @@ impl ContentStore {
         }
         let mut w = self.writer(what, digest, Some(bytes.len() as u64))?;
         w.write(bytes)?;
-        w.commit()
+        w.commit().map(drop)
     }
 
+    /// Deletes a blob; returns the bytes freed (0 if it was absent).
     pub fn remove(&self, digest: &str) -> Result<u64, ImageError> {
         let path = self.path(digest)?;
         let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -120,7 +133,11 @@ impl ContentStore {
         let mut out = Vec::new();
         for e in std::fs::read_dir(&self.blobs).map_err(ImageError::io(&self.blobs))? {
             let e = e.map_err(ImageError::io(&self.blobs))?;
-            out.push(format!("sha256:{}", e.file_name().to_string_lossy()));
+            let digest = format!("sha256:{}", e.file_name().to_string_lossy());
+            // Anything else in the directory is not ours to list or delete.
+            if digest_hex(&digest).is_ok() {
+                out.push(digest);
+            }
         }
         Ok(out)
     }
@@ -130,15 +147,16 @@ impl ContentStore {
 #[derive(Debug)]
 pub struct BlobWriter {
     what: &'static str,
-    expected: String,
+    expected: Option<String>,
     size: Option<u64>,
     file: tempfile::NamedTempFile,
     hasher: Sha256,
     written: u64,
-    target: PathBuf,
+    blobs: PathBuf,
 }
 
 impl BlobWriter {
+    /// Appends bytes; fails as soon as more than the expected size arrived.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), ImageError> {
         self.written += bytes.len() as u64;
         if let Some(limit) = self.size
@@ -146,7 +164,7 @@ impl BlobWriter {
         {
             return Err(ImageError::SizeMismatch {
                 what: self.what,
-                digest: self.expected.clone(),
+                digest: self.expected.clone().unwrap_or_default(),
                 expected: limit,
                 actual: self.written,
             });
@@ -156,42 +174,59 @@ impl BlobWriter {
         self.file.write_all(bytes).map_err(ImageError::io(&path))
     }
 
+    /// Copies everything `reader` yields into the blob.
+    pub fn write_from(&mut self, mut reader: impl std::io::Read) -> Result<(), ImageError> {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(ImageError::Archive { source }),
+            };
+            self.write(&buf[..n])?;
+        }
+    }
+
+    /// Bytes written so far.
     pub fn written(&self) -> u64 {
         self.written
     }
 
-    /// Verifies size and digest, then makes the blob visible, durably.
-    pub fn commit(self) -> Result<(), ImageError> {
-        if let Some(expected) = self.size
-            && expected != self.written
+    /// Verifies size and digest, then makes the blob visible, durably. Returns its digest.
+    pub fn commit(self) -> Result<String, ImageError> {
+        let actual = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+        let expected = self.expected.unwrap_or_else(|| actual.clone());
+        if let Some(size) = self.size
+            && size != self.written
         {
             return Err(ImageError::SizeMismatch {
                 what: self.what,
-                digest: self.expected,
-                expected,
+                digest: expected,
+                expected: size,
                 actual: self.written,
             });
         }
-        let actual = format!("sha256:{}", hex::encode(self.hasher.finalize()));
-        if actual != self.expected {
+        if actual != expected {
             return Err(ImageError::DigestMismatch {
                 what: self.what,
-                digest: self.expected,
+                digest: expected,
                 actual,
             });
         }
+        let target = self.blobs.join(digest_hex(&actual)?);
         let path = self.file.path().to_path_buf();
         self.file
             .as_file()
             .sync_all()
             .map_err(ImageError::io(&path))?;
         self.file
-            .persist(&self.target)
-            .map_err(|e| ImageError::io(&self.target)(e.error))?;
-        let dir = self.target.parent().expect("blobs live in a directory");
-        std::fs::File::open(dir)
+            .persist(&target)
+            .map_err(|e| ImageError::io(&target)(e.error))?;
+        std::fs::File::open(&self.blobs)
             .and_then(|d| d.sync_all())
-            .map_err(ImageError::io(dir))
+            .map_err(ImageError::io(&self.blobs))?;
+        Ok(actual)
     }
 }
 
@@ -206,7 +241,12 @@ mod tests {
         let good = digest_of(b"hello");
         let mut w = store.writer("blob", &good, Some(5)).unwrap();
         w.write(b"hello").unwrap();
-        w.commit().unwrap();
+        assert_eq!(w.commit().unwrap(), good);
+        let mut w = store.writer_unnamed("blob").unwrap();
+        w.write_from(&b"unnamed"[..]).unwrap();
+        let named = w.commit().unwrap();
+        assert_eq!(named, digest_of(b"unnamed"));
+        assert_eq!(store.read(&named).unwrap(), b"unnamed");
         assert_eq!(store.read(&good).unwrap(), b"hello");
 
         let other = digest_of(b"other");

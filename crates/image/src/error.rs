@@ -1,4 +1,6 @@
-//! Errors of the image store: one variant per failure, each naming what failed.
+//! Errors of the image store: one variant per failure, each naming what failed and, where a
+//! user can act, what to do. Callers map variants to their own kinds (not found, conflict…),
+//! so a new failure gets a new variant rather than a new message in an old one.
 
 /// Why an image operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -9,7 +11,10 @@ pub enum ImageError {
     NotFound(String),
     #[error("registry {registry}: {message}")]
     Registry { registry: String, message: String },
-    #[error("registry {registry} refused the credentials (authentication failed)")]
+    #[error(
+        "registry {registry} refused access: log in with `container registry login {registry}` \
+         (or check the stored user name and password)"
+    )]
     Unauthorized { registry: String },
     #[error(
         "{what} {digest}: digest mismatch (got {actual}); the registry sent corrupt or tampered data"
@@ -36,13 +41,13 @@ pub enum ImageError {
         size: u64,
         limit: u64,
     },
-    #[error("no linux/amd64 image in the index of {0}")]
+    #[error("{0} has no linux/amd64 image; only linux/amd64 images can run here")]
     NoPlatform(String),
     #[error("unsupported media type `{0}`")]
     UnsupportedMediaType(String),
     #[error("refusing layer entry `{path}`: {reason}")]
     UnsafeEntry { path: String, reason: &'static str },
-    #[error("reading a layer archive (truncated or corrupt data?)")]
+    #[error("reading a tar archive (truncated, corrupt or wrongly compressed data?)")]
     Archive {
         #[source]
         source: std::io::Error,

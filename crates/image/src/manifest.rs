@@ -94,6 +94,12 @@ pub fn parse(bytes: &[u8]) -> Result<Parsed, ImageError> {
             });
         }
         digest_hex(&manifest.config.digest)?;
+        if manifest.config.size < 0 {
+            return Err(ImageError::Malformed {
+                what: "manifest",
+                message: "the config has a negative size".into(),
+            });
+        }
         for l in &manifest.layers {
             digest_hex(&l.digest)?;
             layer_compression(&l.media_type)?;

@@ -101,6 +101,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// The registry name credentials are stored under: `https://host/v1/` → `host`, and Docker
+/// Hub's several names → `docker.io` (the name references carry).
+pub fn normalise_server(server: &str) -> String {
+    let s = server.trim();
+    let s = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .unwrap_or(s);
+    let host = s.split('/').next().unwrap_or(s).to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".to_string()
+        }
+        _ => host,
+    }
+}
+
 /// Stored registry credentials (`auth.json`, mode 0600, replaced atomically).
 #[derive(Debug, Clone)]
 pub struct Credentials {
@@ -149,7 +166,7 @@ impl Credentials {
 
     /// The auth to use for a registry.
     pub fn auth_for(&self, registry: &str) -> Result<RegistryAuth, ImageError> {
-        Ok(match self.load()?.auths.get(registry) {
+        Ok(match self.load()?.auths.get(&normalise_server(registry)) {
             Some(e) => RegistryAuth::Basic(e.username.clone(), e.password.clone()),
             None => RegistryAuth::Anonymous,
         })
@@ -163,6 +180,7 @@ impl Credentials {
         password: &str,
         insecure: &[String],
     ) -> Result<(), ImageError> {
+        let server = &normalise_server(server);
         let client = client(server, insecure);
         // Any repository name will do for the challenge; the token is not kept.
         let probe = parse_reference(&format!("{server}/login-check:latest"))?;
@@ -199,7 +217,7 @@ impl Credentials {
     /// Forgets a registry's credentials; false when there were none.
     pub fn logout(&self, server: &str) -> Result<bool, ImageError> {
         let mut file = self.load()?;
-        let had = file.auths.remove(server).is_some();
+        let had = file.auths.remove(&normalise_server(server)).is_some();
         if had {
             self.save(&file)?;
         }
@@ -219,6 +237,46 @@ mod tests {
         assert!(is_loopback("127.1.2.3"));
         assert!(!is_loopback("192.168.1.5:5000"));
         assert!(!is_loopback("registry.example:5000"));
+    }
+
+    #[test]
+    fn server_names_are_normalised() {
+        assert_eq!(normalise_server("https://index.docker.io/v1/"), "docker.io");
+        assert_eq!(normalise_server("127.0.0.1:5000"), "127.0.0.1:5000");
+        assert_eq!(
+            normalise_server("http://Reg.Example:443/"),
+            "reg.example:443"
+        );
+    }
+
+    #[test]
+    fn credentials_are_private_and_replaced_atomically() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let creds = Credentials::for_uid(dir.path(), 1000);
+        let mut file = CredentialFile::default();
+        file.auths.insert(
+            "127.0.0.1:5000".into(),
+            Entry {
+                username: "u".into(),
+                password: "p".into(),
+            },
+        );
+        creds.save(&file).unwrap();
+        let meta = std::fs::metadata(dir.path().join("auth/1000.json")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert!(matches!(
+            creds.auth_for("127.0.0.1:5000").unwrap(),
+            RegistryAuth::Basic(u, p) if u == "u" && p == "p"
+        ));
+        assert!(matches!(
+            Credentials::for_uid(dir.path(), 0)
+                .auth_for("127.0.0.1:5000")
+                .unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        assert!(creds.logout("http://127.0.0.1:5000/").unwrap());
+        assert!(!creds.logout("127.0.0.1:5000").unwrap());
     }
 
     #[test]

@@ -1,49 +1,69 @@
 //! The image store: references (`refs.json`, name → manifest digest, replaced atomically),
 //! blobs in the content store, and one ext4 base disk per manifest (`disks/<hex>/`).
-//! A reference is recorded only after every blob it needs is present and verified, so a
-//! failed or killed pull leaves no image behind; garbage collection removes what no reference
-//! reaches.
+//!
+//! Invariant: a reference is recorded only once every blob it reaches is present and verified
+//! and its base disk is built, so a failed or killed pull or load leaves no image behind.
+//! Blobs an operation in flight still needs are held by a [`Lease`], which garbage collection
+//! (see [`crate::gc`]) treats as a root, so collection can run beside a pull.
+//!
+//! Layout under the root:
+//! - `refs.json`: `{"references": {"docker.io/library/alpine:latest": "sha256:…"}}`
+//! - `blobs/sha256/<hex>`, `ingest/`: the content store ([`crate::content`])
+//! - `disks/<hex>/{base.ext4,info.json}`: base disks, keyed by manifest digest
+//! - `work/` (0700): staging trees and spooled archives; emptied at open
+//! - `auth/<uid>.json` (0600): each host user's registry credentials
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use futures::{StreamExt, TryStreamExt};
 use oci_client::manifest::OciImageManifest;
 use serde::{Deserialize, Serialize};
 
-use crate::content::{ContentStore, digest_hex, digest_of};
+use crate::content::{ContentStore, digest_hex};
 use crate::error::ImageError;
-use crate::manifest::{self, ConfigInfo, Parsed};
+use crate::manifest::{self, Compression, ConfigInfo, Parsed};
 use crate::registry::{self, Credentials};
 use crate::unpack::{self, DiskInfo};
 
 /// Progress of a pull, for the caller to render.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Progress {
-    Resolved {
-        digest: String,
-        layers: usize,
-    },
+    /// The manifest is known: its digest and how many layers it has.
+    Resolved { digest: String, layers: usize },
+    /// Bytes of one blob received so far.
     Bytes {
         digest: String,
         current: u64,
         total: u64,
     },
-    BlobDone {
-        digest: String,
-        cached: bool,
-    },
+    /// A blob is in the store; `cached` when it was there already and was not fetched.
+    BlobDone { digest: String, cached: bool },
+    /// A phase after the downloads (building the base disk…).
     Step(String),
+}
+
+/// Receives pull progress. Any `Fn(Progress) + Send + Sync` closure is one.
+pub trait PullProgress: Send + Sync {
+    /// Called for each event; must not block (the pull waits for it).
+    fn report(&self, event: Progress);
+}
+
+impl<F: Fn(Progress) + Send + Sync> PullProgress for F {
+    fn report(&self, event: Progress) {
+        self(event)
+    }
 }
 
 /// Options of a pull.
 #[derive(Debug, Clone)]
 pub struct PullOptions {
-    /// Registries reached over plain HTTP besides loopback ones.
+    /// Registries reached over plain HTTP besides loopback ones (`host:port` as in references).
     pub insecure: Vec<String>,
+    /// Blobs downloaded at once (at least one).
     pub max_concurrent_downloads: usize,
-    /// Whose registry credentials to use.
+    /// Whose stored registry credentials to use (see [`Credentials::for_uid`]).
     pub uid: u32,
 }
 
@@ -68,55 +88,116 @@ pub struct LayerRecord {
 /// Everything the store knows about one image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageRecord {
-    /// The reference this record was looked up by (the first one when listing by digest).
+    /// The reference this record was looked up by (the first one when looked up by digest).
     pub reference: String,
+    /// Every reference naming this manifest.
     pub references: Vec<String>,
+    /// The manifest digest: the image's identity.
     pub digest: String,
     pub media_type: String,
-    /// Config plus layer blob sizes.
+    /// Config plus layer blob sizes (compressed, as stored).
     pub size: u64,
     pub layers: Vec<LayerRecord>,
+    /// Platform, creation time, stop signal and the config object.
     pub config: ConfigInfo,
-    /// The base disk, once built.
+    /// The base disk and what building it found, once built.
     pub disk: Option<(PathBuf, DiskInfo)>,
 }
 
+impl ImageRecord {
+    /// Whether `/sbin/init` is an executable file in the image; `None` before the base disk
+    /// is built (pulls and loads build it, so only images of an older store lack it).
+    pub fn has_init(&self) -> Option<bool> {
+        self.disk.as_ref().map(|(_, d)| d.has_init)
+    }
+}
+
 /// What `remove` did.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Removed {
     pub untagged: Vec<String>,
+    /// Blob digests deleted.
     pub deleted: Vec<String>,
+    /// Bytes of blobs and base disks deleted (allocated bytes for disks).
     pub freed_bytes: u64,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct Refs {
-    references: BTreeMap<String, String>,
+pub(crate) struct Refs {
+    pub(crate) references: BTreeMap<String, String>,
 }
 
-/// The image store rooted at a directory.
+/// Blobs and disks an operation in flight needs: collection keeps them while it lives.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    leases: Arc<Mutex<HashMap<String, usize>>>,
+    digests: Vec<String>,
+}
+
+impl Lease {
+    /// Adds a digest to the lease.
+    pub(crate) fn add(&mut self, digest: &str) {
+        let mut map = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(digest.to_string()).or_default() += 1;
+        self.digests.push(digest.to_string());
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut map = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        for d in &self.digests {
+            if let Some(n) = map.get_mut(d) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(d);
+                }
+            }
+        }
+    }
+}
+
+/// The image store rooted at a directory. One process owns a store at a time.
 #[derive(Debug)]
 pub struct ImageStore {
-    root: PathBuf,
-    content: ContentStore,
-    /// Serialises reference updates, collection and disk builds.
+    pub(crate) root: PathBuf,
+    pub(crate) content: ContentStore,
+    /// Serialises reference updates and collection.
     lock: Mutex<()>,
+    /// Serialises base-disk builds (shared with blocking tasks).
+    build_lock: Arc<Mutex<()>>,
+    leases: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl ImageStore {
+    /// Opens (creating) the store at `root`, removing what interrupted operations left.
     pub fn open(root: &Path) -> Result<Self, ImageError> {
-        std::fs::create_dir_all(root.join("disks")).map_err(ImageError::io(root))?;
-        std::fs::create_dir_all(root.join("work")).map_err(ImageError::io(root))?;
-        // Builds interrupted by a crash leave only their temporary directories.
-        if let Ok(entries) = std::fs::read_dir(root.join("work")) {
-            for e in entries.flatten() {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
+        let disks = root.join("disks");
+        std::fs::create_dir_all(&disks).map_err(ImageError::io(&disks))?;
+        let work = root.join("work");
+        std::fs::create_dir_all(&work).map_err(ImageError::io(&work))?;
+        // Staging trees hold the images' setuid files and device nodes: no one else may reach
+        // them while they exist.
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))
+            .map_err(ImageError::io(&work))?;
+        for e in std::fs::read_dir(&work)
+            .map_err(ImageError::io(&work))?
+            .flatten()
+        {
+            let p = e.path();
+            let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            r.map_err(ImageError::io(&p))?;
         }
         Ok(Self {
             root: root.to_path_buf(),
             content: ContentStore::open(root)?,
             lock: Mutex::new(()),
+            build_lock: Arc::new(Mutex::new(())),
+            leases: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -125,46 +206,56 @@ impl ImageStore {
         Credentials::for_uid(&self.root, uid)
     }
 
+    /// The blob store.
     pub fn content(&self) -> &ContentStore {
         &self.content
+    }
+
+    /// The scratch directory for builds and spooled archives (0700, emptied at open).
+    pub fn work_dir(&self) -> PathBuf {
+        self.root.join("work")
     }
 
     fn refs_path(&self) -> PathBuf {
         self.root.join("refs.json")
     }
 
-    fn load_refs(&self) -> Result<Refs, ImageError> {
+    pub(crate) fn load_refs(&self) -> Result<Refs, ImageError> {
         let p = self.refs_path();
         Ok(crate::fsutil::read_json(&p)
             .map_err(ImageError::io(&p))?
             .unwrap_or_default())
     }
 
-    fn save_refs(&self, refs: &Refs) -> Result<(), ImageError> {
+    pub(crate) fn save_refs(&self, refs: &Refs) -> Result<(), ImageError> {
         let p = self.refs_path();
         crate::fsutil::write_json(&p, refs).map_err(ImageError::io(&p))
     }
 
-    fn disk_dir(&self, digest: &str) -> Result<PathBuf, ImageError> {
+    pub(crate) fn disk_dir(&self, digest: &str) -> Result<PathBuf, ImageError> {
         Ok(self.root.join("disks").join(digest_hex(digest)?))
     }
 
-    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+    pub(crate) fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
         self.lock.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a loaded image's reference.
-    pub(crate) fn record_loaded(&self, reference: &str, digest: &str) -> Result<(), ImageError> {
-        self.set_ref(reference, digest)
+    /// A new, empty lease.
+    pub(crate) fn lease(&self) -> Lease {
+        Lease {
+            leases: self.leases.clone(),
+            digests: Vec::new(),
+        }
     }
 
-    /// The scratch directory for builds and loads.
-    pub fn work_dir(&self) -> PathBuf {
-        self.root.join("work")
+    /// Digests held by leases right now.
+    pub(crate) fn leased(&self) -> BTreeSet<String> {
+        let map = self.leases.lock().unwrap_or_else(|p| p.into_inner());
+        map.keys().cloned().collect()
     }
 
     /// Records `reference` → `digest`.
-    fn set_ref(&self, reference: &str, digest: &str) -> Result<(), ImageError> {
+    pub(crate) fn set_ref(&self, reference: &str, digest: &str) -> Result<(), ImageError> {
         let _g = self.guard();
         let mut refs = self.load_refs()?;
         refs.references
@@ -172,162 +263,19 @@ impl ImageStore {
         self.save_refs(&refs)
     }
 
-    /// Pulls an image and records its reference.
-    pub async fn pull(
-        &self,
-        reference: &str,
-        opts: &PullOptions,
-        progress: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<ImageRecord, ImageError> {
-        let r = registry::parse_reference(reference)?;
-        let name = r.whole();
-        let reg = r.resolve_registry().to_string();
-        let client = registry::client(&reg, &opts.insecure);
-        let auth = self.credentials(opts.uid).auth_for(r.registry())?;
-        let (bytes, mut digest) = client
-            .pull_manifest_raw(&r, &auth, manifest::ACCEPTED)
-            .await
-            .map_err(|e| registry::registry_error(&reg, &name, e))?;
-        verify_json("manifest", &bytes, &digest)?;
-        let mut bytes = bytes.to_vec();
-        let mut parsed = manifest::parse(&bytes)?;
-        let mut repo = r.clone();
-        if let Parsed::Index(index) = &parsed {
-            let picked = manifest::pick_platform(index)
-                .ok_or_else(|| ImageError::NoPlatform(name.clone()))?;
-            repo = oci_client::Reference::with_digest(
-                r.registry().to_string(),
-                r.repository().to_string(),
-                picked.clone(),
-            );
-            let (b, d) = client
-                .pull_manifest_raw(&repo, &auth, manifest::ACCEPTED)
-                .await
-                .map_err(|e| registry::registry_error(&reg, &name, e))?;
-            if d != picked {
-                return Err(ImageError::DigestMismatch {
-                    what: "manifest",
-                    digest: picked,
-                    actual: d,
-                });
-            }
-            verify_json("manifest", &b, &d)?;
-            bytes = b.to_vec();
-            digest = d;
-            parsed = manifest::parse(&bytes)?;
-        }
-        let Parsed::Manifest(m) = parsed else {
-            return Err(ImageError::Malformed {
-                what: "manifest",
-                message: "an index inside an index".into(),
-            });
-        };
-        progress(Progress::Resolved {
-            digest: digest.clone(),
-            layers: m.layers.len(),
-        });
-        let mut blobs: Vec<(&'static str, String, u64, String)> = vec![(
-            "config",
-            m.config.digest.clone(),
-            m.config.size as u64,
-            m.config.media_type.clone(),
-        )];
-        for l in &m.layers {
-            blobs.push((
-                "layer",
-                l.digest.clone(),
-                l.size as u64,
-                l.media_type.clone(),
-            ));
-        }
-        let fetches: Vec<_> = blobs
-            .into_iter()
-            .map(|(what, blob, size, media)| {
-                Box::pin(self.fetch_blob(&client, &repo, &name, what, blob, size, media, progress))
-                    as std::pin::Pin<
-                        Box<dyn std::future::Future<Output = Result<(), ImageError>> + Send + '_>,
-                    >
-            })
-            .collect();
-        futures::stream::iter(fetches)
-            .buffer_unordered(opts.max_concurrent_downloads.max(1))
-            .try_collect::<Vec<()>>()
-            .await?;
-        // The config must parse before the image is recorded.
-        manifest::parse_config(&self.content.read(&m.config.digest)?)?;
-        self.content.put("manifest", &digest, &bytes)?;
-        self.set_ref(&name, &digest)?;
-        progress(Progress::Step("building the base disk".into()));
-        let record = self.inspect(&name)?;
-        Ok(record)
-    }
-
-    /// Fetches one blob into the content store, verified; a present blob is not fetched.
-    #[allow(clippy::too_many_arguments)]
-    async fn fetch_blob(
-        &self,
-        client: &oci_client::Client,
-        repo: &oci_client::Reference,
-        name: &str,
-        what: &'static str,
-        blob: String,
-        size: u64,
-        media: String,
-        progress: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<(), ImageError> {
-        let content = &self.content;
-        let reg = repo.resolve_registry().to_string();
-        if content.contains(&blob) {
-            progress(Progress::BlobDone {
-                digest: blob,
-                cached: true,
-            });
-            return Ok(());
-        }
-        let descriptor = oci_client::manifest::OciDescriptor {
-            media_type: media,
-            digest: blob.clone(),
-            size: size as i64,
-            ..Default::default()
-        };
-        let stream = client
-            .pull_blob_stream(repo, &descriptor)
-            .await
-            .map_err(|e| registry::registry_error(&reg, name, e))?;
-        let mut writer = content.writer(what, &blob, Some(size))?;
-        let mut stream = stream.stream;
-        let mut last = 0;
-        while let Some(chunk) = stream
-            .try_next()
-            .await
-            .map_err(|e| registry::registry_error(&reg, name, e.into()))?
-        {
-            writer.write(&chunk)?;
-            if writer.written() - last >= 256 << 10 || writer.written() == size {
-                last = writer.written();
-                progress(Progress::Bytes {
-                    digest: blob.clone(),
-                    current: last,
-                    total: size,
-                });
-            }
-        }
-        writer.commit()?;
-        progress(Progress::BlobDone {
-            digest: blob,
-            cached: false,
-        });
-        Ok(())
-    }
-
-    /// All references, each as a record.
+    /// All references, each as a record, sorted by reference.
     pub fn list(&self) -> Result<Vec<ImageRecord>, ImageError> {
         let refs = self.load_refs()?;
         refs.references.keys().map(|r| self.inspect(r)).collect()
     }
 
-    /// Finds the manifest digest for a reference, a full digest, or a digest prefix.
-    fn resolve(&self, refs: &Refs, wanted: &str) -> Result<(String, String), ImageError> {
+    /// Finds `(reference, manifest digest)` for a reference (normalised or as written), a
+    /// full digest, or a digest prefix of at least 6 hex digits.
+    pub(crate) fn resolve(
+        &self,
+        refs: &Refs,
+        wanted: &str,
+    ) -> Result<(String, String), ImageError> {
         if let Some(d) = refs.references.get(wanted) {
             return Ok((wanted.to_string(), d.clone()));
         }
@@ -336,28 +284,50 @@ impl ImageStore {
         {
             return Ok((r.whole(), d.clone()));
         }
-        let hex = wanted.trim_start_matches("sha256:");
-        if hex.len() >= 6 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            let matches: BTreeSet<&String> = refs
+        if let Some(digest) = self.resolve_digest(refs, wanted)? {
+            let reference = refs
                 .references
-                .values()
-                .filter(|d| d.trim_start_matches("sha256:").starts_with(hex))
-                .collect();
-            if matches.len() == 1 {
-                let d = (*matches.iter().next().expect("one match")).clone();
-                let r = refs
-                    .references
-                    .iter()
-                    .find(|(_, v)| **v == d)
-                    .map(|(k, _)| k.clone())
-                    .unwrap_or_else(|| d.clone());
-                return Ok((r, d));
-            }
+                .iter()
+                .find(|(_, v)| **v == digest)
+                .map(|(k, _)| k.clone())
+                .unwrap_or_else(|| digest.clone());
+            return Ok((reference, digest));
         }
         Err(ImageError::NotFound(wanted.to_string()))
     }
 
-    fn manifest_of(&self, digest: &str) -> Result<OciImageManifest, ImageError> {
+    /// The one manifest digest `wanted` is a prefix of (`sha256:` optional), if it looks
+    /// like a digest at all.
+    fn resolve_digest(&self, refs: &Refs, wanted: &str) -> Result<Option<String>, ImageError> {
+        let hex = wanted.strip_prefix("sha256:").unwrap_or(wanted);
+        if hex.len() < 6 || hex.len() > 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Ok(None);
+        }
+        let hex = hex.to_ascii_lowercase();
+        let matches: BTreeSet<&String> = refs
+            .references
+            .values()
+            .filter(|d| d.trim_start_matches("sha256:").starts_with(&hex))
+            .collect();
+        match matches.len() {
+            0 => Ok(None),
+            1 => Ok(matches.into_iter().next().cloned()),
+            n => Err(ImageError::InvalidReference {
+                reference: wanted.to_string(),
+                reason: format!("this digest prefix matches {n} images; give more of the digest"),
+            }),
+        }
+    }
+
+    /// Whether `wanted` names an image by digest (every reference to it) rather than by name.
+    pub(crate) fn is_digest_lookup(&self, refs: &Refs, wanted: &str) -> bool {
+        !refs.references.contains_key(wanted)
+            && !registry::parse_reference(wanted)
+                .is_ok_and(|r| refs.references.contains_key(&r.whole()))
+            && self.resolve_digest(refs, wanted).is_ok_and(|d| d.is_some())
+    }
+
+    pub(crate) fn manifest_of(&self, digest: &str) -> Result<OciImageManifest, ImageError> {
         match manifest::parse(&self.content.read(digest)?)? {
             Parsed::Manifest(m) => Ok(*m),
             Parsed::Index(_) => Err(ImageError::Malformed {
@@ -367,10 +337,19 @@ impl ImageStore {
         }
     }
 
-    /// Everything about one image.
+    /// Everything about one image, by reference, digest or digest prefix.
     pub fn inspect(&self, wanted: &str) -> Result<ImageRecord, ImageError> {
         let refs = self.load_refs()?;
         let (reference, digest) = self.resolve(&refs, wanted)?;
+        self.record(&refs, reference, digest)
+    }
+
+    fn record(
+        &self,
+        refs: &Refs,
+        reference: String,
+        digest: String,
+    ) -> Result<ImageRecord, ImageError> {
         let m = self.manifest_of(&digest)?;
         let config = manifest::parse_config(&self.content.read(&m.config.digest)?)?;
         let layers: Vec<LayerRecord> = m
@@ -379,15 +358,11 @@ impl ImageStore {
             .map(|l| LayerRecord {
                 digest: l.digest.clone(),
                 media_type: l.media_type.clone(),
-                size: l.size as u64,
+                size: l.size.max(0) as u64,
             })
             .collect();
-        let size = m.config.size as u64 + layers.iter().map(|l| l.size).sum::<u64>();
-        let dir = self.disk_dir(&digest)?;
-        let disk = crate::fsutil::read_json::<DiskInfo>(&dir.join("info.json"))
-            .ok()
-            .flatten()
-            .map(|info| (dir.join("base.ext4"), info));
+        let size = m.config.size.max(0) as u64 + layers.iter().map(|l| l.size).sum::<u64>();
+        let disk = self.built_disk(&digest)?;
         Ok(ImageRecord {
             references: refs
                 .references
@@ -408,18 +383,36 @@ impl ImageStore {
         })
     }
 
-    /// Builds (once) and returns the base disk of an image.
+    /// The base disk of a manifest, if built.
+    fn built_disk(&self, digest: &str) -> Result<Option<(PathBuf, DiskInfo)>, ImageError> {
+        let dir = self.disk_dir(digest)?;
+        Ok(crate::fsutil::read_json::<DiskInfo>(&dir.join("info.json"))
+            .ok()
+            .flatten()
+            .map(|info| (dir.join("base.ext4"), info)))
+    }
+
+    /// Builds (once) and returns the base disk of an image named by reference or digest.
+    /// Blocking: call it from `spawn_blocking` in async code.
     pub fn base_disk(&self, wanted: &str) -> Result<(PathBuf, DiskInfo), ImageError> {
         let record = self.inspect(wanted)?;
         if let Some(d) = record.disk {
             return Ok(d);
         }
-        let _g = self.guard();
-        let dir = self.disk_dir(&record.digest)?;
-        if let Ok(Some(info)) = crate::fsutil::read_json::<DiskInfo>(&dir.join("info.json")) {
-            return Ok((dir.join("base.ext4"), info));
-        }
-        let layers = record
+        let mut lease = self.lease();
+        lease.add(&record.digest);
+        self.disk_job(&record.digest)?.run()
+    }
+
+    /// Whether the image's `/sbin/init` is an executable file (building the disk if needed).
+    pub fn has_init(&self, wanted: &str) -> Result<bool, ImageError> {
+        Ok(self.base_disk(wanted)?.1.has_init)
+    }
+
+    /// Everything needed to build a manifest's base disk, owned, so a blocking task can run it.
+    pub(crate) fn disk_job(&self, digest: &str) -> Result<DiskJob, ImageError> {
+        let m = self.manifest_of(digest)?;
+        let layers = m
             .layers
             .iter()
             .map(|l| {
@@ -429,100 +422,46 @@ impl ImageStore {
                 ))
             })
             .collect::<Result<Vec<_>, ImageError>>()?;
-        let info = unpack::build_base_disk(&layers, &self.root.join("work"), &dir)?;
-        Ok((dir.join("base.ext4"), info))
+        Ok(DiskJob {
+            layers,
+            work: self.work_dir(),
+            dest: self.disk_dir(digest)?,
+            lock: self.build_lock.clone(),
+        })
     }
 
     /// Adds `target` as another reference to the image `source` names.
     pub fn tag(&self, source: &str, target: &str) -> Result<ImageRecord, ImageError> {
-        let refs = self.load_refs()?;
-        let (_, digest) = self.resolve(&refs, source)?;
         let target = registry::parse_reference(target)?.whole();
-        self.set_ref(&target, &digest)?;
+        {
+            let _g = self.guard();
+            let mut refs = self.load_refs()?;
+            let (_, digest) = self.resolve(&refs, source)?;
+            refs.references.insert(target.clone(), digest);
+            self.save_refs(&refs)?;
+        }
         self.inspect(&target)
-    }
-
-    /// Removes a reference, then collects what nothing references. `in_use` maps manifest
-    /// digests to the machines created from them: their images are kept unless `force`, and
-    /// their base disks are kept always (the machines' disks are overlays over them).
-    pub fn remove(
-        &self,
-        wanted: &str,
-        in_use: &BTreeMap<String, Vec<String>>,
-        force: bool,
-    ) -> Result<Removed, ImageError> {
-        let _g = self.guard();
-        let mut refs = self.load_refs()?;
-        let (reference, digest) = self.resolve(&refs, wanted)?;
-        let others = refs.references.values().filter(|d| **d == digest).count() > 1;
-        if !others
-            && !force
-            && let Some(machines) = in_use.get(&digest)
-        {
-            return Err(ImageError::InUse {
-                reference,
-                machines: machines.join(", "),
-            });
-        }
-        refs.references.remove(&reference);
-        self.save_refs(&refs)?;
-        let mut removed = self.collect(&refs, in_use)?;
-        removed.untagged.push(reference);
-        Ok(removed)
-    }
-
-    /// Deletes blobs and base disks no reference reaches (base disks in use are kept).
-    fn collect(
-        &self,
-        refs: &Refs,
-        in_use: &BTreeMap<String, Vec<String>>,
-    ) -> Result<Removed, ImageError> {
-        let mut live: HashSet<String> = HashSet::new();
-        for digest in refs.references.values() {
-            live.insert(digest.clone());
-            if let Ok(m) = self.manifest_of(digest) {
-                live.insert(m.config.digest.clone());
-                live.extend(m.layers.iter().map(|l| l.digest.clone()));
-            }
-        }
-        let mut removed = Removed::default();
-        for blob in self.content.list()? {
-            if !live.contains(&blob) {
-                removed.freed_bytes += self.content.remove(&blob)?;
-                removed.deleted.push(blob);
-            }
-        }
-        let disks = self.root.join("disks");
-        for e in std::fs::read_dir(&disks)
-            .map_err(ImageError::io(&disks))?
-            .flatten()
-        {
-            let digest = format!("sha256:{}", e.file_name().to_string_lossy());
-            if !live.contains(&digest) && !in_use.contains_key(&digest) {
-                removed.freed_bytes += unpack::allocated_bytes(&e.path().join("base.ext4"));
-                std::fs::remove_dir_all(e.path()).map_err(ImageError::io(&e.path()))?;
-            }
-        }
-        Ok(removed)
     }
 }
 
-/// Checks a manifest's bytes against its digest and the size limit.
-fn verify_json(what: &'static str, bytes: &[u8], digest: &str) -> Result<(), ImageError> {
-    if bytes.len() as u64 > manifest::MAX_JSON {
-        return Err(ImageError::TooLarge {
-            what,
-            size: bytes.len() as u64,
-            limit: manifest::MAX_JSON,
-        });
+/// A base-disk build, detached from the store so it can run on a blocking thread.
+#[derive(Debug)]
+pub(crate) struct DiskJob {
+    layers: Vec<(PathBuf, Compression)>,
+    work: PathBuf,
+    dest: PathBuf,
+    lock: Arc<Mutex<()>>,
+}
+
+impl DiskJob {
+    /// Builds the disk unless it exists; returns it.
+    pub(crate) fn run(self) -> Result<(PathBuf, DiskInfo), ImageError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let info_path = self.dest.join("info.json");
+        if let Ok(Some(info)) = crate::fsutil::read_json::<DiskInfo>(&info_path) {
+            return Ok((self.dest.join("base.ext4"), info));
+        }
+        let info = unpack::build_base_disk(&self.layers, &self.work, &self.dest)?;
+        Ok((self.dest.join("base.ext4"), info))
     }
-    let actual = digest_of(bytes);
-    if actual != digest {
-        return Err(ImageError::DigestMismatch {
-            what,
-            digest: digest.to_string(),
-            actual,
-        });
-    }
-    Ok(())
 }

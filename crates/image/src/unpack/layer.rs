@@ -20,6 +20,7 @@ use crate::error::ImageError;
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
+const AUFS_META: &str = ".wh..wh.";
 
 /// A layer entry's path, made relative and checked: `Ok(None)` for the root itself.
 pub fn clean_path(raw: &Path) -> Result<Option<PathBuf>, ImageError> {
@@ -109,6 +110,16 @@ fn parent_dir(root: &OwnedFd, path: &Path) -> Result<OwnedFd, ImageError> {
     }
 }
 
+/// Opens the parent directory of `path` if it exists (resolved inside the root).
+fn existing_parent(root: &OwnedFd, path: &Path) -> Result<Option<OwnedFd>, ImageError> {
+    let parent = path.parent().unwrap_or(Path::new(""));
+    match open_in_root(root, parent, OFlags::DIRECTORY | OFlags::PATH) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => Ok(None),
+        Err(e) => Err(io_err(path, "opening the parent directory")(e)),
+    }
+}
+
 /// The host path of a directory fd (it lies inside the root: it was resolved in it).
 fn fd_path(fd: &OwnedFd) -> std::io::Result<PathBuf> {
     use std::os::fd::AsRawFd;
@@ -140,6 +151,7 @@ pub fn apply_layer<R: Read>(root: &Path, reader: R) -> Result<u64, ImageError> {
     .map_err(io_err(root, "opening the root"))?;
     let mut archive = tar::Archive::new(reader);
     let mut created: HashSet<PathBuf> = HashSet::new();
+    let mut dir_times: Vec<(PathBuf, Timestamps)> = Vec::new();
     let mut count = 0;
     let entries = archive
         .entries()
@@ -158,38 +170,50 @@ pub fn apply_layer<R: Read>(root: &Path, reader: R) -> Result<u64, ImageError> {
             .expect("a cleaned path ends in a name")
             .to_owned();
         let name_str = name.to_string_lossy();
+
+        if let Some(hidden) = name_str.strip_prefix(WHITEOUT_PREFIX) {
+            // A whiteout hides something in an existing directory; with no directory there is
+            // nothing to hide, and nothing is created for it.
+            let Some(parent) = existing_parent(&root_fd, &path)? else {
+                count += 1;
+                continue;
+            };
+            if name_str == OPAQUE {
+                // Hide lower layers' children of this directory, keeping this layer's own.
+                let dir_path = path.parent().unwrap_or(Path::new("")).to_path_buf();
+                let host = fd_path(&parent).map_err(std_err(&path, "locating a directory"))?;
+                for child in
+                    std::fs::read_dir(&host).map_err(std_err(&path, "reading a directory"))?
+                {
+                    let child = child.map_err(std_err(&path, "reading a directory"))?;
+                    if !created.contains(&dir_path.join(child.file_name())) {
+                        remove_entry(&parent, &child.file_name(), &path)?;
+                    }
+                }
+            } else if name_str.starts_with(AUFS_META) {
+                // aufs bookkeeping (`.wh..wh.plnk`…) that some old images carry: meaningless.
+            } else {
+                if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.contains('/') {
+                    return Err(ImageError::UnsafeEntry {
+                        path: raw.display().to_string(),
+                        reason: "it is a whiteout of no valid name",
+                    });
+                }
+                remove_entry(&parent, std::ffi::OsStr::new(hidden), &path)?;
+            }
+            count += 1;
+            continue;
+        }
         let parent = parent_dir(&root_fd, &path)?;
 
-        if name_str == OPAQUE {
-            // Hide lower layers' children of this directory, keeping this layer's own.
-            let dir_path = path.parent().unwrap_or(Path::new("")).to_path_buf();
-            let host = fd_path(&parent).map_err(std_err(&path, "locating a directory"))?;
-            for child in std::fs::read_dir(&host).map_err(std_err(&path, "reading a directory"))? {
-                let child = child.map_err(std_err(&path, "reading a directory"))?;
-                if !created.contains(&dir_path.join(child.file_name())) {
-                    remove_entry(&parent, &child.file_name(), &path)?;
-                }
-            }
-            count += 1;
-            continue;
-        }
-        if let Some(hidden) = name_str.strip_prefix(WHITEOUT_PREFIX) {
-            if hidden.is_empty() || hidden == "." || hidden == ".." || hidden.contains('/') {
-                return Err(ImageError::UnsafeEntry {
-                    path: raw.display().to_string(),
-                    reason: "it is a whiteout of no valid name",
-                });
-            }
-            remove_entry(&parent, std::ffi::OsStr::new(hidden), &path)?;
-            count += 1;
-            continue;
-        }
-
         let header = entry.header().clone();
+        let pax = Pax::of(&mut entry);
         let mode = Mode::from_raw_mode(header.mode().unwrap_or(0o644) & 0o7777);
-        let uid = header.uid().unwrap_or(0) as u32;
-        let gid = header.gid().unwrap_or(0) as u32;
-        let mtime = header.mtime().unwrap_or(0) as i64;
+        let uid = pax.uid.unwrap_or_else(|| header.uid().unwrap_or(0)) as u32;
+        let gid = pax.gid.unwrap_or_else(|| header.gid().unwrap_or(0)) as u32;
+        let mtime = pax
+            .mtime
+            .unwrap_or_else(|| header.mtime().unwrap_or(0) as i64);
         let times = Timestamps {
             last_access: Timespec {
                 tv_sec: mtime,
@@ -208,17 +232,7 @@ pub fn apply_layer<R: Read>(root: &Path, reader: R) -> Result<u64, ImageError> {
         if existing.is_some() && !(kind.is_dir() && existing_is_dir) {
             remove_entry(&parent, &name, &path)?;
         }
-        let xattrs: Vec<(String, Vec<u8>)> = match entry.pax_extensions() {
-            Ok(Some(exts)) => exts
-                .filter_map(Result::ok)
-                .filter_map(|e| {
-                    let key = e.key().ok()?;
-                    let name = key.strip_prefix("SCHILY.xattr.")?;
-                    Some((name.to_string(), e.value_bytes().to_vec()))
-                })
-                .collect(),
-            _ => Vec::new(),
-        };
+        let xattrs = pax.xattrs;
         let owner = (Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)));
 
         if kind.is_dir() {
@@ -234,7 +248,9 @@ pub fn apply_layer<R: Read>(root: &Path, reader: R) -> Result<u64, ImageError> {
             )
             .map_err(io_err(&path, "opening a directory"))?;
             finish(&fd, &path, owner, mode, &times, &xattrs)?;
-        } else if kind.is_file() || kind == tar::EntryType::Continuous {
+            // Entries created inside later change its mtime: set it again at the end.
+            dir_times.push((path.clone(), times));
+        } else if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
             let fd = rustix::fs::openat(
                 &parent,
                 &name,
@@ -276,7 +292,11 @@ pub fn apply_layer<R: Read>(root: &Path, reader: R) -> Result<u64, ImageError> {
             })?;
             // The source is resolved in the root too; its last component is not followed, so
             // a link to a symlink links the symlink itself, as tar means.
-            let src_parent = parent_dir(&root_fd, &target)?;
+            let src_parent =
+                existing_parent(&root_fd, &target)?.ok_or_else(|| ImageError::UnsafeEntry {
+                    path: raw.display().to_string(),
+                    reason: "it is a hardlink to a file the image does not have",
+                })?;
             let src_name = target.file_name().expect("a cleaned path ends in a name");
             let src = rustix::fs::openat(
                 &src_parent,
@@ -321,7 +341,51 @@ pub fn apply_layer<R: Read>(root: &Path, reader: R) -> Result<u64, ImageError> {
         created.insert(path);
         count += 1;
     }
+    // Deepest first, so setting a directory's times does not disturb its parent's.
+    for (path, times) in dir_times.iter().rev() {
+        if let Ok(fd) = open_in_root(&root_fd, path, OFlags::DIRECTORY | OFlags::RDONLY) {
+            let _ = rustix::fs::futimens(&fd, times);
+        }
+    }
     Ok(count)
+}
+
+/// What an entry's PAX extended header says beyond the path: large or precise owner ids and
+/// times, and extended attributes (`SCHILY.xattr.NAME`).
+#[derive(Debug, Default)]
+struct Pax {
+    uid: Option<u64>,
+    gid: Option<u64>,
+    mtime: Option<i64>,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl Pax {
+    fn of<R: Read>(entry: &mut tar::Entry<'_, R>) -> Self {
+        let mut pax = Pax::default();
+        let Ok(Some(exts)) = entry.pax_extensions() else {
+            return pax;
+        };
+        for ext in exts.flatten() {
+            let Ok(key) = ext.key() else { continue };
+            let value = ext.value().ok();
+            match key {
+                "uid" => pax.uid = value.and_then(|v| v.parse().ok()),
+                "gid" => pax.gid = value.and_then(|v| v.parse().ok()),
+                // Fractional seconds are dropped: ext4 keeps them, images do not need them.
+                "mtime" => {
+                    pax.mtime = value.and_then(|v| v.split('.').next()?.parse().ok());
+                }
+                _ => {
+                    if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                        pax.xattrs
+                            .push((name.to_string(), ext.value_bytes().to_vec()));
+                    }
+                }
+            }
+        }
+        pax
+    }
 }
 
 /// Sets owner, then mode (chown clears set-id bits), xattrs and times on an open entry.

@@ -1,0 +1,113 @@
+//! Removing images and collecting garbage, marked from the roots (containerd's model): every
+//! recorded reference, every digest held by a lease of an operation in flight, and, for base
+//! disks only, the manifests the caller says machines use. Whatever no root reaches — blobs
+//! and base disks — is deleted.
+//!
+//! Machines are the caller's business, so `remove` takes them as an argument: removing the last
+//! reference to an image a machine was created from is refused with [`ImageError::InUse`]
+//! unless forced; forced, the reference and the blobs go but the base disk stays as long as a
+//! machine uses it (machine disks are overlays backed by it) and goes with a later collection.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::error::ImageError;
+use crate::store::{ImageStore, Refs, Removed};
+use crate::unpack;
+
+impl ImageStore {
+    /// Removes a reference (or, given a digest, every reference to that image), then deletes
+    /// what nothing references. `in_use` maps manifest digests to the machines created from
+    /// them; see the module documentation for what `force` does.
+    pub fn remove(
+        &self,
+        wanted: &str,
+        in_use: &BTreeMap<String, Vec<String>>,
+        force: bool,
+    ) -> Result<Removed, ImageError> {
+        let _g = self.guard();
+        let mut refs = self.load_refs()?;
+        let (reference, digest) = self.resolve(&refs, wanted)?;
+        let untag: Vec<String> = if self.is_digest_lookup(&refs, wanted) {
+            refs.references
+                .iter()
+                .filter(|(_, d)| **d == digest)
+                .map(|(r, _)| r.clone())
+                .collect()
+        } else {
+            vec![reference.clone()]
+        };
+        let remaining = refs.references.values().filter(|d| **d == digest).count() - untag.len();
+        if remaining == 0
+            && !force
+            && let Some(machines) = in_use.get(&digest)
+        {
+            return Err(ImageError::InUse {
+                reference,
+                machines: machines.join(", "),
+            });
+        }
+        for r in &untag {
+            refs.references.remove(r);
+        }
+        self.save_refs(&refs)?;
+        let mut removed = self.collect(&refs, in_use)?;
+        removed.untagged = untag;
+        Ok(removed)
+    }
+
+    /// Deletes unreferenced blobs and base disks now; returns what went.
+    pub fn collect_garbage(
+        &self,
+        in_use: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Removed, ImageError> {
+        let _g = self.guard();
+        let refs = self.load_refs()?;
+        self.collect(&refs, in_use)
+    }
+
+    /// Marks from the roots and sweeps; the caller holds the store lock.
+    fn collect(
+        &self,
+        refs: &Refs,
+        in_use: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Removed, ImageError> {
+        let mut live: BTreeSet<String> = self.leased();
+        let manifests: BTreeSet<String> = refs
+            .references
+            .values()
+            .cloned()
+            .chain(live.iter().cloned())
+            .collect();
+        for digest in manifests {
+            live.insert(digest.clone());
+            // Leases also hold configs and layers, which are not manifests (and may be large).
+            let small = self
+                .content
+                .size(&digest)
+                .is_ok_and(|s| s <= crate::manifest::MAX_JSON);
+            if small && let Ok(m) = self.manifest_of(&digest) {
+                live.insert(m.config.digest.clone());
+                live.extend(m.layers.iter().map(|l| l.digest.clone()));
+            }
+        }
+        let mut removed = Removed::default();
+        for blob in self.content.list()? {
+            if !live.contains(&blob) {
+                removed.freed_bytes += self.content.remove(&blob)?;
+                removed.deleted.push(blob);
+            }
+        }
+        let disks = self.root.join("disks");
+        for e in std::fs::read_dir(&disks)
+            .map_err(ImageError::io(&disks))?
+            .flatten()
+        {
+            let digest = format!("sha256:{}", e.file_name().to_string_lossy());
+            if !live.contains(&digest) && !in_use.contains_key(&digest) {
+                removed.freed_bytes += unpack::allocated_bytes(&e.path().join("base.ext4"));
+                std::fs::remove_dir_all(e.path()).map_err(ImageError::io(&e.path()))?;
+            }
+        }
+        Ok(removed)
+    }
+}

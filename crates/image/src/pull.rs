@@ -1,0 +1,210 @@
+//! Pulling an image: resolve the reference to a linux/amd64 manifest (through an index if the
+//! registry serves one), fetch the config and layers concurrently into the content store
+//! (each verified against its digest and size while it is written; blobs already present are
+//! not fetched), build the base disk, and only then record the reference.
+//!
+//! Everything the pull has fetched is held by a lease until the reference is recorded, so a
+//! concurrent `remove` cannot collect it; a pull that fails or is cancelled leaves verified
+//! blobs (reused by the next pull, collected by the next `remove`) and nothing else.
+
+use futures::{StreamExt, TryStreamExt};
+use oci_client::manifest::OciDescriptor;
+
+use crate::content::digest_of;
+use crate::error::ImageError;
+use crate::manifest::{self, Parsed};
+use crate::registry;
+use crate::store::{ImageRecord, ImageStore, Progress, PullOptions, PullProgress};
+
+/// Bytes between two progress reports of one blob.
+const PROGRESS_STEP: u64 = 256 << 10;
+
+/// One blob to fetch.
+struct Blob {
+    what: &'static str,
+    descriptor: OciDescriptor,
+}
+
+/// A registry session for one repository.
+struct Session<'a> {
+    client: oci_client::Client,
+    repo: oci_client::Reference,
+    /// The registry as users name it (`docker.io`, `127.0.0.1:5000`), for messages.
+    registry: String,
+    /// The reference being pulled, normalised, for messages.
+    name: String,
+    progress: &'a dyn PullProgress,
+}
+
+impl ImageStore {
+    /// Pulls an image, builds its base disk and records its reference. Returns its record.
+    pub async fn pull(
+        &self,
+        reference: &str,
+        opts: &PullOptions,
+        progress: &dyn PullProgress,
+    ) -> Result<ImageRecord, ImageError> {
+        let r = registry::parse_reference(reference)?;
+        let name = r.whole();
+        let registry = r.registry().to_string();
+        let auth = self.credentials(opts.uid).auth_for(&registry)?;
+        let mut session = Session {
+            client: registry::client(r.resolve_registry(), &opts.insecure),
+            repo: r.clone(),
+            registry,
+            name: name.clone(),
+            progress,
+        };
+        let (digest, bytes, m) = session.resolve(&auth).await?;
+        let mut lease = self.lease();
+        lease.add(&digest);
+        lease.add(&m.config.digest);
+        for l in &m.layers {
+            lease.add(&l.digest);
+        }
+        progress.report(Progress::Resolved {
+            digest: digest.clone(),
+            layers: m.layers.len(),
+        });
+        if m.config.size.max(0) as u64 > manifest::MAX_JSON {
+            return Err(ImageError::TooLarge {
+                what: "image config",
+                size: m.config.size as u64,
+                limit: manifest::MAX_JSON,
+            });
+        }
+        let mut blobs = vec![Blob {
+            what: "config",
+            descriptor: m.config.clone(),
+        }];
+        blobs.extend(m.layers.iter().map(|l| Blob {
+            what: "layer",
+            descriptor: l.clone(),
+        }));
+        let session = &session;
+        futures::stream::iter(blobs.into_iter().map(|b| session.fetch(self, b)))
+            .buffer_unordered(opts.max_concurrent_downloads.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+        let config = manifest::parse_config(&self.content.read(&m.config.digest)?)?;
+        if config.os != "linux" || config.architecture != "amd64" {
+            return Err(ImageError::NoPlatform(format!(
+                "{name} (it is {}/{})",
+                config.os, config.architecture
+            )));
+        }
+        self.content.put("manifest", &digest, &bytes)?;
+        progress.report(Progress::Step("building the base disk".into()));
+        let job = self.disk_job(&digest)?;
+        tokio::task::spawn_blocking(move || job.run())
+            .await
+            .map_err(|e| ImageError::Mkfs(format!("the disk build task failed: {e}")))??;
+        self.set_ref(&name, &digest)?;
+        drop(lease);
+        self.inspect(&name)
+    }
+}
+
+impl Session<'_> {
+    fn error(&self, e: oci_client::errors::OciDistributionError) -> ImageError {
+        registry::registry_error(&self.registry, &self.name, e)
+    }
+
+    /// Fetches a manifest by `reference` (tag or digest), checked against its digest.
+    async fn manifest(
+        &self,
+        reference: &oci_client::Reference,
+        auth: &oci_client::secrets::RegistryAuth,
+    ) -> Result<(String, Vec<u8>, Parsed), ImageError> {
+        let (bytes, digest) = self
+            .client
+            .pull_manifest_raw(reference, auth, manifest::ACCEPTED)
+            .await
+            .map_err(|e| self.error(e))?;
+        // oci-client checks the body against the digest it was asked for, or the registry's
+        // Docker-Content-Digest header; check again so the rule holds whatever it does.
+        let parsed = manifest::parse(&bytes)?;
+        let actual = digest_of(&bytes);
+        let expected = reference.digest().map_or(digest.as_str(), |d| d);
+        if actual != expected {
+            return Err(ImageError::DigestMismatch {
+                what: "manifest",
+                digest: expected.to_string(),
+                actual,
+            });
+        }
+        Ok((actual, bytes.to_vec(), parsed))
+    }
+
+    /// The linux/amd64 manifest the reference names: its digest, bytes and parsed form.
+    async fn resolve(
+        &mut self,
+        auth: &oci_client::secrets::RegistryAuth,
+    ) -> Result<(String, Vec<u8>, oci_client::manifest::OciImageManifest), ImageError> {
+        let (digest, bytes, parsed) = self.manifest(&self.repo, auth).await?;
+        let (digest, bytes, parsed) = match parsed {
+            Parsed::Manifest(_) => (digest, bytes, parsed),
+            Parsed::Index(index) => {
+                let picked = manifest::pick_platform(&index)
+                    .ok_or_else(|| ImageError::NoPlatform(self.name.clone()))?;
+                self.repo = oci_client::Reference::with_digest(
+                    self.repo.registry().to_string(),
+                    self.repo.repository().to_string(),
+                    picked,
+                );
+                let repo = self.repo.clone();
+                self.manifest(&repo, auth).await?
+            }
+        };
+        match parsed {
+            Parsed::Manifest(m) => Ok((digest, bytes, *m)),
+            Parsed::Index(_) => Err(ImageError::Malformed {
+                what: "image index",
+                message: format!("{digest} is an index inside an index"),
+            }),
+        }
+    }
+
+    /// Fetches one blob into the content store, verified; a present blob is not fetched.
+    async fn fetch(&self, store: &ImageStore, blob: Blob) -> Result<(), ImageError> {
+        let digest = blob.descriptor.digest.clone();
+        let size = blob.descriptor.size.max(0) as u64;
+        if store.content.contains(&digest) {
+            self.progress.report(Progress::BlobDone {
+                digest,
+                cached: true,
+            });
+            return Ok(());
+        }
+        let mut writer = store.content.writer(blob.what, &digest, Some(size))?;
+        let response = self
+            .client
+            .pull_blob_stream(&self.repo, &blob.descriptor)
+            .await
+            .map_err(|e| self.error(e))?;
+        let mut stream = response.stream;
+        let mut reported = 0;
+        while let Some(chunk) = stream.try_next().await.map_err(|e| self.error(e.into()))? {
+            writer.write(&chunk)?;
+            if writer.written() - reported >= PROGRESS_STEP {
+                reported = writer.written();
+                self.progress.report(Progress::Bytes {
+                    digest: digest.clone(),
+                    current: reported,
+                    total: size,
+                });
+            }
+        }
+        writer.commit()?;
+        self.progress.report(Progress::Bytes {
+            digest: digest.clone(),
+            current: size,
+            total: size,
+        });
+        self.progress.report(Progress::BlobDone {
+            digest,
+            cached: false,
+        });
+        Ok(())
+    }
+}
