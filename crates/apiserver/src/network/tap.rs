@@ -2,8 +2,6 @@
 //! persistent tap through the TUNSETIFF and TUNSETPERSIST ioctls on /dev/net/tun (netlink
 //! cannot create tun devices: the kernel refuses `ip link add type tun`).
 
-#![allow(unsafe_code)]
-
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;

@@ -175,7 +175,10 @@ pub fn command(qemu: &Path, a: &QemuArgs<'_>) -> Command {
     c.arg("-initrd").arg(a.initrd);
     // tsc=reliable and no_timer_check: under software emulation on a busy host, the
     // kernel's TSC and timer checks can stall a multi-vCPU guest before its first line.
-    c.args(["-append", "console=ttyS0 panic=-1 quiet loglevel=4 rw tsc=reliable no_timer_check"]);
+    c.args([
+        "-append",
+        "console=ttyS0 panic=-1 quiet loglevel=4 rw tsc=reliable no_timer_check",
+    ]);
     c.arg("-drive").arg(format!(
         "id=root,file={},format=qcow2,if=none,cache=writeback,discard=unmap",
         a.disk.display()

@@ -1,0 +1,420 @@
+//! Pulls from a real registry (Debian's `docker-registry`, on loopback), images pushed there
+//! by `skopeo` from layouts built here; base disks checked with `debugfs`.
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::*;
+use container_image::{ImageError, ImageStore, Progress, PullOptions};
+
+fn tools() -> bool {
+    ["docker-registry", "skopeo", "debugfs", "mkfs.ext4"]
+        .iter()
+        .all(|t| have(t))
+}
+
+/// Progress events, recorded.
+#[derive(Default)]
+struct Events(Mutex<Vec<Progress>>);
+
+impl Events {
+    fn reporter(&self) -> impl Fn(Progress) + Send + Sync + '_ {
+        |p| self.0.lock().unwrap().push(p)
+    }
+    fn take(&self) -> Vec<Progress> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+#[tokio::test]
+async fn pulls_an_image_into_a_base_disk_with_every_kind_of_entry() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let amd64 = layout.image("amd64", busybox_config(), &busybox_layers());
+    // An index with another platform first: the pull must pick linux/amd64.
+    let arm = layout.image(
+        "arm64",
+        serde_json::json!({}),
+        &[(layer(&[E::File("arm", 0o644, b"arm\n")]), Comp::Gzip)],
+    );
+    let index = layout.index(&[arm, amd64.clone()]);
+    layout.tag(index, "1");
+    let registry = Registry::start(None);
+    let reference = registry.push(&layout.dir, "1", "test/busybox:1", None);
+
+    let store = ImageStore::open(&work.path().join("store")).unwrap();
+    let events = Events::default();
+    let record = store
+        .pull(&reference, &PullOptions::default(), &events.reporter())
+        .await
+        .unwrap();
+    assert_eq!(record.digest, amd64["digest"].as_str().unwrap());
+    assert_eq!(record.references, [reference.clone()]);
+    assert_eq!(record.layers.len(), 3);
+    assert_eq!(record.config.stop_signal.as_deref(), Some("SIGPWR"));
+    assert_eq!(record.has_init(), Some(true));
+    let first = events.take();
+    assert!(first.contains(&Progress::Resolved {
+        digest: record.digest.clone(),
+        layers: 3
+    }));
+    let fetched = first
+        .iter()
+        .filter(|p| matches!(p, Progress::BlobDone { cached: false, .. }))
+        .count();
+    assert_eq!(fetched, 4, "config and three layers fetched: {first:?}");
+
+    let (disk, info) = store.base_disk(&reference).unwrap();
+    assert_eq!(disk, record.disk.as_ref().unwrap().0);
+    assert!(info.has_init);
+    let init = debugfs(&disk, "stat /sbin/init");
+    assert!(init.contains("Type: symlink"), "{init}");
+    assert!(init.contains("/bin/busybox"), "{init}");
+    assert!(debugfs(&disk, "cat /etc/passwd").contains("root:x:0:0:root:/root:/bin/sh"));
+    let su = debugfs(&disk, "stat /usr/bin/su");
+    assert!(su.contains("Mode:  04755"), "setuid kept: {su}");
+    let tmp = debugfs(&disk, "stat /tmp");
+    assert!(tmp.contains("Mode:  01777"), "sticky kept: {tmp}");
+    let file = debugfs(&disk, "stat /home/file");
+    assert!(
+        file.contains("User:  1234   Group:  1234"),
+        "owner kept: {file}"
+    );
+    assert!(file.contains("Mode:  0600"), "{file}");
+    let sh = debugfs(&disk, "stat /bin/sh");
+    assert!(sh.contains("Links: 2"), "hardlink kept: {sh}");
+    let null = debugfs(&disk, "stat /dev/null");
+    assert!(null.contains("character special"), "{null}");
+    assert!(
+        debugfs(&disk, "stat /dev/pipe").contains("Type: FIFO"),
+        "fifo kept"
+    );
+    let xattr = debugfs(&disk, "ea_list /etc/labelled");
+    assert!(
+        xattr.contains("user.test") && xattr.contains("hello"),
+        "{xattr}"
+    );
+    let etc = debugfs(&disk, "ls /etc");
+    assert!(!etc.contains("motd"), "whiteout applied: {etc}");
+    assert!(etc.contains("hostname") && etc.contains("top"), "{etc}");
+    let opt = debugfs(&disk, "ls /opt/old");
+    assert!(
+        opt.contains("new") && !opt.contains("gone"),
+        "opaque dir: {opt}"
+    );
+    let mtime = debugfs(&disk, "stat /etc");
+    assert!(
+        mtime.contains("2023"),
+        "directory mtime from the layer: {mtime}"
+    );
+    // Growable online far beyond its size, and labelled for the agent.
+    let header = run(std::process::Command::new("dumpe2fs").arg("-h").arg(&disk));
+    assert!(
+        header.contains("Filesystem volume name:   root"),
+        "{header}"
+    );
+    let reserved: u64 = header
+        .lines()
+        .find_map(|l| l.strip_prefix("Reserved GDT blocks:"))
+        .expect("a resize inode")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(reserved > 0, "{header}");
+    assert!(
+        !names(&work.path().join("store/work"))
+            .iter()
+            .any(|n| !n.is_empty()),
+        "staging removed"
+    );
+
+    // Again: nothing is fetched, the disk is reused.
+    let again = store
+        .pull(&reference, &PullOptions::default(), &events.reporter())
+        .await
+        .unwrap();
+    assert_eq!(again.digest, record.digest);
+    let second = events.take();
+    assert!(
+        second.iter().all(|p| !matches!(
+            p,
+            Progress::Bytes { .. } | Progress::BlobDone { cached: false, .. }
+        )),
+        "{second:?}"
+    );
+    assert_eq!(store.list().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_corrupt_or_truncated_blob_leaves_no_image() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let m = layout.image("amd64", busybox_config(), &busybox_layers());
+    layout.tag(m, "1");
+    let registry = Registry::start(None);
+    let reference = registry.push(&layout.dir, "1", "test/corrupt:1", None);
+    let store_dir = work.path().join("store");
+    let store = ImageStore::open(&store_dir).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .dir
+                .join("blobs/sha256")
+                .join(layout_manifest_hex(&layout.dir)),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let data = registry.blob_file(&layer);
+    let good = std::fs::read(&data).unwrap();
+
+    // Same length, different bytes: the digest cannot match.
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&data, &bad).unwrap();
+    let e = store
+        .pull(&reference, &PullOptions::default(), &|_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ImageError::DigestMismatch { digest, .. } if *digest == layer),
+        "{e}"
+    );
+    assert!(store.list().unwrap().is_empty(), "no reference recorded");
+    assert!(!store.content().contains(&layer));
+    assert!(names(&store_dir.join("disks")).is_empty(), "no base disk");
+    assert!(
+        names(&store_dir.join("ingest")).is_empty(),
+        "no ingest left"
+    );
+
+    // Shorter than the manifest says.
+    std::fs::write(&data, &good[..good.len() / 2]).unwrap();
+    let e = store
+        .pull(&reference, &PullOptions::default(), &|_| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            ImageError::SizeMismatch { .. } | ImageError::Registry { .. }
+        ),
+        "{e}"
+    );
+    assert!(store.list().unwrap().is_empty());
+    assert!(names(&store_dir.join("ingest")).is_empty());
+
+    // Repaired, the next pull completes (reusing what the failed ones verified).
+    std::fs::write(&data, &good).unwrap();
+    let record = store
+        .pull(&reference, &PullOptions::default(), &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(record.has_init(), Some(true));
+}
+
+/// The hex of the only manifest a layout's index.json names.
+fn layout_manifest_hex(dir: &std::path::Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string()
+}
+
+#[tokio::test]
+async fn broken_compression_is_a_clear_error_and_leaves_no_image() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let tar = layer(&[E::File("big", 0o644, &[7u8; 200_000])]);
+    let gz = compress(&tar, Comp::Gzip);
+    let truncated = layout.raw_image(&[(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        gz[..gz.len() / 2].to_vec(),
+    )]);
+    layout.tag(truncated, "truncated");
+    let mislabelled = layout.raw_image(&[(
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        compress(&tar, Comp::Zstd),
+    )]);
+    layout.tag(mislabelled, "mislabelled");
+    let registry = Registry::start(None);
+    let store_dir = work.path().join("store");
+    let store = ImageStore::open(&store_dir).unwrap();
+    for tag in ["truncated", "mislabelled"] {
+        let reference = registry.push(&layout.dir, tag, &format!("test/broken:{tag}"), None);
+        let e = store
+            .pull(&reference, &PullOptions::default(), &|_| {})
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ImageError::Archive { .. }), "{tag}: {e}");
+        assert!(store.list().unwrap().is_empty(), "{tag}: no reference");
+        assert!(names(&store_dir.join("disks")).is_empty(), "{tag}: no disk");
+        assert!(
+            names(&store_dir.join("work")).is_empty(),
+            "{tag}: no staging"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_registry_with_basic_auth_needs_the_right_credentials() {
+    if !tools() || !have("htpasswd") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let htpasswd = work.path().join("htpasswd");
+    let line = run(std::process::Command::new("htpasswd").args(["-Bbn", "alice", "s3cret"]));
+    std::fs::write(&htpasswd, line).unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let m = layout.image("amd64", busybox_config(), &busybox_layers());
+    layout.tag(m, "1");
+    let registry = Registry::start(Some(&htpasswd));
+    let reference = registry.push(&layout.dir, "1", "private/busybox:1", Some("alice:s3cret"));
+    let store = ImageStore::open(&work.path().join("store")).unwrap();
+    let opts = PullOptions {
+        uid: 1000,
+        ..PullOptions::default()
+    };
+
+    let e = store.pull(&reference, &opts, &|_| {}).await.unwrap_err();
+    assert!(matches!(e, ImageError::Unauthorized { .. }), "{e}");
+    assert!(e.to_string().contains("container registry login"), "{e}");
+
+    let creds = store.credentials(1000);
+    let e = creds
+        .login(&registry.addr, "alice", "wrong", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ImageError::Unauthorized { .. }), "{e}");
+    assert!(
+        names(&work.path().join("store/auth")).is_empty(),
+        "wrong credentials are not stored"
+    );
+
+    creds
+        .login(&registry.addr, "alice", "s3cret", &[])
+        .await
+        .unwrap();
+    let auth_file = work.path().join("store/auth/1000.json");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&auth_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let record = store.pull(&reference, &opts, &|_| {}).await.unwrap();
+    assert_eq!(record.has_init(), Some(true));
+
+    // Another user's credentials are theirs alone.
+    let e = store
+        .pull(
+            &reference,
+            &PullOptions {
+                uid: 1001,
+                ..PullOptions::default()
+            },
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ImageError::Unauthorized { .. }), "{e}");
+
+    assert!(creds.logout(&registry.addr).unwrap());
+    store
+        .remove(&reference, &Default::default(), false)
+        .unwrap();
+    let e = store.pull(&reference, &opts, &|_| {}).await.unwrap_err();
+    assert!(matches!(e, ImageError::Unauthorized { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn missing_images_and_plain_http_elsewhere_fail_clearly() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let registry = Registry::start(None);
+    let store = ImageStore::open(&work.path().join("store")).unwrap();
+    let e = store
+        .pull(
+            &format!("{}/no/such:image", registry.addr),
+            &PullOptions::default(),
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("not found"), "{e}");
+    let e = store
+        .pull("Not A Reference", &PullOptions::default(), &|_| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ImageError::InvalidReference { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn saved_archives_round_trip_through_load_and_skopeo() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let m = layout.image("amd64", busybox_config(), &busybox_layers());
+    layout.tag(m, "1");
+    let registry = Registry::start(None);
+    let reference = registry.push(&layout.dir, "1", "test/saved:1", None);
+    let store = ImageStore::open(&work.path().join("a")).unwrap();
+    let pulled = store
+        .pull(&reference, &PullOptions::default(), &|_| {})
+        .await
+        .unwrap();
+    store.tag(&reference, "saved-alias:2").unwrap();
+
+    let archive = work.path().join("saved.tar");
+    store
+        .save(
+            &[reference.clone(), "saved-alias:2".into()],
+            std::fs::File::create(&archive).unwrap(),
+        )
+        .unwrap();
+
+    let other = ImageStore::open(&work.path().join("b")).unwrap();
+    let loaded = other
+        .load(std::fs::File::open(&archive).unwrap(), &other.work_dir())
+        .unwrap();
+    let refs: Vec<_> = loaded.iter().map(|r| r.reference.clone()).collect();
+    assert_eq!(
+        refs,
+        [reference.clone(), "docker.io/library/saved-alias:2".into()]
+    );
+    assert!(loaded.iter().all(|r| r.digest == pulled.digest));
+    assert_eq!(loaded[0].has_init(), Some(true));
+
+    // skopeo reads our archive and the registry gets the very same manifest.
+    let copied = format!("{}/test/copied:1", registry.addr);
+    run(std::process::Command::new("skopeo")
+        .args(["copy", "-q", "--dest-tls-verify=false"])
+        .arg(format!("oci-archive:{}:{reference}", archive.display()))
+        .arg(format!("docker://{copied}")));
+    let third = ImageStore::open(&work.path().join("c")).unwrap();
+    let again = third
+        .pull(&copied, &PullOptions::default(), &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(again.digest, pulled.digest);
+}
