@@ -1,7 +1,6 @@
 //! The one place the network module talks to the kernel without a safe wrapper: creating a
 //! persistent tap through the TUNSETIFF and TUNSETPERSIST ioctls on /dev/net/tun (netlink
 //! cannot create tun devices: the kernel refuses `ip link add type tun`).
-
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
