@@ -352,3 +352,14 @@ fn tap_names_fit_linux_and_differ_per_machine() {
     assert_eq!(a, tap_name("a"));
     assert_ne!(a, tap_name("b"));
 }
+
+#[test]
+fn host_operations_can_run_on_any_runtime_thread() {
+    fn send<T: Send>(_: T) {}
+    let f = Fixture::new();
+    let net = f.network();
+    send(net.ensure_bridge());
+    send(net.attach("a"));
+    send(net.detach("a"));
+    send(net.reconcile(&[], &[]));
+}
