@@ -110,6 +110,35 @@ impl Session<'_> {
         registry::registry_error(&self.registry, &self.name, e)
     }
 
+    /// A failed blob stream. oci-client verifies digests too, failing the stream's end on a
+    /// mismatch: that is reported as ours would be (a short blob as a size mismatch).
+    fn stream_error(&self, blob: &Blob, e: std::io::Error, written: u64) -> ImageError {
+        use oci_client::errors::DigestError;
+        let digest = &blob.descriptor.digest;
+        let size = blob.descriptor.size.max(0) as u64;
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<DigestError>())
+        {
+            Some(DigestError::VerificationError { .. }) if written != size => {
+                ImageError::SizeMismatch {
+                    what: blob.what,
+                    digest: digest.clone(),
+                    expected: size,
+                    actual: written,
+                }
+            }
+            Some(DigestError::VerificationError { expected, actual }) => {
+                ImageError::DigestMismatch {
+                    what: blob.what,
+                    digest: expected.clone(),
+                    actual: actual.clone(),
+                }
+            }
+            _ => self.error(e.into()),
+        }
+    }
+
     /// Fetches a manifest by `reference` (tag or digest), checked against its digest.
     async fn manifest(
         &self,
@@ -184,7 +213,11 @@ impl Session<'_> {
             .map_err(|e| self.error(e))?;
         let mut stream = response.stream;
         let mut reported = 0;
-        while let Some(chunk) = stream.try_next().await.map_err(|e| self.error(e.into()))? {
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.stream_error(&blob, e, writer.written()))?
+        {
             writer.write(&chunk)?;
             if writer.written() - reported >= PROGRESS_STEP {
                 reported = writer.written();
