@@ -70,7 +70,7 @@ async fn pulls_an_image_into_a_base_disk_with_every_kind_of_entry() {
         "the linux/amd64 image was picked from the index"
     );
     assert_eq!(record.config.architecture, "amd64");
-    assert_eq!(record.references, [reference.clone()]);
+    assert_eq!(record.references, std::slice::from_ref(&reference));
     assert_eq!(record.layers.len(), 3);
     assert_eq!(record.config.stop_signal.as_deref(), Some("SIGPWR"));
     assert_eq!(record.has_init(), Some(true));
