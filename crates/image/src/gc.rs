@@ -111,3 +111,30 @@ impl ImageStore {
         Ok(removed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::content::digest_of;
+
+    #[test]
+    fn leased_blobs_survive_collection_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(dir.path()).unwrap();
+        let digest = digest_of(b"a layer a pull is still fetching");
+        store
+            .content
+            .put("layer", &digest, b"a layer a pull is still fetching")
+            .unwrap();
+        let mut lease = store.lease();
+        lease.add(&digest);
+        let mut second = store.lease();
+        second.add(&digest);
+        let none = BTreeMap::new();
+        assert!(store.collect_garbage(&none).unwrap().deleted.is_empty());
+        drop(lease);
+        assert!(store.collect_garbage(&none).unwrap().deleted.is_empty());
+        drop(second);
+        assert_eq!(store.collect_garbage(&none).unwrap().deleted, [digest]);
+    }
+}

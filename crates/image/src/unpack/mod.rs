@@ -110,31 +110,28 @@ pub fn build_base_disk(
     let has_init = has_init(&staging);
     let (content, inodes) = measure(&staging).map_err(ImageError::io(&staging))?;
     // Room for metadata and the journal, plus slack so the image boots before it is grown.
-    let disk_bytes = (content + content / 4 + inodes * 512 + (160 << 20)).div_ceil(1 << 20) << 20;
+    // Room for metadata and the journal, plus slack so the image boots before it is grown.
+    let mut disk_bytes =
+        (content + content / 4 + inodes * 512 + (160 << 20)).div_ceil(1 << 20) << 20;
     let image = tmp.path().join("base.ext4");
-    let file = std::fs::File::create(&image).map_err(ImageError::io(&image))?;
-    file.set_len(disk_bytes).map_err(ImageError::io(&image))?;
-    drop(file);
     let inode_count = (inodes * 2).max(16384);
-    // Growable online to 16 TiB of 4 KiB blocks.
-    let resize_blocks: u64 = (16u64 << 40) / 4096;
-    let out = Command::new("mkfs.ext4")
-        .args([
-            "-F", "-q", "-L", "root", "-b", "4096", "-J", "size=64", "-N",
-        ])
-        .arg(inode_count.to_string())
-        .arg("-E")
-        .arg(format!("resize={resize_blocks},root_owner=0:0"))
-        .arg("-d")
-        .arg(&staging)
-        .arg(&image)
-        .output()
-        .map_err(|e| ImageError::Mkfs(format!("cannot run mkfs.ext4 (install e2fsprogs): {e}")))?;
-    if !out.status.success() {
-        return Err(ImageError::Mkfs(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+    // The estimate can fall short (many xattrs, huge directories): grow it and try again.
+    let mut attempt = 0;
+    loop {
+        match mkfs(&staging, &image, disk_bytes, inode_count)? {
+            MkfsOutcome::Done => break,
+            MkfsOutcome::NoSpace(_) if attempt < 3 => {
+                attempt += 1;
+                disk_bytes += disk_bytes / 2;
+            }
+            MkfsOutcome::NoSpace(message) | MkfsOutcome::Failed(message) => {
+                return Err(ImageError::Mkfs(message));
+            }
+        }
     }
+    std::fs::File::open(&image)
+        .and_then(|f| f.sync_all())
+        .map_err(ImageError::io(&image))?;
     let info = DiskInfo {
         has_init,
         content_bytes: content,
@@ -149,7 +146,59 @@ pub fn build_base_disk(
     }
     let kept = tmp.keep();
     std::fs::rename(&kept, dest_dir).map_err(ImageError::io(dest_dir))?;
+    if let Some(disks) = dest_dir.parent() {
+        std::fs::File::open(disks)
+            .and_then(|d| d.sync_all())
+            .map_err(ImageError::io(disks))?;
+    }
     Ok(info)
+}
+
+/// What one `mkfs.ext4` run gave.
+enum MkfsOutcome {
+    Done,
+    /// The content did not fit.
+    NoSpace(String),
+    Failed(String),
+}
+
+/// Makes `image` (`bytes` long) an ext4 filesystem holding `staging`: 4 KiB blocks, labelled
+/// `root` for the agent, root-owned root directory, and room to grow online to 16 TiB
+/// (`-E resize`), since every machine's guest grows it to the machine's disk size.
+fn mkfs(staging: &Path, image: &Path, bytes: u64, inodes: u64) -> Result<MkfsOutcome, ImageError> {
+    let file = std::fs::File::create(image).map_err(ImageError::io(image))?;
+    file.set_len(bytes).map_err(ImageError::io(image))?;
+    drop(file);
+    let resize_blocks: u64 = (16u64 << 40) / 4096;
+    let out = Command::new("mkfs.ext4")
+        .args([
+            "-F", "-q", "-L", "root", "-b", "4096", "-J", "size=64", "-N",
+        ])
+        .arg(inodes.to_string())
+        .arg("-E")
+        .arg(format!("resize={resize_blocks},root_owner=0:0"))
+        .arg("-d")
+        .arg(staging)
+        .arg(image)
+        .output()
+        .map_err(|e| ImageError::Mkfs(format!("cannot run mkfs.ext4 (install e2fsprogs): {e}")))?;
+    if out.status.success() {
+        return Ok(MkfsOutcome::Done);
+    }
+    let message = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    let full = [
+        "No space left",
+        "Could not allocate",
+        "no free space",
+        "journal size too big",
+    ]
+    .iter()
+    .any(|m| message.contains(m));
+    Ok(if full {
+        MkfsOutcome::NoSpace(message)
+    } else {
+        MkfsOutcome::Failed(message)
+    })
 }
 
 /// Bytes a file occupies on disk (allocated blocks, not its apparent size).
@@ -157,4 +206,38 @@ pub fn allocated_bytes(path: &Path) -> u64 {
     std::fs::metadata(path)
         .map(|m| m.blocks() * 512)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_that_does_not_fit_is_told_apart_from_other_failures() {
+        if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "mkfs.ext4 is required in CI"
+            );
+            eprintln!("skipping: mkfs.ext4 is not installed");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("rootfs");
+        std::fs::create_dir(&staging).unwrap();
+        std::fs::write(staging.join("big"), vec![0x5a; 100 << 20]).unwrap();
+        let image = dir.path().join("disk");
+        assert!(matches!(
+            mkfs(&staging, &image, 96 << 20, 1024).unwrap(),
+            MkfsOutcome::NoSpace(_)
+        ));
+        assert!(matches!(
+            mkfs(&dir.path().join("absent"), &image, 256 << 20, 1024).unwrap(),
+            MkfsOutcome::Failed(_)
+        ));
+        assert!(matches!(
+            mkfs(&staging, &image, 256 << 20, 1024).unwrap(),
+            MkfsOutcome::Done
+        ));
+    }
 }
