@@ -1,16 +1,19 @@
 # base: busybox
-# A busybox image whose /etc/machine/create-user.sh does the user setup itself and records
-# the environment it was given. Its second layer is zstd-compressed.
-WORK="$WORK" bash -euo pipefail "$(dirname "$BUILD")/recipes/busybox.sh"
-root=$WORK/layers/2
-mkdir -p "$root/etc/machine"
+# busybox plus an executable /etc/machine/create-user.sh that records the CONTAINER_*
+# environment it was given in /var/log/create-user.env and creates the user itself. Its layer
+# is zstd-compressed, so zstd layers are exercised.
+root=$WORK/layers/1
+mkdir -p "$root/etc/machine" "$root/var/log"
 cat > "$root/etc/machine/create-user.sh" <<'SH'
 #!/bin/sh
 set -e
 env | grep '^CONTAINER_' | sort > /var/log/create-user.env
-grep -q "^$CONTAINER_USER:" /etc/passwd || \
-  echo "$CONTAINER_USER:x:$CONTAINER_UID:$CONTAINER_GID::$CONTAINER_HOME:${CONTAINER_SHELL:-/bin/sh}" >> /etc/passwd
-grep -q ":$CONTAINER_GID:" /etc/group || echo "$CONTAINER_USER:x:$CONTAINER_GID:" >> /etc/group
+grep -q ":x:$CONTAINER_GID:" /etc/group || echo "$CONTAINER_USER:x:$CONTAINER_GID:" >> /etc/group
+if ! grep -q "^$CONTAINER_USER:" /etc/passwd; then
+  echo "$CONTAINER_USER:x:$CONTAINER_UID:$CONTAINER_GID:created by create-user.sh:$CONTAINER_HOME:${CONTAINER_SHELL:-/bin/sh}" >> /etc/passwd
+  echo "$CONTAINER_USER:*:19000:0:99999:7:::" >> /etc/shadow
+fi
+mkdir -p "$CONTAINER_HOME"
 SH
 chmod 755 "$root/etc/machine/create-user.sh"
-echo zstd > "$WORK/layers/2.compression"
+echo zstd > "$WORK/layers/1.compression"
