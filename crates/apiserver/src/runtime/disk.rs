@@ -6,52 +6,62 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
-use container_api::ApiError;
+use super::RuntimeError;
 
-fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<(), ApiError> {
-    let out = Command::new("qemu-img").args(args).output().map_err(|e| {
-        ApiError::internal(format!("cannot run qemu-img (install qemu-utils): {e}"))
-    })?;
+fn qemu_img(args: &[&std::ffi::OsStr], what: &str) -> Result<(), RuntimeError> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .map_err(|source| RuntimeError::Spawn {
+            program: "qemu-img (install the qemu-utils package)".into(),
+            source,
+        })?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(ApiError::internal(format!(
-            "qemu-img failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
+        Err(RuntimeError::CommandFailed {
+            what: what.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
     }
 }
 
-/// Creates `disk` as an overlay of `base` with virtual size `size`.
-pub fn create_overlay(base: &Path, disk: &Path, size: u64) -> Result<(), ApiError> {
+/// Creates `disk` as an overlay of `base` with virtual size `size` (at least the base's).
+pub fn create_overlay(base: &Path, disk: &Path, size: u64) -> Result<(), RuntimeError> {
     let base_size = std::fs::metadata(base)
-        .map_err(|e| ApiError::internal(format!("base disk {}: {e}", base.display())))?
+        .map_err(RuntimeError::io("reading the base disk", base))?
         .len();
     let size = size.max(base_size);
-    qemu_img(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        "-F".as_ref(),
-        "raw".as_ref(),
-        "-b".as_ref(),
-        base.as_os_str(),
-        disk.as_os_str(),
-        size.to_string().as_ref(),
-    ])
+    qemu_img(
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            "raw".as_ref(),
+            "-b".as_ref(),
+            base.as_os_str(),
+            disk.as_os_str(),
+            size.to_string().as_ref(),
+        ],
+        &format!("creating the machine disk {}", disk.display()),
+    )
 }
 
-/// Grows a disk's virtual size.
-pub fn grow(disk: &Path, size: u64) -> Result<(), ApiError> {
-    qemu_img(&[
-        "resize".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        disk.as_os_str(),
-        size.to_string().as_ref(),
-    ])
+/// Grows a disk's virtual size (the guest grows its filesystem at the next boot).
+pub fn grow(disk: &Path, size: u64) -> Result<(), RuntimeError> {
+    qemu_img(
+        &[
+            "resize".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            disk.as_os_str(),
+            size.to_string().as_ref(),
+        ],
+        &format!("growing the machine disk {}", disk.display()),
+    )
 }
 
 /// Bytes the file occupies on the host (allocated blocks, never the apparent size).

@@ -1,528 +1,198 @@
-//! The VM runtime: machine disks, the kernel and initramfs, the QEMU microvm runner with its
-//! helper processes, and their supervision.
+//! The VM runtime: machine disks (`disk`), the kernel (`kernel`) and the initramfs built
+//! around the guest agent (`initramfs`), the VMM behind a small trait (`vmm`, `qemu`), the
+//! helper processes (`helpers`), the serial console (`console`) and their supervision
+//! (`supervisor`). [`Runtime`] is its door: start, stop, status, adopt.
 //!
-//! Each running machine has a `run.json` in its machine directory (QEMU's and the helpers'
-//! pids with their start times, the runtime directory). QEMU runs in its own process group,
-//! so the service can stop and start while machines run: at start, `Runtime::new` adopts
-//! every machine whose QEMU still runs and cleans up after the others. Whenever QEMU exits,
-//! for whatever reason, its helpers are killed and its runtime files removed.
+//! Invariants: every running VM has a `run.json` in its machine directory naming its VMM and
+//! helpers by pid and start time; the VMM and helpers run in process groups of their own, so
+//! the service can stop and start while machines run, and on start it adopts each machine
+//! whose VMM still runs and cleans up after the others; whenever a VMM exits, its helpers
+//! are killed and its runtime files removed.
 
+pub mod console;
 pub mod disk;
+mod error;
+pub mod helpers;
 pub mod initramfs;
 pub mod kernel;
+pub mod process;
 pub mod qemu;
 mod session;
+mod supervisor;
+pub mod vmm;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use container_agent_proto as proto;
+use container_api::ApiError;
 use container_api::machine::{HomeMount, MachineState};
 use container_api::system::KernelInfo;
-use container_api::{ApiError, ErrorKind};
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncRead;
 
-use crate::config::Config;
+pub use error::RuntimeError;
+pub use helpers::HelperPaths;
+pub use kernel::Kernel;
+pub use vmm::{NetDevice, Vmm};
+
+use crate::config::{Config, Virtualization};
 use crate::core::ServiceOptions;
 use crate::core::ports::{BootSpec, ClientStream, ExecSpec, Vms};
-use crate::fsutil;
 
-/// What is recorded about a running VM.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct RunState {
-    qemu: (i32, u64),
-    helpers: Vec<(i32, u64)>,
-    run_dir: PathBuf,
-    started: chrono::DateTime<chrono::Utc>,
+/// How the runtime is set up.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// The service's data directory (kernels, initramfs cache).
+    pub root: PathBuf,
+    /// Where per-VM sockets live (`<run_dir>/vm/<short id>/`); keep it short.
+    pub run_dir: PathBuf,
+    pub virtualization: Virtualization,
+    pub helpers: HelperPaths,
+    /// How long a boot may take until the agent answers (software emulation is slow).
+    pub boot_timeout: Duration,
 }
 
-#[derive(Debug)]
-struct Vm {
-    state: Mutex<MachineState>,
-    run: RunState,
-    machine_dir: PathBuf,
-}
-
-impl Vm {
-    fn vsock(&self) -> PathBuf {
-        self.run.run_dir.join("vsock.sock")
-    }
-    fn set(&self, s: MachineState) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
-    }
-    fn get(&self) -> MachineState {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+impl RuntimeOptions {
+    pub fn new(root: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Self {
+        RuntimeOptions {
+            root: root.into(),
+            run_dir: run_dir.into(),
+            virtualization: Virtualization::Auto,
+            helpers: HelperPaths::default(),
+            boot_timeout: Duration::from_secs(180),
+        }
     }
 }
 
-/// The runtime behind the core's `Vms` port.
-#[derive(Debug)]
+/// A directory shared into the VM through virtio-fs, served as its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareSpec {
+    pub tag: String,
+    pub host_path: PathBuf,
+    pub guest_path: String,
+    pub read_only: bool,
+    /// virtiofsd runs as this user, so the guest reaches only what the owner can.
+    pub owner_uid: u32,
+    pub owner_gid: u32,
+}
+
+/// One VM to start.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Unique among running VMs (the machine name).
+    pub id: String,
+    /// Holds `run.json`, `console.log`, `boot.log` and `helpers.log`.
+    pub machine_dir: PathBuf,
+    pub kernel: Kernel,
+    /// The machine disk (qcow2).
+    pub disk: PathBuf,
+    pub cpus: u32,
+    pub memory_bytes: u64,
+    pub shares: Vec<ShareSpec>,
+    /// The agent's boot config; the runtime fills in `version`, `vsock_port`, `modules`,
+    /// `shares` and `time_unix_ns`.
+    pub boot: proto::BootConfig,
+    pub net: Option<NetDevice>,
+}
+
+/// A started VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningVm {
+    pub id: String,
+    /// The VMM's pid.
+    pub pid: i32,
+    pub run_dir: PathBuf,
+    /// The hybrid-vsock socket to reach the agent (`AgentClient`, `proto::host::connect`).
+    pub agent_socket: PathBuf,
+    pub console: PathBuf,
+    pub started: chrono::DateTime<chrono::Utc>,
+}
+
+/// Starts, watches, adopts and stops VMs. Cheap to share (`Arc` inside).
+#[derive(Debug, Clone)]
 pub struct Runtime {
-    root: PathBuf,
-    run_dir: PathBuf,
-    config: Config,
-    accel: qemu::Accel,
-    vms: Mutex<HashMap<String, Arc<Vm>>>,
-    /// Supervision tasks need an owning handle; the trait's methods get `&self`.
-    me: std::sync::Weak<Runtime>,
-}
-
-/// How long a boot may take before it is called failed (software emulation is slow).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-/// How long a guest may stay silent on its console before the boot is retried.
-const SILENCE_LIMIT: Duration = Duration::from_secs(20);
-
-/// Why one boot attempt failed.
-enum BootError {
-    /// Nothing on the console: worth another try.
-    Silent,
-    Failed(ApiError),
-}
-
-impl From<ApiError> for BootError {
-    fn from(e: ApiError) -> Self {
-        BootError::Failed(e)
-    }
-}
-
-/// The runtime of a running service, with running machines adopted.
-pub fn vms(options: &ServiceOptions, config: &Config) -> anyhow::Result<Arc<dyn Vms>> {
-    let rt = Arc::new_cyclic(|me| Runtime {
-        root: options.root.clone(),
-        run_dir: options.run_dir.clone(),
-        config: config.clone(),
-        accel: qemu::detect_accel(config.runtime.virtualization),
-        vms: Mutex::new(HashMap::new()),
-        me: me.clone(),
-    });
-    rt.adopt_all();
-    Ok(rt)
+    sup: Arc<supervisor::Supervisor>,
 }
 
 impl Runtime {
-    fn self_arc(&self) -> Result<Arc<Runtime>, ApiError> {
-        self.me
-            .upgrade()
-            .ok_or_else(|| ApiError::internal("the runtime is shutting down"))
-    }
-
-    fn machine_dir(&self, name: &str) -> PathBuf {
-        self.root.join("machines").join(name)
-    }
-
-    /// The accelerator and the reason it was chosen.
-    pub fn accel(&self) -> &qemu::Accel {
-        &self.accel
-    }
-
-    fn get(&self, name: &str) -> Option<Arc<Vm>> {
-        self.vms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
-    }
-
-    /// Adopts running machines and cleans up after dead ones.
-    fn adopt_all(self: &Arc<Self>) {
-        let Ok(entries) = std::fs::read_dir(self.root.join("machines")) else {
-            return;
+    /// A runtime with QEMU as the VMM. Running VMs are not adopted until [`Runtime::adopt_all`].
+    pub fn new(options: RuntimeOptions) -> Self {
+        let binary = helpers::find_binary(helpers::QEMU, options.helpers.qemu.as_deref())
+            .unwrap_or_else(|_| PathBuf::from(helpers::QEMU));
+        let vmm = qemu::Qemu {
+            binary,
+            accel: qemu::detect_accel(options.virtualization),
         };
-        for e in entries.flatten() {
-            let dir = e.path();
-            let run_file = dir.join("run.json");
-            let Ok(Some(run)) = fsutil::read_json::<RunState>(&run_file) else {
-                continue;
-            };
-            let name = e.file_name().to_string_lossy().to_string();
-            if qemu::alive(run.qemu.0, run.qemu.1) {
-                tracing::info!(machine = %name, pid = run.qemu.0, "re-adopting a running machine");
-                let vm = Arc::new(Vm {
-                    state: Mutex::new(MachineState::Running),
-                    run,
-                    machine_dir: dir,
-                });
-                self.vms
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(name.clone(), vm.clone());
-                self.watch(name, vm, None);
-            } else {
-                tracing::info!(machine = %name, "cleaning up after a machine that stopped while the service was down");
-                cleanup(&run, &dir);
-            }
+        Self::with_vmm(options, Arc::new(vmm))
+    }
+
+    /// A runtime with another VMM.
+    pub fn with_vmm(options: RuntimeOptions, vmm: Arc<dyn Vmm>) -> Self {
+        Runtime {
+            sup: Arc::new(supervisor::Supervisor {
+                options,
+                vmm,
+                vms: Mutex::new(Default::default()),
+            }),
         }
     }
 
-    /// Waits for QEMU to exit (as its parent, or by polling an adopted one), then cleans up.
-    fn watch(self: &Arc<Self>, name: String, vm: Arc<Vm>, child: Option<std::process::Child>) {
-        let rt = self.clone();
-        tokio::task::spawn_blocking(move || {
-            match child {
-                Some(mut c) => {
-                    let _ = c.wait();
-                }
-                None => {
-                    while qemu::alive(vm.run.qemu.0, vm.run.qemu.1) {
-                        std::thread::sleep(Duration::from_millis(250));
-                    }
-                }
-            }
-            cleanup(&vm.run, &vm.machine_dir);
-            vm.set(MachineState::Stopped);
-            let mut vms = rt.vms.lock().unwrap_or_else(|p| p.into_inner());
-            if vms.get(&name).is_some_and(|v| Arc::ptr_eq(v, &vm)) {
-                vms.remove(&name);
-            }
-            tracing::info!(machine = %name, "machine stopped");
-        });
+    /// Boots a VM and waits until its agent answers. Needs a tokio runtime.
+    pub async fn start(&self, spec: VmSpec) -> Result<RunningVm, RuntimeError> {
+        self.sup.start(spec).await
     }
 
-    fn kernel_for(
+    /// Shuts a VM down through its agent (`signal` to init, forced after `timeout`); kills it
+    /// when that fails. Idempotent.
+    pub async fn stop(
         &self,
-        custom: Option<&str>,
-    ) -> Result<(PathBuf, String, Option<PathBuf>), ApiError> {
-        let installed = kernel::current(&self.root);
-        let override_ = &self.config.kernel;
-        let (binary, modules) = match (custom, &override_.binary) {
-            (Some(k), _) => (
-                PathBuf::from(k),
-                installed
-                    .as_ref()
-                    .and_then(|i| i.modules.clone())
-                    .map(PathBuf::from),
-            ),
-            (None, Some(b)) => (
-                PathBuf::from(b),
-                override_.modules.clone().map(PathBuf::from),
-            ),
-            (None, None) => match &installed {
-                Some(i) => (PathBuf::from(&i.path), i.modules.clone().map(PathBuf::from)),
-                None => {
-                    return Err(ApiError::new(
-                        ErrorKind::Unavailable,
-                        "no kernel is installed; run `container system kernel set --recommended` (as root)",
-                    ));
-                }
-            },
-        };
-        let digest = format!(
-            "{}:{}",
-            binary.display(),
-            std::fs::metadata(&binary).map(|m| m.len()).unwrap_or(0)
-        );
-        Ok((binary, digest, modules))
+        id: &str,
+        signal: Option<i32>,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        self.sup.stop(id, signal, timeout).await
     }
 
-    /// Boots, retrying once when the guest stays silent: under software emulation a guest
-    /// kernel occasionally stalls before its first console line (cause not yet found); a
-    /// fresh start gets past it.
-    async fn boot_inner(self: &Arc<Self>, spec: BootSpec) -> Result<(), ApiError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.boot_once(spec.clone(), attempt < 3).await {
-                Err(BootError::Silent) => {
-                    tracing::warn!(machine = %spec.record.name, attempt, "the guest printed nothing; restarting the VM");
-                }
-                Err(BootError::Failed(e)) => return Err(e),
-                Ok(()) => return Ok(()),
-            }
-        }
+    pub fn status(&self, id: &str) -> MachineState {
+        self.sup
+            .get(id)
+            .map(|v| v.get())
+            .unwrap_or(MachineState::Stopped)
     }
 
-    async fn boot_once(self: &Arc<Self>, spec: BootSpec, may_retry: bool) -> Result<(), BootError> {
-        let name = spec.record.name.clone();
-        let (kernel, kernel_key, modules) = self.kernel_for(spec.record.kernel.as_deref())?;
-        let agent = qemu::find_binary("container-agent", self.config.runtime.agent.as_deref())?;
-        let qemu_bin =
-            qemu::find_binary("qemu-system-x86_64", self.config.runtime.qemu.as_deref())?;
-        let vsock_bin = qemu::find_binary(
-            "vhost-device-vsock",
-            self.config.runtime.vhost_device_vsock.as_deref(),
-        )?;
-        let fs_bin = if spec.shares.is_empty() {
-            None
-        } else {
-            Some(qemu::find_binary(
-                "virtiofsd",
-                self.config.runtime.virtiofsd.as_deref(),
-            )?)
-        };
-        let rt = self.clone();
-        let machine_dir = spec.machine_dir.clone();
-        let (vm, child) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
-            let initrd = initramfs::build(
-                &rt.root.join("initramfs"),
-                &kernel_key,
-                modules.as_deref(),
-                &agent,
-            )?;
-            let short = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(name.as_bytes())[..6]);
-            let run_dir = rt.run_dir.join("vm").join(short);
-            let _ = std::fs::remove_dir_all(&run_dir);
-            std::fs::create_dir_all(&run_dir)
-                .map_err(|e| ApiError::internal(format!("creating {}: {e}", run_dir.display())))?;
-            let user = &spec.record.user;
-            let boot = proto::BootConfig {
-                version: proto::VERSION,
-                machine_id: spec.record.name.clone(),
-                hostname: spec.record.name.clone(),
-                root_device: "/dev/vda".into(),
-                grow_root: true,
-                modules: initrd.modules.clone(),
-                shares: spec
-                    .shares
-                    .iter()
-                    .map(|s| proto::Share {
-                        tag: s.tag.clone(),
-                        guest_path: s.guest_path.clone(),
-                        read_only: s.read_only,
-                    })
-                    .collect(),
-                user: Some(proto::UserSpec {
-                    name: user.name.clone(),
-                    uid: user.uid,
-                    gid: user.gid,
-                    home: user.home.clone(),
-                    shell: user.shell.clone(),
-                }),
-                home_mount: match spec.record.home_mount {
-                    HomeMount::Rw => proto::HomeMount::Rw,
-                    HomeMount::Ro => proto::HomeMount::Ro,
-                    HomeMount::None => proto::HomeMount::None,
-                },
-                network: None,
-                vsock_port: proto::PORT,
-                time_unix_ns: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0),
-                init: vec!["/sbin/init".into()],
-            };
-            let initrd_path = run_dir.join("initrd.img");
-            initramfs::with_boot_config(
-                &initrd.path,
-                &serde_json::to_vec(&boot).expect("boot config serialises"),
-                &initrd_path,
-            )?;
-            let log = std::fs::File::create(machine_dir.join("helpers.log"))
-                .map_err(|e| ApiError::internal(format!("creating the helper log: {e}")))?;
-            let mut helpers: Vec<(i32, u64)> = Vec::new();
-            let mut children = Vec::new();
-            let spawn = |mut c: std::process::Command,
-                         what: &str|
-             -> Result<std::process::Child, ApiError> {
-                use std::os::unix::process::CommandExt;
-                c.process_group(0)
-                    .stdin(std::process::Stdio::null())
-                    .stdout(
-                        log.try_clone()
-                            .map_err(|e| ApiError::internal(e.to_string()))?,
-                    )
-                    .stderr(
-                        log.try_clone()
-                            .map_err(|e| ApiError::internal(e.to_string()))?,
-                    );
-                c.spawn()
-                    .map_err(|e| ApiError::internal(format!("starting {what}: {e}")))
-            };
-            // vsock
-            let vhu = run_dir.join("vhu.sock");
-            let vsock_uds = run_dir.join("vsock.sock");
-            let mut c = std::process::Command::new(&vsock_bin);
-            c.arg("--guest-cid")
-                .arg("3")
-                .arg("--socket")
-                .arg(&vhu)
-                .arg("--uds-path")
-                .arg(&vsock_uds);
-            let mut child = spawn(c, "vhost-device-vsock")?;
-            let pid = child.id() as i32;
-            helpers.push((pid, qemu::start_ticks(pid).unwrap_or(0)));
-            let waited = qemu::wait_for_socket(&vhu, &mut child, "vhost-device-vsock");
-            children.push(child);
-            let fail = |e: ApiError, helpers: &[(i32, u64)]| {
-                for (p, t) in helpers {
-                    qemu::kill(*p, *t);
-                }
-                let _ = std::fs::remove_dir_all(&run_dir);
-                e
-            };
-            if let Err(e) = waited {
-                return Err(fail(e, &helpers));
-            }
-            // virtio-fs shares, each served as the machine's owner
-            let fs_dir = run_dir.join("fs");
-            let mut shares = Vec::new();
-            if let Some(fs_bin) = &fs_bin {
-                std::fs::create_dir_all(&fs_dir)
-                    .map_err(|e| fail(ApiError::internal(e.to_string()), &helpers))?;
-                let _ =
-                    std::os::unix::fs::chown(&fs_dir, Some(spec.record.owner_uid), Some(user.gid));
-                for s in &spec.shares {
-                    let sock = fs_dir.join(format!("{}.sock", s.tag));
-                    let mut c = std::process::Command::new(fs_bin);
-                    c.arg("--socket-path")
-                        .arg(&sock)
-                        .arg("--shared-dir")
-                        .arg(&s.host_path)
-                        .args(["--sandbox", "none", "--cache", "auto"]);
-                    if s.read_only {
-                        c.arg("--readonly");
-                    }
-                    if spec.record.owner_uid != 0 {
-                        use std::os::unix::process::CommandExt;
-                        c.uid(spec.record.owner_uid).gid(user.gid);
-                    }
-                    let mut child = match spawn(c, "virtiofsd") {
-                        Ok(c) => c,
-                        Err(e) => return Err(fail(e, &helpers)),
-                    };
-                    let pid = child.id() as i32;
-                    helpers.push((pid, qemu::start_ticks(pid).unwrap_or(0)));
-                    if let Err(e) = qemu::wait_for_socket(&sock, &mut child, "virtiofsd") {
-                        return Err(fail(e, &helpers));
-                    }
-                    children.push(child);
-                    shares.push((s.tag.clone(), sock));
-                }
-            }
-            let console = machine_dir.join("console.log");
-            let qmp = run_dir.join("qmp.sock");
-            let args = qemu::QemuArgs {
-                accel: &rt.accel,
-                cpus: spec.record.cpus,
-                memory_mib: spec.record.memory >> 20,
-                kernel: &kernel,
-                initrd: &initrd_path,
-                disk: &spec.disk,
-                console: &console,
-                qmp: &qmp,
-                vsock_socket: &vhu,
-                shares,
-                tap: None,
-            };
-            let child = match spawn(qemu::command(&qemu_bin, &args), "qemu-system-x86_64") {
-                Ok(c) => c,
-                Err(e) => return Err(fail(e, &helpers)),
-            };
-            // The helpers are reaped by their own threads; they die with QEMU's cleanup.
-            for mut h in children {
-                std::thread::spawn(move || {
-                    let _ = h.wait();
-                });
-            }
-            let pid = child.id() as i32;
-            let run = RunState {
-                qemu: (pid, qemu::start_ticks(pid).unwrap_or(0)),
-                helpers,
-                run_dir,
-                started: chrono::Utc::now(),
-            };
-            fsutil::write_json(&machine_dir.join("run.json"), &run)
-                .map_err(|e| ApiError::internal(format!("recording the running machine: {e}")))?;
-            Ok((
-                Arc::new(Vm {
-                    state: Mutex::new(MachineState::Starting),
-                    run,
-                    machine_dir: machine_dir.clone(),
-                }),
-                child,
-            ))
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("boot task failed: {e}")))??;
-        let name = spec_name(&vm);
-        let launched = Instant::now();
-        let console = vm.machine_dir.join("console.log");
-        self.vms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name.clone(), vm.clone());
-        self.watch(name.clone(), vm.clone(), Some(child));
-        let deadline = Instant::now() + BOOT_TIMEOUT;
-        loop {
-            if vm.get() == MachineState::Stopped {
-                return Err(BootError::Failed(ApiError::new(
-                    ErrorKind::Unavailable,
-                    format!(
-                        "the VM exited during boot; last lines of its console:\n{}",
-                        qemu::tail(&vm.machine_dir.join("console.log"), 15)
-                    ),
-                )));
-            }
-            if may_retry
-                && launched.elapsed() > SILENCE_LIMIT
-                && std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0) == 0
-            {
-                let _ = self.force_stop(&vm).await;
-                return Err(BootError::Silent);
-            }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let attempt = Instant::now() + remaining.min(Duration::from_secs(2));
-            match proto::host::wait_ready(&vm.vsock(), proto::PORT, attempt).await {
-                Ok(_) => break,
-                Err(e) if Instant::now() >= deadline => {
-                    let _ = self.force_stop(&vm).await;
-                    return Err(BootError::Failed(ApiError::new(
-                        ErrorKind::Unavailable,
-                        format!(
-                            "the guest agent did not answer within {} s ({e}); last lines of the console:\n{}",
-                            BOOT_TIMEOUT.as_secs(),
-                            qemu::tail(&vm.machine_dir.join("console.log"), 15)
-                        ),
-                    )));
-                }
-                Err(_) => {}
-            }
-        }
-        vm.set(MachineState::Running);
-        Ok(())
-    }
-
-    async fn force_stop(&self, vm: &Arc<Vm>) -> Result<(), ApiError> {
-        qemu::kill(vm.run.qemu.0, vm.run.qemu.1);
-        self.wait_stopped(vm, Duration::from_secs(10)).await
-    }
-
-    async fn wait_stopped(&self, vm: &Arc<Vm>, limit: Duration) -> Result<(), ApiError> {
-        let deadline = Instant::now() + limit;
-        while vm.get() != MachineState::Stopped {
-            if Instant::now() > deadline {
-                return Err(ApiError::internal("the VM did not exit"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(())
-    }
-
-    fn running(&self, name: &str) -> Result<Arc<Vm>, ApiError> {
-        self.get(name)
+    /// The running VM, if it is.
+    pub fn running(&self, id: &str) -> Option<RunningVm> {
+        self.sup
+            .get(id)
             .filter(|v| v.get() == MachineState::Running)
-            .ok_or_else(|| ApiError::conflict(format!("machine `{name}` is not running")))
+            .map(|v| v.info())
     }
-}
 
-fn spec_name(vm: &Vm) -> String {
-    vm.machine_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default()
-}
-
-/// Kills what is left of a VM and removes its runtime files.
-fn cleanup(run: &RunState, machine_dir: &Path) {
-    qemu::kill(run.qemu.0, run.qemu.1);
-    for (pid, ticks) in &run.helpers {
-        qemu::kill(*pid, *ticks);
+    /// The hybrid-vsock socket of a running VM's agent.
+    pub fn agent_socket(&self, id: &str) -> Result<PathBuf, RuntimeError> {
+        self.running(id)
+            .map(|v| v.agent_socket)
+            .ok_or_else(|| RuntimeError::NotRunning(id.to_string()))
     }
-    let _ = std::fs::remove_dir_all(&run.run_dir);
-    let _ = std::fs::remove_file(machine_dir.join("run.json"));
+
+    /// Re-attaches to the VM recorded in `machine_dir` when it still runs, else cleans up
+    /// after it. True when a running VM was adopted.
+    pub fn adopt(&self, machine_dir: &Path) -> bool {
+        self.sup.adopt(machine_dir)
+    }
+
+    /// [`Runtime::adopt`] for every directory in `machines`; returns the adopted count.
+    pub fn adopt_all(&self, machines: &Path) -> usize {
+        let Ok(entries) = std::fs::read_dir(machines) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter(|e| e.path().is_dir() && self.adopt(&e.path()))
+            .count()
+    }
 }
 
 /// Status details for `system status`.
@@ -530,27 +200,141 @@ pub fn kernel_info(root: &Path) -> Option<KernelInfo> {
     kernel::current(root)
 }
 
+/// The runtime of a running service, with running machines adopted.
+pub fn vms(options: &ServiceOptions, config: &Config) -> anyhow::Result<Arc<dyn Vms>> {
+    let r = &config.runtime;
+    let path = |p: &Option<String>| p.as_ref().map(PathBuf::from);
+    let runtime = Runtime::new(RuntimeOptions {
+        virtualization: r.virtualization,
+        helpers: HelperPaths {
+            qemu: path(&r.qemu),
+            virtiofsd: path(&r.virtiofsd),
+            vhost_device_vsock: path(&r.vhost_device_vsock),
+            agent: path(&r.agent),
+        },
+        ..RuntimeOptions::new(&options.root, &options.run_dir)
+    });
+    let service = ServiceVms {
+        runtime,
+        root: options.root.clone(),
+        config: config.clone(),
+    };
+    service.runtime.adopt_all(&service.machines());
+    Ok(Arc::new(service))
+}
+
+/// The runtime as the core's [`Vms`] port: machine records in, VM specs out.
+#[derive(Debug)]
+struct ServiceVms {
+    runtime: Runtime,
+    root: PathBuf,
+    config: Config,
+}
+
+impl ServiceVms {
+    fn machines(&self) -> PathBuf {
+        self.root.join("machines")
+    }
+
+    /// The machine's own kernel, else the one in config, else the installed one.
+    fn kernel_for(&self, custom: Option<&str>) -> Result<Kernel, RuntimeError> {
+        let installed = kernel::current(&self.root);
+        let configured = &self.config.kernel;
+        match (custom, &configured.binary, &installed) {
+            (Some(k), _, _) => Kernel::at(
+                Path::new(k),
+                installed
+                    .as_ref()
+                    .and_then(|i| i.modules.as_deref())
+                    .map(Path::new),
+            ),
+            (None, Some(b), _) => {
+                Kernel::at(Path::new(b), configured.modules.as_deref().map(Path::new))
+            }
+            (None, None, Some(info)) => Ok(Kernel::from_info(info)),
+            (None, None, None) => Err(RuntimeError::NoKernel),
+        }
+    }
+
+    fn spec(&self, spec: BootSpec) -> Result<VmSpec, RuntimeError> {
+        let r = &spec.record;
+        let user = &r.user;
+        Ok(VmSpec {
+            id: r.name.clone(),
+            machine_dir: spec.machine_dir.clone(),
+            kernel: self.kernel_for(r.kernel.as_deref())?,
+            disk: spec.disk.clone(),
+            cpus: r.cpus,
+            memory_bytes: r.memory,
+            shares: spec
+                .shares
+                .iter()
+                .map(|s| ShareSpec {
+                    tag: s.tag.clone(),
+                    host_path: s.host_path.clone(),
+                    guest_path: s.guest_path.clone(),
+                    read_only: s.read_only,
+                    owner_uid: r.owner_uid,
+                    owner_gid: user.gid,
+                })
+                .collect(),
+            boot: proto::BootConfig {
+                version: proto::VERSION,
+                machine_id: r.name.clone(),
+                hostname: r.name.clone(),
+                root_device: "/dev/vda".into(),
+                grow_root: true,
+                modules: Vec::new(),
+                shares: Vec::new(),
+                user: Some(proto::UserSpec {
+                    name: user.name.clone(),
+                    uid: user.uid,
+                    gid: user.gid,
+                    home: user.home.clone(),
+                    shell: user.shell.clone(),
+                }),
+                home_mount: match r.home_mount {
+                    HomeMount::Rw => proto::HomeMount::Rw,
+                    HomeMount::Ro => proto::HomeMount::Ro,
+                    HomeMount::None => proto::HomeMount::None,
+                },
+                network: None,
+                vsock_port: proto::PORT,
+                time_unix_ns: 0,
+                init: vec!["/sbin/init".into()],
+            },
+            net: None,
+        })
+    }
+
+    fn running(&self, name: &str) -> Result<PathBuf, ApiError> {
+        Ok(self.runtime.agent_socket(name)?)
+    }
+}
+
 #[async_trait]
-impl Vms for Runtime {
+impl Vms for ServiceVms {
     async fn create_disk(&self, base: &Path, disk: &Path, size: u64) -> Result<(), ApiError> {
         let (base, disk) = (base.to_path_buf(), disk.to_path_buf());
         tokio::task::spawn_blocking(move || disk::create_overlay(&base, &disk, size))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(ApiError::from)
     }
     async fn grow_disk(&self, disk: &Path, size: u64) -> Result<(), ApiError> {
         let disk = disk.to_path_buf();
         tokio::task::spawn_blocking(move || disk::grow(&disk, size))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(ApiError::from)
     }
     fn disk_allocated(&self, disk: &Path) -> u64 {
         disk::allocated(disk)
     }
     async fn boot(&self, spec: BootSpec) -> Result<(), ApiError> {
-        // The trait takes &self; supervision needs an Arc, which the service holds.
-        let this = self.self_arc()?;
-        this.boot_inner(spec).await
+        let spec = self.spec(spec)?;
+        self.runtime.start(spec).await?;
+        Ok(())
     }
     async fn shutdown(
         &self,
@@ -558,41 +342,13 @@ impl Vms for Runtime {
         signal: Option<i32>,
         timeout: Duration,
     ) -> Result<(), ApiError> {
-        let Some(vm) = self.get(name) else {
-            return Ok(());
-        };
-        vm.set(MachineState::Stopping);
-        let asked = tokio::time::timeout(
-            Duration::from_secs(5),
-            proto::host::call(
-                &vm.vsock(),
-                proto::PORT,
-                proto::Message::Shutdown {
-                    signal,
-                    timeout_ms: timeout.as_millis() as u64,
-                },
-            ),
-        )
-        .await;
-        if !matches!(asked, Ok(Ok(_))) {
-            tracing::warn!(machine = %name, "the guest agent did not take the stop request; forcing the VM off");
-            return self.force_stop(&vm).await;
-        }
-        match self
-            .wait_stopped(&vm, timeout + Duration::from_secs(5))
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(_) => self.force_stop(&vm).await,
-        }
+        Ok(self.runtime.stop(name, signal, timeout).await?)
     }
     fn state(&self, name: &str) -> MachineState {
-        self.get(name)
-            .map(|v| v.get())
-            .unwrap_or(MachineState::Stopped)
+        self.runtime.status(name)
     }
     fn started(&self, name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
-        self.get(name).map(|v| v.run.started)
+        self.runtime.sup.get(name).map(|v| v.run.started)
     }
     async fn exec(
         &self,
@@ -600,8 +356,7 @@ impl Vms for Runtime {
         spec: ExecSpec,
         client: Box<dyn ClientStream>,
     ) -> Result<(), ApiError> {
-        let vm = self.running(name)?;
-        session::exec(&vm.vsock(), spec, client).await
+        session::exec(&self.running(name)?, spec, client).await
     }
     async fn copy_in(
         &self,
@@ -609,18 +364,16 @@ impl Vms for Runtime {
         path: &str,
         tar: Box<dyn AsyncRead + Send + Unpin>,
     ) -> Result<(), ApiError> {
-        let vm = self.running(name)?;
-        session::copy_in(&vm.vsock(), path, tar).await
+        session::copy_in(&self.running(name)?, path, tar).await
     }
     async fn copy_out(
         &self,
         name: &str,
         path: &str,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError> {
-        let vm = self.running(name)?;
-        session::copy_out(&vm.vsock(), path).await
+        session::copy_out(&self.running(name)?, path).await
     }
-    fn log_path(&self, name: &str, _boot: bool) -> PathBuf {
-        self.machine_dir(name).join("console.log")
+    fn log_path(&self, name: &str, boot: bool) -> PathBuf {
+        console::log_path(&self.machines().join(name), boot)
     }
 }

@@ -1,0 +1,143 @@
+//! The runtime's errors: one variant per failure, the cause as `#[source]`. Each message a
+//! user can meet names the thing (binary, kernel, machine, log) and says what to do; the
+//! service turns them into API errors once, at its edge, with the whole chain.
+
+use std::path::PathBuf;
+
+use container_agent_proto::ProtoError;
+use container_api::{ApiError, ErrorKind};
+
+/// Why a runtime operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("{name} not found: {hint}")]
+    MissingBinary { name: String, hint: &'static str },
+    #[error("no kernel is installed; run `container system kernel set --recommended` (as root)")]
+    NoKernel,
+    #[error("kernel {} is not a file", .0.display())]
+    KernelNotAFile(PathBuf),
+    #[error("module directory {} does not exist", .0.display())]
+    ModulesNotADirectory(PathBuf),
+    #[error(
+        "apt-get is not available: `--recommended` needs a Debian or Ubuntu host; give a kernel with `container system kernel set --binary PATH --modules DIR`"
+    )]
+    NoApt,
+    #[error(
+        "no cloud kernel package is known to apt (tried {tried}); run `apt-get update`, or give a kernel with `container system kernel set --binary PATH --modules DIR`"
+    )]
+    NoKernelPackage { tried: String },
+    #[error("{package} depends on no linux-image package")]
+    NoVersionedKernel { package: String },
+    #[error("the kernel package {package} has no {what}")]
+    BadKernelPackage { package: String, what: String },
+    #[error("{what} failed: {stderr}")]
+    CommandFailed { what: String, stderr: String },
+    #[error("cannot run {program}")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the kernel has no module {name}, neither built in nor as a file under {}", modules.display())]
+    MissingModule { name: String, modules: PathBuf },
+    #[error("{what} {}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket path {} is longer than a Unix socket allows; use a shorter run directory", .0.display())]
+    SocketPathTooLong(PathBuf),
+    #[error("{helper} exited at start ({status}); its output is in {}", log.display())]
+    HelperExited {
+        helper: &'static str,
+        status: String,
+        log: PathBuf,
+    },
+    #[error("{helper} did not create {} within {secs} s; its output is in {}", socket.display(), log.display())]
+    HelperTimeout {
+        helper: &'static str,
+        socket: PathBuf,
+        secs: u64,
+        log: PathBuf,
+    },
+    #[error("machine `{0}` is already running")]
+    AlreadyRunning(String),
+    #[error("machine `{0}` is not running")]
+    NotRunning(String),
+    #[error("the VM exited during boot; last lines of {}:\n{tail}", log.display())]
+    ExitedDuringBoot { log: PathBuf, tail: String },
+    #[error("the guest agent did not answer within {secs} s; last lines of {}:\n{tail}", log.display())]
+    AgentTimeout {
+        secs: u64,
+        log: PathBuf,
+        tail: String,
+        #[source]
+        source: ProtoError,
+    },
+    #[error("the VM of machine `{0}` did not exit after being killed")]
+    DidNotExit(String),
+    #[error("talking to the guest agent")]
+    Agent(#[source] ProtoError),
+}
+
+impl RuntimeError {
+    pub(crate) fn io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| RuntimeError::Io { what, path, source }
+    }
+
+    fn kind(&self) -> ErrorKind {
+        use RuntimeError::*;
+        match self {
+            KernelNotAFile(_) | ModulesNotADirectory(_) => ErrorKind::InvalidArgument,
+            AlreadyRunning(_) | NotRunning(_) => ErrorKind::Conflict,
+            MissingBinary { .. }
+            | NoKernel
+            | NoApt
+            | NoKernelPackage { .. }
+            | CommandFailed { .. }
+            | HelperExited { .. }
+            | HelperTimeout { .. }
+            | ExitedDuringBoot { .. }
+            | AgentTimeout { .. }
+            | Agent(_) => ErrorKind::Unavailable,
+            _ => ErrorKind::Internal,
+        }
+    }
+}
+
+/// The message with its causes, printed once.
+impl From<RuntimeError> for ApiError {
+    fn from(e: RuntimeError) -> Self {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        ApiError::new(e.kind(), message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_errors_carry_the_cause_chain_and_kind() {
+        let e =
+            RuntimeError::io("reading", "/x")(std::io::Error::from(std::io::ErrorKind::NotFound));
+        let api = ApiError::from(e);
+        assert_eq!(api.kind, ErrorKind::Internal);
+        assert!(api.message.starts_with("reading /x: "), "{}", api.message);
+        let api = ApiError::from(RuntimeError::NotRunning("dev".into()));
+        assert_eq!(api.kind, ErrorKind::Conflict);
+        assert_eq!(api.message, "machine `dev` is not running");
+    }
+}

@@ -1,0 +1,194 @@
+//! The programs a VM needs besides the service: QEMU, the guest agent, and the vhost-user
+//! helpers `vhost-device-vsock` and `virtiofsd`, found at a configured path, next to the
+//! service binary, on PATH, or in `~/.cargo/bin` (where `cargo install` puts the helpers).
+//! Helpers run in their own process group so they outlive a service restart, with their
+//! output in the machine's `helpers.log`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::RuntimeError;
+
+/// Configured paths of the programs; `None` searches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HelperPaths {
+    pub qemu: Option<PathBuf>,
+    pub virtiofsd: Option<PathBuf>,
+    pub vhost_device_vsock: Option<PathBuf>,
+    pub agent: Option<PathBuf>,
+}
+
+/// The program names.
+pub const QEMU: &str = "qemu-system-x86_64";
+pub const VIRTIOFSD: &str = "virtiofsd";
+pub const VHOST_DEVICE_VSOCK: &str = "vhost-device-vsock";
+pub const AGENT: &str = "container-agent";
+
+/// How to get a program that is missing.
+fn install_hint(name: &str) -> &'static str {
+    match name {
+        VIRTIOFSD | VHOST_DEVICE_VSOCK => {
+            "install it with `cargo install virtiofsd vhost-device-vsock` (needs libseccomp-dev and libcap-ng-dev; scripts/install-deps.sh does it)"
+        }
+        QEMU => "install the qemu-system-x86 package",
+        AGENT => {
+            "build it with scripts/build.sh (a static binary), or set `agent` under [runtime] in config.toml"
+        }
+        _ => "install it, or set its path under [runtime] in config.toml",
+    }
+}
+
+/// The error for a program that cannot be found or started.
+pub fn missing(name: &str) -> RuntimeError {
+    RuntimeError::MissingBinary {
+        name: name.to_string(),
+        hint: install_hint(name),
+    }
+}
+
+/// Finds a program: the configured path, else next to the service, on PATH, in
+/// `~/.cargo/bin` (of `$HOME` and of root). Among several, one that every user may execute
+/// wins: virtiofsd runs as the machine's owner, who may not reach root's home.
+pub fn find_binary(name: &str, configured: Option<&Path>) -> Result<PathBuf, RuntimeError> {
+    if let Some(c) = configured {
+        return if c.is_file() {
+            Ok(c.to_path_buf())
+        } else {
+            Err(RuntimeError::MissingBinary {
+                name: format!("{name} (configured as {})", c.display()),
+                hint: install_hint(name),
+            })
+        };
+    }
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        candidates.push(dir.join(name));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join(name)));
+    }
+    for home in [
+        std::env::var_os("HOME").map(PathBuf::from),
+        Some(PathBuf::from("/root")),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        candidates.push(home.join(".cargo/bin").join(name));
+    }
+    let existing: Vec<PathBuf> = candidates.into_iter().filter(|p| p.is_file()).collect();
+    existing
+        .iter()
+        .find(|p| world_executable(p))
+        .or(existing.first())
+        .cloned()
+        .ok_or_else(|| missing(name))
+}
+
+/// Whether others may execute `path` and traverse every directory above it.
+fn world_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.ancestors().all(|p| {
+        p.as_os_str().is_empty()
+            || std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0)
+    })
+}
+
+/// Starts `cmd` in a process group of its own, output appended to `log`.
+pub fn spawn(mut cmd: Command, name: &'static str, log: &Path) -> Result<Child, RuntimeError> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(RuntimeError::io("opening", log))?;
+    let err = out.try_clone().map_err(RuntimeError::io("opening", log))?;
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
+    cmd.spawn().map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            missing(name)
+        } else {
+            RuntimeError::Spawn {
+                program: name.to_string(),
+                source,
+            }
+        }
+    })
+}
+
+/// Waits until a helper has created its socket; fails if it exits first or takes too long.
+pub fn wait_for_socket(
+    socket: &Path,
+    child: &mut Child,
+    helper: &'static str,
+    log: &Path,
+) -> Result<(), RuntimeError> {
+    const LIMIT: Duration = Duration::from_secs(10);
+    let deadline = Instant::now() + LIMIT;
+    while !socket.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(RuntimeError::HelperExited {
+                helper,
+                status: status.to_string(),
+                log: log.to_path_buf(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(RuntimeError::HelperTimeout {
+                helper,
+                socket: socket.to_path_buf(),
+                secs: LIMIT.as_secs(),
+                log: log.to_path_buf(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_program_is_named_with_how_to_install_it() {
+        let err = find_binary(VIRTIOFSD, Some(Path::new("/nonexistent/virtiofsd"))).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("/nonexistent/virtiofsd"), "{text}");
+        assert!(
+            text.contains("cargo install virtiofsd vhost-device-vsock"),
+            "{text}"
+        );
+        let err = find_binary("no-such-program-here", None).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("no-such-program-here not found")
+        );
+        assert!(find_binary("sh", None).is_ok());
+    }
+
+    #[test]
+    fn a_helper_that_dies_at_start_is_reported_with_its_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("helpers.log");
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo broken >&2; exit 3"]);
+        let mut child = spawn(c, "vhost-device-vsock", &log).unwrap();
+        let err = wait_for_socket(
+            &dir.path().join("s.sock"),
+            &mut child,
+            "vhost-device-vsock",
+            &log,
+        )
+        .unwrap_err();
+        assert!(matches!(err, RuntimeError::HelperExited { .. }), "{err}");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "broken\n");
+    }
+}

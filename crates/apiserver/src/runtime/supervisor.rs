@@ -1,0 +1,515 @@
+//! Starting, watching, adopting and stopping VMs.
+//!
+//! A start spawns the helpers (waiting for their sockets), then the VMM, each in a process
+//! group of its own so that none dies with the service, and records them in the machine's
+//! `run.json` (pids with start times, the runtime directory) before waiting for the agent.
+//! Invariant: whenever the VMM exits, whatever the cause, a watcher kills its helpers,
+//! removes the runtime directory and `run.json`, and marks the VM stopped. The watcher waits
+//! on a pidfd, so it works as well for a VMM adopted after a service restart (no longer our
+//! child) as for one we started.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use container_agent_proto as proto;
+use container_api::machine::MachineState;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::helpers::{self, VHOST_DEVICE_VSOCK, VIRTIOFSD};
+use super::process::ProcessId;
+use super::vmm::{Launch, Vmm};
+use super::{RunningVm, RuntimeError, RuntimeOptions, VmSpec, console, initramfs};
+use crate::fsutil;
+
+/// What is recorded about a running VM in `<machine dir>/run.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct RunState {
+    #[serde(default)]
+    pub id: String,
+    pub qemu: ProcessId,
+    pub helpers: Vec<ProcessId>,
+    pub run_dir: PathBuf,
+    pub started: chrono::DateTime<chrono::Utc>,
+}
+
+const RUN_FILE: &str = "run.json";
+const HELPER_LOG: &str = "helpers.log";
+/// Longest Unix socket path (sun_path holds 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+/// How long a guest may print nothing before its boot is retried.
+const SILENCE_LIMIT: Duration = Duration::from_secs(20);
+/// Boot attempts when the guest stays silent.
+const ATTEMPTS: u32 = 3;
+/// Waited beyond the caller's stop timeout for the agent's own forced power-off.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// One VM the runtime supervises.
+#[derive(Debug)]
+pub(super) struct Vm {
+    pub machine_dir: PathBuf,
+    pub run: RunState,
+    pub state: watch::Sender<MachineState>,
+    /// Processes we spawned, reaped once they exit (none for an adopted VM).
+    children: Mutex<Vec<Child>>,
+}
+
+impl Vm {
+    pub fn agent_socket(&self) -> PathBuf {
+        self.run.run_dir.join("vsock.sock")
+    }
+
+    fn control_socket(&self) -> PathBuf {
+        self.run.run_dir.join("qmp.sock")
+    }
+
+    pub fn get(&self) -> MachineState {
+        *self.state.borrow()
+    }
+
+    /// Waits until the VM is stopped, at most `limit`; true if it is.
+    async fn stopped_within(&self, limit: Duration) -> bool {
+        let mut rx = self.state.subscribe();
+        tokio::time::timeout(limit, rx.wait_for(|s| *s == MachineState::Stopped))
+            .await
+            .is_ok()
+    }
+
+    pub fn info(&self) -> RunningVm {
+        RunningVm {
+            id: self.run.id.clone(),
+            pid: self.run.qemu.pid(),
+            run_dir: self.run.run_dir.clone(),
+            agent_socket: self.agent_socket(),
+            console: console::console_path(&self.machine_dir),
+            started: self.run.started,
+        }
+    }
+}
+
+/// The supervisor's state, shared with the watcher tasks.
+#[derive(Debug)]
+pub(super) struct Supervisor {
+    pub options: RuntimeOptions,
+    pub vmm: Arc<dyn Vmm>,
+    pub vms: Mutex<HashMap<String, Arc<Vm>>>,
+}
+
+/// Why one boot attempt failed.
+enum Attempt {
+    /// Nothing on the console: worth another try.
+    Silent,
+    Failed(RuntimeError),
+}
+
+impl From<RuntimeError> for Attempt {
+    fn from(e: RuntimeError) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
+fn check_socket(path: &Path) -> Result<(), RuntimeError> {
+    if path.as_os_str().len() > MAX_SOCKET_PATH {
+        return Err(RuntimeError::SocketPathTooLong(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+impl Supervisor {
+    pub fn get(&self, id: &str) -> Option<Arc<Vm>> {
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// The per-VM runtime directory: short, so socket paths stay under the limit.
+    fn run_dir(&self, id: &str) -> PathBuf {
+        let short = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(id.as_bytes())[..6]);
+        self.options.run_dir.join("vm").join(short)
+    }
+
+    /// Boots, retrying when the guest stays silent: under software emulation a guest kernel
+    /// occasionally stalls before its first console line; a fresh start gets past it.
+    pub async fn start(self: &Arc<Self>, spec: VmSpec) -> Result<RunningVm, RuntimeError> {
+        if let Some(vm) = self.get(&spec.id)
+            && vm.get() != MachineState::Stopped
+        {
+            return Err(RuntimeError::AlreadyRunning(spec.id));
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.start_once(&spec, attempt < ATTEMPTS).await {
+                Ok(vm) => return Ok(vm),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Silent) => {
+                    tracing::warn!(machine = %spec.id, attempt, "the guest printed nothing; restarting the VM");
+                }
+            }
+        }
+    }
+
+    async fn start_once(
+        self: &Arc<Self>,
+        spec: &VmSpec,
+        may_retry: bool,
+    ) -> Result<RunningVm, Attempt> {
+        let this = self.clone();
+        let launch_spec = spec.clone();
+        let vm = tokio::task::spawn_blocking(move || this.launch(&launch_spec))
+            .await
+            .map_err(|e| RuntimeError::Io {
+                what: "starting the VM of",
+                path: spec.machine_dir.clone(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        let vm = Arc::new(vm);
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(spec.id.clone(), vm.clone());
+        self.watch(vm.clone());
+
+        let console = console::console_path(&spec.machine_dir);
+        let launched = Instant::now();
+        let deadline = launched + self.options.boot_timeout;
+        loop {
+            if vm.get() == MachineState::Stopped {
+                return Err(Attempt::Failed(RuntimeError::ExitedDuringBoot {
+                    tail: console::tail(&console, 20),
+                    log: console,
+                }));
+            }
+            if may_retry
+                && launched.elapsed() > SILENCE_LIMIT
+                && std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0) == 0
+            {
+                self.force_stop(&vm).await;
+                return Err(Attempt::Silent);
+            }
+            let attempt_until = Instant::now()
+                + Duration::from_secs(2).min(deadline.saturating_duration_since(Instant::now()));
+            match proto::host::wait_ready(&vm.agent_socket(), proto::PORT, attempt_until).await {
+                Ok(_) => break,
+                Err(source) if Instant::now() >= deadline => {
+                    self.force_stop(&vm).await;
+                    return Err(Attempt::Failed(RuntimeError::AgentTimeout {
+                        secs: self.options.boot_timeout.as_secs(),
+                        tail: console::tail(&console, 20),
+                        log: console,
+                        source,
+                    }));
+                }
+                Err(_) => {}
+            }
+        }
+        console::write_boot_log(&spec.machine_dir);
+        // A stop that raced with the boot wins.
+        vm.state.send_if_modified(|s| {
+            let starting = *s == MachineState::Starting;
+            if starting {
+                *s = MachineState::Running;
+            }
+            starting
+        });
+        Ok(vm.info())
+    }
+
+    /// Builds the initramfs, spawns the helpers and the VMM, records them. Blocking.
+    fn launch(&self, spec: &VmSpec) -> Result<Vm, RuntimeError> {
+        let o = &self.options;
+        let agent = helpers::find_binary(helpers::AGENT, o.helpers.agent.as_deref())?;
+        let vsock_bin =
+            helpers::find_binary(VHOST_DEVICE_VSOCK, o.helpers.vhost_device_vsock.as_deref())?;
+        let fs_bin = match spec.shares.is_empty() {
+            true => None,
+            false => Some(helpers::find_binary(
+                VIRTIOFSD,
+                o.helpers.virtiofsd.as_deref(),
+            )?),
+        };
+        let initrd = initramfs::build(&o.root.join("initramfs"), &spec.kernel, &agent)?;
+
+        let run_dir = self.run_dir(&spec.id);
+        let _ = std::fs::remove_dir_all(&run_dir);
+        std::fs::create_dir_all(&run_dir).map_err(RuntimeError::io("creating", &run_dir))?;
+        let vhu = run_dir.join("vhu.sock");
+        let vsock = run_dir.join("vsock.sock");
+        let control = run_dir.join("qmp.sock");
+        let fs_dir = run_dir.join("fs");
+        let shares: Vec<(String, PathBuf)> = spec
+            .shares
+            .iter()
+            .map(|s| (s.tag.clone(), fs_dir.join(format!("{}.sock", s.tag))))
+            .collect();
+        for p in [&vhu, &vsock, &control]
+            .into_iter()
+            .chain(shares.iter().map(|(_, p)| p))
+        {
+            check_socket(p)?;
+        }
+
+        let mut boot = spec.boot.clone();
+        boot.version = proto::VERSION;
+        boot.vsock_port = proto::PORT;
+        boot.modules = initrd.modules.clone();
+        boot.shares = spec
+            .shares
+            .iter()
+            .map(|s| proto::Share {
+                tag: s.tag.clone(),
+                guest_path: s.guest_path.clone(),
+                read_only: s.read_only,
+            })
+            .collect();
+        boot.time_unix_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let initrd_path = run_dir.join("initrd.img");
+        let boot_json = serde_json::to_vec(&boot).map_err(|e| RuntimeError::Io {
+            what: "encoding the boot config for",
+            path: initrd_path.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        initramfs::with_boot_config(&initrd.path, &boot_json, &initrd_path)?;
+
+        let log = spec.machine_dir.join(HELPER_LOG);
+        let _ = std::fs::remove_file(&log);
+        console::reset(&spec.machine_dir);
+        let mut started = Started::default();
+        let result = (|| {
+            let mut c = std::process::Command::new(&vsock_bin);
+            c.arg("--guest-cid")
+                .arg("3")
+                .arg("--socket")
+                .arg(&vhu)
+                .arg("--uds-path")
+                .arg(&vsock);
+            started.helper(helpers::spawn(c, VHOST_DEVICE_VSOCK, &log)?);
+            helpers::wait_for_socket(&vhu, started.last(), VHOST_DEVICE_VSOCK, &log)?;
+
+            if let Some(fs_bin) = &fs_bin {
+                std::fs::create_dir_all(&fs_dir).map_err(RuntimeError::io("creating", &fs_dir))?;
+                for (s, (_, sock)) in spec.shares.iter().zip(&shares) {
+                    // virtiofsd runs as the machine's owner, so the guest reaches only what
+                    // the owner can; unprivileged, it needs `--sandbox none`.
+                    let _ = std::os::unix::fs::chown(&fs_dir, Some(s.owner_uid), Some(s.owner_gid));
+                    let mut c = std::process::Command::new(fs_bin);
+                    c.arg("--socket-path")
+                        .arg(sock)
+                        .arg("--shared-dir")
+                        .arg(&s.host_path)
+                        .args(["--sandbox", "none", "--cache", "auto"]);
+                    if s.read_only {
+                        c.arg("--readonly");
+                    }
+                    if s.owner_uid != nix::unistd::geteuid().as_raw() {
+                        use std::os::unix::process::CommandExt;
+                        c.uid(s.owner_uid).gid(s.owner_gid);
+                    }
+                    started.helper(helpers::spawn(c, VIRTIOFSD, &log)?);
+                    helpers::wait_for_socket(sock, started.last(), VIRTIOFSD, &log)?;
+                }
+            }
+
+            let console = console::console_path(&spec.machine_dir);
+            let launch = Launch {
+                cpus: spec.cpus,
+                memory_mib: (spec.memory_bytes >> 20).max(64),
+                kernel: &spec.kernel.vmlinuz,
+                initrd: &initrd_path,
+                disk: &spec.disk,
+                console: &console,
+                control: &control,
+                vsock: &vhu,
+                shares: &shares,
+                net: spec.net.as_ref(),
+            };
+            let vmm = helpers::spawn(self.vmm.command(&launch), helpers::QEMU, &log)?;
+            let qemu = ProcessId::of(vmm.id()).unwrap_or(ProcessId(vmm.id() as i32, 0));
+            started.children.push(vmm);
+            let run = RunState {
+                id: spec.id.clone(),
+                qemu,
+                helpers: started.helpers.clone(),
+                run_dir: run_dir.clone(),
+                started: chrono::Utc::now(),
+            };
+            let run_file = spec.machine_dir.join(RUN_FILE);
+            fsutil::write_json(&run_file, &run).map_err(RuntimeError::io("writing", &run_file))?;
+            Ok(run)
+        })();
+        match result {
+            Ok(run) => Ok(Vm {
+                machine_dir: spec.machine_dir.clone(),
+                run,
+                state: watch::Sender::new(MachineState::Starting),
+                children: Mutex::new(std::mem::take(&mut started.children)),
+            }),
+            Err(e) => {
+                started.kill_all();
+                let _ = std::fs::remove_dir_all(&run_dir);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for the VMM to exit, then cleans up after it.
+    fn watch(self: &Arc<Self>, vm: Arc<Vm>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            vm.run.qemu.exited().await;
+            let cleaned = vm.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                cleanup(&cleaned.run, &cleaned.machine_dir);
+                let mut children = cleaned.children.lock().unwrap_or_else(|p| p.into_inner());
+                for c in children.iter_mut() {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                }
+                children.clear();
+            })
+            .await;
+            vm.state.send_replace(MachineState::Stopped);
+            let mut vms = this.vms.lock().unwrap_or_else(|p| p.into_inner());
+            if vms.get(&vm.run.id).is_some_and(|v| Arc::ptr_eq(v, &vm)) {
+                vms.remove(&vm.run.id);
+            }
+            tracing::info!(machine = %vm.run.id, "machine stopped");
+        });
+    }
+
+    /// Re-attaches to the VM recorded in `machine_dir` if its VMM still runs, else cleans up
+    /// after it. True when a running VM was adopted.
+    pub fn adopt(self: &Arc<Self>, machine_dir: &Path) -> bool {
+        let Ok(Some(mut run)) = fsutil::read_json::<RunState>(&machine_dir.join(RUN_FILE)) else {
+            return false;
+        };
+        if run.id.is_empty() {
+            run.id = machine_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+        }
+        if self.get(&run.id).is_some() {
+            return true;
+        }
+        if !run.qemu.alive() {
+            tracing::info!(machine = %run.id, "cleaning up after a machine that stopped while the service was down");
+            cleanup(&run, machine_dir);
+            return false;
+        }
+        tracing::info!(machine = %run.id, pid = run.qemu.pid(), "adopting a running machine");
+        let vm = Arc::new(Vm {
+            machine_dir: machine_dir.to_path_buf(),
+            run,
+            state: watch::Sender::new(MachineState::Running),
+            children: Mutex::new(Vec::new()),
+        });
+        self.vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(vm.run.id.clone(), vm.clone());
+        self.watch(vm);
+        true
+    }
+
+    /// Asks the agent to shut the machine down; forces it off after `timeout` and a grace.
+    pub async fn stop(
+        &self,
+        id: &str,
+        signal: Option<i32>,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        let Some(vm) = self.get(id) else {
+            return Ok(());
+        };
+        if vm.get() == MachineState::Stopped {
+            return Ok(());
+        }
+        vm.state.send_replace(MachineState::Stopping);
+        let asked = tokio::time::timeout(
+            Duration::from_secs(5),
+            proto::host::call(
+                &vm.agent_socket(),
+                proto::PORT,
+                proto::Message::Shutdown {
+                    signal,
+                    timeout_ms: timeout.as_millis() as u64,
+                },
+            ),
+        )
+        .await;
+        match asked {
+            Ok(Ok(_)) => {
+                if vm.stopped_within(timeout + STOP_GRACE).await {
+                    return Ok(());
+                }
+                tracing::warn!(machine = %id, "the machine did not power off in time; forcing it off");
+            }
+            _ => {
+                tracing::warn!(machine = %id, "the guest agent did not take the stop request; forcing the VM off");
+            }
+        }
+        if self.force_stop(&vm).await {
+            Ok(())
+        } else {
+            Err(RuntimeError::DidNotExit(id.to_string()))
+        }
+    }
+
+    /// Asks the VMM to quit, then kills it. True once the VM is stopped.
+    async fn force_stop(&self, vm: &Vm) -> bool {
+        if self.vmm.quit(&vm.control_socket()).await.is_ok()
+            && vm.stopped_within(Duration::from_secs(3)).await
+        {
+            return true;
+        }
+        vm.run.qemu.kill();
+        vm.stopped_within(Duration::from_secs(10)).await
+    }
+}
+
+/// Processes spawned by a start in progress, killed if the start fails.
+#[derive(Default)]
+struct Started {
+    helpers: Vec<ProcessId>,
+    children: Vec<Child>,
+}
+
+impl Started {
+    fn helper(&mut self, child: Child) {
+        if let Some(id) = ProcessId::of(child.id()) {
+            self.helpers.push(id);
+        }
+        self.children.push(child);
+    }
+
+    fn last(&mut self) -> &mut Child {
+        self.children.last_mut().expect("a helper was just started")
+    }
+
+    fn kill_all(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Kills what is left of a VM and removes its runtime files.
+fn cleanup(run: &RunState, machine_dir: &Path) {
+    run.qemu.kill();
+    for h in &run.helpers {
+        h.kill();
+    }
+    let _ = std::fs::remove_dir_all(&run.run_dir);
+    let _ = std::fs::remove_file(machine_dir.join(RUN_FILE));
+    console::write_boot_log(machine_dir);
+}

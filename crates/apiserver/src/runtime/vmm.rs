@@ -1,0 +1,48 @@
+//! The seam between supervision and the virtual machine monitor: what a VMM is given to
+//! launch one VM, and how it is asked to quit. QEMU's `microvm` is the one implementation
+//! ([`super::qemu::Qemu`]); another VMM (cloud-hypervisor, Firecracker) would be another.
+//! Supervision never builds a VMM command line itself.
+
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use async_trait::async_trait;
+
+/// A tap device to plug into the VM, with the guest's MAC address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetDevice {
+    pub tap: String,
+    pub mac: String,
+}
+
+/// Everything a VMM needs to launch one VM.
+#[derive(Debug, Clone)]
+pub struct Launch<'a> {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    pub kernel: &'a Path,
+    pub initrd: &'a Path,
+    /// The machine disk (qcow2), the guest's `/dev/vda`.
+    pub disk: &'a Path,
+    /// Where the serial console is written (kernel, agent and init output).
+    pub console: &'a Path,
+    /// The VMM's control socket (QMP for QEMU).
+    pub control: &'a Path,
+    /// The vhost-user socket of the vsock device.
+    pub vsock: &'a Path,
+    /// (tag, vhost-user socket of its virtiofsd), one per share.
+    pub shares: &'a [(String, PathBuf)],
+    pub net: Option<&'a NetDevice>,
+}
+
+/// A virtual machine monitor.
+#[async_trait]
+pub trait Vmm: Send + Sync + Debug {
+    /// The program, for errors and logs.
+    fn program(&self) -> &Path;
+    /// The command that runs the VM in the foreground until it powers off.
+    fn command(&self, launch: &Launch<'_>) -> Command;
+    /// Asks a running VM's monitor, through its control socket, to exit now.
+    async fn quit(&self, control: &Path) -> std::io::Result<()>;
+}
