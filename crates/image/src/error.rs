@@ -12,8 +12,8 @@ pub enum ImageError {
     #[error("registry {registry}: {message}")]
     Registry { registry: String, message: String },
     #[error(
-        "registry {registry} refused access: log in with `container registry login {registry}` \
-         (or check the stored user name and password)"
+        "registry {registry} refused access (authentication required or failed): log in with \
+         `container registry login {registry}`, or check the stored user name and password"
     )]
     Unauthorized { registry: String },
     #[error(

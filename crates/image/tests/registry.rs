@@ -167,6 +167,42 @@ async fn pulls_an_image_into_a_base_disk_with_every_kind_of_entry() {
 }
 
 #[tokio::test]
+async fn pulls_docker_v2_manifests() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    // Docker's format has no zstd: gzip layers only.
+    let layers: Vec<_> = busybox_layers()
+        .into_iter()
+        .map(|(tar, _)| (tar, Comp::Gzip))
+        .collect();
+    let m = layout.image("amd64", busybox_config(), &layers);
+    layout.tag(m, "1");
+    let registry = Registry::start(None);
+    let reference = registry.push_as_docker(&layout.dir, "1", "test/docker:1");
+    let store = ImageStore::open(&work.path().join("store")).unwrap();
+    let record = store
+        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        record.media_type,
+        "application/vnd.docker.distribution.manifest.v2+json"
+    );
+    assert!(
+        record
+            .layers
+            .iter()
+            .all(|l| l.media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip")
+    );
+    assert_eq!(record.has_init(), Some(true));
+    let disk = &record.disk.as_ref().unwrap().0;
+    assert!(debugfs(disk, "cat /opt/old/new").contains("upper"));
+}
+
+#[tokio::test]
 async fn a_corrupt_or_truncated_blob_leaves_no_image() {
     if !tools() {
         return;

@@ -410,6 +410,16 @@ impl Registry {
         reference
     }
 
+    /// Pushes `layout:tag` as `name:tag` converted to a Docker v2 schema 2 manifest.
+    pub fn push_as_docker(&self, layout: &Path, tag: &str, name: &str) -> String {
+        let reference = format!("{}/{name}", self.addr);
+        run(Command::new("skopeo")
+            .args(["copy", "-q", "--format", "v2s2", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{reference}")));
+        reference
+    }
+
     /// The file holding a blob in the registry's storage.
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
