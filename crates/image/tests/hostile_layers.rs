@@ -225,3 +225,82 @@ impl Nlink for std::fs::Metadata {
         std::os::unix::fs::MetadataExt::nlink(self)
     }
 }
+
+mod random_layers {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A path built from parts that matter for escapes.
+    fn path_part() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "a",
+            "b",
+            "..",
+            ".",
+            "",
+            "OUT",
+            ".wh.a",
+            ".wh..wh..opq",
+        ])
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        prop::collection::vec(path_part(), 1..4).prop_map(|parts| parts.join("/"))
+    }
+
+    #[derive(Debug, Clone)]
+    enum Kind {
+        File,
+        Dir,
+        Symlink(String),
+        Hardlink(String),
+    }
+
+    fn kind() -> impl Strategy<Value = Kind> {
+        prop_oneof![
+            Just(Kind::File),
+            Just(Kind::Dir),
+            path().prop_map(Kind::Symlink),
+            path().prop_map(Kind::Hardlink),
+            Just(Kind::Symlink("OUT".into())),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Whatever the entries, nothing outside the root changes.
+        #[test]
+        fn nothing_escapes(entries in prop::collection::vec((path(), kind()), 1..8)) {
+            let s = sandbox();
+            let outside = s.outside.display().to_string();
+            let fix = |p: &str| p.replace("OUT", &outside);
+            let mut b = tar::Builder::new(Vec::new());
+            for (p, k) in &entries {
+                let name = fix(p);
+                if name.is_empty() || name.len() > 99 {
+                    continue;
+                }
+                match k {
+                    Kind::File => entry(&mut b, &name, Regular, None, b"pwned"),
+                    Kind::Dir => entry(&mut b, &name, Directory, None, b""),
+                    Kind::Symlink(t) => entry(&mut b, &name, Symlink, Some(&fix(t)), b""),
+                    Kind::Hardlink(t) => entry(&mut b, &name, Link, Some(&fix(t)), b""),
+                }
+            }
+            let tar = b.into_inner().unwrap();
+            let _ = apply_layer(&s.root, tar.as_slice());
+            untouched(&s.outside);
+            prop_assert_eq!(
+                std::fs::metadata(s.outside.join("victim")).unwrap().nlink(),
+                1
+            );
+            let mut beside: Vec<_> = std::fs::read_dir(s._dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            beside.sort();
+            prop_assert_eq!(beside, ["outside", "root"]);
+        }
+    }
+}
