@@ -1,57 +1,103 @@
 #!/usr/bin/env bash
-# A real OCI registry (Debian's docker-registry) on a free loopback port, for tests, the demo
-# and benchmarks.
-#   test-registry.sh start DIR [--htpasswd FILE]   prints 127.0.0.1:PORT
-#   test-registry.sh push DIR OCI_LAYOUT NAME:TAG   (REGISTRY_CREDS=user:pass for auth)
-#   test-registry.sh stop DIR
+# A real OCI registry (Debian's docker-registry, run directly: its systemd service is not used)
+# on a free loopback port, for tests, the demo and benchmarks.
+#
+#   test-registry.sh start DIR [--htpasswd FILE]   prints 127.0.0.1:PORT (also kept in DIR/addr)
+#   test-registry.sh push DIR OCI_LAYOUT NAME:TAG   pushes the layout's `latest` image
+#                                                   (REGISTRY_CREDS=user:pass when auth is on)
+#   test-registry.sh stop DIR                       idempotent
+#
+# DIR holds the config, the blobs (DIR/data), the log (DIR/registry.log) and the pid file.
 set -euo pipefail
 cmd=${1:?usage: test-registry.sh start|push|stop DIR ...}
-dir=${2:?missing DIR}
-case $cmd in
-start)
-  htpasswd=
-  if [ "${3:-}" = --htpasswd ]; then htpasswd=${4:?missing htpasswd file}; fi
+dir=${2:?usage: test-registry.sh $cmd DIR ...}
+
+# The HTTP status of GET /v2/ (000 when nothing answers).
+v2_status() {
+  curl -s -o /dev/null -m 2 -w '%{http_code}' "http://$1/v2/" 2>/dev/null || true
+}
+
+alive() { [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; }
+
+start() {
+  local htpasswd=
+  if [ "${1:-}" = --htpasswd ]; then
+    htpasswd=$(realpath "${2:?--htpasswd needs a file}")
+    [ -f "$htpasswd" ] || { echo "test-registry: no htpasswd file $htpasswd" >&2; exit 1; }
+  fi
+  command -v docker-registry >/dev/null || {
+    echo "test-registry: docker-registry is missing: apt-get install docker-registry" >&2
+    exit 1
+  }
+  if alive; then
+    echo "test-registry: a registry already runs for $dir ($(cat "$dir/addr")); stop it first" >&2
+    exit 1
+  fi
   mkdir -p "$dir/data"
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  {
-    echo "version: 0.1"
-    echo "log: {level: error}"
-    echo "storage: {filesystem: {rootdirectory: $dir/data}, delete: {enabled: true}}"
-    echo "http: {addr: 127.0.0.1:$port}"
-    if [ -n "$htpasswd" ]; then
-      echo "auth: {htpasswd: {realm: test, path: $htpasswd}}"
-    fi
-  } > "$dir/config.yml"
-  docker-registry serve "$dir/config.yml" > "$dir/registry.log" 2>&1 &
-  echo $! > "$dir/pid"
-  echo "127.0.0.1:$port" > "$dir/addr"
-  for _ in $(seq 1 100); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/v2/" || true)
-    if [ "$code" = 200 ] || [ "$code" = 401 ]; then
-      echo "127.0.0.1:$port"
-      exit 0
-    fi
+  dir=$(realpath "$dir")
+  # The port is free when picked but could be taken before the registry binds it: retry.
+  local attempt port pid code
+  for attempt in 1 2 3; do
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    {
+      echo "version: 0.1"
+      echo "log: {level: warn}"
+      echo "storage: {filesystem: {rootdirectory: $dir/data}, delete: {enabled: true}}"
+      echo "http: {addr: 127.0.0.1:$port}"
+      if [ -n "$htpasswd" ]; then
+        echo "auth: {htpasswd: {realm: test-registry, path: $htpasswd}}"
+      fi
+    } > "$dir/config.yml"
+    # setsid: the registry outlives this script and ignores the caller's terminal signals.
+    setsid docker-registry serve "$dir/config.yml" >> "$dir/registry.log" 2>&1 < /dev/null &
+    pid=$!
+    echo "$pid" > "$dir/pid"
+    echo "127.0.0.1:$port" > "$dir/addr"
+    for _ in $(seq 1 100); do
+      code=$(v2_status "127.0.0.1:$port")
+      if [ "$code" = 200 ] || [ "$code" = 401 ]; then
+        echo "127.0.0.1:$port"
+        return 0
+      fi
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    stop
+    echo "test-registry: attempt $attempt on port $port failed" >&2
+  done
+  echo "test-registry: the registry did not start; its log ($dir/registry.log):" >&2
+  tail -n 20 "$dir/registry.log" >&2
+  exit 1
+}
+
+stop() {
+  alive || { rm -f "$dir/pid"; return 0; }
+  local pid
+  pid=$(cat "$dir/pid")
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 50); do
+    kill -0 "$pid" 2>/dev/null || { rm -f "$dir/pid"; return 0; }
     sleep 0.1
   done
-  echo "test-registry: the registry did not start; log:" >&2
-  cat "$dir/registry.log" >&2
-  exit 1
-  ;;
-push)
-  layout=${3:?missing OCI layout}
-  ref=${4:?missing NAME:TAG}
-  creds=()
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$dir/pid"
+}
+
+push() {
+  local layout=${1:?missing OCI layout} ref=${2:?missing NAME:TAG} creds=()
+  [ -f "$layout/index.json" ] || { echo "test-registry: $layout is not an OCI layout" >&2; exit 1; }
+  alive || { echo "test-registry: no registry runs for $dir: start it first" >&2; exit 1; }
   if [ -n "${REGISTRY_CREDS:-}" ]; then creds=(--dest-creds "$REGISTRY_CREDS"); fi
-  skopeo copy -q --dest-tls-verify=false "${creds[@]}" "oci:$layout:latest" "docker://$(cat "$dir/addr")/$ref"
-  ;;
-stop)
-  if [ -f "$dir/pid" ]; then
-    kill "$(cat "$dir/pid")" 2>/dev/null || true
-    rm -f "$dir/pid"
-  fi
-  ;;
+  skopeo copy -q --dest-tls-verify=false "${creds[@]}" \
+    "oci:$layout:latest" "docker://$(cat "$dir/addr")/$ref"
+}
+
+case $cmd in
+start) start "${@:3}" ;;
+stop) stop ;;
+push) push "${@:3}" ;;
 *)
-  echo "test-registry: unknown command $cmd" >&2
+  echo "test-registry: unknown command $cmd (start, push or stop)" >&2
   exit 2
   ;;
 esac
