@@ -1,35 +1,57 @@
 #!/usr/bin/env bash
-# Pull + unpack of one image from one local registry, ours against `skopeo copy` + `umoci
-# unpack` (what a user would otherwise script), in the same run, reported as a ratio.
-#   bench/image-pull.sh [IMAGE] [ROUNDS]     IMAGE is a tests/images recipe (default debian)
-# Ours ends with an ext4 base disk ready to boot; theirs with an unpacked rootfs directory.
+# Pull + unpack of one image from one local registry: ours (`container image pull`, which
+# ends with an ext4 base disk ready to boot) against `skopeo copy` + `umoci unpack` (what a
+# user would otherwise script, ending with a rootfs directory), in the same run, as a ratio.
+#
+#   bench/image-pull.sh [IMAGE] [ROUNDS]   IMAGE: a tests/images recipe (default debian), ROUNDS: 3
+#
+# CONTAINER: the CLI (default target/install/bin/container, from scripts/build.sh).
+# CONTAINER_SOCKET: a running service to use; when unset or not answering, the benchmark runs
+# a service of its own in a temporary root (CONTAINER_ROOT, CONTAINER_RUN_DIR) and stops it.
+# Needs root (the service and the image build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 image=${1:-debian}
 rounds=${2:-3}
-bin=$PWD/target/install/bin
-[ -x "$bin/container" ] || { echo "bench: build first: scripts/build.sh" >&2; exit 1; }
+cli=${CONTAINER:-$PWD/target/install/bin/container}
+if [ ! -x "$cli" ]; then
+  echo "bench: no container CLI at $cli: build it with scripts/build.sh or set CONTAINER=PATH" >&2
+  exit 1
+fi
+for tool in skopeo umoci docker-registry bc; do
+  command -v "$tool" >/dev/null || { echo "bench: $tool is missing: scripts/install-deps.sh" >&2; exit 1; }
+done
+
 work=$(mktemp -d)
-export CONTAINER_ROOT=$work/root CONTAINER_RUN_DIR=$work/run CONTAINER_SOCKET=$work/run/api.sock
+own_service=0
+if [ -z "${CONTAINER_SOCKET:-}" ] || ! [ -S "$CONTAINER_SOCKET" ] \
+    || ! "$cli" system status >/dev/null 2>&1; then
+  own_service=1
+  export CONTAINER_ROOT=$work/root CONTAINER_RUN_DIR=$work/run CONTAINER_SOCKET=$work/run/api.sock
+fi
 cleanup() {
-  "$bin/container" system stop >/dev/null 2>&1 || true
+  if [ $own_service = 1 ]; then "$cli" system stop >/dev/null 2>&1 || true; fi
   scripts/test-registry.sh stop "$work/registry" >/dev/null 2>&1 || true
-  rm -rf "$work"
+  rm -rf --one-file-system "$work"
 }
 trap cleanup EXIT
+
 layout=$(tests/images/build.sh "$image" | tail -n 1)
 mkdir -p "$work/registry"
 addr=$(scripts/test-registry.sh start "$work/registry" | tail -n 1)
-scripts/test-registry.sh push "$work/registry" "$layout" "bench/$image:1"
-ref=$addr/bench/$image:1
-"$bin/container" system start >/dev/null
+# A tag of its own, so a shared service's images are left alone.
+ref=$addr/bench/$image:$$
+scripts/test-registry.sh push "$work/registry" "$layout" "bench/$image:$$"
+if [ $own_service = 1 ]; then "$cli" system start >/dev/null; fi
 
 now() { date +%s.%N; }
 ours=() theirs=()
 for i in $(seq 1 "$rounds"); do
-  "$bin/container" image rm -f "$ref" >/dev/null 2>&1 || true
+  "$cli" image rm -f "$ref" >/dev/null 2>&1 || true
   sync
-  t0=$(now); "$bin/container" image pull -q "$ref"; t1=$(now)
+  t0=$(now)
+  "$cli" image pull -q "$ref"
+  t1=$(now)
   ours+=("$(echo "$t1 - $t0" | bc)")
   rm -rf "$work/oci" "$work/bundle"
   sync
@@ -38,11 +60,14 @@ for i in $(seq 1 "$rounds"); do
   umoci unpack --image "$work/oci:bench" "$work/bundle" >/dev/null
   t1=$(now)
   theirs+=("$(echo "$t1 - $t0" | bc)")
+  echo "round $i: ours ${ours[-1]} s, skopeo+umoci ${theirs[-1]} s" >&2
 done
+"$cli" image rm -f "$ref" >/dev/null 2>&1 || true
+
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 m_ours=$(median "${ours[@]}")
 m_theirs=$(median "${theirs[@]}")
-echo "image: $image ($(du -sh "$layout" | cut -f1) in the registry), rounds: $rounds"
-echo "container image pull (pull + ext4 base disk): median ${m_ours}s  [${ours[*]}]"
-echo "skopeo copy + umoci unpack (rootfs dir):      median ${m_theirs}s  [${theirs[*]}]"
+echo "image: $image ($(du -sh "$layout" | cut -f1) compressed), rounds: $rounds"
+printf 'container image pull (pull + ext4 base disk): median %.2f s  [%s]\n' "$m_ours" "${ours[*]}"
+printf 'skopeo copy + umoci unpack (rootfs dir):      median %.2f s  [%s]\n' "$m_theirs" "${theirs[*]}"
 echo "ratio ours/theirs: $(echo "scale=2; $m_ours / $m_theirs" | bc)"
