@@ -98,6 +98,8 @@ pub struct ImageRecord {
     /// Config plus layer blob sizes (compressed, as stored).
     pub size: u64,
     pub layers: Vec<LayerRecord>,
+    /// The digest of the image config blob.
+    pub config_digest: String,
     /// Platform, creation time, stop signal and the config object.
     pub config: ConfigInfo,
     /// The base disk and what building it found, once built.
@@ -378,6 +380,7 @@ impl ImageStore {
             digest,
             size,
             layers,
+            config_digest: m.config.digest.clone(),
             config,
             disk,
         })
