@@ -1,0 +1,380 @@
+//! The typed host-side client of the agent: one [`AgentClient`] per session, opened through
+//! the machine's hybrid-vsock socket, consumed by the one request it makes.
+//!
+//! ```no_run
+//! # async fn demo(uds: &std::path::Path) -> Result<(), container_agent_proto::ProtoError> {
+//! use container_agent_proto::{ExecRequest, PORT, client::*};
+//! let ready = wait_ready(uds, PORT, std::time::Instant::now() + std::time::Duration::from_secs(30)).await?;
+//! let session = AgentClient::connect(uds, PORT).await?
+//!     .exec(ExecRequest { argv: vec!["echo".into(), "hi".into()], cwd: "/".into(), ..Default::default() })
+//!     .await?;
+//! let out = session.output(b"").await?;
+//! assert_eq!(out.stdout, b"hi\n");
+//! # Ok(()) }
+//! ```
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::UnixStream;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::host::{open, read, send, write};
+use crate::{ExecRequest, Frame, Kind, Message, ProtoError};
+
+/// Largest data frame the client sends.
+const CHUNK: usize = 256 * 1024;
+
+/// What a ping learns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// Time since the agent's daemon started.
+    pub uptime: Duration,
+    /// PID 1 is the image's init (the agent has handed over).
+    pub init_running: bool,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The shell's view: the code, or 128 + the signal.
+    pub fn code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Something a running process produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+    /// The last event of a session.
+    Exit(ExitStatus),
+}
+
+/// Everything a finished process produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+/// A session with the agent, before its request.
+#[derive(Debug)]
+pub struct AgentClient {
+    stream: UnixStream,
+    agent_version: String,
+}
+
+impl AgentClient {
+    /// Connects through the hybrid-vsock socket `uds` to the agent on `port` and says hello.
+    pub async fn connect(uds: &Path, port: u32) -> Result<AgentClient, ProtoError> {
+        let (stream, agent_version) = open(uds, port).await?;
+        Ok(AgentClient {
+            stream,
+            agent_version,
+        })
+    }
+
+    /// The agent's version string (its crate version).
+    pub fn agent_version(&self) -> &str {
+        &self.agent_version
+    }
+
+    async fn request(mut self, m: Message) -> Result<Message, ProtoError> {
+        send(&mut self.stream, m).await?;
+        match read(&mut self.stream).await? {
+            Some(Frame::Message(Message::Error { message, code })) => {
+                Err(ProtoError::Agent { message, code })
+            }
+            Some(Frame::Message(m)) => Ok(m),
+            other => Err(ProtoError::unexpected(other.as_ref())),
+        }
+    }
+
+    /// Asks whether the agent is up and the image's init runs.
+    pub async fn ping(self) -> Result<Readiness, ProtoError> {
+        match self.request(Message::Ping).await? {
+            Message::Pong {
+                uptime_ms,
+                init_running,
+                ..
+            } => Ok(Readiness {
+                uptime: Duration::from_millis(uptime_ms),
+                init_running,
+            }),
+            other => Err(ProtoError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sets the guest's clock.
+    pub async fn set_time(self, unix_ns: u64) -> Result<(), ProtoError> {
+        self.expect_done(Message::SetTime { unix_ns }).await
+    }
+
+    /// Sends the stop signal to the image's init (`None`: the init's own power-off signal);
+    /// the agent forces the power off after `timeout`. Returns once the signal is sent: the
+    /// machine is down when the VMM exits.
+    pub async fn shutdown(self, signal: Option<i32>, timeout: Duration) -> Result<(), ProtoError> {
+        self.expect_done(Message::Shutdown {
+            signal,
+            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+        })
+        .await
+    }
+
+    async fn expect_done(self, m: Message) -> Result<(), ProtoError> {
+        match self.request(m).await? {
+            Message::Done => Ok(()),
+            other => Err(ProtoError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts a process. A process that cannot start (not found, not executable, no such
+    /// directory or user) is `ProtoError::Agent` with code 127 or 126.
+    pub async fn exec(mut self, req: ExecRequest) -> Result<ExecSession, ProtoError> {
+        send(&mut self.stream, Message::Exec(req)).await?;
+        let (mut r, w) = self.stream.into_split();
+        match read(&mut r).await? {
+            Some(Frame::Message(Message::Started { pid })) => Ok(ExecSession {
+                pid,
+                input: ExecInput { w },
+                output: ExecEvents { r, done: false },
+            }),
+            Some(Frame::Message(Message::Error { message, code })) => {
+                Err(ProtoError::Agent { message, code })
+            }
+            other => Err(ProtoError::unexpected(other.as_ref())),
+        }
+    }
+
+    /// Unpacks a tar stream at `dest` in the machine: into it when it is a directory, else
+    /// as it (the archive's top entry renamed). Ownership and modes in the archive are kept.
+    pub async fn copy_in<R: AsyncRead + Unpin>(
+        mut self,
+        dest: &str,
+        mut tar: R,
+    ) -> Result<(), ProtoError> {
+        send(
+            &mut self.stream,
+            Message::CopyIn {
+                path: dest.to_string(),
+            },
+        )
+        .await?;
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            let n = tar.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            write(
+                &mut self.stream,
+                &Frame::Data(Kind::Data, buf[..n].to_vec()),
+            )
+            .await?;
+        }
+        self.expect_done(Message::DataEof).await
+    }
+
+    /// A tar stream of `path` in the machine (its base name at the top). A missing path is
+    /// an error here; a failure later is an I/O error of the reader.
+    pub async fn copy_out(
+        mut self,
+        path: &str,
+    ) -> Result<impl AsyncRead + Send + Unpin + 'static, ProtoError> {
+        send(
+            &mut self.stream,
+            Message::CopyOut {
+                path: path.to_string(),
+            },
+        )
+        .await?;
+        let first = match read(&mut self.stream).await? {
+            Some(Frame::Data(Kind::Data, b)) => Some(b),
+            Some(Frame::Message(Message::DataEof)) => None,
+            Some(Frame::Message(Message::Error { message, code })) => {
+                return Err(ProtoError::Agent { message, code });
+            }
+            other => return Err(ProtoError::unexpected(other.as_ref())),
+        };
+        let state = (first, Some(self.stream));
+        let chunks = futures_util::stream::unfold(state, |(first, stream)| async move {
+            if let Some(b) = first {
+                return Some((Ok(Bytes::from(b)), (None, stream)));
+            }
+            let mut s = stream?;
+            match read(&mut s).await {
+                Ok(Some(Frame::Data(Kind::Data, b))) => Some((Ok(Bytes::from(b)), (None, Some(s)))),
+                Ok(Some(Frame::Message(Message::DataEof))) => None,
+                Ok(Some(Frame::Message(Message::Error { message, code }))) => Some((
+                    Err(std::io::Error::other(ProtoError::Agent { message, code })),
+                    (None, None),
+                )),
+                Ok(other) => Some((
+                    Err(std::io::Error::other(ProtoError::unexpected(
+                        other.as_ref(),
+                    ))),
+                    (None, None),
+                )),
+                Err(e) => Some((Err(std::io::Error::other(e)), (None, None))),
+            }
+        });
+        Ok(tokio_util::io::StreamReader::new(Box::pin(chunks)))
+    }
+}
+
+/// A running process: its pid, and the two halves of its session, usable from two tasks.
+#[derive(Debug)]
+pub struct ExecSession {
+    pid: i32,
+    input: ExecInput,
+    output: ExecEvents,
+}
+
+impl ExecSession {
+    /// The process's pid in the machine.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The input half (stdin, resize, signals) and the output half (output and exit).
+    pub fn split(self) -> (ExecInput, ExecEvents) {
+        (self.input, self.output)
+    }
+
+    /// Feeds `stdin` and closes it, collecting all output until the process ends.
+    pub async fn output(self, stdin: &[u8]) -> Result<ExecOutput, ProtoError> {
+        let (mut input, mut events) = self.split();
+        let feed = async {
+            if !stdin.is_empty() {
+                input.write_stdin(stdin).await?;
+            }
+            input.close_stdin().await
+        };
+        let collect = async {
+            let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+            loop {
+                match events.next().await? {
+                    ExecEvent::Stdout(b) => stdout.extend_from_slice(&b),
+                    ExecEvent::Stderr(b) => stderr.extend_from_slice(&b),
+                    ExecEvent::Exit(status) => {
+                        return Ok(ExecOutput {
+                            stdout,
+                            stderr,
+                            status,
+                        });
+                    }
+                }
+            }
+        };
+        let (fed, collected) = tokio::join!(feed, collect);
+        // A process that exits without reading its input makes feeding fail; its output
+        // still is the answer.
+        match (fed, collected) {
+            (_, Ok(out)) => Ok(out),
+            (_, Err(e)) => Err(e),
+        }
+    }
+}
+
+/// The input half of an exec session.
+#[derive(Debug)]
+pub struct ExecInput {
+    w: OwnedWriteHalf,
+}
+
+impl ExecInput {
+    /// Sends input bytes.
+    pub async fn write_stdin(&mut self, bytes: &[u8]) -> Result<(), ProtoError> {
+        for chunk in bytes.chunks(CHUNK) {
+            write(&mut self.w, &Frame::Data(Kind::Stdin, chunk.to_vec())).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends the input (on a tty: types ^D).
+    pub async fn close_stdin(&mut self) -> Result<(), ProtoError> {
+        Ok(send(&mut self.w, Message::StdinEof).await?)
+    }
+
+    /// Resizes the terminal (tty sessions).
+    pub async fn resize(&mut self, rows: u16, cols: u16) -> Result<(), ProtoError> {
+        Ok(send(&mut self.w, Message::Resize { rows, cols }).await?)
+    }
+
+    /// Delivers `signal` to the process's session.
+    pub async fn signal(&mut self, signal: i32) -> Result<(), ProtoError> {
+        Ok(send(&mut self.w, Message::Signal { signal }).await?)
+    }
+}
+
+/// The output half of an exec session.
+#[derive(Debug)]
+pub struct ExecEvents {
+    r: OwnedReadHalf,
+    done: bool,
+}
+
+impl ExecEvents {
+    /// The next output or the exit; after the exit, `ProtoError::Closed`.
+    pub async fn next(&mut self) -> Result<ExecEvent, ProtoError> {
+        if self.done {
+            return Err(ProtoError::Closed);
+        }
+        let frame = read(&mut self.r).await?;
+        match frame {
+            Some(Frame::Data(Kind::Stdout, b)) => Ok(ExecEvent::Stdout(b)),
+            Some(Frame::Data(Kind::Stderr, b)) => Ok(ExecEvent::Stderr(b)),
+            Some(Frame::Message(Message::Exit { code, signal })) => {
+                self.done = true;
+                let status = match (code, signal) {
+                    (_, Some(s)) => ExitStatus::Signal(s),
+                    (Some(c), None) => ExitStatus::Code(c),
+                    (None, None) => {
+                        return Err(ProtoError::Unexpected("an exit without status".into()));
+                    }
+                };
+                Ok(ExecEvent::Exit(status))
+            }
+            Some(Frame::Message(Message::Error { message, code })) => {
+                self.done = true;
+                Err(ProtoError::Agent { message, code })
+            }
+            None => {
+                self.done = true;
+                Err(ProtoError::Closed)
+            }
+            other => Err(ProtoError::unexpected(other.as_ref())),
+        }
+    }
+}
+
+/// Waits until the agent answers a ping, or `deadline`: retries the connection while the
+/// VM boots.
+pub async fn wait_ready(uds: &Path, port: u32, deadline: Instant) -> Result<Readiness, ProtoError> {
+    loop {
+        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
+            AgentClient::connect(uds, port).await?.ping().await
+        })
+        .await;
+        match attempt {
+            Ok(Ok(ready)) => return Ok(ready),
+            Ok(Err(e @ (ProtoError::Refused(_) | ProtoError::Malformed(_)))) => return Err(e),
+            Ok(Err(e)) if Instant::now() >= deadline => return Err(e),
+            Err(_) if Instant::now() >= deadline => return Err(ProtoError::Timeout),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Async frame I/O and the session opening, for the host: the hybrid-vsock handshake of
+//! vhost-device-vsock (`CONNECT <port>\n` → `OK <n>\n` on its Unix socket), then ours.
+//! [`crate::client`] builds the typed API on these.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+use crate::frame::{HEADER_LEN, decode, encode, header};
+use crate::{Frame, Message, ProtoError, VERSION};
+
+/// Longest answer line of the hybrid-vsock handshake we accept.
+const MAX_CONNECT_LINE: u64 = 256;
+
+/// Writes one frame (several for oversized data) and flushes.
+pub async fn write<W: AsyncWrite + Unpin>(w: &mut W, frame: &Frame) -> std::io::Result<()> {
+    w.write_all(&encode(frame)).await?;
+    w.flush().await
+}
+
+/// Writes a control message.
+pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, m: Message) -> std::io::Result<()> {
+    write(w, &Frame::Message(m)).await
+}
+
+/// Reads a frame; `None` at a clean end of stream (between frames).
+pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, ProtoError> {
+    let mut h = [0u8; HEADER_LEN];
+    match r.read_exact(&mut h).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let (kind, len) = header(h)?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    decode(kind, payload).map(Some)
+}
+
+/// Opens a session and says hello; returns the stream and the agent's version string.
+pub async fn open(uds: &Path, port: u32) -> Result<(UnixStream, String), ProtoError> {
+    let mut stream = UnixStream::connect(uds).await?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .await?;
+    // Byte by byte: nothing of our protocol may be swallowed by a read-ahead buffer.
+    let mut line = Vec::new();
+    let mut limited = (&mut stream).take(MAX_CONNECT_LINE);
+    let mut reader = tokio::io::BufReader::with_capacity(1, &mut limited);
+    reader.read_until(b'\n', &mut line).await?;
+    let line = String::from_utf8_lossy(&line).trim().to_string();
+    if !line.starts_with("OK ") {
+        return Err(ProtoError::NotListening { answer: line });
+    }
+    send(&mut stream, Message::Hello { version: VERSION }).await?;
+    match read(&mut stream).await? {
+        Some(Frame::Message(Message::HelloOk { agent, .. })) => Ok((stream, agent)),
+        Some(Frame::Message(Message::Error { message, .. })) => Err(ProtoError::Refused(message)),
+        other => Err(ProtoError::unexpected(other.as_ref())),
+    }
+}
+
+/// Opens a session: the stream, ready for a request.
+pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream, ProtoError> {
+    open(uds, port).await.map(|(s, _)| s)
+}
+
+/// One request, one answer (ping, shutdown, set time).
+pub async fn call(uds: &Path, port: u32, m: Message) -> Result<Message, ProtoError> {
+    let mut s = connect(uds, port).await?;
+    send(&mut s, m).await?;
+    match read(&mut s).await? {
+        Some(Frame::Message(reply)) => Ok(reply),
+        other => Err(ProtoError::unexpected(other.as_ref())),
+    }
+}
+
+/// Waits until the agent answers a ping, or `deadline`; returns the `Pong`.
+pub async fn wait_ready(uds: &Path, port: u32, deadline: Instant) -> Result<Message, ProtoError> {
+    loop {
+        let attempt =
+            tokio::time::timeout(Duration::from_secs(2), call(uds, port, Message::Ping)).await;
+        match attempt {
+            Ok(Ok(m @ Message::Pong { .. })) => return Ok(m),
+            Ok(Ok(other)) => return Err(ProtoError::Unexpected(format!("{other:?}"))),
+            Ok(Err(e)) if Instant::now() >= deadline => return Err(e),
+            Err(_) if Instant::now() >= deadline => return Err(ProtoError::Timeout),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
