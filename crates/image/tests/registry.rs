@@ -481,3 +481,43 @@ async fn saved_archives_round_trip_through_load_and_skopeo() {
         .unwrap();
     assert_eq!(again.digest, pulled.digest);
 }
+
+#[tokio::test]
+async fn a_pull_cancelled_mid_download_leaves_nothing_and_the_next_completes() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let m = layout.image("amd64", busybox_config(), &busybox_layers());
+    layout.tag(m, "1");
+    let registry = Registry::start(None);
+    let reference = registry.push(&layout.dir, "1", "test/cancel:1", None);
+    let root = work.path().join("store");
+    let store = ImageStore::open(&root).unwrap();
+    let started = tokio::sync::Notify::new();
+    let report = |p: Progress| {
+        if matches!(p, Progress::Bytes { current, total, .. } if current < total) {
+            started.notify_one();
+        }
+    };
+    let opts = PullOptions::default();
+    tokio::select! {
+        r = store.pull(&reference, &opts, &report) => {
+            panic!("the pull finished before it could be cancelled: {r:?}")
+        }
+        _ = started.notified() => {}
+    }
+    // The pull's future is dropped mid-blob, as when a client goes away.
+    assert!(store.list().unwrap().is_empty());
+    assert!(
+        names(&root.join("ingest")).is_empty(),
+        "partial blob removed"
+    );
+    assert!(names(&root.join("disks")).is_empty());
+    let record = store
+        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .await
+        .unwrap();
+    assert_eq!(record.has_init(), Some(true));
+}
