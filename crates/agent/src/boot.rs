@@ -1,18 +1,25 @@
 //! Bringing a machine up, as PID 1 of the VM: early mounts, the boot config, kernel modules,
-//! the machine disk (grown to the device), shares, host name, then the switch into the
-//! machine's root, first-boot user setup, and the hand-over to the image's init.
+//! the machine disk (grown to the device), shares, host name, network, the switch into the
+//! machine's root, first-boot user setup, and the hand-over: PID 1 execs the image's init,
+//! a forked child becomes the vsock daemon. Every step is logged to the console; the first
+//! failure is returned and ends the boot.
 
 use std::convert::Infallible;
 use std::ffi::CString;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result, anyhow, bail};
 use container_agent_proto::{BOOT_CONFIG_PATH, BootConfig, INIT_MARKER};
 use nix::mount::{MsFlags, mount};
 
-use crate::{Context, Result, log, server, sys, users};
+use crate::{log, net, server, sys, users};
 
 const NEWROOT: &str = "/newroot";
+
+/// How long the machine disk may take to appear once its driver loaded.
+const DISK_WAIT: Duration = Duration::from_secs(20);
 
 fn mount_fs(
     src: &str,
@@ -21,40 +28,85 @@ fn mount_fs(
     flags: MsFlags,
     data: Option<&str>,
 ) -> Result<()> {
-    std::fs::create_dir_all(target).ctx(format!("creating {target}"))?;
+    std::fs::create_dir_all(target).with_context(|| format!("creating {target}"))?;
     mount(Some(src), target, Some(fstype), flags, data)
-        .ctx(format!("mounting {fstype} on {target}"))
+        .with_context(|| format!("mounting {fstype} {src} on {target}"))
 }
 
 /// Runs the boot sequence; returns only on failure.
-pub fn run(started: Instant) -> Result<Infallible> {
-    mount_fs("proc", "/proc", "proc", MsFlags::empty(), None)?;
-    mount_fs("sysfs", "/sys", "sysfs", MsFlags::empty(), None)?;
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::empty(), None)?;
-    let text = std::fs::read(BOOT_CONFIG_PATH).ctx(format!("reading {BOOT_CONFIG_PATH}"))?;
-    let cfg: BootConfig = serde_json::from_slice(&text).ctx("parsing the boot config")?;
+pub fn run() -> Result<Infallible> {
+    let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", "proc", nosuid_noexec, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nosuid_noexec, None)?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("gid=5,mode=620,ptmxmode=666"),
+    )?;
+    mount_fs(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    mount_fs(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+
+    let text =
+        std::fs::read(BOOT_CONFIG_PATH).with_context(|| format!("reading {BOOT_CONFIG_PATH}"))?;
+    let cfg: BootConfig = serde_json::from_slice(&text).context("parsing the boot config")?;
     log!(
-        "machine {} booting (agent {})",
+        "machine {} ({}) booting, agent {}",
         cfg.hostname,
+        cfg.machine_id,
         env!("CARGO_PKG_VERSION")
     );
-    set_clock(cfg.time_unix_ns);
+    if cfg.time_unix_ns != 0
+        && let Err(e) = set_clock(cfg.time_unix_ns)
+    {
+        log!("warning: cannot set the clock: {e}");
+    }
 
     for m in &cfg.modules {
-        let file = std::fs::File::open(m).ctx(format!("opening module {m}"))?;
-        sys::finit_module(&file).ctx(format!("loading module {m}"))?;
+        let file = std::fs::File::open(m).with_context(|| format!("opening module {m}"))?;
+        sys::finit_module(&file).with_context(|| format!("loading module {m}"))?;
     }
-    log!("{} modules loaded", cfg.modules.len());
+    log!("{} kernel modules loaded", cfg.modules.len());
 
-    wait_for(&cfg.root_device, Duration::from_secs(20))?;
+    wait_for(&cfg.root_device)?;
     mount_fs(&cfg.root_device, NEWROOT, "ext4", MsFlags::empty(), None)?;
-    if cfg.grow_root
-        && let Err(e) = grow_root(&cfg.root_device)
-    {
-        // The machine still works at its current size; say why it did not grow.
-        log!("warning: {e}");
+    log!("machine disk {} mounted", cfg.root_device);
+    if cfg.grow_root {
+        match grow_root(&cfg.root_device) {
+            Ok(Some(mib)) => log!("root filesystem grown to {mib} MiB"),
+            Ok(None) => {}
+            // The machine still works at its current size; say why it did not grow.
+            Err(e) => log!("warning: root filesystem not grown: {e:#}"),
+        }
     }
     for share in &cfg.shares {
+        if !share.guest_path.starts_with('/') {
+            bail!(
+                "share {} has a relative guest path {:?}",
+                share.tag,
+                share.guest_path
+            );
+        }
         let target = format!("{NEWROOT}{}", share.guest_path);
         let flags = if share.read_only {
             MsFlags::MS_RDONLY
@@ -69,126 +121,167 @@ pub fn run(started: Instant) -> Result<Infallible> {
             if share.read_only { " (read-only)" } else { "" }
         );
     }
-    nix::unistd::sethostname(&cfg.hostname).ctx("setting the host name")?;
-    write_host_files(&cfg)?;
-    if let Some(net) = &cfg.network {
+    nix::unistd::sethostname(&cfg.hostname).context("setting the host name")?;
+    write_host_files(Path::new(NEWROOT), &cfg)?;
+    net::configure(cfg.network.as_ref()).context("configuring the network")?;
+    if let Some(n) = &cfg.network {
         log!(
             "network {} {} via {}",
-            net.interface,
-            net.address_cidr,
-            net.gateway
+            n.interface,
+            n.address_cidr,
+            n.gateway
         );
     }
 
     switch_root()?;
-    if let Err(e) = users::provision(&cfg) {
+    log!("switched to the machine's root");
+    match users::provision(&cfg, Path::new("/")) {
+        Ok(true) => log!("user set up"),
+        Ok(false) => {}
         // Reported and retried at the next boot; the machine still comes up.
-        log!("user setup failed (will retry at next start): {e}");
+        Err(e) => log!("user setup failed, will retry at the next start: {e:#}"),
     }
     let init = if cfg.init.is_empty() {
         vec!["/sbin/init".to_string()]
     } else {
         cfg.init.clone()
     };
-    log!("ready in {} ms", started.elapsed().as_millis());
-    log!("{}", INIT_MARKER.trim_start_matches("container-agent: "));
-
-    match sys::fork().ctx("forking the agent daemon")? {
-        true => {
-            let _ = nix::unistd::setsid();
-            server::serve(&cfg);
-        }
-        false => {
-            let argv: Vec<CString> = init
-                .iter()
-                .map(|a| CString::new(a.as_str()).ctx("init argument"))
-                .collect::<Result<_>>()?;
-            let err = nix::unistd::execv(&argv[0], &argv).unwrap_err();
-            Err(format!("starting {}: {err}", init[0]))
-        }
+    let argv: Vec<CString> = init
+        .iter()
+        .map(|a| CString::new(a.as_str()).with_context(|| format!("init argument {a:?}")))
+        .collect::<Result<_>>()?;
+    if !Path::new(&init[0]).exists() {
+        bail!(
+            "the image has no {} (a machine image needs an init)",
+            init[0]
+        );
     }
+
+    // The daemon starts before init so that `Pong.init_running` can be observed turning true.
+    if sys::fork().context("forking the agent daemon")? {
+        let _ = nix::unistd::setsid();
+        server::serve(&cfg);
+    }
+    eprintln!(
+        "{INIT_MARKER} {} [{:.3}s]",
+        init.join(" "),
+        sys::boot_time()
+    );
+    sys::reset_signals();
+    let err = nix::unistd::execv(&argv[0], &argv).unwrap_err();
+    Err(anyhow!(err).context(format!("starting {}", init[0])))
 }
 
-fn set_clock(unix_ns: u64) {
-    if unix_ns == 0 {
-        return;
-    }
+fn set_clock(unix_ns: u64) -> nix::Result<()> {
     let ts = nix::sys::time::TimeSpec::new(
         (unix_ns / 1_000_000_000) as i64,
         (unix_ns % 1_000_000_000) as i64,
     );
-    let _ = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts);
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
 }
 
-fn wait_for(path: &str, limit: Duration) -> Result<()> {
-    let deadline = Instant::now() + limit;
+fn wait_for(path: &str) -> Result<()> {
+    let deadline = Instant::now() + DISK_WAIT;
     while !Path::new(path).exists() {
         if Instant::now() > deadline {
-            return Err(format!(
-                "{path} did not appear (is the virtio-blk module in the initramfs?)"
-            ));
+            bail!("{path} did not appear (is the virtio_blk module in the initramfs?)");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
 }
 
-/// Grows the root ext4 online to fill its device.
-fn grow_root(device: &str) -> Result<()> {
-    let dev = std::fs::File::open(device).ctx(format!("opening {device}"))?;
-    let bytes = sys::block_size(&dev).ctx("reading the disk size")?;
-    let st = nix::sys::statvfs::statvfs(NEWROOT).ctx("reading the filesystem size")?;
-    let block = st.fragment_size().max(1);
-    let want = bytes / block;
-    if want > st.blocks() + 1024 {
-        let root = std::fs::File::open(NEWROOT).ctx("opening the root")?;
-        sys::ext4_grow(&root, want).ctx("growing the root filesystem")?;
-        log!("root filesystem grown to {} MiB", bytes >> 20);
+/// Reads the block count in an ext4 superblock (at byte 1024 of the device).
+fn ext4_block_count(device: &mut std::fs::File) -> Result<(u64, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut sb = [0u8; 1024];
+    device.seek(SeekFrom::Start(1024))?;
+    device.read_exact(&mut sb)?;
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xEF53 {
+        bail!("no ext4 superblock");
     }
-    Ok(())
+    let lo = u32::from_le_bytes(sb[4..8].try_into()?) as u64;
+    let hi = u32::from_le_bytes(sb[0x150..0x154].try_into()?) as u64;
+    let log = u32::from_le_bytes(sb[24..28].try_into()?);
+    let block_size = 1024u64 << log.min(6);
+    // The high word counts only with the 64-bit feature.
+    let incompat_64bit = u32::from_le_bytes(sb[0x60..0x64].try_into()?) & 0x80 != 0;
+    Ok((lo | if incompat_64bit { hi << 32 } else { 0 }, block_size))
 }
 
-fn write_host_files(cfg: &BootConfig) -> Result<()> {
-    let etc = format!("{NEWROOT}/etc");
-    std::fs::create_dir_all(&etc).ctx("creating /etc")?;
-    std::fs::write(format!("{etc}/hostname"), format!("{}\n", cfg.hostname))
-        .ctx("writing /etc/hostname")?;
-    let hosts_path = format!("{etc}/hosts");
+/// Grows the root ext4 online to fill its device; the new size in MiB when it grew.
+fn grow_root(device: &str) -> Result<Option<u64>> {
+    let mut dev = std::fs::File::open(device).with_context(|| format!("opening {device}"))?;
+    let bytes = sys::block_device_size(&dev).context("reading the disk size")?;
+    let (blocks, block_size) = ext4_block_count(&mut dev).context("reading the superblock")?;
+    let want = bytes / block_size;
+    if want <= blocks {
+        return Ok(None);
+    }
+    let root = std::fs::File::open(NEWROOT).context("opening the root")?;
+    sys::ext4_grow(&root, want).context("EXT4_IOC_RESIZE_FS")?;
+    Ok(Some(bytes >> 20))
+}
+
+/// Writes /etc/hostname, the machine's lines of /etc/hosts and /etc/resolv.conf.
+pub fn write_host_files(root: &Path, cfg: &BootConfig) -> Result<()> {
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc).context("creating /etc")?;
+    std::fs::write(etc.join("hostname"), format!("{}\n", cfg.hostname))
+        .context("writing /etc/hostname")?;
+    let hosts_path = etc.join("hosts");
     let hosts = std::fs::read_to_string(&hosts_path).unwrap_or_default();
-    let mut lines: Vec<String> = hosts
-        .lines()
-        .filter(|l| !l.contains("# container"))
-        .map(str::to_string)
-        .collect();
-    if !lines.iter().any(|l| l.starts_with("127.0.0.1")) {
-        lines.insert(0, "127.0.0.1\tlocalhost".into());
-    }
-    lines.push(format!("127.0.1.1\t{} # container", cfg.hostname));
-    if let Some(net) = &cfg.network {
-        let ip = net.address_cidr.split('/').next().unwrap_or_default();
-        lines.push(format!("{ip}\t{} # container", cfg.hostname));
-    }
-    std::fs::write(&hosts_path, lines.join("\n") + "\n").ctx("writing /etc/hosts")?;
+    let address = cfg
+        .network
+        .as_ref()
+        .and_then(|n| n.address_cidr.split('/').next().map(str::to_string));
+    std::fs::write(
+        &hosts_path,
+        hosts_file(&hosts, &cfg.hostname, address.as_deref()),
+    )
+    .context("writing /etc/hosts")?;
     if let Some(net) = &cfg.network
         && !net.nameservers.is_empty()
     {
-        let resolv = format!("{etc}/resolv.conf");
+        let resolv = etc.join("resolv.conf");
+        // Often a symlink into /run (systemd-resolved); ours replaces it.
         let _ = std::fs::remove_file(&resolv);
         let text: String = net
             .nameservers
             .iter()
             .map(|n| format!("nameserver {n}\n"))
             .collect();
-        std::fs::write(&resolv, text).ctx("writing /etc/resolv.conf")?;
+        std::fs::write(&resolv, text).context("writing /etc/resolv.conf")?;
     }
     Ok(())
 }
 
-/// Moves the early mounts into the new root and makes it `/`.
+/// The image's hosts file with our lines (marked, so the next boot replaces them).
+fn hosts_file(existing: &str, hostname: &str, address: Option<&str>) -> String {
+    const MARK: &str = "# container";
+    let mut lines: Vec<String> = existing
+        .lines()
+        .filter(|l| !l.ends_with(MARK))
+        .map(str::to_string)
+        .collect();
+    if !lines
+        .iter()
+        .any(|l| l.split_whitespace().skip(1).any(|n| n == "localhost"))
+    {
+        lines.insert(0, "127.0.0.1\tlocalhost".into());
+    }
+    lines.push(format!("127.0.1.1\t{hostname} {MARK}"));
+    if let Some(ip) = address {
+        lines.push(format!("{ip}\t{hostname} {MARK}"));
+    }
+    lines.join("\n") + "\n"
+}
+
+/// Moves the early mounts into the new root, frees the initramfs, and makes the new root `/`.
 fn switch_root() -> Result<()> {
-    for m in ["/dev", "/proc", "/sys"] {
+    for m in ["/dev", "/proc", "/sys", "/run"] {
         let target = format!("{NEWROOT}{m}");
-        std::fs::create_dir_all(&target).ctx(format!("creating {target}"))?;
+        std::fs::create_dir_all(&target).with_context(|| format!("creating {target}"))?;
         mount(
             Some(m),
             target.as_str(),
@@ -196,21 +289,91 @@ fn switch_root() -> Result<()> {
             MsFlags::MS_MOVE,
             None::<&str>,
         )
-        .ctx(format!("moving {m}"))?;
+        .with_context(|| format!("moving {m} into the machine's root"))?;
     }
-    std::env::set_current_dir(NEWROOT).ctx("entering the new root")?;
+    free_initramfs();
+    std::env::set_current_dir(NEWROOT).context("entering the new root")?;
     mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-        .ctx("moving the new root to /")?;
-    nix::unistd::chroot(".").ctx("changing root")?;
-    std::env::set_current_dir("/").ctx("entering /")?;
-    // Devices the image's init and our sessions expect.
-    let _ = mount_fs(
-        "devpts",
-        "/dev/pts",
-        "devpts",
-        MsFlags::empty(),
-        Some("gid=5,mode=620,ptmxmode=666"),
-    );
-    let _ = std::fs::create_dir_all("/run");
+        .context("moving the new root to /")?;
+    nix::unistd::chroot(".").context("changing root")?;
+    std::env::set_current_dir("/").context("entering /")?;
     Ok(())
+}
+
+/// Deletes the initramfs's files (the agent binary, modules, the boot config): they would
+/// hold guest memory for the machine's whole life. Only on a RAM filesystem, never crossing
+/// into a mount.
+fn free_initramfs() {
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    let Ok(st) = nix::sys::statfs::statfs("/") else {
+        return;
+    };
+    let kind = st.filesystem_type().0;
+    if kind != RAMFS_MAGIC && kind != TMPFS_MAGIC {
+        return;
+    }
+    let Ok(root) = std::fs::symlink_metadata("/") else {
+        return;
+    };
+    remove_tree(Path::new("/"), root.dev());
+}
+
+fn remove_tree(dir: &Path, dev: u64) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            remove_tree(&path, dev);
+            let _ = std::fs::remove_dir(&path);
+        } else {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_keep_the_image_lines_and_replace_ours() {
+        let image = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n";
+        let once = hosts_file(image, "dev", Some("192.168.64.2"));
+        assert_eq!(
+            once,
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\tdev # container\n192.168.64.2\tdev # container\n"
+        );
+        let renamed = hosts_file(&once, "other", None);
+        assert_eq!(
+            renamed,
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\tother # container\n"
+        );
+        assert!(hosts_file("", "dev", None).starts_with("127.0.0.1\tlocalhost\n"));
+    }
+
+    #[test]
+    fn the_superblock_gives_the_block_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("fs.ext4");
+        let ok = std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-b", "4096"])
+            .arg(&img)
+            .arg("32M")
+            .status();
+        if !ok.is_ok_and(|s| s.success()) {
+            eprintln!("skipping: no mkfs.ext4");
+            return;
+        }
+        let mut f = std::fs::File::open(&img).unwrap();
+        assert_eq!(ext4_block_count(&mut f).unwrap(), (8192, 4096));
+    }
 }

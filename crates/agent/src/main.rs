@@ -6,43 +6,33 @@
 //! error goes to the console (the boot log) and the VM powers off: it never hangs.
 
 mod boot;
+mod copy;
+mod exec;
+mod net;
 mod server;
 mod sys;
 mod users;
 
 use std::process::ExitCode;
-use std::time::Instant;
 
-/// Prints a boot-log line on the console.
+/// Prints a boot-log line on the console, stamped with the time since the kernel started
+/// (comparable with the kernel's own stamps).
 macro_rules! log {
     ($($arg:tt)*) => {{
-        eprintln!("container-agent: {}", format!($($arg)*));
+        eprintln!("container-agent: {} [{:.3}s]", format!($($arg)*), $crate::sys::boot_time());
     }};
 }
 pub(crate) use log;
 
-/// Errors are sentences with their context prepended, printed once.
-pub(crate) type Result<T> = std::result::Result<T, String>;
-
-/// Adds context to any displayable error.
-pub(crate) trait Context<T> {
-    fn ctx(self, what: impl std::fmt::Display) -> Result<T>;
-}
-
-impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
-    fn ctx(self, what: impl std::fmt::Display) -> Result<T> {
-        self.map_err(|e| format!("{what}: {e}"))
-    }
-}
-
 fn main() -> ExitCode {
-    let started = Instant::now();
     if std::process::id() != 1 {
-        eprintln!("container-agent: must run as PID 1 of a machine's VM");
+        eprintln!(
+            "container-agent: must run as PID 1 of a machine's VM (it is the initramfs's /init)"
+        );
         return ExitCode::from(2);
     }
-    let Err(e) = boot::run(started);
-    log!("boot failed: {e}");
+    let Err(e) = boot::run();
+    log!("boot failed: {e:#}");
     log!("powering off");
     sys::power_off();
     ExitCode::FAILURE

@@ -1,8 +1,15 @@
 //! The few system calls the agent makes that have no safe wrapper: loading modules from a
-//! file, growing ext4 online, making a pty the controlling terminal, and the pre-exec hooks.
-//! Every `unsafe` block of the agent is here.
+//! file, growing ext4 online, reading a disk's size, the pre-exec hooks of sessions, fork,
+//! raw signals and power-off. Every `unsafe` block of the agent is here.
 
 use std::os::fd::AsRawFd;
+
+/// Seconds since the kernel started (CLOCK_BOOTTIME), for log stamps.
+pub fn boot_time() -> f64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
+        .unwrap_or(0.0)
+}
 
 /// Powers the VM off (QEMU exits); syncs first.
 pub fn power_off() {
@@ -10,22 +17,20 @@ pub fn power_off() {
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
 }
 
-/// Loads a kernel module from an open file.
+/// Loads a kernel module from an open file; one already loaded (or built in) is success.
 pub fn finit_module(file: &std::fs::File) -> std::io::Result<()> {
     let params = c"";
     // SAFETY: finit_module reads the fd and a NUL-terminated parameter string; both outlive
     // the call.
     let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
     if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
         Ok(())
     } else {
-        let e = std::io::Error::last_os_error();
-        // Already loaded (or built in) is success.
-        if e.raw_os_error() == Some(libc::EEXIST) {
-            Ok(())
-        } else {
-            Err(e)
-        }
+        Err(e)
     }
 }
 
@@ -42,68 +47,57 @@ pub fn ext4_grow(mount: &std::fs::File, blocks: u64) -> std::io::Result<()> {
 nix::ioctl_read!(blk_getsize64, 0x12, 114, u64);
 
 /// The size in bytes of a block device.
-pub fn block_size(dev: &std::fs::File) -> std::io::Result<u64> {
+pub fn block_device_size(dev: &std::fs::File) -> std::io::Result<u64> {
     let mut size = 0u64;
     // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, valid for the call.
     unsafe { blk_getsize64(dev.as_raw_fd(), &mut size) }.map_err(std::io::Error::from)?;
     Ok(size)
 }
 
-/// Makes the calling process a session leader with `tty` as its controlling terminal; for
-/// `pre_exec` (async-signal-safe calls only).
-pub fn set_controlling_tty(tty: i32) -> std::io::Result<()> {
-    // SAFETY: setsid and ioctl(TIOCSCTTY) take no pointers; safe in a forked child.
-    unsafe {
-        if libc::setsid() < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::ioctl(tty, libc::TIOCSCTTY, 0) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
+/// What a session's child does between fork and exec.
+#[derive(Debug, Clone)]
+pub struct ChildSetup {
+    /// Make stdin (a pty) the controlling terminal of the new session.
+    pub controlling_tty: bool,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<libc::gid_t>,
 }
 
-/// Sets a pty's window size.
-pub fn set_winsize(fd: i32, rows: u16, cols: u16) {
-    let ws = libc::winsize {
-        ws_row: rows,
-        ws_col: cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCSWINSZ reads a winsize through the pointer, valid for the call.
-    unsafe {
-        libc::ioctl(fd, libc::TIOCSWINSZ, &ws);
-    }
-}
-
-/// Adds a `pre_exec` hook to `cmd`.
-pub fn pre_exec<F>(cmd: &mut std::process::Command, f: F)
-where
-    F: FnMut() -> std::io::Result<()> + Send + Sync + 'static,
-{
+/// Arranges for `setup` to run in the child of `cmd`: a new session (so signals reach the
+/// whole process group), the controlling terminal, then the groups and ids.
+pub fn child_setup(cmd: &mut std::process::Command, setup: ChildSetup) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: the hooks the agent passes only make async-signal-safe system calls
-    // (setgroups, setsid, ioctl) and allocate nothing.
+    let hook = move || -> std::io::Result<()> {
+        // SAFETY: setsid, ioctl(TIOCSCTTY) on fd 0, setgroups (pointer and length of a live
+        // slice), setgid and setuid are async-signal-safe and take no other pointers; the
+        // hook allocates nothing.
+        unsafe {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if setup.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::setgroups(setup.groups.len(), setup.groups.as_ptr()) < 0
+                || libc::setgid(setup.gid) < 0
+                || libc::setuid(setup.uid) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the hook only makes the async-signal-safe calls above.
     unsafe {
-        cmd.pre_exec(f);
+        cmd.pre_exec(hook);
     }
-}
-
-/// setgroups for a forked child.
-pub fn set_groups(groups: &[libc::gid_t]) -> std::io::Result<()> {
-    // SAFETY: the pointer and length describe a live slice.
-    if unsafe { libc::setgroups(groups.len(), groups.as_ptr()) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// Forks; true in the child. Only while the agent is single-threaded.
 pub fn fork() -> std::io::Result<bool> {
-    // SAFETY: the agent calls this before it starts any thread, so the child may run
-    // arbitrary code.
+    // SAFETY: the agent calls this during boot, before it starts any thread, so the child
+    // may run arbitrary code.
     match unsafe { nix::unistd::fork() } {
         Ok(nix::unistd::ForkResult::Child) => Ok(true),
         Ok(nix::unistd::ForkResult::Parent { .. }) => Ok(false),
@@ -112,29 +106,29 @@ pub fn fork() -> std::io::Result<bool> {
 }
 
 /// kill(2) with a raw signal number (real-time signals have no nix enum value).
-pub fn kill_raw(pid: i32, sig: i32) {
+pub fn kill_raw(pid: i32, sig: i32) -> std::io::Result<()> {
     // SAFETY: kill takes two integers.
-    unsafe {
-        libc::kill(pid, sig);
-    }
-}
-
-/// Starts a new session for a forked child (so signals reach its whole group).
-pub fn new_session() -> std::io::Result<()> {
-    // SAFETY: setsid takes no arguments.
-    if unsafe { libc::setsid() } < 0 {
+    if unsafe { libc::kill(pid, sig) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
 
-/// setgid then setuid for a forked child.
-pub fn set_ids(uid: u32, gid: u32) -> std::io::Result<()> {
-    // SAFETY: plain integer arguments.
-    unsafe {
-        if libc::setgid(gid) < 0 || libc::setuid(uid) < 0 {
-            return Err(std::io::Error::last_os_error());
+/// Puts every signal back to its default disposition and unblocks all: the image's init
+/// must not inherit the Rust runtime's ignored SIGPIPE.
+pub fn reset_signals() {
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: installing SIG_DFL involves no handler code.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
         }
     }
-    Ok(())
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_SETMASK,
+        Some(&nix::sys::signal::SigSet::empty()),
+        None,
+    );
 }

@@ -1,163 +1,216 @@
 //! First-boot setup of the machine user: the image's `/etc/machine/create-user.sh` when it has
-//! one, else the built-in setup (passwd, group and shadow entries with the host's uid and
-//! gid, a sudoers drop-in, the home). Accounts of the image that hold the user's name, uid or
-//! gid (Ubuntu's `ubuntu` at 1000) give way. Done once: a marker is written only on success.
+//! an executable one, else the built-in setup: passwd, group and shadow entries with the
+//! host's name, uid, gid and shell, admin group membership, a sudoers drop-in, and (with no
+//! home share) a home from /etc/skel. Accounts of the image that hold the user's name, uid or
+//! gid (Ubuntu's `ubuntu` at 1000) give way. Done once: the marker is written only on
+//! success, so a failed setup is retried at the next boot.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
+use anyhow::{Context, Result, bail};
 use container_agent_proto::{BootConfig, HomeMount, UserSpec};
 
-use crate::{Context, Result, log};
+const MARKER: &str = "var/lib/container-agent/provisioned";
+const SCRIPT: &str = "etc/machine/create-user.sh";
+const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-const MARKER: &str = "/var/lib/container-agent/provisioned";
-const SCRIPT: &str = "/etc/machine/create-user.sh";
-
-pub fn provision(cfg: &BootConfig) -> Result<()> {
-    let Some(user) = &cfg.user else { return Ok(()) };
-    if Path::new(MARKER).exists() {
-        return Ok(());
+/// Sets the user up in the tree at `root` unless done before; true when it did something.
+/// The image's script only runs when `root` is `/` (it runs in the machine's root).
+pub fn provision(cfg: &BootConfig, root: &Path) -> Result<bool> {
+    let Some(user) = &cfg.user else {
+        return Ok(false);
+    };
+    let marker = root.join(MARKER);
+    if marker.exists() {
+        return Ok(false);
     }
-    let script = Path::new(SCRIPT);
+    let script = root.join(SCRIPT);
     let scripted = script
         .metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
     if scripted {
-        let status = std::process::Command::new(SCRIPT)
+        let status = std::process::Command::new(&script)
             .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
+            .env("PATH", PATH)
             .env("CONTAINER_USER", &user.name)
             .env("CONTAINER_UID", user.uid.to_string())
             .env("CONTAINER_GID", user.gid.to_string())
             .env("CONTAINER_HOME", &user.home)
             .env("CONTAINER_SHELL", &user.shell)
             .env("CONTAINER_MACHINE_ID", &cfg.machine_id)
+            .current_dir(root)
             .status()
-            .ctx(format!("running {SCRIPT}"))?;
+            .with_context(|| format!("running /{SCRIPT}"))?;
         if !status.success() {
-            return Err(format!("{SCRIPT} failed ({status})"));
+            bail!("/{SCRIPT} failed ({status})");
         }
-        log!("user {} set up by {SCRIPT}", user.name);
     } else {
-        builtin(user, cfg.home_mount)?;
-        log!("user {} (uid {}) set up", user.name, user.uid);
+        builtin(root, user, cfg.home_mount)?;
     }
-    std::fs::create_dir_all("/var/lib/container-agent").ctx("creating the marker directory")?;
-    std::fs::write(MARKER, format!("{}\n", user.name)).ctx("writing the setup marker")
+    let dir = marker.parent().expect("the marker has a parent");
+    std::fs::create_dir_all(dir).context("creating /var/lib/container-agent")?;
+    std::fs::write(&marker, format!("{}\n", user.name)).context("writing the setup marker")?;
+    Ok(true)
 }
 
-fn read_lines(path: &str) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-fn write_lines(path: &str, lines: &[String], mode: u32) -> Result<()> {
-    let tmp = format!("{path}.container-tmp");
-    std::fs::write(&tmp, lines.join("\n") + "\n").ctx(format!("writing {path}"))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .ctx(format!("chmod {path}"))?;
-    std::fs::rename(&tmp, path).ctx(format!("replacing {path}"))
+/// The account databases of an image, as text.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Accounts {
+    passwd: String,
+    group: String,
+    shadow: Option<String>,
+    gshadow: Option<String>,
 }
 
 fn field(line: &str, n: usize) -> &str {
     line.split(':').nth(n).unwrap_or("")
 }
 
-/// The built-in setup.
-fn builtin(user: &UserSpec, home_mount: HomeMount) -> Result<()> {
-    let uid = user.uid.to_string();
-    let gid = user.gid.to_string();
-    let shell = [user.shell.as_str(), "/bin/bash", "/bin/sh"]
+fn join(lines: impl IntoIterator<Item = String>) -> String {
+    lines.into_iter().map(|l| l + "\n").collect()
+}
+
+impl Accounts {
+    /// The databases with `user` in them: image accounts holding the name or uid are
+    /// removed, the group holding the gid (or the name) is replaced by the user's, and the
+    /// user joins the admin groups the image has.
+    fn with_user(&self, user: &UserSpec, shell: &str) -> Accounts {
+        let uid = user.uid.to_string();
+        let gid = user.gid.to_string();
+        let evicted: Vec<&str> = self
+            .passwd
+            .lines()
+            .filter(|l| field(l, 0) == user.name || field(l, 2) == uid)
+            .map(|l| field(l, 0))
+            .collect();
+        let gone = |name: &str| name == user.name || evicted.contains(&name);
+        let passwd = self
+            .passwd
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !gone(field(l, 0)))
+            .map(str::to_string)
+            .chain([format!(
+                "{}:x:{uid}:{gid}::{}:{shell}",
+                user.name, user.home
+            )]);
+        let shadow = self.shadow.as_ref().map(|s| {
+            join(
+                s.lines()
+                    .filter(|l| !l.trim().is_empty() && !gone(field(l, 0)))
+                    .map(str::to_string)
+                    .chain([format!("{}:!:19000:0:99999:7:::", user.name)]),
+            )
+        });
+        let replaced: Vec<&str> = self
+            .group
+            .lines()
+            .filter(|l| field(l, 2) == gid || field(l, 0) == user.name)
+            .map(|l| field(l, 0))
+            .collect();
+        let group = self
+            .group
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !replaced.contains(&field(l, 0)))
+            .map(|l| {
+                let mut parts: Vec<String> = l.splitn(4, ':').map(str::to_string).collect();
+                if parts.len() < 4 {
+                    return l.to_string();
+                }
+                let mut members: Vec<String> = parts[3]
+                    .split(',')
+                    .filter(|m| !m.is_empty() && !gone(m))
+                    .map(str::to_string)
+                    .collect();
+                if matches!(parts[0].as_str(), "sudo" | "wheel") {
+                    members.push(user.name.clone());
+                }
+                parts[3] = members.join(",");
+                parts.join(":")
+            })
+            .chain([format!("{}:x:{gid}:", user.name)]);
+        let gshadow = self.gshadow.as_ref().map(|s| {
+            join(
+                s.lines()
+                    .filter(|l| {
+                        !l.trim().is_empty()
+                            && !replaced.contains(&field(l, 0))
+                            && field(l, 0) != user.name
+                    })
+                    .map(str::to_string)
+                    .chain([format!("{}:!::", user.name)]),
+            )
+        });
+        Accounts {
+            passwd: join(passwd),
+            group: join(group),
+            shadow,
+            gshadow,
+        }
+    }
+}
+
+/// Replaces a file atomically, keeping `mode`.
+fn replace(path: &Path, text: &str, mode: u32) -> Result<()> {
+    let tmp = path.with_extension("container-tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+/// The shell to give the user: theirs when the image has it, else bash, else sh.
+fn pick_shell(root: &Path, wanted: &str) -> String {
+    [wanted, "/bin/bash", "/bin/sh"]
         .into_iter()
-        .find(|s| Path::new(s).exists())
+        .find(|s| s.starts_with('/') && root.join(&s[1..]).exists())
         .unwrap_or("/bin/sh")
-        .to_string();
+        .to_string()
+}
 
-    // Accounts holding our name or uid give way, with their shadow entries.
-    let passwd = read_lines("/etc/passwd");
-    let evicted: Vec<String> = passwd
+fn builtin(root: &Path, user: &UserSpec, home_mount: HomeMount) -> Result<()> {
+    let etc = root.join("etc");
+    let read = |name: &str| std::fs::read_to_string(etc.join(name)).ok();
+    let before = Accounts {
+        passwd: read("passwd").unwrap_or_default(),
+        group: read("group").unwrap_or_default(),
+        shadow: read("shadow"),
+        gshadow: read("gshadow"),
+    };
+    let after = before.with_user(user, &pick_shell(root, &user.shell));
+    std::fs::create_dir_all(&etc).context("creating /etc")?;
+    replace(&etc.join("passwd"), &after.passwd, 0o644)?;
+    replace(&etc.join("group"), &after.group, 0o644)?;
+    if let Some(s) = &after.shadow {
+        replace(&etc.join("shadow"), s, 0o640)?;
+    }
+    if let Some(s) = &after.gshadow {
+        replace(&etc.join("gshadow"), s, 0o640)?;
+    }
+
+    let sudoers_d = etc.join("sudoers.d");
+    let has_sudo = ["usr/bin/sudo", "bin/sudo"]
         .iter()
-        .filter(|l| (field(l, 0) == user.name || field(l, 2) == uid) && !l.is_empty())
-        .map(|l| field(l, 0).to_string())
-        .collect();
-    let mut passwd: Vec<String> = passwd
-        .into_iter()
-        .filter(|l| !evicted.iter().any(|e| field(l, 0) == e))
-        .collect();
-    passwd.push(format!(
-        "{}:x:{uid}:{gid}::{}:{shell}",
-        user.name, user.home
-    ));
-    write_lines("/etc/passwd", &passwd, 0o644)?;
-
-    if Path::new("/etc/shadow").exists() {
-        let mut shadow: Vec<String> = read_lines("/etc/shadow")
-            .into_iter()
-            .filter(|l| !evicted.iter().any(|e| field(l, 0) == e) && field(l, 0) != user.name)
-            .collect();
-        shadow.push(format!("{}:!:19000:0:99999:7:::", user.name));
-        write_lines("/etc/shadow", &shadow, 0o640)?;
-    }
-
-    // The group holding our gid becomes ours; a group with our name elsewhere gives way.
-    let mut groups: Vec<String> = read_lines("/etc/group")
-        .into_iter()
-        .filter(|l| !(field(l, 2) == gid || (field(l, 0) == user.name && field(l, 2) != gid)))
-        .collect();
-    groups.push(format!("{}:x:{gid}:", user.name));
-    // Membership in the admin groups the image has; evicted accounts leave member lists.
-    let groups: Vec<String> = groups
-        .into_iter()
-        .map(|l| {
-            let mut parts: Vec<String> = l.splitn(4, ':').map(str::to_string).collect();
-            if parts.len() < 4 {
-                return l;
-            }
-            let mut members: Vec<String> = parts[3]
-                .split(',')
-                .filter(|m| !m.is_empty() && !evicted.iter().any(|e| e == m))
-                .map(str::to_string)
-                .collect();
-            if matches!(parts[0].as_str(), "sudo" | "wheel" | "adm")
-                && !members.contains(&user.name)
-            {
-                members.push(user.name.clone());
-            }
-            parts[3] = members.join(",");
-            parts.join(":")
-        })
-        .collect();
-    write_lines("/etc/group", &groups, 0o644)?;
-    if Path::new("/etc/gshadow").exists() {
-        let mut gshadow: Vec<String> = read_lines("/etc/gshadow")
-            .into_iter()
-            .filter(|l| field(l, 0) != user.name && !evicted.iter().any(|e| field(l, 0) == e))
-            .collect();
-        gshadow.push(format!("{}:!::", user.name));
-        write_lines("/etc/gshadow", &gshadow, 0o640)?;
-    }
-
-    if Path::new("/etc/sudoers.d").is_dir() {
-        // sudo ignores drop-ins whose names contain a dot.
-        let file = format!("/etc/sudoers.d/container-{}", user.name.replace('.', "_"));
-        std::fs::write(&file, format!("{} ALL=(ALL) NOPASSWD:ALL\n", user.name))
-            .ctx("writing the sudoers drop-in")?;
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o440))
-            .ctx("chmod the sudoers drop-in")?;
+        .any(|p| root.join(p).exists());
+    if sudoers_d.is_dir() || has_sudo {
+        std::fs::create_dir_all(&sudoers_d).context("creating /etc/sudoers.d")?;
+        // sudo skips drop-ins whose names contain a dot.
+        let file = sudoers_d.join(format!("container-{}", user.name.replace('.', "_")));
+        replace(
+            &file,
+            &format!("{} ALL=(ALL) NOPASSWD:ALL\n", user.name),
+            0o440,
+        )?;
     }
 
     if home_mount == HomeMount::None {
-        let home = Path::new(&user.home);
+        let home = root.join(user.home.trim_start_matches('/'));
         if !home.exists() {
-            std::fs::create_dir_all(home).ctx(format!("creating {}", user.home))?;
-            copy_skel(Path::new("/etc/skel"), home)?;
-            chown_tree(home, user.uid, user.gid)?;
+            std::fs::create_dir_all(&home).with_context(|| format!("creating {}", user.home))?;
+            std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o750))
+                .with_context(|| format!("setting the mode of {}", user.home))?;
+            copy_skel(&etc.join("skel"), &home)?;
+            chown_tree(&home, user.uid, user.gid)?;
         }
     }
     Ok(())
@@ -169,12 +222,15 @@ fn copy_skel(from: &Path, to: &Path) -> Result<()> {
     };
     for e in entries.flatten() {
         let dest = to.join(e.file_name());
-        let ft = e.file_type().ctx("reading /etc/skel")?;
+        let ft = e.file_type().context("reading /etc/skel")?;
         if ft.is_dir() {
-            std::fs::create_dir_all(&dest).ctx("copying /etc/skel")?;
+            std::fs::create_dir_all(&dest).context("copying /etc/skel")?;
             copy_skel(&e.path(), &dest)?;
         } else if ft.is_file() {
-            std::fs::copy(e.path(), &dest).ctx("copying /etc/skel")?;
+            std::fs::copy(e.path(), &dest).context("copying /etc/skel")?;
+        } else if ft.is_symlink() {
+            let target = std::fs::read_link(e.path()).context("copying /etc/skel")?;
+            std::os::unix::fs::symlink(target, &dest).context("copying /etc/skel")?;
         }
     }
     Ok(())
@@ -182,11 +238,179 @@ fn copy_skel(from: &Path, to: &Path) -> Result<()> {
 
 fn chown_tree(path: &Path, uid: u32, gid: u32) -> Result<()> {
     std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-        .ctx(format!("chown {}", path.display()))?;
+        .with_context(|| format!("changing the owner of {}", path.display()))?;
     if path.is_dir() && !path.is_symlink() {
-        for e in std::fs::read_dir(path).ctx("reading the home")?.flatten() {
+        for e in std::fs::read_dir(path)
+            .context("reading the home")?
+            .flatten()
+        {
             chown_tree(&e.path(), uid, gid)?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn alice() -> UserSpec {
+        UserSpec {
+            name: "alice.b".into(),
+            uid: 1000,
+            gid: 1000,
+            home: "/home/alice.b".into(),
+            shell: "/usr/bin/zsh".into(),
+        }
+    }
+
+    fn config(home_mount: HomeMount) -> BootConfig {
+        BootConfig {
+            version: 1,
+            machine_id: "m1".into(),
+            hostname: "dev".into(),
+            root_device: "/dev/vda".into(),
+            grow_root: false,
+            modules: vec![],
+            shares: vec![],
+            user: Some(alice()),
+            home_mount,
+            network: None,
+            vsock_port: 1024,
+            time_unix_ns: 0,
+            init: vec!["/sbin/init".into()],
+        }
+    }
+
+    /// An Ubuntu-like image: `ubuntu` holds uid and gid 1000 and is in sudo.
+    fn ubuntu_root() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir_all(etc.join("skel/.config")).unwrap();
+        std::fs::create_dir_all(etc.join("sudoers.d")).unwrap();
+        std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+        std::fs::write(dir.path().join("bin/bash"), "").unwrap();
+        std::fs::write(dir.path().join("bin/sh"), "").unwrap();
+        std::fs::write(
+            etc.join("passwd"),
+            "root:x:0:0:root:/root:/bin/bash\nubuntu:x:1000:1000:Ubuntu:/home/ubuntu:/bin/bash\n",
+        )
+        .unwrap();
+        std::fs::write(
+            etc.join("group"),
+            "root:x:0:\nsudo:x:27:ubuntu\nubuntu:x:1000:\nusers:x:100:ubuntu,bob\n",
+        )
+        .unwrap();
+        std::fs::write(
+            etc.join("shadow"),
+            "root:*:19000::::::\nubuntu:!:19000::::::\n",
+        )
+        .unwrap();
+        std::fs::write(etc.join("skel/.bashrc"), "# skel\n").unwrap();
+        std::fs::write(etc.join("skel/.config/x"), "x").unwrap();
+        dir
+    }
+
+    fn read(root: &Path, p: &str) -> String {
+        std::fs::read_to_string(root.join(p)).unwrap()
+    }
+
+    #[test]
+    fn the_host_user_takes_over_uid_1000_with_sudo_and_a_home_from_skel() {
+        let root = ubuntu_root();
+        let r = root.path();
+        assert!(provision(&config(HomeMount::None), r).unwrap());
+        assert_eq!(
+            read(r, "etc/passwd"),
+            "root:x:0:0:root:/root:/bin/bash\nalice.b:x:1000:1000::/home/alice.b:/bin/bash\n"
+        );
+        assert_eq!(
+            read(r, "etc/group"),
+            "root:x:0:\nsudo:x:27:alice.b\nusers:x:100:bob\nalice.b:x:1000:\n"
+        );
+        assert_eq!(
+            read(r, "etc/shadow"),
+            "root:*:19000::::::\nalice.b:!:19000:0:99999:7:::\n"
+        );
+        let sudoers = r.join("etc/sudoers.d/container-alice_b");
+        assert_eq!(
+            read(r, "etc/sudoers.d/container-alice_b"),
+            "alice.b ALL=(ALL) NOPASSWD:ALL\n"
+        );
+        assert_eq!(
+            sudoers.metadata().unwrap().permissions().mode() & 0o777,
+            0o440
+        );
+        assert_eq!(read(r, "home/alice.b/.bashrc"), "# skel\n");
+        assert_eq!(read(r, "home/alice.b/.config/x"), "x");
+        // Running as root here: the copied files belong to the user.
+        if nix::unistd::geteuid().is_root() {
+            let m = r.join("home/alice.b/.config/x").metadata().unwrap();
+            assert_eq!((m.uid(), m.gid()), (1000, 1000));
+        }
+        assert_eq!(read(r, MARKER), "alice.b\n");
+    }
+
+    #[test]
+    fn setup_happens_once() {
+        let root = ubuntu_root();
+        let r = root.path();
+        assert!(provision(&config(HomeMount::None), r).unwrap());
+        std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+        assert!(!provision(&config(HomeMount::None), r).unwrap());
+        assert_eq!(read(r, "etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n");
+    }
+
+    #[test]
+    fn a_shared_home_is_neither_created_nor_filled() {
+        let root = ubuntu_root();
+        let r = root.path();
+        assert!(provision(&config(HomeMount::Rw), r).unwrap());
+        assert!(!r.join("home/alice.b").exists());
+    }
+
+    #[test]
+    fn a_failed_setup_is_not_marked_done() {
+        let root = ubuntu_root();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("etc/machine")).unwrap();
+        std::fs::write(r.join(SCRIPT), "#!/bin/sh\nexit 3\n").unwrap();
+        std::fs::set_permissions(r.join(SCRIPT), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = provision(&config(HomeMount::None), r).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("create-user.sh failed"),
+            "{err:#}"
+        );
+        assert!(!r.join(MARKER).exists());
+    }
+
+    #[test]
+    fn the_image_script_gets_the_user_in_its_environment() {
+        let root = ubuntu_root();
+        let r = root.path();
+        std::fs::create_dir_all(r.join("etc/machine")).unwrap();
+        std::fs::write(
+            r.join(SCRIPT),
+            "#!/bin/sh\necho \"$CONTAINER_USER $CONTAINER_UID $CONTAINER_GID $CONTAINER_HOME $CONTAINER_SHELL $CONTAINER_MACHINE_ID\" > seen\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(r.join(SCRIPT), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(provision(&config(HomeMount::None), r).unwrap());
+        assert_eq!(
+            read(r, "seen"),
+            "alice.b 1000 1000 /home/alice.b /usr/bin/zsh m1\n"
+        );
+        // The script did the work: the built-in setup did not run.
+        assert!(read(r, "etc/passwd").contains("ubuntu"));
+    }
+
+    #[test]
+    fn no_sudo_no_drop_in() {
+        let root = ubuntu_root();
+        let r = root.path();
+        std::fs::remove_dir(r.join("etc/sudoers.d")).unwrap();
+        assert!(provision(&config(HomeMount::None), r).unwrap());
+        assert!(!r.join("etc/sudoers.d").exists());
+    }
 }

@@ -1,0 +1,263 @@
+//! Copy sessions: a tar stream from the host unpacked at a path (ownership and modes kept),
+//! and a tar of a path streamed to the host. The archive's entries stay under the target:
+//! absolute paths and `..` are refused.
+
+use std::io::{Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+use container_agent_proto::sync::{read, write};
+use container_agent_proto::{Frame, Kind, MAX_FRAME, Message};
+use vsock::VsockStream;
+
+use crate::server::{Writer, error, reply};
+
+/// Reads the tar stream out of `Data` frames until `DataEof`.
+struct FrameReader<'a> {
+    stream: &'a mut VsockStream,
+    chunk: Vec<u8>,
+    at: usize,
+    ended: bool,
+}
+
+impl Read for FrameReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.chunk.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            match read(self.stream).map_err(std::io::Error::other)? {
+                Some(Frame::Data(Kind::Data, b)) => {
+                    self.chunk = b;
+                    self.at = 0;
+                }
+                Some(Frame::Message(Message::DataEof)) => self.ended = true,
+                None => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the service closed the session before the end of the archive",
+                    ));
+                }
+                Some(other) => {
+                    return Err(std::io::Error::other(format!(
+                        "unexpected frame in an archive: {other:?}"
+                    )));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.at);
+        buf[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Receives a tar stream and unpacks it at `path`.
+pub fn copy_in(path: &str, mut stream: VsockStream, writer: &Writer) -> std::io::Result<()> {
+    let mut frames = FrameReader {
+        stream: &mut stream,
+        chunk: Vec::new(),
+        at: 0,
+        ended: false,
+    };
+    let result = unpack(Path::new(path), &mut frames);
+    if result.is_err() {
+        // Read the rest so the service sees our answer, not a stalled stream.
+        let _ = std::io::copy(&mut frames, &mut std::io::sink());
+    }
+    match result {
+        Ok(()) => reply(writer, Message::Done),
+        Err(e) => reply(writer, error(e, None)),
+    }
+}
+
+/// Where an archive entry goes: under `dir`, its top component renamed to `rename` when
+/// given. `None` for entries that would leave `dir`.
+fn destination(dir: &Path, entry: &Path, rename: Option<&Path>) -> Option<PathBuf> {
+    let mut parts = Vec::new();
+    for c in entry.components() {
+        match c {
+            Component::Normal(p) => parts.push(p),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    let mut out = dir.to_path_buf();
+    let mut rest = parts.into_iter();
+    if let Some(top) = rename {
+        rest.next()?;
+        out.push(top);
+    }
+    out.extend(rest);
+    Some(out)
+}
+
+fn unpack(dest: &Path, input: &mut dyn Read) -> Result<(), String> {
+    let (dir, rename) = if dest.is_dir() {
+        (dest.to_path_buf(), None)
+    } else {
+        let parent = dest.parent().unwrap_or(Path::new("/"));
+        if !parent.is_dir() {
+            return Err(format!(
+                "{} does not exist in the machine",
+                parent.display()
+            ));
+        }
+        let name = dest
+            .file_name()
+            .ok_or_else(|| format!("{} cannot be a copy's destination", dest.display()))?;
+        (parent.to_path_buf(), Some(PathBuf::from(name)))
+    };
+    let mut archive = tar::Archive::new(input);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    for entry in archive
+        .entries()
+        .map_err(|e| format!("reading the archive: {e}"))?
+    {
+        let mut entry = entry.map_err(|e| format!("reading the archive: {e}"))?;
+        let name = entry
+            .path()
+            .map_err(|e| format!("reading the archive: {e}"))?
+            .into_owned();
+        let Some(target) = destination(&dir, &name, rename.as_deref()) else {
+            return Err(format!(
+                "the archive entry {} leaves the destination",
+                name.display()
+            ));
+        };
+        if target == dir {
+            continue;
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+        }
+        // Without a rename, tar's own containment also resolves hard links in the archive
+        // against the destination.
+        let written = match &rename {
+            None => entry.unpack_in(&dir).map(|_| ()),
+            Some(_) => entry.unpack(&target).map(|_| ()),
+        };
+        written.map_err(|e| format!("writing {}: {}", target.display(), chain(&e)))?;
+    }
+    Ok(())
+}
+
+/// An error and its causes in one line (tar keeps the useful part in the source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
+}
+
+/// Writes the tar stream as `Data` frames.
+struct FrameWriter<'a>(&'a Writer);
+
+impl Write for FrameWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(MAX_FRAME);
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        write(&mut *s, &Frame::Data(Kind::Data, buf[..n].to_vec()))?;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Streams a tar of `path`, its base name at the top.
+pub fn copy_out(path: &str, writer: &Writer) -> std::io::Result<()> {
+    let src = Path::new(path);
+    let meta = match std::fs::symlink_metadata(src) {
+        Ok(m) => m,
+        Err(e) => return reply(writer, error(format!("{path} in the machine: {e}"), None)),
+    };
+    let name = src
+        .file_name()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| ".".into());
+    let out = std::io::BufWriter::with_capacity(256 * 1024, FrameWriter(writer));
+    let mut builder = tar::Builder::new(out);
+    builder.follow_symlinks(false);
+    let r = if meta.is_dir() {
+        builder.append_dir_all(&name, src)
+    } else {
+        builder.append_path_with_name(src, &name)
+    };
+    let r = r
+        .and_then(|()| builder.into_inner())
+        .and_then(|mut w| w.flush());
+    match r {
+        Ok(()) => reply(writer, Message::DataEof),
+        Err(e) => reply(writer, error(format!("reading {path}: {e}"), None)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_stay_under_the_destination() {
+        let d = Path::new("/dst");
+        assert_eq!(
+            destination(d, Path::new("a/b"), None),
+            Some("/dst/a/b".into())
+        );
+        assert_eq!(
+            destination(d, Path::new("./a"), None),
+            Some("/dst/a".into())
+        );
+        assert_eq!(
+            destination(d, Path::new("a/b"), Some(Path::new("x"))),
+            Some("/dst/x/b".into())
+        );
+        assert_eq!(destination(d, Path::new("../etc"), None), None);
+        assert_eq!(destination(d, Path::new("/etc/passwd"), None), None);
+        assert_eq!(destination(d, Path::new("a/../../b"), None), None);
+    }
+
+    fn archive(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn file(b: &mut tar::Builder<Vec<u8>>, path: &str, body: &[u8]) {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(body.len() as u64);
+        h.set_mode(0o640);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, body).unwrap();
+    }
+
+    #[test]
+    fn a_tree_lands_in_a_directory_or_under_a_new_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar = archive(|b| {
+            file(b, "top/a.txt", b"a");
+            file(b, "top/sub/b.txt", b"b");
+        });
+        unpack(dir.path(), &mut tar.as_slice()).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("top/sub/b.txt")).unwrap(),
+            b"b"
+        );
+        unpack(&dir.path().join("renamed"), &mut tar.as_slice()).unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("renamed/a.txt")).unwrap(),
+            b"a"
+        );
+        let err = unpack(&dir.path().join("no/such/dir"), &mut tar.as_slice()).unwrap_err();
+        assert!(err.contains("does not exist in the machine"), "{err}");
+    }
+}
