@@ -25,10 +25,12 @@ cat > "$root/etc/inittab" <<'TAB'
 TAB
 cat > "$root/etc/init.d/rcS" <<'SH'
 #!/bin/sh
-mountpoint -q /proc || mount -t proc proc /proc
-mountpoint -q /sys || mount -t sysfs sysfs /sys
+# Debian's busybox has no `mountpoint`: /proc/mounts says what is mounted.
+mounted() { grep -qs " $1 " /proc/mounts; }
+mounted /proc || mount -t proc proc /proc
+mounted /sys || mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /dev/shm
-mountpoint -q /dev/pts || mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mounted /dev/pts || mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -o remount,rw / 2>/dev/null
 [ -s /etc/hostname ] && hostname -F /etc/hostname
 exit 0
