@@ -83,7 +83,7 @@ for name in "${names[@]}"; do
     check "busybox: root in passwd, group, shadow" grep -q '^root:' "$root/etc/passwd" "$root/etc/group" "$root/etc/shadow"
     check "busybox: inittab starts no console shell" bash -c "! grep -q respawn '$root/etc/inittab'"
     check "busybox: no StopSignal" test "$(field "$cfg" 'j.get("StopSignal")')" = None
-    check "busybox: rcS finds the applets it calls" bash -c "for a in grep mount mkdir hostname sync umount; do [ -L '$root/bin/\$a' ] || exit 1; done"
+    check "busybox: rcS finds the applets it calls" bash -c "for a in grep mount mkdir hostname sync umount; do [ -L \"$root/bin/\$a\" ] || exit 1; done"
     check "busybox: a shell runs in it" test "$(chroot "$root" /bin/sh -c 'echo $((6*7))')" = 42
     ;;
   noinit)
