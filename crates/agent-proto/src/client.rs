@@ -378,3 +378,259 @@ pub async fn wait_ready(uds: &Path, port: u32, deadline: Instant) -> Result<Read
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::{read, send, write};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::net::UnixListener;
+
+    /// A fake vhost-device-vsock with an agent behind it: answers the hybrid handshake with
+    /// `answer`, then hands each session to `agent`.
+    fn fake<F, Fut>(dir: &Path, answer: &'static str, agent: F) -> std::path::PathBuf
+    where
+        F: Fn(UnixStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let path = dir.join("vsock.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let mut reader = tokio::io::BufReader::new(stream);
+                let mut line = String::new();
+                reader.read_line(&mut line).await.unwrap();
+                assert_eq!(line, "CONNECT 1024\n");
+                let mut stream = reader.into_inner();
+                stream.write_all(answer.as_bytes()).await.unwrap();
+                if answer.starts_with("OK") {
+                    agent(stream).await;
+                }
+            }
+        });
+        path
+    }
+
+    async fn hello(s: &mut UnixStream) {
+        match read(s).await.unwrap() {
+            Some(Frame::Message(Message::Hello { version })) => assert_eq!(version, crate::VERSION),
+            other => panic!("{other:?}"),
+        }
+        send(
+            s,
+            Message::HelloOk {
+                version: crate::VERSION,
+                agent: "9.9".into(),
+            },
+        )
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_agent_not_listening_yet_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = fake(dir.path(), "", |_| async {});
+        let err = AgentClient::connect(&uds, 1024).await.unwrap_err();
+        assert!(matches!(err, ProtoError::NotListening { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn another_protocol_version_is_refused_with_the_agents_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = fake(dir.path(), "OK 1\n", |mut s| async move {
+            let _ = read(&mut s).await;
+            let _ = send(
+                &mut s,
+                Message::Error {
+                    message: "restart the machine".into(),
+                    code: None,
+                },
+            )
+            .await;
+        });
+        let err = AgentClient::connect(&uds, 1024).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the guest agent refused the session: restart the machine"
+        );
+    }
+
+    #[tokio::test]
+    async fn exec_collects_output_and_status_and_reports_refusals() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = fake(dir.path(), "OK 7\n", |mut s| async move {
+            hello(&mut s).await;
+            let Some(Frame::Message(Message::Exec(req))) = read(&mut s).await.unwrap() else {
+                panic!("no exec")
+            };
+            if req.argv[0] == "missing" {
+                let _ = send(
+                    &mut s,
+                    Message::Error {
+                        message: "exec: \"missing\": executable file not found in $PATH".into(),
+                        code: Some(127),
+                    },
+                )
+                .await;
+                return;
+            }
+            send(&mut s, Message::Started { pid: 42 }).await.unwrap();
+            // Echo stdin to stdout until EOF, then exit by signal.
+            loop {
+                match read(&mut s).await.unwrap() {
+                    Some(Frame::Data(Kind::Stdin, b)) => {
+                        write(&mut s, &Frame::Data(Kind::Stdout, b)).await.unwrap()
+                    }
+                    Some(Frame::Message(Message::StdinEof)) => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            write(&mut s, &Frame::Data(Kind::Stderr, b"bye".to_vec()))
+                .await
+                .unwrap();
+            send(
+                &mut s,
+                Message::Exit {
+                    code: None,
+                    signal: Some(9),
+                },
+            )
+            .await
+            .unwrap();
+        });
+        let argv = |a: &str| ExecRequest {
+            argv: vec![a.into()],
+            ..Default::default()
+        };
+        let client = AgentClient::connect(&uds, 1024).await.unwrap();
+        assert_eq!(client.agent_version(), "9.9");
+        let session = client.exec(argv("cat")).await.unwrap();
+        assert_eq!(session.pid(), 42);
+        let out = session.output(b"hello").await.unwrap();
+        assert_eq!(
+            out,
+            ExecOutput {
+                stdout: b"hello".to_vec(),
+                stderr: b"bye".to_vec(),
+                status: ExitStatus::Signal(9),
+            }
+        );
+        assert_eq!(out.status.code(), 137);
+        let err = AgentClient::connect(&uds, 1024)
+            .await
+            .unwrap()
+            .exec(argv("missing"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProtoError::Agent {
+                    code: Some(127),
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn copy_out_streams_and_a_late_failure_is_a_read_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = fake(dir.path(), "OK 7\n", |mut s| async move {
+            hello(&mut s).await;
+            let Some(Frame::Message(Message::CopyOut { path })) = read(&mut s).await.unwrap()
+            else {
+                panic!("no copy out")
+            };
+            write(&mut s, &Frame::Data(Kind::Data, b"part one ".to_vec()))
+                .await
+                .unwrap();
+            write(&mut s, &Frame::Data(Kind::Data, b"part two".to_vec()))
+                .await
+                .unwrap();
+            let end = if path == "/ok" {
+                Message::DataEof
+            } else {
+                Message::Error {
+                    message: "disk on fire".into(),
+                    code: None,
+                }
+            };
+            send(&mut s, end).await.unwrap();
+        });
+        let mut r = AgentClient::connect(&uds, 1024)
+            .await
+            .unwrap()
+            .copy_out("/ok")
+            .await
+            .unwrap();
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"part one part two");
+        let mut r = AgentClient::connect(&uds, 1024)
+            .await
+            .unwrap()
+            .copy_out("/bad")
+            .await
+            .unwrap();
+        let err = r.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(err.to_string().contains("disk on fire"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn garbage_from_the_agent_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = fake(dir.path(), "OK 7\n", |mut s| async move {
+            hello(&mut s).await;
+            let _ = read(&mut s).await;
+            let _ = s.write_all(&[0xee, 0, 0, 0, 1, 0]).await;
+        });
+        let err = AgentClient::connect(&uds, 1024)
+            .await
+            .unwrap()
+            .ping()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProtoError::UnknownKind(0xee)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn wait_ready_retries_until_the_agent_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            fake(&path, "OK 7\n", |mut s| async move {
+                hello(&mut s).await;
+                let _ = read(&mut s).await;
+                let _ = send(
+                    &mut s,
+                    Message::Pong {
+                        uptime_ms: 1500,
+                        init_pid: 1,
+                        init_running: true,
+                    },
+                )
+                .await;
+            })
+        });
+        let uds = dir.path().join("vsock.sock");
+        let ready = wait_ready(&uds, 1024, Instant::now() + Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(
+            ready,
+            Readiness {
+                uptime: Duration::from_millis(1500),
+                init_running: true
+            }
+        );
+        late.await.unwrap();
+        let err = wait_ready(&dir.path().join("nothing.sock"), 1024, Instant::now())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProtoError::Io(_)), "{err:?}");
+    }
+}
