@@ -275,6 +275,8 @@ async fn the_agent_runs_a_machine() {
     )
     .unwrap();
     std::os::unix::fs::symlink("../a.txt", tree.join("sub/link")).unwrap();
+    std::fs::write(tree.join("owned"), "mine\n").unwrap();
+    std::os::unix::fs::chown(tree.join("owned"), Some(1234), Some(2345)).unwrap();
     let mut archive = tar::Builder::new(Vec::new());
     archive.follow_symlinks(false);
     archive.append_dir_all("tree", &tree).unwrap();
@@ -287,6 +289,10 @@ async fn the_agent_runs_a_machine() {
         .unwrap();
     assert_eq!(sh(uds, "/root/tree/sub/deeper/run.sh").await, "ran\n");
     assert_eq!(sh(uds, "cat /root/tree/sub/link").await, "alpha\n");
+    assert_eq!(
+        sh(uds, "stat -c %u:%g /root/tree/owned").await,
+        "1234:2345\n"
+    );
     let mut back = Vec::new();
     let mut reader = AgentClient::connect(uds, PORT)
         .await
@@ -365,6 +371,28 @@ async fn the_agent_runs_a_machine() {
     if std::env::var_os("SHOW_CONSOLE").is_some() {
         eprintln!("{console}");
     }
+}
+
+#[test]
+fn a_failed_boot_says_why_and_powers_off() {
+    if !common::prerequisites() {
+        return;
+    }
+    let mut vm = common::Vm::boot_with(|cfg| cfg.modules.push("/modules/missing.ko".into()));
+    let status = vm
+        .wait_exit(Duration::from_secs(60))
+        .expect("the VM powers off instead of hanging");
+    assert!(status.success(), "qemu: {status}");
+    let console = vm.console();
+    assert!(
+        console.contains("container-agent: boot failed: opening module /modules/missing.ko: No such file or directory"),
+        "{console}"
+    );
+    assert!(
+        console.contains("container-agent: powering off"),
+        "{console}"
+    );
+    assert!(!console.contains("starting init"), "{console}");
 }
 
 async fn futures_join<T>(

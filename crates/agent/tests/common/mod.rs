@@ -227,6 +227,8 @@ fn resolve_modules(dir: &Path, wanted: &[&str]) -> Vec<PathBuf> {
 
 /// A booted machine and its helpers; everything is killed on drop.
 pub struct Vm {
+    /// One VM at a time: two cores of emulation are slow enough already.
+    _serial: std::sync::MutexGuard<'static, ()>,
     pub dir: tempfile::TempDir,
     pub vsock: PathBuf,
     qemu: Child,
@@ -238,6 +240,13 @@ pub const DISK_BYTES: u64 = 512 << 20;
 impl Vm {
     /// Boots a busybox machine with a user, a share, a disk to grow and a user-mode network.
     pub fn boot() -> Vm {
+        Vm::boot_with(|_| {})
+    }
+
+    /// Boots with the boot config changed by `edit`.
+    pub fn boot_with(edit: impl FnOnce(&mut BootConfig)) -> Vm {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let kernel = kernel();
@@ -341,6 +350,8 @@ impl Vm {
                 .as_nanos() as u64,
             init: vec!["/sbin/init".into()],
         };
+        let mut cfg = cfg;
+        edit(&mut cfg);
         std::fs::write(
             initrd_root.join("container/boot.json"),
             serde_json::to_vec(&cfg).unwrap(),
@@ -388,6 +399,7 @@ impl Vm {
         };
         let vsock = d.join("vsock.sock");
         Vm {
+            _serial: serial,
             dir,
             vsock,
             qemu,
