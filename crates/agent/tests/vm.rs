@@ -190,6 +190,32 @@ async fn the_agent_runs_a_machine() {
         String::from_utf8_lossy(&seen)
     );
 
+    // A host that goes away ends its processes: a terminal hangs up, a pipe reaches EOF.
+    for tty in [true, false] {
+        let mut r = req(&["sh"]);
+        (r.tty, r.rows, r.cols) = (tty, 24, 80);
+        let session = AgentClient::connect(uds, PORT)
+            .await
+            .unwrap()
+            .exec(r)
+            .await
+            .unwrap();
+        let pid = session.pid();
+        drop(session);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while run(uds, req(&["kill", "-0", &pid.to_string()]), b"")
+            .await
+            .status
+            == ExitStatus::Code(0)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "sh (tty: {tty}) outlived its session"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     // Twenty at once.
     let runs = (0..20).map(|i| {
         let uds = uds.to_path_buf();
