@@ -82,8 +82,27 @@ fn cmdline(accel: &Accel) -> String {
         // Under emulation on a busy host the TSC and timer checks can stall a multi-vCPU
         // guest before its first console line.
         line.push_str(" tsc=reliable no_timer_check");
+        // Under TCG the guest TSC runs at the host's rate; calibrating it against the PIT
+        // on a loaded host sometimes fails and hangs the kernel before its first line.
+        if let Some(khz) = host_tsc_khz() {
+            line.push_str(&format!(" tsc_early_khz={khz}"));
+        }
     }
     line
+}
+
+/// The host CPU's frequency in kHz, from /proc/cpuinfo.
+fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then_some((mhz * 1000.0) as u64)
 }
 
 #[async_trait]
