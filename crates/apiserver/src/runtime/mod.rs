@@ -9,6 +9,8 @@
 //! whose VMM still runs and cleans up after the others; whenever a VMM exits, its helpers
 //! are killed and its runtime files removed.
 
+#![deny(unsafe_code)]
+
 pub mod console;
 pub mod disk;
 mod error;
@@ -19,6 +21,8 @@ pub mod process;
 pub mod qemu;
 mod session;
 mod supervisor;
+#[allow(unsafe_code)]
+mod sys;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};
@@ -121,9 +125,15 @@ impl Runtime {
     pub fn new(options: RuntimeOptions) -> Self {
         let binary = helpers::find_binary(helpers::QEMU, options.helpers.qemu.as_deref())
             .unwrap_or_else(|_| PathBuf::from(helpers::QEMU));
+        let accel = qemu::detect_accel(options.virtualization);
+        let tsc_khz = match accel.kvm {
+            true => None,
+            false => sys::host_tsc_khz(Duration::from_millis(50)),
+        };
         let vmm = qemu::Qemu {
             binary,
-            accel: qemu::detect_accel(options.virtualization),
+            accel,
+            tsc_khz,
         };
         Self::with_vmm(options, Arc::new(vmm))
     }

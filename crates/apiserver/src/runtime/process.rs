@@ -2,8 +2,7 @@
 //! `/proc/PID/stat`), so a pid the kernel reused for another process is never signalled or
 //! mistaken for ours. Exits are watched through a pidfd, which works for processes that are
 //! not our children (a QEMU adopted after a service restart); where pidfds are unavailable,
-//! `/proc` is polled. The one unsafe block of the runtime is here: registering a pidfd with
-//! tokio's reactor.
+//! `/proc` is polled.
 
 use std::time::Duration;
 
@@ -72,9 +71,7 @@ impl ProcessId {
             if !self.alive() {
                 return;
             }
-            // SAFETY: the pidfd is an `OwnedFd` moved into the `AsyncFd`, which keeps it open
-            // and referring to the same process until the `AsyncFd` is dropped.
-            let registered = unsafe { tokio::io::unix::AsyncFd::register(fd) };
+            let registered = super::sys::register_pidfd(fd);
             if let Ok(fd) = registered {
                 // A pidfd becomes readable when its process exits.
                 let _ = fd.readable().await;

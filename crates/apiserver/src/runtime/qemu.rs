@@ -72,37 +72,25 @@ pub fn detect_accel(setting: Virtualization) -> Accel {
 pub struct Qemu {
     pub binary: PathBuf,
     pub accel: Accel,
+    /// The host's TSC frequency, given to TCG guests (see [`cmdline`]).
+    pub tsc_khz: Option<u64>,
 }
 
 /// The guest kernel's command line.
-fn cmdline(accel: &Accel) -> String {
+fn cmdline(accel: &Accel, tsc_khz: Option<u64>) -> String {
     // panic=-1 with -no-reboot: a dead init powers the VM off instead of hanging it.
     let mut line = String::from("console=ttyS0 panic=-1 quiet loglevel=4 rw");
     if !accel.kvm {
-        // Under emulation on a busy host the TSC and timer checks can stall a multi-vCPU
-        // guest before its first console line.
+        // Under emulation on a busy host the kernel's calibration of the TSC against the
+        // emulated PIT fails (the vCPU thread is descheduled between reads): the TSC is then
+        // marked unstable and the guest spins, before its first console line, waiting for a
+        // jiffy that never comes. A TCG guest's TSC is the host's, so its rate is given.
         line.push_str(" tsc=reliable no_timer_check");
-        // Under TCG the guest TSC runs at the host's rate; calibrating it against the PIT
-        // on a loaded host sometimes fails and hangs the kernel before its first line.
-        if let Some(khz) = host_tsc_khz() {
+        if let Some(khz) = tsc_khz {
             line.push_str(&format!(" tsc_early_khz={khz}"));
         }
     }
     line
-}
-
-/// The host CPU's frequency in kHz, from /proc/cpuinfo.
-fn host_tsc_khz() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-    let mhz: f64 = info
-        .lines()
-        .find(|l| l.starts_with("cpu MHz"))?
-        .split(':')
-        .nth(1)?
-        .trim()
-        .parse()
-        .ok()?;
-    (mhz > 0.0).then_some((mhz * 1000.0) as u64)
 }
 
 #[async_trait]
@@ -138,7 +126,7 @@ impl Vmm for Qemu {
             .arg(format!("file:{}", a.console.display()));
         c.arg("-kernel").arg(a.kernel);
         c.arg("-initrd").arg(a.initrd);
-        c.arg("-append").arg(cmdline(&self.accel));
+        c.arg("-append").arg(cmdline(&self.accel, self.tsc_khz));
         c.arg("-drive").arg(format!(
             "id=root,file={},format=qcow2,if=none,cache=writeback,discard=unmap",
             a.disk.display()
@@ -262,6 +250,7 @@ mod tests {
         let tcg = Qemu {
             binary: "qemu-system-x86_64".into(),
             accel: choose_accel(Virtualization::Tcg, HostKvm::probe()),
+            tsc_khz: Some(2_445_406),
         };
         let a = args(&tcg, None).join(" ");
         for part in [
@@ -276,6 +265,7 @@ mod tests {
             "virtio-balloon-device,free-page-reporting=on",
             "-qmp unix:/r/qmp.sock,server=on,wait=off",
             "tsc=reliable",
+            "tsc_early_khz=2445406",
         ] {
             assert!(a.contains(part), "{part} missing from {a}");
         }
@@ -290,7 +280,7 @@ mod tests {
         };
         let a = args(&kvm, Some(&net)).join(" ");
         assert!(a.contains("-accel kvm -cpu host"), "{a}");
-        assert!(!a.contains("tsc=reliable"));
+        assert!(!a.contains("tsc=reliable") && !a.contains("tsc_early_khz"));
         assert!(a.contains(
             "-netdev tap,id=n0,ifname=ctap-1,script=no,downscript=no -device virtio-net-device,netdev=n0,mac=52:54:00:01:02:03"
         ));

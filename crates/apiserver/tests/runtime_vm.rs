@@ -1,0 +1,528 @@
+//! The VM runtime against real components: QEMU microvm under whatever acceleration the host
+//! allows (TCG here), vhost-device-vsock, virtiofsd, the real kernel and the static guest
+//! agent, booting a busybox ext4 disk built here. Covers boot, exec through the agent, a
+//! read-only share, a clean stop, cleanup after the VMM is killed, adoption by a new runtime
+//! (a service restart) and a boot that fails.
+//!
+//! Needs root, `busybox-static`, `mkfs.ext4`, qemu and the two helpers in ~/.cargo/bin; the
+//! kernel is fetched once with `apt-get download` into the shared test cache.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use container_agent_proto::{self as proto, ExecRequest, Frame, Kind, Message};
+use container_api::machine::MachineState;
+use container_apiserver::runtime::{
+    self, HelperPaths, Kernel, Runtime, RuntimeError, RuntimeOptions, ShareSpec, VmSpec,
+};
+
+/// One VM at a time: two cores of software emulation are slow enough already.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Runs a test body alone, on a tokio runtime of its own.
+fn alone<F: std::future::Future>(body: F) -> F::Output {
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    tokio::runtime::Runtime::new().unwrap().block_on(body)
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn cache() -> PathBuf {
+    std::env::var_os("CONTAINER_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/container-test-images")
+        })
+}
+
+/// Skips (or, in CI, fails) when the host cannot run these tests.
+fn prerequisites() -> bool {
+    let missing: Vec<&str> = [
+        ("root", nix::unistd::geteuid().is_root()),
+        ("busybox", Path::new("/bin/busybox").exists()),
+        (
+            "mkfs.ext4",
+            Command::new("mkfs.ext4").arg("-V").output().is_ok(),
+        ),
+        (
+            "vhost-device-vsock",
+            runtime::helpers::find_binary("vhost-device-vsock", None).is_ok(),
+        ),
+        (
+            "virtiofsd",
+            runtime::helpers::find_binary("virtiofsd", None).is_ok(),
+        ),
+        (
+            "qemu",
+            runtime::helpers::find_binary("qemu-system-x86_64", None).is_ok(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, ok)| !ok)
+    .map(|(what, _)| what)
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("prerequisites missing in CI: {missing:?}");
+    }
+    eprintln!("skipping: missing {missing:?}");
+    false
+}
+
+/// The distribution's cloud kernel, installed once into the shared test cache.
+fn kernel() -> Kernel {
+    static KERNEL: OnceLock<Kernel> = OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            let root = cache().join("kernel-root");
+            std::fs::create_dir_all(&root).unwrap();
+            let lock = std::fs::File::create(cache().join("kernel-root.lock")).unwrap();
+            let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+                .expect("lock the kernel cache");
+            let info = match runtime::kernel::current(&root) {
+                Some(info) if Path::new(&info.path).exists() => info,
+                _ => runtime::kernel::fetch_recommended(&root).expect("install the kernel"),
+            };
+            Kernel::from_info(&info)
+        })
+        .clone()
+}
+
+/// The static agent, built as scripts/build.sh builds it.
+fn agent() -> PathBuf {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    AGENT
+        .get_or_init(|| {
+            let path = workspace().join("target/x86_64-unknown-linux-gnu/release/container-agent");
+            let built = Command::new(env!("CARGO"))
+                .args([
+                    "build",
+                    "--release",
+                    "-q",
+                    "-p",
+                    "container-agent",
+                    "--target",
+                    "x86_64-unknown-linux-gnu",
+                ])
+                .env("RUSTFLAGS", "-C target-feature=+crt-static")
+                .current_dir(workspace())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(
+                built || path.exists(),
+                "cannot build the static agent (scripts/build.sh)"
+            );
+            path
+        })
+        .clone()
+}
+
+/// A busybox root filesystem as an ext4 image: busybox init with an inittab that says when
+/// it is up, and nothing else.
+fn busybox_base(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in [
+        "bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "mnt",
+    ] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "cat", "ls", "sleep", "mount", "poweroff"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+    }
+    std::os::unix::fs::symlink("../bin/busybox", root.join("sbin/init")).unwrap();
+    std::fs::write(
+        root.join("etc/inittab"),
+        "::sysinit:/bin/echo busybox init is up\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+    let base = dir.join("base.ext4");
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&base)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    base
+}
+
+/// A service root, a runtime directory and a machine with a disk over a busybox image.
+struct Fixture {
+    dir: tempfile::TempDir,
+    share: PathBuf,
+}
+
+/// A failed test leaves no VM behind: they run in process groups of their own.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if self.run_file().exists() {
+            let (qemu, helpers, _) = self.recorded();
+            qemu.kill();
+            helpers.iter().for_each(|h| h.kill());
+        }
+    }
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let base = busybox_base(dir.path());
+        std::fs::create_dir_all(dir.path().join("machines/dev")).unwrap();
+        runtime::disk::create_overlay(&base, &dir.path().join("machines/dev/disk.qcow2"), 1 << 30)
+            .unwrap();
+        let share = dir.path().join("shared");
+        std::fs::create_dir_all(&share).unwrap();
+        std::fs::write(share.join("greeting"), "hello from the host\n").unwrap();
+        Fixture { dir, share }
+    }
+
+    fn runtime(&self) -> Runtime {
+        Runtime::new(RuntimeOptions {
+            helpers: HelperPaths {
+                agent: Some(agent()),
+                ..HelperPaths::default()
+            },
+            boot_timeout: Duration::from_secs(60),
+            ..RuntimeOptions::new(self.dir.path().join("root"), self.dir.path().join("run"))
+        })
+    }
+
+    fn machine_dir(&self) -> PathBuf {
+        self.dir.path().join("machines/dev")
+    }
+
+    fn spec(&self) -> VmSpec {
+        VmSpec {
+            id: "dev".into(),
+            machine_dir: self.machine_dir(),
+            kernel: kernel(),
+            disk: self.machine_dir().join("disk.qcow2"),
+            cpus: 1,
+            memory_bytes: 256 << 20,
+            shares: vec![ShareSpec {
+                tag: "data".into(),
+                host_path: self.share.clone(),
+                guest_path: "/mnt/data".into(),
+                read_only: true,
+                owner_uid: 0,
+                owner_gid: 0,
+            }],
+            boot: proto::BootConfig {
+                version: proto::VERSION,
+                machine_id: "dev".into(),
+                hostname: "dev".into(),
+                root_device: "/dev/vda".into(),
+                grow_root: true,
+                modules: Vec::new(),
+                shares: Vec::new(),
+                user: None,
+                home_mount: proto::HomeMount::None,
+                network: None,
+                vsock_port: proto::PORT,
+                time_unix_ns: 0,
+                init: vec!["/sbin/init".into()],
+            },
+            net: None,
+        }
+    }
+
+    fn run_file(&self) -> PathBuf {
+        self.machine_dir().join("run.json")
+    }
+
+    /// (pid, start ticks) of QEMU and the helpers, from run.json.
+    fn recorded(
+        &self,
+    ) -> (
+        runtime::process::ProcessId,
+        Vec<runtime::process::ProcessId>,
+        PathBuf,
+    ) {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.run_file()).expect("run.json")).unwrap();
+        let id = |v: &serde_json::Value| {
+            runtime::process::ProcessId(v[0].as_i64().unwrap() as i32, v[1].as_u64().unwrap())
+        };
+        (
+            id(&v["qemu"]),
+            v["helpers"].as_array().unwrap().iter().map(id).collect(),
+            PathBuf::from(v["run_dir"].as_str().unwrap()),
+        )
+    }
+}
+
+/// Runs a command through the agent; (exit code, stdout, stderr).
+async fn exec(socket: &Path, argv: &[&str]) -> (Option<i32>, String, String) {
+    let mut s = proto::host::connect(socket, proto::PORT)
+        .await
+        .expect("connect to the agent");
+    proto::host::send(
+        &mut s,
+        Message::Exec(ExecRequest {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: vec!["PATH=/bin:/sbin".into()],
+            cwd: "/".into(),
+            uid: Some(0),
+            gid: Some(0),
+            ..Default::default()
+        }),
+    )
+    .await
+    .unwrap();
+    proto::host::send(&mut s, Message::StdinEof).await.unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    loop {
+        match proto::host::read(&mut s).await.unwrap() {
+            Some(Frame::Data(Kind::Stdout, b)) => out.extend(b),
+            Some(Frame::Data(Kind::Stderr, b)) => err.extend(b),
+            Some(Frame::Message(Message::Exit { code, .. })) => {
+                return (
+                    code,
+                    String::from_utf8_lossy(&out).into_owned(),
+                    String::from_utf8_lossy(&err).into_owned(),
+                );
+            }
+            Some(Frame::Message(Message::Error { message, .. })) => {
+                panic!("exec failed: {message}")
+            }
+            Some(_) => {}
+            None => panic!("the agent closed the session"),
+        }
+    }
+}
+
+/// Waits until `f` holds, at most `limit`.
+async fn eventually(limit: Duration, what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn assert_cleaned_up(
+    f: &Fixture,
+    qemu: runtime::process::ProcessId,
+    helpers: &[runtime::process::ProcessId],
+    run_dir: &Path,
+) {
+    assert!(!qemu.alive(), "QEMU is gone");
+    for h in helpers {
+        assert!(!h.alive(), "helper {} is gone", h.pid());
+    }
+    assert!(!run_dir.exists(), "{} is removed", run_dir.display());
+    assert!(!f.run_file().exists(), "run.json is removed");
+}
+
+#[test]
+fn boots_runs_commands_shares_a_directory_and_stops_cleanly() {
+    if !prerequisites() {
+        return;
+    }
+    alone(async {
+        let f = Fixture::new();
+        let rt = f.runtime();
+        let vm = rt.start(f.spec()).await.expect("boot");
+        assert_eq!(rt.status("dev"), MachineState::Running);
+        assert_eq!(rt.agent_socket("dev").unwrap(), vm.agent_socket);
+        assert!(vm.agent_socket.as_os_str().len() < 108);
+
+        let (code, out, _) =
+            exec(&vm.agent_socket, &["sh", "-c", "echo hi; busybox uname -r"]).await;
+        assert_eq!(code, Some(0));
+        assert!(out.starts_with("hi\n6."), "{out}");
+        let (code, out, _) = exec(&vm.agent_socket, &["cat", "/mnt/data/greeting"]).await;
+        assert_eq!((code, out.as_str()), (Some(0), "hello from the host\n"));
+        let (code, _, err) = exec(&vm.agent_socket, &["sh", "-c", "echo x > /mnt/data/new"]).await;
+        assert_ne!(code, Some(0), "the share is read-only");
+        assert!(err.contains("Read-only"), "{err}");
+        assert!(!f.share.join("new").exists());
+
+        // The boot log ends where the image's init starts; the console goes on with init.
+        let boot =
+            std::fs::read_to_string(runtime::console::log_path(&f.machine_dir(), true)).unwrap();
+        let last = boot.lines().last().unwrap_or_default();
+        assert!(last.starts_with(proto::INIT_MARKER), "{boot}");
+        eventually(
+            Duration::from_secs(10),
+            "init prints to the console",
+            || {
+                std::fs::read_to_string(runtime::console::log_path(&f.machine_dir(), false))
+                    .is_ok_and(|c| c.contains("busybox init is up"))
+            },
+        )
+        .await;
+
+        let (qemu, helpers, run_dir) = f.recorded();
+        assert_eq!(qemu.pid(), vm.pid);
+        assert_eq!(helpers.len(), 2, "vhost-device-vsock and one virtiofsd");
+        assert!(
+            rt.start(f.spec())
+                .await
+                .is_err_and(|e| matches!(e, RuntimeError::AlreadyRunning(_)))
+        );
+
+        // busybox init powers off on the agent's request, well before the timeout.
+        let asked = Instant::now();
+        rt.stop("dev", None, Duration::from_secs(30))
+            .await
+            .expect("stop");
+        assert!(
+            asked.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            asked.elapsed()
+        );
+        assert_eq!(rt.status("dev"), MachineState::Stopped);
+        assert_cleaned_up(&f, qemu, &helpers, &run_dir);
+        assert!(rt.agent_socket("dev").is_err());
+        rt.stop("dev", None, Duration::from_secs(1))
+            .await
+            .expect("stop is idempotent");
+
+        // The disk keeps what the machine wrote... and boots again.
+        let vm = rt.start(f.spec()).await.expect("second boot");
+        let (code, _, _) = exec(&vm.agent_socket, &["sh", "-c", "echo kept > /root/file"]).await;
+        assert_eq!(code, Some(0));
+        rt.stop("dev", None, Duration::from_secs(30)).await.unwrap();
+        let stopped = std::fs::read_to_string(f.machine_dir().join("console.log")).unwrap();
+        let vm = rt.start(f.spec()).await.expect("third boot");
+        let (_, out, err) = exec(&vm.agent_socket, &["cat", "/root/file"]).await;
+        assert_eq!(
+            out, "kept\n",
+            "{err}\nconsole of the previous boot:\n{stopped}"
+        );
+        rt.stop("dev", None, Duration::from_secs(30)).await.unwrap();
+    });
+}
+
+#[test]
+fn a_killed_vmm_takes_its_helpers_and_runtime_files_with_it() {
+    if !prerequisites() {
+        return;
+    }
+    alone(async {
+        let f = Fixture::new();
+        let rt = f.runtime();
+        rt.start(f.spec()).await.expect("boot");
+        let (qemu, helpers, run_dir) = f.recorded();
+        assert!(helpers.iter().all(|h| h.alive()));
+        assert!(run_dir.join("vsock.sock").exists());
+
+        qemu.kill();
+        eventually(
+            Duration::from_secs(10),
+            "the machine is seen stopped",
+            || rt.status("dev") == MachineState::Stopped,
+        )
+        .await;
+        assert_cleaned_up(&f, qemu, &helpers, &run_dir);
+        // The boot log survives for `logs --boot`.
+        assert!(runtime::console::log_path(&f.machine_dir(), true).ends_with("boot.log"));
+    });
+}
+
+#[test]
+fn a_restarted_service_adopts_running_machines_and_cleans_up_dead_ones() {
+    if !prerequisites() {
+        return;
+    }
+    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let f = Fixture::new();
+    let machines = f.dir.path().join("machines");
+
+    // Each service is a tokio runtime of its own: its tasks die with it.
+    // The first service boots the machine and goes away.
+    let first = tokio::runtime::Runtime::new().unwrap();
+    let vm = first
+        .block_on(async { f.runtime().start(f.spec()).await })
+        .expect("boot");
+    first.shutdown_background();
+    let (qemu, helpers, run_dir) = f.recorded();
+    assert!(qemu.alive(), "the machine outlives the service");
+
+    // The second adopts it: running, reachable, and stoppable.
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        let rt = f.runtime();
+        assert_eq!(rt.status("dev"), MachineState::Stopped, "not adopted yet");
+        assert_eq!(rt.adopt_all(&machines), 1);
+        assert_eq!(rt.status("dev"), MachineState::Running);
+        let (code, out, _) = exec(&rt.agent_socket("dev").unwrap(), &["echo", "adopted"]).await;
+        assert_eq!((code, out.as_str()), (Some(0), "adopted\n"));
+        assert_eq!(rt.running("dev").unwrap().pid, vm.pid);
+
+        // Its watcher sees the VMM die although it is not the VMM's parent.
+        qemu.kill();
+        eventually(
+            Duration::from_secs(10),
+            "the adopted machine is seen stopped",
+            || rt.status("dev") == MachineState::Stopped,
+        )
+        .await;
+        assert_cleaned_up(&f, qemu, &helpers, &run_dir);
+    });
+    second.shutdown_background();
+
+    // A machine that died while no service ran is cleaned up at adoption.
+    let third = tokio::runtime::Runtime::new().unwrap();
+    let (qemu, helpers, run_dir) = third.block_on(async {
+        let rt = f.runtime();
+        rt.start(f.spec()).await.expect("boot");
+        f.recorded()
+    });
+    third.shutdown_background();
+    qemu.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(helpers.iter().any(|h| h.alive()), "nobody cleaned up yet");
+    let fourth = tokio::runtime::Runtime::new().unwrap();
+    fourth.block_on(async {
+        let rt = f.runtime();
+        assert_eq!(rt.adopt_all(&machines), 0);
+        assert_eq!(rt.status("dev"), MachineState::Stopped);
+        assert_cleaned_up(&f, qemu, &helpers, &run_dir);
+    });
+}
+
+#[test]
+fn a_boot_that_fails_says_why_with_the_console_tail() {
+    if !prerequisites() {
+        return;
+    }
+    alone(async {
+        let f = Fixture::new();
+        let rt = f.runtime();
+        let mut spec = f.spec();
+        spec.boot.init = vec!["/sbin/no-such-init".into()];
+        spec.boot.root_device = "/dev/vdz".into();
+        let err = rt
+            .start(spec)
+            .await
+            .expect_err("the guest cannot mount its disk");
+        let text = err.to_string();
+        assert!(
+            matches!(err, RuntimeError::ExitedDuringBoot { .. }),
+            "{text}"
+        );
+        assert!(
+            text.contains("/dev/vdz"),
+            "the console tail names the cause: {text}"
+        );
+        assert_eq!(rt.status("dev"), MachineState::Stopped);
+        assert!(!f.run_file().exists());
+    });
+}
