@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers for recipes, sourced by build.sh before a recipe runs (never run on its own).
 #
 # A recipe fills $WORK/layers/N (N = 1, 2, ...: one directory tree per layer it adds, OCI
@@ -43,12 +44,12 @@ base_rootfs() {
 # host's DNS settings, and services are kept from starting (policy-rc.d), as in a Docker build.
 # Once per recipe: the layer it writes is not an overlay lower afterwards.
 chroot_layer() {
-  local lower upper=$WORK/layers/1 work=$WORK/overlay-work merged=$WORK/merged rc=0
+  local lower upper=$WORK/layers/1 ovl_work=$WORK/overlay-work merged=$WORK/merged rc=0
   [ ! -e "$upper" ] || { echo "recipe: chroot_layer runs once per recipe" >&2; return 1; }
   lower=$(base_rootfs)
-  mkdir -p "$upper" "$work" "$merged"
+  mkdir -p "$upper" "$ovl_work" "$merged"
   if ! mount -t overlay overlay \
-      -o "lowerdir=$lower,upperdir=$upper,workdir=$work,redirect_dir=off,metacopy=off,index=off" \
+      -o "lowerdir=$lower,upperdir=$upper,workdir=$ovl_work,redirect_dir=off,metacopy=off,index=off" \
       "$merged"; then
     echo "recipe: cannot mount an overlay filesystem (is the overlay module available?)" >&2
     return 1
@@ -67,7 +68,7 @@ chroot_layer() {
   [ $resolv = 0 ] || umount "$merged/etc/resolv.conf"
   umount "$merged/proc"
   umount "$merged"
-  rm -rf --one-file-system "$work" "$merged"
+  rm -rf --one-file-system "$ovl_work" "$merged"
   [ $rc = 0 ] || { echo "recipe: '$*' failed in the chroot (exit $rc)" >&2; return $rc; }
   python3 "$IMAGES/oci-pack.py" overlay-to-oci "$upper" "$lower"
 }

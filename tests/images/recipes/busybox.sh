@@ -14,7 +14,10 @@ for applet in $("$root/bin/busybox" --list-full); do
     esac
   fi
 done
-[ -L "$root/sbin/init" ] && [ -L "$root/usr/bin/env" ] || { echo "busybox.sh: applets missing" >&2; exit 1; }
+if [ ! -L "$root/sbin/init" ] || [ ! -L "$root/usr/bin/env" ]; then
+  echo "busybox.sh: this busybox lacks the init or env applet" >&2
+  exit 1
+fi
 chmod 1777 "$root/tmp"
 chmod 700 "$root/root"
 # Quiet init: no console shell (the agent owns the console), mounts only what is not there yet.
