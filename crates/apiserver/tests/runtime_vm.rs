@@ -24,6 +24,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Runs a test body alone, on a tokio runtime of its own.
 fn alone<F: std::future::Future>(body: F) -> F::Output {
     let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     tokio::runtime::Runtime::new().unwrap().block_on(body)
 }
 

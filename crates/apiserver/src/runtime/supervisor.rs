@@ -434,27 +434,23 @@ impl Supervisor {
             return Ok(());
         }
         vm.state.send_replace(MachineState::Stopping);
-        let asked = tokio::time::timeout(
+        match tokio::time::timeout(
             Duration::from_secs(5),
-            proto::host::call(
-                &vm.agent_socket(),
-                proto::PORT,
-                proto::Message::Shutdown {
-                    signal,
-                    timeout_ms: timeout.as_millis() as u64,
-                },
-            ),
+            ask_shutdown(&vm.agent_socket(), signal, timeout),
         )
-        .await;
-        match asked {
-            Ok(Ok(_)) => {
+        .await
+        {
+            Ok(Ok(())) => {
                 if vm.stopped_within(timeout + STOP_GRACE).await {
                     return Ok(());
                 }
                 tracing::warn!(machine = %id, "the machine did not power off in time; forcing it off");
             }
-            _ => {
-                tracing::warn!(machine = %id, "the guest agent did not take the stop request; forcing the VM off");
+            Ok(Err(e)) => {
+                tracing::warn!(machine = %id, "the guest agent did not take the stop request ({e}); forcing the VM off");
+            }
+            Err(_) => {
+                tracing::warn!(machine = %id, "the guest agent did not answer the stop request; forcing the VM off");
             }
         }
         if self.force_stop(&vm).await {
@@ -473,6 +469,33 @@ impl Supervisor {
         }
         vm.run.qemu.kill();
         vm.stopped_within(Duration::from_secs(10)).await
+    }
+}
+
+/// Sends the agent a shutdown request. Once the request is sent, the connection closing
+/// without an answer counts as accepted: the init it signalled may kill every process,
+/// the agent too, before the answer leaves (busybox init does).
+async fn ask_shutdown(
+    socket: &Path,
+    signal: Option<i32>,
+    timeout: Duration,
+) -> Result<(), proto::ProtoError> {
+    let mut s = proto::host::connect(socket, proto::PORT).await?;
+    proto::host::send(
+        &mut s,
+        proto::Message::Shutdown {
+            signal,
+            timeout_ms: timeout.as_millis() as u64,
+        },
+    )
+    .await?;
+    match proto::host::read(&mut s).await {
+        Ok(Some(proto::Frame::Message(proto::Message::Error { message, code }))) => {
+            Err(proto::ProtoError::Agent { message, code })
+        }
+        Ok(_) => Ok(()),
+        Err(proto::ProtoError::Io(e)) if e.kind() != std::io::ErrorKind::TimedOut => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
