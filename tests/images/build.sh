@@ -6,6 +6,7 @@
 #                                         the layout is also placed there and that is printed
 #   tests/images/build.sh all             every image, with a time and size line for each
 #   tests/images/build.sh list            the recipe names
+#   tests/images/build.sh prune           removes cached builds of older recipe versions
 #
 # Images are cached in ${CONTAINER_TEST_CACHE:-~/.cache/container-test-images}/NAME-HASH, where
 # HASH covers the recipe, the files under files/NAME/, this script, lib.sh, oci-pack.py and
@@ -15,10 +16,23 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cache=${CONTAINER_TEST_CACHE:-$HOME/.cache/container-test-images}
-name=${1:?usage: build.sh NAME [OUTDIR] | all | list}
+name=${1:?usage: build.sh NAME [OUTDIR] | all | list | prune}
 outdir=${2:-}
 
 recipes() { for r in "$here"/recipes/*.sh; do basename "$r" .sh; done; }
+
+# The hash of everything that decides an image's content, its base's included.
+image_hash() {
+  local r=$here/recipes/$1.sh b
+  b=$(sed -n '1s/^# base: *//p' "$r")
+  {
+    cat "$r" "$here/build.sh" "$here/lib.sh" "$here/oci-pack.py"
+    if [ -d "$here/files/$1" ]; then
+      (cd "$here/files/$1" && find . -type f -print0 | sort -z | xargs -0r sha256sum)
+    fi
+    if [ -n "$b" ]; then image_hash "$b"; fi
+  } | sha256sum | cut -c1-16
+}
 
 if [ "$name" = list ]; then
   recipes
@@ -34,25 +48,25 @@ if [ "$name" = all ]; then
   exit 0
 fi
 
+if [ "$name" = prune ]; then
+  for r in $(recipes); do
+    keep=$cache/$r-$(image_hash "$r")
+    for d in "$cache/$r"-????????????????; do
+      if [ -d "$d" ] && [ "$d" != "$keep" ]; then
+        echo "build.sh: removing $d" >&2
+        rm -rf --one-file-system "$d"
+      fi
+    done
+  done
+  exit 0
+fi
+
 recipe=$here/recipes/$name.sh
 [ -f "$recipe" ] || {
   echo "build.sh: no recipe $recipe (known: $(recipes | tr '\n' ' '))" >&2
   exit 1
 }
 base=$(sed -n '1s/^# base: *//p' "$recipe")
-
-# The hash of everything that decides an image's content, its base's included.
-image_hash() {
-  local r=$here/recipes/$1.sh b
-  b=$(sed -n '1s/^# base: *//p' "$r")
-  {
-    cat "$r" "$here/build.sh" "$here/lib.sh" "$here/oci-pack.py"
-    if [ -d "$here/files/$1" ]; then
-      (cd "$here/files/$1" && find . -type f -print0 | sort -z | xargs -0r sha256sum)
-    fi
-    if [ -n "$b" ]; then image_hash "$b"; fi
-  } | sha256sum | cut -c1-16
-}
 
 out=$cache/$name-$(image_hash "$name")
 publish() {
