@@ -225,7 +225,6 @@ fn create_user_script_replaces_the_built_in_setup() {
 }
 
 #[test]
-#[ignore = "failed in the last gate run after the supervision rewrite (pidfd adoption); passed before it. Re-enable once fixed: see the session notes"]
 fn machines_survive_a_service_restart() {
     if !require(is_root(), "the service runs as root") {
         return;
