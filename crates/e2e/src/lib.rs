@@ -65,7 +65,8 @@ impl Registry {
         Self::start_with(&[])
     }
 
-    /// `extra` is passed to `scripts/test-registry.sh start` (e.g. `--htpasswd FILE`).
+    /// `extra` is passed to `scripts/test-registry.sh start`: `--htpasswd FILE` for basic
+    /// auth, `--token` for a bearer-token realm (with `--htpasswd`, one that wants a login).
     pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let out = run_ok(
@@ -106,6 +107,11 @@ impl Registry {
     /// Where the registry keeps its blobs (to corrupt them on purpose).
     pub fn storage_dir(&self) -> PathBuf {
         self.dir.path().join("data")
+    }
+
+    /// What the token server of `--token` logged: a line per token issued or refused.
+    pub fn token_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("token.log")).unwrap_or_default()
     }
 }
 

@@ -197,3 +197,76 @@ fn basic_auth_registry_needs_login() {
     service.cli_ok(&["image", "pull", "-q", &reference]);
     service.cli_ok(&["registry", "logout", &registry.addr]);
 }
+
+/// `container registry login SERVER -u USER --password-stdin`; whether it succeeded.
+fn login(service: &Service, server: &str, user: &str, password: &str) -> bool {
+    use std::io::Write;
+    let mut login = service.command(&["registry", "login", server, "-u", user, "--password-stdin"]);
+    login.stdin(std::process::Stdio::piped());
+    let mut child = login.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    child.wait().unwrap().success()
+}
+
+#[test]
+fn token_auth_registries_pull_anonymously_or_after_login() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let busybox = test_image("busybox");
+    let service = Service::start("");
+
+    // A public registry: the challenge's realm hands out pull tokens to anyone.
+    let public = Registry::start_with(&["--token"]);
+    let reference = public.push(&busybox, "tests/public:1");
+    service.cli_ok(&["image", "pull", "-q", &reference]);
+    assert_eq!(inspect(&service, &reference)["has_init"], true);
+    assert!(
+        public
+            .token_log()
+            .contains("token for 'anonymous': repository:tests/public:pull\n"),
+        "the pull did not use the token realm:\n{}",
+        public.token_log()
+    );
+
+    // A private one: tokens that grant anything need a login.
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    run_ok(
+        Command::new("htpasswd")
+            .args(["-Bbc"])
+            .arg(&htpasswd)
+            .args(["alice", "s3cret"]),
+    );
+    let private = Registry::start_with(&["--token", "--htpasswd", htpasswd.to_str().unwrap()]);
+    // skopeo pushes through the same token server, as alice.
+    let reference = private.push_with_auth(&busybox, "tests/private:1", "alice:s3cret");
+    let err = service.cli_err(&["image", "pull", &reference]);
+    assert!(
+        err.contains(&format!("container registry login {}", private.addr)),
+        "the error does not say how to log in: {err}"
+    );
+    assert!(
+        !service.cli_ok(&["image", "ls", "-q"]).contains("private"),
+        "a refused pull recorded an image"
+    );
+    assert!(
+        !login(&service, &private.addr, "alice", "wrong"),
+        "a wrong password was accepted"
+    );
+    assert!(login(&service, &private.addr, "alice", "s3cret"));
+    service.cli_ok(&["image", "pull", "-q", &reference]);
+    assert_eq!(inspect(&service, &reference)["has_init"], true);
+    assert!(
+        private
+            .token_log()
+            .contains("token for 'alice': repository:tests/private:pull\n"),
+        "{}",
+        private.token_log()
+    );
+}
