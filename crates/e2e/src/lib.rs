@@ -53,7 +53,38 @@ pub fn test_image(name: &str) -> PathBuf {
     )
 }
 
-/// A `docker-registry` on a free loopback port, stopped on drop.
+/// The network namespace of this test process, made on first use: its services (and so their
+/// machine bridges, taps and NAT), its registries and the traffic tests send to machines live
+/// in it, never on the host's network. Namespaces of test processes that died are removed.
+pub fn netns() -> &'static str {
+    static NETNS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NETNS.get_or_init(|| {
+        if let Ok(entries) = std::fs::read_dir("/run/netns") {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let pid = name
+                    .strip_prefix("ct-e2e-")
+                    .and_then(|p| p.parse::<i32>().ok());
+                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+                }
+            }
+        }
+        let name = format!("ct-e2e-{}", std::process::id());
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        name
+    })
+}
+
+/// `program` run inside [`netns`].
+pub fn in_netns(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns()]).arg(program);
+    c
+}
+
+/// A `docker-registry` on a free loopback port of [`netns`], stopped on drop.
 #[derive(Debug)]
 pub struct Registry {
     dir: tempfile::TempDir,
@@ -69,7 +100,7 @@ impl Registry {
     pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let out = run_ok(
-            Command::new(workspace_root().join("scripts/test-registry.sh"))
+            in_netns(workspace_root().join("scripts/test-registry.sh"))
                 .arg("start")
                 .arg(dir.path())
                 .args(extra),
@@ -81,7 +112,7 @@ impl Registry {
     /// Pushes an OCI layout as `name:tag`; returns the full reference.
     pub fn push(&self, layout: &Path, name_tag: &str) -> String {
         run_ok(
-            Command::new(workspace_root().join("scripts/test-registry.sh"))
+            in_netns(workspace_root().join("scripts/test-registry.sh"))
                 .arg("push")
                 .arg(self.dir.path())
                 .arg(layout)
@@ -93,7 +124,7 @@ impl Registry {
     /// Pushes to a registry that requires basic auth (`user:password`).
     pub fn push_with_auth(&self, layout: &Path, name_tag: &str, creds: &str) -> String {
         run_ok(
-            Command::new(workspace_root().join("scripts/test-registry.sh"))
+            in_netns(workspace_root().join("scripts/test-registry.sh"))
                 .arg("push")
                 .arg(self.dir.path())
                 .arg(layout)
@@ -111,7 +142,7 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = Command::new(workspace_root().join("scripts/test-registry.sh"))
+        let _ = in_netns(workspace_root().join("scripts/test-registry.sh"))
             .arg("stop")
             .arg(self.dir.path())
             .output();
@@ -127,20 +158,24 @@ pub struct Service {
     pub socket: PathBuf,
     pub config: PathBuf,
     process: std::sync::Mutex<Option<std::process::Child>>,
+    /// Whether the service runs in [`netns`] (else on the host's network: only for a service
+    /// that boots no machine, such as the one installing the test kernel).
+    isolated: bool,
 }
 
 impl Service {
-    /// Starts a service with the given config.toml text.
+    /// Starts a service with the given config.toml text, in [`netns`].
     pub fn start(config: &str) -> Self {
-        Self::start_with_root(config, None)
+        Self::start_with_root(config, None, true)
     }
 
-    /// Starts a config-less service whose root is `root` (kept after the test).
+    /// Starts a config-less service on the host's network whose root is `root` (kept after
+    /// the test). It must boot no machine.
     pub fn start_in(root: &Path) -> Self {
-        Self::start_with_root("", Some(root))
+        Self::start_with_root("", Some(root), false)
     }
 
-    fn start_with_root(config: &str, root: Option<&Path>) -> Self {
+    fn start_with_root(config: &str, root: Option<&Path>, isolated: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("ct-")
             .tempdir_in("/tmp")
@@ -162,6 +197,7 @@ impl Service {
             socket,
             config: config_path,
             process: std::sync::Mutex::new(None),
+            isolated,
         };
         service.launch();
         service
@@ -175,7 +211,13 @@ impl Service {
             .open(self.dir.path().join("apiserver.log"))
             .expect("log file");
         use std::os::unix::process::CommandExt;
-        let child = Command::new(install_bin("container-apiserver"))
+        let server = install_bin("container-apiserver");
+        let mut command = match self.isolated {
+            true => in_netns(server),
+            false => Command::new(server),
+        };
+        // `ip netns exec` execs the service: the child is the service itself.
+        let child = command
             .arg("--root")
             .arg(&self.root)
             .arg("--run-dir")
