@@ -243,3 +243,35 @@ fn a_killed_service_and_a_killed_vm_leave_nothing_behind() {
     );
     assert_eq!(taps(), Vec::<String>::new());
 }
+
+#[test]
+fn a_packaged_service_started_with_systemctl_answers_the_host() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = registry.push(&test_image("nginx"), "tests/nginx:1");
+    let service = Service::start(&format!(
+        "[machine]\ncpus = 2\nmemory = \"1G\"\n{}",
+        kernel_config()
+    ));
+    let alice = container_e2e::TestUser::ensure("ctalice", 1500);
+    alice.cli_ok(&service, &["machine", "create", &image, "--name", "www"]);
+    let ip = ip_of(&service, "www").expect("www has an address");
+    // As the machine user, through sudo, once systemd is up.
+    alice.cli_ok(
+        &service,
+        &[
+            "machine",
+            "run",
+            "-n",
+            "www",
+            "sh",
+            "-c",
+            "for i in $(seq 300); do case $(systemctl is-system-running 2>/dev/null) in running|degraded) break;; esac; sleep 0.2; done; sudo -n systemctl start nginx && systemctl is-active nginx",
+        ],
+    );
+    let page = http_get(&format!("http://{ip}/"));
+    assert!(page.contains("Welcome to nginx"), "{page}");
+    alice.cli_ok(&service, &["machine", "stop", "www"]);
+}
