@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use container_e2e::{Registry, Service, is_root, require, run_ok, test_image};
+use container_e2e::{Registry, Service, Throttle, is_root, require, run_ok, test_image};
 
 fn debugfs(disk: &Path, request: &str) -> String {
     run_ok(Command::new("debugfs").arg("-R").arg(request).arg(disk))
@@ -196,4 +196,226 @@ fn basic_auth_registry_needs_login() {
     assert!(child.wait().unwrap().success());
     service.cli_ok(&["image", "pull", "-q", &reference]);
     service.cli_ok(&["registry", "logout", &registry.addr]);
+}
+
+/// `container registry login SERVER -u USER --password-stdin`; whether it succeeded.
+fn login(service: &Service, server: &str, user: &str, password: &str) -> bool {
+    use std::io::Write;
+    let mut login = service.command(&["registry", "login", server, "-u", user, "--password-stdin"]);
+    login.stdin(std::process::Stdio::piped());
+    let mut child = login.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    child.wait().unwrap().success()
+}
+
+#[test]
+fn token_auth_registries_pull_anonymously_or_after_login() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let busybox = test_image("busybox");
+    let service = Service::start("");
+
+    // A public registry: the challenge's realm hands out pull tokens to anyone.
+    let public = Registry::start_with(&["--token"]);
+    let reference = public.push(&busybox, "tests/public:1");
+    service.cli_ok(&["image", "pull", "-q", &reference]);
+    assert_eq!(inspect(&service, &reference)["has_init"], true);
+    assert!(
+        public
+            .token_log()
+            .contains("token for 'anonymous': repository:tests/public:pull\n"),
+        "the pull did not use the token realm:\n{}",
+        public.token_log()
+    );
+
+    // A private one: tokens that grant anything need a login.
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = dir.path().join("htpasswd");
+    run_ok(
+        Command::new("htpasswd")
+            .args(["-Bbc"])
+            .arg(&htpasswd)
+            .args(["alice", "s3cret"]),
+    );
+    let private = Registry::start_with(&["--token", "--htpasswd", htpasswd.to_str().unwrap()]);
+    // skopeo pushes through the same token server, as alice.
+    let reference = private.push_with_auth(&busybox, "tests/private:1", "alice:s3cret");
+    let err = service.cli_err(&["image", "pull", &reference]);
+    assert!(
+        err.contains(&format!("container registry login {}", private.addr)),
+        "the error does not say how to log in: {err}"
+    );
+    assert!(
+        !service.cli_ok(&["image", "ls", "-q"]).contains("private"),
+        "a refused pull recorded an image"
+    );
+    assert!(
+        !login(&service, &private.addr, "alice", "wrong"),
+        "a wrong password was accepted"
+    );
+    assert!(login(&service, &private.addr, "alice", "s3cret"));
+    service.cli_ok(&["image", "pull", "-q", &reference]);
+    assert_eq!(inspect(&service, &reference)["has_init"], true);
+    assert!(
+        private
+            .token_log()
+            .contains("token for 'alice': repository:tests/private:pull\n"),
+        "{}",
+        private.token_log()
+    );
+}
+
+/// Files directly in `dir` with their sizes (none when it does not exist).
+fn files(dir: &Path) -> Vec<(String, u64)> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+                    (e.file_name().to_string_lossy().into_owned(), size)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Fails unless every blob in the store is whole: its content hashes to its name.
+fn assert_blobs_whole(store: &Path) {
+    let blobs = store.join("blobs/sha256");
+    for (name, _) in files(&blobs) {
+        let out = run_ok(Command::new("sha256sum").arg(blobs.join(&name)));
+        let actual = out.split_whitespace().next().unwrap_or_default();
+        assert_eq!(actual, name, "blob {name} is not whole");
+    }
+}
+
+/// The size of the largest layer of the `latest` image of an OCI layout.
+fn largest_layer(layout: &Path) -> u64 {
+    let read = |hex: &str| -> serde_json::Value {
+        let path = layout.join("blobs/sha256").join(hex);
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let manifest = read(digest.trim_start_matches("sha256:"));
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["size"].as_u64().unwrap())
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn a_pull_killed_mid_download_leaves_no_image_and_the_next_completes() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let layout = test_image("debian");
+    let layer_size = largest_layer(&layout);
+    assert!(
+        layer_size > 32 << 20,
+        "the debian layer is only {layer_size} bytes"
+    );
+    let registry = Registry::start();
+    let direct = registry.push(&layout, "tests/debian:1");
+    // 4 MiB/s: the layer takes many seconds, so the kill lands mid-transfer.
+    let throttle = Throttle::start(&registry.addr, 4 << 20);
+    let reference = direct.replacen(&registry.addr, &throttle.addr, 1);
+    let service = Service::start("");
+    let store = service.root.join("images");
+    let ingest = store.join("ingest");
+
+    let mut pull = service
+        .command(&["image", "pull", &reference])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let (mut pipe, stderr) = (pull.stderr.take().unwrap(), stderr.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut pipe, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                stderr
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    // Wait for the progress line and for the layer to be part-way into the ingest area.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let resolved = stderr.lock().unwrap().contains("resolved");
+        if resolved && files(&ingest).iter().any(|(_, size)| *size >= 4 << 20) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download did not start: {}\n{}",
+            stderr.lock().unwrap(),
+            container_e2e::tail(&service.log(), 30)
+        );
+        assert!(
+            pull.try_wait().unwrap().is_none(),
+            "the pull ended before it could be killed: {}",
+            stderr.lock().unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    service.kill_service();
+    let status = pull.wait().unwrap();
+    reader.join().unwrap();
+    assert!(
+        !status.success(),
+        "the pull claims success after its service was killed"
+    );
+    let partial = files(&ingest);
+    assert!(
+        partial.iter().any(|(_, size)| *size < layer_size),
+        "no partial layer in the ingest area: {partial:?}"
+    );
+    // Whatever the kill left, nothing half-written is outside the ingest area.
+    assert_blobs_whole(&store);
+    assert!(
+        files(&store.join("blobs/sha256"))
+            .iter()
+            .all(|(_, size)| *size != layer_size),
+        "the layer was complete: the kill came too late"
+    );
+
+    service.launch();
+    assert_eq!(service.cli_ok(&["image", "ls", "-q"]).trim(), "");
+    assert!(
+        files(&ingest).is_empty(),
+        "the restart left {:?}",
+        files(&ingest)
+    );
+    assert!(
+        files(&store.join("disks")).is_empty(),
+        "a base disk remains"
+    );
+    assert!(files(&store.join("work")).is_empty(), "staging remains");
+    assert_blobs_whole(&store);
+
+    throttle.set_rate(0);
+    service.cli_ok(&["image", "pull", "-q", &reference]);
+    let detail = inspect(&service, &reference);
+    assert_eq!(detail["has_init"], true, "{detail}");
+    assert_blobs_whole(&store);
 }

@@ -521,3 +521,91 @@ async fn a_pull_cancelled_mid_download_leaves_nothing_and_the_next_completes() {
         .unwrap();
     assert_eq!(record.has_init(), Some(true));
 }
+
+/// A registry behind a token server, as public registries are: the pull follows the
+/// WWW-Authenticate challenge to the realm and pulls with the JWT it gets there.
+#[tokio::test]
+async fn a_token_registry_serves_anonymous_pulls_through_its_realm() {
+    if !tools() || !have("openssl") || !have("python3") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let m = layout.image("amd64", busybox_config(), &busybox_layers());
+    layout.tag(m, "1");
+    let registry = Registry::start_token(None);
+    // skopeo gets a push token from the same server: the setup is a real token registry.
+    let reference = registry.push(&layout.dir, "1", "public/busybox:1", None);
+    let store = ImageStore::open(&work.path().join("store")).unwrap();
+    let record = store
+        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .await
+        .unwrap();
+    assert_eq!(record.has_init(), Some(true));
+    let log = registry.token_log();
+    assert!(
+        log.contains("token for 'anonymous': repository:public/busybox:pull\n"),
+        "the pull did not go through the token realm:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_registry_that_wants_credentials_needs_login() {
+    if !tools() || !have("openssl") || !have("python3") || !have("htpasswd") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let htpasswd = work.path().join("htpasswd");
+    let line = run(std::process::Command::new("htpasswd").args(["-Bbn", "alice", "s3cret"]));
+    std::fs::write(&htpasswd, line).unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    let m = layout.image("amd64", busybox_config(), &busybox_layers());
+    layout.tag(m, "1");
+    let registry = Registry::start_token(Some(&htpasswd));
+    let reference = registry.push(&layout.dir, "1", "private/busybox:1", Some("alice:s3cret"));
+    let store_dir = work.path().join("store");
+    let store = ImageStore::open(&store_dir).unwrap();
+    let opts = PullOptions {
+        uid: 1000,
+        ..PullOptions::default()
+    };
+
+    // Anonymous: the token server hands out a token granting nothing, the registry refuses.
+    let e = store
+        .pull(&reference, &opts, &|_: Progress| {})
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ImageError::Unauthorized { .. }), "{e}");
+    let login = format!("container registry login {}", registry.addr);
+    assert!(e.to_string().contains(&login), "{e}");
+    assert!(store.list().unwrap().is_empty());
+
+    // Wrong password: the token server itself refuses; nothing is stored.
+    let creds = store.credentials(1000);
+    let e = creds
+        .login(&registry.addr, "alice", "wrong", &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ImageError::Unauthorized { .. }), "{e}");
+    assert!(names(&store_dir.join("auth")).is_empty());
+    assert!(
+        registry.token_log().contains("wrong user name or password"),
+        "{}",
+        registry.token_log()
+    );
+
+    creds
+        .login(&registry.addr, "alice", "s3cret", &[])
+        .await
+        .unwrap();
+    let record = store
+        .pull(&reference, &opts, &|_: Progress| {})
+        .await
+        .unwrap();
+    assert_eq!(record.has_init(), Some(true));
+    let log = registry.token_log();
+    assert!(
+        log.contains("token for 'alice': repository:private/busybox:pull\n"),
+        "{log}"
+    );
+}

@@ -338,8 +338,20 @@ pub fn busybox_config() -> serde_json::Value {
 pub struct Registry {
     pub addr: String,
     pub storage: PathBuf,
-    child: Child,
-    _dir: tempfile::TempDir,
+    process: Process,
+    dir: tempfile::TempDir,
+}
+
+/// How the registry runs: a child of the test, or under `scripts/test-registry.sh` (which
+/// also runs the token server of `--token`).
+enum Process {
+    Child(Child),
+    Script,
+}
+
+/// `scripts/test-registry.sh`.
+fn registry_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/test-registry.sh")
 }
 
 impl Registry {
@@ -385,9 +397,33 @@ impl Registry {
         Self {
             addr,
             storage,
-            child,
-            _dir: dir,
+            process: Process::Child(child),
+            dir,
         }
+    }
+
+    /// Starts a registry that wants bearer tokens from the token server of
+    /// `scripts/test-registry.sh --token`; with `htpasswd`, that server wants those basic
+    /// credentials (and gives anonymous callers a token granting nothing).
+    pub fn start_token(htpasswd: Option<&Path>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(registry_script());
+        cmd.arg("start").arg(dir.path()).arg("--token");
+        if let Some(h) = htpasswd {
+            cmd.arg("--htpasswd").arg(h);
+        }
+        let addr = run(&mut cmd).trim().to_string();
+        Self {
+            addr,
+            storage: dir.path().join("data"),
+            process: Process::Script,
+            dir,
+        }
+    }
+
+    /// What the token server logged: one line per token issued or refused.
+    pub fn token_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("token.log")).unwrap_or_default()
     }
 
     /// Pushes `layout:tag` as `name:tag` with skopeo; `creds` as `user:password`.
@@ -433,8 +469,18 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        match &mut self.process {
+            Process::Child(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Process::Script => {
+                let _ = Command::new(registry_script())
+                    .arg("stop")
+                    .arg(self.dir.path())
+                    .output();
+            }
+        }
     }
 }
 
