@@ -77,6 +77,12 @@ pub fn netns() -> &'static str {
     })
 }
 
+/// Moves the calling thread (only) into [`netns`]; sockets it makes afterwards live there.
+pub fn enter_netns() {
+    let ns = std::fs::File::open(format!("/run/netns/{}", netns())).expect("open the namespace");
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+}
+
 /// `program` run inside [`netns`].
 pub fn in_netns(program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new("ip");
@@ -170,13 +176,19 @@ impl Throttle {
     pub fn start(upstream: &str, bytes_per_second: u64) -> Self {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
-        let addr = listener.local_addr().unwrap().to_string();
         let rate = Arc::new(AtomicU64::new(bytes_per_second));
         let stop = Arc::new(AtomicBool::new(false));
         let (upstream, thread_rate, thread_stop) =
             (upstream.to_string(), rate.clone(), stop.clone());
+        let (bound, addr) = std::sync::mpsc::channel();
+        // The relay lives in the test namespace, beside the registry and the service: its
+        // thread enters it before making any socket (threads it starts inherit it).
         std::thread::spawn(move || {
+            enter_netns();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+            bound
+                .send(listener.local_addr().unwrap().to_string())
+                .unwrap();
             for client in listener.incoming() {
                 if thread_stop.load(Ordering::SeqCst) {
                     break;
@@ -191,6 +203,7 @@ impl Throttle {
                 std::thread::spawn(move || relay(server, client, Some(rate)));
             }
         });
+        let addr = addr.recv().expect("the relay is bound");
         Self { addr, rate, stop }
     }
 
@@ -232,8 +245,13 @@ fn relay(
 impl Drop for Throttle {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        // Wakes the accept loop so it sees the flag.
-        let _ = std::net::TcpStream::connect(&self.addr);
+        // Wakes the accept loop so it sees the flag (from inside the namespace it is in).
+        let addr = self.addr.clone();
+        let _ = std::thread::spawn(move || {
+            enter_netns();
+            let _ = std::net::TcpStream::connect(&addr);
+        })
+        .join();
     }
 }
 
