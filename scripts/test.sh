@@ -16,4 +16,10 @@ echo "== test images"; tests/images/build.sh all
 echo "== tests"
 # VM tests share two cores under software emulation: one test at a time keeps them fast
 # and their timings honest.
-cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-1}"
+status=0
+cargo test --workspace --no-fail-fast -- --test-threads="${TEST_THREADS:-1}" || status=$?
+# Network namespaces the end-to-end harness made (one per test process).
+for ns in $(ip netns list 2>/dev/null | awk '/^ct-e2e-/ {print $1}'); do
+  ip netns delete "$ns" 2>/dev/null || true
+done
+exit $status

@@ -68,7 +68,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         run_dir: args.run_dir,
         socket: args.socket.clone(),
     };
-    let ports = container_apiserver::wiring::ports(&options, &config)?;
+    let ports = container_apiserver::wiring::ports(&options, &config).await?;
     let core = Core::open(options, config, ports).context("opening the service state")?;
     let listener = http::bind(&args.socket).await?;
     tracing::info!(socket = %args.socket.display(), pid = std::process::id(), "container service listening");

@@ -53,7 +53,44 @@ pub fn test_image(name: &str) -> PathBuf {
     )
 }
 
-/// A `docker-registry` on a free loopback port, stopped on drop.
+/// The network namespace of this test process, made on first use: its services (and so their
+/// machine bridges, taps and NAT), its registries and the traffic tests send to machines live
+/// in it, never on the host's network. Namespaces of test processes that died are removed.
+pub fn netns() -> &'static str {
+    static NETNS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NETNS.get_or_init(|| {
+        if let Ok(entries) = std::fs::read_dir("/run/netns") {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                let pid = name
+                    .strip_prefix("ct-e2e-")
+                    .and_then(|p| p.parse::<i32>().ok());
+                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+                }
+            }
+        }
+        let name = format!("ct-e2e-{}", std::process::id());
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        name
+    })
+}
+
+/// Moves the calling thread (only) into [`netns`]; sockets it makes afterwards live there.
+pub fn enter_netns() {
+    let ns = std::fs::File::open(format!("/run/netns/{}", netns())).expect("open the namespace");
+    nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("enter the namespace");
+}
+
+/// `program` run inside [`netns`].
+pub fn in_netns(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", netns()]).arg(program);
+    c
+}
+
+/// A `docker-registry` on a free loopback port of [`netns`], stopped on drop.
 #[derive(Debug)]
 pub struct Registry {
     dir: tempfile::TempDir,
@@ -70,7 +107,7 @@ impl Registry {
     pub fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let out = run_ok(
-            Command::new(workspace_root().join("scripts/test-registry.sh"))
+            in_netns(workspace_root().join("scripts/test-registry.sh"))
                 .arg("start")
                 .arg(dir.path())
                 .args(extra),
@@ -82,7 +119,7 @@ impl Registry {
     /// Pushes an OCI layout as `name:tag`; returns the full reference.
     pub fn push(&self, layout: &Path, name_tag: &str) -> String {
         run_ok(
-            Command::new(workspace_root().join("scripts/test-registry.sh"))
+            in_netns(workspace_root().join("scripts/test-registry.sh"))
                 .arg("push")
                 .arg(self.dir.path())
                 .arg(layout)
@@ -94,7 +131,7 @@ impl Registry {
     /// Pushes to a registry that requires basic auth (`user:password`).
     pub fn push_with_auth(&self, layout: &Path, name_tag: &str, creds: &str) -> String {
         run_ok(
-            Command::new(workspace_root().join("scripts/test-registry.sh"))
+            in_netns(workspace_root().join("scripts/test-registry.sh"))
                 .arg("push")
                 .arg(self.dir.path())
                 .arg(layout)
@@ -117,7 +154,7 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = Command::new(workspace_root().join("scripts/test-registry.sh"))
+        let _ = in_netns(workspace_root().join("scripts/test-registry.sh"))
             .arg("stop")
             .arg(self.dir.path())
             .output();
@@ -139,13 +176,19 @@ impl Throttle {
     pub fn start(upstream: &str, bytes_per_second: u64) -> Self {
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
-        let addr = listener.local_addr().unwrap().to_string();
         let rate = Arc::new(AtomicU64::new(bytes_per_second));
         let stop = Arc::new(AtomicBool::new(false));
         let (upstream, thread_rate, thread_stop) =
             (upstream.to_string(), rate.clone(), stop.clone());
+        let (bound, addr) = std::sync::mpsc::channel();
+        // The relay lives in the test namespace, beside the registry and the service: its
+        // thread enters it before making any socket (threads it starts inherit it).
         std::thread::spawn(move || {
+            enter_netns();
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+            bound
+                .send(listener.local_addr().unwrap().to_string())
+                .unwrap();
             for client in listener.incoming() {
                 if thread_stop.load(Ordering::SeqCst) {
                     break;
@@ -160,6 +203,7 @@ impl Throttle {
                 std::thread::spawn(move || relay(server, client, Some(rate)));
             }
         });
+        let addr = addr.recv().expect("the relay is bound");
         Self { addr, rate, stop }
     }
 
@@ -201,8 +245,13 @@ fn relay(
 impl Drop for Throttle {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        // Wakes the accept loop so it sees the flag.
-        let _ = std::net::TcpStream::connect(&self.addr);
+        // Wakes the accept loop so it sees the flag (from inside the namespace it is in).
+        let addr = self.addr.clone();
+        let _ = std::thread::spawn(move || {
+            enter_netns();
+            let _ = std::net::TcpStream::connect(&addr);
+        })
+        .join();
     }
 }
 
@@ -215,20 +264,24 @@ pub struct Service {
     pub socket: PathBuf,
     pub config: PathBuf,
     process: std::sync::Mutex<Option<std::process::Child>>,
+    /// Whether the service runs in [`netns`] (else on the host's network: only for a service
+    /// that boots no machine, such as the one installing the test kernel).
+    isolated: bool,
 }
 
 impl Service {
-    /// Starts a service with the given config.toml text.
+    /// Starts a service with the given config.toml text, in [`netns`].
     pub fn start(config: &str) -> Self {
-        Self::start_with_root(config, None)
+        Self::start_with_root(config, None, true)
     }
 
-    /// Starts a config-less service whose root is `root` (kept after the test).
+    /// Starts a config-less service on the host's network whose root is `root` (kept after
+    /// the test). It must boot no machine.
     pub fn start_in(root: &Path) -> Self {
-        Self::start_with_root("", Some(root))
+        Self::start_with_root("", Some(root), false)
     }
 
-    fn start_with_root(config: &str, root: Option<&Path>) -> Self {
+    fn start_with_root(config: &str, root: Option<&Path>, isolated: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("ct-")
             .tempdir_in("/tmp")
@@ -250,6 +303,7 @@ impl Service {
             socket,
             config: config_path,
             process: std::sync::Mutex::new(None),
+            isolated,
         };
         service.launch();
         service
@@ -263,7 +317,13 @@ impl Service {
             .open(self.dir.path().join("apiserver.log"))
             .expect("log file");
         use std::os::unix::process::CommandExt;
-        let child = Command::new(install_bin("container-apiserver"))
+        let server = install_bin("container-apiserver");
+        let mut command = match self.isolated {
+            true => in_netns(server),
+            false => Command::new(server),
+        };
+        // `ip netns exec` execs the service: the child is the service itself.
+        let child = command
             .arg("--root")
             .arg(&self.root)
             .arg("--run-dir")

@@ -3,6 +3,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use container_e2e::{Registry, Service, TestUser, is_root, kernel_config, require, test_image};
 
@@ -279,3 +280,55 @@ fn images_without_init_are_refused_at_create() {
     assert!(err.contains("/sbin/init"), "{err}");
     assert_eq!(service.cli_ok(&["m", "ls", "-q"]).trim(), "");
 }
+
+#[test]
+fn stop_is_clean_and_forced_only_when_init_ignores_the_signal() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let service = Service::start(&config());
+    service.cli_ok(&["machine", "create", &image, "--name", "stopper"]);
+    service.cli_ok(&[
+        "machine",
+        "run",
+        "-n",
+        "stopper",
+        "sh",
+        "-c",
+        "echo kept > /root/mark",
+    ]);
+    // busybox init powers off on its own signal, well within the timeout.
+    service.cli_ok(&["machine", "stop", "stopper"]);
+    let console = service.cli_ok(&["machine", "logs", "stopper"]);
+    assert!(console.contains("stopping: signal"), "{console}");
+    assert!(!console.contains(FORCED), "{console}");
+
+    // A signal init ignores (PID 1 gets no signal it has no handler for): forced off
+    // after --time, and the command still succeeds with the machine stopped.
+    service.cli_ok(&["machine", "start", "stopper"]);
+    let started = Instant::now();
+    service.cli_ok(&[
+        "machine", "stop", "--signal", "WINCH", "--time", "2", "stopper",
+    ]);
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the timeout was honoured"
+    );
+    let console = service.cli_ok(&["machine", "logs", "stopper"]);
+    assert!(console.contains(FORCED), "{console}");
+    assert!(service.cli_ok(&["m", "ls"]).contains("stopped"));
+    assert_eq!(
+        service
+            .cli_ok(&["machine", "run", "-n", "stopper", "cat", "/root/mark"])
+            .trim(),
+        "kept"
+    );
+    let bad = service.cli_err(&["machine", "stop", "--signal", "NOPE", "stopper"]);
+    assert!(bad.contains("invalid signal"), "{bad}");
+    service.cli_ok(&["machine", "stop", "stopper"]);
+}
+
+/// What the agent prints when init ignored the stop signal and the timeout ran out.
+const FORCED: &str = "init did not stop the machine in time";

@@ -129,7 +129,14 @@ fn systemd_sudo_and_a_login_shell() {
 
     alice.cli_ok(&service, &["machine", "stop", "deb"]);
     assert!(alice.cli_ok(&service, &["m", "ls"]).contains("stopped"));
+    // systemd powered the machine off itself: the agent never had to force it.
+    let console = alice.cli_ok(&service, &["machine", "logs", "deb"]);
+    assert!(console.contains("stopping: signal"), "{console}");
+    assert!(!console.contains(FORCED), "{console}");
 }
+
+/// What the agent prints when init ignored the stop signal and the timeout ran out.
+const FORCED: &str = "init did not stop the machine in time";
 
 #[test]
 fn the_host_user_takes_uid_1000_from_the_images_account() {

@@ -296,6 +296,16 @@ impl Core {
         let _guard = self.state.locks.lock(&name).await;
         let dir = self.state.machines.reserve(&name)?;
         let disk = self.state.machines.disk_path(&name);
+        let lease = match network.as_str() {
+            "none" => None,
+            _ => match self.state.net.lease(&name) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            },
+        };
         let record = MachineRecord {
             name: name.clone(),
             owner_uid: caller.uid,
@@ -311,8 +321,11 @@ impl Core {
             mounts,
             network,
             kernel,
-            ip_address: None,
-            mac: mac_for(&name),
+            ip_address: lease.as_ref().map(|l| l.ip.clone()),
+            mac: lease
+                .as_ref()
+                .map(|l| l.mac.clone())
+                .unwrap_or_else(|| mac_for(&name)),
             pending_restart: false,
         };
         let created = async {
@@ -326,6 +339,11 @@ impl Core {
         .await;
         if let Err(e) = created {
             let _ = std::fs::remove_dir_all(&dir);
+            if lease.is_some()
+                && let Err(release) = self.state.net.release(&name)
+            {
+                tracing::warn!(machine = %name, error = %release.message, "could not release the lease of a failed create");
+            }
             return Err(e);
         }
         let first = self.state.machines.default_for(caller.uid)?.is_none();
@@ -378,8 +396,18 @@ impl Core {
             });
         }
         let mut record = record.clone();
-        if record.pending_restart {
-            record.pending_restart = false;
+        let mut changed = std::mem::take(&mut record.pending_restart);
+        if record.network != "none" {
+            // Machines made before they had leases (or whose lease was dropped because the
+            // subnet changed) get one now; the address stays theirs from here on.
+            let lease = self.state.net.lease(&record.name)?;
+            if record.ip_address.as_deref() != Some(lease.ip.as_str()) || record.mac != lease.mac {
+                record.ip_address = Some(lease.ip);
+                record.mac = lease.mac;
+                changed = true;
+            }
+        }
+        if changed {
             self.state.machines.save(&record)?;
         }
         self.state
@@ -444,6 +472,10 @@ impl Core {
         }
         let machine = self.machine(&record)?;
         self.state.machines.remove(name)?;
+        if let Err(e) = self.state.net.release(name) {
+            // The machine is gone; startup reconciliation frees what is left.
+            tracing::warn!(machine = %name, error = %e.message, "could not release the machine's address");
+        }
         if machine.default {
             self.state.machines.set_default(record.owner_uid, None)?;
         }

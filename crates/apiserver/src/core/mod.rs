@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::machines::MachineStore;
 pub use images::StoreImages;
 pub use machines::{DEFAULT_STOP_TIMEOUT, caller_user, parse_signal};
-use ports::{ClientStream, Images, Vms};
+use ports::{ClientStream, Images, Net, Vms};
 
 /// Who is calling, from the socket's peer credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,6 +208,7 @@ pub struct Ports {
     pub store: Arc<container_image::ImageStore>,
     pub images: Arc<dyn Images>,
     pub vms: Arc<dyn Vms>,
+    pub net: Arc<dyn Net>,
 }
 
 struct State {
@@ -219,6 +220,7 @@ struct State {
     store: Arc<container_image::ImageStore>,
     images: Arc<dyn Images>,
     vms: Arc<dyn Vms>,
+    net: Arc<dyn Net>,
     locks: machines::Locks,
 }
 
@@ -252,6 +254,7 @@ impl Core {
                 store: ports.store,
                 images: ports.images,
                 vms: ports.vms,
+                net: ports.net,
                 locks: Default::default(),
             }),
         })

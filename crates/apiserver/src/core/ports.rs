@@ -29,6 +29,21 @@ pub trait Images: Send + Sync {
     async fn prepare(&self, reference: &str) -> Result<ImageInfo, ApiError>;
 }
 
+/// A machine's sticky address on the machine network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetLease {
+    pub ip: String,
+    pub mac: String,
+}
+
+/// The machine network, as the machine core uses it: one sticky lease per networked machine.
+pub trait Net: Send + Sync {
+    /// The machine's lease, taking a free address when it has none (idempotent).
+    fn lease(&self, machine: &str) -> Result<NetLease, ApiError>;
+    /// Frees the machine's address. Idempotent.
+    fn release(&self, machine: &str) -> Result<(), ApiError>;
+}
+
 /// A host directory shared into a machine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Share {

@@ -11,7 +11,7 @@ use container_api::machine::{CreateRequest, MachineState, StopRequest};
 use container_api::{ApiError, ErrorKind};
 use tokio::io::AsyncRead;
 
-use super::ports::{BootSpec, ClientStream, ExecSpec, ImageInfo, Images, Vms};
+use super::ports::{BootSpec, ClientStream, ExecSpec, ImageInfo, Images, Net, NetLease, Vms};
 use super::*;
 use crate::config::{HostFacts, load};
 
@@ -120,15 +120,58 @@ impl Vms for FakeVms {
     }
 }
 
+/// Leases addresses from 10.0.0.2 up, like the real network, and records releases.
+#[derive(Default)]
+struct FakeNet {
+    leases: Mutex<Vec<String>>,
+    released: Mutex<Vec<String>>,
+    /// How many machines may hold a lease at once (0: any number).
+    capacity: usize,
+}
+
+impl Net for FakeNet {
+    fn lease(&self, machine: &str) -> Result<NetLease, ApiError> {
+        let mut leases = self.leases.lock().unwrap();
+        let i = match leases.iter().position(|m| m == machine) {
+            Some(i) => i,
+            None if self.capacity != 0 && leases.len() >= self.capacity => {
+                return Err(ApiError::new(
+                    ErrorKind::Conflict,
+                    format!("no network address for machine `{machine}`"),
+                ));
+            }
+            None => {
+                leases.push(machine.to_string());
+                leases.len() - 1
+            }
+        };
+        Ok(NetLease {
+            ip: format!("10.0.0.{}", i + 2),
+            mac: format!("52:54:00:00:00:{:02x}", i + 2),
+        })
+    }
+    fn release(&self, machine: &str) -> Result<(), ApiError> {
+        self.leases.lock().unwrap().retain(|m| m != machine);
+        self.released.lock().unwrap().push(machine.to_string());
+        Ok(())
+    }
+}
+
 struct Fixture {
     core: Core,
     vms: Arc<FakeVms>,
+    net: Arc<FakeNet>,
     _dir: tempfile::TempDir,
 }
 
 fn fixture() -> Fixture {
+    fixture_with_net(FakeNet::default())
+}
+
+fn fixture_with_net(net: FakeNet) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let vms = Arc::new(FakeVms::default());
+    let net = Arc::new(net);
     let config = load(
         &[],
         HostFacts {
@@ -148,12 +191,14 @@ fn fixture() -> Fixture {
             store: Arc::new(container_image::ImageStore::open(&dir.path().join("images")).unwrap()),
             images: Arc::new(FakeImages),
             vms: vms.clone(),
+            net: net.clone(),
         },
     )
     .unwrap();
     Fixture {
         core,
         vms,
+        net,
         _dir: dir,
     }
 }
@@ -407,4 +452,106 @@ async fn set_validates_keys_and_says_when_a_restart_is_needed() {
     };
     assert!(r.takes_effect_at_next_start);
     assert!(r.machine.pending_restart);
+}
+
+#[tokio::test]
+async fn networked_machines_hold_a_sticky_address_from_create_to_rm() {
+    let f = fixture();
+    let a = machine(&f.core, &ROOT, create("busybox", Some("a")))
+        .await
+        .unwrap();
+    let b = machine(&f.core, &ROOT, create("busybox", Some("b")))
+        .await
+        .unwrap();
+    assert_eq!(a.ip_address.as_deref(), Some("10.0.0.2"));
+    assert_eq!(b.ip_address.as_deref(), Some("10.0.0.3"));
+    // Start and stop keep the address.
+    machine(&f.core, &ROOT, Request::MachineStart("a".into()))
+        .await
+        .unwrap();
+    let booted = f.vms.running.lock().unwrap()["a"].record.clone();
+    assert_eq!(booted.ip_address.as_deref(), Some("10.0.0.2"));
+    assert_eq!(booted.mac, "52:54:00:00:00:02");
+    machine(
+        &f.core,
+        &ROOT,
+        Request::MachineStop("a".into(), StopRequest::default()),
+    )
+    .await
+    .unwrap();
+    let again = machine(&f.core, &ROOT, Request::MachineInspect("a".into()))
+        .await
+        .unwrap();
+    assert_eq!(again.ip_address.as_deref(), Some("10.0.0.2"));
+    // rm releases it.
+    machine(
+        &f.core,
+        &ROOT,
+        Request::MachineDelete {
+            name: "a".into(),
+            force: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(*f.net.released.lock().unwrap(), ["a"]);
+    // `--network none` takes no address.
+    let mut req = CreateRequest {
+        image: "busybox".into(),
+        name: Some("offline".into()),
+        no_boot: true,
+        network: Some("none".into()),
+        home_mount: Some(container_api::machine::HomeMount::None),
+        ..Default::default()
+    };
+    let offline = machine(&f.core, &ROOT, Request::MachineCreate(req.clone()))
+        .await
+        .unwrap();
+    assert_eq!(offline.ip_address, None);
+    assert_eq!(offline.network, "none");
+    assert!(
+        !f.net
+            .leases
+            .lock()
+            .unwrap()
+            .contains(&"offline".to_string())
+    );
+    req.network = Some("bogus".into());
+    req.name = Some("bogus".into());
+    let err = machine(&f.core, &ROOT, Request::MachineCreate(req))
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("unknown network"), "{}", err.message);
+}
+
+#[tokio::test]
+async fn an_exhausted_subnet_fails_create_and_leaves_nothing() {
+    let f = fixture_with_net(FakeNet {
+        capacity: 1,
+        ..Default::default()
+    });
+    machine(&f.core, &ROOT, create("busybox", Some("first")))
+        .await
+        .unwrap();
+    let err = machine(&f.core, &ROOT, create("busybox", Some("second")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Conflict);
+    assert!(
+        err.message.contains("no network address"),
+        "{}",
+        err.message
+    );
+    assert_eq!(names(&f.core, &ROOT).await, ["first"]);
+    assert!(
+        f.vms
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("create_disk"))
+            .count()
+            == 1,
+        "no disk made for the refused machine"
+    );
 }

@@ -525,3 +525,64 @@ impl Network {
         })
     }
 }
+
+/// The message with its causes, as the API reports it.
+impl From<NetworkError> for container_api::ApiError {
+    fn from(e: NetworkError) -> Self {
+        use container_api::ErrorKind;
+        let kind = match &e {
+            NetworkError::Exhausted { .. } | NetworkError::Overlap { .. } => ErrorKind::Conflict,
+            NetworkError::BridgeNameTaken { .. } => ErrorKind::Conflict,
+            NetworkError::InvalidSubnet(_) | NetworkError::InvalidBridgeName(_) => {
+                ErrorKind::InvalidArgument
+            }
+            _ => ErrorKind::Internal,
+        };
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        container_api::ApiError::new(kind, message)
+    }
+}
+
+/// Leases for the machine core: taken at create, kept across stops and restarts, freed at rm.
+impl crate::core::ports::Net for Network {
+    fn lease(
+        &self,
+        machine: &str,
+    ) -> Result<crate::core::ports::NetLease, container_api::ApiError> {
+        let lease = Network::lease(self, machine)?;
+        Ok(crate::core::ports::NetLease {
+            ip: lease.ip.to_string(),
+            mac: lease.mac,
+        })
+    }
+
+    fn release(&self, machine: &str) -> Result<(), container_api::ApiError> {
+        Network::release(self, machine)?;
+        Ok(())
+    }
+}
+
+/// Taps for the runtime: made before a VM's VMM starts, removed after it exits.
+#[async_trait::async_trait]
+impl crate::runtime::TapPlumbing for Network {
+    async fn attach(&self, machine: &str) -> Result<String, crate::runtime::RuntimeError> {
+        Network::attach(self, machine)
+            .await
+            .map_err(|e| crate::runtime::RuntimeError::Network {
+                machine: machine.to_string(),
+                source: Box::new(e),
+            })
+    }
+
+    async fn detach(&self, machine: &str) {
+        if let Err(e) = Network::detach(self, machine).await {
+            tracing::warn!(%machine, error = %e, "could not remove the machine's tap");
+        }
+    }
+}

@@ -80,6 +80,12 @@ pub enum RuntimeError {
     DidNotExit(String),
     #[error("talking to the guest agent")]
     Agent(#[source] ProtoError),
+    #[error("connecting machine `{machine}` to the machine network")]
+    Network {
+        machine: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl RuntimeError {
@@ -105,7 +111,8 @@ impl RuntimeError {
             | HelperTimeout { .. }
             | ExitedDuringBoot { .. }
             | AgentTimeout { .. }
-            | Agent(_) => ErrorKind::Unavailable,
+            | Agent(_)
+            | Network { .. } => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
     }

@@ -39,11 +39,12 @@ use tokio::io::AsyncRead;
 pub use error::RuntimeError;
 pub use helpers::HelperPaths;
 pub use kernel::Kernel;
-pub use vmm::{NetDevice, Vmm};
+pub use vmm::{NetDevice, TapPlumbing, Vmm};
 
 use crate::config::{Config, Virtualization};
 use crate::core::ServiceOptions;
 use crate::core::ports::{BootSpec, ClientStream, ExecSpec, Vms};
+use crate::network::Network;
 
 /// How the runtime is set up.
 #[derive(Debug, Clone)]
@@ -56,6 +57,8 @@ pub struct RuntimeOptions {
     pub helpers: HelperPaths,
     /// How long a boot may take until the agent answers (software emulation is slow).
     pub boot_timeout: Duration,
+    /// Makes and removes the taps of VMs that have a network device.
+    pub network: Option<Arc<dyn TapPlumbing>>,
 }
 
 impl RuntimeOptions {
@@ -66,6 +69,7 @@ impl RuntimeOptions {
             virtualization: Virtualization::Auto,
             helpers: HelperPaths::default(),
             boot_timeout: Duration::from_secs(180),
+            network: None,
         }
     }
 }
@@ -211,7 +215,11 @@ pub fn kernel_info(root: &Path) -> Option<KernelInfo> {
 }
 
 /// The runtime of a running service, with running machines adopted.
-pub fn vms(options: &ServiceOptions, config: &Config) -> anyhow::Result<Arc<dyn Vms>> {
+pub fn vms(
+    options: &ServiceOptions,
+    config: &Config,
+    network: Arc<Network>,
+) -> anyhow::Result<Arc<ServiceVms>> {
     let r = &config.runtime;
     let path = |p: &Option<String>| p.as_ref().map(PathBuf::from);
     let runtime = Runtime::new(RuntimeOptions {
@@ -222,12 +230,14 @@ pub fn vms(options: &ServiceOptions, config: &Config) -> anyhow::Result<Arc<dyn 
             vhost_device_vsock: path(&r.vhost_device_vsock),
             agent: path(&r.agent),
         },
+        network: Some(network.clone()),
         ..RuntimeOptions::new(&options.root, &options.run_dir)
     });
     let service = ServiceVms {
         runtime,
         root: options.root.clone(),
         config: config.clone(),
+        network,
     };
     service.runtime.adopt_all(&service.machines());
     Ok(Arc::new(service))
@@ -235,10 +245,11 @@ pub fn vms(options: &ServiceOptions, config: &Config) -> anyhow::Result<Arc<dyn 
 
 /// The runtime as the core's [`Vms`] port: machine records in, VM specs out.
 #[derive(Debug)]
-struct ServiceVms {
+pub struct ServiceVms {
     runtime: Runtime,
     root: PathBuf,
     config: Config,
+    network: Arc<Network>,
 }
 
 impl ServiceVms {
@@ -269,6 +280,22 @@ impl ServiceVms {
     fn spec(&self, spec: BootSpec) -> Result<VmSpec, RuntimeError> {
         let r = &spec.record;
         let user = &r.user;
+        let (net, guest_net) = match r.network.as_str() {
+            "none" => (None, None),
+            _ => {
+                let network_error = |e: crate::network::NetworkError| RuntimeError::Network {
+                    machine: r.name.clone(),
+                    source: Box::new(e),
+                };
+                let lease = self.network.lease(&r.name).map_err(network_error)?;
+                let guest = self.network.guest_config(&r.name).map_err(network_error)?;
+                let device = NetDevice {
+                    tap: crate::network::tap_name(&r.name),
+                    mac: lease.mac,
+                };
+                (Some(device), Some(guest))
+            }
+        };
         Ok(VmSpec {
             id: r.name.clone(),
             machine_dir: spec.machine_dir.clone(),
@@ -308,17 +335,44 @@ impl ServiceVms {
                     HomeMount::Ro => proto::HomeMount::Ro,
                     HomeMount::None => proto::HomeMount::None,
                 },
-                network: None,
+                network: guest_net,
                 vsock_port: proto::PORT,
                 time_unix_ns: 0,
                 init: vec!["/sbin/init".into()],
             },
-            net: None,
+            net,
         })
     }
 
     fn running(&self, name: &str) -> Result<PathBuf, ApiError> {
         Ok(self.runtime.agent_socket(name)?)
+    }
+
+    /// Startup cleanup of the network: frees the leases of machines that no longer exist,
+    /// deletes taps no running machine owns, restores the host when nothing runs. Run after
+    /// the running machines were adopted.
+    pub async fn reconcile_network(&self) {
+        let known: Vec<String> = std::fs::read_dir(self.machines())
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().join("machine.json").is_file())
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let running: Vec<String> = known
+            .iter()
+            .filter(|n| self.runtime.status(n) != MachineState::Stopped)
+            .cloned()
+            .collect();
+        match self.network.reconcile(&known, &running).await {
+            Ok(r) if r != Default::default() => {
+                tracing::info!(released = ?r.released, removed_taps = ?r.removed_taps, "network reconciled")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not reconcile the machine network"),
+        }
     }
 }
 

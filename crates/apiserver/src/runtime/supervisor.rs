@@ -34,6 +34,9 @@ pub(super) struct RunState {
     pub helpers: Vec<ProcessId>,
     pub run_dir: PathBuf,
     pub started: chrono::DateTime<chrono::Utc>,
+    /// The VM's tap, removed after the VMM exits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
 }
 
 const RUN_FILE: &str = "run.json";
@@ -127,6 +130,16 @@ impl Supervisor {
             .cloned()
     }
 
+    fn network(&self, id: &str) -> Result<&Arc<dyn super::TapPlumbing>, RuntimeError> {
+        self.options
+            .network
+            .as_ref()
+            .ok_or_else(|| RuntimeError::Network {
+                machine: id.to_string(),
+                source: "this service has no machine network".into(),
+            })
+    }
+
     /// The per-VM runtime directory: short, so socket paths stay under the limit.
     fn run_dir(&self, id: &str) -> PathBuf {
         let short = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(id.as_bytes())[..6]);
@@ -160,14 +173,30 @@ impl Supervisor {
         may_retry: bool,
     ) -> Result<RunningVm, Attempt> {
         let this = self.clone();
-        let launch_spec = spec.clone();
-        let vm = tokio::task::spawn_blocking(move || this.launch(&launch_spec))
+        let mut launch_spec = spec.clone();
+        if let Some(net) = &mut launch_spec.net {
+            net.tap = self.network(&spec.id)?.attach(&spec.id).await?;
+        }
+        let launched = tokio::task::spawn_blocking(move || this.launch(&launch_spec))
             .await
             .map_err(|e| RuntimeError::Io {
                 what: "starting the VM of",
                 path: spec.machine_dir.clone(),
                 source: std::io::Error::other(e.to_string()),
-            })??;
+            })
+            .and_then(|r| r);
+        let vm = match launched {
+            Ok(vm) => vm,
+            Err(e) => {
+                // No VMM runs, so no watcher will remove the tap.
+                if spec.net.is_some()
+                    && let Some(network) = &self.options.network
+                {
+                    network.detach(&spec.id).await;
+                }
+                return Err(e.into());
+            }
+        };
         let vm = Arc::new(vm);
         self.vms
             .lock()
@@ -340,6 +369,7 @@ impl Supervisor {
                 helpers: started.helpers.clone(),
                 run_dir: run_dir.clone(),
                 started: chrono::Utc::now(),
+                tap: spec.net.as_ref().map(|n| n.tap.clone()),
             };
             let run_file = spec.machine_dir.join(RUN_FILE);
             fsutil::write_json(&run_file, &run).map_err(RuntimeError::io("writing", &run_file))?;
@@ -376,6 +406,13 @@ impl Supervisor {
                 children.clear();
             })
             .await;
+            // The tap goes before the state says stopped: a start that follows must not
+            // have its fresh tap deleted under it.
+            if vm.run.tap.is_some()
+                && let Some(network) = &this.options.network
+            {
+                network.detach(&vm.run.id).await;
+            }
             vm.state.send_replace(MachineState::Stopped);
             let mut vms = this.vms.lock().unwrap_or_else(|p| p.into_inner());
             if vms.get(&vm.run.id).is_some_and(|v| Arc::ptr_eq(v, &vm)) {

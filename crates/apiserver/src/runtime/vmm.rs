@@ -16,6 +16,17 @@ pub struct NetDevice {
     pub mac: String,
 }
 
+/// The host side of VMs' networks: a machine's tap is made (and bridged) before its VMM
+/// starts and removed after the VMM exits, whatever the cause. Implemented by the service's
+/// machine network (`crate::network::Network`).
+#[async_trait]
+pub trait TapPlumbing: Send + Sync + Debug {
+    /// Creates (or reuses) the machine's tap, bridged and up; returns its name.
+    async fn attach(&self, machine: &str) -> Result<String, super::RuntimeError>;
+    /// Removes the machine's tap. Idempotent; failures are logged, not returned.
+    async fn detach(&self, machine: &str);
+}
+
 /// Everything a VMM needs to launch one VM.
 #[derive(Debug, Clone)]
 pub struct Launch<'a> {
