@@ -70,7 +70,14 @@ time container machine create "$ref" --name dev --memory 1G
 container machine run -n dev whoami
 container machine run -n dev pwd
 container machine run -n dev -- sh -c 'echo "kernel $(uname -r) on $(hostname)"; grep PRETTY /etc/os-release'
-container machine run -n dev -- sh -c 'command -v systemctl >/dev/null && systemctl is-system-running --wait || true'
+# `create` returns once the guest agent answers; the image's init may still be starting.
+container machine run -n dev -- sh -c 'command -v systemctl >/dev/null || exit 0
+  for i in $(seq 300); do
+    s=$(systemctl is-system-running 2>/dev/null)
+    case $s in running|degraded) break ;; esac
+    sleep 0.2
+  done
+  echo "systemd: $s"'
 container m ls
 ip=$("$bin/container" machine inspect dev --format json | python3 -c 'import json,sys; d=json.load(sys.stdin); d=d[0] if isinstance(d, list) else d; print(d["ip_address"])')
 echo "+ ping -c 1 $ip   # the machine's address, reachable from the host side"
