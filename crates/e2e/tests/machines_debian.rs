@@ -251,8 +251,33 @@ fn machines_survive_a_service_restart() {
         "-c",
         "echo before > /tmp/mark",
     ]);
+    // A guest clock gone wrong (as after a host suspend) is set again by the service; the
+    // first update comes as soon as a restarted service adopts the machine.
+    service.cli_ok(&[
+        "machine",
+        "run",
+        "-n",
+        "survivor",
+        "--root",
+        "date",
+        "-s",
+        "@946684800",
+    ]);
     service.kill_service();
     service.launch();
+    let skew = |service: &Service| {
+        let guest: i64 = service
+            .cli_ok(&["machine", "run", "-n", "survivor", "date", "+%s"])
+            .trim()
+            .parse()
+            .unwrap();
+        (guest - host_now()).abs()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while skew(&service) > 5 {
+        assert!(Instant::now() < deadline, "the guest clock was not set");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let ls = service.cli_ok(&["m", "ls"]);
     assert!(
         ls.contains("running"),
@@ -268,4 +293,12 @@ fn machines_survive_a_service_restart() {
     service.launch();
     assert!(service.cli_ok(&["m", "ls"]).contains("running"));
     service.cli_ok(&["machine", "stop", "survivor"]);
+}
+
+/// The host's time in seconds since the epoch.
+fn host_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }

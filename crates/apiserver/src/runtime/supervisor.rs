@@ -47,6 +47,8 @@ const MAX_SOCKET_PATH: usize = 107;
 const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 /// Boot attempts when the guest stays silent.
 const ATTEMPTS: u32 = 3;
+/// How often a running guest's clock is set from the host's.
+const CLOCK_SYNC_EVERY: Duration = Duration::from_secs(30);
 /// Waited beyond the caller's stop timeout for the agent's own forced power-off.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -238,6 +240,8 @@ impl Supervisor {
             }
         }
         console::write_boot_log(&spec.machine_dir);
+        // The boot config carried the host's time at launch; the boot took a while since.
+        sync_clock(&spec.id, &vm.agent_socket()).await;
         // A stop that raced with the boot wins.
         vm.state.send_if_modified(|s| {
             let starting = *s == MachineState::Starting;
@@ -394,7 +398,23 @@ impl Supervisor {
     fn watch(self: &Arc<Self>, vm: Arc<Vm>) {
         let this = self.clone();
         tokio::spawn(async move {
-            vm.run.qemu.exited().await;
+            // While the VMM runs, the guest's clock is set from the host's now and then: it
+            // drifts, and stops outright while the host is suspended. The first tick comes at
+            // once, which sets the clock of a VM adopted after a service restart.
+            let exited = vm.run.qemu.exited();
+            tokio::pin!(exited);
+            let mut tick = tokio::time::interval(CLOCK_SYNC_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    _ = &mut exited => break,
+                    _ = tick.tick() => {
+                        if vm.get() == MachineState::Running {
+                            sync_clock(&vm.run.id, &vm.agent_socket()).await;
+                        }
+                    }
+                }
+            }
             let cleaned = vm.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 cleanup(&cleaned.run, &cleaned.machine_dir);
@@ -506,6 +526,25 @@ impl Supervisor {
         }
         vm.run.qemu.kill();
         vm.stopped_within(Duration::from_secs(10)).await
+    }
+}
+
+/// Sets the guest's clock to the host's. Failures are logged: the next tick tries again.
+async fn sync_clock(id: &str, socket: &Path) {
+    let set = async {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        proto::client::AgentClient::connect(socket, proto::PORT)
+            .await?
+            .set_time(now)
+            .await
+    };
+    match tokio::time::timeout(Duration::from_secs(5), set).await {
+        Ok(Ok(())) => tracing::debug!(machine = %id, "guest clock set"),
+        Ok(Err(e)) => tracing::debug!(machine = %id, error = %e, "could not set the guest clock"),
+        Err(_) => tracing::debug!(machine = %id, "the guest agent did not answer the clock update"),
     }
 }
 
