@@ -332,3 +332,73 @@ fn stop_is_clean_and_forced_only_when_init_ignores_the_signal() {
 
 /// What the agent prints when init ignored the stop signal and the timeout ran out.
 const FORCED: &str = "init did not stop the machine in time";
+
+#[test]
+fn interrupts_reach_the_command_and_logs_follow_the_console() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let service = Service::start(&config());
+    service.cli_ok(&["machine", "create", &image, "--name", "sig"]);
+
+    // Without a terminal, SIGINT to `run` is forwarded: the command dies of it and `run`
+    // exits 130 as a shell would report it.
+    let mut run = service
+        .command(&["machine", "run", "-n", "sig", "sleep", "600"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !service
+        .cli_ok(&["machine", "run", "-n", "sig", "ps", "-o", "comm"])
+        .lines()
+        .any(|l| l.trim() == "sleep")
+    {
+        assert!(Instant::now() < deadline, "sleep never started");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = run.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+
+    // `logs -f` shows what reaches the console while it runs.
+    let mut follow = service
+        .command(&["machine", "logs", "-f", "sig"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    service.cli_ok(&[
+        "machine",
+        "run",
+        "-n",
+        "sig",
+        "--root",
+        "sh",
+        "-c",
+        "echo follow-marker > /dev/console",
+    ]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut out = follow.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(&mut out)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("follow-marker") {
+                let _ = tx.send(line);
+                break;
+            }
+        }
+    });
+    let seen = rx.recv_timeout(Duration::from_secs(30));
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(seen.is_ok(), "logs -f never showed the marker");
+    service.cli_ok(&["machine", "stop", "sig"]);
+}

@@ -122,6 +122,12 @@ fn systemd_sudo_and_a_login_shell() {
     std::thread::sleep(Duration::from_millis(500));
     send("echo resized=$(stty size)");
     wait_for("resized=30 100");
+    // Ctrl-C reaches the foreground process inside, not the CLI: the shell lives on.
+    send("sleep 600");
+    std::thread::sleep(Duration::from_secs(1));
+    run_ok(Command::new("tmux").args(["send-keys", "-t", &session, "C-c"]));
+    send("echo after-interrupt=$?");
+    wait_for("after-interrupt=130");
     send("exit");
     let _ = Command::new("tmux")
         .args(["kill-session", "-t", &session])
