@@ -275,6 +275,12 @@ impl Service {
         Self::start_with_root(config, None, true)
     }
 
+    /// Starts a service in [`netns`] with the given config.toml text whose root is `root`
+    /// (kept after the test), for tests that prepare the root (a small filesystem…).
+    pub fn start_at(config: &str, root: &Path) -> Self {
+        Self::start_with_root(config, Some(root), true)
+    }
+
     /// Starts a config-less service on the host's network whose root is `root` (kept after
     /// the test). It must boot no machine.
     pub fn start_in(root: &Path) -> Self {

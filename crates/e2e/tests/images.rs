@@ -419,3 +419,133 @@ fn a_pull_killed_mid_download_leaves_no_image_and_the_next_completes() {
     assert_eq!(detail["has_init"], true, "{detail}");
     assert_blobs_whole(&store);
 }
+
+/// A tmpfs mounted for one test, detached on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        nix::mount::mount(
+            Some("tmpfs"),
+            at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some(format!("size={size}").as_str()),
+        )
+        .unwrap_or_else(|e| panic!("mounting a tmpfs on {}: {e}", at.display()));
+        Self(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+/// An OCI layout (tag `latest`) of an image whose only layer is a gzip bomb: a tar of one
+/// file of `size` zero bytes (a multiple of 1 MiB), as concatenated gzip members (which gzip
+/// readers take as one stream), a kilobyte per MiB. Its diff_id is made up, as a hostile
+/// image's would be: nothing on this path checks it.
+fn gzip_bomb_layout(dir: &Path, size: u64) -> std::path::PathBuf {
+    use std::io::Write;
+    let gzip = |bytes: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        e.write_all(bytes).unwrap();
+        e.finish().unwrap()
+    };
+    let mut header = tar::Header::new_ustar();
+    header.set_path("zeros").unwrap();
+    header.set_mode(0o644);
+    header.set_size(size);
+    header.set_cksum();
+    let mebibyte = gzip(&[0; 1 << 20]);
+    let mut layer = gzip(header.as_bytes());
+    for _ in 0..size >> 20 {
+        layer.extend_from_slice(&mebibyte);
+    }
+    layer.extend_from_slice(&gzip(&[0; 1024]));
+
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    let blob = |media_type: &str, bytes: &[u8]| {
+        let digest = sha256(bytes);
+        let path = dir
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        std::fs::write(path, bytes).unwrap();
+        serde_json::json!({"mediaType": media_type, "digest": digest, "size": bytes.len()})
+    };
+    let layer = blob("application/vnd.oci.image.layer.v1.tar+gzip", &layer);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256(b"made up")]},
+    });
+    let config = blob(
+        "application/vnd.oci.image.config.v1+json",
+        &serde_json::to_vec(&config).unwrap(),
+    );
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config,
+        "layers": [layer],
+    });
+    let mut manifest = blob(
+        "application/vnd.oci.image.manifest.v1+json",
+        &serde_json::to_vec(&manifest).unwrap(),
+    );
+    manifest["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": "latest"});
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn a_decompression_bomb_on_a_small_disk_fails_clearly_and_leaves_no_image() {
+    if !require(is_root(), "the service runs as root (and mounts a tmpfs)") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    // Declared before the service, so it is unmounted after the service stops.
+    let _disk = Tmpfs::mount(&root, "512m");
+    let bomb = gzip_bomb_layout(&dir.path().join("bomb"), 1 << 30);
+    let registry = Registry::start();
+    let reference = registry.push(&bomb, "tests/bomb:1");
+    let busybox = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let service = Service::start_at("", &root);
+
+    let err = service.cli_err(&["image", "pull", &reference]);
+    let images = root.join("images");
+    assert!(
+        err.contains(&reference) && err.contains("free disk space"),
+        "the error names neither the image nor the remedy: {err}"
+    );
+    assert!(
+        err.contains(&images.join("work").display().to_string()),
+        "the error does not say where space is short: {err}"
+    );
+    assert_eq!(service.cli_ok(&["image", "ls", "-q"]).trim(), "");
+    assert!(
+        files(&images.join("disks")).is_empty(),
+        "a base disk remains"
+    );
+    assert!(files(&images.join("work")).is_empty(), "staging remains");
+    let df = run_ok(Command::new("df").args(["--output=used", "-B1"]).arg(&root));
+    let used: u64 = df.lines().last().unwrap().trim().parse().unwrap();
+    assert!(
+        used < 64 << 20,
+        "the failed pull left {used} bytes on the disk"
+    );
+
+    // The same small disk takes an honest image.
+    service.cli_ok(&["image", "pull", "-q", &busybox]);
+    assert_eq!(inspect(&service, &busybox)["has_init"], true);
+}

@@ -103,9 +103,12 @@ impl Members {
             let mut entry = entry.map_err(|source| ImageError::Archive { source })?;
             if files.len() >= MAX_MEMBERS {
                 return Err(ImageError::TooLarge {
-                    what: "image archive (members)",
+                    what: "image archive".into(),
                     size: files.len() as u64 + 1,
                     limit: MAX_MEMBERS as u64,
+                    unit: "members",
+                    advice: "image archives have a few members per layer; this one is broken \
+                             or hostile",
                 });
             }
             let path = normalise(
@@ -210,13 +213,7 @@ impl Members {
 /// A metadata blob from the store, refusing large ones before reading them.
 fn read_small(store: &ImageStore, digest: &str) -> Result<Vec<u8>, ImageError> {
     let size = store.content.size(digest)?;
-    if size > manifest::MAX_JSON {
-        return Err(ImageError::TooLarge {
-            what: "manifest",
-            size,
-            limit: manifest::MAX_JSON,
-        });
-    }
+    manifest::check_json_size(size, || format!("metadata blob {digest} of the archive"))?;
     store.content.read(digest)
 }
 
@@ -333,9 +330,11 @@ impl ImageStore {
                     .into(),
             ));
         };
-        let digests: BTreeSet<&String> = images.iter().map(|(_, d)| d).collect();
-        for digest in digests {
-            self.disk_job(digest)?.run()?;
+        let mut built = BTreeSet::new();
+        for (reference, digest) in &images {
+            if built.insert(digest) {
+                self.disk_job(digest, reference)?.run()?;
+            }
         }
         for (reference, digest) in &images {
             self.set_ref(reference, digest)?;

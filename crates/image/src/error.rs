@@ -35,11 +35,17 @@ pub enum ImageError {
     InvalidDigest(String),
     #[error("malformed {what}: {message}")]
     Malformed { what: &'static str, message: String },
-    #[error("{what} is {size} bytes, over the limit of {limit}")]
+    /// Untrusted input over one of the store's caps: refused, and nothing of it kept.
+    #[error("{what}: {size} {unit}, over the limit of {limit}; {advice}")]
     TooLarge {
-        what: &'static str,
+        /// What is too large, and of which image or archive.
+        what: String,
         size: u64,
         limit: u64,
+        /// `bytes`, `members`…
+        unit: &'static str,
+        /// What the cap protects and what the user can do.
+        advice: &'static str,
     },
     #[error("{0} has no linux/amd64 image; only linux/amd64 images can run here")]
     NoPlatform(String),

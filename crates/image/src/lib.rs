@@ -24,6 +24,7 @@ pub use error::ImageError;
 pub use manifest::ConfigInfo;
 pub use registry::{Credentials, parse_reference};
 pub use store::{
-    ImageRecord, ImageStore, LayerRecord, Progress, PullOptions, PullProgress, Removed,
+    DEFAULT_MAX_UNPACKED_BYTES, ImageRecord, ImageStore, LayerRecord, Limits, Progress,
+    PullOptions, PullProgress, Removed,
 };
 pub use unpack::DiskInfo;

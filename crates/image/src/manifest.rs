@@ -7,8 +7,13 @@ use serde::{Deserialize, Serialize};
 use crate::content::digest_hex;
 use crate::error::ImageError;
 
-/// Largest manifest, index or config accepted.
+/// Largest manifest, index or config accepted: what containerd reads at most and
+/// distribution accepts on push (the OCI distribution spec's portable size is 4 MB).
 pub const MAX_JSON: u64 = 4 << 20;
+
+/// What a user reads when a manifest, index or config is over [`MAX_JSON`].
+const JSON_ADVICE: &str = "registries and image tools keep manifests and configs under 4 MiB, \
+     so this image is broken or hostile and cannot be used; use another image";
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -46,15 +51,23 @@ pub enum Parsed {
     Index(OciImageIndex),
 }
 
-fn check_size(what: &'static str, bytes: &[u8]) -> Result<(), ImageError> {
-    if bytes.len() as u64 > MAX_JSON {
+/// Refuses a manifest, index or config of `size` bytes over [`MAX_JSON`]; `what` names it
+/// (and the image it belongs to) for the error.
+pub fn check_json_size(size: u64, what: impl FnOnce() -> String) -> Result<(), ImageError> {
+    if size > MAX_JSON {
         return Err(ImageError::TooLarge {
-            what,
-            size: bytes.len() as u64,
+            what: what(),
+            size,
             limit: MAX_JSON,
+            unit: "bytes",
+            advice: JSON_ADVICE,
         });
     }
     Ok(())
+}
+
+fn check_size(what: &'static str, bytes: &[u8]) -> Result<(), ImageError> {
+    check_json_size(bytes.len() as u64, || what.to_string())
 }
 
 /// Parses a manifest or index.

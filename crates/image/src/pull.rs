@@ -66,13 +66,11 @@ impl ImageStore {
             digest: digest.clone(),
             layers: m.layers.len(),
         });
-        if m.config.size.max(0) as u64 > manifest::MAX_JSON {
-            return Err(ImageError::TooLarge {
-                what: "image config",
-                size: m.config.size as u64,
-                limit: manifest::MAX_JSON,
-            });
-        }
+        // Refused before a byte of it is fetched; and the fetch stops at the declared size
+        // (see `BlobWriter::write`), so a registry cannot send more than this either.
+        manifest::check_json_size(m.config.size.max(0) as u64, || {
+            format!("config {} of {name}", m.config.digest)
+        })?;
         let mut blobs = vec![Blob {
             what: "config",
             descriptor: m.config.clone(),
@@ -95,7 +93,7 @@ impl ImageStore {
         }
         self.content.put("manifest", &digest, &bytes)?;
         progress.report(Progress::Step("building the base disk".into()));
-        let job = self.disk_job(&digest)?;
+        let job = self.disk_job(&digest, &name)?;
         tokio::task::spawn_blocking(move || job.run())
             .await
             .map_err(|e| ImageError::Mkfs(format!("the disk build task failed: {e}")))??;
@@ -139,17 +137,38 @@ impl Session<'_> {
         }
     }
 
-    /// Fetches a manifest by `reference` (tag or digest), checked against its digest.
+    /// Fetches a manifest by `reference` (tag or digest), checked against its digest and,
+    /// when an index gave it, the size it `declared`.
     async fn manifest(
         &self,
         reference: &oci_client::Reference,
+        declared: Option<i64>,
         auth: &oci_client::secrets::RegistryAuth,
     ) -> Result<(String, Vec<u8>, Parsed), ImageError> {
+        let what = || {
+            let at = reference.digest().or(reference.tag()).unwrap_or("latest");
+            format!("manifest {at} of {}", self.name)
+        };
+        if let Some(size) = declared {
+            manifest::check_json_size(size.max(0) as u64, what)?;
+        }
         let (bytes, digest) = self
             .client
             .pull_manifest_raw(reference, auth, manifest::ACCEPTED)
             .await
             .map_err(|e| self.error(e))?;
+        // oci-client reads the whole body into memory before returning it and offers no limit
+        // (oras-project/rust-oci-client#206), so a manifest fetched by tag can only be refused
+        // here, once read; one an index names is refused above, before the request.
+        manifest::check_json_size(bytes.len() as u64, what)?;
+        if declared.is_some_and(|size| size != bytes.len() as i64) {
+            return Err(ImageError::SizeMismatch {
+                what: "manifest",
+                digest: reference.digest().unwrap_or_default().to_string(),
+                expected: declared.unwrap_or_default().max(0) as u64,
+                actual: bytes.len() as u64,
+            });
+        }
         // oci-client checks the body against the digest it was asked for, or the registry's
         // Docker-Content-Digest header; check again so the rule holds whatever it does.
         let parsed = manifest::parse(&bytes)?;
@@ -170,19 +189,24 @@ impl Session<'_> {
         &mut self,
         auth: &oci_client::secrets::RegistryAuth,
     ) -> Result<(String, Vec<u8>, oci_client::manifest::OciImageManifest), ImageError> {
-        let (digest, bytes, parsed) = self.manifest(&self.repo, auth).await?;
+        let (digest, bytes, parsed) = self.manifest(&self.repo, None, auth).await?;
         let (digest, bytes, parsed) = match parsed {
             Parsed::Manifest(_) => (digest, bytes, parsed),
             Parsed::Index(index) => {
                 let picked = manifest::pick_platform(&index)
                     .ok_or_else(|| ImageError::NoPlatform(self.name.clone()))?;
+                let declared = index
+                    .manifests
+                    .iter()
+                    .find(|m| m.digest == picked)
+                    .map(|m| m.size);
                 self.repo = oci_client::Reference::with_digest(
                     self.repo.registry().to_string(),
                     self.repo.repository().to_string(),
                     picked,
                 );
                 let repo = self.repo.clone();
-                self.manifest(&repo, auth).await?
+                self.manifest(&repo, declared, auth).await?
             }
         };
         match parsed {

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::content::{ContentStore, digest_hex};
 use crate::error::ImageError;
-use crate::manifest::{self, Compression, ConfigInfo, Parsed};
+use crate::manifest::{self, ConfigInfo, Parsed};
 use crate::registry::{self, Credentials};
 use crate::unpack::{self, DiskInfo};
 
@@ -73,6 +73,27 @@ impl Default for PullOptions {
             insecure: Vec::new(),
             max_concurrent_downloads: 3,
             uid: 0,
+        }
+    }
+}
+
+/// Caps on what one image may cost the host, beyond those fixed by the formats
+/// ([`crate::manifest::MAX_JSON`] for manifests and configs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Bytes an image's layers may expand to when unpacked (decompressed tar streams, plus
+    /// sparse holes). Each build is also held to half the space free where it runs.
+    pub max_unpacked_bytes: u64,
+}
+
+/// The default [`Limits::max_unpacked_bytes`]: 64 GiB, the default machine disk size, since
+/// an image that unpacks to more cannot fit a default machine.
+pub const DEFAULT_MAX_UNPACKED_BYTES: u64 = 64 << 30;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_unpacked_bytes: DEFAULT_MAX_UNPACKED_BYTES,
         }
     }
 }
@@ -169,11 +190,18 @@ pub struct ImageStore {
     /// Serialises base-disk builds (shared with blocking tasks).
     build_lock: Arc<Mutex<()>>,
     leases: Arc<Mutex<HashMap<String, usize>>>,
+    limits: Limits,
 }
 
 impl ImageStore {
-    /// Opens (creating) the store at `root`, removing what interrupted operations left.
+    /// Opens (creating) the store at `root`, removing what interrupted operations left, with
+    /// the default [`Limits`].
     pub fn open(root: &Path) -> Result<Self, ImageError> {
+        Self::open_with(root, Limits::default())
+    }
+
+    /// [`ImageStore::open`] with other limits.
+    pub fn open_with(root: &Path, limits: Limits) -> Result<Self, ImageError> {
         let disks = root.join("disks");
         std::fs::create_dir_all(&disks).map_err(ImageError::io(&disks))?;
         let work = root.join("work");
@@ -200,7 +228,13 @@ impl ImageStore {
             lock: Mutex::new(()),
             build_lock: Arc::new(Mutex::new(())),
             leases: Arc::new(Mutex::new(HashMap::new())),
+            limits,
         })
+    }
+
+    /// The caps this store holds images to.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// The registry credentials of a host user.
@@ -404,7 +438,7 @@ impl ImageStore {
         }
         let mut lease = self.lease();
         lease.add(&record.digest);
-        self.disk_job(&record.digest)?.run()
+        self.disk_job(&record.digest, &record.reference)?.run()
     }
 
     /// Whether the image's `/sbin/init` is an executable file (building the disk if needed).
@@ -413,22 +447,26 @@ impl ImageStore {
     }
 
     /// Everything needed to build a manifest's base disk, owned, so a blocking task can run it.
-    pub(crate) fn disk_job(&self, digest: &str) -> Result<DiskJob, ImageError> {
+    /// `image` names it in errors.
+    pub(crate) fn disk_job(&self, digest: &str, image: &str) -> Result<DiskJob, ImageError> {
         let m = self.manifest_of(digest)?;
         let layers = m
             .layers
             .iter()
             .map(|l| {
-                Ok((
-                    self.content.path(&l.digest)?,
-                    manifest::layer_compression(&l.media_type)?,
-                ))
+                Ok(unpack::LayerBlob {
+                    digest: l.digest.clone(),
+                    path: self.content.path(&l.digest)?,
+                    compression: manifest::layer_compression(&l.media_type)?,
+                })
             })
             .collect::<Result<Vec<_>, ImageError>>()?;
         Ok(DiskJob {
+            image: image.to_string(),
             layers,
             work: self.work_dir(),
             dest: self.disk_dir(digest)?,
+            max_unpacked: self.limits.max_unpacked_bytes,
             lock: self.build_lock.clone(),
         })
     }
@@ -450,9 +488,11 @@ impl ImageStore {
 /// A base-disk build, detached from the store so it can run on a blocking thread.
 #[derive(Debug)]
 pub(crate) struct DiskJob {
-    layers: Vec<(PathBuf, Compression)>,
+    image: String,
+    layers: Vec<unpack::LayerBlob>,
     work: PathBuf,
     dest: PathBuf,
+    max_unpacked: u64,
     lock: Arc<Mutex<()>>,
 }
 
@@ -464,7 +504,13 @@ impl DiskJob {
         if let Ok(Some(info)) = crate::fsutil::read_json::<DiskInfo>(&info_path) {
             return Ok((self.dest.join("base.ext4"), info));
         }
-        let info = unpack::build_base_disk(&self.layers, &self.work, &self.dest)?;
+        let info = unpack::build_base_disk(
+            &self.image,
+            &self.layers,
+            &self.work,
+            &self.dest,
+            self.max_unpacked,
+        )?;
         Ok((self.dest.join("base.ext4"), info))
     }
 }

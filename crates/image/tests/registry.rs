@@ -609,3 +609,209 @@ async fn a_token_registry_that_wants_credentials_needs_login() {
         "{log}"
     );
 }
+
+/// JSON `bytes` long, at least: `value` with a `pad` annotation of spaces.
+fn padded(mut value: serde_json::Value, bytes: usize) -> Vec<u8> {
+    value["annotations"] = serde_json::json!({"pad": " ".repeat(bytes)});
+    serde_json::to_vec(&value).unwrap()
+}
+
+/// The manifest JSON of a layout's only image.
+fn layout_manifest(dir: &std::path::Path) -> serde_json::Value {
+    let path = dir.join("blobs/sha256").join(layout_manifest_hex(dir));
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn manifests_indexes_and_configs_over_4_mib_are_refused() {
+    if !tools() {
+        return;
+    }
+    const OVER: usize = 5 << 20;
+    let work = tempfile::tempdir().unwrap();
+    let registry = Registry::start(None);
+    let store_dir = work.path().join("store");
+    let store = ImageStore::open(&store_dir).unwrap();
+    let pull = |reference: String| {
+        let store = &store;
+        async move {
+            store
+                .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+                .await
+                .unwrap_err()
+        }
+    };
+    let assert_refused = |e: &ImageError, what: &str, reference: &str| {
+        assert!(
+            matches!(e, ImageError::TooLarge { limit, .. } if *limit == 4 << 20),
+            "{what}: {e}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains(what) && text.contains(reference),
+            "the error does not name the {what} and the image: {text}"
+        );
+        assert!(
+            store.list().unwrap().is_empty(),
+            "{what}: an image was recorded"
+        );
+        assert!(names(&store_dir.join("disks")).is_empty());
+        assert!(names(&store_dir.join("ingest")).is_empty());
+    };
+
+    // A manifest and an index over the limit, as a hostile registry serves them (they are
+    // read, as oci-client reads every manifest whole, then refused).
+    let mut layout = Layout::new(&work.path().join("small"));
+    let m = layout.image("amd64", busybox_config(), &busybox_layers());
+    layout.tag(m, "1");
+    let reference = registry.push(&layout.dir, "1", "test/huge:1", None);
+    let manifest = layout_manifest(&layout.dir);
+    let index = |manifests: Vec<serde_json::Value>| {
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests,
+        })
+    };
+    let hostile = FakeRegistry::serve(vec![
+        (
+            "/v2/test/huge/manifests/manifest".into(),
+            "application/vnd.oci.image.manifest.v1+json".into(),
+            padded(manifest.clone(), OVER),
+        ),
+        (
+            "/v2/test/huge/manifests/index".into(),
+            "application/vnd.oci.image.index.v1+json".into(),
+            padded(index(vec![]), OVER),
+        ),
+    ]);
+    for tag in ["manifest", "index"] {
+        let e = pull(format!("{}/test/huge:{tag}", hostile.addr)).await;
+        assert_refused(&e, &format!("manifest {tag}"), &format!("test/huge:{tag}"));
+    }
+
+    // An index naming a manifest it says is over the limit, from the real registry: refused
+    // before it is requested.
+    let big = padded(manifest.clone(), OVER);
+    let big_digest = sha256(&big);
+    let named = index(vec![serde_json::json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": big_digest, "size": big.len(),
+        "platform": {"architecture": "amd64", "os": "linux"},
+    })]);
+    registry.plant_manifest(
+        "test/huge",
+        Some("names-big"),
+        &serde_json::to_vec(&named).unwrap(),
+    );
+    let e = pull(format!("{}/test/huge:names-big", registry.addr)).await;
+    assert_refused(&e, &format!("manifest {big_digest}"), "test/huge:names-big");
+    assert!(
+        !registry.log().contains(&format!("manifests/{big_digest}")),
+        "the manifest was fetched before being refused"
+    );
+
+    // A config that says it is over the limit (which skopeo would not even push): refused
+    // before it is fetched.
+    let config_hex = manifest["config"]["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let mut config: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(layout.dir.join("blobs/sha256").join(config_hex)).unwrap(),
+    )
+    .unwrap();
+    config["config"]["Labels"] = serde_json::json!({"pad": " ".repeat(OVER)});
+    let config = serde_json::to_vec(&config).unwrap();
+    let config_digest = registry.plant_blob("test/huge", &config);
+    let mut with_config = manifest.clone();
+    with_config["config"]["digest"] = config_digest.clone().into();
+    with_config["config"]["size"] = config.len().into();
+    registry.plant_manifest(
+        "test/huge",
+        Some("config"),
+        &serde_json::to_vec(&with_config).unwrap(),
+    );
+    let e = pull(format!("{}/test/huge:config", registry.addr)).await;
+    assert_refused(&e, &format!("config {config_digest}"), "test/huge:config");
+    assert!(
+        !registry.log().contains(&format!("blobs/{config_digest}")),
+        "the config was fetched before being refused"
+    );
+
+    // The same registry's honest image pulls.
+    let record = store
+        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .await
+        .unwrap();
+    assert_eq!(record.has_init(), Some(true));
+}
+
+#[tokio::test]
+async fn a_decompression_bomb_fails_clearly_and_leaves_no_image() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("layout"));
+    // 96 MiB of zeros: a few hundred kilobytes of gzip, a few of zstd.
+    let zeros = vec![0u8; 96 << 20];
+    let bomb = layer(&[E::File("zeros", 0o644, &zeros)]);
+    for (tag, comp) in [("gzip", Comp::Gzip), ("zstd", Comp::Zstd)] {
+        let mut layers = busybox_layers();
+        layers.push((bomb.clone(), comp));
+        let m = layout.image("amd64", busybox_config(), &layers);
+        layout.tag(m, tag);
+    }
+    let m = layout.image("amd64", busybox_config(), &busybox_layers());
+    layout.tag(m, "honest");
+    let registry = Registry::start(None);
+    let store_dir = work.path().join("store");
+    let limits = container_image::Limits {
+        max_unpacked_bytes: 32 << 20,
+    };
+    let store = ImageStore::open_with(&store_dir, limits).unwrap();
+    for tag in ["gzip", "zstd"] {
+        let reference = registry.push(&layout.dir, tag, &format!("test/bomb:{tag}"), None);
+        let e = store
+            .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ImageError::TooLarge { limit, .. } if *limit == 32 << 20),
+            "{tag}: {e}"
+        );
+        let text = e.to_string();
+        let bomb_layer = store
+            .content()
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|d| text.contains(d.as_str()));
+        assert!(
+            text.contains(&reference) && bomb_layer.is_some(),
+            "{tag}: the error names neither the image nor the layer: {text}"
+        );
+        assert!(text.contains("decompression bomb"), "{tag}: {text}");
+        assert!(
+            store.list().unwrap().is_empty(),
+            "{tag}: an image was recorded"
+        );
+        assert!(
+            names(&store_dir.join("disks")).is_empty(),
+            "{tag}: a disk remains"
+        );
+        assert!(
+            names(&store_dir.join("work")).is_empty(),
+            "{tag}: staging remains"
+        );
+    }
+    // The limit leaves room for honest images.
+    let reference = registry.push(&layout.dir, "honest", "test/bomb:honest", None);
+    let record = store
+        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .await
+        .unwrap();
+    assert_eq!(record.has_init(), Some(true));
+}

@@ -17,6 +17,7 @@ use std::path::{Component, Path, PathBuf};
 use rustix::fs::{AtFlags, FileType, Gid, Mode, OFlags, ResolveFlags, Timespec, Timestamps, Uid};
 
 use crate::error::ImageError;
+use crate::unpack::Budget;
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -143,6 +144,16 @@ fn remove_entry(dir: &OwnedFd, name: &std::ffi::OsStr, path: &Path) -> Result<()
 
 /// Applies a layer's tar stream onto `root`. Returns the number of entries applied.
 pub fn apply_layer<R: Read>(root: &Path, reader: R) -> Result<u64, ImageError> {
+    apply_layer_within(root, reader, &Budget::unlimited())
+}
+
+/// [`apply_layer`], charging `budget` for the holes of sparse entries, which expand to more
+/// than the stream holds (the caller charges the stream itself, see [`Budget::bound`]).
+pub fn apply_layer_within<R: Read>(
+    root: &Path,
+    reader: R,
+    budget: &Budget,
+) -> Result<u64, ImageError> {
     let root_fd: OwnedFd = rustix::fs::open(
         root,
         OFlags::DIRECTORY | OFlags::PATH | OFlags::CLOEXEC,
@@ -251,6 +262,13 @@ pub fn apply_layer<R: Read>(root: &Path, reader: R) -> Result<u64, ImageError> {
             // Entries created inside later change its mtime: set it again at the end.
             dir_times.push((path.clone(), times));
         } else if kind.is_file() || kind.is_contiguous() || kind.is_gnu_sparse() {
+            if kind.is_gnu_sparse() {
+                // Its size is the file's, holes included; its header's, the data stored.
+                let stored = header.entry_size().unwrap_or(0);
+                budget
+                    .charge(entry.size().saturating_sub(stored))
+                    .map_err(|source| ImageError::Archive { source })?;
+            }
             let fd = rustix::fs::openat(
                 &parent,
                 &name,

@@ -3,9 +3,17 @@
 //! to the content. The disk is built in a temporary directory and renamed into place, so a
 //! base disk that exists is complete. It is made growable far beyond its size (`-E resize`),
 //! because each machine's guest grows it online to the machine's disk size.
+//!
+//! What layers expand to is bounded: a few kilobytes of gzip or zstd can decompress to
+//! terabytes, and a sparse tar entry can claim any size. Every decompressed byte and every
+//! byte of sparse holes is charged to one [`Budget`] per build, the smaller of the store's
+//! maximum ([`crate::store::Limits`]) and half the space free where the build runs (the
+//! staging tree and the disk each hold the content), so a hostile image fails with a clear
+//! error before it fills the disk running machines' overlays live on.
 
 pub mod layer;
 
+use std::cell::Cell;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +34,106 @@ pub struct DiskInfo {
     pub content_bytes: u64,
     /// Virtual size of the base disk.
     pub disk_bytes: u64,
+}
+
+/// Bytes the layers of one build may expand to, shared by all of them.
+#[derive(Debug)]
+pub struct Budget {
+    limit: u64,
+    used: Cell<u64>,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        Self {
+            limit,
+            used: Cell::new(0),
+        }
+    }
+
+    /// No limit (for callers that bound their input otherwise).
+    pub fn unlimited() -> Self {
+        Self::new(u64::MAX)
+    }
+
+    /// Takes `n` bytes; an error once more than the limit has been asked for in all.
+    pub fn charge(&self, n: u64) -> std::io::Result<()> {
+        let used = self.used.get().saturating_add(n);
+        self.used.set(used);
+        if used > self.limit {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!("the layers expand past the limit of {} bytes", self.limit),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether more than the limit was asked for.
+    pub fn exceeded(&self) -> bool {
+        self.used.get() > self.limit
+    }
+
+    /// Bytes charged so far.
+    pub fn used(&self) -> u64 {
+        self.used.get()
+    }
+
+    /// Bytes allowed in all.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// `reader`, charging this budget for every byte it yields.
+    pub fn bound<R: Read>(&self, reader: R) -> Bounded<'_, R> {
+        Bounded {
+            inner: reader,
+            budget: self,
+        }
+    }
+}
+
+/// A reader that charges a [`Budget`] for what it yields and fails once it is spent.
+#[derive(Debug)]
+pub struct Bounded<'a, R> {
+    inner: R,
+    budget: &'a Budget,
+}
+
+impl<R: Read> Read for Bounded<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // Never read past the limit: a bomb stops within one buffer of it.
+        let room = self.budget.limit.saturating_sub(self.budget.used()) as usize;
+        let want = buf.len().min(room.saturating_add(1));
+        let n = self.inner.read(&mut buf[..want])?;
+        self.budget.charge(n as u64)?;
+        Ok(n)
+    }
+}
+
+/// One layer blob of an image, as the store holds it.
+#[derive(Debug, Clone)]
+pub struct LayerBlob {
+    pub digest: String,
+    pub path: PathBuf,
+    pub compression: Compression,
+}
+
+/// Where a build's budget came from, for the error when it is spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BudgetSource {
+    /// The store's configured maximum.
+    Maximum,
+    /// Half the space free in the work directory.
+    FreeSpace,
+}
+
+/// Bytes free in the filesystem holding `dir`, not counting the blocks reserved for root
+/// (the service is root, but those are for keeping the host alive).
+fn free_bytes(dir: &Path) -> Result<u64, ImageError> {
+    let st = rustix::fs::statvfs(dir).map_err(|e| ImageError::io(dir)(e.into()))?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
 /// Opens a layer blob with its decompressor.
@@ -84,13 +192,22 @@ fn measure(dir: &Path) -> std::io::Result<(u64, u64)> {
     Ok((bytes, inodes))
 }
 
-/// Applies `layers` (blob path, compression) into a fresh staging directory under `work` and
-/// builds `<dest_dir>/base.ext4` and `<dest_dir>/info.json`.
+/// Applies the `layers` of `image` (a name for errors) into a fresh staging directory under
+/// `work` and builds `<dest_dir>/base.ext4` and `<dest_dir>/info.json`. The layers may expand
+/// to `max_unpacked` bytes, or half the space free in `work` if that is less.
 pub fn build_base_disk(
-    layers: &[(PathBuf, Compression)],
+    image: &str,
+    layers: &[LayerBlob],
     work: &Path,
     dest_dir: &Path,
+    max_unpacked: u64,
 ) -> Result<DiskInfo, ImageError> {
+    let half_free = free_bytes(work)? / 2;
+    let (budget, source) = if half_free < max_unpacked {
+        (Budget::new(half_free), BudgetSource::FreeSpace)
+    } else {
+        (Budget::new(max_unpacked), BudgetSource::Maximum)
+    };
     let tmp = tempfile::Builder::new()
         .prefix(".build-")
         .tempdir_in(work)
@@ -103,9 +220,15 @@ pub fn build_base_disk(
         std::os::unix::fs::PermissionsExt::from_mode(0o755),
     )
     .map_err(ImageError::io(&staging))?;
-    for (path, compression) in layers {
-        let reader = layer_reader(path, *compression)?;
-        layer::apply_layer(&staging, reader)?;
+    for l in layers {
+        let reader = budget.bound(layer_reader(&l.path, l.compression)?);
+        match layer::apply_layer_within(&staging, reader, &budget) {
+            // Whatever error the archive reader made of it, the budget is why.
+            Err(_) if budget.exceeded() => {
+                return Err(over_budget(image, l, work, &budget, source));
+            }
+            r => r?,
+        };
     }
     let has_init = has_init(&staging);
     let (content, inodes) = measure(&staging).map_err(ImageError::io(&staging))?;
@@ -152,6 +275,39 @@ pub fn build_base_disk(
             .map_err(ImageError::io(disks))?;
     }
     Ok(info)
+}
+
+/// The error for a build whose layers expanded past its budget.
+fn over_budget(
+    image: &str,
+    layer: &LayerBlob,
+    work: &Path,
+    budget: &Budget,
+    source: BudgetSource,
+) -> ImageError {
+    let (what, advice) = match source {
+        BudgetSource::Maximum => (
+            format!("unpacking {image} stopped in layer {}", layer.digest),
+            "the image expands to more than the store accepts (a decompression bomb, or an \
+             image bigger than a machine disk); use another image",
+        ),
+        BudgetSource::FreeSpace => (
+            format!(
+                "unpacking {image} stopped in layer {} (the limit is half the space free in {})",
+                layer.digest,
+                work.display()
+            ),
+            "free disk space there (unpacking needs room for the files and the disk built \
+             from them) and pull again, or use a smaller image",
+        ),
+    };
+    ImageError::TooLarge {
+        what,
+        size: budget.used(),
+        limit: budget.limit(),
+        unit: "bytes",
+        advice,
+    }
 }
 
 /// What one `mkfs.ext4` run gave.
@@ -211,6 +367,110 @@ pub fn allocated_bytes(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tar with one file of `size` zero bytes.
+    fn zeros_tar(size: u64) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_path("zeros").unwrap();
+        h.set_mode(0o644);
+        h.set_size(size);
+        h.set_cksum();
+        b.append(&h, std::io::repeat(0).take(size)).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    /// A tar with one GNU sparse file claiming `real_size` bytes, of which 512 are stored.
+    fn sparse_tar(real_size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_gnu();
+        h.set_path("sparse").unwrap();
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::GNUSparse);
+        h.set_size(512);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.sparse[0].set_offset(real_size - 512);
+        gnu.sparse[0].set_length(512);
+        gnu.set_real_size(real_size);
+        h.set_cksum();
+        let mut out = h.as_bytes().to_vec();
+        out.extend_from_slice(&[0x5a; 512]);
+        out.extend_from_slice(&[0; 1024]);
+        out
+    }
+
+    fn blob(dir: &Path, name: &str, bytes: &[u8], compression: Compression) -> LayerBlob {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        LayerBlob {
+            digest: crate::content::digest_of(bytes),
+            path,
+            compression,
+        }
+    }
+
+    #[test]
+    fn layers_that_expand_past_the_budget_are_refused_before_they_fill_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().join("work");
+        std::fs::create_dir(&work).unwrap();
+        let dest = dir.path().join("disk");
+        let bomb = zeros_tar(64 << 20);
+        let gzip = {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            std::io::Write::write_all(&mut e, &bomb).unwrap();
+            e.finish().unwrap()
+        };
+        let zstd = zstd::encode_all(bomb.as_slice(), 19).unwrap();
+        assert!(gzip.len() < 1 << 20 && zstd.len() < 1 << 20);
+        let small = blob(dir.path(), "small", &zeros_tar(1 << 20), Compression::None);
+        for (name, bytes, compression) in [
+            ("gzip", gzip, Compression::Gzip),
+            ("zstd", zstd, Compression::Zstd),
+            ("sparse", sparse_tar(1 << 40), Compression::None),
+        ] {
+            let bomb = blob(dir.path(), name, &bytes, compression);
+            let layers = [small.clone(), bomb.clone()];
+            let e = build_base_disk("test/bomb:1", &layers, &work, &dest, 8 << 20).unwrap_err();
+            let ImageError::TooLarge { what, limit, .. } = &e else {
+                panic!("{name}: {e}");
+            };
+            assert_eq!(*limit, 8 << 20, "{name}");
+            assert!(
+                what.contains("test/bomb:1") && what.contains(&bomb.digest),
+                "{name}: the error names neither the image nor the layer: {e}"
+            );
+            assert!(e.to_string().contains("decompression bomb"), "{name}: {e}");
+            assert!(!dest.exists(), "{name}: a disk was left");
+            assert_eq!(std::fs::read_dir(&work).unwrap().count(), 0, "{name}");
+        }
+    }
+
+    #[test]
+    fn budgets_stop_reads_at_their_limit() {
+        let budget = Budget::new(1000);
+        let mut first = Vec::new();
+        budget
+            .bound(std::io::repeat(1).take(600))
+            .read_to_end(&mut first)
+            .unwrap();
+        assert_eq!(first.len(), 600);
+        let mut second = Vec::new();
+        let e = budget
+            .bound(std::io::repeat(1))
+            .read_to_end(&mut second)
+            .unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::FileTooLarge);
+        assert!(budget.exceeded());
+        assert!(second.len() <= 400, "read {} past the limit", second.len());
+        // Exactly the limit is not over it.
+        let exact = Budget::new(10);
+        let mut all = Vec::new();
+        exact
+            .bound(std::io::repeat(1).take(10))
+            .read_to_end(&mut all)
+            .unwrap();
+        assert!(!exact.exceeded());
+    }
 
     #[test]
     fn content_that_does_not_fit_is_told_apart_from_other_failures() {

@@ -366,7 +366,7 @@ impl Registry {
         let addr = format!("127.0.0.1:{port}");
         let storage = dir.path().join("data");
         let mut config = format!(
-            "version: 0.1\nlog: {{level: error}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: {addr}}}\n",
+            "version: 0.1\nlog: {{level: info}}\nstorage: {{filesystem: {{rootdirectory: {}}}}}\nhttp: {{addr: {addr}}}\n",
             storage.display()
         );
         if let Some(h) = htpasswd {
@@ -419,6 +419,68 @@ impl Registry {
             process: Process::Script,
             dir,
         }
+    }
+
+    /// The registry's log, with one access line per request.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Makes the registry serve `bytes` as a manifest of repository `name` (by digest, and
+    /// as `tag` if given), written straight into its storage, so it can serve what no client
+    /// would push (distribution itself serves no manifest over 4 MiB: see [`FakeRegistry`]).
+    /// The repository must exist (push to it first). Returns the manifest's digest.
+    pub fn plant_manifest(&self, name: &str, tag: Option<&str>, bytes: &[u8]) -> String {
+        let digest = sha256(bytes);
+        let hex = digest.trim_start_matches("sha256:");
+        let write = |path: PathBuf, content: &[u8]| {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        };
+        let v2 = self.storage.join("docker/registry/v2");
+        write(
+            v2.join("blobs/sha256")
+                .join(&hex[..2])
+                .join(hex)
+                .join("data"),
+            bytes,
+        );
+        let manifests = v2.join("repositories").join(name).join("_manifests");
+        let link = digest.as_bytes();
+        write(
+            manifests.join("revisions/sha256").join(hex).join("link"),
+            link,
+        );
+        if let Some(tag) = tag {
+            let tag_dir = manifests.join("tags").join(tag);
+            write(tag_dir.join("current/link"), link);
+            write(tag_dir.join("index/sha256").join(hex).join("link"), link);
+        }
+        digest
+    }
+
+    /// Makes the registry serve `bytes` as a blob of repository `name`, written straight into
+    /// its storage (see [`Registry::plant_manifest`]). Returns its digest.
+    pub fn plant_blob(&self, name: &str, bytes: &[u8]) -> String {
+        let digest = sha256(bytes);
+        let hex = digest.trim_start_matches("sha256:");
+        let v2 = self.storage.join("docker/registry/v2");
+        let data = v2
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data");
+        std::fs::create_dir_all(data.parent().unwrap()).unwrap();
+        std::fs::write(data, bytes).unwrap();
+        let link = v2
+            .join("repositories")
+            .join(name)
+            .join("_layers/sha256")
+            .join(hex)
+            .join("link");
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::fs::write(link, digest.as_bytes()).unwrap();
+        digest
     }
 
     /// What the token server logged: one line per token issued or refused.
@@ -495,4 +557,62 @@ pub fn names(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// A registry that serves fixed manifests by path (`/v2/NAME/manifests/REF`) with their
+/// digest header, and nothing else: for what a real registry would not serve, such as a
+/// manifest over distribution's 4 MiB limit. One request per connection.
+pub struct FakeRegistry {
+    pub addr: String,
+}
+
+impl FakeRegistry {
+    /// Serves each `(path, media type, body)`.
+    pub fn serve(manifests: Vec<(String, String, Vec<u8>)>) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let manifests = std::sync::Arc::new(manifests);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let manifests = manifests.clone();
+                std::thread::spawn(move || Self::answer(stream, &manifests));
+            }
+        });
+        Self { addr }
+    }
+
+    fn answer(mut stream: TcpStream, manifests: &[(String, String, Vec<u8>)]) {
+        use std::io::Read;
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => request.extend_from_slice(&buf[..n]),
+            }
+        }
+        let text = String::from_utf8_lossy(&request);
+        let mut line = text.lines().next().unwrap_or("").split(' ');
+        let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+        let found = manifests.iter().find(|(p, _, _)| p == path);
+        let (status, media, body): (&str, &str, &[u8]) = match (path, found) {
+            ("/v2/", _) => ("200 OK", "application/json", b"{}"),
+            (_, Some((_, media, body))) => ("200 OK", media, body),
+            _ => (
+                "404 Not Found",
+                "application/json",
+                br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}"#,
+            ),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {media}\r\nContent-Length: {}\r\n\
+             Docker-Content-Digest: {}\r\nConnection: close\r\n\r\n",
+            body.len(),
+            sha256(body)
+        );
+        let _ = stream.write_all(head.as_bytes());
+        if method != "HEAD" {
+            let _ = stream.write_all(body);
+        }
+    }
 }
