@@ -133,8 +133,30 @@ fn prepare(req: &ExecRequest) -> Result<(Identity, String), Refusal> {
             126,
         ));
     }
-    let program = find_program(argv0, &req.env)?;
+    let program = match find_program(argv0, &req.env) {
+        Err(refusal) if is_login_shell(req) => {
+            login_shell_fallback(&passwd, who.uid).ok_or(refusal)?
+        }
+        found => found?,
+    };
     Ok((who, program))
+}
+
+/// A login shell is asked for as the host user's shell with `-name` as argv[0].
+fn is_login_shell(req: &ExecRequest) -> bool {
+    req.argv.len() == 1 && req.arg0.as_deref().is_some_and(|a| a.starts_with('-'))
+}
+
+/// The shell to log in with when the host user's shell is not in the image (zsh on the host,
+/// busybox in the machine): the user's shell in the image's passwd, else `/bin/sh`.
+fn login_shell_fallback(passwd: &str, uid: u32) -> Option<String> {
+    let own = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 7 && f[2].parse() == Ok(uid)).then(|| f[6].to_string())
+    });
+    own.into_iter()
+        .chain(["/bin/sh".to_string()])
+        .find(|s| s.starts_with('/') && find_program(s, &[]).is_ok())
 }
 
 /// A pseudo-terminal pair, both ends close-on-exec.
@@ -174,9 +196,14 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
         Ok(p) => p,
         Err((message, code)) => return reply(&writer, error(message, Some(code))),
     };
+    let arg0 = match is_login_shell(&req) && program != req.argv[0] {
+        // The fallback shell, by its own name.
+        true => format!("-{}", program.rsplit('/').next().unwrap_or("sh")),
+        false => req.arg0.clone().unwrap_or_else(|| req.argv[0].clone()),
+    };
     let mut cmd = Command::new(&program);
     cmd.args(&req.argv[1..])
-        .arg0(req.arg0.as_deref().unwrap_or(&req.argv[0]))
+        .arg0(&arg0)
         .env_clear()
         .current_dir(&req.cwd);
     for e in &req.env {
@@ -377,6 +404,28 @@ mod tests {
             gid,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_login_shell_missing_from_the_image_falls_back_to_one_it_has() {
+        let mut login = req(None, Some(1000), None);
+        login.argv = vec!["/bin/zsh-not-here".into()];
+        login.arg0 = Some("-zsh-not-here".into());
+        assert!(is_login_shell(&login));
+        // This host has /bin/sh: the passwd shell if runnable, else /bin/sh.
+        assert_eq!(
+            login_shell_fallback(PASSWD, 1000).as_deref(),
+            Some("/bin/sh")
+        );
+        let odd = "alice:x:1000:1000::/home/alice:/nonexistent/shell\n";
+        assert_eq!(login_shell_fallback(odd, 1000).as_deref(), Some("/bin/sh"));
+        // A plain command is not a login shell: its absence is reported, not replaced.
+        let mut plain = login.clone();
+        plain.arg0 = None;
+        assert!(!is_login_shell(&plain));
+        plain.argv.push("-c".into());
+        plain.arg0 = Some("-x".into());
+        assert!(!is_login_shell(&plain));
     }
 
     #[test]

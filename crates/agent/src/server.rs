@@ -137,14 +137,50 @@ fn shutdown(signal: Option<i32>, timeout_ms: u64, writer: &Writer) -> std::io::R
     let init = std::fs::canonicalize("/proc/1/exe").unwrap_or_default();
     let sig = stop_signal(&init.to_string_lossy(), signal);
     log!("stopping: signal {sig} to init, power off forced after {timeout_ms} ms");
+    let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
+    reply(writer, Message::Done)?;
+    if !wait_until_init_catches(sig, deadline) {
+        log!("init has no handler for signal {sig}; sending it anyway");
+    }
     if let Err(e) = sys::kill_raw(1, sig) {
         log!("signalling init failed: {e}");
     }
-    reply(writer, Message::Done)?;
-    std::thread::sleep(Duration::from_millis(timeout_ms));
+    std::thread::sleep(deadline.saturating_duration_since(std::time::Instant::now()));
     log!("init did not stop the machine in time; powering off");
     sys::power_off();
     Ok(())
+}
+
+/// Waits until init takes `sig`, at most until `deadline`; true if it does. The kernel
+/// drops a signal sent to PID 1 that neither has a handler for it nor blocks it (systemd and
+/// busybox init block theirs and read them with signalfd or sigtimedwait), and systemd sets
+/// this up a few seconds into boot: a stop right after start would otherwise be lost and
+/// end, after the whole timeout, in a forced power-off.
+fn wait_until_init_catches(sig: i32, deadline: std::time::Instant) -> bool {
+    loop {
+        let status = std::fs::read_to_string("/proc/1/status").unwrap_or_default();
+        if catches(&status, sig) {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Whether a `/proc/PID/status` text says the process catches or blocks `sig` (`SigCgt`,
+/// `SigBlk`): either way the kernel keeps the signal for it.
+fn catches(status: &str, sig: i32) -> bool {
+    let mask = |field: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .unwrap_or(0)
+    };
+    let taken = mask("SigCgt:") | mask("SigBlk:");
+    (1..=64).contains(&sig) && taken & (1u64 << (sig - 1)) != 0
 }
 
 /// The signal that stops an init cleanly: the caller's, else by kind. systemd's SIGRTMIN+3
@@ -168,6 +204,21 @@ fn stop_signal(init: &str, requested: Option<i32>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caught_signals_are_read_from_the_status_mask() {
+        // SIGUSR2 (12) and SIGRTMIN+4 (38 on Linux) caught; SIGWINCH (28) not.
+        let status = "Name:\tinit\nSigIgn:\t0000000000000000\nSigCgt:\t0000002000000800\n";
+        assert!(catches(status, libc::SIGUSR2));
+        assert!(catches(status, 38));
+        assert!(!catches(status, libc::SIGWINCH));
+        // Blocked, to be read with signalfd: kept too.
+        let blocked = "SigBlk:\t0000000000000800\nSigCgt:\t0000000000000000\n";
+        assert!(catches(blocked, libc::SIGUSR2));
+        assert!(!catches(blocked, libc::SIGTERM));
+        assert!(!catches("garbage", libc::SIGUSR2));
+        assert!(!catches(status, 0));
+    }
 
     #[test]
     fn each_init_gets_its_power_off_signal() {

@@ -38,6 +38,33 @@ fn quickstart_and_host_integration_on_busybox() {
     );
     let pwd = alice.cli_ok_in(&service, &project, &["machine", "run", "-n", "dev", "pwd"]);
     assert_eq!(pwd.trim(), project.display().to_string());
+    // No command: a login shell. The host user's bash is not in this image: its sh is used.
+    let mut shell = alice
+        .command(&service, &project, &["machine", "run", "-n", "dev", "-i"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    shell
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo shell=$0 dir=$(pwd)\n")
+        .unwrap();
+    let out = shell.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text.trim(),
+        format!("shell=-sh dir={}", project.display()),
+        "a login shell in the caller's directory"
+    );
     alice.cli_ok(&service, &["machine", "set-default", "dev"]);
     let ls = alice.cli_ok(&service, &["m", "ls"]);
     let header: Vec<&str> = ls.lines().next().unwrap().split_whitespace().collect();

@@ -165,6 +165,11 @@ fn the_host_user_takes_uid_1000_from_the_images_account() {
             "none",
         ],
     );
+    // A stop right after the boot, before systemd has set up its signals, still lets
+    // systemd power the machine off rather than the timeout force it.
+    user.cli_ok(&service, &["machine", "stop", "collide"]);
+    let console = user.cli_ok(&service, &["machine", "logs", "collide"]);
+    assert!(!console.contains(FORCED), "{console}");
     let id = user.cli_ok(&service, &["machine", "run", "-n", "collide", "id"]);
     assert!(id.contains(&format!("uid=1000({})", user.name)), "{id}");
     user.cli_ok(
@@ -208,6 +213,12 @@ fn create_user_script_replaces_the_built_in_setup() {
         &service,
         &["machine", "create", &image, "--name", "scripted"],
     );
+    // A stop right after the boot, before systemd has its signal handlers, still powers the
+    // machine off cleanly rather than after the timeout by force.
+    alice.cli_ok(&service, &["machine", "stop", "scripted"]);
+    let console = alice.cli_ok(&service, &["machine", "logs", "scripted"]);
+    assert!(!console.contains(FORCED), "{console}");
+    alice.cli_ok(&service, &["machine", "start", "scripted"]);
     let env = alice.cli_ok(
         &service,
         &[

@@ -119,11 +119,14 @@ fn window_size() -> Option<(u16, u16)> {
 pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
     let name = super::resolve_name(client, args.name.clone()).await?;
     let shell = args.command.is_empty();
-    let tty = args.tty || shell;
+    let on_terminal = std::io::stdin().is_terminal();
+    // A shell gets a terminal when there is one; with `-i` and none, it reads its commands
+    // from stdin (`container machine run -i < script`), as over ssh.
+    let tty = args.tty || (shell && (on_terminal || !args.interactive));
     let interactive = args.interactive || shell;
-    if tty && !std::io::stdin().is_terminal() && shell {
+    if tty && !on_terminal && shell {
         anyhow::bail!(
-            "an interactive shell needs a terminal; give a command to run, e.g. `container machine run -n {name} uname -a`"
+            "an interactive shell needs a terminal; give a command to run (e.g. `container machine run -n {name} uname -a`), or -i to feed the shell from stdin"
         );
     }
     let size = if tty { window_size() } else { None };
