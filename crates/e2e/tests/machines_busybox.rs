@@ -429,3 +429,102 @@ fn interrupts_reach_the_command_and_logs_follow_the_console() {
     assert!(seen.is_ok(), "logs -f never showed the marker");
     service.cli_ok(&["machine", "stop", "sig"]);
 }
+
+#[test]
+fn a_read_only_home_and_extra_mounts_behave_as_asked() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let service = Service::start(&config());
+    let alice = TestUser::ensure("ctalice", 1500);
+    let own = |p: &Path| {
+        std::fs::create_dir_all(p).unwrap();
+        nix::unistd::chown(p, Some(alice.uid.into()), Some(alice.gid.into())).unwrap();
+    };
+    let base = tempfile::Builder::new()
+        .prefix("ct-mounts-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (data, refs) = (base.path().join("data"), base.path().join("refs"));
+    own(base.path());
+    own(&data.join("sub"));
+    own(&refs);
+    std::fs::write(refs.join("readme"), "reference\n").unwrap();
+    std::fs::write(alice.home.join("dotfile"), "from the host\n").unwrap();
+    let (data_arg, refs_arg) = (
+        format!("{}:/data", data.display()),
+        format!("{}:/refs:ro", refs.display()),
+    );
+    alice.cli_ok(
+        &service,
+        &[
+            "machine",
+            "create",
+            &image,
+            "--name",
+            "mounts",
+            "--home-mount",
+            "ro",
+            "--mount",
+            &data_arg,
+            "--mount",
+            &refs_arg,
+        ],
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["machine", "run", "-n", "mounts"];
+        all.extend_from_slice(args);
+        alice.cli(&service, &all)
+    };
+    // The home is the host's, read-only.
+    let seen = run(&["cat", "dotfile"]);
+    assert_eq!(String::from_utf8_lossy(&seen.stdout), "from the host\n");
+    let write_home = run(&["sh", "-c", "echo x > new-in-home"]);
+    assert!(!write_home.status.success(), "the home is read-only");
+    assert!(!alice.home.join("new-in-home").exists());
+    // A read-write mount: what the machine writes lands on the host, owned by the user.
+    let wrote = run(&["sh", "-c", "echo inside > /data/sub/made"]);
+    assert!(wrote.status.success(), "{wrote:?}");
+    let made = data.join("sub/made");
+    assert_eq!(std::fs::read_to_string(&made).unwrap(), "inside\n");
+    assert_eq!(std::fs::metadata(&made).unwrap().uid(), alice.uid);
+    // `run` from inside a mounted directory lands at its guest path.
+    let pwd = alice.cli_ok_in(
+        &service,
+        &data.join("sub"),
+        &["machine", "run", "-n", "mounts", "pwd"],
+    );
+    assert_eq!(pwd.trim(), "/data/sub");
+    // A read-only mount.
+    assert_eq!(
+        String::from_utf8_lossy(&run(&["cat", "/refs/readme"]).stdout),
+        "reference\n"
+    );
+    assert!(!run(&["sh", "-c", "echo x > /refs/other"]).status.success());
+    assert!(!refs.join("other").exists());
+
+    // home-mount changes at the next start, and `set` says so.
+    let set = alice.cli(
+        &service,
+        &["machine", "set", "-n", "mounts", "home-mount=rw"],
+    );
+    assert!(set.status.success());
+    let note = String::from_utf8_lossy(&set.stderr);
+    assert!(
+        note.contains("take effect after stopping and starting"),
+        "{note}"
+    );
+    alice.cli_ok(&service, &["machine", "stop", "mounts"]);
+    alice.cli_ok(&service, &["machine", "start", "mounts"]);
+    assert!(run(&["sh", "-c", "echo x > new-in-home"]).status.success());
+    assert_eq!(
+        std::fs::metadata(alice.home.join("new-in-home"))
+            .unwrap()
+            .uid(),
+        alice.uid
+    );
+    std::fs::remove_file(alice.home.join("new-in-home")).unwrap();
+    alice.cli_ok(&service, &["machine", "rm", "-f", "mounts"]);
+}
