@@ -14,7 +14,9 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 if [ -z "${CONTAINER_DEMO_NETNS:-}" ]; then
   scripts/install-deps.sh
-  scripts/build.sh
+  # Release binaries: the main job is what a user runs (a dev-built service pulls and
+  # unpacks images several times slower).
+  PROFILE=release scripts/build.sh
   image_name=${DEMO_IMAGE:-debian}
   echo "== building the $image_name test image (cached after the first run)"
   layout=$(tests/images/build.sh "$image_name" | tail -n 1)

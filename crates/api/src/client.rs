@@ -255,6 +255,11 @@ pub fn body_stream(response: Response<Incoming>) -> impl Stream<Item = std::io::
     BodyStream::new(response.into_body()).filter_map(|frame| async move {
         match frame {
             Ok(frame) => frame.into_data().ok().map(Ok),
+            // The service went away mid-answer (stopped or killed): say so, not how.
+            Err(e) if e.is_incomplete_message() => Some(Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the service closed the connection before its answer was complete (did it stop? see `container system status`); run the command again",
+            ))),
             Err(e) => Some(Err(std::io::Error::other(e))),
         }
     })
