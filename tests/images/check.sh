@@ -128,6 +128,18 @@ for name in "${names[@]}"; do
     check "nginx: nginx installed" test -x "$root/usr/sbin/nginx"
     check "nginx: nginx.service disabled" test ! -e "$root/etc/systemd/system/multi-user.target.wants/nginx.service"
     ;;
+  openrc)
+    check "openrc: /sbin/init is openrc-init" test "$(readlink "$root/sbin/init")" = openrc-init
+    check "openrc: no systemd" test ! -e "$root/lib/systemd/systemd"
+    check "openrc: no StopSignal" test "$(field "$cfg" 'j.get("StopSignal")')" = None
+    check "openrc: sudo, ps, rc-status, rc-service installed" test -x "$root/usr/bin/sudo" -a \
+      -x "$root/usr/bin/ps" -a -x "$root/usr/bin/rc-status" -a -x "$root/usr/sbin/rc-service"
+    check "openrc: no getty or network service in a runlevel" bash -c \
+      "! ls '$root'/etc/runlevels/*/ | grep -Eq '^(agetty|getty|net\\.|networking)'"
+    check "openrc: sudo in default, stopmark in no runlevel" bash -c \
+      "[ -L '$root/etc/runlevels/default/sudo' ] && ! ls '$root'/etc/runlevels/*/stopmark 2>/dev/null"
+    check "openrc: no apt lists" bash -c "[ -z \"\$(ls -A '$root/var/lib/apt/lists' | grep -v -e lock -e partial)\" ]"
+    ;;
   esac
   rm -rf --one-file-system "$root" "$tmp/copy-$name"
 done

@@ -189,14 +189,22 @@ fn catches(status: &str, sig: i32) -> bool {
 fn stop_signal(init: &str, requested: Option<i32>) -> i32 {
     let name = init.rsplit('/').next().unwrap_or_default();
     let systemd = name.contains("systemd");
+    // openrc-init (0.45, Debian 12's, to its current source) halts on TERM and PWR
+    // (reboot(RB_HALT_SYSTEM), after killing every process, this agent included, so nothing
+    // forces the VM off before the host's own timeout) and powers off only through its
+    // control FIFO. INT runs the same shutdown and reboots, which QEMU's -no-reboot turns
+    // into an exit: a clean stop.
+    let openrc = name == "openrc-init";
     let rtmin = libc::SIGRTMIN();
     match requested {
         Some(s) if systemd && s == rtmin + 3 => rtmin + 4,
+        Some(s) if openrc && (s == libc::SIGTERM || s == libc::SIGPWR) => libc::SIGINT,
         Some(s) => s,
         None if systemd => rtmin + 4,
         // busybox init: USR1 halts, USR2 powers off, TERM reboots.
         None if name == "busybox" => libc::SIGUSR2,
-        // openrc-init powers off on TERM (and RTMIN+4); sysvinit and others get TERM too.
+        None if openrc => libc::SIGINT,
+        // sysvinit and others.
         None => libc::SIGTERM,
     }
 }
@@ -229,7 +237,19 @@ mod tests {
             rtmin + 4
         );
         assert_eq!(stop_signal("/bin/busybox", None), libc::SIGUSR2);
-        assert_eq!(stop_signal("/sbin/openrc-init", None), libc::SIGTERM);
+        assert_eq!(stop_signal("/sbin/openrc-init", None), libc::SIGINT);
+        // openrc-init's halt signals would leave a halted VM: they become its reboot one.
+        for halt in [libc::SIGTERM, libc::SIGPWR] {
+            assert_eq!(
+                stop_signal("/usr/sbin/openrc-init", Some(halt)),
+                libc::SIGINT
+            );
+        }
+        assert_eq!(
+            stop_signal("/usr/sbin/openrc-init", Some(libc::SIGUSR1)),
+            libc::SIGUSR1
+        );
+        assert_eq!(stop_signal("/sbin/init", None), libc::SIGTERM);
         assert_eq!(
             stop_signal("/bin/busybox", Some(libc::SIGTERM)),
             libc::SIGTERM
