@@ -168,8 +168,21 @@ pub fn run() -> Result<Infallible> {
         sys::boot_time()
     );
     sys::reset_signals();
-    let err = nix::unistd::execv(&argv[0], &argv).unwrap_err();
+    let err = nix::unistd::execve(&argv[0], &argv, &init_env()).unwrap_err();
     Err(anyhow!(err).context(format!("starting {}", init[0])))
+}
+
+/// The environment init starts with: the kernel's (`HOME`, `TERM`) plus a `PATH`, which the
+/// kernel does not give and inits that run scripts before setting their own need (openrc-init
+/// stopped early finds no `openrc` without it).
+fn init_env() -> Vec<CString> {
+    let mut env: Vec<String> = std::env::vars().map(|(k, v)| format!("{k}={v}")).collect();
+    if !env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    }
+    env.into_iter()
+        .filter_map(|e| CString::new(e).ok())
+        .collect()
 }
 
 fn set_clock(unix_ns: u64) -> nix::Result<()> {

@@ -139,8 +139,9 @@ fn shutdown(signal: Option<i32>, timeout_ms: u64, writer: &Writer) -> std::io::R
     log!("stopping: signal {sig} to init, power off forced after {timeout_ms} ms");
     let deadline = std::time::Instant::now() + Duration::from_millis(timeout_ms);
     reply(writer, Message::Done)?;
-    if !wait_until_init_catches(sig, deadline) {
-        log!("init has no handler for signal {sig}; sending it anyway");
+    let ready_by = deadline.min(std::time::Instant::now() + READY_LIMIT);
+    if !wait_until_init_takes(sig, ready_by) {
+        log!("init shows no handler for signal {sig}; sending it anyway");
     }
     if let Err(e) = sys::kill_raw(1, sig) {
         log!("signalling init failed: {e}");
@@ -151,15 +152,20 @@ fn shutdown(signal: Option<i32>, timeout_ms: u64, writer: &Writer) -> std::io::R
     Ok(())
 }
 
+/// How long a stop waits at most for init to be ready for its signal.
+const READY_LIMIT: Duration = Duration::from_secs(10);
+
 /// Waits until init takes `sig`, at most until `deadline`; true if it does. The kernel
-/// drops a signal sent to PID 1 that neither has a handler for it nor blocks it (systemd and
-/// busybox init block theirs and read them with signalfd or sigtimedwait), and systemd sets
-/// this up a few seconds into boot: a stop right after start would otherwise be lost and
-/// end, after the whole timeout, in a forced power-off.
-fn wait_until_init_catches(sig: i32, deadline: std::time::Instant) -> bool {
+/// drops a signal sent to PID 1 that neither has a handler for it nor blocks it, and systemd
+/// sets up its signalfd seconds into boot: a stop right after start would otherwise be lost
+/// and end, after the whole timeout, in a forced power-off. Inits that wait in
+/// sigtimedwait (busybox) show their signals neither caught nor blocked while they wait (the
+/// kernel lifts the block for the call), so sleeping there counts as ready too.
+fn wait_until_init_takes(sig: i32, deadline: std::time::Instant) -> bool {
     loop {
         let status = std::fs::read_to_string("/proc/1/status").unwrap_or_default();
-        if catches(&status, sig) {
+        let wchan = std::fs::read_to_string("/proc/1/wchan").unwrap_or_default();
+        if catches(&status, sig) || wchan.contains("sigtimedwait") {
             return true;
         }
         if std::time::Instant::now() >= deadline {
