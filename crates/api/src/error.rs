@@ -59,6 +59,19 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error whose message is `error` and all its causes, joined by `: `: API errors
+    /// travel as one sentence, so the chain is spelled out once, here.
+    pub fn with_chain(kind: ErrorKind, error: &dyn std::error::Error) -> Self {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        Self::new(kind, message)
+    }
+
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,

@@ -41,15 +41,7 @@ pub(super) fn api_error(e: ImageError) -> ApiError {
                 ErrorKind::Internal
             }
         };
-        // The whole chain, once: API errors travel as one sentence.
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        ApiError::new(kind, message)
+        ApiError::with_chain(kind, &e)
     }
 }
 

@@ -531,21 +531,15 @@ impl From<NetworkError> for container_api::ApiError {
     fn from(e: NetworkError) -> Self {
         use container_api::ErrorKind;
         let kind = match &e {
-            NetworkError::Exhausted { .. } | NetworkError::Overlap { .. } => ErrorKind::Conflict,
-            NetworkError::BridgeNameTaken { .. } => ErrorKind::Conflict,
+            NetworkError::Exhausted { .. }
+            | NetworkError::Overlap { .. }
+            | NetworkError::BridgeNameTaken { .. } => ErrorKind::Conflict,
             NetworkError::InvalidSubnet(_) | NetworkError::InvalidBridgeName(_) => {
                 ErrorKind::InvalidArgument
             }
             _ => ErrorKind::Internal,
         };
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        container_api::ApiError::new(kind, message)
+        container_api::ApiError::with_chain(kind, &e)
     }
 }
 

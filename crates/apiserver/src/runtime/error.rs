@@ -121,14 +121,7 @@ impl RuntimeError {
 /// The message with its causes, printed once.
 impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> Self {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        ApiError::new(e.kind(), message)
+        ApiError::with_chain(e.kind(), &e)
     }
 }
 
