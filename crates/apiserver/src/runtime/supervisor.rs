@@ -608,6 +608,12 @@ fn cleanup(run: &RunState, machine_dir: &Path) {
     for h in &run.helpers {
         h.kill();
     }
+    // A machine is stopped only once nothing of it runs: wait for the kills to land (a
+    // process with many threads takes a moment to die), bounded in case one is stuck.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (run.qemu.alive() || run.helpers.iter().any(|h| h.alive())) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let _ = std::fs::remove_dir_all(&run.run_dir);
     let _ = std::fs::remove_file(machine_dir.join(RUN_FILE));
     console::write_boot_log(machine_dir);
