@@ -432,6 +432,10 @@ impl Drop for Service {
     }
 }
 
+/// What the guest agent prints on the console when init ignored the stop signal and the
+/// timeout ran out: a clean stop never shows it.
+pub const FORCED_POWER_OFF: &str = "init did not stop the machine in time";
+
 /// The last `n` lines of a text.
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();

@@ -5,7 +5,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use container_e2e::{Registry, Service, TestUser, is_root, kernel_config, require, test_image};
+use container_e2e::{
+    FORCED_POWER_OFF, Registry, Service, TestUser, is_root, kernel_config, require, test_image,
+};
 
 fn config() -> String {
     format!(
@@ -330,7 +332,7 @@ fn stop_is_clean_and_forced_only_when_init_ignores_the_signal() {
     service.cli_ok(&["machine", "stop", "stopper"]);
     let console = service.cli_ok(&["machine", "logs", "stopper"]);
     assert!(console.contains("stopping: signal"), "{console}");
-    assert!(!console.contains(FORCED), "{console}");
+    assert!(!console.contains(FORCED_POWER_OFF), "{console}");
 
     // A signal init ignores (PID 1 gets no signal it has no handler for): forced off
     // after --time, and the command still succeeds with the machine stopped.
@@ -344,7 +346,7 @@ fn stop_is_clean_and_forced_only_when_init_ignores_the_signal() {
         "the timeout was honoured"
     );
     let console = service.cli_ok(&["machine", "logs", "stopper"]);
-    assert!(console.contains(FORCED), "{console}");
+    assert!(console.contains(FORCED_POWER_OFF), "{console}");
     assert!(service.cli_ok(&["m", "ls"]).contains("stopped"));
     assert_eq!(
         service
@@ -356,9 +358,6 @@ fn stop_is_clean_and_forced_only_when_init_ignores_the_signal() {
     assert!(bad.contains("invalid signal"), "{bad}");
     service.cli_ok(&["machine", "stop", "stopper"]);
 }
-
-/// What the agent prints when init ignored the stop signal and the timeout ran out.
-const FORCED: &str = "init did not stop the machine in time";
 
 #[test]
 fn interrupts_reach_the_command_and_logs_follow_the_console() {

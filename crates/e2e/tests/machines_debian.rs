@@ -6,7 +6,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use container_e2e::{
-    Registry, Service, TestUser, is_root, kernel_config, require, run_ok, test_image,
+    FORCED_POWER_OFF, Registry, Service, TestUser, is_root, kernel_config, require, run_ok,
+    test_image,
 };
 
 fn config() -> String {
@@ -138,11 +139,8 @@ fn systemd_sudo_and_a_login_shell() {
     // systemd powered the machine off itself: the agent never had to force it.
     let console = alice.cli_ok(&service, &["machine", "logs", "deb"]);
     assert!(console.contains("stopping: signal"), "{console}");
-    assert!(!console.contains(FORCED), "{console}");
+    assert!(!console.contains(FORCED_POWER_OFF), "{console}");
 }
-
-/// What the agent prints when init ignored the stop signal and the timeout ran out.
-const FORCED: &str = "init did not stop the machine in time";
 
 #[test]
 fn the_host_user_takes_uid_1000_from_the_images_account() {
@@ -169,7 +167,7 @@ fn the_host_user_takes_uid_1000_from_the_images_account() {
     // systemd power the machine off rather than the timeout force it.
     user.cli_ok(&service, &["machine", "stop", "collide"]);
     let console = user.cli_ok(&service, &["machine", "logs", "collide"]);
-    assert!(!console.contains(FORCED), "{console}");
+    assert!(!console.contains(FORCED_POWER_OFF), "{console}");
     let id = user.cli_ok(&service, &["machine", "run", "-n", "collide", "id"]);
     assert!(id.contains(&format!("uid=1000({})", user.name)), "{id}");
     user.cli_ok(
@@ -217,7 +215,7 @@ fn create_user_script_replaces_the_built_in_setup() {
     // machine off cleanly rather than after the timeout by force.
     alice.cli_ok(&service, &["machine", "stop", "scripted"]);
     let console = alice.cli_ok(&service, &["machine", "logs", "scripted"]);
-    assert!(!console.contains(FORCED), "{console}");
+    assert!(!console.contains(FORCED_POWER_OFF), "{console}");
     alice.cli_ok(&service, &["machine", "start", "scripted"]);
     let env = alice.cli_ok(
         &service,

@@ -5,17 +5,17 @@
 
 use std::time::{Duration, Instant};
 
-use container_e2e::{Registry, Service, TestUser, is_root, kernel_config, require, test_image};
+use container_e2e::{
+    FORCED_POWER_OFF, Registry, Service, TestUser, is_root, kernel_config, require, test_image,
+};
 
 fn config() -> String {
     format!("[machine]\ncpus = 2\nmemory = \"1G\"\n{}", kernel_config())
 }
 
-/// What the agent prints when init ignored the stop signal and the timeout ran out.
-const FORCED: &str = "init did not stop the machine in time";
 /// What the service logs when a machine outlived the stop timeout (or the agent never took
 /// the request). openrc-init kills every process, the agent included, before it halts or
-/// reboots, so a machine left halted shows up here, never as `FORCED` on the console.
+/// reboots, so a machine left halted shows up here, never as `FORCED_POWER_OFF` on the console.
 const HOST_FORCED: &str = "forcing";
 /// The kernel's last line when init halted instead of powering off or rebooting: the VM
 /// would sit there until the service forces it off.
@@ -44,7 +44,7 @@ fn stop_cleanly(user: &TestUser, service: &Service, name: &str) -> String {
         .unwrap_or_else(|| panic!("the agent sent no stop signal:\n{console}"));
     // openrc-init's own shutdown (the runlevel, then the final signals) took it down.
     assert!(after.contains("Sending the final term signal"), "{console}");
-    assert!(!console.contains(FORCED), "{console}");
+    assert!(!console.contains(FORCED_POWER_OFF), "{console}");
     assert!(!console.contains(HALTED), "init halted the VM:\n{console}");
     let log = service.log();
     assert!(
