@@ -267,6 +267,50 @@ pub struct Service {
     /// Whether the service runs in [`netns`] (else on the host's network: only for a service
     /// that boots no machine, such as the one installing the test kernel).
     isolated: bool,
+    /// This test's turn at [`netns`], held while the service lives.
+    _turn: Option<Turn>,
+}
+
+/// One test at a time runs services in [`netns`], whatever `--test-threads` says: they share
+/// its machine bridge and NAT table (two services there would race to make them and take
+/// them down under each other), and VMs emulated side by side on a small host time out.
+/// A test thread may hold several turns (a second service in the same test); others wait.
+#[derive(Debug)]
+struct Turn {
+    owner: std::thread::ThreadId,
+}
+
+static TURN: std::sync::Mutex<Option<(std::thread::ThreadId, usize)>> = std::sync::Mutex::new(None);
+static TURN_FREED: std::sync::Condvar = std::sync::Condvar::new();
+
+impl Turn {
+    fn take() -> Self {
+        let me = std::thread::current().id();
+        let mut held = TURN.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            match *held {
+                None => *held = Some((me, 1)),
+                Some((owner, n)) if owner == me => *held = Some((me, n + 1)),
+                Some(_) => {
+                    held = TURN_FREED.wait(held).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+            }
+            return Self { owner: me };
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut held = TURN.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((owner, n)) = *held
+            && owner == self.owner
+        {
+            *held = (n > 1).then_some((owner, n - 1));
+        }
+        TURN_FREED.notify_all();
+    }
 }
 
 impl Service {
@@ -302,6 +346,7 @@ impl Service {
         // Let non-root test users reach the socket.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _turn = isolated.then(Turn::take);
         let service = Self {
             dir,
             root,
@@ -310,6 +355,7 @@ impl Service {
             config: config_path,
             process: std::sync::Mutex::new(None),
             isolated,
+            _turn,
         };
         service.launch();
         service

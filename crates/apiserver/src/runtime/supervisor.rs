@@ -415,6 +415,7 @@ impl Supervisor {
                     }
                 }
             }
+            tracing::debug!(machine = %vm.run.id, "the VMM exited; cleaning up");
             let cleaned = vm.clone();
             let _ = tokio::task::spawn_blocking(move || {
                 cleanup(&cleaned.run, &cleaned.machine_dir);
@@ -498,6 +499,7 @@ impl Supervisor {
         .await
         {
             Ok(Ok(())) => {
+                tracing::debug!(machine = %id, "the guest agent took the stop request");
                 if vm.stopped_within(timeout + STOP_GRACE).await {
                     return Ok(());
                 }
