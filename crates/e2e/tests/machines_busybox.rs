@@ -311,7 +311,7 @@ fn images_without_init_are_refused_at_create() {
 }
 
 #[test]
-fn stop_is_clean_and_forced_only_when_init_ignores_the_signal() {
+fn stop_is_clean_forced_only_when_init_ignores_the_signal_and_reboot_boots_again() {
     if !require(is_root(), "the service runs as root") {
         return;
     }
@@ -354,6 +354,63 @@ fn stop_is_clean_and_forced_only_when_init_ignores_the_signal() {
             .trim(),
         "kept"
     );
+
+    // `reboot` inside boots the machine again, as on any machine: QEMU runs with
+    // -no-reboot, so the VM ends and the service starts it anew, with nobody calling
+    // `start` (a `run` would boot a stopped machine itself, so none is made until then).
+    let inspect = || -> serde_json::Value {
+        let all: serde_json::Value = serde_json::from_str(
+            &service.cli_ok(&["machine", "inspect", "stopper", "--format", "json"]),
+        )
+        .unwrap();
+        all[0].clone()
+    };
+    let boot_id = || {
+        service
+            .cli_ok(&[
+                "machine",
+                "run",
+                "-n",
+                "stopper",
+                "cat",
+                "/proc/sys/kernel/random/boot_id",
+            ])
+            .trim()
+            .to_string()
+    };
+    let before = (boot_id(), inspect()["started"].clone());
+    service.cli_ok(&["machine", "run", "-n", "stopper", "-d", "--root", "reboot"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = inspect();
+        if now["state"] == "running" && now["started"] != before.1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the machine did not come back after its reboot: {now}\n{}",
+            container_e2e::tail(
+                &service
+                    .log()
+                    .lines()
+                    .filter(|l| !l.contains("request="))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                20
+            )
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_ne!(boot_id(), before.0, "a fresh boot");
+    let console = service.cli_ok(&["machine", "logs", "--boot", "stopper"]);
+    assert!(console.contains("container-agent"), "{console}");
+    assert_eq!(
+        service
+            .cli_ok(&["machine", "run", "-n", "stopper", "cat", "/root/mark"])
+            .trim(),
+        "kept"
+    );
+
     let bad = service.cli_err(&["machine", "stop", "--signal", "NOPE", "stopper"]);
     assert!(bad.contains("invalid signal"), "{bad}");
     service.cli_ok(&["machine", "stop", "stopper"]);

@@ -433,6 +433,44 @@ impl Core {
         self.machine(&self.state.machines.get(name)?)
     }
 
+    /// Boots machines again whose guest rebooted itself, as `sudo reboot` does on any
+    /// machine: QEMU runs with `-no-reboot`, so a reboot inside ends the VM, and the runtime
+    /// reports it. Runs until the runtime goes away.
+    pub fn follow_reboots(&self) {
+        let core = self.clone();
+        let mut reboots = self.state.vms.reboots();
+        tokio::spawn(async move {
+            loop {
+                match reboots.recv().await {
+                    Ok(name) => core.boot_after_reboot(&name).await,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "missed reboots of machines; they stay stopped");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+
+    async fn boot_after_reboot(&self, name: &str) {
+        let _guard = self.state.locks.lock(name).await;
+        // Removed, or started by someone else, while the guest went down.
+        let Ok(record) = self.state.machines.get(name) else {
+            return;
+        };
+        if self.state.vms.state(name) != MachineState::Stopped {
+            return;
+        }
+        tracing::info!(machine = name, "the guest rebooted; booting it again");
+        if let Err(e) = self.boot(&record).await {
+            tracing::warn!(
+                machine = name,
+                "booting the machine again after its reboot failed: {}",
+                e.message
+            );
+        }
+    }
+
     pub(super) async fn machine_stop(
         &self,
         caller: &Caller,

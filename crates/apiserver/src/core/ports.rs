@@ -133,4 +133,6 @@ pub trait Vms: Send + Sync {
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError>;
     /// The console log (`boot`: the boot log) of a machine.
     fn log_path(&self, name: &str, boot: bool) -> PathBuf;
+    /// Names of running machines that stopped because their guest rebooted itself.
+    fn reboots(&self) -> tokio::sync::broadcast::Receiver<String>;
 }

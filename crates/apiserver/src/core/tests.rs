@@ -40,10 +40,28 @@ impl Images for FakeImages {
     }
 }
 
-#[derive(Default)]
 struct FakeVms {
     running: Mutex<HashMap<String, BootSpec>>,
     calls: Mutex<Vec<String>>,
+    reboots: tokio::sync::broadcast::Sender<String>,
+}
+
+impl Default for FakeVms {
+    fn default() -> Self {
+        FakeVms {
+            running: Default::default(),
+            calls: Default::default(),
+            reboots: tokio::sync::broadcast::channel(4).0,
+        }
+    }
+}
+
+impl FakeVms {
+    /// The guest of a running machine rebooted, as the runtime reports it.
+    fn guest_reboots(&self, name: &str) {
+        self.running.lock().unwrap().remove(name);
+        self.reboots.send(name.to_string()).unwrap();
+    }
 }
 
 #[async_trait]
@@ -117,6 +135,9 @@ impl Vms for FakeVms {
     }
     fn log_path(&self, name: &str, _boot: bool) -> PathBuf {
         PathBuf::from(format!("/logs/{name}"))
+    }
+    fn reboots(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.reboots.subscribe()
     }
 }
 
@@ -554,4 +575,49 @@ async fn an_exhausted_subnet_fails_create_and_leaves_nothing() {
             == 1,
         "no disk made for the refused machine"
     );
+}
+
+#[tokio::test]
+async fn a_machine_whose_guest_rebooted_boots_again_unless_it_is_gone() {
+    let f = fixture();
+    f.core.follow_reboots();
+    for name in ["rb", "gone"] {
+        machine(&f.core, &ROOT, create("busybox", Some(name)))
+            .await
+            .unwrap();
+        machine(&f.core, &ROOT, Request::MachineStart(name.into()))
+            .await
+            .unwrap();
+    }
+    f.core
+        .handle(
+            &ROOT,
+            Request::MachineDelete {
+                name: "gone".into(),
+                force: true,
+            },
+        )
+        .await
+        .unwrap();
+    // Reboots are handled in order: once `rb` runs again, `gone`'s was dealt with.
+    f.vms.guest_reboots("gone");
+    f.vms.guest_reboots("rb");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while f.vms.state("rb") != MachineState::Running && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let calls = f.vms.calls.lock().unwrap().clone();
+    let boots = |name: &str| {
+        calls
+            .iter()
+            .filter(|c| **c == format!("boot {name}"))
+            .count()
+    };
+    assert_eq!(boots("rb"), 2, "{calls:?}");
+    assert_eq!(
+        boots("gone"),
+        1,
+        "a removed machine is not brought back: {calls:?}"
+    );
+    assert_eq!(names(&f.core, &ROOT).await, ["rb"]);
 }

@@ -60,6 +60,16 @@ pub fn write_boot_log(machine_dir: &Path) {
     }
 }
 
+/// What the guest kernel prints last when it reboots (`kernel_restart`), which QEMU's
+/// `-no-reboot` turns into its exit. A panic does not print it: a machine whose init died
+/// stays stopped.
+const REBOOT_LINE: &str = "reboot: Restarting system";
+
+/// Whether the console ends with the guest kernel rebooting.
+pub fn rebooted(machine_dir: &Path) -> bool {
+    tail(&console_path(machine_dir), 3).contains(REBOOT_LINE)
+}
+
 /// The last `n` lines of a log, for errors that point at it.
 pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read(path).unwrap_or_default();
@@ -95,5 +105,27 @@ mod tests {
         assert_eq!(log_path(dir.path(), false), console_path(dir.path()));
         reset(dir.path());
         assert!(!dir.path().join(BOOT).exists());
+    }
+
+    #[test]
+    fn a_reboot_is_told_from_a_power_off_and_a_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let ends = |text: &str| {
+            std::fs::write(console_path(dir.path()), text).unwrap();
+            rebooted(dir.path())
+        };
+        assert!(ends(
+            "init: rebooting\n[   12.3] reboot: Restarting system\n"
+        ));
+        assert!(!ends("[   12.3] reboot: Power down\n"));
+        assert!(!ends(
+            "[    9.1] Kernel panic - not syncing: Attempted to kill init!\n[    9.2] Rebooting in -1 seconds..\n"
+        ));
+        // Only the end counts: an earlier reboot of the same console is not this exit's.
+        assert!(!ends(
+            "reboot: Restarting system\n1\n2\n3\n4\nreboot: Power down\n"
+        ));
+        std::fs::remove_file(console_path(dir.path())).unwrap();
+        assert!(!rebooted(dir.path()));
     }
 }

@@ -149,6 +149,7 @@ impl Runtime {
                 options,
                 vmm,
                 vms: Mutex::new(Default::default()),
+                reboots: tokio::sync::broadcast::channel(16).0,
             }),
         }
     }
@@ -195,6 +196,12 @@ impl Runtime {
     /// after it. True when a running VM was adopted.
     pub fn adopt(&self, machine_dir: &Path) -> bool {
         self.sup.adopt(machine_dir)
+    }
+
+    /// Ids of running VMs that stopped because their guest rebooted (QEMU runs with
+    /// `-no-reboot`): the caller decides whether to boot them again.
+    pub fn reboots(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.sup.reboots.subscribe()
     }
 
     /// [`Runtime::adopt`] for every directory in `machines`; returns the adopted count.
@@ -410,6 +417,9 @@ impl Vms for ServiceVms {
     }
     fn state(&self, name: &str) -> MachineState {
         self.runtime.status(name)
+    }
+    fn reboots(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.runtime.reboots()
     }
     fn started(&self, name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         self.runtime.sup.get(name).map(|v| v.run.started)

@@ -101,6 +101,8 @@ pub(super) struct Supervisor {
     pub options: RuntimeOptions,
     pub vmm: Arc<dyn Vmm>,
     pub vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// Ids of running VMs whose guest rebooted itself (and so exited).
+    pub reboots: tokio::sync::broadcast::Sender<String>,
 }
 
 /// Why one boot attempt failed.
@@ -415,6 +417,8 @@ impl Supervisor {
                     }
                 }
             }
+            // Nobody asked for this exit: the guest powered off, rebooted or died.
+            let unasked = vm.get() == MachineState::Running;
             tracing::debug!(machine = %vm.run.id, "the VMM exited; cleaning up");
             let cleaned = vm.clone();
             let _ = tokio::task::spawn_blocking(move || {
@@ -440,6 +444,10 @@ impl Supervisor {
                 vms.remove(&vm.run.id);
             }
             tracing::info!(machine = %vm.run.id, "machine stopped");
+            if unasked && console::rebooted(&vm.machine_dir) {
+                // Nobody may be listening (a runtime without a service): nothing to do then.
+                let _ = this.reboots.send(vm.run.id.clone());
+            }
         });
     }
 
