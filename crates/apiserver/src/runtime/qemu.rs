@@ -83,7 +83,7 @@ fn cmdline(accel: &Accel, tsc_khz: Option<u64>) -> String {
     // triple fault, which stops the vCPU at once. The kernel's default, the ACPI reset
     // register followed by the keyboard controller, leaves the vCPU spinning on port I/O
     // after the reset request; under emulation that spin holds QEMU's big lock, so its main
-    // loop took 5 to 25 s (4 reboots in 10) to act on the request and exit.
+    // loop took 5 to 25 s (5 reboots in 12) to act on the request and exit.
     let mut line = String::from("console=ttyS0 panic=-1 reboot=t quiet loglevel=4 rw");
     if !accel.kvm {
         // Under emulation on a busy host the kernel's calibration of the TSC against the
