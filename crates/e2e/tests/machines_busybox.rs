@@ -411,6 +411,32 @@ fn stop_is_clean_forced_only_when_init_ignores_the_signal_and_reboot_boots_again
         "kept"
     );
 
+    // A guest kernel that panics (as when init dies) ends the VM for good: no reboot line,
+    // so the machine stays stopped, and its console says why.
+    service.cli_ok(&[
+        "machine",
+        "run",
+        "-n",
+        "stopper",
+        "-d",
+        "--root",
+        "sh",
+        "-c",
+        "echo c > /proc/sysrq-trigger",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while inspect()["state"] != "stopped" {
+        assert!(Instant::now() < deadline, "the panicked machine still runs");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The service acts on a reboot within milliseconds of the exit; give it seconds.
+    std::thread::sleep(Duration::from_secs(3));
+    // Still this boot's console (a new boot starts a new one), and still stopped.
+    let console = service.cli_ok(&["machine", "logs", "stopper"]);
+    assert!(console.contains("Kernel panic"), "{console}");
+    assert_eq!(inspect()["state"], "stopped", "a panic is not a reboot");
+    service.cli_ok(&["machine", "start", "stopper"]);
+
     let bad = service.cli_err(&["machine", "stop", "--signal", "NOPE", "stopper"]);
     assert!(bad.contains("invalid signal"), "{bad}");
     service.cli_ok(&["machine", "stop", "stopper"]);

@@ -149,6 +149,7 @@ impl Runtime {
                 options,
                 vmm,
                 vms: Mutex::new(Default::default()),
+                launching: Mutex::new(Default::default()),
                 reboots: tokio::sync::broadcast::channel(16).0,
             }),
         }
@@ -170,11 +171,18 @@ impl Runtime {
         self.sup.stop(id, signal, timeout).await
     }
 
+    /// A start under way counts from its first step, before the VMM is spawned.
     pub fn status(&self, id: &str) -> MachineState {
-        self.sup
+        let state = self
+            .sup
             .get(id)
             .map(|v| v.get())
-            .unwrap_or(MachineState::Stopped)
+            .unwrap_or(MachineState::Stopped);
+        let launching = self.sup.launching.lock().unwrap_or_else(|p| p.into_inner());
+        match state == MachineState::Stopped && launching.contains(id) {
+            true => MachineState::Starting,
+            false => state,
+        }
     }
 
     /// The running VM, if it is.

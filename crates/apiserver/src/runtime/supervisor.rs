@@ -101,6 +101,9 @@ pub(super) struct Supervisor {
     pub options: RuntimeOptions,
     pub vmm: Arc<dyn Vmm>,
     pub vms: Mutex<HashMap<String, Arc<Vm>>>,
+    /// Ids whose start is under way but whose VMM is not spawned yet (the initramfs, the
+    /// helpers): they count as starting, not stopped.
+    pub launching: Mutex<std::collections::HashSet<String>>,
     /// Ids of running VMs whose guest rebooted itself (and so exited).
     pub reboots: tokio::sync::broadcast::Sender<String>,
 }
@@ -158,6 +161,7 @@ impl Supervisor {
         {
             return Err(RuntimeError::AlreadyRunning(spec.id));
         }
+        let _launching = Launching::new(self, &spec.id);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -582,6 +586,30 @@ async fn ask_shutdown(
         Ok(_) => Ok(()),
         Err(proto::ProtoError::Io(e)) if e.kind() != std::io::ErrorKind::TimedOut => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+/// Marks a start in progress until dropped (the start returned or was cancelled).
+struct Launching<'a> {
+    sup: &'a Supervisor,
+    id: String,
+}
+
+impl<'a> Launching<'a> {
+    fn new(sup: &'a Supervisor, id: &str) -> Self {
+        let mut launching = sup.launching.lock().unwrap_or_else(|p| p.into_inner());
+        launching.insert(id.to_string());
+        Launching {
+            sup,
+            id: id.to_string(),
+        }
+    }
+}
+
+impl Drop for Launching<'_> {
+    fn drop(&mut self) {
+        let mut launching = self.sup.launching.lock().unwrap_or_else(|p| p.into_inner());
+        launching.remove(&self.id);
     }
 }
 
