@@ -264,11 +264,10 @@ pub struct Service {
     pub socket: PathBuf,
     pub config: PathBuf,
     process: std::sync::Mutex<Option<std::process::Child>>,
-    /// Whether the service runs in [`netns`] (else on the host's network: only for a service
-    /// that boots no machine, such as the one installing the test kernel).
-    isolated: bool,
-    /// This test's turn at [`netns`], held while the service lives.
-    _turn: Option<Turn>,
+    /// This test's turn at [`netns`], held while the service lives; none for a service on
+    /// the host's network (only one that boots no machine, such as the one installing the
+    /// test kernel).
+    turn: Option<Turn>,
 }
 
 /// One test at a time runs services in [`netns`], whatever `--test-threads` says: they share
@@ -346,7 +345,7 @@ impl Service {
         // Let non-root test users reach the socket.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let _turn = isolated.then(Turn::take);
+        let turn = isolated.then(Turn::take);
         let service = Self {
             dir,
             root,
@@ -354,8 +353,7 @@ impl Service {
             socket,
             config: config_path,
             process: std::sync::Mutex::new(None),
-            isolated,
-            _turn,
+            turn,
         };
         service.launch();
         service
@@ -370,7 +368,7 @@ impl Service {
             .expect("log file");
         use std::os::unix::process::CommandExt;
         let server = install_bin("container-apiserver");
-        let mut command = match self.isolated {
+        let mut command = match self.turn.is_some() {
             true => in_netns(server),
             false => Command::new(server),
         };
