@@ -60,6 +60,10 @@ fn default_port() -> u32 {
     crate::PORT
 }
 
+fn default_ready_port() -> u32 {
+    crate::READY_PORT
+}
+
 fn default_init() -> Vec<String> {
     vec!["/sbin/init".to_string()]
 }
@@ -84,6 +88,9 @@ pub struct BootConfig {
     pub network: Option<NetConfig>,
     #[serde(default = "default_port")]
     pub vsock_port: u32,
+    /// The host port the agent tells it is ready on.
+    #[serde(default = "default_ready_port")]
+    pub ready_port: u32,
     /// The host's clock at boot; 0 leaves the guest clock alone.
     pub time_unix_ns: u64,
     /// The image's init and its arguments.
@@ -102,6 +109,7 @@ mod tests {
             "network":null,"time_unix_ns":0}"#;
         let cfg: BootConfig = serde_json::from_str(json).unwrap();
         assert_eq!(cfg.vsock_port, crate::PORT);
+        assert_eq!(cfg.ready_port, crate::READY_PORT);
         assert_eq!(cfg.init, vec!["/sbin/init"]);
     }
 

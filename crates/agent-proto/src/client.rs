@@ -3,8 +3,10 @@
 //!
 //! ```no_run
 //! # async fn demo(uds: &std::path::Path) -> Result<(), container_agent_proto::ProtoError> {
-//! use container_agent_proto::{ExecRequest, PORT, client::*};
-//! let ready = wait_ready(uds, PORT, std::time::Instant::now() + std::time::Duration::from_secs(30)).await?;
+//! use container_agent_proto::{ExecRequest, PORT, READY_PORT, client::*};
+//! // Bound before the VM starts; the agent reports to it once it listens.
+//! let ready = ReadyListener::bind(uds, READY_PORT)?;
+//! let readiness = wait_ready(&ready, uds, PORT, std::time::Instant::now() + std::time::Duration::from_secs(30)).await?;
 //! let session = AgentClient::connect(uds, PORT).await?
 //!     .exec(ExecRequest { argv: vec!["echo".into(), "hi".into()], cwd: "/".into(), ..Default::default() })
 //!     .await?;
@@ -361,22 +363,88 @@ impl ExecEvents {
     }
 }
 
-/// Waits until the agent answers a ping, or `deadline`: retries the connection while the
-/// VM boots.
-pub async fn wait_ready(uds: &Path, port: u32, deadline: Instant) -> Result<Readiness, ProtoError> {
-    loop {
-        let attempt = tokio::time::timeout(Duration::from_secs(2), async {
-            AgentClient::connect(uds, port).await?.ping().await
-        })
-        .await;
-        match attempt {
-            Ok(Ok(ready)) => return Ok(ready),
-            Ok(Err(e @ (ProtoError::Refused(_) | ProtoError::Malformed(_)))) => return Err(e),
-            Ok(Err(e)) if Instant::now() >= deadline => return Err(e),
-            Err(_) if Instant::now() >= deadline => return Err(ProtoError::Timeout),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+/// The host's end of the agent's readiness report: a Unix socket at `<uds>_<port>`, where
+/// vhost-device-vsock delivers the connections the guest opens to host port `port`. Bound
+/// before the VM starts; removed when dropped.
+///
+/// The host waits here rather than polling the agent: a host connection that reaches
+/// vhost-device-vsock (0.3) after the guest mapped its memory but before it set up the
+/// device's queues ends the device's worker thread, and every later connection then hangs.
+/// The agent's own connection proves the queues are up.
+#[derive(Debug)]
+pub struct ReadyListener {
+    listener: std::os::unix::net::UnixListener,
+    path: std::path::PathBuf,
+}
+
+impl ReadyListener {
+    /// Binds the socket, replacing a stale one. Needs no async runtime.
+    pub fn bind(uds: &Path, port: u32) -> std::io::Result<Self> {
+        let mut path = uds.as_os_str().to_owned();
+        path.push(format!("_{port}"));
+        let path = std::path::PathBuf::from(path);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = std::os::unix::net::UnixListener::bind(&path)?;
+        listener.set_nonblocking(true)?;
+        Ok(Self { listener, path })
+    }
+
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the agent's [`Message::Ready`] until `deadline`; its version string.
+    /// Connections that say anything else are dropped; an agent of another protocol version
+    /// is an error.
+    pub async fn wait(&self, deadline: Instant) -> Result<String, ProtoError> {
+        let listener = tokio::net::UnixListener::from_std(self.listener.try_clone()?)?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (mut stream, _) = tokio::time::timeout(left, listener.accept())
+                .await
+                .map_err(|_| ProtoError::Timeout)??;
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, read(&mut stream)).await {
+                Err(_) => return Err(ProtoError::Timeout),
+                Ok(Ok(Some(Frame::Message(Message::Ready { version, agent })))) => {
+                    if version != crate::VERSION {
+                        return Err(ProtoError::Refused(format!(
+                            "the agent {agent} speaks protocol version {version}, the service {}: install matching versions",
+                            crate::VERSION
+                        )));
+                    }
+                    return Ok(agent);
+                }
+                Ok(_) => continue,
+            }
         }
     }
+}
+
+impl Drop for ReadyListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Waits until the agent has said it is ready and answers a ping, or `deadline`.
+pub async fn wait_ready(
+    ready: &ReadyListener,
+    uds: &Path,
+    port: u32,
+    deadline: Instant,
+) -> Result<Readiness, ProtoError> {
+    ready.wait(deadline).await?;
+    let left = deadline.saturating_duration_since(Instant::now());
+    tokio::time::timeout(left.max(Duration::from_secs(2)), async {
+        AgentClient::connect(uds, port).await?.ping().await
+    })
+    .await
+    .map_err(|_| ProtoError::Timeout)?
 }
 
 #[cfg(test)]
@@ -596,41 +664,106 @@ mod tests {
         assert!(matches!(err, ProtoError::UnknownKind(0xee)), "{err:?}");
     }
 
+    /// Plays the agent's side of the readiness report: connects to the ready socket and
+    /// sends `m`.
+    async fn report(path: &Path, m: Message) {
+        let mut s = UnixStream::connect(path).await.unwrap();
+        send(&mut s, m).await.unwrap();
+    }
+
     #[tokio::test]
-    async fn wait_ready_retries_until_the_agent_answers() {
+    async fn readiness_waits_for_the_agents_report_before_connecting() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().to_path_buf();
-        let late = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            fake(&path, "OK 7\n", |mut s| async move {
+        let uds = dir.path().join("vsock.sock");
+        let ready = ReadyListener::bind(&uds, 1025).unwrap();
+        assert_eq!(ready.path(), dir.path().join("vsock.sock_1025"));
+        // The device accepts from the start, as vhost-device-vsock does; the report comes late.
+        let reported = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let early = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, e) = (reported.clone(), early.clone());
+        fake(dir.path(), "OK 7\n", move |mut s| {
+            let (r, e) = (r.clone(), e.clone());
+            async move {
+                e.fetch_or(
+                    !r.load(std::sync::atomic::Ordering::SeqCst),
+                    std::sync::atomic::Ordering::SeqCst,
+                );
                 hello(&mut s).await;
                 let _ = read(&mut s).await;
-                let _ = send(
-                    &mut s,
-                    Message::Pong {
-                        uptime_ms: 1500,
-                        init_pid: 1,
-                        init_running: true,
-                    },
-                )
-                .await;
-            })
+                let pong = Message::Pong {
+                    uptime_ms: 1500,
+                    init_pid: 1,
+                    init_running: true,
+                };
+                let _ = send(&mut s, pong).await;
+            }
         });
-        let uds = dir.path().join("vsock.sock");
-        let ready = wait_ready(&uds, 1024, Instant::now() + Duration::from_secs(10))
+        let path = ready.path().to_path_buf();
+        let agent = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            // Whatever else reaches the socket is not a report.
+            report(&path, Message::Ping).await;
+            drop(UnixStream::connect(&path).await.unwrap());
+            reported.store(true, std::sync::atomic::Ordering::SeqCst);
+            let agent = "0.1.0".to_string();
+            report(
+                &path,
+                Message::Ready {
+                    version: crate::VERSION,
+                    agent,
+                },
+            )
+            .await;
+        });
+        let readiness = wait_ready(&ready, &uds, 1024, Instant::now() + Duration::from_secs(10))
             .await
             .unwrap();
         assert_eq!(
-            ready,
+            readiness,
             Readiness {
                 uptime: Duration::from_millis(1500),
                 init_running: true
             }
         );
-        late.await.unwrap();
-        let err = wait_ready(&dir.path().join("nothing.sock"), 1024, Instant::now())
+        assert!(
+            !early.load(std::sync::atomic::Ordering::SeqCst),
+            "the host connected before the agent said it was ready"
+        );
+        agent.await.unwrap();
+        // Nothing more comes: the deadline ends the wait.
+        let err = ready
+            .wait(Instant::now() + Duration::from_millis(100))
             .await
             .unwrap_err();
-        assert!(matches!(err, ProtoError::Io(_)), "{err:?}");
+        assert!(matches!(err, ProtoError::Timeout), "{err:?}");
+        let path = ready.path().to_path_buf();
+        drop(ready);
+        assert!(!path.exists(), "the socket goes with the listener");
+    }
+
+    #[tokio::test]
+    async fn an_agent_of_another_protocol_version_is_refused_at_its_report() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stale socket from a crashed run is replaced.
+        drop(std::os::unix::net::UnixListener::bind(dir.path().join("vsock.sock_1025")).unwrap());
+        let ready = ReadyListener::bind(&dir.path().join("vsock.sock"), 1025).unwrap();
+        let path = ready.path().to_path_buf();
+        tokio::spawn(async move {
+            let agent = "0.0.1".to_string();
+            report(
+                &path,
+                Message::Ready {
+                    version: crate::VERSION + 1,
+                    agent,
+                },
+            )
+            .await;
+        });
+        let err = ready
+            .wait(Instant::now() + Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProtoError::Refused(_)), "{err:?}");
+        assert!(err.to_string().contains("0.0.1"), "{err}");
     }
 }

@@ -3,7 +3,6 @@
 //! [`crate::client`] builds the typed API on these.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -74,20 +73,5 @@ pub async fn call(uds: &Path, port: u32, m: Message) -> Result<Message, ProtoErr
     match read(&mut s).await? {
         Some(Frame::Message(reply)) => Ok(reply),
         other => Err(ProtoError::unexpected(other.as_ref())),
-    }
-}
-
-/// Waits until the agent answers a ping, or `deadline`; returns the `Pong`.
-pub async fn wait_ready(uds: &Path, port: u32, deadline: Instant) -> Result<Message, ProtoError> {
-    loop {
-        let attempt =
-            tokio::time::timeout(Duration::from_secs(2), call(uds, port, Message::Ping)).await;
-        match attempt {
-            Ok(Ok(m @ Message::Pong { .. })) => return Ok(m),
-            Ok(Ok(other)) => return Err(ProtoError::Unexpected(format!("{other:?}"))),
-            Ok(Err(e)) if Instant::now() >= deadline => return Err(e),
-            Err(_) if Instant::now() >= deadline => return Err(ProtoError::Timeout),
-            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
     }
 }

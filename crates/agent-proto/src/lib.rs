@@ -14,6 +14,10 @@
 //! | `SetTime` | — | `Done` or `Error` |
 //! | `Ping` | — | `Pong` |
 //!
+//! The one connection the agent opens itself goes the other way, to the host's
+//! [`READY_PORT`] during boot: it carries a single [`Message::Ready`] once the agent listens,
+//! and only then does the host open sessions (`host::accept_ready`).
+//!
 //! A frame is one kind byte, a big-endian u32 length and the payload ([`frame`]). Frames are
 //! bounded ([`MAX_FRAME`]) and unknown kinds are errors, so garbage from either side ends a
 //! session, never the peer.
@@ -39,6 +43,9 @@ pub use message::{ExecRequest, Message};
 pub const VERSION: u32 = 1;
 /// The vsock port the agent listens on unless the boot config says otherwise.
 pub const PORT: u32 = 1024;
+/// The host port the agent reports its readiness to (guest to host) unless the boot config
+/// says otherwise.
+pub const READY_PORT: u32 = 1025;
 /// The line the agent prints just before it starts the image's init: everything before it in
 /// the console is the boot log.
 pub const INIT_MARKER: &str = "container-agent: starting init";

@@ -45,6 +45,12 @@ pub enum Message {
     },
     /// Host: set the guest's real-time clock.
     SetTime { unix_ns: u64 },
+    /// Agent, alone on the connection it opens to the host's [`crate::READY_PORT`] once it
+    /// listens: the machine's agent is up. The host connects to the agent only after this:
+    /// vhost-device-vsock's worker dies when a host connection reaches it while the guest is
+    /// still setting up the device's queues, and the agent's readiness is the first moment
+    /// the host knows they are set up.
+    Ready { version: u32, agent: String },
     /// Host: readiness probe.
     Ping,
     /// Agent: alive for `uptime_ms`; `init_running` once PID 1 is the image's init.

@@ -1,5 +1,5 @@
-//! The agent daemon: one thread per vsock connection, the versioned hello, then one request
-//! per session: exec ([`crate::exec`]), copy in/out ([`crate::copy`]), shutdown, set time,
+//! The agent daemon: it tells the host it listens ([`report_ready`]), then serves one thread
+//! per vsock connection: the versioned hello, then one request per session: exec ([`crate::exec`]), copy in/out ([`crate::copy`]), shutdown, set time,
 //! ping. A session's failure is logged and ends that session only.
 
 use std::sync::{Arc, Mutex};
@@ -43,6 +43,8 @@ pub fn serve(cfg: &BootConfig) -> ! {
             }
         }
     };
+    let ready_port = cfg.ready_port;
+    std::thread::spawn(move || report_ready(ready_port));
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -59,6 +61,37 @@ pub fn serve(cfg: &BootConfig) -> ! {
         }
     }
 }
+
+/// Tells the host the agent listens: one [`Message::Ready`] on a connection to the host's
+/// `port`. The host opens no session before it (see the message's documentation), so a
+/// report that never arrives leaves the boot to time out: retried while the host's side
+/// may still be coming up, then logged.
+fn report_ready(port: u32) {
+    let mut last = None;
+    for _ in 0..REPORT_ATTEMPTS {
+        let sent =
+            VsockStream::connect_with_cid_port(vsock::VMADDR_CID_HOST, port).and_then(|mut s| {
+                send(
+                    &mut s,
+                    Message::Ready {
+                        version: VERSION,
+                        agent: env!("CARGO_PKG_VERSION").into(),
+                    },
+                )
+            });
+        match sent {
+            Ok(()) => return,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Some(e) = last {
+        log!("cannot tell the host the agent is ready (vsock port {port}): {e}");
+    }
+}
+
+/// Connection attempts of [`report_ready`], 200 ms apart.
+const REPORT_ATTEMPTS: u32 = 50;
 
 fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
     let mut reader = stream.try_clone().map_err(|e| e.to_string())?;

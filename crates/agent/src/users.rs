@@ -278,6 +278,7 @@ mod tests {
             home_mount,
             network: None,
             vsock_port: 1024,
+            ready_port: 1025,
             time_unix_ns: 0,
             init: vec!["/sbin/init".into()],
         }

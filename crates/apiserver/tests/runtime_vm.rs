@@ -235,6 +235,7 @@ impl Fixture {
                 home_mount: proto::HomeMount::None,
                 network: None,
                 vsock_port: proto::PORT,
+                ready_port: proto::READY_PORT,
                 time_unix_ns: 0,
                 init: vec!["/sbin/init".into()],
             },

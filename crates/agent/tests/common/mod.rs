@@ -231,6 +231,8 @@ pub struct Vm {
     _serial: std::sync::MutexGuard<'static, ()>,
     pub dir: tempfile::TempDir,
     pub vsock: PathBuf,
+    /// Where the agent reports it is ready: connect to `vsock` only after it has.
+    pub ready: container_agent_proto::client::ReadyListener,
     qemu: Child,
     helpers: Vec<Child>,
 }
@@ -344,6 +346,7 @@ impl Vm {
                 nameservers: vec!["10.0.2.3".into()],
             }),
             vsock_port: container_agent_proto::PORT,
+            ready_port: container_agent_proto::READY_PORT,
             time_unix_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
@@ -375,6 +378,10 @@ impl Vm {
         assert!(cpio.wait().unwrap().success());
 
         let console = d.join("console.log");
+        let vsock = d.join("vsock.sock");
+        let ready =
+            container_agent_proto::client::ReadyListener::bind(&vsock, container_agent_proto::READY_PORT)
+                .unwrap();
         let mut attempt = 0;
         let (qemu, helpers) = loop {
             attempt += 1;
@@ -397,11 +404,11 @@ impl Vm {
                 let _ = h.wait();
             }
         };
-        let vsock = d.join("vsock.sock");
         Vm {
             _serial: serial,
             dir,
             vsock,
+            ready,
             qemu,
             helpers,
         }

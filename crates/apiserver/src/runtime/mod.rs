@@ -99,7 +99,7 @@ pub struct VmSpec {
     pub cpus: u32,
     pub memory_bytes: u64,
     pub shares: Vec<ShareSpec>,
-    /// The agent's boot config; the runtime fills in `version`, `vsock_port`, `modules`,
+    /// The agent's boot config; the runtime fills in `version`, `vsock_port`, `ready_port`, `modules`,
     /// `shares` and `time_unix_ns`.
     pub boot: proto::BootConfig,
     pub net: Option<NetDevice>,
@@ -352,6 +352,7 @@ impl ServiceVms {
                 },
                 network: guest_net,
                 vsock_port: proto::PORT,
+                ready_port: proto::READY_PORT,
                 time_unix_ns: 0,
                 init: vec!["/sbin/init".into()],
             },

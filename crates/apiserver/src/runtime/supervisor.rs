@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use container_agent_proto as proto;
+use container_agent_proto::client::ReadyListener;
 use container_api::machine::MachineState;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -193,8 +194,8 @@ impl Supervisor {
                 source: std::io::Error::other(e.to_string()),
             })
             .and_then(|r| r);
-        let vm = match launched {
-            Ok(vm) => vm,
+        let (vm, ready) = match launched {
+            Ok(launched) => launched,
             Err(e) => {
                 // No VMM runs, so no watcher will remove the tap.
                 if spec.net.is_some()
@@ -212,37 +213,44 @@ impl Supervisor {
             .insert(spec.id.clone(), vm.clone());
         self.watch(vm.clone());
 
+        // The agent says when it is ready; nothing connects to it before (see
+        // `ReadyListener`). Meanwhile the VM may exit, or stay silent.
         let console = console::console_path(&spec.machine_dir);
         let launched = Instant::now();
         let deadline = launched + self.options.boot_timeout;
+        let agent_socket = vm.agent_socket();
+        let answered = proto::client::wait_ready(&ready, &agent_socket, proto::PORT, deadline);
+        tokio::pin!(answered);
+        let mut check = tokio::time::interval(Duration::from_millis(100));
         loop {
-            if vm.get() == MachineState::Stopped {
-                return Err(Attempt::Failed(RuntimeError::ExitedDuringBoot {
-                    tail: console::tail(&console, 20),
-                    log: console,
-                }));
-            }
-            if may_retry
-                && launched.elapsed() > SILENCE_LIMIT
-                && std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0) == 0
-            {
-                self.force_stop(&vm).await;
-                return Err(Attempt::Silent);
-            }
-            let attempt_until = Instant::now()
-                + Duration::from_secs(2).min(deadline.saturating_duration_since(Instant::now()));
-            match proto::host::wait_ready(&vm.agent_socket(), proto::PORT, attempt_until).await {
-                Ok(_) => break,
-                Err(source) if Instant::now() >= deadline => {
-                    self.force_stop(&vm).await;
-                    return Err(Attempt::Failed(RuntimeError::AgentTimeout {
-                        secs: self.options.boot_timeout.as_secs(),
-                        tail: console::tail(&console, 20),
-                        log: console,
-                        source,
-                    }));
+            tokio::select! {
+                answered = &mut answered => match answered {
+                    Ok(_) => break,
+                    Err(source) => {
+                        self.force_stop(&vm).await;
+                        return Err(Attempt::Failed(RuntimeError::AgentTimeout {
+                            secs: self.options.boot_timeout.as_secs(),
+                            tail: console::tail(&console, 20),
+                            log: console,
+                            source,
+                        }));
+                    }
+                },
+                _ = check.tick() => {
+                    if vm.get() == MachineState::Stopped {
+                        return Err(Attempt::Failed(RuntimeError::ExitedDuringBoot {
+                            tail: console::tail(&console, 20),
+                            log: console,
+                        }));
+                    }
+                    if may_retry
+                        && launched.elapsed() > SILENCE_LIMIT
+                        && std::fs::metadata(&console).map(|m| m.len()).unwrap_or(0) == 0
+                    {
+                        self.force_stop(&vm).await;
+                        return Err(Attempt::Silent);
+                    }
                 }
-                Err(_) => {}
             }
         }
         console::write_boot_log(&spec.machine_dir);
@@ -259,8 +267,9 @@ impl Supervisor {
         Ok(vm.info())
     }
 
-    /// Builds the initramfs, spawns the helpers and the VMM, records them. Blocking.
-    fn launch(&self, spec: &VmSpec) -> Result<Vm, RuntimeError> {
+    /// Builds the initramfs, spawns the helpers and the VMM, records them; the VM and where
+    /// its agent will report ready. Blocking.
+    fn launch(&self, spec: &VmSpec) -> Result<(Vm, ReadyListener), RuntimeError> {
         let o = &self.options;
         let agent = helpers::find_binary(helpers::AGENT, o.helpers.agent.as_deref())?;
         let vsock_bin =
@@ -286,7 +295,8 @@ impl Supervisor {
             .iter()
             .map(|s| (s.tag.clone(), fs_dir.join(format!("{}.sock", s.tag))))
             .collect();
-        for p in [&vhu, &vsock, &control]
+        let ready_path = PathBuf::from(format!("{}_{}", vsock.display(), proto::READY_PORT));
+        for p in [&vhu, &vsock, &ready_path, &control]
             .into_iter()
             .chain(shares.iter().map(|(_, p)| p))
         {
@@ -296,6 +306,7 @@ impl Supervisor {
         let mut boot = spec.boot.clone();
         boot.version = proto::VERSION;
         boot.vsock_port = proto::PORT;
+        boot.ready_port = proto::READY_PORT;
         boot.modules = initrd.modules.clone();
         boot.shares = spec
             .shares
@@ -318,6 +329,8 @@ impl Supervisor {
         })?;
         initramfs::with_boot_config(&initrd.path, &boot_json, &initrd_path)?;
 
+        let ready = ReadyListener::bind(&vsock, proto::READY_PORT)
+            .map_err(RuntimeError::io("listening on", &ready_path))?;
         let log = spec.machine_dir.join(HELPER_LOG);
         let _ = std::fs::remove_file(&log);
         console::reset(&spec.machine_dir);
@@ -386,12 +399,15 @@ impl Supervisor {
             Ok(run)
         })();
         match result {
-            Ok(run) => Ok(Vm {
-                machine_dir: spec.machine_dir.clone(),
-                run,
-                state: watch::Sender::new(MachineState::Starting),
-                children: Mutex::new(std::mem::take(&mut started.children)),
-            }),
+            Ok(run) => Ok((
+                Vm {
+                    machine_dir: spec.machine_dir.clone(),
+                    run,
+                    state: watch::Sender::new(MachineState::Starting),
+                    children: Mutex::new(std::mem::take(&mut started.children)),
+                },
+                ready,
+            )),
             Err(e) => {
                 started.kill_all();
                 let _ = std::fs::remove_dir_all(&run_dir);
@@ -500,28 +516,36 @@ impl Supervisor {
         let Some(vm) = self.get(id) else {
             return Ok(());
         };
-        if vm.get() == MachineState::Stopped {
+        let was = vm.get();
+        if was == MachineState::Stopped {
             return Ok(());
         }
         vm.state.send_replace(MachineState::Stopping);
-        match tokio::time::timeout(
-            Duration::from_secs(5),
-            ask_shutdown(&vm.agent_socket(), signal, timeout),
-        )
-        .await
-        {
-            Ok(Ok(())) => {
-                tracing::debug!(machine = %id, "the guest agent took the stop request");
-                if vm.stopped_within(timeout + STOP_GRACE).await {
-                    return Ok(());
+        if was == MachineState::Starting {
+            // The agent has not said it is ready, so it may not be reached safely (see
+            // `ReadyListener`), and the image's init has at most just started: there is
+            // nothing to stop cleanly yet.
+            tracing::debug!(machine = %id, "stopped while booting; forcing the VM off");
+        } else {
+            match tokio::time::timeout(
+                Duration::from_secs(5),
+                ask_shutdown(&vm.agent_socket(), signal, timeout),
+            )
+            .await
+            {
+                Ok(Ok(())) => {
+                    tracing::debug!(machine = %id, "the guest agent took the stop request");
+                    if vm.stopped_within(timeout + STOP_GRACE).await {
+                        return Ok(());
+                    }
+                    tracing::warn!(machine = %id, "the machine did not power off in time; forcing it off");
                 }
-                tracing::warn!(machine = %id, "the machine did not power off in time; forcing it off");
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(machine = %id, "the guest agent did not take the stop request ({e}); forcing the VM off");
-            }
-            Err(_) => {
-                tracing::warn!(machine = %id, "the guest agent did not answer the stop request; forcing the VM off");
+                Ok(Err(e)) => {
+                    tracing::warn!(machine = %id, "the guest agent did not take the stop request ({e}); forcing the VM off");
+                }
+                Err(_) => {
+                    tracing::warn!(machine = %id, "the guest agent did not answer the stop request; forcing the VM off");
+                }
             }
         }
         if self.force_stop(&vm).await {
