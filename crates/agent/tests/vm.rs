@@ -55,9 +55,14 @@ async fn the_agent_runs_a_machine() {
     let uds = uds.as_path();
 
     // Ready, then init takes over as PID 1.
-    let ready = wait_ready(&vm.ready, uds, PORT, Instant::now() + Duration::from_secs(90))
-        .await
-        .expect("the agent answers");
+    let ready = wait_ready(
+        &vm.ready,
+        uds,
+        PORT,
+        Instant::now() + Duration::from_secs(90),
+    )
+    .await
+    .expect("the agent answers");
     let mut init_running = ready.init_running;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !init_running {

@@ -379,9 +379,11 @@ impl Vm {
 
         let console = d.join("console.log");
         let vsock = d.join("vsock.sock");
-        let ready =
-            container_agent_proto::client::ReadyListener::bind(&vsock, container_agent_proto::READY_PORT)
-                .unwrap();
+        let ready = container_agent_proto::client::ReadyListener::bind(
+            &vsock,
+            container_agent_proto::READY_PORT,
+        )
+        .unwrap();
         let mut attempt = 0;
         let (qemu, helpers) = loop {
             attempt += 1;
