@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use container_api::machine::{
     CreateRequest, HomeMount, Machine, MachineState, MachineUser, MountSpec, RunRequest, SetReply,
@@ -14,7 +14,7 @@ use container_api::machine::{
 use container_api::size::parse_size;
 use container_api::{ApiError, ErrorKind};
 
-use super::ports::{BootSpec, ExecSpec, ExecUser, Share};
+use super::ports::{BootSpec, ExecSpec, ExecUser, Reboot, Share};
 use super::{Caller, Core};
 use crate::machines::{MachineRecord, StoreError, name};
 
@@ -55,6 +55,70 @@ impl Locks {
             .or_default()
             .clone();
         lock.lock_owned().await
+    }
+}
+
+/// How many times a guest may reboot within [`REBOOT_WINDOW`] and be booted again each time.
+pub(super) const REBOOT_LIMIT: usize = 5;
+/// See [`REBOOT_LIMIT`].
+pub(super) const REBOOT_WINDOW: Duration = Duration::from_secs(120);
+
+/// Whether a machine whose guest rebooted is booted again. Not when a stop was asked for
+/// after the VM ended (the stop found it stopped, and must not be undone), nor once it has
+/// rebooted more than [`REBOOT_LIMIT`] times within [`REBOOT_WINDOW`] since it was last
+/// started by request: a guest caught in a reboot loop is left stopped rather than spinning.
+#[derive(Debug, Default)]
+pub(super) struct RebootPolicy {
+    inner: std::sync::Mutex<RebootHistory>,
+}
+
+#[derive(Debug, Default)]
+struct RebootHistory {
+    /// When a stop of each machine was last asked for.
+    stops: HashMap<String, Instant>,
+    /// Each machine's reboots since its last start by request, within the window.
+    recent: HashMap<String, std::collections::VecDeque<Instant>>,
+}
+
+impl RebootPolicy {
+    fn history(&self) -> std::sync::MutexGuard<'_, RebootHistory> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn stop_asked(&self, name: &str) {
+        self.history()
+            .stops
+            .insert(name.to_string(), Instant::now());
+    }
+
+    pub(super) fn start_asked(&self, name: &str) {
+        self.history().recent.remove(name);
+    }
+
+    pub(super) fn forget(&self, name: &str) {
+        let mut h = self.history();
+        h.stops.remove(name);
+        h.recent.remove(name);
+    }
+
+    /// `Err` says why the machine stays stopped.
+    pub(super) fn boot_again(&self, reboot: &Reboot) -> Result<(), String> {
+        let mut h = self.history();
+        if h.stops.get(&reboot.name).is_some_and(|t| *t >= reboot.at) {
+            return Err("a stop was asked for after it went down".into());
+        }
+        let recent = h.recent.entry(reboot.name.clone()).or_default();
+        recent.retain(|t| reboot.at.saturating_duration_since(*t) < REBOOT_WINDOW);
+        recent.push_back(reboot.at);
+        if recent.len() > REBOOT_LIMIT {
+            return Err(format!(
+                "it rebooted {} times within {} s; `container machine start {}` boots it again",
+                recent.len(),
+                REBOOT_WINDOW.as_secs(),
+                reboot.name
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -429,6 +493,7 @@ impl Core {
     ) -> Result<Machine, ApiError> {
         let record = self.visible(caller, name)?;
         let _guard = self.state.locks.lock(name).await;
+        self.state.reboots.start_asked(name);
         self.boot(&record).await?;
         self.machine(&self.state.machines.get(name)?)
     }
@@ -442,7 +507,7 @@ impl Core {
         tokio::spawn(async move {
             loop {
                 match reboots.recv().await {
-                    Ok(name) => core.boot_after_reboot(&name).await,
+                    Ok(reboot) => core.boot_after_reboot(&reboot).await,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
                         tracing::warn!(missed, "missed reboots of machines; they stay stopped");
                     }
@@ -452,13 +517,18 @@ impl Core {
         });
     }
 
-    async fn boot_after_reboot(&self, name: &str) {
+    async fn boot_after_reboot(&self, reboot: &Reboot) {
+        let name = reboot.name.as_str();
         let _guard = self.state.locks.lock(name).await;
         // Removed, or started by someone else, while the guest went down.
         let Ok(record) = self.state.machines.get(name) else {
             return;
         };
         if self.state.vms.state(name) != MachineState::Stopped {
+            return;
+        }
+        if let Err(why) = self.state.reboots.boot_again(reboot) {
+            tracing::warn!(machine = name, "the guest rebooted; left stopped: {why}");
             return;
         }
         tracing::info!(machine = name, "the guest rebooted; booting it again");
@@ -484,6 +554,8 @@ impl Core {
             None => None,
         };
         let timeout = Duration::from_secs(req.timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT));
+        // Before the lock: a reboot handled while this waits for it must see the stop.
+        self.state.reboots.stop_asked(name);
         let _guard = self.state.locks.lock(name).await;
         self.state.vms.shutdown(name, signal, timeout).await?;
         self.machine(&record)
@@ -510,6 +582,7 @@ impl Core {
         }
         let machine = self.machine(&record)?;
         self.state.machines.remove(name)?;
+        self.state.reboots.forget(name);
         if let Err(e) = self.state.net.release(name) {
             // The machine is gone; startup reconciliation frees what is left.
             tracing::warn!(machine = %name, error = %e.message, "could not release the machine's address");

@@ -222,6 +222,7 @@ struct State {
     vms: Arc<dyn Vms>,
     net: Arc<dyn Net>,
     locks: machines::Locks,
+    reboots: machines::RebootPolicy,
 }
 
 /// The service core; cheap to clone.
@@ -256,6 +257,7 @@ impl Core {
                 vms: ports.vms,
                 net: ports.net,
                 locks: Default::default(),
+                reboots: Default::default(),
             }),
         })
     }

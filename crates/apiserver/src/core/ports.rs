@@ -133,6 +133,15 @@ pub trait Vms: Send + Sync {
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError>;
     /// The console log (`boot`: the boot log) of a machine.
     fn log_path(&self, name: &str, boot: bool) -> PathBuf;
-    /// Names of running machines that stopped because their guest rebooted itself.
-    fn reboots(&self) -> tokio::sync::broadcast::Receiver<String>;
+    /// Running machines that stopped because their guest rebooted itself.
+    fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot>;
+}
+
+/// A running machine's guest rebooted itself, which ends its VM (QEMU runs with
+/// `-no-reboot`).
+#[derive(Debug, Clone)]
+pub struct Reboot {
+    pub name: String,
+    /// When the VM's end was seen.
+    pub at: std::time::Instant,
 }

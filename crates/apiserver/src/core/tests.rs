@@ -11,7 +11,9 @@ use container_api::machine::{CreateRequest, MachineState, StopRequest};
 use container_api::{ApiError, ErrorKind};
 use tokio::io::AsyncRead;
 
-use super::ports::{BootSpec, ClientStream, ExecSpec, ImageInfo, Images, Net, NetLease, Vms};
+use super::ports::{
+    BootSpec, ClientStream, ExecSpec, ImageInfo, Images, Net, NetLease, Reboot, Vms,
+};
 use super::*;
 use crate::config::{HostFacts, load};
 
@@ -43,7 +45,7 @@ impl Images for FakeImages {
 struct FakeVms {
     running: Mutex<HashMap<String, BootSpec>>,
     calls: Mutex<Vec<String>>,
-    reboots: tokio::sync::broadcast::Sender<String>,
+    reboots: tokio::sync::broadcast::Sender<Reboot>,
 }
 
 impl Default for FakeVms {
@@ -51,7 +53,7 @@ impl Default for FakeVms {
         FakeVms {
             running: Default::default(),
             calls: Default::default(),
-            reboots: tokio::sync::broadcast::channel(4).0,
+            reboots: tokio::sync::broadcast::channel(16).0,
         }
     }
 }
@@ -59,8 +61,37 @@ impl Default for FakeVms {
 impl FakeVms {
     /// The guest of a running machine rebooted, as the runtime reports it.
     fn guest_reboots(&self, name: &str) {
+        let at = self.guest_goes_down(name);
+        self.report_reboot(name, at);
+    }
+
+    /// The VM of a running machine ends; when.
+    fn guest_goes_down(&self, name: &str) -> std::time::Instant {
         self.running.lock().unwrap().remove(name);
-        self.reboots.send(name.to_string()).unwrap();
+        std::time::Instant::now()
+    }
+
+    /// The runtime reports that the VM that ended `at` did so by a reboot.
+    fn report_reboot(&self, name: &str, at: std::time::Instant) {
+        let name = name.to_string();
+        self.reboots.send(Reboot { name, at }).unwrap();
+    }
+
+    fn boots(&self, name: &str) -> usize {
+        let calls = self.calls.lock().unwrap();
+        calls
+            .iter()
+            .filter(|c| **c == format!("boot {name}"))
+            .count()
+    }
+
+    /// Waits until the machine runs (the reboot follower works in the background).
+    async fn until_running(&self, name: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.state(name) != MachineState::Running {
+            assert!(std::time::Instant::now() < deadline, "{name} never ran");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 }
 
@@ -136,7 +167,7 @@ impl Vms for FakeVms {
     fn log_path(&self, name: &str, _boot: bool) -> PathBuf {
         PathBuf::from(format!("/logs/{name}"))
     }
-    fn reboots(&self) -> tokio::sync::broadcast::Receiver<String> {
+    fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.reboots.subscribe()
     }
 }
@@ -580,15 +611,7 @@ async fn an_exhausted_subnet_fails_create_and_leaves_nothing() {
 #[tokio::test]
 async fn a_machine_whose_guest_rebooted_boots_again_unless_it_is_gone() {
     let f = fixture();
-    f.core.follow_reboots();
-    for name in ["rb", "gone"] {
-        machine(&f.core, &ROOT, create("busybox", Some(name)))
-            .await
-            .unwrap();
-        machine(&f.core, &ROOT, Request::MachineStart(name.into()))
-            .await
-            .unwrap();
-    }
+    two_running(&f, ["rb", "gone"]).await;
     f.core
         .handle(
             &ROOT,
@@ -602,22 +625,68 @@ async fn a_machine_whose_guest_rebooted_boots_again_unless_it_is_gone() {
     // Reboots are handled in order: once `rb` runs again, `gone`'s was dealt with.
     f.vms.guest_reboots("gone");
     f.vms.guest_reboots("rb");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while f.vms.state("rb") != MachineState::Running && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let calls = f.vms.calls.lock().unwrap().clone();
-    let boots = |name: &str| {
-        calls
-            .iter()
-            .filter(|c| **c == format!("boot {name}"))
-            .count()
-    };
-    assert_eq!(boots("rb"), 2, "{calls:?}");
+    f.vms.until_running("rb").await;
+    assert_eq!(f.vms.boots("rb"), 2);
     assert_eq!(
-        boots("gone"),
+        f.vms.boots("gone"),
         1,
-        "a removed machine is not brought back: {calls:?}"
+        "a removed machine is not brought back"
     );
     assert_eq!(names(&f.core, &ROOT).await, ["rb"]);
+}
+
+/// Two machines, running.
+async fn two_running(f: &Fixture, names: [&str; 2]) {
+    f.core.follow_reboots();
+    for name in names {
+        machine(&f.core, &ROOT, create("busybox", Some(name)))
+            .await
+            .unwrap();
+        machine(&f.core, &ROOT, Request::MachineStart(name.into()))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_stop_asked_for_while_a_reboot_is_reported_is_not_undone() {
+    let f = fixture();
+    two_running(&f, ["rb", "other"]).await;
+    // The guest goes down; the user's stop finds it stopped before the reboot is handled.
+    let at = f.vms.guest_goes_down("rb");
+    let stop = Request::MachineStop("rb".into(), StopRequest::default());
+    machine(&f.core, &ROOT, stop).await.unwrap();
+    f.vms.report_reboot("rb", at);
+    f.vms.guest_reboots("other");
+    f.vms.until_running("other").await;
+    assert_eq!(f.vms.state("rb"), MachineState::Stopped);
+    assert_eq!(f.vms.boots("rb"), 1, "the stop was undone");
+    // A stop asked for before the guest went down does not hold back a later reboot.
+    machine(&f.core, &ROOT, Request::MachineStart("rb".into()))
+        .await
+        .unwrap();
+    f.vms.guest_reboots("rb");
+    f.vms.until_running("rb").await;
+}
+
+#[tokio::test]
+async fn a_guest_that_keeps_rebooting_is_left_stopped_until_started_again() {
+    let f = fixture();
+    two_running(&f, ["loop", "other"]).await;
+    for _ in 0..machines::REBOOT_LIMIT {
+        f.vms.guest_reboots("loop");
+        f.vms.until_running("loop").await;
+    }
+    f.vms.guest_reboots("loop");
+    f.vms.guest_reboots("other");
+    f.vms.until_running("other").await;
+    assert_eq!(f.vms.state("loop"), MachineState::Stopped);
+    assert_eq!(f.vms.boots("loop"), 1 + machines::REBOOT_LIMIT);
+    // A start by request gives it a fresh allowance.
+    machine(&f.core, &ROOT, Request::MachineStart("loop".into()))
+        .await
+        .unwrap();
+    f.vms.guest_reboots("loop");
+    f.vms.until_running("loop").await;
+    assert_eq!(f.vms.boots("loop"), 3 + machines::REBOOT_LIMIT);
 }

@@ -43,7 +43,7 @@ pub use vmm::{NetDevice, TapPlumbing, Vmm};
 
 use crate::config::{Config, Virtualization};
 use crate::core::ServiceOptions;
-use crate::core::ports::{BootSpec, ClientStream, ExecSpec, Vms};
+use crate::core::ports::{BootSpec, ClientStream, ExecSpec, Reboot, Vms};
 use crate::network::Network;
 
 /// How the runtime is set up.
@@ -208,7 +208,7 @@ impl Runtime {
 
     /// Ids of running VMs that stopped because their guest rebooted (QEMU runs with
     /// `-no-reboot`): the caller decides whether to boot them again.
-    pub fn reboots(&self) -> tokio::sync::broadcast::Receiver<String> {
+    pub fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.sup.reboots.subscribe()
     }
 
@@ -427,7 +427,7 @@ impl Vms for ServiceVms {
     fn state(&self, name: &str) -> MachineState {
         self.runtime.status(name)
     }
-    fn reboots(&self) -> tokio::sync::broadcast::Receiver<String> {
+    fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.runtime.reboots()
     }
     fn started(&self, name: &str) -> Option<chrono::DateTime<chrono::Utc>> {

@@ -24,6 +24,7 @@ use super::helpers::{self, VHOST_DEVICE_VSOCK, VIRTIOFSD};
 use super::process::ProcessId;
 use super::vmm::{Launch, Vmm};
 use super::{RunningVm, RuntimeError, RuntimeOptions, VmSpec, console, initramfs};
+use crate::core::ports::Reboot;
 use crate::fsutil;
 
 /// What is recorded about a running VM in `<machine dir>/run.json`.
@@ -105,8 +106,8 @@ pub(super) struct Supervisor {
     /// Ids whose start is under way but whose VMM is not spawned yet (the initramfs, the
     /// helpers): they count as starting, not stopped.
     pub launching: Mutex<std::collections::HashSet<String>>,
-    /// Ids of running VMs whose guest rebooted itself (and so exited).
-    pub reboots: tokio::sync::broadcast::Sender<String>,
+    /// Running VMs whose guest rebooted itself (and so exited).
+    pub reboots: tokio::sync::broadcast::Sender<Reboot>,
 }
 
 /// Why one boot attempt failed.
@@ -437,6 +438,7 @@ impl Supervisor {
                     }
                 }
             }
+            let exited_at = Instant::now();
             // Nobody asked for this exit: the guest powered off, rebooted or died.
             let unasked = vm.get() == MachineState::Running;
             tracing::debug!(machine = %vm.run.id, "the VMM exited; cleaning up");
@@ -466,7 +468,10 @@ impl Supervisor {
             tracing::info!(machine = %vm.run.id, "machine stopped");
             if unasked && console::rebooted(&vm.machine_dir) {
                 // Nobody may be listening (a runtime without a service): nothing to do then.
-                let _ = this.reboots.send(vm.run.id.clone());
+                let _ = this.reboots.send(Reboot {
+                    name: vm.run.id.clone(),
+                    at: exited_at,
+                });
             }
         });
     }
