@@ -388,6 +388,9 @@ impl ReadyListener {
             _ => {}
         }
         let listener = std::os::unix::net::UnixListener::bind(&path)?;
+        // Only the host's root side (vhost-device-vsock) is to reach it, whatever the umask.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         Ok(Self { listener, path })
     }
@@ -677,6 +680,12 @@ mod tests {
         let uds = dir.path().join("vsock.sock");
         let ready = ReadyListener::bind(&uds, 1025).unwrap();
         assert_eq!(ready.path(), dir.path().join("vsock.sock_1025"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(ready.path())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
         // The device accepts from the start, as vhost-device-vsock does; the report comes late.
         let reported = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let early = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -373,6 +373,10 @@ fn boots_runs_commands_shares_a_directory_and_stops_cleanly() {
         let (qemu, helpers, run_dir) = f.recorded();
         assert_eq!(qemu.pid(), vm.pid);
         assert_eq!(helpers.len(), 2, "vhost-device-vsock and one virtiofsd");
+        // Whoever reaches a socket controls the VM (QMP) or is root in it (vsock).
+        let sockets = private_sockets(&run_dir);
+        // vhost-device-vsock removes its vhost-user socket once QEMU is connected.
+        assert!(sockets >= 3, "QMP, vsock, virtiofs: {sockets}");
         assert!(
             rt.start(f.spec())
                 .await
@@ -527,4 +531,27 @@ fn a_boot_that_fails_says_why_with_the_console_tail() {
         assert_eq!(rt.status("dev"), MachineState::Stopped);
         assert!(!f.run_file().exists());
     });
+}
+
+/// Counts the sockets under `dir`, asserting that each is for its owner alone.
+fn private_sockets(dir: &Path) -> usize {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            n += private_sockets(&entry.path());
+        } else if meta.file_type().is_socket() {
+            let mode = meta.permissions().mode() & 0o777;
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{} is mode {mode:o}",
+                entry.path().display()
+            );
+            n += 1;
+        }
+    }
+    n
 }

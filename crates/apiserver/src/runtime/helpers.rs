@@ -107,6 +107,7 @@ pub fn spawn(mut cmd: Command, name: &'static str, log: &Path) -> Result<Child, 
         .open(log)
         .map_err(RuntimeError::io("opening", log))?;
     let err = out.try_clone().map_err(RuntimeError::io("opening", log))?;
+    super::sys::private_umask(&mut cmd);
     cmd.process_group(0)
         .stdin(Stdio::null())
         .stdout(out)

@@ -1,5 +1,6 @@
 //! The runtime's only unsafe code, where the OS or the CPU demands it: registering a pidfd
-//! with tokio's reactor, and reading the host's time-stamp counter.
+//! with tokio's reactor, reading the host's time-stamp counter, and setting a child's umask
+//! between fork and exec.
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -29,6 +30,21 @@ pub fn host_tsc_khz(window: Duration) -> Option<u64> {
 #[cfg(not(target_arch = "x86_64"))]
 pub fn host_tsc_khz(_window: Duration) -> Option<u64> {
     None
+}
+
+/// Makes the child of `cmd` create its files for its owner alone (umask 077), whatever the
+/// service's own umask: the helpers' sockets (QMP, vhost-user, hybrid vsock) give whoever
+/// can connect control of the VM or a root shell in it.
+pub fn private_umask(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child before exec and only calls umask(2), which
+    // is async-signal-safe, allocates nothing and touches no memory of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+            Ok(())
+        })
+    };
 }
 
 #[cfg(test)]
