@@ -201,6 +201,13 @@ fn a_killed_service_and_a_killed_vm_leave_nothing_behind() {
     )
     .unwrap();
     let qemu = run["qemu"][0].as_i64().unwrap() as i32;
+    let helpers: Vec<i32> = run["helpers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h[0].as_i64().unwrap() as i32)
+        .collect();
+    assert!(!helpers.is_empty(), "{run}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(qemu),
         nix::sys::signal::Signal::SIGKILL,
@@ -229,6 +236,14 @@ fn a_killed_service_and_a_killed_vm_leave_nothing_behind() {
         leases(&service)
     );
     assert!(machines(&service).is_empty());
+    // The helpers of the vanished machine's VM do not live on.
+    for pid in helpers {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z "),
+            "helper {pid} outlived its machine: {stat}"
+        );
+    }
 
     // 200 create/rm cycles leave no lease and no tap behind.
     for i in 0..200 {

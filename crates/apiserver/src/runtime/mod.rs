@@ -212,15 +212,18 @@ impl Runtime {
         self.sup.reboots.subscribe()
     }
 
-    /// [`Runtime::adopt`] for every directory in `machines`; returns the adopted count.
+    /// [`Runtime::adopt`] for every directory in `machines`, then ends the VMs that no
+    /// machine owns any more (`Supervisor::reap_orphans`); returns the adopted count.
     pub fn adopt_all(&self, machines: &Path) -> usize {
         let Ok(entries) = std::fs::read_dir(machines) else {
             return 0;
         };
-        entries
+        let adopted = entries
             .flatten()
             .filter(|e| e.path().is_dir() && self.adopt(&e.path()))
-            .count()
+            .count();
+        self.sup.reap_orphans();
+        adopted
     }
 }
 

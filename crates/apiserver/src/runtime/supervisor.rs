@@ -27,7 +27,9 @@ use super::{RunningVm, RuntimeError, RuntimeOptions, VmSpec, console, initramfs}
 use crate::core::ports::Reboot;
 use crate::fsutil;
 
-/// What is recorded about a running VM in `<machine dir>/run.json`.
+/// What is recorded about a running VM in `<machine dir>/run.json`, and again in its runtime
+/// directory, where it outlives a machine directory lost in a crash (see
+/// [`Supervisor::reap_orphans`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct RunState {
     #[serde(default)]
@@ -395,8 +397,10 @@ impl Supervisor {
                 started: chrono::Utc::now(),
                 tap: spec.net.as_ref().map(|n| n.tap.clone()),
             };
-            let run_file = spec.machine_dir.join(RUN_FILE);
-            fsutil::write_json(&run_file, &run).map_err(RuntimeError::io("writing", &run_file))?;
+            for run_file in [spec.machine_dir.join(RUN_FILE), run_dir.join(RUN_FILE)] {
+                fsutil::write_json(&run_file, &run)
+                    .map_err(RuntimeError::io("writing", &run_file))?;
+            }
             Ok(run)
         })();
         match result {
@@ -509,6 +513,36 @@ impl Supervisor {
             .insert(vm.run.id.clone(), vm.clone());
         self.watch(vm);
         true
+    }
+
+    /// Ends what runs of VMs no adopted machine owns: a runtime directory whose machine
+    /// directory vanished while the service was down (a crash, a hand-removed directory)
+    /// still names its VMM and helpers, which are killed (when still the recorded
+    /// processes), and the directory goes. Call after adopting every machine.
+    pub fn reap_orphans(&self) -> usize {
+        let owned: Vec<PathBuf> = self
+            .vms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|v| v.run.run_dir.clone())
+            .collect();
+        let Ok(entries) = std::fs::read_dir(self.options.run_dir.join("vm")) else {
+            return 0;
+        };
+        let mut reaped = 0;
+        for dir in entries.flatten().map(|e| e.path()) {
+            if owned.contains(&dir) || !dir.is_dir() {
+                continue;
+            }
+            if let Ok(Some(run)) = fsutil::read_json::<RunState>(&dir.join(RUN_FILE)) {
+                tracing::info!(machine = %run.id, "ending the processes of a VM whose machine is gone");
+                kill_all(&run);
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+            reaped += 1;
+        }
+        reaped
     }
 
     /// Asks the agent to shut the machine down; forces it off after `timeout` and a grace.
@@ -671,6 +705,14 @@ impl Started {
 
 /// Kills what is left of a VM and removes its runtime files.
 fn cleanup(run: &RunState, machine_dir: &Path) {
+    kill_all(run);
+    let _ = std::fs::remove_dir_all(&run.run_dir);
+    let _ = std::fs::remove_file(machine_dir.join(RUN_FILE));
+    console::write_boot_log(machine_dir);
+}
+
+/// Kills the VMM and the helpers of a VM, and waits for them to be gone.
+fn kill_all(run: &RunState) {
     run.qemu.kill();
     for h in &run.helpers {
         h.kill();
@@ -681,7 +723,4 @@ fn cleanup(run: &RunState, machine_dir: &Path) {
     while (run.qemu.alive() || run.helpers.iter().any(|h| h.alive())) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let _ = std::fs::remove_dir_all(&run.run_dir);
-    let _ = std::fs::remove_file(machine_dir.join(RUN_FILE));
-    console::write_boot_log(machine_dir);
 }
