@@ -378,11 +378,16 @@ pub struct ReadyListener {
 }
 
 impl ReadyListener {
-    /// Binds the socket, replacing a stale one. Needs no async runtime.
-    pub fn bind(uds: &Path, port: u32) -> std::io::Result<Self> {
+    /// Where vhost-device-vsock, serving `uds`, delivers the guest's connections to `port`.
+    pub fn path_for(uds: &Path, port: u32) -> std::path::PathBuf {
         let mut path = uds.as_os_str().to_owned();
         path.push(format!("_{port}"));
-        let path = std::path::PathBuf::from(path);
+        path.into()
+    }
+
+    /// Binds the socket, replacing a stale one. Needs no async runtime.
+    pub fn bind(uds: &Path, port: u32) -> std::io::Result<Self> {
+        let path = Self::path_for(uds, port);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             _ => {}

@@ -1,6 +1,7 @@
 //! The agent daemon: it tells the host it listens ([`report_ready`]), then serves one thread
-//! per vsock connection: the versioned hello, then one request per session: exec ([`crate::exec`]), copy in/out ([`crate::copy`]), shutdown, set time,
-//! ping. A session's failure is logged and ends that session only.
+//! per vsock connection: the versioned hello, then one request per session: exec
+//! ([`crate::exec`]), copy in/out ([`crate::copy`]), shutdown, set time, ping. A session's
+//! failure is logged and ends that session only.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -67,26 +68,20 @@ pub fn serve(cfg: &BootConfig) -> ! {
 /// report that never arrives leaves the boot to time out: retried while the host's side
 /// may still be coming up, then logged.
 fn report_ready(port: u32) {
-    let mut last = None;
-    for _ in 0..REPORT_ATTEMPTS {
-        let sent =
-            VsockStream::connect_with_cid_port(vsock::VMADDR_CID_HOST, port).and_then(|mut s| {
-                send(
-                    &mut s,
-                    Message::Ready {
-                        version: VERSION,
-                        agent: env!("CARGO_PKG_VERSION").into(),
-                    },
-                )
-            });
-        match sent {
+    let ready = || Message::Ready {
+        version: VERSION,
+        agent: env!("CARGO_PKG_VERSION").into(),
+    };
+    for attempt in 1..=REPORT_ATTEMPTS {
+        match VsockStream::connect_with_cid_port(vsock::VMADDR_CID_HOST, port)
+            .and_then(|mut s| send(&mut s, ready()))
+        {
             Ok(()) => return,
-            Err(e) => last = Some(e),
+            Err(e) if attempt == REPORT_ATTEMPTS => {
+                log!("cannot tell the host the agent is ready (vsock port {port}): {e}");
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    if let Some(e) = last {
-        log!("cannot tell the host the agent is ready (vsock port {port}): {e}");
     }
 }
 

@@ -298,7 +298,7 @@ impl Supervisor {
             .iter()
             .map(|s| (s.tag.clone(), fs_dir.join(format!("{}.sock", s.tag))))
             .collect();
-        let ready_path = PathBuf::from(format!("{}_{}", vsock.display(), proto::READY_PORT));
+        let ready_path = ReadyListener::path_for(&vsock, proto::READY_PORT);
         for p in [&vhu, &vsock, &ready_path, &control]
             .into_iter()
             .chain(shares.iter().map(|(_, p)| p))
@@ -519,7 +519,7 @@ impl Supervisor {
     /// directory vanished while the service was down (a crash, a hand-removed directory)
     /// still names its VMM and helpers, which are killed (when still the recorded
     /// processes), and the directory goes. Call after adopting every machine.
-    pub fn reap_orphans(&self) -> usize {
+    pub fn reap_orphans(&self) {
         let owned: Vec<PathBuf> = self
             .vms
             .lock()
@@ -528,9 +528,8 @@ impl Supervisor {
             .map(|v| v.run.run_dir.clone())
             .collect();
         let Ok(entries) = std::fs::read_dir(self.options.run_dir.join("vm")) else {
-            return 0;
+            return;
         };
-        let mut reaped = 0;
         for dir in entries.flatten().map(|e| e.path()) {
             if owned.contains(&dir) || !dir.is_dir() {
                 continue;
@@ -540,9 +539,7 @@ impl Supervisor {
                 kill_all(&run);
             }
             let _ = std::fs::remove_dir_all(&dir);
-            reaped += 1;
         }
-        reaped
     }
 
     /// Asks the agent to shut the machine down; forces it off after `timeout` and a grace.
@@ -565,33 +562,41 @@ impl Supervisor {
             // `ReadyListener`), and the image's init has at most just started: there is
             // nothing to stop cleanly yet.
             tracing::debug!(machine = %id, "stopped while booting; forcing the VM off");
-        } else {
-            match tokio::time::timeout(
-                Duration::from_secs(5),
-                ask_shutdown(&vm.agent_socket(), signal, timeout),
-            )
-            .await
-            {
-                Ok(Ok(())) => {
-                    tracing::debug!(machine = %id, "the guest agent took the stop request");
-                    if vm.stopped_within(timeout + STOP_GRACE).await {
-                        return Ok(());
-                    }
-                    tracing::warn!(machine = %id, "the machine did not power off in time; forcing it off");
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(machine = %id, "the guest agent did not take the stop request ({e}); forcing the VM off");
-                }
-                Err(_) => {
-                    tracing::warn!(machine = %id, "the guest agent did not answer the stop request; forcing the VM off");
-                }
-            }
+        } else if self.stop_through_agent(&vm, signal, timeout).await {
+            return Ok(());
         }
         if self.force_stop(&vm).await {
             Ok(())
         } else {
             Err(RuntimeError::DidNotExit(id.to_string()))
         }
+    }
+
+    /// Asks the agent to stop the machine through its init; true once the VM is stopped,
+    /// false (logged) when it has to be forced off.
+    async fn stop_through_agent(&self, vm: &Vm, signal: Option<i32>, timeout: Duration) -> bool {
+        let id = &vm.run.id;
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            ask_shutdown(&vm.agent_socket(), signal, timeout),
+        )
+        .await
+        {
+            Ok(Ok(())) => {
+                tracing::debug!(machine = %id, "the guest agent took the stop request");
+                if vm.stopped_within(timeout + STOP_GRACE).await {
+                    return true;
+                }
+                tracing::warn!(machine = %id, "the machine did not power off in time; forcing it off");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(machine = %id, "the guest agent did not take the stop request ({e}); forcing the VM off");
+            }
+            Err(_) => {
+                tracing::warn!(machine = %id, "the guest agent did not answer the stop request; forcing the VM off");
+            }
+        }
+        false
     }
 
     /// Asks the VMM to quit, then kills it. True once the VM is stopped.
