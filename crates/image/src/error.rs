@@ -11,6 +11,8 @@ pub enum ImageError {
     NotFound(String),
     #[error("registry {registry}: {message}")]
     Registry { registry: String, message: String },
+    #[error("registry {registry}: {reference} not found (no such repository or tag)")]
+    RemoteNotFound { registry: String, reference: String },
     #[error(
         "registry {registry} refused access (authentication required or failed): log in with \
          `container registry login {registry}`, or check the stored user name and password"

@@ -57,9 +57,9 @@ pub fn registry_error(registry: &str, reference: &str, e: OciDistributionError) 
         | OciDistributionError::UnauthorizedError { .. } => ImageError::Unauthorized {
             registry: registry.to_string(),
         },
-        OciDistributionError::ImageManifestNotFoundError(_) => ImageError::Registry {
+        OciDistributionError::ImageManifestNotFoundError(_) => ImageError::RemoteNotFound {
             registry: registry.to_string(),
-            message: format!("{reference} not found (no such repository or tag)"),
+            reference: reference.to_string(),
         },
         OciDistributionError::RegistryError { envelope, .. }
             if envelope.errors.iter().any(|e| {
@@ -71,17 +71,17 @@ pub fn registry_error(registry: &str, reference: &str, e: OciDistributionError) 
                 )
             }) =>
         {
-            ImageError::Registry {
+            ImageError::RemoteNotFound {
                 registry: registry.to_string(),
-                message: format!("{reference} not found (no such repository or tag)"),
+                reference: reference.to_string(),
             }
         }
         OciDistributionError::ServerError { code: 401, .. } => ImageError::Unauthorized {
             registry: registry.to_string(),
         },
-        OciDistributionError::ServerError { code: 404, .. } => ImageError::Registry {
+        OciDistributionError::ServerError { code: 404, .. } => ImageError::RemoteNotFound {
             registry: registry.to_string(),
-            message: format!("{reference} not found (no such repository or tag)"),
+            reference: reference.to_string(),
         },
         other => ImageError::Registry {
             registry: registry.to_string(),
@@ -199,7 +199,7 @@ impl Credentials {
         {
             Ok(_) => {}
             Err(e) => match registry_error(server, server, e) {
-                ImageError::Registry { message, .. } if message.contains("not found") => {}
+                ImageError::RemoteNotFound { .. } => {}
                 other => return Err(other),
             },
         }

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use container_api::machine::{
-    CreateRequest, HomeMount, Machine, MachineState, MachineUser, MountSpec, RunRequest, SetReply,
-    StopRequest,
+    CreateRequest, HomeMount, Machine, MachineState, MountSpec, RunRequest, SetReply, StopRequest,
 };
 use container_api::size::parse_size;
 use container_api::{ApiError, ErrorKind};
@@ -122,25 +121,6 @@ impl RebootPolicy {
     }
 }
 
-/// The caller's passwd entry, which becomes the machine user.
-pub fn caller_user(caller: &Caller) -> Result<MachineUser, ApiError> {
-    let user = nix::unistd::User::from_uid(caller.uid.into())
-        .map_err(|e| ApiError::internal(format!("looking up uid {}: {e}", caller.uid)))?
-        .ok_or_else(|| {
-            ApiError::invalid(format!(
-                "uid {} has no passwd entry on this host; machines take their user from it",
-                caller.uid
-            ))
-        })?;
-    Ok(MachineUser {
-        name: user.name,
-        uid: caller.uid,
-        gid: user.gid.as_raw(),
-        home: user.dir.display().to_string(),
-        shell: user.shell.display().to_string(),
-    })
-}
-
 /// Parses a signal name or number: `TERM`, `SIGTERM`, `15`, `SIGRTMIN+3`.
 pub fn parse_signal(text: &str) -> Result<i32, ApiError> {
     let t = text.trim().to_ascii_uppercase();
@@ -166,28 +146,6 @@ pub fn parse_signal(text: &str) -> Result<i32, ApiError> {
     Err(ApiError::invalid(format!(
         "invalid signal `{text}`: use a name like TERM or SIGRTMIN+3, or a number"
     )))
-}
-
-/// Checks, by running `test` as the caller (with the caller's groups, through `setpriv`),
-/// that the caller can read and enter `path`: the kernel decides (modes, ACLs, groups), exactly
-/// as for the caller's own processes.
-fn caller_can_read_dir(caller: &Caller, user: &MachineUser, path: &str) -> Result<(), ApiError> {
-    let ok = std::process::Command::new("setpriv")
-        .arg(format!("--reuid={}", caller.uid))
-        .arg(format!("--regid={}", user.gid))
-        .arg("--init-groups")
-        .args(["test", "-d", path, "-a", "-r", path, "-a", "-x", path])
-        .status()
-        .map_err(|e| ApiError::internal(format!("checking access to {path}: {e}")))?
-        .success();
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            ErrorKind::PermissionDenied,
-            format!("cannot mount {path}: it is not a directory you can read"),
-        ))
-    }
 }
 
 /// Normalises a guest path: absolute, no `.`/`..`, not `/`.
@@ -323,10 +281,22 @@ impl Core {
                 )));
             }
         };
-        let user = caller_user(caller)?;
+        let user = self.state.host.user(caller.uid)?;
         let mut mounts = Vec::new();
         for m in &req.mounts {
-            caller_can_read_dir(caller, &user, &m.host_path)?;
+            if !self
+                .state
+                .host
+                .can_read_dir(caller.uid, user.gid, &m.host_path)?
+            {
+                return Err(ApiError::new(
+                    ErrorKind::PermissionDenied,
+                    format!(
+                        "cannot mount {}: it is not a directory you can read",
+                        m.host_path
+                    ),
+                ));
+            }
             mounts.push(MountSpec {
                 host_path: m.host_path.clone(),
                 guest_path: guest_path(&m.guest_path)?,
@@ -335,7 +305,7 @@ impl Core {
         }
         let kernel = req.kernel.clone().or_else(|| defaults.kernel.clone());
         if let Some(k) = &kernel
-            && !Path::new(k).is_file()
+            && !self.state.host.is_file(Path::new(k))
         {
             return Err(ApiError::invalid(format!("kernel {k} is not a file")));
         }
@@ -437,7 +407,7 @@ impl Core {
         let home_shared = record.home_mount != HomeMount::None;
         if home_shared {
             let home = Path::new(&record.user.home);
-            if !home.is_dir() {
+            if !self.state.host.is_dir(home) {
                 return Err(ApiError::invalid(format!(
                     "your home directory {} does not exist on the host; create it, or use `container machine set -n {} home-mount=none`",
                     home.display(),
@@ -655,7 +625,7 @@ impl Core {
                 "kernel" => {
                     new.kernel = if value.is_empty() {
                         None
-                    } else if Path::new(value).is_file() {
+                    } else if self.state.host.is_file(Path::new(value)) {
                         Some(value.clone())
                     } else {
                         return Err(ApiError::invalid(format!("kernel {value} is not a file")));
@@ -879,6 +849,7 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use container_api::machine::MachineUser;
 
     fn record(home_mount: HomeMount) -> MachineRecord {
         MachineRecord {

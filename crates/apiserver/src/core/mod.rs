@@ -22,9 +22,8 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::machines::MachineStore;
-pub use images::StoreImages;
-pub use machines::{DEFAULT_STOP_TIMEOUT, caller_user, parse_signal};
-use ports::{ClientStream, Images, Net, Vms};
+pub use machines::{DEFAULT_STOP_TIMEOUT, parse_signal};
+use ports::{ClientStream, Host, Images, Net, Platform, Vms};
 
 /// Who is calling, from the socket's peer credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,13 +201,14 @@ pub struct ServiceOptions {
     pub socket: PathBuf,
 }
 
-/// The core's side effects.
+/// The core's side effects, one port each (`ports`).
 #[allow(missing_debug_implementations)]
 pub struct Ports {
-    pub store: Arc<container_image::ImageStore>,
     pub images: Arc<dyn Images>,
     pub vms: Arc<dyn Vms>,
     pub net: Arc<dyn Net>,
+    pub platform: Arc<dyn Platform>,
+    pub host: Arc<dyn Host>,
 }
 
 struct State {
@@ -217,10 +217,11 @@ struct State {
     started: chrono::DateTime<chrono::Utc>,
     shutdown: Notify,
     machines: MachineStore,
-    store: Arc<container_image::ImageStore>,
     images: Arc<dyn Images>,
     vms: Arc<dyn Vms>,
     net: Arc<dyn Net>,
+    platform: Arc<dyn Platform>,
+    host: Arc<dyn Host>,
     locks: machines::Locks,
     reboots: machines::RebootPolicy,
 }
@@ -252,10 +253,11 @@ impl Core {
                 started: chrono::Utc::now(),
                 shutdown: Notify::new(),
                 machines,
-                store: ports.store,
                 images: ports.images,
                 vms: ports.vms,
                 net: ports.net,
+                platform: ports.platform,
+                host: ports.host,
                 locks: Default::default(),
                 reboots: Default::default(),
             }),
@@ -267,7 +269,7 @@ impl Core {
         tracing::debug!(uid = caller.uid, ?request, "request");
         let machine = |m: Machine| Reply::Machine(Box::new(m));
         match request {
-            Request::SystemStatus => Ok(Reply::Status(Box::new(self.status()))),
+            Request::SystemStatus => Ok(Reply::Status(Box::new(self.status().await))),
             Request::SystemProperties => {
                 Ok(Reply::Properties(self.state.config.properties.clone()))
             }

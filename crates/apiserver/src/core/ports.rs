@@ -1,13 +1,18 @@
-//! The core's view of its side effects: the image store and the VM runtime, each behind a
-//! narrow trait. The service wires the real ones (`crate::wiring`); unit tests of the core pass
-//! recording fakes.
+//! The core's view of its side effects, each behind a narrow trait: the image store
+//! ([`Images`]), the VM runtime ([`Vms`]), the machine network ([`Net`]), the kernel and the
+//! accelerator ([`Platform`]), and the host's users and paths ([`Host`]). The core touches
+//! nothing else outside its own machine records. The service wires the real ones
+//! (`crate::wiring`, one file per port); unit tests of the core pass recording fakes.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use container_api::ApiError;
-use container_api::machine::MachineState;
+use container_api::image::{ImageDetail, ImageSummary, LoginRequest, PullEvent, RemoveReport};
+use container_api::machine::{MachineState, MachineUser};
+use container_api::system::{KernelInfo, KernelSetRequest};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::machines::MachineRecord;
@@ -22,11 +27,66 @@ pub struct ImageInfo {
     pub base_disk: PathBuf,
 }
 
-/// The image store, as the machine core uses it.
+/// A byte stream the core passes through (archives, tar streams).
+pub type Bytes = Box<dyn AsyncRead + Send + Unpin>;
+
+/// Manifest digests in use by machines, each with the names of the machines using it.
+pub type InUse = BTreeMap<String, Vec<String>>;
+
+/// The image store and the registries behind it.
 #[async_trait]
 pub trait Images: Send + Sync {
+    async fn list(&self) -> Result<Vec<ImageSummary>, ApiError>;
+    async fn inspect(&self, reference: &str) -> Result<ImageDetail, ApiError>;
+    /// Points `target` at the image `source` names.
+    async fn tag(&self, source: &str, target: &str) -> Result<ImageSummary, ApiError>;
+    /// Pulls with `uid`'s registry credentials and builds the base disk; progress goes to
+    /// `events` (never blocking on a slow reader).
+    async fn pull(
+        &self,
+        uid: u32,
+        reference: &str,
+        events: tokio::sync::mpsc::Sender<PullEvent>,
+    ) -> Result<ImageSummary, ApiError>;
+    /// Loads the images of an OCI-layout or `docker save` archive.
+    async fn load(&self, archive: Bytes) -> Result<Vec<ImageSummary>, ApiError>;
+    /// An OCI-layout archive of these references.
+    async fn save(&self, references: Vec<String>) -> Result<Bytes, ApiError>;
+    /// Untags `reference`, deleting what no other name or machine (`in_use`) needs.
+    async fn remove(
+        &self,
+        reference: &str,
+        in_use: InUse,
+        force: bool,
+    ) -> Result<RemoveReport, ApiError>;
+    /// Checks and stores `uid`'s credentials for a registry.
+    async fn login(&self, uid: u32, login: LoginRequest) -> Result<(), ApiError>;
+    /// Forgets `uid`'s credentials for `server`; false when there were none.
+    async fn logout(&self, uid: u32, server: &str) -> Result<bool, ApiError>;
     /// Resolves a local image and builds its base disk when it has none yet.
     async fn prepare(&self, reference: &str) -> Result<ImageInfo, ApiError>;
+}
+
+/// The kernel machines boot and the accelerator they run on.
+#[async_trait]
+pub trait Platform: Send + Sync {
+    /// How machines are accelerated, and why (KVM, or TCG and the reason).
+    fn virtualization(&self) -> String;
+    /// The installed kernel, if any.
+    fn kernel(&self) -> Option<KernelInfo>;
+    /// Installs the kernel machines boot from now on.
+    async fn set_kernel(&self, request: KernelSetRequest) -> Result<KernelInfo, ApiError>;
+}
+
+/// The host's users and file system, as the service sees them on a caller's behalf.
+pub trait Host: Send + Sync {
+    /// The passwd entry of `uid`, which becomes the machine user.
+    fn user(&self, uid: u32) -> Result<MachineUser, ApiError>;
+    /// Whether `uid` (with `gid` and its supplementary groups) can read and enter the
+    /// directory `path`, decided by the kernel as for the user's own processes.
+    fn can_read_dir(&self, uid: u32, gid: u32, path: &str) -> Result<bool, ApiError>;
+    fn is_file(&self, path: &Path) -> bool;
+    fn is_dir(&self, path: &Path) -> bool;
 }
 
 /// A machine's sticky address on the machine network.

@@ -5,10 +5,9 @@ use container_api::system::{KernelInfo, KernelSetRequest, SystemStatus};
 use container_api::{ApiError, ErrorKind};
 
 use super::{Caller, Core};
-use crate::runtime;
 
 impl Core {
-    pub(super) fn status(&self) -> SystemStatus {
+    pub(super) async fn status(&self) -> SystemStatus {
         let o = &self.state.options;
         let machines = self.state.machines.list().unwrap_or_default();
         let running = machines
@@ -23,10 +22,9 @@ impl Core {
             root: o.root.display().to_string(),
             socket: o.socket.display().to_string(),
             started: self.state.started,
-            virtualization: runtime::qemu::detect_accel(self.state.config.runtime.virtualization)
-                .reason,
-            kernel: runtime::kernel::current(&o.root),
-            images: self.state.store.list().map(|l| l.len()).unwrap_or(0),
+            virtualization: self.state.platform.virtualization(),
+            kernel: self.state.platform.kernel(),
+            images: self.state.images.list().await.map(|l| l.len()).unwrap_or(0),
             machines: machines.len(),
             machines_running: running,
         }
@@ -44,23 +42,6 @@ impl Core {
                 "only root can set the kernel",
             ));
         }
-        let root = self.state.options.root.clone();
-        tokio::task::spawn_blocking(move || {
-            if req.recommended {
-                runtime::kernel::install_recommended(&root)
-            } else {
-                let binary = req
-                    .binary
-                    .ok_or_else(|| ApiError::invalid("give --binary PATH or --recommended"))?;
-                runtime::kernel::install(
-                    &root,
-                    std::path::Path::new(&binary),
-                    req.modules.as_deref().map(std::path::Path::new),
-                    None,
-                )
-            }
-        })
-        .await
-        .map_err(|e| ApiError::internal(format!("kernel task failed: {e}")))?
+        self.state.platform.set_kernel(req).await
     }
 }

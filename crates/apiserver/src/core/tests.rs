@@ -1,5 +1,5 @@
-//! Unit tests of the machine core through its one door, with recording fakes for the image
-//! store and the VM runtime.
+//! Unit tests of the core through its one door, with fakes for every port: no image store,
+//! no VM, no network and no host passwd database are touched.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,16 +11,58 @@ use container_api::machine::{CreateRequest, MachineState, StopRequest};
 use container_api::{ApiError, ErrorKind};
 use tokio::io::AsyncRead;
 
+use container_api::image::{ImageDetail, ImageSummary, LoginRequest, PullEvent, RemoveReport};
+use container_api::machine::MachineUser;
+use container_api::system::{KernelInfo, KernelSetRequest};
+
 use super::ports::{
-    BootSpec, ClientStream, ExecSpec, ImageInfo, Images, Net, NetLease, Reboot, Vms,
+    BootSpec, Bytes, ClientStream, ExecSpec, Host, ImageInfo, Images, InUse, Net, NetLease,
+    Platform, Reboot, Vms,
 };
 use super::*;
 use crate::config::{HostFacts, load};
 
 struct FakeImages;
 
+/// What the machine core does not use of the image store.
+fn unused<T>() -> Result<T, ApiError> {
+    Err(ApiError::internal("not used by these tests"))
+}
+
 #[async_trait]
 impl Images for FakeImages {
+    async fn list(&self) -> Result<Vec<ImageSummary>, ApiError> {
+        Ok(Vec::new())
+    }
+    async fn inspect(&self, _: &str) -> Result<ImageDetail, ApiError> {
+        unused()
+    }
+    async fn tag(&self, _: &str, _: &str) -> Result<ImageSummary, ApiError> {
+        unused()
+    }
+    async fn pull(
+        &self,
+        _: u32,
+        _: &str,
+        _: tokio::sync::mpsc::Sender<PullEvent>,
+    ) -> Result<ImageSummary, ApiError> {
+        unused()
+    }
+    async fn load(&self, _: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
+        unused()
+    }
+    async fn save(&self, _: Vec<String>) -> Result<Bytes, ApiError> {
+        unused()
+    }
+    async fn remove(&self, _: &str, _: InUse, _: bool) -> Result<RemoveReport, ApiError> {
+        unused()
+    }
+    async fn login(&self, _: u32, _: LoginRequest) -> Result<(), ApiError> {
+        unused()
+    }
+    async fn logout(&self, _: u32, _: &str) -> Result<bool, ApiError> {
+        unused()
+    }
     async fn prepare(&self, reference: &str) -> Result<ImageInfo, ApiError> {
         match reference {
             "busybox" | "debian" => Ok(ImageInfo {
@@ -209,6 +251,52 @@ impl Net for FakeNet {
     }
 }
 
+/// No kernel installed, software emulation.
+struct FakePlatform;
+
+#[async_trait]
+impl Platform for FakePlatform {
+    fn virtualization(&self) -> String {
+        "tcg (fake)".into()
+    }
+    fn kernel(&self) -> Option<KernelInfo> {
+        None
+    }
+    async fn set_kernel(&self, _: KernelSetRequest) -> Result<KernelInfo, ApiError> {
+        unused()
+    }
+}
+
+/// A host with two users, `root` and `nobody`; every directory under /srv is readable by
+/// root alone, and the only files are kernels under /boot.
+struct FakeHost;
+
+impl Host for FakeHost {
+    fn user(&self, uid: u32) -> Result<MachineUser, ApiError> {
+        let (name, home) = match uid {
+            0 => ("root", "/root"),
+            65534 => ("nobody", "/nonexistent"),
+            _ => return Err(ApiError::invalid(format!("uid {uid} has no passwd entry"))),
+        };
+        Ok(MachineUser {
+            name: name.into(),
+            uid,
+            gid: uid,
+            home: home.into(),
+            shell: "/bin/sh".into(),
+        })
+    }
+    fn can_read_dir(&self, uid: u32, _gid: u32, path: &str) -> Result<bool, ApiError> {
+        Ok(path.starts_with("/srv/") && uid == 0)
+    }
+    fn is_file(&self, path: &Path) -> bool {
+        path.starts_with("/boot/")
+    }
+    fn is_dir(&self, path: &Path) -> bool {
+        path.starts_with("/srv/") || path == Path::new("/root")
+    }
+}
+
 struct Fixture {
     core: Core,
     vms: Arc<FakeVms>,
@@ -240,10 +328,11 @@ fn fixture_with_net(net: FakeNet) -> Fixture {
         },
         config,
         Ports {
-            store: Arc::new(container_image::ImageStore::open(&dir.path().join("images")).unwrap()),
             images: Arc::new(FakeImages),
             vms: vms.clone(),
             net: net.clone(),
+            platform: Arc::new(FakePlatform),
+            host: Arc::new(FakeHost),
         },
     )
     .unwrap();
@@ -255,13 +344,13 @@ fn fixture_with_net(net: FakeNet) -> Fixture {
     }
 }
 
-/// Root is the only caller with a passwd entry everywhere tests run.
+/// Callers with a passwd entry on the fake host.
 const ROOT: Caller = Caller {
     uid: 0,
     gid: 0,
     pid: None,
 };
-/// `nobody` exists on Debian; machines need the caller's passwd entry.
+/// A second user.
 const NOBODY: Caller = Caller {
     uid: 65534,
     gid: 65534,
@@ -689,4 +778,46 @@ async fn a_guest_that_keeps_rebooting_is_left_stopped_until_started_again() {
     f.vms.guest_reboots("loop");
     f.vms.until_running("loop").await;
     assert_eq!(f.vms.boots("loop"), 3 + machines::REBOOT_LIMIT);
+}
+
+#[tokio::test]
+async fn mounts_and_kernels_are_checked_against_the_host_as_the_caller() {
+    let f = fixture();
+    let with = |name: &str, mount: Option<&str>, kernel: Option<&str>| {
+        Request::MachineCreate(CreateRequest {
+            image: "busybox".into(),
+            name: Some(name.into()),
+            no_boot: true,
+            home_mount: Some(container_api::machine::HomeMount::None),
+            mounts: mount
+                .map(|m| container_api::machine::MountSpec {
+                    host_path: m.into(),
+                    guest_path: "/data".into(),
+                    read_only: false,
+                })
+                .into_iter()
+                .collect(),
+            kernel: kernel.map(Into::into),
+            ..Default::default()
+        })
+    };
+    // The host lets root, not nobody, read /srv/data: nobody may not mount it.
+    let e = machine(&f.core, &NOBODY, with("a", Some("/srv/data"), None))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::PermissionDenied);
+    assert!(e.message.contains("/srv/data"), "{}", e.message);
+    assert!(names(&f.core, &NOBODY).await.is_empty(), "nothing created");
+    let m = machine(&f.core, &ROOT, with("b", Some("/srv/data"), None))
+        .await
+        .unwrap();
+    assert_eq!(m.mounts[0].guest_path, "/data");
+    let e = machine(&f.core, &ROOT, with("c", None, Some("/nope/vmlinuz")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    assert!(e.message.contains("/nope/vmlinuz"), "{}", e.message);
+    machine(&f.core, &ROOT, with("d", None, Some("/boot/vmlinuz")))
+        .await
+        .unwrap();
 }

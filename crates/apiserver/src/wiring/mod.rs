@@ -1,11 +1,22 @@
-//! Connects the core's ports to the real image store, VM runtime and machine network.
+//! Binds each of the core's ports (`core::ports`) to the real thing, one file per port:
+//! `images` (the OCI image store), `platform` (kernel and accelerator), `host` (passwd and
+//! paths); the VM runtime and the machine network are bound here too. Nothing outside this
+//! module and `main.rs` builds a real port.
+
+mod host;
+mod images;
+mod platform;
 
 use std::sync::Arc;
 
 use anyhow::Context;
 
+pub use host::LocalHost;
+pub use images::StoreImages;
+pub use platform::HostPlatform;
+
 use crate::config::Config;
-use crate::core::{Ports, ServiceOptions, StoreImages};
+use crate::core::{Ports, ServiceOptions};
 use crate::network::{Network, RealHost};
 
 /// The ports of a running service: running machines adopted, the network reconciled.
@@ -24,9 +35,13 @@ pub async fn ports(options: &ServiceOptions, config: &Config) -> anyhow::Result<
     let vms = crate::runtime::vms(options, config, network.clone())?;
     vms.reconcile_network().await;
     Ok(Ports {
-        images: Arc::new(StoreImages(store.clone())),
-        store,
+        images: Arc::new(StoreImages::new(store, config.registry.clone())),
         vms,
         net: network,
+        platform: Arc::new(HostPlatform {
+            root: options.root.clone(),
+            virtualization: config.runtime.virtualization,
+        }),
+        host: Arc::new(LocalHost),
     })
 }

@@ -1,0 +1,259 @@
+//! The core's [`Images`] port bound to the OCI image store (`container_image`): store work
+//! runs off the async threads, store errors become API errors with their cause chain, and
+//! pulls and loads build the image's base disk so `inspect` can say whether it has
+//! `/sbin/init` before anyone tries to boot it.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use container_api::image::{
+    BaseDiskInfo, ImageDetail, ImageSummary, LayerInfo, LoginRequest, PullEvent, RemoveReport,
+};
+use container_api::{ApiError, ErrorKind};
+use container_image::{ImageError, ImageRecord, ImageStore, Progress, PullOptions};
+use tokio::sync::mpsc;
+
+use crate::config::RegistryConfig;
+use crate::core::ports::{Bytes, ImageInfo, Images, InUse};
+
+/// The image store with the registry settings pulls and logins use.
+#[derive(Debug)]
+pub struct StoreImages {
+    store: Arc<ImageStore>,
+    registry: RegistryConfig,
+}
+
+impl StoreImages {
+    pub fn new(store: Arc<ImageStore>, registry: RegistryConfig) -> Self {
+        StoreImages { store, registry }
+    }
+}
+
+/// An image store error as the API reports it.
+fn api_error(e: ImageError) -> ApiError {
+    let kind = match &e {
+        ImageError::NotFound(_) | ImageError::RemoteNotFound { .. } => ErrorKind::NotFound,
+        ImageError::InvalidReference { .. } | ImageError::InvalidDigest(_) => {
+            ErrorKind::InvalidArgument
+        }
+        ImageError::Unauthorized { .. } => ErrorKind::PermissionDenied,
+        ImageError::InUse { .. } => ErrorKind::Conflict,
+        ImageError::Registry { .. }
+        | ImageError::DigestMismatch { .. }
+        | ImageError::SizeMismatch { .. }
+        | ImageError::Malformed { .. }
+        | ImageError::TooLarge { .. }
+        | ImageError::NoPlatform(_)
+        | ImageError::UnsupportedMediaType(_)
+        | ImageError::UnsafeEntry { .. }
+        | ImageError::Archive { .. } => ErrorKind::Unavailable,
+        ImageError::Apply { .. } | ImageError::Mkfs(_) | ImageError::Io { .. } => {
+            ErrorKind::Internal
+        }
+    };
+    ApiError::with_chain(kind, &e)
+}
+
+fn summary(r: &ImageRecord) -> ImageSummary {
+    ImageSummary {
+        reference: r.reference.clone(),
+        digest: r.digest.clone(),
+        size: r.size,
+        created: r.config.created,
+        has_init: r.disk.as_ref().map(|(_, d)| d.has_init),
+    }
+}
+
+fn detail(r: &ImageRecord) -> ImageDetail {
+    ImageDetail {
+        references: r.references.clone(),
+        digest: r.digest.clone(),
+        media_type: r.media_type.clone(),
+        os: r.config.os.clone(),
+        architecture: r.config.architecture.clone(),
+        size: r.size,
+        created: r.config.created,
+        has_init: r.disk.as_ref().map(|(_, d)| d.has_init),
+        stop_signal: r.config.stop_signal.clone(),
+        layers: r
+            .layers
+            .iter()
+            .map(|l| LayerInfo {
+                digest: l.digest.clone(),
+                media_type: l.media_type.clone(),
+                size: l.size,
+            })
+            .collect(),
+        config: r.config.config.clone(),
+        base_disk: r.disk.as_ref().map(|(p, _)| BaseDiskInfo {
+            path: p.display().to_string(),
+            allocated: container_image::unpack::allocated_bytes(p),
+        }),
+    }
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ImageError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("image store task failed: {e}")))?
+        .map_err(api_error)
+}
+
+/// A pull's progress as the API streams it.
+fn pull_event(p: Progress) -> PullEvent {
+    match p {
+        Progress::Resolved { digest, layers } => PullEvent::Resolved { digest, layers },
+        Progress::Bytes {
+            digest,
+            current,
+            total,
+        } => PullEvent::Progress {
+            digest,
+            current,
+            total,
+        },
+        Progress::BlobDone { digest, cached } => PullEvent::BlobDone { digest, cached },
+        Progress::Step(message) => PullEvent::Step { message },
+    }
+}
+
+#[async_trait]
+impl Images for StoreImages {
+    async fn list(&self) -> Result<Vec<ImageSummary>, ApiError> {
+        let store = self.store.clone();
+        blocking(move || Ok(store.list()?.iter().map(summary).collect())).await
+    }
+
+    async fn inspect(&self, reference: &str) -> Result<ImageDetail, ApiError> {
+        let (store, reference) = (self.store.clone(), reference.to_string());
+        blocking(move || Ok(detail(&store.inspect(&reference)?))).await
+    }
+
+    async fn tag(&self, source: &str, target: &str) -> Result<ImageSummary, ApiError> {
+        let store = self.store.clone();
+        let (source, target) = (source.to_string(), target.to_string());
+        blocking(move || Ok(summary(&store.tag(&source, &target)?))).await
+    }
+
+    async fn pull(
+        &self,
+        uid: u32,
+        reference: &str,
+        events: mpsc::Sender<PullEvent>,
+    ) -> Result<ImageSummary, ApiError> {
+        let opts = PullOptions {
+            insecure: self.registry.insecure.clone(),
+            max_concurrent_downloads: self.registry.max_concurrent_downloads as usize,
+            uid,
+        };
+        // A slow or gone client must not stall the pull.
+        let report = move |p: Progress| {
+            let _ = events.try_send(pull_event(p));
+        };
+        let record = self
+            .store
+            .pull(reference, &opts, &report)
+            .await
+            .map_err(api_error)?;
+        let store = self.store.clone();
+        blocking(move || {
+            store.base_disk(&record.digest)?;
+            Ok(summary(&store.inspect(&record.reference)?))
+        })
+        .await
+    }
+
+    /// Spools the archive to disk first: the tar reader is synchronous.
+    async fn load(&self, mut archive: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
+        let store = self.store.clone();
+        let work = store.work_dir();
+        let spool = tempfile::tempfile_in(&work)
+            .map_err(|e| ApiError::internal(format!("spooling the archive: {e}")))?;
+        let mut file = tokio::fs::File::from_std(spool);
+        tokio::io::copy(&mut archive, &mut file)
+            .await
+            .map_err(|e| ApiError::invalid(format!("reading the archive: {e}")))?;
+        let mut spool = file.into_std().await;
+        blocking(move || {
+            std::io::Seek::rewind(&mut spool).map_err(ImageError::io(&work))?;
+            let loaded = store.load(std::io::BufReader::new(spool), &work)?;
+            for r in &loaded {
+                store.base_disk(&r.digest)?;
+            }
+            loaded
+                .iter()
+                .map(|r| Ok(summary(&store.inspect(&r.reference)?)))
+                .collect()
+        })
+        .await
+    }
+
+    /// Writes the archive to an unlinked temporary file and hands back a reader of it.
+    async fn save(&self, references: Vec<String>) -> Result<Bytes, ApiError> {
+        let store = self.store.clone();
+        let file = blocking(move || {
+            let work = store.work_dir();
+            let mut file = tempfile::tempfile_in(&work).map_err(ImageError::io(&work))?;
+            store.save(&references, &mut file)?;
+            std::io::Seek::rewind(&mut file).map_err(ImageError::io(&work))?;
+            Ok(file)
+        })
+        .await?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
+    }
+
+    async fn remove(
+        &self,
+        reference: &str,
+        in_use: InUse,
+        force: bool,
+    ) -> Result<RemoveReport, ApiError> {
+        let (store, reference) = (self.store.clone(), reference.to_string());
+        blocking(move || {
+            let r = store.remove(&reference, &in_use, force)?;
+            Ok(RemoveReport {
+                untagged: r.untagged,
+                deleted: r.deleted,
+                freed_bytes: r.freed_bytes,
+            })
+        })
+        .await
+    }
+
+    async fn login(&self, uid: u32, login: LoginRequest) -> Result<(), ApiError> {
+        self.store
+            .credentials(uid)
+            .login(
+                &login.server,
+                &login.username,
+                &login.password,
+                &self.registry.insecure,
+            )
+            .await
+            .map_err(api_error)
+    }
+
+    async fn logout(&self, uid: u32, server: &str) -> Result<bool, ApiError> {
+        let (creds, server) = (self.store.credentials(uid), server.to_string());
+        blocking(move || creds.logout(&server)).await
+    }
+
+    async fn prepare(&self, reference: &str) -> Result<ImageInfo, ApiError> {
+        let (store, reference) = (self.store.clone(), reference.to_string());
+        blocking(move || {
+            let record = store.inspect(&reference)?;
+            let (disk, info) = store.base_disk(&record.digest)?;
+            Ok(ImageInfo {
+                reference: record.reference,
+                digest: record.digest,
+                has_init: info.has_init,
+                stop_signal: record.config.stop_signal,
+                base_disk: disk,
+            })
+        })
+        .await
+    }
+}
