@@ -127,11 +127,64 @@ pub struct Machine {
     pub pending_restart: bool,
 }
 
-/// `POST /v1/machines/{name}/set` body: `key=value` pairs as the user typed them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `POST /v1/machines/{name}/set` body: the settings to change; the others stay.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SetRequest {
-    pub settings: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
+    /// Bytes; the disk can only grow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home_mount: Option<HomeMount>,
+    /// A kernel path on the host; empty: the default kernel again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<String>,
+}
+
+impl SetRequest {
+    /// The keys `set` takes, as users type them.
+    pub const KEYS: &'static str = "cpus, memory, disk-size, home-mount, kernel";
+
+    /// Parses `KEY=VALUE` settings as users type them: `cpus=2 memory=4G home-mount=ro`.
+    pub fn parse<S: AsRef<str>>(settings: &[S]) -> Result<Self, String> {
+        let mut req = SetRequest::default();
+        for s in settings {
+            let s = s.as_ref();
+            let (key, value) = s
+                .split_once('=')
+                .ok_or_else(|| format!("invalid setting `{s}`: expected KEY=VALUE"))?;
+            match key {
+                "cpus" => {
+                    req.cpus = Some(
+                        value
+                            .parse()
+                            .map_err(|_| format!("cpus must be a number, got `{value}`"))?,
+                    )
+                }
+                "memory" => req.memory = Some(crate::size::parse_size(value)?),
+                "disk-size" => req.disk_size = Some(crate::size::parse_size(value)?),
+                "home-mount" => req.home_mount = Some(value.parse()?),
+                "kernel" => req.kernel = Some(value.to_string()),
+                other => {
+                    return Err(format!(
+                        "unknown setting `{other}`: valid keys are {}",
+                        Self::KEYS
+                    ));
+                }
+            }
+        }
+        Ok(req)
+    }
+
+    /// True when it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        *self == SetRequest::default()
+    }
 }
 
 /// `set` answer.

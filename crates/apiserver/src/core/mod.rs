@@ -14,7 +14,9 @@ use std::sync::Arc;
 use container_api::image::{
     ImageDetail, ImageSummary, LoginRequest, PullEvent, RemoveReport, TagRequest,
 };
-use container_api::machine::{CreateRequest, Machine, RunRequest, SetReply, StopRequest};
+use container_api::machine::{
+    CreateRequest, Machine, RunRequest, SetReply, SetRequest, StopRequest,
+};
 use container_api::system::{Property, SystemStatus};
 use container_api::{ApiError, ErrorKind};
 use serde::Serialize;
@@ -75,7 +77,7 @@ pub enum Request {
     },
     MachineSet {
         name: String,
-        settings: Vec<(String, String)>,
+        settings: SetRequest,
     },
     MachineSetDefault(String),
     /// The console (or, with `boot`, the boot) log file of a machine.

@@ -527,31 +527,39 @@ async fn set_validates_keys_and_says_when_a_restart_is_needed() {
     machine(&f.core, &ROOT, create("busybox", Some("dev")))
         .await
         .unwrap();
-    let set = |settings: &[(&str, &str)]| Request::MachineSet {
+    let set = |settings: &[&str]| Request::MachineSet {
         name: "dev".into(),
-        settings: settings
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        settings: SetRequest::parse(settings).unwrap(),
     };
+    let e = SetRequest::parse(&["cpu=2"]).unwrap_err();
+    assert!(e.contains("valid keys"), "{e}");
+    assert!(SetRequest::parse(&["memory=lots"]).is_err());
+    let e = f.core.handle(&ROOT, set(&[])).await.unwrap_err();
+    assert!(e.message.contains("KEY=VALUE"), "{}", e.message);
     let e = f
         .core
-        .handle(&ROOT, set(&[("cpu", "2")]))
-        .await
-        .unwrap_err();
-    assert!(e.message.contains("valid keys"), "{}", e.message);
-    let e = f
-        .core
-        .handle(&ROOT, set(&[("disk-size", "1G")]))
+        .handle(&ROOT, set(&["disk-size=1G"]))
         .await
         .unwrap_err();
     assert!(e.message.contains("only grow"), "{}", e.message);
+    // The one validator of create and set: the same limits, the same words.
     let e = f
         .core
-        .handle(&ROOT, set(&[("cpus", "3"), ("memory", "lots")]))
+        .handle(&ROOT, set(&["cpus=3", "memory=100M"]))
         .await
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    assert!(
+        e.message.contains("memory must be at least 256M"),
+        "{}",
+        e.message
+    );
+    let e = f.core.handle(&ROOT, set(&["cpus=0"])).await.unwrap_err();
+    assert!(
+        e.message.contains("cpus must be between 1 and 64"),
+        "{}",
+        e.message
+    );
     let Reply::Machine(m) = f
         .core
         .handle(&ROOT, Request::MachineInspect("dev".into()))
@@ -564,7 +572,7 @@ async fn set_validates_keys_and_says_when_a_restart_is_needed() {
 
     let Reply::Set(r) = f
         .core
-        .handle(&ROOT, set(&[("cpus", "3"), ("disk-size", "128G")]))
+        .handle(&ROOT, set(&["cpus=3", "disk-size=128G"]))
         .await
         .unwrap()
     else {
@@ -583,12 +591,7 @@ async fn set_validates_keys_and_says_when_a_restart_is_needed() {
     machine(&f.core, &ROOT, Request::MachineStart("dev".into()))
         .await
         .unwrap();
-    let Reply::Set(r) = f
-        .core
-        .handle(&ROOT, set(&[("memory", "2G")]))
-        .await
-        .unwrap()
-    else {
+    let Reply::Set(r) = f.core.handle(&ROOT, set(&["memory=2G"])).await.unwrap() else {
         panic!()
     };
     assert!(r.takes_effect_at_next_start);

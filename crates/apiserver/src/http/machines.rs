@@ -92,7 +92,7 @@ async fn set(
         &caller,
         Request::MachineSet {
             name,
-            settings: body.settings,
+            settings: body,
         },
     )
     .await

@@ -262,21 +262,9 @@ impl MachineCommand {
             }
             MachineCommand::Set { name, settings } => {
                 let name = resolve_name(&client, name).await?;
-                let pairs = settings
-                    .iter()
-                    .map(|s| {
-                        s.split_once('=')
-                            .map(|(k, v)| (k.to_string(), v.to_string()))
-                            .ok_or_else(|| {
-                                anyhow::anyhow!("invalid setting `{s}`: expected KEY=VALUE")
-                            })
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let request = SetRequest::parse(&settings).map_err(anyhow::Error::msg)?;
                 let reply: SetReply = client
-                    .post(
-                        &format!("/machines/{name}/set"),
-                        &SetRequest { settings: pairs },
-                    )
+                    .post(&format!("/machines/{name}/set"), &request)
                     .await?;
                 if reply.takes_effect_at_next_start {
                     eprintln!("Note: changes take effect after stopping and starting '{name}'.");

@@ -1,0 +1,340 @@
+//! What `run` starts in a machine (user, working directory, environment, argv), `run`
+//! itself and `cp`.
+
+use std::path::Path;
+
+use container_api::ApiError;
+use container_api::machine::{HomeMount, RunRequest};
+
+use super::guest_path;
+use crate::core::ports::{ClientStream, ExecSpec, ExecUser};
+use crate::core::{Caller, Core};
+use crate::machines::MachineRecord;
+
+impl Core {
+    /// Works out what `run` starts: user, working directory, environment, argv.
+    pub(in crate::core) fn exec_spec(
+        record: &MachineRecord,
+        req: &RunRequest,
+    ) -> Result<ExecSpec, ApiError> {
+        let user = &record.user;
+        let exec_user = if req.root {
+            ExecUser::Ids {
+                uid: 0,
+                gid: Some(0),
+            }
+        } else if let Some(u) = &req.user {
+            let (who, group) = match u.split_once(':') {
+                Some((w, g)) => (w, Some(g)),
+                None => (u.as_str(), None),
+            };
+            let gid = group
+                .map(|g| {
+                    g.parse::<u32>()
+                        .map_err(|_| ApiError::invalid(format!("invalid group `{g}` in -u {u}")))
+                })
+                .transpose()?
+                .or(req.gid);
+            match who.parse::<u32>() {
+                Ok(uid) => ExecUser::Ids { uid, gid },
+                Err(_) => ExecUser::Name(who.to_string()),
+            }
+        } else if let Some(uid) = req.uid {
+            ExecUser::Ids { uid, gid: req.gid }
+        } else {
+            ExecUser::Ids {
+                uid: user.uid,
+                gid: Some(req.gid.unwrap_or(user.gid)),
+            }
+        };
+        let as_machine_user = matches!(&exec_user, ExecUser::Ids { uid, .. } if *uid == user.uid)
+            || matches!(&exec_user, ExecUser::Name(n) if *n == user.name);
+        let home = if as_machine_user {
+            user.home.clone()
+        } else if matches!(exec_user, ExecUser::Ids { uid: 0, .. }) {
+            "/root".to_string()
+        } else {
+            "/".to_string()
+        };
+        let cwd = match &req.workdir {
+            Some(w) => guest_path(w).or_else(|_| {
+                if w == "/" {
+                    Ok("/".to_string())
+                } else {
+                    Err(ApiError::invalid(format!(
+                        "workdir `{w}` must be an absolute path"
+                    )))
+                }
+            })?,
+            None => req
+                .caller_cwd
+                .as_deref()
+                .and_then(|cwd| visible_path(record, cwd))
+                .unwrap_or_else(|| home.clone()),
+        };
+        let shell = user.shell.clone();
+        let (argv, arg0) = if req.command.is_empty() {
+            let base = Path::new(&shell)
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_else(|| "sh".into());
+            (vec![shell.clone()], Some(format!("-{base}")))
+        } else {
+            (req.command.clone(), None)
+        };
+        let mut env = vec![
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+            format!("HOME={home}"),
+        ];
+        if as_machine_user {
+            env.push(format!("USER={}", user.name));
+            env.push(format!("LOGNAME={}", user.name));
+            env.push(format!("SHELL={shell}"));
+        }
+        if req.tty {
+            env.push("TERM=xterm-256color".into());
+        }
+        // User-given values override the defaults above.
+        for e in &req.env {
+            let key = e.split('=').next().unwrap_or_default();
+            env.retain(|d| d.split('=').next() != Some(key));
+            env.push(e.clone());
+        }
+        Ok(ExecSpec {
+            argv,
+            arg0,
+            env,
+            cwd,
+            user: exec_user,
+            tty: req.tty,
+            rows: req.rows.unwrap_or(24),
+            cols: req.cols.unwrap_or(80),
+            detach: req.detach,
+        })
+    }
+}
+
+/// The guest path at which the machine sees host path `cwd`, if it does: inside the shared
+/// home (same path) or inside another mount (mapped to its guest path).
+fn visible_path(record: &MachineRecord, cwd: &str) -> Option<String> {
+    let cwd = Path::new(cwd);
+    if record.home_mount != HomeMount::None && cwd.starts_with(&record.user.home) {
+        return Some(cwd.display().to_string());
+    }
+    record.mounts.iter().find_map(|m| {
+        cwd.strip_prefix(&m.host_path).ok().map(|rest| {
+            if rest.as_os_str().is_empty() {
+                m.guest_path.clone()
+            } else {
+                format!("{}/{}", m.guest_path, rest.display())
+            }
+        })
+    })
+}
+
+impl Core {
+    /// Boots the machine if needed and runs the process, relaying frames to `client`.
+    pub(in crate::core) async fn machine_exec(
+        &self,
+        caller: &Caller,
+        name: &str,
+        req: RunRequest,
+        client: Box<dyn ClientStream>,
+    ) -> Result<(), ApiError> {
+        let mut client = client;
+        let prepared = async {
+            let record = self.visible(caller, name)?;
+            let spec = Self::exec_spec(&record, &req)?;
+            let _guard = self.state.locks.lock(name).await;
+            self.boot(&record).await?;
+            Ok::<_, ApiError>(spec)
+        }
+        .await;
+        match prepared {
+            Ok(spec) => self.state.vms.exec(name, spec, client).await,
+            Err(e) => {
+                // The connection is already upgraded: the error travels as a frame.
+                let _ = container_api::session::Frame::Error(e.clone())
+                    .write(&mut client)
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies a tar stream into a running (or booted on demand) machine.
+    pub(in crate::core) async fn machine_copy_in(
+        &self,
+        caller: &Caller,
+        name: &str,
+        path: &str,
+        tar: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+    ) -> Result<(), ApiError> {
+        let record = self.visible(caller, name)?;
+        let path =
+            guest_path(path).or_else(|e| if path == "/" { Ok("/".into()) } else { Err(e) })?;
+        {
+            let _guard = self.state.locks.lock(name).await;
+            self.boot(&record).await?;
+        }
+        self.state.vms.copy_in(name, &path, tar).await
+    }
+
+    /// A tar stream of a path in the machine.
+    pub(in crate::core) async fn machine_copy_out(
+        &self,
+        caller: &Caller,
+        name: &str,
+        path: &str,
+    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, ApiError> {
+        let record = self.visible(caller, name)?;
+        let path =
+            guest_path(path).or_else(|e| if path == "/" { Ok("/".into()) } else { Err(e) })?;
+        {
+            let _guard = self.state.locks.lock(name).await;
+            self.boot(&record).await?;
+        }
+        self.state.vms.copy_out(name, &path).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::machines::mac_for;
+    use container_api::machine::{MachineUser, MountSpec};
+
+    fn record(home_mount: HomeMount) -> MachineRecord {
+        MachineRecord {
+            name: "dev".into(),
+            owner_uid: 1000,
+            user: MachineUser {
+                name: "alice".into(),
+                uid: 1000,
+                gid: 1000,
+                home: "/home/alice".into(),
+                shell: "/bin/bash".into(),
+            },
+            image: "i".into(),
+            image_digest: "sha256:0".into(),
+            stop_signal: None,
+            created: chrono::Utc::now(),
+            cpus: 1,
+            memory: 1 << 30,
+            disk_size: 1 << 30,
+            home_mount,
+            mounts: vec![MountSpec {
+                host_path: "/srv/data".into(),
+                guest_path: "/data".into(),
+                read_only: true,
+            }],
+            network: "default".into(),
+            kernel: None,
+            ip_address: None,
+            mac: mac_for("dev"),
+            pending_restart: false,
+        }
+    }
+
+    fn run(cmd: &[&str], cwd: &str) -> RunRequest {
+        RunRequest {
+            command: cmd.iter().map(|s| s.to_string()).collect(),
+            caller_cwd: Some(cwd.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn run_lands_in_the_callers_directory_when_visible() {
+        let r = record(HomeMount::Rw);
+        assert_eq!(
+            Core::exec_spec(&r, &run(&["pwd"], "/home/alice/src/x"))
+                .unwrap()
+                .cwd,
+            "/home/alice/src/x"
+        );
+        assert_eq!(
+            Core::exec_spec(&r, &run(&["pwd"], "/srv/data/a"))
+                .unwrap()
+                .cwd,
+            "/data/a"
+        );
+        assert_eq!(
+            Core::exec_spec(&r, &run(&["pwd"], "/srv/data"))
+                .unwrap()
+                .cwd,
+            "/data"
+        );
+        assert_eq!(
+            Core::exec_spec(&r, &run(&["pwd"], "/opt")).unwrap().cwd,
+            "/home/alice"
+        );
+        // With no home share, the host home is not visible: start in the guest home.
+        let none = record(HomeMount::None);
+        assert_eq!(
+            Core::exec_spec(&none, &run(&["pwd"], "/home/alice/src"))
+                .unwrap()
+                .cwd,
+            "/home/alice"
+        );
+        let mut w = run(&["pwd"], "/home/alice");
+        w.workdir = Some("/tmp".into());
+        assert_eq!(Core::exec_spec(&r, &w).unwrap().cwd, "/tmp");
+        w.workdir = Some("relative".into());
+        assert!(Core::exec_spec(&r, &w).is_err());
+    }
+
+    #[test]
+    fn no_command_means_a_login_shell_as_the_user() {
+        let spec = Core::exec_spec(&record(HomeMount::Rw), &run(&[], "/")).unwrap();
+        assert_eq!(spec.argv, ["/bin/bash"]);
+        assert_eq!(spec.arg0.as_deref(), Some("-bash"));
+        assert_eq!(
+            spec.user,
+            ExecUser::Ids {
+                uid: 1000,
+                gid: Some(1000)
+            }
+        );
+        assert!(spec.env.contains(&"USER=alice".to_string()));
+        assert!(spec.env.contains(&"HOME=/home/alice".to_string()));
+    }
+
+    #[test]
+    fn users_and_env_follow_the_flags() {
+        let r = record(HomeMount::Rw);
+        let mut req = run(&["id"], "/");
+        req.root = true;
+        let spec = Core::exec_spec(&r, &req).unwrap();
+        assert_eq!(
+            spec.user,
+            ExecUser::Ids {
+                uid: 0,
+                gid: Some(0)
+            }
+        );
+        assert!(spec.env.contains(&"HOME=/root".to_string()));
+        req.root = false;
+        req.user = Some("postgres".into());
+        assert_eq!(
+            Core::exec_spec(&r, &req).unwrap().user,
+            ExecUser::Name("postgres".into())
+        );
+        req.user = Some("33:44".into());
+        assert_eq!(
+            Core::exec_spec(&r, &req).unwrap().user,
+            ExecUser::Ids {
+                uid: 33,
+                gid: Some(44)
+            }
+        );
+        req.user = Some("33:x".into());
+        assert!(Core::exec_spec(&r, &req).is_err());
+        req.user = None;
+        req.env = vec!["HOME=/elsewhere".into(), "A=1".into()];
+        let env = Core::exec_spec(&r, &req).unwrap().env;
+        assert!(env.contains(&"HOME=/elsewhere".to_string()));
+        assert!(!env.contains(&"HOME=/home/alice".to_string()));
+        assert!(env.contains(&"A=1".to_string()));
+    }
+}

@@ -1,0 +1,182 @@
+//! Machine requests. Every request first resolves the name *as the caller* ([`Core::visible`]):
+//! another user's machine is "not found". Lifecycle operations on one machine hold its lock
+//! ([`Locks`]) for their whole length, so they never interleave.
+//!
+//! - `lifecycle`: create, boot, start, stop, delete;
+//! - `settings`: the one validator of what create and `set` accept, and `set` itself;
+//! - `reboot`: whether a guest that rebooted itself is booted again;
+//! - `exec`: what `run` starts (user, working directory, environment), `run` and `cp`.
+
+mod exec;
+mod lifecycle;
+mod reboot;
+mod settings;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use container_api::machine::Machine;
+use container_api::{ApiError, ErrorKind};
+
+pub use lifecycle::{DEFAULT_STOP_TIMEOUT, parse_signal};
+#[cfg(test)]
+pub(super) use reboot::REBOOT_LIMIT;
+pub(super) use reboot::RebootPolicy;
+
+use super::{Caller, Core};
+use crate::machines::{MachineRecord, StoreError};
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let kind = match &e {
+            StoreError::NotFound(_) => ErrorKind::NotFound,
+            StoreError::Exists(_) => ErrorKind::AlreadyExists,
+            StoreError::Io { .. } => ErrorKind::Internal,
+        };
+        ApiError::with_chain(kind, &e)
+    }
+}
+
+/// Per-machine locks: lifecycle operations on one machine never interleave.
+#[derive(Debug, Default)]
+pub(super) struct Locks {
+    inner: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Locks {
+    pub(super) async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .inner
+            .lock()
+            .expect("the lock table is never poisoned")
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+}
+
+/// Normalises a guest path: absolute, no `.`/`..`, not `/`.
+fn guest_path(path: &str) -> Result<String, ApiError> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(ApiError::invalid(format!(
+            "guest path `{path}` must be absolute"
+        )));
+    }
+    let mut parts = Vec::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::Normal(s) => parts.push(s.to_string_lossy().to_string()),
+            std::path::Component::RootDir | std::path::Component::CurDir => {}
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "guest path `{path}` may not contain `..`"
+                )));
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Err(ApiError::invalid(
+            "cannot mount over the machine's root `/`",
+        ));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+/// A deterministic MAC for a machine name (locally administered, QEMU's prefix).
+fn mac_for(name: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    let v = h.finish().to_be_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", v[0], v[1], v[2])
+}
+
+impl Core {
+    /// The record of `name` if the caller may see it.
+    pub(super) fn visible(&self, caller: &Caller, name: &str) -> Result<MachineRecord, ApiError> {
+        let record = self.state.machines.get(name)?;
+        if caller.is_root() || record.owner_uid == caller.uid {
+            Ok(record)
+        } else {
+            Err(StoreError::NotFound(name.to_string()).into())
+        }
+    }
+
+    pub(super) fn to_api(&self, record: &MachineRecord, default: Option<&str>) -> Machine {
+        let vms = &self.state.vms;
+        let disk = self.state.machines.disk_path(&record.name);
+        Machine {
+            name: record.name.clone(),
+            image: record.image.clone(),
+            image_digest: record.image_digest.clone(),
+            created: record.created,
+            started: vms.started(&record.name),
+            state: vms.state(&record.name),
+            default: default == Some(record.name.as_str()),
+            ip_address: record.ip_address.clone(),
+            cpus: record.cpus,
+            memory: record.memory,
+            disk_size: record.disk_size,
+            disk_allocated: vms.disk_allocated(&disk),
+            home_mount: record.home_mount,
+            mounts: record.mounts.clone(),
+            network: record.network.clone(),
+            kernel: record.kernel.clone(),
+            user: record.user.clone(),
+            owner_uid: record.owner_uid,
+            pending_restart: record.pending_restart,
+        }
+    }
+
+    fn machine(&self, record: &MachineRecord) -> Result<Machine, ApiError> {
+        let default = self.state.machines.default_for(record.owner_uid)?;
+        Ok(self.to_api(record, default.as_deref()))
+    }
+
+    pub(super) fn machine_list(&self, caller: &Caller) -> Result<Vec<Machine>, ApiError> {
+        let defaults = self.state.machines.defaults()?;
+        Ok(self
+            .state
+            .machines
+            .list()?
+            .into_iter()
+            .filter(|r| caller.is_root() || r.owner_uid == caller.uid)
+            .map(|r| {
+                let d = defaults.get(&r.owner_uid).cloned();
+                self.to_api(&r, d.as_deref())
+            })
+            .collect())
+    }
+
+    pub(super) fn machine_get(&self, caller: &Caller, name: &str) -> Result<Machine, ApiError> {
+        self.machine(&self.visible(caller, name)?)
+    }
+
+    pub(super) async fn machine_set_default(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<Machine, ApiError> {
+        let record = self.visible(caller, name)?;
+        self.state
+            .machines
+            .set_default(record.owner_uid, Some(name))?;
+        self.machine(&record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_paths_are_normalised_and_checked() {
+        assert_eq!(guest_path("/data/./x/").unwrap(), "/data/x");
+        assert!(guest_path("data").is_err());
+        assert!(guest_path("/a/../b").is_err());
+        assert!(guest_path("/").is_err());
+    }
+}
