@@ -56,6 +56,43 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Takes the root's instance lock for the life of the process: one service per data
+/// directory. The lock file names the holder's pid for the message a second one prints.
+fn lock_root(root: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let path = root.join("apiserver.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let mut lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+    {
+        Ok(lock) => lock,
+        Err((mut file, nix::errno::Errno::EWOULDBLOCK)) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => String::new(),
+                pid => format!(" (pid {pid})"),
+            };
+            anyhow::bail!(
+                "another container service is already running on {}{holder}; stop it with \
+                 `container system stop`, or give this one another --root",
+                root.display()
+            );
+        }
+        Err((_, e)) => return Err(e).with_context(|| format!("locking {}", path.display())),
+    };
+    lock.set_len(0)?;
+    lock.rewind()?;
+    writeln!(lock, "{}", std::process::id())?;
+    Ok(lock)
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     let files = if args.config_files.is_empty() {
         config::config_files(&config::install_prefix())
@@ -63,6 +100,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.config_files.clone()
     };
     let config = config::load(&files, HostFacts::detect())?;
+    // Before anything under the root is touched: start-up cleanup of a second instance would
+    // destroy the first one's work in flight.
+    let _instance = lock_root(&args.root)?;
     let options = ServiceOptions {
         root: args.root,
         run_dir: args.run_dir,
