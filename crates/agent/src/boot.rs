@@ -14,7 +14,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use container_agent_proto::{BOOT_CONFIG_PATH, BootConfig, INIT_MARKER};
 use nix::mount::{MsFlags, mount};
 
-use crate::{log, net, server, sys, users};
+use crate::console::{self, log};
+use crate::{net, server, sys, users};
 
 const NEWROOT: &str = "/newroot";
 
@@ -165,7 +166,7 @@ pub fn run() -> Result<Infallible> {
     eprintln!(
         "{INIT_MARKER} {} [{:.3}s]",
         init.join(" "),
-        sys::boot_time()
+        console::boot_time()
     );
     sys::reset_signals();
     let err = nix::unistd::execve(&argv[0], &argv, &init_env()).unwrap_err();

@@ -6,6 +6,7 @@
 //! error goes to the console (the boot log) and the VM powers off: it never hangs.
 
 mod boot;
+mod console;
 mod copy;
 mod exec;
 mod net;
@@ -15,14 +16,7 @@ mod users;
 
 use std::process::ExitCode;
 
-/// Prints a boot-log line on the console, stamped with the time since the kernel started
-/// (comparable with the kernel's own stamps).
-macro_rules! log {
-    ($($arg:tt)*) => {{
-        eprintln!("container-agent: {} [{:.3}s]", format!($($arg)*), $crate::sys::boot_time());
-    }};
-}
-pub(crate) use log;
+use console::log;
 
 fn main() -> ExitCode {
     if std::process::id() != 1 {

@@ -10,7 +10,8 @@ use container_agent_proto::sync::{read, send};
 use container_agent_proto::{BootConfig, Frame, Message, VERSION};
 use vsock::{VMADDR_CID_ANY, VsockListener, VsockStream};
 
-use crate::{copy, exec, log, sys};
+use crate::console::log;
+use crate::{copy, exec, sys};
 
 /// The writing half of a session, shared by the threads that produce its frames; each frame
 /// is written whole under the lock.

@@ -4,13 +4,6 @@
 
 use std::os::fd::AsRawFd;
 
-/// Seconds since the kernel started (CLOCK_BOOTTIME), for log stamps.
-pub fn boot_time() -> f64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
-        .unwrap_or(0.0)
-}
-
 /// Powers the VM off (QEMU exits); syncs first.
 pub fn power_off() {
     nix::unistd::sync();
