@@ -5,11 +5,11 @@
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
-use container_agent_proto::sync::{read, write};
+use container_agent_proto::sync::read;
 use container_agent_proto::{Frame, Kind, MAX_FRAME, Message};
 use vsock::VsockStream;
 
-use crate::server::{Writer, error, reply};
+use crate::wire::{self, Writer, error, reply};
 
 /// Reads the tar stream out of `Data` frames until `DataEof`.
 struct FrameReader<'a> {
@@ -162,8 +162,7 @@ struct FrameWriter<'a>(&'a Writer);
 impl Write for FrameWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = buf.len().min(MAX_FRAME);
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        write(&mut *s, &Frame::Data(Kind::Data, buf[..n].to_vec()))?;
+        wire::data(self.0, Kind::Data, &buf[..n])?;
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {

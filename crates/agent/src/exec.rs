@@ -15,14 +15,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use container_agent_proto::sync::{read, write};
+use container_agent_proto::sync::read;
 use container_agent_proto::{ExecRequest, Frame, Kind, Message};
 use rustix::fs::{Mode, OFlags};
 use rustix::pty::OpenptFlags;
 use vsock::VsockStream;
 
-use crate::server::{Writer, error, reply};
 use crate::sys;
+use crate::wire::{self, Writer, error, reply};
 
 /// The PATH when the request's environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -381,8 +381,7 @@ fn pump_output(mut r: Box<dyn Read + Send>, kind: Kind, w: &Writer) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
             Ok(n) => {
-                let mut s = w.lock().unwrap_or_else(|p| p.into_inner());
-                if write(&mut *s, &Frame::Data(kind, buf[..n].to_vec())).is_err() {
+                if wire::data(w, kind, &buf[..n]).is_err() {
                     break;
                 }
             }

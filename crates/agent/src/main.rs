@@ -13,6 +13,7 @@ mod net;
 mod server;
 mod sys;
 mod users;
+mod wire;
 
 use std::process::ExitCode;
 

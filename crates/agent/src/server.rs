@@ -11,24 +11,8 @@ use container_agent_proto::{BootConfig, Frame, Message, VERSION};
 use vsock::{VMADDR_CID_ANY, VsockListener, VsockStream};
 
 use crate::console::log;
+use crate::wire::{Writer, error, reply};
 use crate::{copy, exec, sys};
-
-/// The writing half of a session, shared by the threads that produce its frames; each frame
-/// is written whole under the lock.
-pub type Writer = Arc<Mutex<VsockStream>>;
-
-/// Sends a message on a shared writer.
-pub fn reply(w: &Writer, m: Message) -> std::io::Result<()> {
-    send(&mut *w.lock().unwrap_or_else(|p| p.into_inner()), m)
-}
-
-/// An error answer.
-pub fn error(message: impl Into<String>, code: Option<i32>) -> Message {
-    Message::Error {
-        message: message.into(),
-        code,
-    }
-}
 
 /// Serves forever.
 pub fn serve(cfg: &BootConfig) -> ! {
