@@ -67,7 +67,7 @@ pub fn copy_in(path: &str, mut stream: VsockStream, writer: &Writer) -> std::io:
     }
     match result {
         Ok(()) => reply(writer, Message::Done),
-        Err(e) => reply(writer, error(format!("{e:#}"), None)),
+        Err(e) => reply(writer, error(e, None)),
     }
 }
 
@@ -160,7 +160,7 @@ impl Write for FrameWriter<'_> {
 pub fn copy_out(path: &str, writer: &Writer) -> std::io::Result<()> {
     match pack(path, writer) {
         Ok(()) => reply(writer, Message::DataEof),
-        Err(e) => reply(writer, error(format!("{e:#}"), None)),
+        Err(e) => reply(writer, error(e, None)),
     }
 }
 

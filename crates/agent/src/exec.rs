@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use anyhow::{Context, Result};
 use container_agent_proto::sync::read;
 use container_agent_proto::{ExecRequest, Frame, Kind, Message};
 use rustix::fs::{Mode, OFlags};
@@ -218,7 +219,7 @@ fn resize(master: &impl AsFd, rows: u16, cols: u16) {
 }
 
 /// Runs one exec session to its end.
-pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Result<()> {
+pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> Result<()> {
     let (who, program) = match prepare(&req) {
         Ok(p) => p,
         Err(refusal) => return refuse(&writer, refusal),
@@ -239,15 +240,16 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
         }
     }
     let pty = if req.tty {
-        Some(open_pty(req.rows, req.cols)?)
+        Some(open_pty(req.rows, req.cols).context("opening a terminal")?)
     } else {
         None
     };
     match &pty {
         Some(p) => {
-            cmd.stdin(Stdio::from(p.slave.try_clone()?))
-                .stdout(Stdio::from(p.slave.try_clone()?))
-                .stderr(Stdio::from(p.slave.try_clone()?));
+            let slave = || p.slave.try_clone().context("duplicating the terminal");
+            cmd.stdin(Stdio::from(slave()?))
+                .stdout(Stdio::from(slave()?))
+                .stderr(Stdio::from(slave()?));
         }
         None => {
             cmd.stdin(Stdio::piped())
@@ -272,13 +274,11 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
         Ok(c) => c,
         Err(e) => {
             let message = format!("exec: \"{}\": {e}", req.argv[0]);
-            return refuse(
-                &writer,
-                match e.kind() {
-                    std::io::ErrorKind::NotFound => Refusal::NotFound(message),
-                    _ => Refusal::CannotRun(message),
-                },
-            );
+            let refusal = match e.kind() {
+                std::io::ErrorKind::NotFound => Refusal::NotFound(message),
+                _ => Refusal::CannotRun(message),
+            };
+            return refuse(&writer, refusal);
         }
     };
     let pid = child.id() as i32;
@@ -298,11 +298,15 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
         Some(Pty { master, slave }) => {
             drop(slave);
             pump(
-                Box::new(std::fs::File::from(master.try_clone()?)),
+                Box::new(std::fs::File::from(
+                    master.try_clone().context("duplicating the terminal")?,
+                )),
                 Kind::Stdout,
             );
             (
-                Box::new(std::fs::File::from(master.try_clone()?)),
+                Box::new(std::fs::File::from(
+                    master.try_clone().context("duplicating the terminal")?,
+                )),
                 Some(master),
             )
         }
@@ -318,7 +322,9 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
     let exited = Arc::new(AtomicBool::new(false));
     relay_input(reader, stdin, master, pid, req.tty, exited.clone());
 
-    let status = child.wait()?;
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {program} (pid {pid})"))?;
     exited.store(true, Ordering::SeqCst);
     // Output written before the exit is still in the pipes: drain it, but do not wait for
     // children the process left running with its output open.
@@ -335,13 +341,15 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
             code: status.code(),
             signal: status.signal(),
         },
-    )
+    )?;
+    Ok(())
 }
 
 /// Tells the host the process cannot start, and why.
-fn refuse(writer: &Writer, refusal: Refusal) -> std::io::Result<()> {
+fn refuse(writer: &Writer, refusal: Refusal) -> Result<()> {
     let code = refusal.code();
-    reply(writer, error(refusal.to_string(), Some(code)))
+    reply(writer, error(refusal, Some(code)))?;
+    Ok(())
 }
 
 /// Relays the host's frames to the process until the host closes the session: stdin

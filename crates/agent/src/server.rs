@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result, anyhow, bail};
 use container_agent_proto::sync::{read, send};
 use container_agent_proto::{BootConfig, Frame, Message, VERSION};
 use vsock::{VMADDR_CID_ANY, VsockListener, VsockStream};
@@ -36,7 +37,7 @@ pub fn serve(cfg: &BootConfig) -> ! {
             Ok((stream, _)) => {
                 std::thread::spawn(move || {
                     if let Err(e) = session(stream, started) {
-                        log!("session failed: {e}");
+                        log!("session failed: {e:#}");
                     }
                 });
             }
@@ -73,10 +74,15 @@ fn report_ready(port: u32) {
 /// Connection attempts of [`report_ready`], 200 ms apart.
 const REPORT_ATTEMPTS: u32 = 50;
 
-fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
-    let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
+/// Serves one session: the hello, then one request. A request that fails is answered to the
+/// host as an `Error` message; an error returned here is one that left the host without its
+/// answer (the stream broke, the host spoke out of turn, the process could not be awaited).
+fn session(stream: VsockStream, started: Instant) -> Result<()> {
+    let mut reader = stream
+        .try_clone()
+        .context("duplicating the session's stream")?;
     let writer: Writer = Arc::new(Mutex::new(stream));
-    match read(&mut reader).map_err(|e| e.to_string())? {
+    match read(&mut reader).context("reading the hello")? {
         Some(Frame::Message(Message::Hello { version })) if version == VERSION => {
             reply(
                 &writer,
@@ -85,13 +91,13 @@ fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
                     agent: env!("CARGO_PKG_VERSION").into(),
                 },
             )
-            .map_err(|e| e.to_string())?;
+            .context("answering the hello")?;
         }
         Some(Frame::Message(Message::Hello { version })) => {
             let _ = reply(
                 &writer,
                 error(
-                    format!(
+                    anyhow!(
                         "the agent speaks protocol version {VERSION}, the service {version}: restart the machine to update its agent"
                     ),
                     None,
@@ -99,14 +105,14 @@ fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
             );
             return Ok(());
         }
-        other => return Err(format!("session opened without hello: {other:?}")),
+        other => bail!("session opened without hello: {other:?}"),
     }
-    let request = match read(&mut reader).map_err(|e| e.to_string())? {
+    let request = match read(&mut reader).context("reading the request")? {
         Some(Frame::Message(m)) => m,
         None => return Ok(()),
-        Some(other) => return Err(format!("session without a request: {other:?}")),
+        Some(other) => bail!("session without a request: {other:?}"),
     };
-    let r = match request {
+    match request {
         Message::Ping => reply(
             &writer,
             Message::Pong {
@@ -114,24 +120,20 @@ fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
                 init_pid: 1,
                 init_running: init_running(),
             },
-        ),
+        )?,
         Message::SetTime { unix_ns } => {
-            let ts = nix::sys::time::TimeSpec::new(
-                (unix_ns / 1_000_000_000) as i64,
-                (unix_ns % 1_000_000_000) as i64,
-            );
-            match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
-                Ok(()) => reply(&writer, Message::Done),
-                Err(e) => reply(&writer, error(format!("setting the clock: {e}"), None)),
+            match sys::set_clock(unix_ns).context("setting the clock") {
+                Ok(()) => reply(&writer, Message::Done)?,
+                Err(e) => reply(&writer, error(e, None))?,
             }
         }
-        Message::Shutdown { signal, timeout_ms } => shutdown(signal, timeout_ms, &writer),
-        Message::Exec(req) => exec::run(req, reader, writer),
-        Message::CopyIn { path } => copy::copy_in(&path, reader, &writer),
-        Message::CopyOut { path } => copy::copy_out(&path, &writer),
-        other => reply(&writer, error(format!("not a request: {other:?}"), None)),
-    };
-    r.map_err(|e| e.to_string())
+        Message::Shutdown { signal, timeout_ms } => shutdown(signal, timeout_ms, &writer)?,
+        Message::Exec(req) => exec::run(req, reader, writer)?,
+        Message::CopyIn { path } => copy::copy_in(&path, reader, &writer)?,
+        Message::CopyOut { path } => copy::copy_out(&path, &writer)?,
+        other => reply(&writer, error(anyhow!("not a request: {other:?}"), None))?,
+    }
+    Ok(())
 }
 
 /// PID 1 is the image's init once it no longer runs the agent's binary.

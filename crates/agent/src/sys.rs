@@ -1,8 +1,18 @@
-//! The few system calls the agent makes that have no safe wrapper: loading modules from a
-//! file, growing ext4 online, reading a disk's size, the pre-exec hooks of sessions, fork,
-//! raw signals and power-off. Every `unsafe` block of the agent is here.
+//! The system calls the agent makes on the machine as a whole, and those that have no safe
+//! wrapper: loading modules from a file, growing ext4 online, reading a disk's size, the
+//! clock, the pre-exec hooks of sessions, fork, raw signals and power-off. Every `unsafe`
+//! block of the agent is here.
 
 use std::os::fd::AsRawFd;
+
+/// Sets the machine's clock to `unix_ns` nanoseconds since the epoch.
+pub fn set_clock(unix_ns: u64) -> nix::Result<()> {
+    let ts = nix::sys::time::TimeSpec::new(
+        (unix_ns / 1_000_000_000) as i64,
+        (unix_ns % 1_000_000_000) as i64,
+    );
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+}
 
 /// Powers the VM off (QEMU exits); syncs first.
 pub fn power_off() {

@@ -25,10 +25,11 @@ pub fn data(w: &Writer, kind: Kind, bytes: &[u8]) -> std::io::Result<()> {
     write(&mut *lock(w), &Frame::Data(kind, bytes.to_vec()))
 }
 
-/// An error answer.
-pub fn error(message: impl Into<String>, code: Option<i32>) -> Message {
+/// An error answer: the error and its causes on one line. The one place a failure is worded
+/// for the host (the console's are `main` and the server's session log).
+pub fn error(e: impl Into<anyhow::Error>, code: Option<i32>) -> Message {
     Message::Error {
-        message: message.into(),
+        message: format!("{:#}", e.into()),
         code,
     }
 }
