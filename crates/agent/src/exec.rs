@@ -170,7 +170,7 @@ fn prepare(req: &ExecRequest) -> Result<(Identity, String), Refusal> {
     Ok((who, program))
 }
 
-/// A login shell is asked for as the host user's shell with `-name` as argv[0].
+/// A login shell is asked for as the host user's shell with `-name` as `argv[0]`.
 fn is_login_shell(req: &ExecRequest) -> bool {
     req.argv.len() == 1 && req.arg0.as_deref().is_some_and(|a| a.starts_with('-'))
 }

@@ -4,6 +4,10 @@
 //! own `/sbin/init`, which so becomes PID 1 of the machine, and the child stays on as a daemon
 //! serving the host over vsock (see [`server`]). If anything fails before init starts, the
 //! error goes to the console (the boot log) and the VM powers off: it never hangs.
+//!
+//! Failures are `anyhow` errors with context naming the thing and the step; the chain is
+//! formatted once, where it is reported: on the console ([`console::log`], here and in the
+//! server's session log) or to the host as an `Error` message ([`wire::error`]).
 
 mod boot;
 mod console;

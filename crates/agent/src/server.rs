@@ -2,6 +2,9 @@
 //! per vsock connection: the versioned hello, then one request per session: exec
 //! ([`crate::exec`]), copy in/out ([`crate::copy`]), shutdown, set time, ping. A session's
 //! failure is logged and ends that session only.
+//!
+//! The server dispatches to the handlers and never the reverse: they answer through
+//! [`crate::wire`], which depends on none of them.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
