@@ -14,7 +14,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use container_agent_proto::{BOOT_CONFIG_PATH, BootConfig, INIT_MARKER};
 use nix::mount::{MsFlags, mount};
 
-use crate::{log, net, server, sys, users};
+use crate::console::{self, log};
+use crate::{net, server, sys, users};
 
 const NEWROOT: &str = "/newroot";
 
@@ -77,7 +78,7 @@ pub fn run() -> Result<Infallible> {
         env!("CARGO_PKG_VERSION")
     );
     if cfg.time_unix_ns != 0
-        && let Err(e) = set_clock(cfg.time_unix_ns)
+        && let Err(e) = sys::set_clock(cfg.time_unix_ns)
     {
         log!("warning: cannot set the clock: {e}");
     }
@@ -165,7 +166,7 @@ pub fn run() -> Result<Infallible> {
     eprintln!(
         "{INIT_MARKER} {} [{:.3}s]",
         init.join(" "),
-        sys::boot_time()
+        console::boot_time()
     );
     sys::reset_signals();
     let err = nix::unistd::execve(&argv[0], &argv, &init_env()).unwrap_err();
@@ -183,14 +184,6 @@ fn init_env() -> Vec<CString> {
     env.into_iter()
         .filter_map(|e| CString::new(e).ok())
         .collect()
-}
-
-fn set_clock(unix_ns: u64) -> nix::Result<()> {
-    let ts = nix::sys::time::TimeSpec::new(
-        (unix_ns / 1_000_000_000) as i64,
-        (unix_ns % 1_000_000_000) as i64,
-    );
-    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
 }
 
 fn wait_for(path: &str) -> Result<()> {

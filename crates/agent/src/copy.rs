@@ -5,11 +5,12 @@
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
-use container_agent_proto::sync::{read, write};
+use anyhow::{Context, Result, bail};
+use container_agent_proto::sync::read;
 use container_agent_proto::{Frame, Kind, MAX_FRAME, Message};
 use vsock::VsockStream;
 
-use crate::server::{Writer, error, reply};
+use crate::wire::{self, Writer, error, reply};
 
 /// Reads the tar stream out of `Data` frames until `DataEof`.
 struct FrameReader<'a> {
@@ -91,20 +92,19 @@ fn destination(dir: &Path, entry: &Path, rename: Option<&Path>) -> Option<PathBu
     Some(out)
 }
 
-fn unpack(dest: &Path, input: &mut dyn Read) -> Result<(), String> {
+/// Unpacks the tar stream `input` at `dest`: into it when it is a directory, else as it,
+/// the archive's top entry renamed.
+fn unpack(dest: &Path, input: &mut dyn Read) -> Result<()> {
     let (dir, rename) = if dest.is_dir() {
         (dest.to_path_buf(), None)
     } else {
         let parent = dest.parent().unwrap_or(Path::new("/"));
         if !parent.is_dir() {
-            return Err(format!(
-                "{} does not exist in the machine",
-                parent.display()
-            ));
+            bail!("{} does not exist in the machine", parent.display());
         }
         let name = dest
             .file_name()
-            .ok_or_else(|| format!("{} cannot be a copy's destination", dest.display()))?;
+            .with_context(|| format!("{} cannot be a copy's destination", dest.display()))?;
         (parent.to_path_buf(), Some(PathBuf::from(name)))
     };
     let mut archive = tar::Archive::new(input);
@@ -112,27 +112,21 @@ fn unpack(dest: &Path, input: &mut dyn Read) -> Result<(), String> {
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);
     archive.set_overwrite(true);
-    for entry in archive
-        .entries()
-        .map_err(|e| format!("reading the archive: {e}"))?
-    {
-        let mut entry = entry.map_err(|e| format!("reading the archive: {e}"))?;
-        let name = entry
-            .path()
-            .map_err(|e| format!("reading the archive: {e}"))?
-            .into_owned();
+    for entry in archive.entries().context("reading the archive")? {
+        let mut entry = entry.context("reading the archive")?;
+        let name = entry.path().context("reading the archive")?.into_owned();
         let Some(target) = destination(&dir, &name, rename.as_deref()) else {
-            return Err(format!(
+            bail!(
                 "the archive entry {} leaves the destination",
                 name.display()
-            ));
+            );
         };
         if target == dir {
             continue;
         }
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent)
-                .map_err(|e| format!("creating {}: {e}", parent.display()))?;
+                .with_context(|| format!("creating {}", parent.display()))?;
         }
         // Without a rename, tar's own containment also resolves hard links in the archive
         // against the destination.
@@ -140,20 +134,11 @@ fn unpack(dest: &Path, input: &mut dyn Read) -> Result<(), String> {
             None => entry.unpack_in(&dir).map(|_| ()),
             Some(_) => entry.unpack(&target).map(|_| ()),
         };
-        written.map_err(|e| format!("writing {}: {}", target.display(), chain(&e)))?;
+        // The chain, formatted where the error is answered, carries tar's cause: tar keeps
+        // the useful part (the system's error) in the source.
+        written.with_context(|| format!("writing {}", target.display()))?;
     }
     Ok(())
-}
-
-/// An error and its causes in one line (tar keeps the useful part in the source).
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
-    text
 }
 
 /// Writes the tar stream as `Data` frames.
@@ -162,8 +147,7 @@ struct FrameWriter<'a>(&'a Writer);
 impl Write for FrameWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = buf.len().min(MAX_FRAME);
-        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        write(&mut *s, &Frame::Data(Kind::Data, buf[..n].to_vec()))?;
+        wire::data(self.0, Kind::Data, &buf[..n])?;
         Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -171,13 +155,18 @@ impl Write for FrameWriter<'_> {
     }
 }
 
-/// Streams a tar of `path`, its base name at the top.
+/// Streams a tar of `path`, its base name at the top, then `DataEof`; or an error answer
+/// (after whatever part of the archive went out).
 pub fn copy_out(path: &str, writer: &Writer) -> std::io::Result<()> {
+    match pack(path, writer) {
+        Ok(()) => reply(writer, Message::DataEof),
+        Err(e) => reply(writer, error(e, None)),
+    }
+}
+
+fn pack(path: &str, writer: &Writer) -> Result<()> {
     let src = Path::new(path);
-    let meta = match std::fs::symlink_metadata(src) {
-        Ok(m) => m,
-        Err(e) => return reply(writer, error(format!("{path} in the machine: {e}"), None)),
-    };
+    let meta = std::fs::symlink_metadata(src).with_context(|| format!("{path} in the machine"))?;
     let name = src
         .file_name()
         .map(PathBuf::from)
@@ -190,13 +179,9 @@ pub fn copy_out(path: &str, writer: &Writer) -> std::io::Result<()> {
     } else {
         builder.append_path_with_name(src, &name)
     };
-    let r = r
-        .and_then(|()| builder.into_inner())
-        .and_then(|mut w| w.flush());
-    match r {
-        Ok(()) => reply(writer, Message::DataEof),
-        Err(e) => reply(writer, error(format!("reading {path}: {e}"), None)),
-    }
+    r.and_then(|()| builder.into_inner())
+        .and_then(|mut w| w.flush())
+        .with_context(|| format!("reading {path}"))
 }
 
 #[cfg(test)]
@@ -258,6 +243,24 @@ mod tests {
             b"a"
         );
         let err = unpack(&dir.path().join("no/such/dir"), &mut tar.as_slice()).unwrap_err();
-        assert!(err.contains("does not exist in the machine"), "{err}");
+        assert!(
+            format!("{err:#}").contains("does not exist in the machine"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_failed_write_names_the_file_and_the_system_s_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory with something in it where the archive has a file.
+        std::fs::create_dir_all(dir.path().join("top/a.txt/inside")).unwrap();
+        let tar = archive(|b| file(b, "top/a.txt", b"a"));
+        let err = format!("{:#}", unpack(dir.path(), &mut tar.as_slice()).unwrap_err());
+        let target = dir.path().join("top/a.txt");
+        assert!(
+            err.starts_with(&format!("writing {}: ", target.display())),
+            "{err}"
+        );
+        assert!(err.contains("os error"), "{err}");
     }
 }

@@ -15,14 +15,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use container_agent_proto::sync::{read, write};
+use anyhow::{Context, Result};
+use container_agent_proto::sync::read;
 use container_agent_proto::{ExecRequest, Frame, Kind, Message};
 use rustix::fs::{Mode, OFlags};
 use rustix::pty::OpenptFlags;
 use vsock::VsockStream;
 
-use crate::server::{Writer, error, reply};
 use crate::sys;
+use crate::wire::{self, Writer, error, reply};
 
 /// The PATH when the request's environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -40,8 +41,34 @@ struct Identity {
     groups: Vec<u32>,
 }
 
-/// Why a process cannot start: the message and the docker-style exit code.
-type Refusal = (String, i32);
+/// Why a process cannot start, answered as docker does: the exit code tells the kind.
+#[derive(Debug, PartialEq)]
+enum Refusal {
+    /// Exit code 127: no such program, or no command at all.
+    NotFound(String),
+    /// Exit code 126: the program, user or directory is there but cannot be used.
+    CannotRun(String),
+}
+
+impl Refusal {
+    /// The exit code the host reports for it.
+    fn code(&self) -> i32 {
+        match self {
+            Refusal::NotFound(_) => 127,
+            Refusal::CannotRun(_) => 126,
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::NotFound(m) | Refusal::CannotRun(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 /// Resolves the user against the guest's /etc/passwd and /etc/group.
 fn identity(req: &ExecRequest, passwd: &str, group: &str) -> Result<Identity, Refusal> {
@@ -55,10 +82,9 @@ fn identity(req: &ExecRequest, passwd: &str, group: &str) -> Result<Identity, Re
     };
     let (name, uid, gid) = match (&req.user, req.uid) {
         (Some(n), _) => entry(&|name, _| name == n).ok_or_else(|| {
-            (
-                format!("unable to find user {n}: no matching entries in passwd file"),
-                126,
-            )
+            Refusal::CannotRun(format!(
+                "unable to find user {n}: no matching entries in passwd file"
+            ))
         })?,
         (None, Some(u)) => entry(&|_, uid| uid == u).unwrap_or((String::new(), u, u)),
         (None, None) => ("root".to_string(), 0, 0),
@@ -84,12 +110,16 @@ fn identity(req: &ExecRequest, passwd: &str, group: &str) -> Result<Identity, Re
 fn find_program(argv0: &str, env: &[String]) -> Result<String, Refusal> {
     let runnable = |p: &Path| -> Result<(), Refusal> {
         match std::fs::metadata(p) {
-            Ok(m) if m.is_dir() => Err((format!("exec: \"{argv0}\": is a directory"), 126)),
-            Ok(m) if m.permissions().mode() & 0o111 == 0 => {
-                Err((format!("exec: \"{argv0}\": permission denied"), 126))
-            }
+            Ok(m) if m.is_dir() => Err(Refusal::CannotRun(format!(
+                "exec: \"{argv0}\": is a directory"
+            ))),
+            Ok(m) if m.permissions().mode() & 0o111 == 0 => Err(Refusal::CannotRun(format!(
+                "exec: \"{argv0}\": permission denied"
+            ))),
             Ok(_) => Ok(()),
-            Err(_) => Err((format!("exec: \"{argv0}\": no such file or directory"), 127)),
+            Err(_) => Err(Refusal::NotFound(format!(
+                "exec: \"{argv0}\": no such file or directory"
+            ))),
         }
     };
     if argv0.contains('/') {
@@ -104,34 +134,32 @@ fn find_program(argv0: &str, env: &[String]) -> Result<String, Refusal> {
         let candidate = format!("{dir}/{argv0}");
         match runnable(Path::new(&candidate)) {
             Ok(()) => return Ok(candidate),
-            Err((m, 126)) => refusal = refusal.or(Some((m, 126))),
-            Err(_) => {}
+            // A program found but unusable is the answer unless a later directory has one
+            // that runs, as with execvp.
+            Err(r @ Refusal::CannotRun(_)) => refusal = refusal.or(Some(r)),
+            Err(Refusal::NotFound(_)) => {}
         }
     }
     Err(refusal.unwrap_or_else(|| {
-        (
-            format!("exec: \"{argv0}\": executable file not found in $PATH"),
-            127,
-        )
+        Refusal::NotFound(format!(
+            "exec: \"{argv0}\": executable file not found in $PATH"
+        ))
     }))
 }
 
 /// Checks everything that can be checked before starting the process.
 fn prepare(req: &ExecRequest) -> Result<(Identity, String), Refusal> {
     let Some(argv0) = req.argv.first() else {
-        return Err(("no command given".to_string(), 127));
+        return Err(Refusal::NotFound("no command given".to_string()));
     };
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
     let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
     let who = identity(req, &passwd, &group)?;
     if !Path::new(&req.cwd).is_dir() {
-        return Err((
-            format!(
-                "cannot enter the working directory {:?}: no such directory in the machine",
-                req.cwd
-            ),
-            126,
-        ));
+        return Err(Refusal::CannotRun(format!(
+            "cannot enter the working directory {:?}: no such directory in the machine",
+            req.cwd
+        )));
     }
     let program = match find_program(argv0, &req.env) {
         Err(refusal) if is_login_shell(req) => {
@@ -142,7 +170,7 @@ fn prepare(req: &ExecRequest) -> Result<(Identity, String), Refusal> {
     Ok((who, program))
 }
 
-/// A login shell is asked for as the host user's shell with `-name` as argv[0].
+/// A login shell is asked for as the host user's shell with `-name` as `argv[0]`.
 fn is_login_shell(req: &ExecRequest) -> bool {
     req.argv.len() == 1 && req.arg0.as_deref().is_some_and(|a| a.starts_with('-'))
 }
@@ -191,10 +219,10 @@ fn resize(master: &impl AsFd, rows: u16, cols: u16) {
 }
 
 /// Runs one exec session to its end.
-pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Result<()> {
+pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> Result<()> {
     let (who, program) = match prepare(&req) {
         Ok(p) => p,
-        Err((message, code)) => return reply(&writer, error(message, Some(code))),
+        Err(refusal) => return refuse(&writer, refusal),
     };
     let arg0 = match is_login_shell(&req) && program != req.argv[0] {
         // The fallback shell, by its own name.
@@ -212,15 +240,16 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
         }
     }
     let pty = if req.tty {
-        Some(open_pty(req.rows, req.cols)?)
+        Some(open_pty(req.rows, req.cols).context("opening a terminal")?)
     } else {
         None
     };
     match &pty {
         Some(p) => {
-            cmd.stdin(Stdio::from(p.slave.try_clone()?))
-                .stdout(Stdio::from(p.slave.try_clone()?))
-                .stderr(Stdio::from(p.slave.try_clone()?));
+            let slave = || p.slave.try_clone().context("duplicating the terminal");
+            cmd.stdin(Stdio::from(slave()?))
+                .stdout(Stdio::from(slave()?))
+                .stderr(Stdio::from(slave()?));
         }
         None => {
             cmd.stdin(Stdio::piped())
@@ -244,15 +273,12 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
+            let message = format!("exec: \"{}\": {e}", req.argv[0]);
+            let refusal = match e.kind() {
+                std::io::ErrorKind::NotFound => Refusal::NotFound(message),
+                _ => Refusal::CannotRun(message),
             };
-            return reply(
-                &writer,
-                error(format!("exec: \"{}\": {e}", req.argv[0]), Some(code)),
-            );
+            return refuse(&writer, refusal);
         }
     };
     let pid = child.id() as i32;
@@ -272,11 +298,15 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
         Some(Pty { master, slave }) => {
             drop(slave);
             pump(
-                Box::new(std::fs::File::from(master.try_clone()?)),
+                Box::new(std::fs::File::from(
+                    master.try_clone().context("duplicating the terminal")?,
+                )),
                 Kind::Stdout,
             );
             (
-                Box::new(std::fs::File::from(master.try_clone()?)),
+                Box::new(std::fs::File::from(
+                    master.try_clone().context("duplicating the terminal")?,
+                )),
                 Some(master),
             )
         }
@@ -292,7 +322,9 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
     let exited = Arc::new(AtomicBool::new(false));
     relay_input(reader, stdin, master, pid, req.tty, exited.clone());
 
-    let status = child.wait()?;
+    let status = child
+        .wait()
+        .with_context(|| format!("waiting for {program} (pid {pid})"))?;
     exited.store(true, Ordering::SeqCst);
     // Output written before the exit is still in the pipes: drain it, but do not wait for
     // children the process left running with its output open.
@@ -309,7 +341,15 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> std::io::Re
             code: status.code(),
             signal: status.signal(),
         },
-    )
+    )?;
+    Ok(())
+}
+
+/// Tells the host the process cannot start, and why.
+fn refuse(writer: &Writer, refusal: Refusal) -> Result<()> {
+    let code = refusal.code();
+    reply(writer, error(refusal, Some(code)))?;
+    Ok(())
 }
 
 /// Relays the host's frames to the process until the host closes the session: stdin
@@ -381,8 +421,7 @@ fn pump_output(mut r: Box<dyn Read + Send>, kind: Kind, w: &Writer) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
             Ok(n) => {
-                let mut s = w.lock().unwrap_or_else(|p| p.into_inner());
-                if write(&mut *s, &Frame::Data(kind, buf[..n].to_vec())).is_err() {
+                if wire::data(w, kind, &buf[..n]).is_err() {
                     break;
                 }
             }
@@ -462,9 +501,9 @@ mod tests {
             identity(&req(None, None, None), PASSWD, GROUP).unwrap().uid,
             0
         );
-        let (msg, code) = identity(&req(Some("mallory"), None, None), PASSWD, GROUP).unwrap_err();
-        assert_eq!(code, 126);
-        assert!(msg.contains("mallory"), "{msg}");
+        let refusal = identity(&req(Some("mallory"), None, None), PASSWD, GROUP).unwrap_err();
+        assert_eq!(refusal.code(), 126);
+        assert!(refusal.to_string().contains("mallory"), "{refusal}");
     }
 
     #[test]
@@ -479,16 +518,21 @@ mod tests {
             find_program("tool", &env).unwrap(),
             format!("{}/tool", d.display())
         );
-        let (msg, code) = find_program("nope", &env).unwrap_err();
-        assert_eq!(code, 127);
-        assert_eq!(msg, "exec: \"nope\": executable file not found in $PATH");
-        assert_eq!(find_program("data", &env).unwrap_err().1, 126);
-        let data = format!("{}/data", d.display());
-        assert_eq!(find_program(&data, &env).unwrap_err().1, 126);
+        let refusal = find_program("nope", &env).unwrap_err();
+        assert_eq!(refusal.code(), 127);
         assert_eq!(
-            find_program(&d.display().to_string(), &env).unwrap_err().1,
+            refusal.to_string(),
+            "exec: \"nope\": executable file not found in $PATH"
+        );
+        assert_eq!(find_program("data", &env).unwrap_err().code(), 126);
+        let data = format!("{}/data", d.display());
+        assert_eq!(find_program(&data, &env).unwrap_err().code(), 126);
+        assert_eq!(
+            find_program(&d.display().to_string(), &env)
+                .unwrap_err()
+                .code(),
             126
         );
-        assert_eq!(find_program("/no/such/tool", &env).unwrap_err().1, 127);
+        assert_eq!(find_program("/no/such/tool", &env).unwrap_err().code(), 127);
     }
 }

@@ -4,25 +4,24 @@
 //! own `/sbin/init`, which so becomes PID 1 of the machine, and the child stays on as a daemon
 //! serving the host over vsock (see [`server`]). If anything fails before init starts, the
 //! error goes to the console (the boot log) and the VM powers off: it never hangs.
+//!
+//! Failures are `anyhow` errors with context naming the thing and the step; the chain is
+//! formatted once, where it is reported: on the console ([`console::log`], here and in the
+//! server's session log) or to the host as an `Error` message ([`wire::error`]).
 
 mod boot;
+mod console;
 mod copy;
 mod exec;
 mod net;
 mod server;
 mod sys;
 mod users;
+mod wire;
 
 use std::process::ExitCode;
 
-/// Prints a boot-log line on the console, stamped with the time since the kernel started
-/// (comparable with the kernel's own stamps).
-macro_rules! log {
-    ($($arg:tt)*) => {{
-        eprintln!("container-agent: {} [{:.3}s]", format!($($arg)*), $crate::sys::boot_time());
-    }};
-}
-pub(crate) use log;
+use console::log;
 
 fn main() -> ExitCode {
     if std::process::id() != 1 {

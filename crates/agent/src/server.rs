@@ -2,32 +2,21 @@
 //! per vsock connection: the versioned hello, then one request per session: exec
 //! ([`crate::exec`]), copy in/out ([`crate::copy`]), shutdown, set time, ping. A session's
 //! failure is logged and ends that session only.
+//!
+//! The server dispatches to the handlers and never the reverse: they answer through
+//! [`crate::wire`], which depends on none of them.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::{Context, Result, anyhow, bail};
 use container_agent_proto::sync::{read, send};
 use container_agent_proto::{BootConfig, Frame, Message, VERSION};
 use vsock::{VMADDR_CID_ANY, VsockListener, VsockStream};
 
-use crate::{copy, exec, log, sys};
-
-/// The writing half of a session, shared by the threads that produce its frames; each frame
-/// is written whole under the lock.
-pub type Writer = Arc<Mutex<VsockStream>>;
-
-/// Sends a message on a shared writer.
-pub fn reply(w: &Writer, m: Message) -> std::io::Result<()> {
-    send(&mut *w.lock().unwrap_or_else(|p| p.into_inner()), m)
-}
-
-/// An error answer.
-pub fn error(message: impl Into<String>, code: Option<i32>) -> Message {
-    Message::Error {
-        message: message.into(),
-        code,
-    }
-}
+use crate::console::log;
+use crate::wire::{Writer, error, reply};
+use crate::{copy, exec, sys};
 
 /// Serves forever.
 pub fn serve(cfg: &BootConfig) -> ! {
@@ -51,7 +40,7 @@ pub fn serve(cfg: &BootConfig) -> ! {
             Ok((stream, _)) => {
                 std::thread::spawn(move || {
                     if let Err(e) = session(stream, started) {
-                        log!("session failed: {e}");
+                        log!("session failed: {e:#}");
                     }
                 });
             }
@@ -88,10 +77,15 @@ fn report_ready(port: u32) {
 /// Connection attempts of [`report_ready`], 200 ms apart.
 const REPORT_ATTEMPTS: u32 = 50;
 
-fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
-    let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
+/// Serves one session: the hello, then one request. A request that fails is answered to the
+/// host as an `Error` message; an error returned here is one that left the host without its
+/// answer (the stream broke, the host spoke out of turn, the process could not be awaited).
+fn session(stream: VsockStream, started: Instant) -> Result<()> {
+    let mut reader = stream
+        .try_clone()
+        .context("duplicating the session's stream")?;
     let writer: Writer = Arc::new(Mutex::new(stream));
-    match read(&mut reader).map_err(|e| e.to_string())? {
+    match read(&mut reader).context("reading the hello")? {
         Some(Frame::Message(Message::Hello { version })) if version == VERSION => {
             reply(
                 &writer,
@@ -100,13 +94,13 @@ fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
                     agent: env!("CARGO_PKG_VERSION").into(),
                 },
             )
-            .map_err(|e| e.to_string())?;
+            .context("answering the hello")?;
         }
         Some(Frame::Message(Message::Hello { version })) => {
             let _ = reply(
                 &writer,
                 error(
-                    format!(
+                    anyhow!(
                         "the agent speaks protocol version {VERSION}, the service {version}: restart the machine to update its agent"
                     ),
                     None,
@@ -114,14 +108,14 @@ fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
             );
             return Ok(());
         }
-        other => return Err(format!("session opened without hello: {other:?}")),
+        other => bail!("session opened without hello: {other:?}"),
     }
-    let request = match read(&mut reader).map_err(|e| e.to_string())? {
+    let request = match read(&mut reader).context("reading the request")? {
         Some(Frame::Message(m)) => m,
         None => return Ok(()),
-        Some(other) => return Err(format!("session without a request: {other:?}")),
+        Some(other) => bail!("session without a request: {other:?}"),
     };
-    let r = match request {
+    match request {
         Message::Ping => reply(
             &writer,
             Message::Pong {
@@ -129,24 +123,20 @@ fn session(stream: VsockStream, started: Instant) -> Result<(), String> {
                 init_pid: 1,
                 init_running: init_running(),
             },
-        ),
+        )?,
         Message::SetTime { unix_ns } => {
-            let ts = nix::sys::time::TimeSpec::new(
-                (unix_ns / 1_000_000_000) as i64,
-                (unix_ns % 1_000_000_000) as i64,
-            );
-            match nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts) {
-                Ok(()) => reply(&writer, Message::Done),
-                Err(e) => reply(&writer, error(format!("setting the clock: {e}"), None)),
+            match sys::set_clock(unix_ns).context("setting the clock") {
+                Ok(()) => reply(&writer, Message::Done)?,
+                Err(e) => reply(&writer, error(e, None))?,
             }
         }
-        Message::Shutdown { signal, timeout_ms } => shutdown(signal, timeout_ms, &writer),
-        Message::Exec(req) => exec::run(req, reader, writer),
-        Message::CopyIn { path } => copy::copy_in(&path, reader, &writer),
-        Message::CopyOut { path } => copy::copy_out(&path, &writer),
-        other => reply(&writer, error(format!("not a request: {other:?}"), None)),
-    };
-    r.map_err(|e| e.to_string())
+        Message::Shutdown { signal, timeout_ms } => shutdown(signal, timeout_ms, &writer)?,
+        Message::Exec(req) => exec::run(req, reader, writer)?,
+        Message::CopyIn { path } => copy::copy_in(&path, reader, &writer)?,
+        Message::CopyOut { path } => copy::copy_out(&path, &writer)?,
+        other => reply(&writer, error(anyhow!("not a request: {other:?}"), None))?,
+    }
+    Ok(())
 }
 
 /// PID 1 is the image's init once it no longer runs the agent's binary.

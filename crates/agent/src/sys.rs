@@ -1,14 +1,17 @@
-//! The few system calls the agent makes that have no safe wrapper: loading modules from a
-//! file, growing ext4 online, reading a disk's size, the pre-exec hooks of sessions, fork,
-//! raw signals and power-off. Every `unsafe` block of the agent is here.
+//! The system calls the agent makes on the machine as a whole, and those that have no safe
+//! wrapper: loading modules from a file, growing ext4 online, reading a disk's size, the
+//! clock, the pre-exec hooks of sessions, fork, raw signals and power-off. Every `unsafe`
+//! block of the agent is here.
 
 use std::os::fd::AsRawFd;
 
-/// Seconds since the kernel started (CLOCK_BOOTTIME), for log stamps.
-pub fn boot_time() -> f64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
-        .map(|t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9)
-        .unwrap_or(0.0)
+/// Sets the machine's clock to `unix_ns` nanoseconds since the epoch.
+pub fn set_clock(unix_ns: u64) -> nix::Result<()> {
+    let ts = nix::sys::time::TimeSpec::new(
+        (unix_ns / 1_000_000_000) as i64,
+        (unix_ns % 1_000_000_000) as i64,
+    );
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
 }
 
 /// Powers the VM off (QEMU exits); syncs first.
