@@ -44,6 +44,7 @@ struct FileConfig {
     kernel: Option<KernelSection>,
     runtime: Option<RuntimeSection>,
     registry: Option<RegistrySection>,
+    limits: Option<LimitsSection>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -87,6 +88,15 @@ struct RegistrySection {
     max_concurrent_downloads: Option<u32>,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct LimitsSection {
+    machines: Option<u32>,
+    running_cpus: Option<u32>,
+    running_memory: Option<String>,
+    disk_size: Option<String>,
+}
+
 /// The merged, validated configuration the service runs with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -95,6 +105,9 @@ pub struct Config {
     pub kernel: KernelOverride,
     pub runtime: RuntimeConfig,
     pub registry: RegistryConfig,
+    pub limits: Limits,
+    /// The host the defaults and limits were derived from.
+    pub host: HostFacts,
     /// Every key with its value and where it came from, for `system property list`.
     pub properties: Vec<Property>,
 }
@@ -137,8 +150,22 @@ pub struct RegistryConfig {
     pub max_concurrent_downloads: u32,
 }
 
+/// What one non-root user may hold at once (`[limits]`); root is exempt. A machine above
+/// what the host has is refused for everyone, whatever these say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Machines a user may have.
+    pub machines: u32,
+    /// vCPUs of a user's running machines, added up.
+    pub running_cpus: u32,
+    /// Memory of a user's running machines, added up.
+    pub running_memory: u64,
+    /// The largest disk a user's machine may have.
+    pub disk_size: u64,
+}
+
 /// Facts about the host the defaults depend on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HostFacts {
     pub cpus: u32,
     pub memory: u64,
@@ -179,6 +206,15 @@ fn defaults(host: HostFacts) -> FileConfig {
         registry: Some(RegistrySection {
             insecure: Some(Vec::new()),
             max_concurrent_downloads: Some(3),
+        }),
+        // A user's running machines may overcommit the host twice over (idle guests give
+        // their free memory back), but no user holds every address of the subnet or disks
+        // of any size.
+        limits: Some(LimitsSection {
+            machines: Some(16),
+            running_cpus: Some(host.cpus * 2),
+            running_memory: Some(format!("{}M", (host.memory >> 20) * 2)),
+            disk_size: Some("1T".into()),
         }),
     }
 }
@@ -267,6 +303,16 @@ fn validate(config: &FileConfig) -> Result<(), String> {
             }
         }
     }
+    if let Some(l) = &config.limits {
+        for (key, value) in [
+            ("running-memory", &l.running_memory),
+            ("disk-size", &l.disk_size),
+        ] {
+            if let Some(v) = value {
+                parse_size(v).map_err(|e| format!("limits.{key}: {e}"))?;
+            }
+        }
+    }
     if let Some(n) = &config.network
         && let Some(bridge) = &n.bridge
         && (bridge.is_empty() || bridge.len() > 15)
@@ -321,16 +367,17 @@ pub fn load(files: &[PathBuf], host: HostFacts) -> Result<Config, ConfigError> {
             source,
         })
         .collect();
-    Ok(resolve(file, properties))
+    Ok(resolve(file, properties, host))
 }
 
-fn resolve(file: FileConfig, properties: Vec<Property>) -> Config {
+fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Config {
     // Every key has a default, so the unwraps below only see merged values.
     let m = file.machine.unwrap_or_default();
     let n = file.network.unwrap_or_default();
     let k = file.kernel.unwrap_or_default();
     let r = file.runtime.unwrap_or_default();
     let g = file.registry.unwrap_or_default();
+    let l = file.limits.unwrap_or_default();
     let size =
         |v: Option<String>, fallback: u64| v.and_then(|s| parse_size(&s).ok()).unwrap_or(fallback);
     Config {
@@ -360,6 +407,13 @@ fn resolve(file: FileConfig, properties: Vec<Property>) -> Config {
             insecure: g.insecure.unwrap_or_default(),
             max_concurrent_downloads: g.max_concurrent_downloads.unwrap_or(3).max(1),
         },
+        limits: Limits {
+            machines: l.machines.unwrap_or(16),
+            running_cpus: l.running_cpus.unwrap_or(host.cpus * 2),
+            running_memory: size(l.running_memory, host.memory * 2),
+            disk_size: size(l.disk_size, 1 << 40),
+        },
+        host,
         properties,
     }
 }

@@ -309,11 +309,25 @@ fn fixture() -> Fixture {
 }
 
 fn fixture_with_net(net: FakeNet) -> Fixture {
+    fixture_with(net, &[])
+}
+
+/// A fixture whose service reads `config` (TOML) as its config file.
+fn fixture_with(net: FakeNet, config: &[&str]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let vms = Arc::new(FakeVms::default());
     let net = Arc::new(net);
+    let files: Vec<PathBuf> = config
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let p = dir.path().join(format!("config{i}.toml"));
+            std::fs::write(&p, text).unwrap();
+            p
+        })
+        .collect();
     let config = load(
-        &[],
+        &files,
         HostFacts {
             cpus: 4,
             memory: 8 << 30,
@@ -550,13 +564,13 @@ async fn set_validates_keys_and_says_when_a_restart_is_needed() {
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidArgument);
     assert!(
-        e.message.contains("memory must be at least 256M"),
+        e.message.contains("memory must be between 256M and 8G"),
         "{}",
         e.message
     );
     let e = f.core.handle(&ROOT, set(&["cpus=0"])).await.unwrap_err();
     assert!(
-        e.message.contains("cpus must be between 1 and 64"),
+        e.message.contains("cpus must be between 1 and 4"),
         "{}",
         e.message
     );
@@ -821,6 +835,77 @@ async fn mounts_and_kernels_are_checked_against_the_host_as_the_caller() {
     assert_eq!(e.kind, ErrorKind::InvalidArgument);
     assert!(e.message.contains("/nope/vmlinuz"), "{}", e.message);
     machine(&f.core, &ROOT, with("d", None, Some("/boot/vmlinuz")))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn nobody_gets_more_than_the_host_and_users_stay_within_their_limits() {
+    let f = fixture_with(
+        FakeNet::default(),
+        &[
+            "[limits]\nmachines = 2\nrunning-cpus = 3\nrunning-memory = \"3G\"\ndisk-size = \"100G\"\n",
+        ],
+    );
+    let sized = |name: &str, cpus: u32, memory: u64, disk: u64| {
+        Request::MachineCreate(CreateRequest {
+            image: "busybox".into(),
+            name: Some(name.into()),
+            no_boot: true,
+            home_mount: Some(container_api::machine::HomeMount::None),
+            cpus: Some(cpus),
+            memory: Some(memory),
+            disk_size: Some(disk << 30),
+            ..Default::default()
+        })
+    };
+    // The host has 4 CPUs and 8G: more is refused for root too.
+    for (cpus, memory) in [(5, 1), (1, 9)] {
+        let e = machine(&f.core, &ROOT, sized("big", cpus, memory << 30, 10))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument, "{}", e.message);
+        assert!(e.message.contains("the host's"), "{}", e.message);
+    }
+    // A user's disk is capped; root's is not.
+    let e = machine(&f.core, &NOBODY, sized("a", 1, 1 << 30, 200))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::PermissionDenied);
+    assert!(e.message.contains("limits.disk-size"), "{}", e.message);
+    machine(&f.core, &ROOT, sized("r", 1, 1 << 30, 200))
+        .await
+        .unwrap();
+    // Two machines, then no more.
+    machine(&f.core, &NOBODY, sized("a", 2, 2 << 30, 10))
+        .await
+        .unwrap();
+    machine(&f.core, &NOBODY, sized("b", 2, 1 << 30, 10))
+        .await
+        .unwrap();
+    let e = machine(&f.core, &NOBODY, sized("c", 1, 1 << 30, 10))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::PermissionDenied);
+    assert!(e.message.contains("limits.machines"), "{}", e.message);
+    // Running totals: a (2 CPUs) runs; b would make 4 CPUs, over 3; nothing booted.
+    machine(&f.core, &NOBODY, Request::MachineStart("a".into()))
+        .await
+        .unwrap();
+    let e = machine(&f.core, &NOBODY, Request::MachineStart("b".into()))
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("limits.running-cpus"), "{}", e.message);
+    assert_eq!(f.vms.boots("b"), 0);
+    // Once a stops, b may run.
+    machine(
+        &f.core,
+        &NOBODY,
+        Request::MachineStop("a".into(), Default::default()),
+    )
+    .await
+    .unwrap();
+    machine(&f.core, &NOBODY, Request::MachineStart("b".into()))
         .await
         .unwrap();
 }

@@ -109,6 +109,7 @@ impl Core {
             pending_restart: false,
         };
         self.check_settings(&record)?;
+        self.check_machine_count(caller.uid)?;
         if self.state.machines.get(&name).is_ok() {
             let hint = if req.name.is_none() {
                 " (give another with -n/--name)"
@@ -188,6 +189,7 @@ impl Core {
         if self.state.vms.state(&record.name) == MachineState::Running {
             return Ok(());
         }
+        self.check_running_totals(record)?;
         let mut shares = Vec::new();
         let home_shared = record.home_mount != HomeMount::None;
         if home_shared {

@@ -3,39 +3,118 @@
 
 use std::path::Path;
 
-use container_api::ApiError;
 use container_api::machine::{MachineState, SetReply, SetRequest};
 use container_api::size::format_size;
+use container_api::{ApiError, ErrorKind};
 
 use crate::core::{Caller, Core};
 use crate::machines::MachineRecord;
 
 /// Smallest memory a machine may have.
 const MIN_MEMORY: u64 = 256 << 20;
-/// Most vCPUs a machine may have.
-const MAX_CPUS: u32 = 64;
+
+/// A limit of `[limits]` reached: says which, and the key that raises it.
+fn over_limit(what: String, key: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::PermissionDenied,
+        format!(
+            "{what}: the limit for a user (`limits.{key}` in the service's config.toml; root may raise it)"
+        ),
+    )
+}
 
 impl Core {
     /// Checks the settings of a machine about to be created or changed: the one place that
-    /// says what a machine may be.
+    /// says what a machine may be. Nobody gets more CPUs or memory than the host has; a
+    /// non-root owner's disk stays within `[limits]`.
     pub(super) fn check_settings(&self, record: &MachineRecord) -> Result<(), ApiError> {
-        if record.cpus == 0 || record.cpus > MAX_CPUS {
+        let host = &self.state.config.host;
+        if record.cpus == 0 || record.cpus > host.cpus {
             return Err(ApiError::invalid(format!(
-                "cpus must be between 1 and {MAX_CPUS}, got {}",
-                record.cpus
+                "cpus must be between 1 and {} (the host's CPUs), got {}",
+                host.cpus, record.cpus
             )));
         }
-        if record.memory < MIN_MEMORY {
+        if record.memory < MIN_MEMORY || record.memory > host.memory {
             return Err(ApiError::invalid(format!(
-                "memory must be at least {}, got {}",
+                "memory must be between {} and {} (the host's memory), got {}",
                 format_size(MIN_MEMORY),
+                format_size(host.memory),
                 format_size(record.memory)
             )));
+        }
+        let limits = &self.state.config.limits;
+        if record.owner_uid != 0 && record.disk_size > limits.disk_size {
+            return Err(over_limit(
+                format!(
+                    "disk-size {} is over {}",
+                    format_size(record.disk_size),
+                    format_size(limits.disk_size)
+                ),
+                "disk-size",
+            ));
         }
         if let Some(k) = &record.kernel
             && !self.state.host.is_file(Path::new(k))
         {
             return Err(ApiError::invalid(format!("kernel {k} is not a file")));
+        }
+        Ok(())
+    }
+
+    /// Checks that a non-root user may have one more machine.
+    pub(super) fn check_machine_count(&self, owner: u32) -> Result<(), ApiError> {
+        let max = self.state.config.limits.machines;
+        if owner == 0 {
+            return Ok(());
+        }
+        let held = self.state.machines.list()?;
+        let held = held.iter().filter(|r| r.owner_uid == owner).count();
+        if held as u64 >= u64::from(max) {
+            return Err(over_limit(
+                format!("you have {held} machines, the most you may have"),
+                "machines",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that booting `record` keeps its non-root owner's running machines within
+    /// `[limits]`: their vCPUs and memory added up.
+    pub(super) fn check_running_totals(&self, record: &MachineRecord) -> Result<(), ApiError> {
+        if record.owner_uid == 0 {
+            return Ok(());
+        }
+        let limits = &self.state.config.limits;
+        let (mut cpus, mut memory) = (record.cpus, record.memory);
+        for r in self.state.machines.list()? {
+            if r.owner_uid == record.owner_uid
+                && r.name != record.name
+                && self.state.vms.state(&r.name) != MachineState::Stopped
+            {
+                cpus += r.cpus;
+                memory += r.memory;
+            }
+        }
+        if cpus > limits.running_cpus {
+            return Err(over_limit(
+                format!(
+                    "starting `{}` would give your running machines {cpus} vCPUs, over {}",
+                    record.name, limits.running_cpus
+                ),
+                "running-cpus",
+            ));
+        }
+        if memory > limits.running_memory {
+            return Err(over_limit(
+                format!(
+                    "starting `{}` would give your running machines {} of memory, over {}",
+                    record.name,
+                    format_size(memory),
+                    format_size(limits.running_memory)
+                ),
+                "running-memory",
+            ));
         }
         Ok(())
     }
