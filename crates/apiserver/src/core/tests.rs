@@ -909,3 +909,68 @@ async fn nobody_gets_more_than_the_host_and_users_stay_within_their_limits() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn ownership_is_decided_under_the_machines_lock() {
+    let f = fixture();
+    machine(&f.core, &NOBODY, create("busybox", Some("dev")))
+        .await
+        .unwrap();
+    // nobody's delete passes the first check, then waits for the machine's lock...
+    let held = f.core.state.locks.lock("dev").await;
+    let core = f.core.clone();
+    let delete = tokio::spawn(async move {
+        machine(
+            &core,
+            &NOBODY,
+            Request::MachineDelete {
+                name: "dev".into(),
+                force: true,
+            },
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // ...while the machine is replaced by root's machine of the same name.
+    let mut record = f.core.state.machines.get("dev").unwrap();
+    record.owner_uid = 0;
+    f.core.state.machines.save(&record).unwrap();
+    drop(held);
+    let e = delete.await.unwrap().unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{}", e.message);
+    assert_eq!(
+        names(&f.core, &ROOT).await,
+        ["dev"],
+        "root's machine survives"
+    );
+}
+
+#[tokio::test]
+async fn a_stop_timeout_is_bounded() {
+    let f = fixture();
+    machine(&f.core, &ROOT, create("busybox", Some("dev")))
+        .await
+        .unwrap();
+    machine(&f.core, &ROOT, Request::MachineStart("dev".into()))
+        .await
+        .unwrap();
+    let stop = |secs| {
+        Request::MachineStop(
+            "dev".into(),
+            StopRequest {
+                timeout_secs: Some(secs),
+                ..Default::default()
+            },
+        )
+    };
+    let e = machine(&f.core, &ROOT, stop(u64::MAX)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    assert!(e.message.contains("at most 3600"), "{}", e.message);
+    assert_eq!(
+        f.vms.state("dev"),
+        MachineState::Running,
+        "nothing was done"
+    );
+    let m = machine(&f.core, &ROOT, stop(3600)).await.unwrap();
+    assert_eq!(m.state, MachineState::Stopped);
+}

@@ -143,9 +143,8 @@ impl Core {
     ) -> Result<(), ApiError> {
         let mut client = client;
         let prepared = async {
-            let record = self.visible(caller, name)?;
+            let (_guard, record) = self.lock_visible(caller, name).await?;
             let spec = Self::exec_spec(&record, &req)?;
-            let _guard = self.state.locks.lock(name).await;
             self.boot(&record).await?;
             Ok::<_, ApiError>(spec)
         }
@@ -170,11 +169,10 @@ impl Core {
         path: &str,
         tar: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
     ) -> Result<(), ApiError> {
-        let record = self.visible(caller, name)?;
         let path =
             guest_path(path).or_else(|e| if path == "/" { Ok("/".into()) } else { Err(e) })?;
         {
-            let _guard = self.state.locks.lock(name).await;
+            let (_guard, record) = self.lock_visible(caller, name).await?;
             self.boot(&record).await?;
         }
         self.state.vms.copy_in(name, &path, tar).await
@@ -187,11 +185,10 @@ impl Core {
         name: &str,
         path: &str,
     ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, ApiError> {
-        let record = self.visible(caller, name)?;
         let path =
             guest_path(path).or_else(|e| if path == "/" { Ok("/".into()) } else { Err(e) })?;
         {
-            let _guard = self.state.locks.lock(name).await;
+            let (_guard, record) = self.lock_visible(caller, name).await?;
             self.boot(&record).await?;
         }
         self.state.vms.copy_out(name, &path).await

@@ -15,6 +15,9 @@ use crate::machines::{MachineRecord, name};
 
 /// Default seconds a clean stop may take before the VM is forced off.
 pub const DEFAULT_STOP_TIMEOUT: u64 = 30;
+/// The longest a stop may wait for a clean shutdown (an hour): a longer wait is a mistake,
+/// and a bounded one can never overflow a deadline.
+pub const MAX_STOP_TIMEOUT: u64 = 3600;
 
 /// Parses a signal name or number: `TERM`, `SIGTERM`, `15`, `SIGRTMIN+3`.
 pub fn parse_signal(text: &str) -> Result<i32, ApiError> {
@@ -248,8 +251,7 @@ impl Core {
         caller: &Caller,
         name: &str,
     ) -> Result<Machine, ApiError> {
-        let record = self.visible(caller, name)?;
-        let _guard = self.state.locks.lock(name).await;
+        let (_guard, record) = self.lock_visible(caller, name).await?;
         self.state.reboots.start_asked(name);
         self.boot(&record).await?;
         self.machine(&self.state.machines.get(name)?)
@@ -267,11 +269,19 @@ impl Core {
             Some(s) => Some(parse_signal(s)?),
             None => None,
         };
-        let timeout = Duration::from_secs(req.timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT));
+        let timeout = req.timeout_secs.unwrap_or(DEFAULT_STOP_TIMEOUT);
+        if timeout > MAX_STOP_TIMEOUT {
+            return Err(ApiError::invalid(format!(
+                "the stop timeout must be at most {MAX_STOP_TIMEOUT} s, got {timeout}"
+            )));
+        }
         // Before the lock: a reboot handled while this waits for it must see the stop.
         self.state.reboots.stop_asked(name);
-        let _guard = self.state.locks.lock(name).await;
-        self.state.vms.shutdown(name, signal, timeout).await?;
+        let (_guard, record) = self.lock_visible(caller, name).await?;
+        self.state
+            .vms
+            .shutdown(name, signal, Duration::from_secs(timeout))
+            .await?;
         self.machine(&record)
     }
 
@@ -281,8 +291,7 @@ impl Core {
         name: &str,
         force: bool,
     ) -> Result<Machine, ApiError> {
-        let record = self.visible(caller, name)?;
-        let _guard = self.state.locks.lock(name).await;
+        let (_guard, record) = self.lock_visible(caller, name).await?;
         if self.state.vms.state(name) != MachineState::Stopped {
             if !force {
                 return Err(ApiError::conflict(format!(

@@ -105,6 +105,20 @@ impl Core {
         }
     }
 
+    /// The machine's lock and its record read under it, if the caller may see it: a check
+    /// made before the lock could be about a machine that was deleted and made again by
+    /// someone else while this waited. Names that do not exist fail before taking a lock.
+    pub(super) async fn lock_visible(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<(tokio::sync::OwnedMutexGuard<()>, MachineRecord), ApiError> {
+        self.visible(caller, name)?;
+        let guard = self.state.locks.lock(name).await;
+        let record = self.visible(caller, name)?;
+        Ok((guard, record))
+    }
+
     pub(super) fn to_api(&self, record: &MachineRecord, default: Option<&str>) -> Machine {
         let vms = &self.state.vms;
         let disk = self.state.machines.disk_path(&record.name);

@@ -125,14 +125,13 @@ impl Core {
         name: &str,
         settings: SetRequest,
     ) -> Result<SetReply, ApiError> {
-        let record = self.visible(caller, name)?;
         if settings.is_empty() {
             return Err(ApiError::invalid(format!(
                 "give at least one KEY=VALUE; keys: {}",
                 SetRequest::KEYS
             )));
         }
-        let _guard = self.state.locks.lock(name).await;
+        let (_guard, record) = self.lock_visible(caller, name).await?;
         let mut new = record.clone();
         if let Some(cpus) = settings.cpus {
             new.cpus = cpus;
