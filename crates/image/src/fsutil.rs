@@ -35,11 +35,12 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     result
 }
 
-/// Serialises `value` as pretty JSON into `path` atomically.
+/// Serialises `value` as pretty JSON into `path` atomically, readable by its owner alone:
+/// state files are the service's, and users see them only through its API.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
-    atomic_write(path, &bytes, 0o644)
+    atomic_write(path, &bytes, 0o600)
 }
 
 /// Reads JSON from `path`; `Ok(None)` when the file does not exist.

@@ -60,6 +60,35 @@ pub enum StoreError {
 #[derive(Debug)]
 pub struct MachineStore {
     dir: PathBuf,
+    /// Serialises the read-modify-write of `defaults.json`.
+    defaults: std::sync::Mutex<()>,
+}
+
+/// Machine directories are root's alone: disks, records and logs of one user's machine are
+/// no other user's business (they reach their own through the API).
+const PRIVATE_DIR: u32 = 0o700;
+const PRIVATE_FILE: u32 = 0o600;
+
+/// Makes `dir` and every file directly in it private (see [`PRIVATE_DIR`]); for stores made
+/// before machines were private, and for files helpers create with their own modes.
+fn make_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PRIVATE_DIR))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let meta = entry.metadata()?;
+        let mode = if meta.is_dir() {
+            PRIVATE_DIR
+        } else if meta.is_file() {
+            PRIVATE_FILE
+        } else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o7777 != mode {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))?;
+        }
+    }
+    Ok(())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
@@ -74,15 +103,21 @@ impl MachineStore {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         let dir = root.join("machines");
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        make_private(&dir).map_err(io(&dir))?;
         for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
             let entry = entry.map_err(io(&dir))?;
             let path = entry.path();
             if path.is_dir() && !path.join("machine.json").exists() {
                 tracing::warn!(path = %path.display(), "removing an incomplete machine directory");
                 let _ = std::fs::remove_dir_all(&path);
+            } else if path.is_dir() {
+                make_private(&path).map_err(io(&path))?;
             }
         }
-        Ok(Self { dir })
+        Ok(Self {
+            dir,
+            defaults: Default::default(),
+        })
     }
 
     pub fn machine_dir(&self, name: &str) -> PathBuf {
@@ -129,8 +164,9 @@ impl MachineStore {
     /// Creates the machine directory; fails if the name is taken. The record is written last,
     /// by [`MachineStore::save`], so a crash in between leaves debris `open` removes.
     pub fn reserve(&self, name: &str) -> Result<PathBuf, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
         let dir = self.machine_dir(name);
-        match std::fs::create_dir(&dir) {
+        match std::fs::DirBuilder::new().mode(PRIVATE_DIR).create(&dir) {
             Ok(()) => Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 Err(StoreError::Exists(name.to_string()))
@@ -142,6 +178,13 @@ impl MachineStore {
     pub fn save(&self, record: &MachineRecord) -> Result<(), StoreError> {
         let path = self.record_path(&record.name);
         fsutil::write_json(&path, record).map_err(io(&path))
+    }
+
+    /// Makes every file in the machine's directory private again, after something other
+    /// than the store (`qemu-img`, the VMM) created files there with modes of its own.
+    pub fn seal(&self, name: &str) -> Result<(), StoreError> {
+        let dir = self.machine_dir(name);
+        make_private(&dir).map_err(io(&dir))
     }
 
     /// Removes a machine's directory and everything in it.
@@ -170,6 +213,7 @@ impl MachineStore {
     }
 
     pub fn set_default(&self, uid: u32, name: Option<&str>) -> Result<(), StoreError> {
+        let _one_at_a_time = self.defaults.lock().unwrap_or_else(|p| p.into_inner());
         let mut all = self.defaults()?;
         match name {
             Some(n) => all.insert(uid, n.to_string()),
@@ -240,5 +284,44 @@ mod tests {
         let store = MachineStore::open(root.path()).unwrap();
         assert!(!store.machine_dir("half").exists());
         store.reserve("half").unwrap();
+    }
+
+    #[test]
+    fn machine_directories_and_files_are_private_whatever_was_there() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        // A store of an older service: world-readable directories, records and disks.
+        let old = root.path().join("machines/old");
+        std::fs::create_dir_all(&old).unwrap();
+        for (path, m) in [(root.path().join("machines"), 0o755), (old.clone(), 0o755)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        for file in ["machine.json", "disk.qcow2", "console.log"] {
+            std::fs::write(old.join(file), "{}").unwrap();
+            std::fs::set_permissions(old.join(file), std::fs::Permissions::from_mode(0o644))
+                .unwrap();
+        }
+        let store = MachineStore::open(root.path()).unwrap();
+        assert_eq!(mode(&root.path().join("machines")), 0o700);
+        assert_eq!(mode(&old), 0o700);
+        for file in ["machine.json", "disk.qcow2", "console.log"] {
+            assert_eq!(mode(&old.join(file)), 0o600, "{file}");
+        }
+        // New machines are private from the start, and so is what others write there.
+        let dir = store.reserve("dev").unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        store.save(&record("dev")).unwrap();
+        assert_eq!(mode(&dir.join("machine.json")), 0o600);
+        std::fs::write(dir.join("disk.qcow2"), "x").unwrap();
+        std::fs::set_permissions(
+            dir.join("disk.qcow2"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        store.seal("dev").unwrap();
+        assert_eq!(mode(&dir.join("disk.qcow2")), 0o600);
+        store.set_default(1000, Some("dev")).unwrap();
+        assert_eq!(mode(&root.path().join("machines/defaults.json")), 0o600);
     }
 }

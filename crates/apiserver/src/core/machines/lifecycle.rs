@@ -157,6 +157,7 @@ impl Core {
                 .create_disk(&image.base_disk, &disk, record.disk_size)
                 .await?;
             self.state.machines.save(&record)?;
+            self.state.machines.seal(&name)?;
             Ok::<(), ApiError>(())
         }
         .await;
