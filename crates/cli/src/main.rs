@@ -1,6 +1,6 @@
-//! `container`: the command line of persistent Linux machines. Each subcommand lives in its own
-//! file under `commands/`; this file only parses arguments, dispatches, and prints the error
-//! chain once.
+//! `container`: the command line of persistent Linux machines. The commands live under
+//! `commands/`, a module per group (see there for which subcommands have files of their own);
+//! this file only parses arguments, dispatches, and prints the error chain once.
 
 mod commands;
 mod output;

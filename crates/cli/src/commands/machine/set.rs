@@ -1,0 +1,39 @@
+//! `container machine set`: change a machine's settings from `KEY=VALUE` pairs; the service
+//! says whether they wait for the next start.
+
+use clap::Args;
+use container_api::Client;
+use container_api::machine::{SetReply, SetRequest};
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    #[arg(short, long)]
+    name: Option<String>,
+    /// KEY=VALUE pairs.
+    #[arg(required = true, value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+}
+
+pub async fn run(client: &Client, args: SetArgs) -> anyhow::Result<()> {
+    let name = super::resolve_name(client, args.name).await?;
+    let pairs = args
+        .settings
+        .iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("invalid setting `{s}`: expected KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let reply: SetReply = client
+        .post(
+            &format!("/machines/{name}/set"),
+            &SetRequest { settings: pairs },
+        )
+        .await?;
+    if reply.takes_effect_at_next_start {
+        eprintln!("Note: changes take effect after stopping and starting '{name}'.");
+    }
+    println!("{}", reply.machine.name);
+    Ok(())
+}
