@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
+use container_api::ExitCode;
 use container_api::client::{self, ClientError};
 use container_api::image::{
     ImageDetail, ImageSummary, PullEvent, PullRequest, RemoveReport, TagRequest,
@@ -13,6 +14,7 @@ use container_api::size::format_size;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 
+use crate::exit::failed;
 use crate::output::{self, Format, Tabular};
 use crate::service;
 
@@ -175,9 +177,10 @@ impl ImageCommand {
             }
             ImageCommand::Save { references, output } => {
                 if output.is_none() && std::io::stdout().is_terminal() {
-                    anyhow::bail!(
-                        "refusing to write an archive to a terminal; use -o FILE or redirect standard output"
-                    );
+                    return Err(failed(
+                        ExitCode::Usage,
+                        "refusing to write an archive to a terminal; use -o FILE or redirect standard output",
+                    ));
                 }
                 let pairs: Vec<(&str, &str)> = references
                     .iter()

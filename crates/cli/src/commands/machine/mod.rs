@@ -14,9 +14,10 @@ mod start;
 mod stop;
 
 use clap::Subcommand;
-use container_api::Client;
 use container_api::machine::Machine;
+use container_api::{Client, ExitCode};
 
+use crate::exit::failed;
 use crate::service;
 
 #[derive(Debug, Subcommand)]
@@ -58,8 +59,9 @@ pub async fn resolve_name(client: &Client, name: Option<String>) -> anyhow::Resu
         .find(|m| m.default)
         .map(|m| m.name)
         .ok_or_else(|| {
-            anyhow::anyhow!(
-                "no machine name given and there is no default machine; create one with `container machine create IMAGE` or pick one with `container machine set-default NAME`"
+            failed(
+                ExitCode::NotFound,
+                "no machine name given and there is no default machine; create one with `container machine create IMAGE` or pick one with `container machine set-default NAME`",
             )
         })
 }

@@ -2,8 +2,10 @@
 //! says whether they wait for the next start.
 
 use clap::Args;
-use container_api::Client;
 use container_api::machine::{SetReply, SetRequest};
+use container_api::{Client, ExitCode};
+
+use crate::exit::failed;
 
 #[derive(Debug, Args)]
 pub struct SetArgs {
@@ -22,7 +24,12 @@ pub async fn run(client: &Client, args: SetArgs) -> anyhow::Result<()> {
         .map(|s| {
             s.split_once('=')
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| anyhow::anyhow!("invalid setting `{s}`: expected KEY=VALUE"))
+                .ok_or_else(|| {
+                    failed(
+                        ExitCode::Usage,
+                        format!("invalid setting `{s}`: expected KEY=VALUE"),
+                    )
+                })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let reply: SetReply = client
