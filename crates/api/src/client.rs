@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use tokio::io::AsyncBufReadExt;
 use tokio::net::UnixStream;
 
-use crate::{API_PREFIX, ApiError, ErrorKind};
+use crate::{API_PREFIX, ApiError, ErrorKind, ExitCode};
 
 /// Body type of requests: a whole buffer or a stream of chunks.
 pub type RequestBody = BoxBody<Bytes, std::io::Error>;
@@ -57,6 +57,18 @@ impl ClientError {
         match self {
             ClientError::Api(e) => Some(e.kind),
             _ => None,
+        }
+    }
+
+    /// What the CLI exits with for this failure, from [`ExitCode`]'s table. A stream or an
+    /// answer that breaks part-way has no code of its own.
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            ClientError::NotRunning { source, .. } | ClientError::Connect { source, .. } => {
+                ExitCode::for_unreachable_service(source)
+            }
+            ClientError::Api(e) => e.kind.exit_code(),
+            ClientError::Http(_) | ClientError::Decode(_) | ClientError::Io(_) => ExitCode::Failure,
         }
     }
 }
@@ -293,4 +305,42 @@ pub fn tokio_util_reader(
     stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
 ) -> impl tokio::io::AsyncRead + Send + Unpin {
     tokio_util::io::StreamReader::new(Box::pin(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_failures_exit_with_the_table_s_codes() {
+        let io = |kind| std::io::Error::from(kind);
+        let socket = PathBuf::from("/run/container/apiserver.sock");
+        let cases = [
+            (
+                ClientError::NotRunning {
+                    socket: socket.clone(),
+                    source: io(std::io::ErrorKind::ConnectionRefused),
+                },
+                ExitCode::ServiceUnavailable,
+            ),
+            (
+                ClientError::Connect {
+                    socket,
+                    source: io(std::io::ErrorKind::PermissionDenied),
+                },
+                ExitCode::PermissionDenied,
+            ),
+            (
+                ClientError::Api(ApiError::new(ErrorKind::AlreadyExists, "taken")),
+                ExitCode::Conflict,
+            ),
+            (
+                ClientError::Io(io(std::io::ErrorKind::BrokenPipe)),
+                ExitCode::Failure,
+            ),
+        ];
+        for (error, exit) in cases {
+            assert_eq!(error.exit_code(), exit, "{error}");
+        }
+    }
 }

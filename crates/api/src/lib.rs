@@ -13,7 +13,7 @@ pub mod size;
 pub mod system;
 
 pub use client::Client;
-pub use error::{ApiError, ErrorKind};
+pub use error::{ApiError, ErrorKind, ExitCode};
 
 /// The API version prefix every route lives under.
 pub const API_PREFIX: &str = "/v1";

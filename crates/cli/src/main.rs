@@ -1,18 +1,24 @@
-//! `container`: the command line of persistent Linux machines. Each subcommand lives in its own
-//! file under `commands/`; this file only parses arguments, dispatches, and prints the error
-//! chain once.
+//! `container`: the command line of persistent Linux machines. The commands live under
+//! `commands/`, a module per group (see there for which subcommands have files of their own);
+//! this file only parses arguments, dispatches, prints the error chain once, and exits with
+//! the code `exit.rs` finds for it.
 
 mod commands;
+mod exit;
 mod output;
 mod service;
 
-use std::process::ExitCode;
-
 use clap::{Parser, Subcommand};
+use container_api::ExitCode;
 
 /// Persistent Linux machines, each its own lightweight VM, created from OCI images.
 #[derive(Debug, Parser)]
-#[command(name = "container", version, propagate_version = true)]
+#[command(
+    name = "container",
+    version,
+    propagate_version = true,
+    after_help = ExitCode::help_table()
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -34,10 +40,8 @@ enum Command {
     System(commands::system::SystemCommand),
 }
 
-/// What a failed command exits with; `run` passes its process's status through instead.
-const EXIT_FAILURE: u8 = 1;
-
-fn main() -> ExitCode {
+fn main() -> std::process::ExitCode {
+    // clap exits by itself: 2 for usage errors, 0 for --help and --version.
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -47,7 +51,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("Error: starting the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return ExitCode::Failure.code().into();
         }
     };
     let result = runtime.block_on(async {
@@ -61,10 +65,10 @@ fn main() -> ExitCode {
     // Streams to the service may still be closing; do not wait for them.
     runtime.shutdown_background();
     match result {
-        Ok(code) => ExitCode::from(code),
+        Ok(code) => code.into(),
         Err(e) => {
             eprintln!("Error: {e:#}");
-            ExitCode::from(EXIT_FAILURE)
+            exit::code_of(&e).code().into()
         }
     }
 }

@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use container_api::client::ClientError;
 use container_api::system::SystemStatus;
-use container_api::{Client, paths};
+use container_api::{Client, ExitCode, paths};
+
+use crate::exit::failed;
 
 /// A client for the configured socket, starting the service first if needed.
 pub async fn connect() -> anyhow::Result<Client> {
@@ -45,7 +47,10 @@ pub async fn start() -> anyhow::Result<bool> {
         return Ok(false);
     }
     if !nix::unistd::geteuid().is_root() {
-        bail!("the container service is not running; start it with `sudo container system start`");
+        return Err(failed(
+            ExitCode::ServiceUnavailable,
+            "the container service is not running; start it with `sudo container system start`",
+        ));
     }
     let log = log_file();
     if let Some(dir) = log.parent() {
@@ -73,17 +78,24 @@ pub async fn start() -> anyhow::Result<bool> {
         if client.get::<SystemStatus>("/system/status").await.is_ok() {
             return Ok(true);
         }
+        // Either way there is still no service to talk to.
         if let Some(status) = child.try_wait()? {
-            bail!(
-                "the container service exited at start ({status}); see {}",
-                log.display()
-            );
+            return Err(failed(
+                ExitCode::ServiceUnavailable,
+                format!(
+                    "the container service exited at start ({status}); see {}",
+                    log.display()
+                ),
+            ));
         }
         if Instant::now() > deadline {
-            bail!(
-                "the container service did not answer within 20 s; see {}",
-                log.display()
-            );
+            return Err(failed(
+                ExitCode::ServiceUnavailable,
+                format!(
+                    "the container service did not answer within 20 s; see {}",
+                    log.display()
+                ),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

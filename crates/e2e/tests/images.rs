@@ -101,11 +101,18 @@ fn bad_references_and_missing_images_fail_clearly() {
     let registry = Registry::start();
     let service = Service::start("");
     let missing = format!("{}/tests/absent:1", registry.addr);
-    let err = service.cli_err(&["image", "pull", &missing]);
+    // Each with the exit code `container --help` gives it.
+    let fails = |args: &[&str], code: i32| {
+        let out = service.cli(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+        err
+    };
+    let err = fails(&["image", "pull", &missing], 3);
     assert!(err.contains("absent"), "{err}");
-    let err = service.cli_err(&["image", "inspect", "nothing/here:1"]);
+    let err = fails(&["image", "inspect", "nothing/here:1"], 3);
     assert!(err.to_lowercase().contains("not found"), "{err}");
-    let err = service.cli_err(&["image", "pull", "UPPER/Case::bad"]);
+    let err = fails(&["image", "pull", "UPPER/Case::bad"], 2);
     assert!(err.to_lowercase().contains("invalid"), "{err}");
     assert_eq!(service.cli_ok(&["image", "ls", "-q"]).trim(), "");
 }

@@ -213,18 +213,19 @@ fn quickstart_and_host_integration_on_busybox() {
         "2"
     );
 
-    // Bad input: clear errors, nothing changed.
-    let bad = |args: &[&str], needle: &str| {
+    // Bad input: clear errors, each with its exit code, nothing changed.
+    let bad = |args: &[&str], needle: &str, code: i32| {
         let out = alice.cli(&service, args);
-        assert!(!out.status.success(), "{args:?} succeeded");
         let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     };
-    bad(&["machine", "run", "-n", "nope", "true"], "not found");
+    bad(&["machine", "run", "-n", "nope", "true"], "not found", 3);
     bad(
         &["machine", "create", &image, "--name", "dev"],
         "already exists",
+        5,
     );
     // A usage error: clap's message (with its usage hint) and exit code 2.
     let out = alice.cli(
@@ -235,8 +236,8 @@ fn quickstart_and_host_integration_on_busybox() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid size"));
-    bad(&["machine", "set", "-n", "dev", "cpu=2"], "valid keys");
-    bad(&["machine", "rm", "dev"], "running");
+    bad(&["machine", "set", "-n", "dev", "cpu=2"], "valid keys", 2);
+    bad(&["machine", "rm", "dev"], "running", 5);
     bad(
         &[
             "machine",
@@ -248,6 +249,7 @@ fn quickstart_and_host_integration_on_busybox() {
             "/root:/data",
         ],
         "cannot mount",
+        4,
     );
     assert_eq!(alice.cli_ok(&service, &["m", "ls", "-q"]).trim(), "dev");
 
@@ -284,7 +286,7 @@ fn another_user_cannot_see_or_touch_a_machine() {
         vec!["machine", "rm", "-f", "private"],
     ] {
         let out = bob.cli(&service, &args);
-        assert!(!out.status.success());
+        assert_eq!(out.status.code(), Some(3), "{args:?}");
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("not found"),
             "{args:?}"

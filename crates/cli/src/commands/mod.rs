@@ -1,4 +1,6 @@
-//! One module per command group, one file per subcommand where they grow large.
+//! One module per command group. `machine` and `image` have a file per subcommand, their
+//! `mod.rs` keeping only the clap enum and the dispatch; `system` and `registry`, whose
+//! subcommands are short, are one file each.
 
 pub mod image;
 pub mod machine;

@@ -2,8 +2,9 @@
 
 use clap::{Args, Subcommand};
 use container_api::system::{KernelSetRequest, Property, SystemStatus};
-use container_api::{Client, client::ClientError, paths};
+use container_api::{Client, ExitCode, client::ClientError, paths};
 
+use crate::exit::failed;
 use crate::output::{self, Format, Tabular};
 use crate::service;
 
@@ -120,10 +121,13 @@ impl SystemCommand {
                 match client.get::<SystemStatus>("/system/status").await {
                     Ok(status) => print!("{}", render_status(&status, f.format)?),
                     Err(ClientError::NotRunning { socket, .. }) => {
-                        anyhow::bail!(
-                            "the container service is not running (no answer on {}); start it with `container system start`",
-                            socket.display()
-                        );
+                        return Err(failed(
+                            ExitCode::ServiceUnavailable,
+                            format!(
+                                "the container service is not running (no answer on {}); start it with `container system start`",
+                                socket.display()
+                            ),
+                        ));
                     }
                     Err(e) => return Err(e.into()),
                 }

@@ -6,9 +6,11 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use container_api::Client;
 use container_api::client::{self, body_stream};
+use container_api::{Client, ExitCode};
 use futures::StreamExt;
+
+use crate::exit::failed;
 
 #[derive(Debug, Args)]
 pub struct CpArgs {
@@ -53,7 +55,10 @@ pub async fn run(client: &Client, args: CpArgs) -> anyhow::Result<()> {
     match (parse_endpoint(&args.src), parse_endpoint(&args.dst)) {
         (Endpoint::Host(src), Endpoint::Machine { name, path }) => {
             if !path.starts_with('/') {
-                bail!("the machine path `{path}` must be absolute");
+                return Err(failed(
+                    ExitCode::Usage,
+                    format!("the machine path `{path}` must be absolute"),
+                ));
             }
             let archive = host_archive(&src)?;
             let file = tokio::fs::File::from_std(archive);
@@ -67,7 +72,10 @@ pub async fn run(client: &Client, args: CpArgs) -> anyhow::Result<()> {
         }
         (Endpoint::Machine { name, path }, Endpoint::Host(dst)) => {
             if !path.starts_with('/') {
-                bail!("the machine path `{path}` must be absolute");
+                return Err(failed(
+                    ExitCode::Usage,
+                    format!("the machine path `{path}` must be absolute"),
+                ));
             }
             let response = client
                 .call_raw::<()>(
@@ -86,10 +94,16 @@ pub async fn run(client: &Client, args: CpArgs) -> anyhow::Result<()> {
             extract_to_host(spool, &dst)?;
         }
         (Endpoint::Machine { .. }, Endpoint::Machine { .. }) => {
-            bail!("copying between two machines is not supported; copy through the host")
+            return Err(failed(
+                ExitCode::Usage,
+                "copying between two machines is not supported; copy through the host",
+            ));
         }
         (Endpoint::Host(_), Endpoint::Host(_)) => {
-            bail!("one side of `cp` must be a machine path, NAME:/path")
+            return Err(failed(
+                ExitCode::Usage,
+                "one side of `cp` must be a machine path, NAME:/path",
+            ));
         }
     }
     Ok(())

@@ -5,10 +5,12 @@
 use std::io::{IsTerminal, Write};
 
 use clap::Args;
-use container_api::Client;
 use container_api::machine::RunRequest;
 use container_api::session::Frame;
+use container_api::{Client, ExitCode};
 use tokio::io::AsyncReadExt;
+
+use crate::exit::failed;
 
 #[derive(Debug, Args)]
 #[command(trailing_var_arg = true)]
@@ -70,7 +72,12 @@ fn environment(args: &RunArgs) -> anyhow::Result<Vec<String>> {
 
 fn push_env(env: &mut Vec<String>, item: &str) -> anyhow::Result<()> {
     match item.split_once('=') {
-        Some(("", _)) => anyhow::bail!("invalid environment variable `{item}`: empty name"),
+        Some(("", _)) => {
+            return Err(failed(
+                ExitCode::Usage,
+                format!("invalid environment variable `{item}`: empty name"),
+            ));
+        }
         Some(_) => env.push(item.to_string()),
         // A bare KEY inherits the host's value, and is skipped when the host has none.
         None => {
@@ -125,9 +132,12 @@ pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
     let tty = args.tty || (shell && (on_terminal || !args.interactive));
     let interactive = args.interactive || shell;
     if tty && !on_terminal && shell {
-        anyhow::bail!(
-            "an interactive shell needs a terminal; give a command to run (e.g. `container machine run -n {name} uname -a`), or -i to feed the shell from stdin"
-        );
+        return Err(failed(
+            ExitCode::Usage,
+            format!(
+                "an interactive shell needs a terminal; give a command to run (e.g. `container machine run -n {name} uname -a`), or -i to feed the shell from stdin"
+            ),
+        ));
     }
     let size = if tty { window_size() } else { None };
     let mut env = environment(&args)?;

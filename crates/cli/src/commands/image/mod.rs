@@ -1,0 +1,57 @@
+//! `container image …` (alias `i`): pull, list, inspect, remove, tag, load and save images.
+//! This file holds the subcommand enum and its dispatch; each subcommand lives in a file of
+//! its own.
+
+mod delete;
+mod inspect;
+mod list;
+mod load;
+mod pull;
+mod save;
+mod tag;
+
+use clap::Subcommand;
+
+pub use pull::pull;
+
+use crate::service;
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Pull an image from a registry.
+    Pull(pull::PullArgs),
+    /// List images.
+    #[command(visible_alias = "ls")]
+    List(list::ListArgs),
+    /// Show everything about one or more images.
+    Inspect(inspect::InspectArgs),
+    /// Remove images (their blobs and base disks go when nothing else uses them).
+    #[command(visible_alias = "rm")]
+    Delete(delete::DeleteArgs),
+    /// Give an image another reference.
+    Tag(tag::TagArgs),
+    /// Load images from an OCI image-layout or `docker save` tar archive.
+    Load(load::LoadArgs),
+    /// Save images to an OCI image-layout tar archive.
+    Save(save::SaveArgs),
+}
+
+/// A URL query string from name/value pairs.
+fn query(pairs: &[(&str, &str)]) -> String {
+    serde_urlencoded::to_string(pairs).expect("string pairs always encode")
+}
+
+impl ImageCommand {
+    pub async fn run(self) -> anyhow::Result<()> {
+        let client = service::connect().await?;
+        match self {
+            ImageCommand::Pull(args) => pull::run(&client, args).await,
+            ImageCommand::List(args) => list::run(&client, args).await,
+            ImageCommand::Inspect(args) => inspect::run(&client, args).await,
+            ImageCommand::Delete(args) => delete::run(&client, args).await,
+            ImageCommand::Tag(args) => tag::run(&client, args).await,
+            ImageCommand::Load(args) => load::run(&client, args).await,
+            ImageCommand::Save(args) => save::run(&client, args).await,
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! `container machine create`: a machine from an image, pulled first when the store does not
+//! have it.
+
+use clap::Args;
+use container_api::client::ClientError;
+use container_api::machine::{CreateRequest, HomeMount, Machine, MountSpec};
+use container_api::size::parse_size;
+use container_api::{Client, ErrorKind};
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// The image, e.g. `127.0.0.1:5000/debian:12`.
+    image: String,
+    /// Machine name (default: derived from the image, `alpine:latest` → `alpine-latest`).
+    #[arg(short, long)]
+    name: Option<String>,
+    /// Make it the default machine.
+    #[arg(long)]
+    set_default: bool,
+    /// Create without booting.
+    #[arg(long)]
+    no_boot: bool,
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory, e.g. 2G (default: half the host's).
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Virtual disk size, e.g. 64G.
+    #[arg(long, value_parser = parse_size)]
+    disk_size: Option<u64>,
+    /// How your home directory is shared: rw, ro or none.
+    #[arg(long)]
+    home_mount: Option<HomeMount>,
+    /// Share another host directory: HOST:GUEST[:ro]. Repeatable.
+    #[arg(long = "mount", value_name = "HOST:GUEST[:ro]", value_parser = parse_mount)]
+    mounts: Vec<MountSpec>,
+    /// `none` for a machine with only loopback networking.
+    #[arg(long)]
+    network: Option<String>,
+    /// A kernel image to boot instead of the system's.
+    #[arg(long)]
+    kernel: Option<String>,
+}
+
+fn parse_mount(text: &str) -> Result<MountSpec, String> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let (host, guest, read_only) = match parts.as_slice() {
+        [h, g] => (*h, *g, false),
+        [h, g, "ro"] => (*h, *g, true),
+        [h, g, "rw"] => (*h, *g, false),
+        _ => return Err(format!("invalid mount `{text}`: expected HOST:GUEST[:ro]")),
+    };
+    if !guest.starts_with('/') {
+        return Err(format!(
+            "invalid mount `{text}`: the guest path must be absolute"
+        ));
+    }
+    let host = std::path::absolute(host)
+        .map_err(|e| format!("invalid mount `{text}`: {e}"))?
+        .display()
+        .to_string();
+    Ok(MountSpec {
+        host_path: host,
+        guest_path: guest.to_string(),
+        read_only,
+    })
+}
+
+/// Pulls the image when the store does not have it, with progress.
+async fn ensure_image(client: &Client, image: &str) -> anyhow::Result<()> {
+    let path = format!(
+        "/images/inspect?{}",
+        serde_urlencoded::to_string([("reference", image)]).expect("encodes")
+    );
+    match client.get::<serde_json::Value>(&path).await {
+        Ok(_) => Ok(()),
+        Err(ClientError::Api(e)) if e.kind == ErrorKind::NotFound => {
+            crate::commands::image::pull(client, image, false)
+                .await
+                .map(|_| ())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn run(client: &Client, a: CreateArgs) -> anyhow::Result<()> {
+    ensure_image(client, &a.image).await?;
+    let request = CreateRequest {
+        image: a.image,
+        name: a.name,
+        set_default: a.set_default,
+        no_boot: a.no_boot,
+        cpus: a.cpus,
+        memory: a.memory,
+        disk_size: a.disk_size,
+        home_mount: a.home_mount,
+        mounts: a.mounts,
+        network: a.network,
+        kernel: a
+            .kernel
+            .map(|k| std::path::absolute(k).map(|p| p.display().to_string()))
+            .transpose()?,
+    };
+    let machine: Machine = client.post("/machines", &request).await?;
+    println!("{}", machine.name);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_mount;
+
+    #[test]
+    fn mounts_parse_with_optional_ro() {
+        let m = parse_mount("/srv/data:/data:ro").unwrap();
+        assert_eq!(
+            (m.host_path.as_str(), m.guest_path.as_str(), m.read_only),
+            ("/srv/data", "/data", true)
+        );
+        assert!(!parse_mount("/a:/b").unwrap().read_only);
+        assert!(parse_mount("/a").unwrap_err().contains("HOST:GUEST"));
+        assert!(parse_mount("/a:rel").unwrap_err().contains("absolute"));
+        assert!(parse_mount("/a:/b:rx").is_err());
+    }
+}
