@@ -42,6 +42,7 @@ pub fn log_file() -> PathBuf {
 /// Starts the service in the background and waits until it answers. Returns false when it was
 /// already running.
 pub async fn start() -> anyhow::Result<bool> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
     let client = Client::new(paths::socket());
     if client.get::<SystemStatus>("/system/status").await.is_ok() {
         return Ok(false);
@@ -53,14 +54,23 @@ pub async fn start() -> anyhow::Result<bool> {
         ));
     }
     let log = log_file();
+    // The service's log names every user's machines and images: root's alone.
     if let Some(dir) = log.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log)
         .with_context(|| format!("opening the service log {}", log.display()))?;
+    // A log made before it was private.
+    out.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", log.display()))?;
     let binary = apiserver_binary();
     let mut command = std::process::Command::new(&binary);
     command
