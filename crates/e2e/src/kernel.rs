@@ -1,6 +1,5 @@
-//! The guest kernel every test service boots, installed once through the CLI.
-
-use std::path::PathBuf;
+//! The guest kernel every test service boots, installed once through the CLI into the root
+//! the other suites share (`container_testkit::kernel_root`).
 
 use crate::Service;
 
@@ -10,14 +9,8 @@ pub fn kernel_config() -> String {
     static KERNEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     KERNEL
         .get_or_init(|| {
-            let cache = std::env::var_os("CONTAINER_TEST_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                        .join(".cache/container-test-images")
-                })
-                .join("kernel-root");
-            let lock = cache.with_extension("lock");
+            let cache = container_testkit::kernel_root();
+            let lock = container_testkit::kernel_lock();
             std::fs::create_dir_all(cache.parent().unwrap()).unwrap();
             // One test process installs; the others wait on the lock.
             let lock_file = std::fs::File::create(&lock).unwrap();

@@ -53,16 +53,7 @@ pub fn tail(text: &str, n: usize) -> String {
 }
 
 /// Fails in CI, skips with a message elsewhere, when a prerequisite is missing.
-pub fn require(ok: bool, what: &str) -> bool {
-    if ok {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("prerequisite missing in CI: {what}");
-    }
-    eprintln!("skipping: {what}");
-    false
-}
+pub use container_testkit::require;
 
 /// True when running as root (the service and VMs need it).
 pub fn is_root() -> bool {

@@ -1,18 +1,14 @@
 //! Where things are: the repository, the binaries `scripts/build.sh` installs, the test
 //! images `tests/images/build.sh` builds (and caches).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use crate::run_ok;
 
 /// The repository root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .expect("crates/e2e sits two levels below the root")
-        .to_path_buf()
+    container_testkit::workspace()
 }
 
 /// A binary of the install prefix `scripts/build.sh` lays out.

@@ -5,27 +5,13 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 /// Whether `tool` can run; when it cannot, skips with a reason, or fails under CI.
-pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is required in CI (scripts/install-deps.sh installs it)"
-        );
-        eprintln!("skipping: {tool} is not installed");
-    }
-    found
-}
+pub use container_testkit::have;
 
 /// Runs a command, failing the test with its output unless it succeeds.
 pub fn run(cmd: &mut Command) -> String {
