@@ -10,6 +10,7 @@ mod copy;
 mod exec;
 mod net;
 mod server;
+#[allow(unsafe_code)]
 mod sys;
 mod users;
 
