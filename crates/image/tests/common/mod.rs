@@ -320,6 +320,30 @@ pub fn busybox_config() -> serde_json::Value {
     serde_json::json!({"Cmd": ["/sbin/init"], "StopSignal": "SIGPWR"})
 }
 
+/// What most registry tests start from: the busybox test image ([`busybox_layers`]) tagged
+/// `1` in a layout at `work/layout`, pushed to `registry` as `name` (with `creds` as
+/// `user:password`). Returns the layout and the pushed reference.
+pub fn push_busybox(
+    work: &Path,
+    registry: &Registry,
+    name: &str,
+    creds: Option<&str>,
+) -> (Layout, String) {
+    let mut layout = Layout::new(&work.join("layout"));
+    let m = layout.image("amd64", busybox_config(), &busybox_layers());
+    layout.tag(m, "1");
+    let reference = registry.push(&layout.dir, "1", name, creds);
+    (layout, reference)
+}
+
+/// An htpasswd file in `dir` that lets `user` in with `password`.
+pub fn htpasswd(dir: &Path, user: &str, password: &str) -> PathBuf {
+    let path = dir.join("htpasswd");
+    let line = run(Command::new("htpasswd").args(["-Bbn", user, password]));
+    std::fs::write(&path, line).unwrap();
+    path
+}
+
 /// A `docker-registry` on a free loopback port, killed on drop.
 pub struct Registry {
     pub addr: String,
