@@ -36,36 +36,29 @@ median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1
 ratio() { printf '%.2f' "$(echo "scale=4; $1 / $2" | bc)"; }
 
 # A kernel for the service, found before entering the namespace (which has no network):
-# the one the tests installed (~/.cache/container-test-images/kernel-root), else Debian's
-# cloud kernel fetched here with apt-get download into $cache/bench-kernel (once).
+# the one the tests share ($cache/kernel-root), installed there first when missing the way
+# a user installs one, `container system kernel set --recommended`, by a service of that
+# root started for it alone (it boots no machine), under the lock the tests take.
 # Prints "VMLINUZ MODULES_DIR".
 bench_find_kernel() {
-  local root=$cache/kernel-root info dir deb meta pkg version
-  for info in "$root/kernel.json" "$root/kernels/current.json"; do
-    if [ -f "$info" ] && [ -f "$(jq -r .path "$info")" ]; then
-      echo "$(jq -r .path "$info") $(jq -r '.modules // ""' "$info")"
-      return 0
-    fi
-  done
-  dir=$cache/bench-kernel
-  if [ ! -f "$dir/vmlinuz" ]; then
-    command -v apt-get >/dev/null || bench_die "no kernel in $root and no apt-get to fetch one"
-    meta=linux-image-cloud-amd64
-    pkg=$(apt-cache depends "$meta" | sed -n 's/^ *|\{0,1\}Depends: \(linux-image-[0-9].*\)$/\1/p' | head -n 1)
-    [ -n "$pkg" ] || bench_die "cannot resolve $meta with apt-cache"
-    rm -rf "$dir.tmp"
-    mkdir -p "$dir.tmp"
-    chmod 777 "$dir.tmp" # apt downloads as its sandbox user
-    (cd "$dir.tmp" && apt-get download -q "$pkg" >/dev/null)
-    for deb in "$dir.tmp"/*.deb; do dpkg-deb -x "$deb" "$dir.tmp/x"; done
-    for version in "$dir.tmp"/x/boot/vmlinuz-*; do version=${version##*/vmlinuz-}; done
-    mv "$dir.tmp/x/boot/vmlinuz-$version" "$dir.tmp/vmlinuz"
-    mv "$dir.tmp/x/lib/modules/$version" "$dir.tmp/modules"
-    rm -rf "$dir.tmp/x" "$dir.tmp"/*.deb
-    rm -rf "$dir"
-    mv "$dir.tmp" "$dir"
+  local root=$cache/kernel-root info run service status=0
+  info=$root/kernels/current.json
+  mkdir -p "$root"
+  exec 9>"$cache/kernel-root.lock"
+  flock 9
+  if ! { [ -f "$info" ] && [ -f "$(jq -r .path "$info")" ]; }; then
+    run=$(mktemp -d /tmp/container-bench-kernel.XXXXXX)
+    mkdir -p "$run/config"
+    service=(env CONTAINER_ROOT="$root" CONTAINER_RUN_DIR="$run/run"
+      CONTAINER_SOCKET="$run/run/api.sock" XDG_CONFIG_HOME="$run/config" "$cli")
+    "${service[@]}" system start >/dev/null || status=$?
+    [ "$status" != 0 ] || "${service[@]}" system kernel set --recommended >&2 || status=$?
+    "${service[@]}" system stop >/dev/null 2>&1
+    rm -rf "$run"
   fi
-  echo "$dir/vmlinuz $dir/modules"
+  exec 9>&-
+  [ "$status" = 0 ] || bench_die "cannot install a kernel into $root"
+  echo "$(jq -r .path "$info") $(jq -r '.modules // ""' "$info")"
 }
 
 # Re-executes the script ($1, then its arguments) in a new network namespace (once);

@@ -71,8 +71,11 @@ echo "== a machine"
 time container machine create "$ref" --name dev --memory 1G
 container machine run -n dev whoami
 container machine run -n dev pwd
+# The scripts below run in the guest: their expansions are the guest's, hence single quotes.
+# shellcheck disable=SC2016
 container machine run -n dev -- sh -c 'echo "kernel $(uname -r) on $(hostname)"; grep PRETTY /etc/os-release'
 # `create` returns once the guest agent answers; the image's init may still be starting.
+# shellcheck disable=SC2016
 container machine run -n dev -- sh -c 'command -v systemctl >/dev/null || exit 0
   for i in $(seq 300); do
     s=$(systemctl is-system-running 2>/dev/null)

@@ -14,7 +14,7 @@ need_root() {
 PACKAGES=(
   qemu-system-x86 qemu-utils e2fsprogs debootstrap busybox-static docker-registry skopeo umoci
   libseccomp-dev libcap-ng-dev iproute2 iptables nftables cpio zstd curl tmux sudo hyperfine
-  apache2-utils python3 openssh-client bc iputils-ping
+  apache2-utils python3 openssh-client bc iputils-ping shellcheck
 )
 
 missing=()

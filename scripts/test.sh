@@ -11,6 +11,10 @@ export PATH="$HOME/.cargo/bin:$PATH"
 scripts/install-deps.sh
 echo "== fmt";    cargo fmt --all -- --check
 echo "== clippy"; cargo clippy --workspace --all-targets -- -D warnings
+echo "== shellcheck"
+shellcheck -x .ci/run scripts/*.sh bench/*.sh tests/images/*.sh
+# The recipes have no shebang: tests/images/build.sh sources them into bash.
+shellcheck -x -s bash tests/images/recipes/*.sh
 echo "== build";  scripts/build.sh
 echo "== test images"; tests/images/build.sh all
 echo "== tests"

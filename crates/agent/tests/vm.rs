@@ -1,7 +1,7 @@
 //! The agent in a real VM (QEMU microvm under TCG, the distribution's cloud kernel, a
 //! busybox machine): boot and readiness, the hand-over to the image's init, first-boot user
 //! setup, disk growth, a share, the network config, exec in all its forms, copies, clock and
-//! a clean shutdown through busybox init. Needs root, qemu, busybox, mkfs.ext4, cpio and
+//! a clean shutdown through busybox init. Needs root, qemu, qemu-img, busybox, mkfs.ext4 and
 //! the vhost-user helpers; skips without them (fails in CI).
 
 mod common;

@@ -5,18 +5,19 @@
 //! (a service restart) and a boot that fails.
 //!
 //! Needs root, `busybox-static`, `mkfs.ext4`, qemu and the two helpers in ~/.cargo/bin; the
-//! kernel is fetched once with `apt-get download` into the shared test cache.
+//! kernel is fetched once into the shared test cache (`container_testkit::guest`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use container_agent_proto::{self as proto, ExecRequest, Frame, Kind, Message};
 use container_api::machine::MachineState;
 use container_apiserver::runtime::{
-    self, HelperPaths, Kernel, Runtime, RuntimeError, RuntimeOptions, ShareSpec, VmSpec,
+    self, HelperPaths, Runtime, RuntimeError, RuntimeOptions, ShareSpec, VmSpec,
 };
+use container_testkit::guest;
 
 /// One VM at a time: two cores of software emulation are slow enough already.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -28,101 +29,20 @@ fn alone<F: std::future::Future>(body: F) -> F::Output {
     tokio::runtime::Runtime::new().unwrap().block_on(body)
 }
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn cache() -> PathBuf {
-    std::env::var_os("CONTAINER_TEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/container-test-images")
-        })
-}
-
 /// Skips (or, in CI, fails) when the host cannot run these tests.
 fn prerequisites() -> bool {
-    let missing: Vec<&str> = [
+    let found = |name: &str| runtime::helpers::find_binary(name, None).is_ok();
+    container_testkit::require_all(&[
         ("root", nix::unistd::geteuid().is_root()),
         ("busybox", Path::new("/bin/busybox").exists()),
         (
             "mkfs.ext4",
             Command::new("mkfs.ext4").arg("-V").output().is_ok(),
         ),
-        (
-            "vhost-device-vsock",
-            runtime::helpers::find_binary("vhost-device-vsock", None).is_ok(),
-        ),
-        (
-            "virtiofsd",
-            runtime::helpers::find_binary("virtiofsd", None).is_ok(),
-        ),
-        (
-            "qemu",
-            runtime::helpers::find_binary("qemu-system-x86_64", None).is_ok(),
-        ),
-    ]
-    .into_iter()
-    .filter(|(_, ok)| !ok)
-    .map(|(what, _)| what)
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("prerequisites missing in CI: {missing:?}");
-    }
-    eprintln!("skipping: missing {missing:?}");
-    false
-}
-
-/// The distribution's cloud kernel, installed once into the shared test cache.
-fn kernel() -> Kernel {
-    static KERNEL: OnceLock<Kernel> = OnceLock::new();
-    KERNEL
-        .get_or_init(|| {
-            let root = cache().join("kernel-root");
-            std::fs::create_dir_all(&root).unwrap();
-            let lock = std::fs::File::create(cache().join("kernel-root.lock")).unwrap();
-            let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-                .expect("lock the kernel cache");
-            let info = match runtime::kernel::current(&root) {
-                Some(info) if Path::new(&info.path).exists() => info,
-                _ => runtime::kernel::fetch_recommended(&root).expect("install the kernel"),
-            };
-            Kernel::from_info(&info)
-        })
-        .clone()
-}
-
-/// The static agent, built as scripts/build.sh builds it.
-fn agent() -> PathBuf {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT
-        .get_or_init(|| {
-            let path = workspace().join("target/x86_64-unknown-linux-gnu/release/container-agent");
-            let built = Command::new(env!("CARGO"))
-                .args([
-                    "build",
-                    "--release",
-                    "-q",
-                    "-p",
-                    "container-agent",
-                    "--target",
-                    "x86_64-unknown-linux-gnu",
-                ])
-                .env("RUSTFLAGS", "-C target-feature=+crt-static")
-                .current_dir(workspace())
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(
-                built || path.exists(),
-                "cannot build the static agent (scripts/build.sh)"
-            );
-            path
-        })
-        .clone()
+        ("vhost-device-vsock", found("vhost-device-vsock")),
+        ("virtiofsd", found("virtiofsd")),
+        ("qemu", found("qemu-system-x86_64")),
+    ])
 }
 
 /// A busybox root filesystem as an ext4 image: busybox init with an inittab that says when
@@ -195,7 +115,7 @@ impl Fixture {
     fn runtime(&self) -> Runtime {
         Runtime::new(RuntimeOptions {
             helpers: HelperPaths {
-                agent: Some(agent()),
+                agent: Some(guest::agent().to_path_buf()),
                 ..HelperPaths::default()
             },
             boot_timeout: Duration::from_secs(60),
@@ -211,7 +131,7 @@ impl Fixture {
         VmSpec {
             id: "dev".into(),
             machine_dir: self.machine_dir(),
-            kernel: kernel(),
+            kernel: guest::kernel(),
             disk: self.machine_dir().join("disk.qcow2"),
             cpus: 1,
             memory_bytes: 256 << 20,

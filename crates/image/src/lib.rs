@@ -7,8 +7,6 @@
 //! runtime; every other method blocks (file I/O, `mkfs.ext4`) and belongs in
 //! `spawn_blocking` when called from async code.
 
-#![forbid(unsafe_code)]
-
 pub mod archive;
 pub mod content;
 pub mod error;

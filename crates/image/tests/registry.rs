@@ -208,11 +208,8 @@ async fn a_corrupt_or_truncated_blob_leaves_no_image() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&work.path().join("layout"));
-    let m = layout.image("amd64", busybox_config(), &busybox_layers());
-    layout.tag(m, "1");
     let registry = Registry::start(None);
-    let reference = registry.push(&layout.dir, "1", "test/corrupt:1", None);
+    let (layout, reference) = push_busybox(work.path(), &registry, "test/corrupt:1", None);
     let store_dir = work.path().join("store");
     let store = ImageStore::open(&store_dir).unwrap();
     let manifest: serde_json::Value = serde_json::from_slice(
@@ -330,14 +327,14 @@ async fn a_registry_with_basic_auth_needs_the_right_credentials() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let htpasswd = work.path().join("htpasswd");
-    let line = run(std::process::Command::new("htpasswd").args(["-Bbn", "alice", "s3cret"]));
-    std::fs::write(&htpasswd, line).unwrap();
-    let mut layout = Layout::new(&work.path().join("layout"));
-    let m = layout.image("amd64", busybox_config(), &busybox_layers());
-    layout.tag(m, "1");
+    let htpasswd = htpasswd(work.path(), "alice", "s3cret");
     let registry = Registry::start(Some(&htpasswd));
-    let reference = registry.push(&layout.dir, "1", "private/busybox:1", Some("alice:s3cret"));
+    let (_, reference) = push_busybox(
+        work.path(),
+        &registry,
+        "private/busybox:1",
+        Some("alice:s3cret"),
+    );
     let store = ImageStore::open(&work.path().join("store")).unwrap();
     let opts = PullOptions {
         uid: 1000,
@@ -436,11 +433,8 @@ async fn saved_archives_round_trip_through_load_and_skopeo() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&work.path().join("layout"));
-    let m = layout.image("amd64", busybox_config(), &busybox_layers());
-    layout.tag(m, "1");
     let registry = Registry::start(None);
-    let reference = registry.push(&layout.dir, "1", "test/saved:1", None);
+    let (_, reference) = push_busybox(work.path(), &registry, "test/saved:1", None);
     let store = ImageStore::open(&work.path().join("a")).unwrap();
     let pulled = store
         .pull(&reference, &PullOptions::default(), &|_: Progress| {})
@@ -488,11 +482,8 @@ async fn a_pull_cancelled_mid_download_leaves_nothing_and_the_next_completes() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&work.path().join("layout"));
-    let m = layout.image("amd64", busybox_config(), &busybox_layers());
-    layout.tag(m, "1");
     let registry = Registry::start(None);
-    let reference = registry.push(&layout.dir, "1", "test/cancel:1", None);
+    let (_, reference) = push_busybox(work.path(), &registry, "test/cancel:1", None);
     let root = work.path().join("store");
     let store = ImageStore::open(&root).unwrap();
     let started = tokio::sync::Notify::new();
@@ -530,12 +521,9 @@ async fn a_token_registry_serves_anonymous_pulls_through_its_realm() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let mut layout = Layout::new(&work.path().join("layout"));
-    let m = layout.image("amd64", busybox_config(), &busybox_layers());
-    layout.tag(m, "1");
     let registry = Registry::start_token(None);
     // skopeo gets a push token from the same server: the setup is a real token registry.
-    let reference = registry.push(&layout.dir, "1", "public/busybox:1", None);
+    let (_, reference) = push_busybox(work.path(), &registry, "public/busybox:1", None);
     let store = ImageStore::open(&work.path().join("store")).unwrap();
     let record = store
         .pull(&reference, &PullOptions::default(), &|_: Progress| {})
@@ -555,14 +543,14 @@ async fn a_token_registry_that_wants_credentials_needs_login() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let htpasswd = work.path().join("htpasswd");
-    let line = run(std::process::Command::new("htpasswd").args(["-Bbn", "alice", "s3cret"]));
-    std::fs::write(&htpasswd, line).unwrap();
-    let mut layout = Layout::new(&work.path().join("layout"));
-    let m = layout.image("amd64", busybox_config(), &busybox_layers());
-    layout.tag(m, "1");
+    let htpasswd = htpasswd(work.path(), "alice", "s3cret");
     let registry = Registry::start_token(Some(&htpasswd));
-    let reference = registry.push(&layout.dir, "1", "private/busybox:1", Some("alice:s3cret"));
+    let (_, reference) = push_busybox(
+        work.path(),
+        &registry,
+        "private/busybox:1",
+        Some("alice:s3cret"),
+    );
     let store_dir = work.path().join("store");
     let store = ImageStore::open(&store_dir).unwrap();
     let opts = PullOptions {
@@ -661,10 +649,7 @@ async fn manifests_indexes_and_configs_over_4_mib_are_refused() {
 
     // A manifest and an index over the limit, as a hostile registry serves them (they are
     // read, as oci-client reads every manifest whole, then refused).
-    let mut layout = Layout::new(&work.path().join("small"));
-    let m = layout.image("amd64", busybox_config(), &busybox_layers());
-    layout.tag(m, "1");
-    let reference = registry.push(&layout.dir, "1", "test/huge:1", None);
+    let (layout, reference) = push_busybox(work.path(), &registry, "test/huge:1", None);
     let manifest = layout_manifest(&layout.dir);
     let index = |manifests: Vec<serde_json::Value>| {
         serde_json::json!({

@@ -1,80 +1,36 @@
-//! A minimal harness that boots the real static agent in a real VM: the distribution's cloud
-//! kernel (fetched once with `apt-get download` into a cache), an initramfs assembled here
-//! with `cpio` (the agent as /init, the modules it needs resolved from their `depends=`
-//! lists, the boot config), a busybox ext4 disk, QEMU microvm under TCG, vhost-device-vsock
-//! for the agent's vsock and virtiofsd for one share. The runtime's own runner is tested in
-//! the service's crate; this one only serves the agent's tests.
+//! A minimal harness that boots the real static agent in a real VM, put together from the
+//! service's own parts wherever they fit: the guest kernel and the static agent from
+//! `container-testkit`, the initramfs (the agent as /init, the modules it needs) built by
+//! `runtime::initramfs`, the machine disk a qcow2 overlay of a busybox ext4 base made by
+//! `runtime::disk`, and QEMU's command line from `runtime::qemu` (microvm under TCG), plus a
+//! user-mode network the guest cannot reach anything through. vhost-device-vsock serves the
+//! agent's vsock and virtiofsd one share. The runtime's own runner is tested in the service's
+//! crate; this one only serves the agent's tests.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use container_agent_proto::{BootConfig, HomeMount, NetConfig, Share, UserSpec};
-
-pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn cache() -> PathBuf {
-    std::env::var_os("CONTAINER_TEST_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/container-test-images")
-        })
-}
-
-fn cargo_bin(name: &str) -> Option<PathBuf> {
-    let home = PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()));
-    [
-        home.join(".cargo/bin").join(name),
-        PathBuf::from("/root/.cargo/bin").join(name),
-    ]
-    .into_iter()
-    .find(|p| p.exists())
-    .or_else(|| {
-        let out = Command::new("which").arg(name).output().ok()?;
-        out.status
-            .success()
-            .then(|| PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-    })
-}
+use container_apiserver::config::Virtualization;
+use container_apiserver::runtime::{Vmm, disk, helpers, initramfs, qemu, vmm::Launch};
+use container_testkit::guest;
 
 /// Whether this host can boot the VM; in CI a missing piece is a failure, not a skip.
 pub fn prerequisites() -> bool {
-    let have = |p: &str| {
-        Command::new("which")
-            .arg(p)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    let missing: Vec<&str> = [
+    let found = |name: &str| helpers::find_binary(name, None).is_ok();
+    container_testkit::require_all(&[
         ("root", nix::unistd::geteuid().is_root()),
         ("busybox", Path::new("/bin/busybox").exists()),
-        ("mkfs.ext4", have("mkfs.ext4")),
-        ("cpio", have("cpio")),
-        ("qemu-system-x86_64", have("qemu-system-x86_64")),
+        ("mkfs.ext4", container_testkit::on_path("mkfs.ext4")),
+        ("qemu-img", container_testkit::on_path("qemu-img")),
+        (helpers::QEMU, found(helpers::QEMU)),
         (
-            "vhost-device-vsock",
-            cargo_bin("vhost-device-vsock").is_some(),
+            helpers::VHOST_DEVICE_VSOCK,
+            found(helpers::VHOST_DEVICE_VSOCK),
         ),
-        ("virtiofsd", cargo_bin("virtiofsd").is_some()),
-    ]
-    .into_iter()
-    .filter(|(_, ok)| !ok)
-    .map(|(what, _)| what)
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "prerequisites missing in CI: {missing:?}"
-    );
-    eprintln!("skipping: missing {missing:?}");
-    false
+        (helpers::VIRTIOFSD, found(helpers::VIRTIOFSD)),
+    ])
 }
 
 fn run(cmd: &mut Command) -> String {
@@ -85,144 +41,6 @@ fn run(cmd: &mut Command) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The cloud kernel: (vmlinuz, modules directory).
-pub struct Kernel {
-    pub vmlinuz: PathBuf,
-    pub modules: PathBuf,
-}
-
-pub fn kernel() -> &'static Kernel {
-    static KERNEL: OnceLock<Kernel> = OnceLock::new();
-    KERNEL.get_or_init(|| {
-        let dir = cache().join("agent-kernel");
-        std::fs::create_dir_all(&dir).unwrap();
-        let lock = std::fs::File::create(dir.join(".lock")).unwrap();
-        let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-            .expect("locking the kernel cache");
-        let root = dir.join("root");
-        if !root.join("boot").exists() {
-            let deps = run(Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]));
-            let package = deps
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("Depends: "))
-                .filter(|p| p.starts_with("linux-image-"))
-                .expect("the cloud kernel metapackage names its kernel")
-                .to_string();
-            run(Command::new("apt-get")
-                .args(["download", &package])
-                .current_dir(&dir));
-            let deb = std::fs::read_dir(&dir)
-                .unwrap()
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| p.extension().is_some_and(|e| e == "deb"))
-                .expect("apt-get download leaves a .deb");
-            let staging = dir.join("staging");
-            let _ = std::fs::remove_dir_all(&staging);
-            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&staging));
-            std::fs::rename(&staging, &root).unwrap();
-            let _ = std::fs::remove_file(deb);
-        }
-        let vmlinuz = std::fs::read_dir(root.join("boot"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with("vmlinuz-")
-            })
-            .expect("the kernel package has a vmlinuz");
-        let version =
-            vmlinuz.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
-        Kernel {
-            vmlinuz,
-            modules: root.join("lib/modules").join(version),
-        }
-    })
-}
-
-/// The static agent, built as scripts/build.sh builds it.
-pub fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| {
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--release",
-                "-q",
-                "-p",
-                "container-agent",
-                "--target",
-                "x86_64-unknown-linux-gnu",
-            ])
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .current_dir(workspace())
-            .status()
-            .expect("running cargo");
-        assert!(status.success(), "building the static agent failed");
-        workspace().join("target/x86_64-unknown-linux-gnu/release/container-agent")
-    })
-}
-
-/// Module files of the kernel by name, and each one's dependencies (from `.modinfo`).
-fn module_index(dir: &Path) -> HashMap<String, PathBuf> {
-    fn walk(dir: &Path, out: &mut HashMap<String, PathBuf>) {
-        for e in std::fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                walk(&p, out);
-            } else if let Some(stem) = p
-                .file_name()
-                .unwrap()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".ko"))
-            {
-                out.insert(stem.replace('-', "_"), p);
-            }
-        }
-    }
-    let mut out = HashMap::new();
-    walk(&dir.join("kernel"), &mut out);
-    out
-}
-
-fn depends(module: &Path) -> Vec<String> {
-    let bytes = std::fs::read(module).unwrap();
-    let key = b"\0depends=";
-    let Some(at) = bytes.windows(key.len()).position(|w| w == key) else {
-        return vec![];
-    };
-    let rest = &bytes[at + key.len()..];
-    let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
-    String::from_utf8_lossy(&rest[..end])
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(|s| s.replace('-', "_"))
-        .collect()
-}
-
-/// `wanted` and their dependencies, dependencies first; built-in ones are skipped.
-fn resolve_modules(dir: &Path, wanted: &[&str]) -> Vec<PathBuf> {
-    let index = module_index(dir);
-    let mut order = Vec::new();
-    fn visit(name: &str, index: &HashMap<String, PathBuf>, order: &mut Vec<PathBuf>) {
-        let Some(path) = index.get(name) else { return };
-        if order.contains(path) {
-            return;
-        }
-        for d in depends(path) {
-            visit(&d, index, order);
-        }
-        order.push(path.clone());
-    }
-    for w in wanted {
-        visit(w, &index, &mut order);
-    }
-    order
 }
 
 /// A booted machine and its helpers; everything is killed on drop.
@@ -251,7 +69,7 @@ impl Vm {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let kernel = kernel();
+        let kernel = guest::kernel();
 
         // The machine disk: busybox, its init, an inittab that says when it is up.
         let rootfs = d.join("rootfs");
@@ -283,49 +101,30 @@ impl Vm {
         .unwrap();
         std::fs::create_dir_all(rootfs.join("etc/skel")).unwrap();
         std::fs::write(rootfs.join("etc/skel/.profile"), "# from skel\n").unwrap();
-        let disk = d.join("disk.ext4");
+        let base = d.join("base.ext4");
         run(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-d"])
             .arg(&rootfs)
-            .arg(&disk)
+            .arg(&base)
             .arg("64M"));
-        // A bigger device than filesystem: the agent grows it.
-        std::fs::File::options()
-            .write(true)
-            .open(&disk)
-            .unwrap()
-            .set_len(DISK_BYTES)
-            .unwrap();
+        // A bigger device than filesystem, as a machine's disk over its image: the agent
+        // grows it.
+        let disk = d.join("disk.qcow2");
+        disk::create_overlay(&base, &disk, DISK_BYTES).unwrap();
 
         let share = d.join("share");
         std::fs::create_dir_all(&share).unwrap();
         std::fs::write(share.join("greeting"), "hello from the host\n").unwrap();
 
-        // The initramfs: the agent, the modules, the boot config.
-        let initrd_root = d.join("initramfs");
-        std::fs::create_dir_all(initrd_root.join("container")).unwrap();
-        std::fs::create_dir_all(initrd_root.join("modules")).unwrap();
-        std::fs::copy(agent(), initrd_root.join("init")).unwrap();
-        let wanted = [
-            "virtio_mmio",
-            "virtio_blk",
-            "vmw_vsock_virtio_transport",
-            "virtio_net",
-            "virtiofs",
-        ];
-        let mut modules = Vec::new();
-        for m in resolve_modules(&kernel.modules, &wanted) {
-            let name = m.file_name().unwrap();
-            std::fs::copy(&m, initrd_root.join("modules").join(name)).unwrap();
-            modules.push(format!("/modules/{}", name.to_string_lossy()));
-        }
+        // The initramfs the service builds: the agent, the modules it needs.
+        let built = initramfs::build(&d.join("initramfs"), &kernel, guest::agent()).unwrap();
         let cfg = BootConfig {
             version: container_agent_proto::VERSION,
             machine_id: "m-test".into(),
             hostname: "agent-test".into(),
             root_device: "/dev/vda".into(),
             grow_root: true,
-            modules,
+            modules: built.modules.clone(),
             shares: vec![Share {
                 tag: "shared".into(),
                 guest_path: "/mnt/host share".into(),
@@ -355,27 +154,9 @@ impl Vm {
         };
         let mut cfg = cfg;
         edit(&mut cfg);
-        std::fs::write(
-            initrd_root.join("container/boot.json"),
-            serde_json::to_vec(&cfg).unwrap(),
-        )
-        .unwrap();
         let initrd = d.join("initrd.cpio");
-        let list = run(Command::new("find").arg(".").current_dir(&initrd_root));
-        let mut cpio = Command::new("cpio")
-            .args(["-o", "-H", "newc", "--quiet"])
-            .current_dir(&initrd_root)
-            .stdin(Stdio::piped())
-            .stdout(std::fs::File::create(&initrd).unwrap())
-            .spawn()
+        initramfs::with_boot_config(&built.path, &serde_json::to_vec(&cfg).unwrap(), &initrd)
             .unwrap();
-        use std::io::Write;
-        cpio.stdin
-            .take()
-            .unwrap()
-            .write_all(list.as_bytes())
-            .unwrap();
-        assert!(cpio.wait().unwrap().success());
 
         let console = d.join("console.log");
         let vsock = d.join("vsock.sock");
@@ -438,13 +219,11 @@ impl Vm {
 /// How long a booting guest may print nothing before it is restarted.
 const SILENCE_LIMIT: Duration = Duration::from_secs(20);
 
-/// The guest kernel's command line. Under emulation on a loaded host the kernel's TSC
-/// calibration against the PIT fails now and then ("Marking TSC unstable") and the boot
-/// hangs; under TCG the guest's TSC ticks at the host's rate, so it is given instead.
-fn kernel_cmdline() -> String {
-    let mut line = String::from("console=ttyS0 panic=-1 tsc=reliable no_timer_check");
+/// The host's TSC frequency, which the guest kernel is given under TCG (see
+/// `runtime::qemu`): the clock `/proc/cpuinfo` reports.
+fn host_tsc_khz() -> Option<u64> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    if let Some(mhz) = cpuinfo
+    cpuinfo
         .lines()
         .find_map(|l| l.strip_prefix("cpu MHz"))
         .and_then(|l| {
@@ -453,10 +232,7 @@ fn kernel_cmdline() -> String {
                 .parse::<f64>()
                 .ok()
         })
-    {
-        line.push_str(&format!(" tsc_early_khz={}", (mhz * 1000.0) as u64));
-    }
-    line
+        .map(|mhz| (mhz * 1000.0) as u64)
 }
 
 /// Starts the vhost-user helpers and QEMU.
@@ -467,7 +243,7 @@ fn launch(
     disk: &Path,
     share: &Path,
 ) -> (Child, Vec<Child>) {
-    for sock in ["vhu.sock", "vsock.sock", "vfs.sock"] {
+    for sock in ["vhu.sock", "vsock.sock", "vfs.sock", "qmp.sock"] {
         let _ = std::fs::remove_file(d.join(sock));
     }
     let vhu = d.join("vhu.sock");
@@ -475,7 +251,7 @@ fn launch(
     let vfs = d.join("vfs.sock");
     let log = |name: &str| std::fs::File::create(d.join(name)).unwrap();
     let mut helpers = vec![
-        Command::new(cargo_bin("vhost-device-vsock").unwrap())
+        Command::new(helpers::find_binary(helpers::VHOST_DEVICE_VSOCK, None).unwrap())
             .arg("--guest-cid=3")
             .arg("--socket")
             .arg(&vhu)
@@ -487,7 +263,7 @@ fn launch(
             .unwrap(),
     ];
     helpers.push(
-        Command::new(cargo_bin("virtiofsd").unwrap())
+        Command::new(helpers::find_binary(helpers::VIRTIOFSD, None).unwrap())
             .arg("--socket-path")
             .arg(&vfs)
             .arg("--shared-dir")
@@ -508,52 +284,25 @@ fn launch(
     }
     let console = d.join("console.log");
     let _ = std::fs::remove_file(&console);
-    let qemu = Command::new("qemu-system-x86_64")
-        .args([
-            "-M",
-            "microvm,rtc=on",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-no-reboot",
-        ])
-        .args([
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max",
-            "-smp",
-            "1",
-            "-m",
-            "256M",
-        ])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=256M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .arg("-kernel")
-        .arg(vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(kernel_cmdline())
-        .arg("-drive")
-        .arg(format!(
-            "id=root,file={},format=raw,if=none",
-            disk.display()
-        ))
-        .args(["-device", "virtio-blk-device,drive=root"])
-        .arg("-chardev")
-        .arg(format!("socket,id=vsk,path={}", vhu.display()))
-        .args(["-device", "vhost-user-vsock-device,chardev=vsk"])
-        .arg("-chardev")
-        .arg(format!("socket,id=vfs,path={}", vfs.display()))
-        .args(["-device", "vhost-user-fs-device,chardev=vfs,tag=shared"])
+    let vmm = qemu::Qemu {
+        binary: helpers::find_binary(helpers::QEMU, None).unwrap(),
+        accel: qemu::choose_accel(Virtualization::Tcg, qemu::HostKvm::probe()),
+        tsc_khz: host_tsc_khz(),
+    };
+    let shares = [("shared".to_string(), vfs.clone())];
+    let qemu = vmm
+        .command(&Launch {
+            cpus: 1,
+            memory_mib: 256,
+            kernel: vmlinuz,
+            initrd,
+            disk,
+            console: &console,
+            control: &d.join("qmp.sock"),
+            vsock: &vhu,
+            shares: &shares,
+            net: None,
+        })
         // User-mode networking, restricted: the guest reaches nothing; the test only
         // checks the agent's configuration.
         .args([

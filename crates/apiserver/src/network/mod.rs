@@ -10,8 +10,6 @@
 //! sysctl behind); and after `reconcile` no tap of ours exists that belongs to no running
 //! machine. Side effects go through [`HostNet`] ([`RealHost`] on a real host).
 
-#![deny(unsafe_code)]
-
 pub mod host;
 pub mod leases;
 pub mod real;

@@ -9,8 +9,6 @@
 //! whose VMM still runs and cleans up after the others; whenever a VMM exits, its helpers
 //! are killed and its runtime files removed.
 
-#![deny(unsafe_code)]
-
 pub mod console;
 pub mod disk;
 mod error;

@@ -5,27 +5,13 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
 /// Whether `tool` can run; when it cannot, skips with a reason, or fails under CI.
-pub fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{tool} is required in CI (scripts/install-deps.sh installs it)"
-        );
-        eprintln!("skipping: {tool} is not installed");
-    }
-    found
-}
+pub use container_testkit::have;
 
 /// Runs a command, failing the test with its output unless it succeeds.
 pub fn run(cmd: &mut Command) -> String {
@@ -332,6 +318,30 @@ pub fn busybox_layers() -> Vec<(Vec<u8>, Comp)> {
 /// The config object of the test images.
 pub fn busybox_config() -> serde_json::Value {
     serde_json::json!({"Cmd": ["/sbin/init"], "StopSignal": "SIGPWR"})
+}
+
+/// What most registry tests start from: the busybox test image ([`busybox_layers`]) tagged
+/// `1` in a layout at `work/layout`, pushed to `registry` as `name` (with `creds` as
+/// `user:password`). Returns the layout and the pushed reference.
+pub fn push_busybox(
+    work: &Path,
+    registry: &Registry,
+    name: &str,
+    creds: Option<&str>,
+) -> (Layout, String) {
+    let mut layout = Layout::new(&work.join("layout"));
+    let m = layout.image("amd64", busybox_config(), &busybox_layers());
+    layout.tag(m, "1");
+    let reference = registry.push(&layout.dir, "1", name, creds);
+    (layout, reference)
+}
+
+/// An htpasswd file in `dir` that lets `user` in with `password`.
+pub fn htpasswd(dir: &Path, user: &str, password: &str) -> PathBuf {
+    let path = dir.join("htpasswd");
+    let line = run(Command::new("htpasswd").args(["-Bbn", user, password]));
+    std::fs::write(&path, line).unwrap();
+    path
 }
 
 /// A `docker-registry` on a free loopback port, killed on drop.
