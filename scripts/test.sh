@@ -15,6 +15,8 @@ echo "== shellcheck"
 shellcheck -x .ci/run scripts/*.sh bench/*.sh tests/images/*.sh
 # The recipes have no shebang: tests/images/build.sh sources them into bash.
 shellcheck -x -s bash tests/images/recipes/*.sh
+echo "== module graph"; scripts/module-cycles.py crates/apiserver/src crates/agent/src
+echo "== fuzz targets compile"; cargo check --manifest-path fuzz/Cargo.toml --bins --locked
 echo "== build";  scripts/build.sh
 echo "== test images"; tests/images/build.sh all
 echo "== tests"
