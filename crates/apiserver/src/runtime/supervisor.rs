@@ -576,10 +576,12 @@ impl Supervisor {
     /// false (logged) when it has to be forced off.
     async fn stop_through_agent(&self, vm: &Vm, signal: Option<i32>, timeout: Duration) -> bool {
         let id = &vm.run.id;
-        match tokio::time::timeout(
-            Duration::from_secs(5),
-            ask_shutdown(&vm.agent_socket(), signal, timeout),
-        )
+        match tokio::time::timeout(Duration::from_secs(5), async {
+            proto::client::AgentClient::connect(&vm.agent_socket(), proto::PORT)
+                .await?
+                .shutdown(signal, timeout)
+                .await
+        })
         .await
         {
             Ok(Ok(())) => {
@@ -627,33 +629,6 @@ async fn sync_clock(id: &str, socket: &Path) {
         Ok(Ok(())) => tracing::debug!(machine = %id, "guest clock set"),
         Ok(Err(e)) => tracing::debug!(machine = %id, error = %e, "could not set the guest clock"),
         Err(_) => tracing::debug!(machine = %id, "the guest agent did not answer the clock update"),
-    }
-}
-
-/// Sends the agent a shutdown request. Once the request is sent, the connection closing
-/// without an answer counts as accepted: the init it signalled may kill every process,
-/// the agent too, before the answer leaves (busybox init does).
-async fn ask_shutdown(
-    socket: &Path,
-    signal: Option<i32>,
-    timeout: Duration,
-) -> Result<(), proto::ProtoError> {
-    let mut s = proto::host::connect(socket, proto::PORT).await?;
-    proto::host::send(
-        &mut s,
-        proto::Message::Shutdown {
-            signal,
-            timeout_ms: timeout.as_millis() as u64,
-        },
-    )
-    .await?;
-    match proto::host::read(&mut s).await {
-        Ok(Some(proto::Frame::Message(proto::Message::Error { message, code }))) => {
-            Err(proto::ProtoError::Agent { message, code })
-        }
-        Ok(_) => Ok(()),
-        Err(proto::ProtoError::Io(e)) if e.kind() != std::io::ErrorKind::TimedOut => Ok(()),
-        Err(e) => Err(e),
     }
 }
 
