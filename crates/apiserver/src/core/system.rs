@@ -47,7 +47,7 @@ impl Core {
         let root = self.state.options.root.clone();
         tokio::task::spawn_blocking(move || {
             if req.recommended {
-                runtime::kernel::install_recommended(&root)
+                runtime::kernel::fetch_recommended(&root).map_err(ApiError::from)
             } else {
                 let binary = req
                     .binary
@@ -58,6 +58,7 @@ impl Core {
                     req.modules.as_deref().map(std::path::Path::new),
                     None,
                 )
+                .map_err(ApiError::from)
             }
         })
         .await

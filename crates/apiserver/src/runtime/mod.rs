@@ -442,7 +442,9 @@ impl Vms for ServiceVms {
         spec: ExecSpec,
         client: Box<dyn ClientStream>,
     ) -> Result<(), ApiError> {
-        session::exec(&self.running(name)?, spec, client).await
+        session::exec(&self.running(name)?, spec, client)
+            .await
+            .map_err(ApiError::from)
     }
     async fn copy_in(
         &self,
@@ -450,14 +452,18 @@ impl Vms for ServiceVms {
         path: &str,
         tar: Box<dyn AsyncRead + Send + Unpin>,
     ) -> Result<(), ApiError> {
-        session::copy_in(&self.running(name)?, path, tar).await
+        session::copy_in(&self.running(name)?, path, tar)
+            .await
+            .map_err(ApiError::from)
     }
     async fn copy_out(
         &self,
         name: &str,
         path: &str,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError> {
-        session::copy_out(&self.running(name)?, path).await
+        session::copy_out(&self.running(name)?, path)
+            .await
+            .map_err(ApiError::from)
     }
     fn log_path(&self, name: &str, boot: bool) -> PathBuf {
         console::log_path(&self.machines().join(name), boot)

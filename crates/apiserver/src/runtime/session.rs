@@ -6,17 +6,19 @@ use std::path::Path;
 
 use container_agent_proto::client::{AgentClient, ExecEvent, ExitStatus as AgentExit};
 use container_agent_proto::{ExecRequest, PORT, ProtoError};
+use container_api::ApiError;
 use container_api::session::{ExitStatus, Frame as ClientFrame};
-use container_api::{ApiError, ErrorKind};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
+use super::RuntimeError;
 use crate::core::ports::{ClientStream, ExecSpec, ExecUser};
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        ErrorKind::Unavailable,
-        format!("talking to the guest agent: {e}"),
-    )
+/// The runtime's error for an exec that failed: the agent's refusal, else the session.
+fn exec_failed(e: ProtoError) -> RuntimeError {
+    match e {
+        ProtoError::Agent { message, .. } => RuntimeError::CommandRefused { message },
+        e => RuntimeError::Agent(e),
+    }
 }
 
 /// The frames that end a client's session with a process that could not start (not found,
@@ -37,7 +39,7 @@ pub async fn exec(
     vsock: &Path,
     spec: ExecSpec,
     mut client: Box<dyn ClientStream>,
-) -> Result<(), ApiError> {
+) -> Result<(), RuntimeError> {
     let (uid, gid, user) = match &spec.user {
         ExecUser::Ids { uid, gid } => (Some(*uid), *gid, None),
         ExecUser::Name(n) => (None, None, Some(n.clone())),
@@ -65,11 +67,10 @@ pub async fn exec(
             return Ok(());
         }
         Err(e) => {
-            let e = match e {
-                ProtoError::Agent { message, .. } => ApiError::invalid(message),
-                e => unavailable(e),
-            };
-            let _ = ClientFrame::Error(e.clone()).write(&mut client).await;
+            let e = exec_failed(e);
+            let _ = ClientFrame::Error(ApiError::from(&e))
+                .write(&mut client)
+                .await;
             return Err(e);
         }
     };
@@ -135,12 +136,11 @@ pub async fn exec(
                 break Ok(());
             }
             Err(e) => {
-                let e = match e {
-                    ProtoError::Agent { message, .. } => ApiError::invalid(message),
-                    e => unavailable(e),
-                };
+                let e = exec_failed(e);
                 if client_open {
-                    let _ = ClientFrame::Error(e.clone()).write(&mut client_w).await;
+                    let _ = ClientFrame::Error(ApiError::from(&e))
+                        .write(&mut client_w)
+                        .await;
                 }
                 break Err(e);
             }
@@ -158,31 +158,30 @@ pub async fn copy_in(
     vsock: &Path,
     path: &str,
     tar: Box<dyn AsyncRead + Send + Unpin>,
-) -> Result<(), ApiError> {
+) -> Result<(), RuntimeError> {
     let agent = AgentClient::connect(vsock, PORT)
         .await
-        .map_err(unavailable)?;
-    match agent.copy_in(path, tar).await {
-        Ok(()) => Ok(()),
-        Err(ProtoError::Input(e)) => Err(ApiError::invalid(format!("reading the archive: {e}"))),
-        Err(ProtoError::Agent { message, .. }) => Err(ApiError::invalid(message)),
-        Err(e) => Err(unavailable(e)),
-    }
+        .map_err(RuntimeError::Agent)?;
+    agent.copy_in(path, tar).await.map_err(|e| match e {
+        ProtoError::Input(e) => RuntimeError::ReadingArchive(e),
+        ProtoError::Agent { message, .. } => RuntimeError::CopyInRefused { message },
+        e => RuntimeError::Agent(e),
+    })
 }
 
-/// A tar stream of `path` in the machine; errors before the first byte are API errors, a
+/// A tar stream of `path` in the machine; errors before the first byte are the runtime's, a
 /// failure later is an error of the stream (never its end).
 pub async fn copy_out(
     vsock: &Path,
     path: &str,
-) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError> {
+) -> Result<Box<dyn AsyncRead + Send + Unpin>, RuntimeError> {
     let agent = AgentClient::connect(vsock, PORT)
         .await
-        .map_err(unavailable)?;
+        .map_err(RuntimeError::Agent)?;
     match agent.copy_out(path).await {
         Ok(tar) => Ok(Box::new(tar)),
-        Err(ProtoError::Agent { message, .. }) => Err(ApiError::not_found(message)),
-        Err(e) => Err(unavailable(e)),
+        Err(ProtoError::Agent { message, .. }) => Err(RuntimeError::CopyOutRefused { message }),
+        Err(e) => Err(RuntimeError::Agent(e)),
     }
 }
 
