@@ -94,6 +94,14 @@ pub enum RuntimeError {
     #[error("reading the archive")]
     ReadingArchive(#[source] std::io::Error),
     #[error("connecting machine `{machine}` to the machine network")]
+    Tap {
+        machine: String,
+        #[source]
+        source: super::vmm::TapError,
+    },
+    #[error("machine `{0}` has a network device but this runtime has no machine network")]
+    NoNetwork(String),
+    #[error("connecting machine `{machine}` to the machine network")]
     Network {
         machine: String,
         #[source]
@@ -130,6 +138,8 @@ impl RuntimeError {
             | ExitedDuringBoot { .. }
             | AgentTimeout { .. }
             | Agent(_)
+            | Tap { .. }
+            | NoNetwork(_)
             | Network { .. } => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
@@ -169,5 +179,15 @@ mod tests {
             message: message.clone(),
         });
         assert_eq!((api.kind, api.message), (ErrorKind::NotFound, message));
+        // The network's error is told once, after the machine it concerns.
+        let refused = std::io::Error::other("the bridge ct0 is not up");
+        let api = ApiError::from(RuntimeError::Tap {
+            machine: "dev".into(),
+            source: super::super::vmm::TapError(Box::new(refused)),
+        });
+        assert_eq!(
+            api.message,
+            "connecting machine `dev` to the machine network: the bridge ct0 is not up"
+        );
     }
 }

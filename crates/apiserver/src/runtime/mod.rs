@@ -39,7 +39,7 @@ use tokio::io::AsyncRead;
 pub use error::RuntimeError;
 pub use helpers::HelperPaths;
 pub use kernel::Kernel;
-pub use vmm::{NetDevice, TapPlumbing, Vmm};
+pub use vmm::{NetDevice, TapError, TapPlumbing, Vmm};
 
 use crate::config::{Config, Virtualization};
 use crate::core::ServiceOptions;

@@ -145,10 +145,7 @@ impl Supervisor {
         self.options
             .network
             .as_ref()
-            .ok_or_else(|| RuntimeError::Network {
-                machine: id.to_string(),
-                source: "this service has no machine network".into(),
-            })
+            .ok_or_else(|| RuntimeError::NoNetwork(id.to_string()))
     }
 
     /// The per-VM runtime directory: short, so socket paths stay under the limit.
@@ -187,7 +184,14 @@ impl Supervisor {
         let this = self.clone();
         let mut launch_spec = spec.clone();
         if let Some(net) = &mut launch_spec.net {
-            net.tap = self.network(&spec.id)?.attach(&spec.id).await?;
+            net.tap = self
+                .network(&spec.id)?
+                .attach(&spec.id)
+                .await
+                .map_err(|source| RuntimeError::Tap {
+                    machine: spec.id.clone(),
+                    source,
+                })?;
         }
         let launched = tokio::task::spawn_blocking(move || this.launch(&launch_spec))
             .await
