@@ -113,7 +113,7 @@ pub struct RunningVm {
     /// The VMM's pid.
     pub pid: i32,
     pub run_dir: PathBuf,
-    /// The hybrid-vsock socket to reach the agent (`AgentClient`, `proto::host::connect`).
+    /// The hybrid-vsock socket to reach the agent (`container_agent_proto::client::AgentClient`).
     pub agent_socket: PathBuf,
     pub console: PathBuf,
     pub started: chrono::DateTime<chrono::Utc>,
