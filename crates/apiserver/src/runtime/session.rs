@@ -101,9 +101,9 @@ pub async fn exec(
                 break;
             }
         }
-        // Kept, not dropped: dropping the input half ends the agent's reading of the
-        // session, and with it the process's input, while a client that left (detach, a
-        // closed terminal) leaves the process running.
+        // Returned, not dropped, so it lives as long as the session: dropping it shuts the
+        // session's input side, and the agent would end the process's input (a terminal's
+        // too) although a client that left (detach) expects the process to run on.
         input
     });
     let result = loop {
