@@ -1,5 +1,7 @@
 //! The typed host-side client of the agent: one [`AgentClient`] per session, opened through
-//! the machine's hybrid-vsock socket, consumed by the one request it makes.
+//! the machine's hybrid-vsock socket, consumed by the one request it makes. It is the one
+//! place the host speaks the session protocol (the service's runtime uses nothing else), so
+//! what each answer means, a failure part-way through a stream included, is decided here.
 //!
 //! ```no_run
 //! # async fn demo(uds: &std::path::Path) -> Result<(), container_agent_proto::ProtoError> {
@@ -128,12 +130,29 @@ impl AgentClient {
     /// Sends the stop signal to the image's init (`None`: the init's own power-off signal);
     /// the agent forces the power off after `timeout`. Returns once the signal is sent: the
     /// machine is down when the VMM exits.
-    pub async fn shutdown(self, signal: Option<i32>, timeout: Duration) -> Result<(), ProtoError> {
-        self.expect_done(Message::Shutdown {
+    ///
+    /// Once the request is sent, the session closing without an answer counts as accepted:
+    /// the init it signalled may kill every process, the agent too, before the answer leaves
+    /// (busybox init does).
+    pub async fn shutdown(
+        mut self,
+        signal: Option<i32>,
+        timeout: Duration,
+    ) -> Result<(), ProtoError> {
+        let request = Message::Shutdown {
             signal,
             timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
-        })
-        .await
+        };
+        send(&mut self.stream, request).await?;
+        match read(&mut self.stream).await {
+            Ok(Some(Frame::Message(Message::Done)) | None) => Ok(()),
+            Ok(Some(Frame::Message(Message::Error { message, code }))) => {
+                Err(ProtoError::Agent { message, code })
+            }
+            Ok(other) => Err(ProtoError::unexpected(other.as_ref())),
+            Err(ProtoError::Io(e)) if e.kind() != std::io::ErrorKind::TimedOut => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     async fn expect_done(self, m: Message) -> Result<(), ProtoError> {
@@ -163,6 +182,8 @@ impl AgentClient {
 
     /// Unpacks a tar stream at `dest` in the machine: into it when it is a directory, else
     /// as it (the archive's top entry renamed). Ownership and modes in the archive are kept.
+    /// A failure to read `tar` is [`ProtoError::Input`]; the agent's refusal (a bad archive,
+    /// a destination it cannot write) is [`ProtoError::Agent`].
     pub async fn copy_in<R: AsyncRead + Unpin>(
         mut self,
         dest: &str,
@@ -177,7 +198,7 @@ impl AgentClient {
         .await?;
         let mut buf = vec![0u8; CHUNK];
         loop {
-            let n = tar.read(&mut buf).await?;
+            let n = tar.read(&mut buf).await.map_err(ProtoError::Input)?;
             if n == 0 {
                 break;
             }
@@ -609,6 +630,95 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_the_agent_dies_of_before_answering_counts_as_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = fake(dir.path(), "OK 7\n", |mut s| async move {
+            hello(&mut s).await;
+            match read(&mut s).await.unwrap() {
+                // The init that got the signal killed the agent: no answer.
+                Some(Frame::Message(Message::Shutdown {
+                    signal: Some(15), ..
+                })) => {}
+                Some(Frame::Message(Message::Shutdown { .. })) => {
+                    let refused = Message::Error {
+                        message: "no init to signal".into(),
+                        code: None,
+                    };
+                    send(&mut s, refused).await.unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+        });
+        let client = AgentClient::connect(&uds, 1024).await.unwrap();
+        client
+            .shutdown(Some(15), Duration::from_secs(1))
+            .await
+            .unwrap();
+        let client = AgentClient::connect(&uds, 1024).await.unwrap();
+        let err = client
+            .shutdown(None, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no init to signal"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn copy_in_tells_a_refusal_from_a_source_that_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = fake(dir.path(), "OK 7\n", |mut s| async move {
+            hello(&mut s).await;
+            let Some(Frame::Message(Message::CopyIn { .. })) = read(&mut s).await.unwrap() else {
+                panic!("no copy in")
+            };
+            let mut got = Vec::new();
+            while let Some(Frame::Data(Kind::Data, b)) = read(&mut s).await.unwrap() {
+                got.extend_from_slice(&b);
+            }
+            let answer = match got.as_slice() {
+                b"good" => Message::Done,
+                _ => Message::Error {
+                    message: "reading the archive: not a tar".into(),
+                    code: None,
+                },
+            };
+            let _ = send(&mut s, answer).await;
+        });
+        let client = || AgentClient::connect(&uds, 1024);
+        client()
+            .await
+            .unwrap()
+            .copy_in("/tmp", &b"good"[..])
+            .await
+            .unwrap();
+        let err = client()
+            .await
+            .unwrap()
+            .copy_in("/tmp", &b"bad"[..])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProtoError::Agent { .. }), "{err:?}");
+        assert_eq!(err.to_string(), "reading the archive: not a tar");
+        /// A source that fails on the first read.
+        struct Broken;
+        impl AsyncRead for Broken {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Err(std::io::Error::other("the client went away")))
+            }
+        }
+        let err = client()
+            .await
+            .unwrap()
+            .copy_in("/tmp", Broken)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProtoError::Input(_)), "{err:?}");
     }
 
     #[tokio::test]

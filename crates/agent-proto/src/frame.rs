@@ -71,6 +71,9 @@ pub enum ProtoError {
     Unexpected(String),
     #[error("the guest agent did not answer in time")]
     Timeout,
+    /// The data the host was sending could not be read (its source failed, not the session).
+    #[error("reading the data to send")]
+    Input(#[source] std::io::Error),
 }
 
 impl ProtoError {

@@ -1,6 +1,7 @@
 //! Async frame I/O and the session opening, for the host: the hybrid-vsock handshake of
 //! vhost-device-vsock (`CONNECT <port>\n` → `OK <n>\n` on its Unix socket), then ours.
-//! [`crate::client`] builds the typed API on these.
+//! [`crate::client`] builds the typed API on these; the host uses nothing else (the frame
+//! functions serve tests that play the agent).
 
 use std::path::Path;
 
@@ -57,21 +58,6 @@ pub async fn open(uds: &Path, port: u32) -> Result<(UnixStream, String), ProtoEr
     match read(&mut stream).await? {
         Some(Frame::Message(Message::HelloOk { agent, .. })) => Ok((stream, agent)),
         Some(Frame::Message(Message::Error { message, .. })) => Err(ProtoError::Refused(message)),
-        other => Err(ProtoError::unexpected(other.as_ref())),
-    }
-}
-
-/// Opens a session: the stream, ready for a request.
-pub async fn connect(uds: &Path, port: u32) -> Result<UnixStream, ProtoError> {
-    open(uds, port).await.map(|(s, _)| s)
-}
-
-/// One request, one answer (ping, shutdown, set time).
-pub async fn call(uds: &Path, port: u32, m: Message) -> Result<Message, ProtoError> {
-    let mut s = connect(uds, port).await?;
-    send(&mut s, m).await?;
-    match read(&mut s).await? {
-        Some(Frame::Message(reply)) => Ok(reply),
         other => Err(ProtoError::unexpected(other.as_ref())),
     }
 }

@@ -16,7 +16,7 @@
 //!
 //! The one connection the agent opens itself goes the other way, to the host's
 //! [`READY_PORT`] during boot: it carries a single [`Message::Ready`] once the agent listens,
-//! and only then does the host open sessions (`host::accept_ready`).
+//! and only then does the host open sessions (`client::ReadyListener`).
 //!
 //! A frame is one kind byte, a big-endian u32 length and the payload ([`frame`]). Frames are
 //! bounded ([`MAX_FRAME`]) and unknown kinds are errors, so garbage from either side ends a

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use container_agent_proto::{self as proto, ExecRequest, Frame, Kind, Message};
+use container_agent_proto::{self as proto, ExecRequest};
 use container_api::machine::MachineState;
 use container_apiserver::runtime::{
     self, HelperPaths, Runtime, RuntimeError, RuntimeOptions, ShareSpec, VmSpec,
@@ -190,42 +190,32 @@ impl Fixture {
 
 /// Runs a command through the agent; (exit code, stdout, stderr).
 async fn exec(socket: &Path, argv: &[&str]) -> (Option<i32>, String, String) {
-    let mut s = proto::host::connect(socket, proto::PORT)
+    let request = ExecRequest {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: vec!["PATH=/bin:/sbin".into()],
+        cwd: "/".into(),
+        uid: Some(0),
+        gid: Some(0),
+        ..Default::default()
+    };
+    let out = proto::client::AgentClient::connect(socket, proto::PORT)
         .await
-        .expect("connect to the agent");
-    proto::host::send(
-        &mut s,
-        Message::Exec(ExecRequest {
-            argv: argv.iter().map(|a| a.to_string()).collect(),
-            env: vec!["PATH=/bin:/sbin".into()],
-            cwd: "/".into(),
-            uid: Some(0),
-            gid: Some(0),
-            ..Default::default()
-        }),
+        .expect("connect to the agent")
+        .exec(request)
+        .await
+        .expect("exec")
+        .output(b"")
+        .await
+        .expect("the command's output");
+    let code = match out.status {
+        proto::client::ExitStatus::Code(c) => Some(c),
+        proto::client::ExitStatus::Signal(_) => None,
+    };
+    (
+        code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-    .await
-    .unwrap();
-    proto::host::send(&mut s, Message::StdinEof).await.unwrap();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    loop {
-        match proto::host::read(&mut s).await.unwrap() {
-            Some(Frame::Data(Kind::Stdout, b)) => out.extend(b),
-            Some(Frame::Data(Kind::Stderr, b)) => err.extend(b),
-            Some(Frame::Message(Message::Exit { code, .. })) => {
-                return (
-                    code,
-                    String::from_utf8_lossy(&out).into_owned(),
-                    String::from_utf8_lossy(&err).into_owned(),
-                );
-            }
-            Some(Frame::Message(Message::Error { message, .. })) => {
-                panic!("exec failed: {message}")
-            }
-            Some(_) => {}
-            None => panic!("the agent closed the session"),
-        }
-    }
 }
 
 /// Waits until `f` holds, at most `limit`.

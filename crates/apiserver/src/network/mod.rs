@@ -563,13 +563,10 @@ impl crate::core::ports::Net for Network {
 /// Taps for the runtime: made before a VM's VMM starts, removed after it exits.
 #[async_trait::async_trait]
 impl crate::runtime::TapPlumbing for Network {
-    async fn attach(&self, machine: &str) -> Result<String, crate::runtime::RuntimeError> {
+    async fn attach(&self, machine: &str) -> Result<String, crate::runtime::TapError> {
         Network::attach(self, machine)
             .await
-            .map_err(|e| crate::runtime::RuntimeError::Network {
-                machine: machine.to_string(),
-                source: Box::new(e),
-            })
+            .map_err(|e| crate::runtime::TapError(Box::new(e)))
     }
 
     async fn detach(&self, machine: &str) {

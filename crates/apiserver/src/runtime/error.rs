@@ -1,6 +1,7 @@
 //! The runtime's errors: one variant per failure, the cause as `#[source]`. Each message a
-//! user can meet names the thing (binary, kernel, machine, log) and says what to do; the
-//! service turns them into API errors once, at its edge, with the whole chain.
+//! user can meet names the thing (binary, kernel, machine, log) and says what to do. Nothing
+//! in the runtime returns an API error: the mapping below is the one place a runtime error
+//! becomes one (kind and whole chain), used at the service's edge.
 
 use std::path::PathBuf;
 
@@ -80,6 +81,26 @@ pub enum RuntimeError {
     DidNotExit(String),
     #[error("talking to the guest agent")]
     Agent(#[source] ProtoError),
+    /// The agent could not start a command for a reason other than its absence (126/127 are
+    /// exit codes, not errors).
+    #[error("{message}")]
+    CommandRefused { message: String },
+    /// The agent could not unpack an archive into the machine (its words name the path).
+    #[error("{message}")]
+    CopyInRefused { message: String },
+    /// The agent could not archive a path of the machine (its words name the path).
+    #[error("{message}")]
+    CopyOutRefused { message: String },
+    #[error("reading the archive")]
+    ReadingArchive(#[source] std::io::Error),
+    #[error("connecting machine `{machine}` to the machine network")]
+    Tap {
+        machine: String,
+        #[source]
+        source: super::vmm::TapError,
+    },
+    #[error("machine `{0}` has a network device but this runtime has no machine network")]
+    NoNetwork(String),
     #[error("connecting machine `{machine}` to the machine network")]
     Network {
         machine: String,
@@ -100,7 +121,12 @@ impl RuntimeError {
     fn kind(&self) -> ErrorKind {
         use RuntimeError::*;
         match self {
-            KernelNotAFile(_) | ModulesNotADirectory(_) => ErrorKind::InvalidArgument,
+            KernelNotAFile(_)
+            | ModulesNotADirectory(_)
+            | CommandRefused { .. }
+            | CopyInRefused { .. }
+            | ReadingArchive(_) => ErrorKind::InvalidArgument,
+            CopyOutRefused { .. } => ErrorKind::NotFound,
             AlreadyRunning(_) | NotRunning(_) => ErrorKind::Conflict,
             MissingBinary { .. }
             | NoKernel
@@ -112,6 +138,8 @@ impl RuntimeError {
             | ExitedDuringBoot { .. }
             | AgentTimeout { .. }
             | Agent(_)
+            | Tap { .. }
+            | NoNetwork(_)
             | Network { .. } => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }
@@ -119,9 +147,15 @@ impl RuntimeError {
 }
 
 /// The message with its causes, printed once.
+impl From<&RuntimeError> for ApiError {
+    fn from(e: &RuntimeError) -> Self {
+        ApiError::with_chain(e.kind(), e)
+    }
+}
+
 impl From<RuntimeError> for ApiError {
     fn from(e: RuntimeError) -> Self {
-        ApiError::with_chain(e.kind(), &e)
+        ApiError::from(&e)
     }
 }
 
@@ -139,5 +173,21 @@ mod tests {
         let api = ApiError::from(RuntimeError::NotRunning("dev".into()));
         assert_eq!(api.kind, ErrorKind::Conflict);
         assert_eq!(api.message, "machine `dev` is not running");
+        // The agent's words name the path; they reach the user as they are.
+        let message = "/x in the machine: No such file or directory (os error 2)".to_string();
+        let api = ApiError::from(RuntimeError::CopyOutRefused {
+            message: message.clone(),
+        });
+        assert_eq!((api.kind, api.message), (ErrorKind::NotFound, message));
+        // The network's error is told once, after the machine it concerns.
+        let refused = std::io::Error::other("the bridge ct0 is not up");
+        let api = ApiError::from(RuntimeError::Tap {
+            machine: "dev".into(),
+            source: super::super::vmm::TapError(Box::new(refused)),
+        });
+        assert_eq!(
+            api.message,
+            "connecting machine `dev` to the machine network: the bridge ct0 is not up"
+        );
     }
 }

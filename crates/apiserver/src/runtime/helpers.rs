@@ -1,6 +1,7 @@
 //! The programs a VM needs besides the service: QEMU, the guest agent, and the vhost-user
 //! helpers `vhost-device-vsock` and `virtiofsd`, found at a configured path, next to the
 //! service binary, on PATH, or in `~/.cargo/bin` (where `cargo install` puts the helpers).
+//! The helpers' command lines are built here (QEMU's in `qemu`); supervision spawns them.
 //! Helpers run in their own process group so they outlive a service restart, with their
 //! output in the machine's `helpers.log`.
 
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::RuntimeError;
+use super::{RuntimeError, ShareSpec};
 
 /// Configured paths of the programs; `None` searches.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,6 +99,38 @@ fn world_executable(path: &Path) -> bool {
     })
 }
 
+/// vhost-device-vsock serving a VM's vsock device on `vhost_user` (for the VMM), the guest
+/// as CID 3, and host sessions through the hybrid-vsock socket `uds`.
+pub fn vhost_device_vsock(program: &Path, vhost_user: &Path, uds: &Path) -> Command {
+    let mut c = Command::new(program);
+    c.arg("--guest-cid")
+        .arg("3")
+        .arg("--socket")
+        .arg(vhost_user)
+        .arg("--uds-path")
+        .arg(uds);
+    c
+}
+
+/// virtiofsd serving `share` on `socket`. It runs as the share's owner, so the guest reaches
+/// only what the owner can; unprivileged, it needs `--sandbox none`.
+pub fn virtiofsd(program: &Path, share: &ShareSpec, socket: &Path) -> Command {
+    let mut c = Command::new(program);
+    c.arg("--socket-path")
+        .arg(socket)
+        .arg("--shared-dir")
+        .arg(&share.host_path)
+        .args(["--sandbox", "none", "--cache", "auto"]);
+    if share.read_only {
+        c.arg("--readonly");
+    }
+    if share.owner_uid != nix::unistd::geteuid().as_raw() {
+        use std::os::unix::process::CommandExt;
+        c.uid(share.owner_uid).gid(share.owner_gid);
+    }
+    c
+}
+
 /// Starts `cmd` in a process group of its own, output appended to `log`.
 pub fn spawn(mut cmd: Command, name: &'static str, log: &Path) -> Result<Child, RuntimeError> {
     use std::os::unix::process::CommandExt;
@@ -173,6 +206,58 @@ mod tests {
                 .starts_with("no-such-program-here not found")
         );
         assert!(find_binary("sh", None).is_ok());
+    }
+
+    fn args(c: &Command) -> Vec<String> {
+        c.get_args().map(|a| a.to_string_lossy().into()).collect()
+    }
+
+    #[test]
+    fn helper_command_lines_wire_their_sockets_and_the_share() {
+        let vsock = vhost_device_vsock(
+            Path::new("/bin/vdv"),
+            Path::new("/run/vm/a/vhu.sock"),
+            Path::new("/run/vm/a/vsock.sock"),
+        );
+        assert_eq!(
+            args(&vsock),
+            [
+                "--guest-cid",
+                "3",
+                "--socket",
+                "/run/vm/a/vhu.sock",
+                "--uds-path",
+                "/run/vm/a/vsock.sock"
+            ]
+        );
+        let share = ShareSpec {
+            tag: "home".into(),
+            host_path: "/home/alice".into(),
+            guest_path: "/home/alice".into(),
+            read_only: true,
+            owner_uid: nix::unistd::geteuid().as_raw(),
+            owner_gid: 0,
+        };
+        let fs = virtiofsd(
+            Path::new("/bin/vfs"),
+            &share,
+            Path::new("/run/fs/home.sock"),
+        );
+        assert_eq!(fs.get_program(), "/bin/vfs");
+        assert_eq!(
+            args(&fs),
+            [
+                "--socket-path",
+                "/run/fs/home.sock",
+                "--shared-dir",
+                "/home/alice",
+                "--sandbox",
+                "none",
+                "--cache",
+                "auto",
+                "--readonly"
+            ]
+        );
     }
 
     #[test]

@@ -8,7 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use container_api::ApiError;
 use container_api::system::KernelInfo;
 use sha2::Digest;
 
@@ -72,21 +71,6 @@ pub fn current(root: &Path) -> Option<KernelInfo> {
 
 /// Installs a kernel binary with an optional module tree; it becomes the current kernel.
 pub fn install(
-    root: &Path,
-    binary: &Path,
-    modules: Option<&Path>,
-    version: Option<String>,
-) -> Result<KernelInfo, ApiError> {
-    install_kernel(root, binary, modules, version).map_err(ApiError::from)
-}
-
-/// Fetches and installs the distribution's cloud kernel (Debian and Ubuntu hosts).
-pub fn install_recommended(root: &Path) -> Result<KernelInfo, ApiError> {
-    fetch_recommended(root).map_err(ApiError::from)
-}
-
-/// [`install`], with the runtime's error.
-pub fn install_kernel(
     root: &Path,
     binary: &Path,
     modules: Option<&Path>,
@@ -297,7 +281,7 @@ pub fn fetch_recommended(root: &Path) -> Result<KernelInfo, RuntimeError> {
         }
     }
     let modules = modules.is_dir().then_some(modules);
-    install_kernel(root, &vmlinuz, modules.as_deref(), Some(version))
+    install(root, &vmlinuz, modules.as_deref(), Some(version))
 }
 
 #[cfg(test)]
@@ -329,7 +313,7 @@ mod tests {
         std::os::unix::fs::symlink("/usr/src/absent", src.join("6.1.0-test/build")).unwrap();
         let root = dir.path().join("root");
         assert!(current(&root).is_none());
-        let info = install_kernel(
+        let info = install(
             &root,
             &src.join("vmlinuz"),
             Some(&src.join("6.1.0-test")),
@@ -351,7 +335,7 @@ mod tests {
             .unwrap();
         assert_eq!(recorded, info);
 
-        let err = install_kernel(&root, &src.join("absent"), None, None).unwrap_err();
+        let err = install(&root, &src.join("absent"), None, None).unwrap_err();
         assert!(matches!(err, RuntimeError::KernelNotAFile(_)), "{err}");
     }
 }

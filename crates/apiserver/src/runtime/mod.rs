@@ -1,7 +1,7 @@
 //! The VM runtime: machine disks (`disk`), the kernel (`kernel`) and the initramfs built
 //! around the guest agent (`initramfs`), the VMM behind a small trait (`vmm`, `qemu`), the
 //! helper processes (`helpers`), the serial console (`console`) and their supervision
-//! (`supervisor`). [`Runtime`] is its door: start, stop, status, adopt.
+//! (`supervisor`, whose [`Runtime`] is the door: start, stop, status, adopt).
 //!
 //! Invariants: every running VM has a `run.json` in its machine directory naming its VMM and
 //! helpers by pid and start time; the VMM and helpers run in process groups of their own, so
@@ -24,7 +24,7 @@ mod sys;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,7 +37,8 @@ use tokio::io::AsyncRead;
 pub use error::RuntimeError;
 pub use helpers::HelperPaths;
 pub use kernel::Kernel;
-pub use vmm::{NetDevice, TapPlumbing, Vmm};
+pub use supervisor::Runtime;
+pub use vmm::{NetDevice, TapError, TapPlumbing, Vmm};
 
 use crate::config::{Config, Virtualization};
 use crate::core::ServiceOptions;
@@ -110,119 +111,10 @@ pub struct RunningVm {
     /// The VMM's pid.
     pub pid: i32,
     pub run_dir: PathBuf,
-    /// The hybrid-vsock socket to reach the agent (`AgentClient`, `proto::host::connect`).
+    /// The hybrid-vsock socket to reach the agent (`container_agent_proto::client::AgentClient`).
     pub agent_socket: PathBuf,
     pub console: PathBuf,
     pub started: chrono::DateTime<chrono::Utc>,
-}
-
-/// Starts, watches, adopts and stops VMs. Cheap to share (`Arc` inside).
-#[derive(Debug, Clone)]
-pub struct Runtime {
-    sup: Arc<supervisor::Supervisor>,
-}
-
-impl Runtime {
-    /// A runtime with QEMU as the VMM. Running VMs are not adopted until [`Runtime::adopt_all`].
-    pub fn new(options: RuntimeOptions) -> Self {
-        let binary = helpers::find_binary(helpers::QEMU, options.helpers.qemu.as_deref())
-            .unwrap_or_else(|_| PathBuf::from(helpers::QEMU));
-        let accel = qemu::detect_accel(options.virtualization);
-        let tsc_khz = match accel.kvm {
-            true => None,
-            false => sys::host_tsc_khz(Duration::from_millis(50)),
-        };
-        let vmm = qemu::Qemu {
-            binary,
-            accel,
-            tsc_khz,
-        };
-        Self::with_vmm(options, Arc::new(vmm))
-    }
-
-    /// A runtime with another VMM.
-    pub fn with_vmm(options: RuntimeOptions, vmm: Arc<dyn Vmm>) -> Self {
-        Runtime {
-            sup: Arc::new(supervisor::Supervisor {
-                options,
-                vmm,
-                vms: Mutex::new(Default::default()),
-                launching: Mutex::new(Default::default()),
-                reboots: tokio::sync::broadcast::channel(16).0,
-            }),
-        }
-    }
-
-    /// Boots a VM and waits until its agent answers. Needs a tokio runtime.
-    pub async fn start(&self, spec: VmSpec) -> Result<RunningVm, RuntimeError> {
-        self.sup.start(spec).await
-    }
-
-    /// Shuts a VM down through its agent (`signal` to init, forced after `timeout`); kills it
-    /// when that fails. Idempotent.
-    pub async fn stop(
-        &self,
-        id: &str,
-        signal: Option<i32>,
-        timeout: Duration,
-    ) -> Result<(), RuntimeError> {
-        self.sup.stop(id, signal, timeout).await
-    }
-
-    /// A start under way counts from its first step, before the VMM is spawned.
-    pub fn status(&self, id: &str) -> MachineState {
-        let state = self
-            .sup
-            .get(id)
-            .map(|v| v.get())
-            .unwrap_or(MachineState::Stopped);
-        let launching = self.sup.launching.lock().unwrap_or_else(|p| p.into_inner());
-        match state == MachineState::Stopped && launching.contains(id) {
-            true => MachineState::Starting,
-            false => state,
-        }
-    }
-
-    /// The running VM, if it is.
-    pub fn running(&self, id: &str) -> Option<RunningVm> {
-        self.sup
-            .get(id)
-            .filter(|v| v.get() == MachineState::Running)
-            .map(|v| v.info())
-    }
-
-    /// The hybrid-vsock socket of a running VM's agent.
-    pub fn agent_socket(&self, id: &str) -> Result<PathBuf, RuntimeError> {
-        self.running(id)
-            .map(|v| v.agent_socket)
-            .ok_or_else(|| RuntimeError::NotRunning(id.to_string()))
-    }
-
-    /// Re-attaches to the VM recorded in `machine_dir` when it still runs, else cleans up
-    /// after it. True when a running VM was adopted.
-    pub fn adopt(&self, machine_dir: &Path) -> bool {
-        self.sup.adopt(machine_dir)
-    }
-
-    /// Ids of running VMs that stopped because their guest rebooted (QEMU runs with
-    /// `-no-reboot`): the caller decides whether to boot them again.
-    pub fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
-        self.sup.reboots.subscribe()
-    }
-
-    /// [`Runtime::adopt`] for every directory in `machines`, then ends the VMs that no
-    /// machine owns any more (`Supervisor::reap_orphans`); returns the adopted count.
-    pub fn adopt_all(&self, machines: &Path) -> usize {
-        let Ok(entries) = std::fs::read_dir(machines) else {
-            return 0;
-        };
-        let adopted = entries
-            .flatten()
-            .filter(|e| e.path().is_dir() && self.adopt(&e.path()))
-            .count();
-        self.sup.reap_orphans();
-        adopted
-    }
 }
 
 /// Status details for `system status`.
@@ -432,7 +324,7 @@ impl Vms for ServiceVms {
         self.runtime.reboots()
     }
     fn started(&self, name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
-        self.runtime.sup.get(name).map(|v| v.run.started)
+        self.runtime.get(name).map(|v| v.run.started)
     }
     async fn exec(
         &self,
@@ -440,7 +332,9 @@ impl Vms for ServiceVms {
         spec: ExecSpec,
         client: Box<dyn ClientStream>,
     ) -> Result<(), ApiError> {
-        session::exec(&self.running(name)?, spec, client).await
+        session::exec(&self.running(name)?, spec, client)
+            .await
+            .map_err(ApiError::from)
     }
     async fn copy_in(
         &self,
@@ -448,14 +342,18 @@ impl Vms for ServiceVms {
         path: &str,
         tar: Box<dyn AsyncRead + Send + Unpin>,
     ) -> Result<(), ApiError> {
-        session::copy_in(&self.running(name)?, path, tar).await
+        session::copy_in(&self.running(name)?, path, tar)
+            .await
+            .map_err(ApiError::from)
     }
     async fn copy_out(
         &self,
         name: &str,
         path: &str,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError> {
-        session::copy_out(&self.running(name)?, path).await
+        session::copy_out(&self.running(name)?, path)
+            .await
+            .map_err(ApiError::from)
     }
     fn log_path(&self, name: &str, boot: bool) -> PathBuf {
         console::log_path(&self.machines().join(name), boot)

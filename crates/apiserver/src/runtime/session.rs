@@ -1,21 +1,37 @@
 //! Sessions with a machine's agent on behalf of a client: `run` relays the client's session
-//! frames to the agent's protocol and back; `cp` streams tar data in agent data frames.
+//! frames to an agent exec session and back; `cp` streams tar data through the agent's copy
+//! requests. The agent is reached only through [`AgentClient`].
 
 use std::path::Path;
 
-use container_agent_proto::host::{connect, read, send, write};
-use container_agent_proto::{ExecRequest, Frame, Kind, Message, PORT};
+use container_agent_proto::client::{AgentClient, ExecEvent, ExitStatus as AgentExit};
+use container_agent_proto::{ExecRequest, PORT, ProtoError};
+use container_api::ApiError;
 use container_api::session::{ExitStatus, Frame as ClientFrame};
-use container_api::{ApiError, ErrorKind};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 
+use super::RuntimeError;
 use crate::core::ports::{ClientStream, ExecSpec, ExecUser};
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        ErrorKind::Unavailable,
-        format!("talking to the guest agent: {e}"),
-    )
+/// The runtime's error for an exec that failed: the agent's refusal, else the session.
+fn exec_failed(e: ProtoError) -> RuntimeError {
+    match e {
+        ProtoError::Agent { message, .. } => RuntimeError::CommandRefused { message },
+        e => RuntimeError::Agent(e),
+    }
+}
+
+/// The frames that end a client's session with a process that could not start (not found,
+/// not executable): Docker's convention, the tool reports and the exit code says 126 or 127.
+async fn refused(client: &mut (impl tokio::io::AsyncWrite + Unpin), message: String, code: i32) {
+    let _ = ClientFrame::Stderr(format!("{message}\n").into_bytes())
+        .write(client)
+        .await;
+    let exit = ExitStatus {
+        code: Some(code),
+        signal: None,
+    };
+    let _ = ClientFrame::Exit(exit).write(client).await;
 }
 
 /// Runs a process and relays frames between the client and the agent until it ends.
@@ -23,15 +39,7 @@ pub async fn exec(
     vsock: &Path,
     spec: ExecSpec,
     mut client: Box<dyn ClientStream>,
-) -> Result<(), ApiError> {
-    let agent = match connect(vsock, PORT).await {
-        Ok(a) => a,
-        Err(e) => {
-            let e = unavailable(e);
-            let _ = ClientFrame::Error(e.clone()).write(&mut client).await;
-            return Err(e);
-        }
-    };
+) -> Result<(), RuntimeError> {
     let (uid, gid, user) = match &spec.user {
         ExecUser::Ids { uid, gid } => (Some(*uid), *gid, None),
         ExecUser::Name(n) => (None, None, Some(n.clone())),
@@ -48,90 +56,100 @@ pub async fn exec(
         rows: spec.rows,
         cols: spec.cols,
     };
-    let (mut agent_r, mut agent_w) = tokio::io::split(agent);
-    send(&mut agent_w, Message::Exec(request))
-        .await
-        .map_err(unavailable)?;
+    let started = async { AgentClient::connect(vsock, PORT).await?.exec(request).await };
+    let session = match started.await {
+        Ok(session) => session,
+        Err(ProtoError::Agent {
+            message,
+            code: Some(code),
+        }) => {
+            refused(&mut client, message, code).await;
+            return Ok(());
+        }
+        Err(e) => {
+            let e = exec_failed(e);
+            let _ = ClientFrame::Error(ApiError::from(&e))
+                .write(&mut client)
+                .await;
+            return Err(e);
+        }
+    };
+    let pid = session.pid();
+    let (mut input, mut events) = session.split();
     let (mut client_r, mut client_w) = tokio::io::split(client);
+    let mut client_open = ClientFrame::Started { pid }
+        .write(&mut client_w)
+        .await
+        .is_ok();
+    if spec.detach {
+        // The client leaves; the session stays to drain output until the process ends.
+        let _ = client_w.shutdown().await;
+        client_open = false;
+    }
 
     // Client → agent, until the client goes away or the process ends.
-    let input = tokio::spawn(async move {
+    let relay_input = tokio::spawn(async move {
         while let Ok(Some(frame)) = ClientFrame::read(&mut client_r).await {
-            let out = match frame {
-                ClientFrame::Stdin(b) => Frame::Data(Kind::Stdin, b),
-                ClientFrame::StdinEof => Frame::Message(Message::StdinEof),
-                ClientFrame::Resize { rows, cols } => {
-                    Frame::Message(Message::Resize { rows, cols })
-                }
-                ClientFrame::Signal(signal) => Frame::Message(Message::Signal { signal }),
+            let sent = match frame {
+                ClientFrame::Stdin(b) => input.write_stdin(&b).await,
+                ClientFrame::StdinEof => input.close_stdin().await,
+                ClientFrame::Resize { rows, cols } => input.resize(rows, cols).await,
+                ClientFrame::Signal(signal) => input.signal(signal).await,
                 _ => continue,
             };
-            if write(&mut agent_w, &out).await.is_err() {
+            if sent.is_err() {
                 break;
             }
         }
+        // Returned, not dropped, so it lives as long as the session: dropping it shuts the
+        // session's input side, and the agent would end the process's input (a terminal's
+        // too) although a client that left (detach) expects the process to run on.
+        input
     });
-    let detach = spec.detach;
-    let mut client_open = true;
     let result = loop {
-        let frame = match read(&mut agent_r).await {
-            Ok(Some(f)) => f,
-            Ok(None) => break Err(unavailable("the agent closed the session")),
-            Err(e) => break Err(unavailable(e)),
-        };
-        let out = match frame {
-            Frame::Data(Kind::Stdout, b) => ClientFrame::Stdout(b),
-            Frame::Data(Kind::Stderr, b) => ClientFrame::Stderr(b),
-            Frame::Message(Message::Started { pid }) => ClientFrame::Started { pid },
-            Frame::Message(Message::Exit { code, signal }) => {
+        let out = match events.next().await {
+            Ok(ExecEvent::Stdout(b)) => ClientFrame::Stdout(b),
+            Ok(ExecEvent::Stderr(b)) => ClientFrame::Stderr(b),
+            Ok(ExecEvent::Exit(status)) => {
+                let status = match status {
+                    AgentExit::Code(c) => ExitStatus {
+                        code: Some(c),
+                        signal: None,
+                    },
+                    AgentExit::Signal(s) => ExitStatus {
+                        code: None,
+                        signal: Some(s),
+                    },
+                };
                 if client_open {
-                    let _ = ClientFrame::Exit(ExitStatus { code, signal })
-                        .write(&mut client_w)
-                        .await;
+                    let _ = ClientFrame::Exit(status).write(&mut client_w).await;
                 }
                 break Ok(());
             }
-            Frame::Message(Message::Error {
+            Err(ProtoError::Agent {
                 message,
                 code: Some(code),
             }) => {
-                // Docker's convention: the tool reports, the exit code says 126 or 127.
                 if client_open {
-                    let _ = ClientFrame::Stderr(format!("{message}\n").into_bytes())
-                        .write(&mut client_w)
-                        .await;
-                    let _ = ClientFrame::Exit(ExitStatus {
-                        code: Some(code),
-                        signal: None,
-                    })
-                    .write(&mut client_w)
-                    .await;
+                    refused(&mut client_w, message, code).await;
                 }
                 break Ok(());
             }
-            Frame::Message(Message::Error {
-                message,
-                code: None,
-            }) => {
-                let e = ApiError::invalid(message);
+            Err(e) => {
+                let e = exec_failed(e);
                 if client_open {
-                    let _ = ClientFrame::Error(e.clone()).write(&mut client_w).await;
+                    let _ = ClientFrame::Error(ApiError::from(&e))
+                        .write(&mut client_w)
+                        .await;
                 }
                 break Err(e);
             }
-            _ => continue,
         };
-        let started = matches!(out, ClientFrame::Started { .. });
         if client_open && out.write(&mut client_w).await.is_err() {
             client_open = false;
         }
-        if started && detach {
-            // The client leaves; the session stays to drain output until the process ends.
-            let _ = client_w.shutdown().await;
-            client_open = false;
-        }
     };
-    input.abort();
+    relay_input.abort();
     result
 }
 
@@ -139,75 +157,175 @@ pub async fn exec(
 pub async fn copy_in(
     vsock: &Path,
     path: &str,
-    mut tar: Box<dyn AsyncRead + Send + Unpin>,
-) -> Result<(), ApiError> {
-    let mut agent = connect(vsock, PORT).await.map_err(unavailable)?;
-    send(
-        &mut agent,
-        Message::CopyIn {
-            path: path.to_string(),
-        },
-    )
-    .await
-    .map_err(unavailable)?;
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = tar
-            .read(&mut buf)
-            .await
-            .map_err(|e| ApiError::invalid(format!("reading the archive: {e}")))?;
-        if n == 0 {
-            break;
-        }
-        write(&mut agent, &Frame::Data(Kind::Data, buf[..n].to_vec()))
-            .await
-            .map_err(unavailable)?;
-    }
-    send(&mut agent, Message::DataEof)
+    tar: Box<dyn AsyncRead + Send + Unpin>,
+) -> Result<(), RuntimeError> {
+    let agent = AgentClient::connect(vsock, PORT)
         .await
-        .map_err(unavailable)?;
-    match read(&mut agent).await.map_err(unavailable)? {
-        Some(Frame::Message(Message::Done)) => Ok(()),
-        Some(Frame::Message(Message::Error { message, .. })) => Err(ApiError::invalid(message)),
-        other => Err(unavailable(format!("unexpected answer {other:?}"))),
-    }
+        .map_err(RuntimeError::Agent)?;
+    agent.copy_in(path, tar).await.map_err(|e| match e {
+        ProtoError::Input(e) => RuntimeError::ReadingArchive(e),
+        ProtoError::Agent { message, .. } => RuntimeError::CopyInRefused { message },
+        e => RuntimeError::Agent(e),
+    })
 }
 
-/// A tar stream of `path` in the machine; errors before the first byte are API errors.
+/// A tar stream of `path` in the machine; errors before the first byte are the runtime's, a
+/// failure later is an error of the stream (never its end).
 pub async fn copy_out(
     vsock: &Path,
     path: &str,
-) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError> {
-    let mut agent = connect(vsock, PORT).await.map_err(unavailable)?;
-    send(
-        &mut agent,
-        Message::CopyOut {
-            path: path.to_string(),
-        },
-    )
-    .await
-    .map_err(unavailable)?;
-    let first = match read(&mut agent).await.map_err(unavailable)? {
-        Some(Frame::Data(Kind::Data, b)) => Some(b),
-        Some(Frame::Message(Message::DataEof)) => None,
-        Some(Frame::Message(Message::Error { message, .. })) => {
-            return Err(ApiError::not_found(message));
+) -> Result<Box<dyn AsyncRead + Send + Unpin>, RuntimeError> {
+    let agent = AgentClient::connect(vsock, PORT)
+        .await
+        .map_err(RuntimeError::Agent)?;
+    match agent.copy_out(path).await {
+        Ok(tar) => Ok(Box::new(tar)),
+        Err(ProtoError::Agent { message, .. }) => Err(RuntimeError::CopyOutRefused { message }),
+        Err(e) => Err(RuntimeError::Agent(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use container_agent_proto::host::{read, send, write};
+    use container_agent_proto::{Frame, Kind, Message};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+
+    /// A fake machine: vhost-device-vsock's hybrid handshake (`CONNECT <port>` → `OK <n>`),
+    /// then an agent that greets and plays `agent` for the session.
+    fn fake_agent<F, Fut>(dir: &Path, agent: F) -> std::path::PathBuf
+    where
+        F: Fn(tokio::net::UnixStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let path = dir.join("vsock.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let mut reader = tokio::io::BufReader::new(stream);
+                let mut line = String::new();
+                reader.read_line(&mut line).await.unwrap();
+                assert_eq!(line, format!("CONNECT {PORT}\n"));
+                let mut s = reader.into_inner();
+                s.write_all(b"OK 1\n").await.unwrap();
+                let Some(Frame::Message(Message::Hello { version })) = read(&mut s).await.unwrap()
+                else {
+                    panic!("no hello")
+                };
+                let hello = Message::HelloOk {
+                    version,
+                    agent: "test".into(),
+                };
+                send(&mut s, hello).await.unwrap();
+                agent(s).await;
+            }
+        });
+        path
+    }
+
+    /// Runs `argv` through [`exec`] as a client that sends `input` then ends its input;
+    /// everything the client got back.
+    async fn run(vsock: &Path, argv: &str, input: &[u8]) -> Vec<ClientFrame> {
+        let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
+        let spec = ExecSpec {
+            argv: vec![argv.into()],
+            arg0: None,
+            env: Vec::new(),
+            cwd: "/".into(),
+            user: ExecUser::Ids { uid: 0, gid: None },
+            tty: false,
+            rows: 0,
+            cols: 0,
+            detach: false,
+        };
+        let vsock = vsock.to_path_buf();
+        let session = tokio::spawn(async move { exec(&vsock, spec, Box::new(theirs)).await });
+        ClientFrame::Stdin(input.to_vec())
+            .write(&mut ours)
+            .await
+            .unwrap();
+        ClientFrame::StdinEof.write(&mut ours).await.unwrap();
+        let mut got = Vec::new();
+        while let Ok(Some(f)) = ClientFrame::read(&mut ours).await {
+            got.push(f);
         }
-        other => return Err(unavailable(format!("unexpected answer {other:?}"))),
-    };
-    let (mut tx, rx) = tokio::io::duplex(256 * 1024);
-    tokio::spawn(async move {
-        if let Some(b) = first {
-            if tx.write_all(&b).await.is_err() {
+        session.await.unwrap().unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn a_run_relays_input_output_and_exit_and_a_missing_command_exits_127() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = fake_agent(dir.path(), |mut s| async move {
+            let Some(Frame::Message(Message::Exec(req))) = read(&mut s).await.unwrap() else {
+                panic!("no exec")
+            };
+            if req.argv[0] == "missing" {
+                let message = "missing: not found".to_string();
+                let refused = Message::Error {
+                    message,
+                    code: Some(127),
+                };
+                send(&mut s, refused).await.unwrap();
                 return;
             }
-            while let Ok(Some(Frame::Data(Kind::Data, b))) = read(&mut agent).await {
-                if tx.write_all(&b).await.is_err() {
-                    return;
-                }
+            send(&mut s, Message::Started { pid: 7 }).await.unwrap();
+            while let Some(Frame::Data(Kind::Stdin, b)) = read(&mut s).await.unwrap() {
+                write(&mut s, &Frame::Data(Kind::Stdout, b)).await.unwrap();
             }
-        }
-        let _ = tx.shutdown().await;
-    });
-    Ok(Box::new(rx))
+            let exit = Message::Exit {
+                code: Some(3),
+                signal: None,
+            };
+            send(&mut s, exit).await.unwrap();
+        });
+        let exit = |code| {
+            ClientFrame::Exit(ExitStatus {
+                code: Some(code),
+                signal: None,
+            })
+        };
+        assert_eq!(
+            run(&vsock, "cat", b"hello").await,
+            [
+                ClientFrame::Started { pid: 7 },
+                ClientFrame::Stdout(b"hello".to_vec()),
+                exit(3)
+            ]
+        );
+        assert_eq!(
+            run(&vsock, "missing", b"").await,
+            [
+                ClientFrame::Stderr(b"missing: not found\n".to_vec()),
+                exit(127)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_copy_out_the_agent_fails_part_way_is_an_error_not_a_short_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let vsock = fake_agent(dir.path(), |mut s| async move {
+            let Some(Frame::Message(Message::CopyOut { .. })) = read(&mut s).await.unwrap() else {
+                panic!("no copy out")
+            };
+            let data = Frame::Data(Kind::Data, b"the first half of an archive".to_vec());
+            write(&mut s, &data).await.unwrap();
+            let message = "reading /srv/big: Input/output error (os error 5)".to_string();
+            let failed = Message::Error {
+                message,
+                code: None,
+            };
+            send(&mut s, failed).await.unwrap();
+        });
+        let mut tar = copy_out(&vsock, "/srv/big").await.unwrap();
+        let mut got = Vec::new();
+        let err = tar
+            .read_to_end(&mut got)
+            .await
+            .expect_err("the archive ended as if complete");
+        assert!(err.to_string().contains("Input/output error"), "{err}");
+        assert_eq!(got, b"the first half of an archive");
+    }
 }

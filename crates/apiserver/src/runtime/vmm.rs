@@ -18,13 +18,30 @@ pub struct NetDevice {
 
 /// The host side of VMs' networks: a machine's tap is made (and bridged) before its VMM
 /// starts and removed after the VMM exits, whatever the cause. Implemented by the service's
-/// machine network (`crate::network::Network`).
+/// machine network.
 #[async_trait]
 pub trait TapPlumbing: Send + Sync + Debug {
     /// Creates (or reuses) the machine's tap, bridged and up; returns its name.
-    async fn attach(&self, machine: &str) -> Result<String, super::RuntimeError>;
+    async fn attach(&self, machine: &str) -> Result<String, TapError>;
     /// Removes the machine's tap. Idempotent; failures are logged, not returned.
     async fn detach(&self, machine: &str);
+}
+
+/// Why a tap could not be made: the implementation's own error, which says it all (its
+/// message and causes are this error's). The runtime names the machine around it.
+#[derive(Debug)]
+pub struct TapError(pub Box<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for TapError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for TapError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// Everything a VMM needs to launch one VM.

@@ -37,7 +37,7 @@ impl Platform for HostPlatform {
             let binary = req
                 .binary
                 .ok_or_else(|| ApiError::invalid("give --binary PATH or --recommended"))?;
-            Ok::<_, ApiError>(runtime::kernel::install_kernel(
+            Ok::<_, ApiError>(runtime::kernel::install(
                 &root,
                 Path::new(&binary),
                 req.modules.as_deref().map(Path::new),
