@@ -11,7 +11,10 @@ use container_api::session::{ExitStatus, Frame as ClientFrame};
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
 use super::RuntimeError;
-use crate::core::ports::{ClientStream, ExecSpec, ExecUser};
+
+/// Byte stream of a client's upgraded connection.
+pub trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> ClientStream for T {}
 
 /// The runtime's error for an exec that failed: the agent's refusal, else the session.
 fn exec_failed(e: ProtoError) -> RuntimeError {
@@ -34,28 +37,14 @@ async fn refused(client: &mut (impl tokio::io::AsyncWrite + Unpin), message: Str
     let _ = ClientFrame::Exit(exit).write(client).await;
 }
 
-/// Runs a process and relays frames between the client and the agent until it ends.
+/// Runs a process and relays frames between the client and the agent until it ends; with
+/// `detach`, the client is let go once the process started.
 pub async fn exec(
     vsock: &Path,
-    spec: ExecSpec,
-    mut client: Box<dyn ClientStream>,
+    request: ExecRequest,
+    detach: bool,
+    mut client: impl ClientStream + 'static,
 ) -> Result<(), RuntimeError> {
-    let (uid, gid, user) = match &spec.user {
-        ExecUser::Ids { uid, gid } => (Some(*uid), *gid, None),
-        ExecUser::Name(n) => (None, None, Some(n.clone())),
-    };
-    let request = ExecRequest {
-        argv: spec.argv.clone(),
-        arg0: spec.arg0.clone(),
-        env: spec.env.clone(),
-        cwd: spec.cwd.clone(),
-        uid,
-        gid,
-        user,
-        tty: spec.tty,
-        rows: spec.rows,
-        cols: spec.cols,
-    };
     let started = async { AgentClient::connect(vsock, PORT).await?.exec(request).await };
     let session = match started.await {
         Ok(session) => session,
@@ -81,7 +70,7 @@ pub async fn exec(
         .write(&mut client_w)
         .await
         .is_ok();
-    if spec.detach {
+    if detach {
         // The client leaves; the session stays to drain output until the process ends.
         let _ = client_w.shutdown().await;
         client_open = false;
@@ -228,19 +217,20 @@ mod tests {
     /// everything the client got back.
     async fn run(vsock: &Path, argv: &str, input: &[u8]) -> Vec<ClientFrame> {
         let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
-        let spec = ExecSpec {
+        let request = ExecRequest {
             argv: vec![argv.into()],
             arg0: None,
             env: Vec::new(),
             cwd: "/".into(),
-            user: ExecUser::Ids { uid: 0, gid: None },
+            uid: Some(0),
+            gid: None,
+            user: None,
             tty: false,
             rows: 0,
             cols: 0,
-            detach: false,
         };
         let vsock = vsock.to_path_buf();
-        let session = tokio::spawn(async move { exec(&vsock, spec, Box::new(theirs)).await });
+        let session = tokio::spawn(async move { exec(&vsock, request, false, theirs).await });
         ClientFrame::Stdin(input.to_vec())
             .write(&mut ours)
             .await

@@ -1,11 +1,14 @@
 //! Binds each of the core's ports (`core::ports`) to the real thing, one file per port:
-//! `images` (the OCI image store), `platform` (kernel and accelerator), `host` (passwd and
-//! paths); the VM runtime and the machine network are bound here too. Nothing outside this
-//! module and `main.rs` builds a real port.
+//! `images` (the OCI image store), `vms` (the VM runtime), `net` (the machine network's
+//! leases, and its taps for the runtime), `platform` (kernel and accelerator), `host` (passwd
+//! and paths). Nothing outside this module and `main.rs` builds a real port, and this is the
+//! only module that sees both the core and the subsystems behind it.
 
 mod host;
 mod images;
+mod net;
 mod platform;
+mod vms;
 
 use std::sync::Arc;
 
@@ -14,6 +17,7 @@ use anyhow::Context;
 pub use host::LocalHost;
 pub use images::StoreImages;
 pub use platform::HostPlatform;
+pub use vms::{ServiceVms, vms};
 
 use crate::config::Config;
 use crate::core::{Ports, ServiceOptions};
@@ -32,12 +36,12 @@ pub async fn ports(options: &ServiceOptions, config: &Config) -> anyhow::Result<
         &config.network,
         Arc::new(host),
     )?);
-    let vms = crate::runtime::vms(options, config, network.clone())?;
+    let vms = vms(options, config, network.clone())?;
     vms.reconcile_network().await;
     Ok(Ports {
         images: Arc::new(StoreImages::new(store, config.registry.clone())),
         vms,
-        net: network,
+        net: Arc::new(net::Leases(network)),
         platform: Arc::new(HostPlatform {
             root: options.root.clone(),
             virtualization: config.runtime.virtualization,

@@ -28,7 +28,16 @@ use tokio::sync::watch;
 use super::process::ProcessId;
 use super::vmm::{TapPlumbing, Vmm};
 use super::{RunningVm, RuntimeError, RuntimeOptions, console, helpers, qemu, sys};
-use crate::core::ports::Reboot;
+
+/// A running VM ended because its guest rebooted itself (QEMU runs with `-no-reboot`): the
+/// service decides whether to boot it again.
+#[derive(Debug, Clone)]
+pub struct Reboot {
+    /// The VM's id (the machine name).
+    pub name: String,
+    /// When the VM's end was seen.
+    pub at: std::time::Instant,
+}
 
 /// What is recorded about a running VM in `<machine dir>/run.json`, and again in its runtime
 /// directory, where it outlives a machine directory lost in a crash (see
@@ -162,6 +171,11 @@ impl Runtime {
         self.get(id)
             .filter(|v| v.get() == MachineState::Running)
             .map(|v| v.info())
+    }
+
+    /// When the VM supervised under `id` was started, in whatever state it is now.
+    pub fn started(&self, id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.get(id).map(|v| v.run.started)
     }
 
     /// The hybrid-vsock socket of a running VM's agent.
