@@ -1,6 +1,7 @@
-//! The service core. [`Request`] is the only way in: the HTTP layer, tests and fuzzers all
-//! build one and call [`Core::handle`], which checks who is asking ([`Caller`]) and answers
-//! with a [`Reply`] or an [`ApiError`]. Operations that stream (pull progress, archives,
+//! The service core. [`Request`] is the only way in: the HTTP layer and the tests build one
+//! and call [`Core::handle`], which checks who is asking ([`Caller`]) and answers with a
+//! [`Reply`] or an [`ApiError`] (the request bodies the HTTP layer parses are fuzzed on their
+//! own, `fuzz/fuzz_targets/api_bodies.rs`). Operations that stream (pull progress, archives,
 //! interactive sessions) carry their channel inside the request.
 
 mod images;
