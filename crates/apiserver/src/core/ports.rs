@@ -98,8 +98,9 @@ pub struct NetLease {
 
 /// The machine network, as the machine core uses it: one sticky lease per networked machine.
 pub trait Net: Send + Sync {
-    /// The machine's lease, taking a free address when it has none (idempotent).
-    fn lease(&self, machine: &str) -> Result<NetLease, ApiError>;
+    /// The machine's lease, taking a free address when it has none (idempotent); `owner`
+    /// decides which machines it may reach on the network (those of the same owner).
+    fn lease(&self, machine: &str, owner: u32) -> Result<NetLease, ApiError>;
     /// Frees the machine's address. Idempotent.
     fn release(&self, machine: &str) -> Result<(), ApiError>;
 }

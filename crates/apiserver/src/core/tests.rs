@@ -224,7 +224,7 @@ struct FakeNet {
 }
 
 impl Net for FakeNet {
-    fn lease(&self, machine: &str) -> Result<NetLease, ApiError> {
+    fn lease(&self, machine: &str, _owner: u32) -> Result<NetLease, ApiError> {
         let mut leases = self.leases.lock().unwrap();
         let i = match leases.iter().position(|m| m == machine) {
             Some(i) => i,

@@ -29,11 +29,26 @@ pub struct RouteInfo {
     pub device: Option<String>,
 }
 
-/// The masquerade rule set: traffic from `subnet` leaving through any link but `bridge`.
+/// The service's rules on the host: masquerade for traffic from `subnet` leaving through
+/// any link but `bridge`, and the isolation of the machines on the bridge: each tap may send
+/// only from its machine's MAC and address, and frames pass between two taps only when
+/// their machines have the same owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatRules {
     pub subnet: Subnet,
     pub bridge: String,
+    /// The taps on the bridge, in name order; a tap of ours not listed here sends nothing.
+    pub ports: Vec<Port>,
+}
+
+/// A machine's tap as the isolation rules see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Port {
+    pub tap: String,
+    pub mac: String,
+    pub ip: std::net::Ipv4Addr,
+    /// The machine's owner; a machine of unknown owner shares its segment with nobody.
+    pub owner: Option<u32>,
 }
 
 /// A host operation that failed.

@@ -44,6 +44,9 @@ pub struct LeaseFile {
 pub struct StoredLease {
     pub ip: Ipv4Addr,
     pub mac: String,
+    /// The uid owning the machine (absent in files of services before isolation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<u32>,
 }
 
 pub const FILE_VERSION: u32 = 1;
@@ -54,6 +57,8 @@ pub struct LeaseBook {
     subnet: Subnet,
     by_name: BTreeMap<String, Ipv4Addr>,
     held: BTreeSet<Ipv4Addr>,
+    /// Each machine's owner, where known.
+    owners: BTreeMap<String, u32>,
     pub saved_ip_forward: Option<bool>,
 }
 
@@ -63,6 +68,7 @@ impl LeaseBook {
             subnet,
             by_name: BTreeMap::new(),
             held: BTreeSet::new(),
+            owners: BTreeMap::new(),
             saved_ip_forward: None,
         }
     }
@@ -76,6 +82,9 @@ impl LeaseBook {
         let mut dropped = Vec::new();
         for (name, lease) in file.leases {
             if subnet.is_machine_address(lease.ip) && book.held.insert(lease.ip) {
+                if let Some(owner) = lease.owner {
+                    book.owners.insert(name.clone(), owner);
+                }
                 book.by_name.insert(name, lease.ip);
             } else {
                 dropped.push((name, lease.ip));
@@ -97,6 +106,7 @@ impl LeaseBook {
                         StoredLease {
                             ip: *ip,
                             mac: mac_for(*ip),
+                            owner: self.owners.get(name).copied(),
                         },
                     )
                 })
@@ -123,8 +133,18 @@ impl LeaseBook {
         Ok(ip)
     }
 
+    /// Records who owns the machine `name`.
+    pub fn set_owner(&mut self, name: &str, owner: u32) {
+        self.owners.insert(name.to_string(), owner);
+    }
+
+    pub fn owner(&self, name: &str) -> Option<u32> {
+        self.owners.get(name).copied()
+    }
+
     /// Frees the address of `name`; returns it when there was one.
     pub fn release(&mut self, name: &str) -> Option<Ipv4Addr> {
+        self.owners.remove(name);
         let ip = self.by_name.remove(name)?;
         self.held.remove(&ip);
         Some(ip)
@@ -206,6 +226,7 @@ mod tests {
             StoredLease {
                 ip: Ipv4Addr::new(192, 168, 64, 1),
                 mac: String::new(),
+                owner: None,
             },
         );
         let (again, dropped) = LeaseBook::from_file(subnet("192.168.64.0/24"), file.clone());

@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use crate::config::NetworkConfig;
 use crate::fsutil;
 
-pub use host::{HostError, HostNet, LinkInfo, NatRules, RouteInfo};
+pub use host::{HostError, HostNet, LinkInfo, NatRules, Port, RouteInfo};
 pub use leases::{Exhausted, mac_for};
 pub use real::{NFT_TABLE, RealHost};
 pub use subnet::{Subnet, SubnetError};
@@ -269,6 +269,19 @@ impl Network {
         Ok(self.lease_for(ip))
     }
 
+    /// [`Network::lease`] for a machine of `owner`, which decides the machines it shares its
+    /// segment of the bridge with (see [`NatRules`]).
+    pub fn lease_owned(&self, machine: &str, owner: u32) -> Result<Lease, NetworkError> {
+        let lease = self.lease(machine)?;
+        if self.book().owner(machine) != Some(owner) {
+            self.update(|book| {
+                book.set_owner(machine, owner);
+                Ok(())
+            })?;
+        }
+        Ok(lease)
+    }
+
     /// The machine's lease, if it has one.
     pub fn lease_of(&self, machine: &str) -> Option<Lease> {
         self.book().get(machine).map(|ip| self.lease_for(ip))
@@ -377,17 +390,38 @@ impl Network {
             .collect())
     }
 
-    fn nat_rules(&self) -> NatRules {
-        NatRules {
+    /// The rules for the taps that exist now: each tap named after a leased machine is that
+    /// machine's port; a tap of ours that no lease names gets none (it may send nothing).
+    async fn rules(&self) -> Result<NatRules, NetworkError> {
+        let taps: HashSet<String> = self.our_taps().await?.into_iter().map(|t| t.name).collect();
+        let book = self.book();
+        let mut ports: Vec<Port> = book
+            .names()
+            .filter_map(|name| {
+                let tap = tap_name(name);
+                let ip = book.get(name)?;
+                taps.contains(&tap).then(|| Port {
+                    tap,
+                    mac: mac_for(ip),
+                    ip,
+                    owner: book.owner(name),
+                })
+            })
+            .collect();
+        ports.sort_by(|a, b| a.tap.cmp(&b.tap));
+        Ok(NatRules {
             subnet: self.subnet,
             bridge: self.bridge.clone(),
-        }
+            ports,
+        })
     }
 
-    /// NAT rules in place and forwarding on; the previous forwarding value is saved in the
-    /// lease file before it is changed, so even a restarted service restores it.
+    /// NAT and isolation rules in place for the taps that exist now, and forwarding on; the
+    /// previous forwarding value is saved in the lease file before it is changed, so even a
+    /// restarted service restores it.
     async fn ensure_egress_locked(&self) -> Result<(), NetworkError> {
-        self.host.set_nat(Some(&self.nat_rules())).await?;
+        let rules = self.rules().await?;
+        self.host.set_nat(Some(&rules)).await?;
         if !self.host.ip_forward()? {
             let newly_saved = self.update(|book| {
                 let newly = book.saved_ip_forward.is_none();
@@ -433,10 +467,11 @@ impl Network {
         let others = taps.iter().any(|t| t.name != tap);
         let exists = taps.iter().any(|t| t.name == tap);
         let connect = async {
-            self.ensure_egress_locked().await?;
             if !exists {
                 self.host.create_tap(&tap).await?;
             }
+            // The rules know the new tap before it joins the bridge: it never sends unchecked.
+            self.ensure_egress_locked().await?;
             self.host.set_controller(&tap, &self.bridge).await?;
             self.host.set_up(&tap).await?;
             Ok::<_, NetworkError>(())
@@ -460,6 +495,9 @@ impl Network {
         self.host.delete_link(&tap_name(machine)).await?;
         if self.our_taps().await?.is_empty() {
             self.teardown_egress_locked().await?;
+        } else {
+            let rules = self.rules().await?;
+            self.host.set_nat(Some(&rules)).await?;
         }
         Ok(())
     }

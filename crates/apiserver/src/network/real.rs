@@ -20,6 +20,7 @@ use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder};
 use tokio::io::AsyncWriteExt;
 
+use super::TAP_PREFIX;
 use super::host::{HostError, HostNet, LinkInfo, NatRules, RouteInfo};
 use super::tap;
 
@@ -101,22 +102,69 @@ fn link_name(msg: &LinkMessage) -> Option<String> {
     })
 }
 
-/// The nft script that replaces our table (declaring it first makes the delete succeed when
-/// it does not exist yet; the whole script is one transaction).
+/// The nft script that replaces our tables (declaring each first makes its delete succeed
+/// when it does not exist yet; the whole script is one transaction, so the host never runs
+/// with half a rule set).
+///
+/// Isolation lives in a `bridge` family table, which sees frames as the bridge switches
+/// them: `prerouting` drops what a tap sends from another MAC or address than its machine's
+/// (ARP included) and anything but IPv4 and ARP, before the frame reaches the host, the
+/// NAT or another port; `forward` drops frames between two taps whose machines do not
+/// share an owner. The host's own traffic to machines passes neither hook's drops.
 pub fn nat_script(rules: Option<&NatRules>) -> String {
-    let mut s = format!("table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n");
-    if let Some(r) = rules {
+    let mut s = format!(
+        "table ip {NFT_TABLE}\ndelete table ip {NFT_TABLE}\n\
+         table bridge {NFT_TABLE}\ndelete table bridge {NFT_TABLE}\n"
+    );
+    let Some(r) = rules else {
+        return s;
+    };
+    s.push_str(&format!(
+        "table ip {NFT_TABLE} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {subnet} oifname != \"{bridge}\" masquerade\n\
+         \t}}\n\
+         }}\n",
+        subnet = r.subnet,
+        bridge = r.bridge,
+    ));
+    let pairs: Vec<String> = r
+        .ports
+        .iter()
+        .flat_map(|a| r.ports.iter().map(move |b| (a, b)))
+        .filter(|(a, b)| a.tap != b.tap && a.owner.is_some() && a.owner == b.owner)
+        .map(|(a, b)| format!("\"{}\" . \"{}\"", a.tap, b.tap))
+        .collect();
+    s.push_str(&format!(
+        "table bridge {NFT_TABLE} {{\n\tset same_owner {{\n\t\ttype ifname . ifname\n"
+    ));
+    if !pairs.is_empty() {
+        s.push_str(&format!("\t\telements = {{ {} }}\n", pairs.join(", ")));
+    }
+    s.push_str(
+        "\t}\n\tchain prerouting {\n\
+         \t\ttype filter hook prerouting priority -200; policy accept;\n",
+    );
+    for p in &r.ports {
+        let tap = &p.tap;
         s.push_str(&format!(
-            "table ip {NFT_TABLE} {{\n\
-             \tchain postrouting {{\n\
-             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-             \t\tip saddr {subnet} oifname != \"{bridge}\" masquerade\n\
-             \t}}\n\
-             }}\n",
-            subnet = r.subnet,
-            bridge = r.bridge,
+            "\t\tiifname \"{tap}\" ether saddr != {mac} drop\n\
+             \t\tiifname \"{tap}\" ether type arp arp saddr ip != {ip} drop\n\
+             \t\tiifname \"{tap}\" ether type ip ip saddr != {ip} drop\n\
+             \t\tiifname \"{tap}\" ether type != {{ ip, arp }} drop\n\
+             \t\tiifname \"{tap}\" accept\n",
+            mac = p.mac,
+            ip = p.ip,
         ));
     }
+    s.push_str(&format!(
+        "\t\tiifname \"{TAP_PREFIX}*\" drop\n\t}}\n\
+         \tchain forward {{\n\
+         \t\ttype filter hook forward priority 0; policy accept;\n\
+         \t\tiifname \"{TAP_PREFIX}*\" oifname \"{TAP_PREFIX}*\" iifname . oifname != @same_owner drop\n\
+         \t}}\n}}\n"
+    ));
     s
 }
 
@@ -380,13 +428,57 @@ mod tests {
         let rules = NatRules {
             subnet: "192.168.64.0/24".parse().unwrap(),
             bridge: "container0".into(),
+            ports: Vec::new(),
         };
         let s = nat_script(Some(&rules));
         assert!(s.starts_with("table ip container\ndelete table ip container\n"));
         assert!(s.contains("ip saddr 192.168.64.0/24 oifname != \"container0\" masquerade"));
         assert_eq!(
             nat_script(None),
-            "table ip container\ndelete table ip container\n"
+            "table ip container\ndelete table ip container\n\
+             table bridge container\ndelete table bridge container\n"
         );
+    }
+
+    #[test]
+    fn each_tap_sends_as_its_machine_and_reaches_only_its_owners_machines() {
+        use super::super::host::Port;
+        let port = |tap: &str, last: u8, owner: Option<u32>| Port {
+            tap: tap.into(),
+            mac: format!("52:54:00:40:00:{last:02x}"),
+            ip: Ipv4Addr::new(192, 168, 64, last),
+            owner,
+        };
+        let rules = NatRules {
+            subnet: "192.168.64.0/24".parse().unwrap(),
+            bridge: "container0".into(),
+            ports: vec![
+                port("ctap-a1", 2, Some(1000)),
+                port("ctap-a2", 3, Some(1000)),
+                port("ctap-b1", 4, Some(1001)),
+                port("ctap-x", 5, None),
+            ],
+        };
+        let s = nat_script(Some(&rules));
+        assert!(s.contains("delete table bridge container\n"));
+        // Only the two machines of uid 1000 may talk, both ways.
+        assert!(
+            s.contains("elements = { \"ctap-a1\" . \"ctap-a2\", \"ctap-a2\" . \"ctap-a1\" }"),
+            "{s}"
+        );
+        assert!(s.contains("iifname \"ctap-b1\" ether saddr != 52:54:00:40:00:04 drop"));
+        assert!(s.contains("iifname \"ctap-b1\" ether type arp arp saddr ip != 192.168.64.4 drop"));
+        assert!(s.contains("iifname \"ctap-b1\" ether type ip ip saddr != 192.168.64.4 drop"));
+        assert!(
+            s.contains("iifname \"ctap-*\" drop"),
+            "unknown taps send nothing"
+        );
+        assert!(s.contains("iifname . oifname != @same_owner drop"));
+        // Nobody shares an owner: the set is declared empty.
+        let alone = NatRules {
+            ports: vec![port("ctap-b1", 4, Some(1001))],
+            ..rules
+        };
+        assert!(!nat_script(Some(&alone)).contains("elements"));
     }
 }

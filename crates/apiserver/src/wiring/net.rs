@@ -29,8 +29,8 @@ pub fn api_error(e: NetworkError) -> ApiError {
 pub struct Leases(pub Arc<Network>);
 
 impl Net for Leases {
-    fn lease(&self, machine: &str) -> Result<NetLease, ApiError> {
-        let lease = self.0.lease(machine).map_err(api_error)?;
+    fn lease(&self, machine: &str, owner: u32) -> Result<NetLease, ApiError> {
+        let lease = self.0.lease_owned(machine, owner).map_err(api_error)?;
         Ok(NetLease {
             ip: lease.ip.to_string(),
             mac: lease.mac,

@@ -136,7 +136,7 @@ impl Core {
         let disk = self.state.machines.disk_path(&name);
         let lease = match record.network.as_str() {
             "none" => None,
-            _ => match self.state.net.lease(&name) {
+            _ => match self.state.net.lease(&name, caller.uid) {
                 Ok(l) => Some(l),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&dir);
@@ -225,7 +225,7 @@ impl Core {
         if record.network != "none" {
             // Machines made before they had leases (or whose lease was dropped because the
             // subnet changed) get one now; the address stays theirs from here on.
-            let lease = self.state.net.lease(&record.name)?;
+            let lease = self.state.net.lease(&record.name, record.owner_uid)?;
             if record.ip_address.as_deref() != Some(lease.ip.as_str()) || record.mac != lease.mac {
                 record.ip_address = Some(lease.ip);
                 record.mac = lease.mac;
