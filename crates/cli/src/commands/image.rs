@@ -1,4 +1,8 @@
 //! `container image …`: pull, list, inspect, remove, tag, load and save images.
+//!
+//! Image names are per user: each command reads the caller's own names (then the system-wide
+//! ones root publishes) and changes only the caller's own. Root acts on the system-wide names
+//! with `--system` and lists every user's with `ls --all`.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -25,8 +29,11 @@ pub enum ImageCommand {
         /// Print nothing but errors.
         #[arg(short, long)]
         quiet: bool,
+        /// Name it as a system-wide image, which every user can use (root only).
+        #[arg(long)]
+        system: bool,
     },
-    /// List images.
+    /// List your images and the system-wide ones (OWNER `system`).
     #[command(visible_alias = "ls")]
     List {
         #[arg(long, value_enum, default_value_t)]
@@ -34,6 +41,9 @@ pub enum ImageCommand {
         /// Print references only.
         #[arg(short, long)]
         quiet: bool,
+        /// Every user's images, with their owner's uid (root only).
+        #[arg(short, long)]
+        all: bool,
     },
     /// Show everything about one or more images.
     Inspect {
@@ -50,14 +60,26 @@ pub enum ImageCommand {
         /// Remove even when a machine was created from the image (the machine keeps working).
         #[arg(short, long)]
         force: bool,
+        /// Remove system-wide names (root only).
+        #[arg(long)]
+        system: bool,
     },
-    /// Give an image another reference.
-    Tag { source: String, target: String },
+    /// Give an image another reference (yours; a system-wide one with --system).
+    Tag {
+        source: String,
+        target: String,
+        /// Publish TARGET as a system-wide image, which every user can use (root only).
+        #[arg(long)]
+        system: bool,
+    },
     /// Load images from an OCI image-layout or `docker save` tar archive.
     Load {
         /// The archive (default: standard input).
         #[arg(short, long)]
         input: Option<PathBuf>,
+        /// Name them as system-wide images (root only).
+        #[arg(long)]
+        system: bool,
     },
     /// Save images to an OCI image-layout tar archive.
     Save {
@@ -71,7 +93,7 @@ pub enum ImageCommand {
 
 impl Tabular for ImageSummary {
     fn headers() -> Vec<&'static str> {
-        vec!["NAME", "TAG", "DIGEST", "CREATED", "SIZE"]
+        vec!["NAME", "TAG", "DIGEST", "CREATED", "SIZE", "OWNER"]
     }
     fn row(&self) -> Vec<String> {
         let (name, tag) = split_reference(&self.reference);
@@ -87,6 +109,8 @@ impl Tabular for ImageSummary {
                 .map(|c| c.format("%Y-%m-%d %H:%M:%S").to_string())
                 .unwrap_or_default(),
             format_size(self.size),
+            self.owner
+                .map_or_else(|| "system".to_string(), |uid| uid.to_string()),
         ]
     }
     fn id(&self) -> String {
@@ -105,6 +129,10 @@ fn split_reference(reference: &str) -> (&str, &str) {
     }
 }
 
+fn flag(on: bool) -> &'static str {
+    if on { "true" } else { "false" }
+}
+
 fn query(pairs: &[(&str, &str)]) -> String {
     serde_urlencoded::to_string(pairs).expect("string pairs always encode")
 }
@@ -113,14 +141,22 @@ impl ImageCommand {
     pub async fn run(self) -> anyhow::Result<()> {
         let client = service::connect().await?;
         match self {
-            ImageCommand::Pull { reference, quiet } => {
-                let image = pull(&client, &reference, quiet).await?;
+            ImageCommand::Pull {
+                reference,
+                quiet,
+                system,
+            } => {
+                let image = pull_into(&client, &reference, system, quiet).await?;
                 if !quiet {
                     println!("{}", image.reference);
                 }
             }
-            ImageCommand::List { format, quiet } => {
-                let images: Vec<ImageSummary> = client.get("/images").await?;
+            ImageCommand::List { format, quiet, all } => {
+                let path = match all {
+                    true => "/images?all=true",
+                    false => "/images",
+                };
+                let images: Vec<ImageSummary> = client.get(path).await?;
                 print!("{}", output::render_list(&images, format, quiet)?);
             }
             ImageCommand::Inspect { references, format } => {
@@ -133,13 +169,20 @@ impl ImageCommand {
                 }
                 print!("{}", output::render_value(&details, format)?);
             }
-            ImageCommand::Delete { references, force } => {
+            ImageCommand::Delete {
+                references,
+                force,
+                system,
+            } => {
                 for r in &references {
-                    let force = if force { "true" } else { "false" };
                     let report: RemoveReport = client
                         .delete(&format!(
                             "/images?{}",
-                            query(&[("reference", r), ("force", force)])
+                            query(&[
+                                ("reference", r),
+                                ("force", flag(force)),
+                                ("system", flag(system)),
+                            ])
                         ))
                         .await?;
                     for u in &report.untagged {
@@ -150,13 +193,24 @@ impl ImageCommand {
                     }
                 }
             }
-            ImageCommand::Tag { source, target } => {
+            ImageCommand::Tag {
+                source,
+                target,
+                system,
+            } => {
                 let image: ImageSummary = client
-                    .post("/images/tag", &TagRequest { source, target })
+                    .post(
+                        "/images/tag",
+                        &TagRequest {
+                            source,
+                            target,
+                            system,
+                        },
+                    )
                     .await?;
                 println!("{}", image.reference);
             }
-            ImageCommand::Load { input } => {
+            ImageCommand::Load { input, system } => {
                 let body = match &input {
                     Some(path) => {
                         let file = tokio::fs::File::open(path)
@@ -168,7 +222,11 @@ impl ImageCommand {
                         client::stream_body(tokio_util::io::ReaderStream::new(tokio::io::stdin()))
                     }
                 };
-                let images: Vec<ImageSummary> = client.upload("/images/load", body).await?;
+                let path = match system {
+                    true => "/images/load?system=true",
+                    false => "/images/load",
+                };
+                let images: Vec<ImageSummary> = client.upload(path, body).await?;
                 for i in images {
                     println!("Loaded image: {}", i.reference);
                 }
@@ -219,10 +277,21 @@ impl ImageCommand {
     }
 }
 
-/// Pulls an image, showing progress bars on a terminal and plain lines otherwise.
+/// Pulls an image into the caller's own names, showing progress bars on a terminal and
+/// plain lines otherwise.
 pub async fn pull(
     client: &container_api::Client,
     reference: &str,
+    quiet: bool,
+) -> anyhow::Result<ImageSummary> {
+    pull_into(client, reference, false, quiet).await
+}
+
+/// [`pull`], naming the image system-wide when `system` (root only).
+async fn pull_into(
+    client: &container_api::Client,
+    reference: &str,
+    system: bool,
     quiet: bool,
 ) -> anyhow::Result<ImageSummary> {
     let response = client
@@ -231,6 +300,7 @@ pub async fn pull(
             "/images/pull",
             Some(&PullRequest {
                 reference: reference.to_string(),
+                system,
             }),
         )
         .await?;
