@@ -24,7 +24,7 @@
 //! and rewritten in the new format when the store opens.
 //!
 //! Layout under the root:
-//! - `refs.json`: `{"namespaces": {"system": {"references": {…}}, "1000": {"references":
+//! - `refs.json` (0600): `{"namespaces": {"system": {"references": {…}}, "1000": {"references":
 //!   {"docker.io/library/alpine:latest": "sha256:…"}}}}`
 //! - `blobs/sha256/<hex>`, `ingest/`: the content store ([`crate::content`])
 //! - `disks/<hex>/{base.ext4,info.json}`: base disks, keyed by manifest digest
@@ -423,9 +423,10 @@ impl ImageStore {
         Ok(refs)
     }
 
+    /// Writes `refs.json` atomically, readable by root alone: it holds every user's names.
     pub(crate) fn save_refs(&self, refs: &Refs) -> Result<(), ImageError> {
         let p = self.refs_path();
-        crate::fsutil::write_json(&p, refs).map_err(ImageError::io(&p))
+        crate::fsutil::write_json_mode(&p, refs, 0o600).map_err(ImageError::io(&p))
     }
 
     pub(crate) fn disk_dir(&self, digest: &str) -> Result<PathBuf, ImageError> {

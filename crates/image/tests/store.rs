@@ -622,6 +622,12 @@ fn a_store_from_before_namespaces_migrates_on_open() {
     let file: serde_json::Value =
         serde_json::from_slice(&std::fs::read(root.join("refs.json")).unwrap()).unwrap();
     assert!(file.get("references").is_none(), "{file}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(root.join("refs.json"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "every user's names are root's to read");
     assert_eq!(
         file["namespaces"]["0"]["references"]["docker.io/library/old:1"],
         digest.as_str()
