@@ -1,4 +1,8 @@
 //! Image API types: what `image ls`, `image inspect` and `image pull` return.
+//!
+//! Image names are per user: each uid has its own names, and root publishes system-wide ones
+//! (`system: true` in a request) that every user reads but only root changes. A user's lookup
+//! reads their own names, then the system's.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +18,17 @@ pub struct ImageSummary {
     pub created: Option<chrono::DateTime<chrono::Utc>>,
     /// Whether the image has an executable `/sbin/init` (known once unpacked).
     pub has_init: Option<bool>,
+    /// The uid whose own name this is; `None` for a system-wide name, which root publishes
+    /// and every user reads.
+    #[serde(default)]
+    pub owner: Option<u32>,
+}
+
+impl ImageSummary {
+    /// Whether this is a system-wide name (root's to change, everyone's to read).
+    pub fn is_system(&self) -> bool {
+        self.owner.is_none()
+    }
 }
 
 /// `image inspect`: everything the store knows about an image.
@@ -54,6 +69,9 @@ pub struct BaseDiskInfo {
 #[serde(deny_unknown_fields)]
 pub struct PullRequest {
     pub reference: String,
+    /// Record the name as a system-wide image (root only).
+    #[serde(default)]
+    pub system: bool,
 }
 
 /// One line of the NDJSON stream a pull answers with.
@@ -84,6 +102,9 @@ pub enum PullEvent {
 pub struct TagRequest {
     pub source: String,
     pub target: String,
+    /// Write `target` as a system-wide name (root only); `source` resolves as root sees it.
+    #[serde(default)]
+    pub system: bool,
 }
 
 /// `DELETE /v1/images/{ref}` answer.

@@ -23,7 +23,7 @@ use crate::content::{digest_hex, digest_of};
 use crate::error::ImageError;
 use crate::manifest::{self, Parsed};
 use crate::registry::parse_reference;
-use crate::store::{ImageRecord, ImageStore, Lease};
+use crate::store::{ImageRecord, ImageStore, Lease, Namespace};
 
 /// The OCI annotation naming an image in a layout.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -63,6 +63,9 @@ enum Member {
 #[derive(Debug)]
 struct Members {
     files: HashMap<String, Member>,
+    /// Digests whose bytes the archive itself carried (verified), as opposed to blobs the
+    /// store merely has: an image is loaded only from these.
+    held: BTreeSet<String>,
     lease: Lease,
 }
 
@@ -93,6 +96,7 @@ impl Members {
     /// Streams `archive` into the store and memory.
     fn read<R: Read>(store: &ImageStore, archive: R) -> Result<Self, ImageError> {
         let mut files = HashMap::new();
+        let mut held = BTreeSet::new();
         let mut lease = store.lease();
         let mut metadata = 0u64;
         let mut archive = tar::Archive::new(archive);
@@ -138,12 +142,19 @@ impl Members {
                     .map(|hex| format!("sha256:{hex}"))
                     .filter(|d| digest_hex(d).is_ok());
                 if let Some(digest) = named {
-                    if !store.content.contains(&digest) {
+                    // A blob the store has (perhaps another user's private image) is still
+                    // read and checked: the archive must carry it to name it.
+                    if store.content.contains(&digest) {
+                        store
+                            .content
+                            .verify("archive blob", &digest, Some(size), &mut entry)?;
+                    } else {
                         let mut w = store.content.writer("archive blob", &digest, Some(size))?;
                         w.write_from(&mut entry)?;
                         w.commit()?;
                     }
                     lease.add(&digest);
+                    held.insert(digest.clone());
                     Member::Blob(digest)
                 } else if size <= manifest::MAX_JSON && metadata + size <= MAX_METADATA {
                     metadata += size;
@@ -157,6 +168,7 @@ impl Members {
                     w.write_from(&mut entry)?;
                     let digest = w.commit()?;
                     lease.add(&digest);
+                    held.insert(digest.clone());
                     Member::Blob(digest)
                 }
             } else {
@@ -164,7 +176,7 @@ impl Members {
             };
             files.insert(path, member);
         }
-        Ok(Self { files, lease })
+        Ok(Self { files, held, lease })
     }
 
     /// The member at `path`, links followed.
@@ -206,7 +218,20 @@ impl Members {
             Member::Link(_) => return Err(malformed(format!("{path}: unresolved link"))),
         };
         self.lease.add(&digest);
+        self.held.insert(digest.clone());
         Ok(digest)
+    }
+
+    /// A blob the archive's metadata names, which the archive must have carried.
+    fn require(&mut self, digest: &str) -> Result<(), ImageError> {
+        digest_hex(digest)?;
+        if !self.held.contains(digest) {
+            return Err(malformed(format!(
+                "blob {digest} is missing from the archive"
+            )));
+        }
+        self.lease.add(digest);
+        Ok(())
     }
 }
 
@@ -215,18 +240,6 @@ fn read_small(store: &ImageStore, digest: &str) -> Result<Vec<u8>, ImageError> {
     let size = store.content.size(digest)?;
     manifest::check_json_size(size, || format!("metadata blob {digest} of the archive"))?;
     store.content.read(digest)
-}
-
-/// A blob the archive's metadata names, which must be in the store by now.
-fn require(store: &ImageStore, lease: &mut Lease, digest: &str) -> Result<(), ImageError> {
-    digest_hex(digest)?;
-    if !store.content.contains(digest) {
-        return Err(malformed(format!(
-            "blob {digest} is missing from the archive"
-        )));
-    }
-    lease.add(digest);
-    Ok(())
 }
 
 /// The reference an OCI layout entry's annotations give, normalised.
@@ -248,11 +261,17 @@ fn layout_name(
 
 impl ImageStore {
     /// Writes the images `references` name (references, digests or digest prefixes) as one
-    /// OCI image-layout tar.
-    pub fn save<W: Write>(&self, references: &[String], out: W) -> Result<(), ImageError> {
+    /// OCI image-layout tar. Names resolve as `namespace` sees them: another user's private
+    /// image is not found.
+    pub fn save<W: Write>(
+        &self,
+        namespace: Namespace,
+        references: &[String],
+        out: W,
+    ) -> Result<(), ImageError> {
         let records = references
             .iter()
-            .map(|r| self.inspect(r))
+            .map(|r| self.inspect(namespace, r))
             .collect::<Result<Vec<ImageRecord>, _>>()?;
         let mut tar = tar::Builder::new(out);
         let mut added = BTreeSet::new();
@@ -315,9 +334,15 @@ impl ImageStore {
         .map_err(ImageError::io(&path))
     }
 
-    /// Loads every image of an OCI-layout or `docker save` archive; returns their records.
-    /// `_work` is unused (the archive is streamed) and kept for callers of the first version.
-    pub fn load<R: Read>(&self, archive: R, _work: &Path) -> Result<Vec<ImageRecord>, ImageError> {
+    /// Loads every image of an OCI-layout or `docker save` archive under the names it gives,
+    /// in `namespace` only; returns their records. `_work` is unused (the archive is
+    /// streamed) and kept for callers of the first version.
+    pub fn load<R: Read>(
+        &self,
+        namespace: Namespace,
+        archive: R,
+        _work: &Path,
+    ) -> Result<Vec<ImageRecord>, ImageError> {
         let mut members = Members::read(self, archive)?;
         let images = if members.files.contains_key("index.json") {
             self.layout_images(&mut members)?
@@ -337,18 +362,25 @@ impl ImageStore {
             }
         }
         for (reference, digest) in &images {
-            self.set_ref(reference, digest)?;
+            self.set_ref(namespace, reference, digest)?;
         }
         drop(members);
-        images.iter().map(|(r, _)| self.inspect(r)).collect()
+        images
+            .iter()
+            .map(|(r, _)| self.inspect(namespace, r))
+            .collect()
     }
 
     /// Checks a manifest's blobs are all present and its config parses.
-    fn check_manifest(&self, lease: &mut Lease, m: &OciImageManifest) -> Result<(), ImageError> {
-        require(self, lease, &m.config.digest)?;
+    fn check_manifest(
+        &self,
+        members: &mut Members,
+        m: &OciImageManifest,
+    ) -> Result<(), ImageError> {
+        members.require(&m.config.digest)?;
         manifest::parse_config(&read_small(self, &m.config.digest)?)?;
         for l in &m.layers {
-            require(self, lease, &l.digest)?;
+            members.require(&l.digest)?;
         }
         Ok(())
     }
@@ -363,13 +395,13 @@ impl ImageStore {
         let mut images = Vec::new();
         for entry in &index.manifests {
             let reference = layout_name(entry.annotations.as_ref(), &entry.digest)?;
-            require(self, &mut members.lease, &entry.digest)?;
+            members.require(&entry.digest)?;
             let (digest, m) = match manifest::parse(&read_small(self, &entry.digest)?)? {
                 Parsed::Manifest(m) => (entry.digest.clone(), *m),
                 Parsed::Index(inner) => {
                     let picked = manifest::pick_platform(&inner)
                         .ok_or_else(|| ImageError::NoPlatform(reference.clone()))?;
-                    require(self, &mut members.lease, &picked)?;
+                    members.require(&picked)?;
                     match manifest::parse(&read_small(self, &picked)?)? {
                         Parsed::Manifest(m) => (picked, *m),
                         Parsed::Index(_) => {
@@ -381,7 +413,7 @@ impl ImageStore {
                     }
                 }
             };
-            self.check_manifest(&mut members.lease, &m)?;
+            self.check_manifest(members, &m)?;
             images.push((reference, digest));
         }
         Ok(images)

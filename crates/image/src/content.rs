@@ -107,6 +107,51 @@ impl ContentStore {
         })
     }
 
+    /// Reads a blob's bytes from `reader` and checks them against `digest` (and `size`, when
+    /// known) without storing them: how an archive proves it holds a blob the store already
+    /// has, so naming a digest is never enough to claim another user's image.
+    pub fn verify(
+        &self,
+        what: &'static str,
+        digest: &str,
+        size: Option<u64>,
+        mut reader: impl std::io::Read,
+    ) -> Result<(), ImageError> {
+        digest_hex(digest)?;
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(source) => return Err(ImageError::Archive { source }),
+            };
+            written += n as u64;
+            hasher.update(&buf[..n]);
+        }
+        if let Some(expected) = size
+            && expected != written
+        {
+            return Err(ImageError::SizeMismatch {
+                what,
+                digest: digest.to_string(),
+                expected,
+                actual: written,
+            });
+        }
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != digest {
+            return Err(ImageError::DigestMismatch {
+                what,
+                digest: digest.to_string(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+
     /// Writes a whole blob held in memory.
     pub fn put(&self, what: &'static str, digest: &str, bytes: &[u8]) -> Result<(), ImageError> {
         if self.contains(digest) {

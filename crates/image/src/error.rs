@@ -67,6 +67,12 @@ pub enum ImageError {
         #[source]
         source: std::io::Error,
     },
+    /// A user tried to change a name root published for everyone.
+    #[error(
+        "image `{0}` is a system-wide image, which only root can change (with --system); \
+         a name of your own (`container image tag`) would shadow it for you alone"
+    )]
+    SystemImage(String),
     #[error(
         "image `{reference}` is used by machine(s) {machines}; delete them first or use --force"
     )]

@@ -38,9 +38,18 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 /// Serialises `value` as pretty JSON into `path` atomically, readable by its owner alone:
 /// state files are the service's, and users see them only through its API.
 pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    write_json_mode(path, value, 0o600)
+}
+
+/// [`write_json`] with the given mode.
+pub fn write_json_mode<T: serde::Serialize>(
+    path: &Path,
+    value: &T,
+    mode: u32,
+) -> std::io::Result<()> {
     let mut bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
     bytes.push(b'\n');
-    atomic_write(path, &bytes, 0o600)
+    atomic_write(path, &bytes, mode)
 }
 
 /// Reads JSON from `path`; `Ok(None)` when the file does not exist.

@@ -1,53 +1,67 @@
 //! Removing images and collecting garbage, marked from the roots (containerd's model): every
-//! recorded reference, every digest held by a lease of an operation in flight, and, for base
-//! disks only, the manifests the caller says machines use. Whatever no root reaches — blobs
-//! and base disks — is deleted.
+//! reference of every namespace, every digest held by a lease of an operation in flight, and,
+//! for base disks only, the manifests the caller says machines use. Whatever no root reaches —
+//! blobs and base disks — is deleted. Content is shared between namespaces, so one user's
+//! `rm` deletes nothing another user's name still reaches.
 //!
 //! Machines are the caller's business, so `remove` takes them as an argument: removing the last
-//! reference to an image a machine was created from is refused with [`ImageError::InUse`]
-//! unless forced; forced, the reference and the blobs go but the base disk stays as long as a
-//! machine uses it (machine disks are overlays backed by it) and goes with a later collection.
+//! reference the remover sees to an image one of their machines was created from is refused
+//! with [`ImageError::InUse`] unless forced; forced, the reference and the blobs go but the
+//! base disk stays as long as any machine uses it (machine disks are overlays backed by it)
+//! and goes with a later collection.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::ImageError;
-use crate::store::{ImageStore, Refs, Removed};
+use crate::store::{ImageStore, Namespace, Refs, Removed};
 use crate::unpack;
 
 impl ImageStore {
-    /// Removes a reference (or, given a digest, every reference to that image), then deletes
-    /// what nothing references. `in_use` maps manifest digests to the machines created from
-    /// them; see the module documentation for what `force` does.
+    /// Removes a reference of `namespace` (or, given a digest, every reference it has to that
+    /// image), then deletes what no namespace's name or machine needs. A system name a user
+    /// sees is not theirs to remove ([`ImageError::SystemImage`]). `in_use` maps manifest
+    /// digests to the machines created from them: every machine's digest, so collection keeps
+    /// their base disks, with the names of only those machines the remover may see (an entry
+    /// without names never refuses); see the module documentation for what `force` does.
     pub fn remove(
         &self,
+        namespace: Namespace,
         wanted: &str,
         in_use: &BTreeMap<String, Vec<String>>,
         force: bool,
     ) -> Result<Removed, ImageError> {
         let _g = self.guard();
         let mut refs = self.load_refs()?;
-        let (reference, digest) = self.resolve(&refs, wanted)?;
-        let untag: Vec<String> = if self.is_digest_lookup(&refs, wanted) {
-            refs.references
-                .iter()
+        let visible = refs.visible(namespace);
+        let (reference, named) = self.resolve(&visible, wanted)?;
+        let digest = named.digest.clone();
+        let own = refs.names(namespace);
+        let untag: Vec<String> = if self.is_digest_lookup(&visible, wanted) {
+            own.iter()
                 .filter(|(_, d)| **d == digest)
                 .map(|(r, _)| r.clone())
                 .collect()
-        } else {
+        } else if named.namespace == namespace {
             vec![reference.clone()]
+        } else {
+            Vec::new()
         };
-        let remaining = refs.references.values().filter(|d| **d == digest).count() - untag.len();
+        if untag.is_empty() {
+            return Err(ImageError::SystemImage(reference));
+        }
+        let remaining = visible.values().filter(|n| n.digest == digest).count() - untag.len();
         if remaining == 0
             && !force
-            && let Some(machines) = in_use.get(&digest)
+            && let Some(machines) = in_use.get(&digest).filter(|m| !m.is_empty())
         {
             return Err(ImageError::InUse {
                 reference,
                 machines: machines.join(", "),
             });
         }
+        let names = refs.names_mut(namespace);
         for r in &untag {
-            refs.references.remove(r);
+            names.remove(r);
         }
         self.save_refs(&refs)?;
         let mut removed = self.collect(&refs, in_use)?;
@@ -73,9 +87,8 @@ impl ImageStore {
     ) -> Result<Removed, ImageError> {
         let mut live: BTreeSet<String> = self.leased();
         let manifests: BTreeSet<String> = refs
-            .references
-            .values()
-            .cloned()
+            .digests()
+            .into_iter()
             .chain(live.iter().cloned())
             .collect();
         for digest in manifests {

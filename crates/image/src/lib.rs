@@ -22,7 +22,7 @@ pub use error::ImageError;
 pub use manifest::ConfigInfo;
 pub use registry::{Credentials, parse_reference};
 pub use store::{
-    DEFAULT_MAX_UNPACKED_BYTES, ImageRecord, ImageStore, LayerRecord, Limits, Progress,
+    DEFAULT_MAX_UNPACKED_BYTES, ImageRecord, ImageStore, LayerRecord, Limits, Namespace, Progress,
     PullOptions, PullProgress, Removed,
 };
 pub use unpack::DiskInfo;

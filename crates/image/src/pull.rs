@@ -14,7 +14,7 @@ use crate::content::digest_of;
 use crate::error::ImageError;
 use crate::manifest::{self, Parsed};
 use crate::registry;
-use crate::store::{ImageRecord, ImageStore, Progress, PullOptions, PullProgress};
+use crate::store::{ImageRecord, ImageStore, Namespace, Progress, PullOptions, PullProgress};
 
 /// Bytes between two progress reports of one blob.
 const PROGRESS_STEP: u64 = 256 << 10;
@@ -37,9 +37,11 @@ struct Session<'a> {
 }
 
 impl ImageStore {
-    /// Pulls an image, builds its base disk and records its reference. Returns its record.
+    /// Pulls an image, builds its base disk and records its reference in `namespace`.
+    /// Returns its record.
     pub async fn pull(
         &self,
+        namespace: Namespace,
         reference: &str,
         opts: &PullOptions,
         progress: &dyn PullProgress,
@@ -97,9 +99,9 @@ impl ImageStore {
         tokio::task::spawn_blocking(move || job.run())
             .await
             .map_err(|e| ImageError::Mkfs(format!("the disk build task failed: {e}")))??;
-        self.set_ref(&name, &digest)?;
+        self.set_ref(namespace, &name, &digest)?;
         drop(lease);
-        self.inspect(&name)
+        self.inspect(namespace, &name)
     }
 }
 

@@ -6,8 +6,26 @@
 //! Blobs an operation in flight still needs are held by a [`Lease`], which garbage collection
 //! (see [`crate::gc`]) treats as a root, so collection can run beside a pull.
 //!
+//! **Names are per user, content is shared** (containerd's namespaces). References live in a
+//! [`Namespace`]: one per host uid, which only that user reads and changes, and
+//! [`Namespace::System`], which root publishes and every user reads but cannot change. A
+//! user's lookups read their own names first, then the system's (their own name shadows a
+//! system name of the same text, for them alone); writes and removals touch only the
+//! namespace they act in. Blobs and base disks are shared by digest: they are verified
+//! against it, so one user's copy is the same bytes as another's; collection keeps whatever
+//! any namespace names. A digest is only found through a name the caller sees, so knowing the
+//! digest of another user's private image gives no access to it.
+//!
+//! All namespaces live in the one `refs.json`, rather than a file per uid: collection needs
+//! every namespace's names at one instant, and a single atomic rename gives that, and makes
+//! the migration of a store from before namespaces one crash-safe step (the old file or the
+//! new one, each of which opens). The old format, `{"references": {…}}`, is read as names of
+//! both root's namespace and the system one (so every user keeps seeing the images they saw)
+//! and rewritten in the new format when the store opens.
+//!
 //! Layout under the root:
-//! - `refs.json`: `{"references": {"docker.io/library/alpine:latest": "sha256:…"}}`
+//! - `refs.json` (0600): `{"namespaces": {"system": {"references": {…}}, "1000": {"references":
+//!   {"docker.io/library/alpine:latest": "sha256:…"}}}}`
 //! - `blobs/sha256/<hex>`, `ingest/`: the content store ([`crate::content`])
 //! - `disks/<hex>/{base.ext4,info.json}`: base disks, keyed by manifest digest
 //! - `work/` (0700): staging trees and spooled archives; emptied at open
@@ -111,7 +129,9 @@ pub struct LayerRecord {
 pub struct ImageRecord {
     /// The reference this record was looked up by (the first one when looked up by digest).
     pub reference: String,
-    /// Every reference naming this manifest.
+    /// The namespace holding `reference`.
+    pub namespace: Namespace,
+    /// Every reference naming this manifest that the looking namespace sees.
     pub references: Vec<String>,
     /// The manifest digest: the image's identity.
     pub digest: String,
@@ -145,9 +165,132 @@ pub struct Removed {
     pub freed_bytes: u64,
 }
 
+/// Whose image names an operation reads and writes (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Namespace {
+    /// A host user's own names: only that user (and root, listing all) sees them.
+    User(u32),
+    /// Names root publishes for every user to read; only root changes them.
+    System,
+}
+
+impl Namespace {
+    /// The key of this namespace in `refs.json`: `system`, or the uid in decimal.
+    fn key(self) -> String {
+        match self {
+            Namespace::User(uid) => uid.to_string(),
+            Namespace::System => "system".to_string(),
+        }
+    }
+
+    fn from_key(key: &str) -> Option<Self> {
+        match key {
+            "system" => Some(Namespace::System),
+            uid => uid.parse().ok().map(Namespace::User),
+        }
+    }
+
+    /// The namespaces a lookup from this one reads, first match wins: a user's own names,
+    /// then the system's.
+    fn view(self) -> Vec<Namespace> {
+        match self {
+            Namespace::User(_) => vec![self, Namespace::System],
+            Namespace::System => vec![Namespace::System],
+        }
+    }
+}
+
+impl std::fmt::Display for Namespace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Namespace::User(uid) => write!(f, "uid {uid}"),
+            Namespace::System => f.write_str("system"),
+        }
+    }
+}
+
+/// The names of one namespace.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub(crate) struct Names {
+    pub(crate) references: BTreeMap<String, String>,
+}
+
+/// `refs.json`: every namespace's names.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct Refs {
-    pub(crate) references: BTreeMap<String, String>,
+    #[serde(default)]
+    namespaces: BTreeMap<String, Names>,
+    /// The one global table of a store from before namespaces; migrated when read.
+    #[serde(default, skip_serializing)]
+    references: Option<BTreeMap<String, String>>,
+}
+
+/// A name as a namespace sees it: the manifest it points at and where it lives.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Named {
+    pub(crate) digest: String,
+    pub(crate) namespace: Namespace,
+}
+
+impl Refs {
+    /// Moves the names of a store from before namespaces into root's namespace and the
+    /// system one; true when there were any to move.
+    fn migrate(&mut self) -> bool {
+        let Some(old) = self.references.take() else {
+            return false;
+        };
+        for ns in [Namespace::User(0), Namespace::System] {
+            let names = self.namespaces.entry(ns.key()).or_default();
+            for (r, d) in &old {
+                names
+                    .references
+                    .entry(r.clone())
+                    .or_insert_with(|| d.clone());
+            }
+        }
+        true
+    }
+
+    /// The names of one namespace.
+    pub(crate) fn names(&self, ns: Namespace) -> BTreeMap<String, String> {
+        self.namespaces
+            .get(&ns.key())
+            .map(|n| n.references.clone())
+            .unwrap_or_default()
+    }
+
+    /// The names of one namespace, to change.
+    pub(crate) fn names_mut(&mut self, ns: Namespace) -> &mut BTreeMap<String, String> {
+        &mut self.namespaces.entry(ns.key()).or_default().references
+    }
+
+    /// Every name `ns` sees (its own shadowing the system's).
+    pub(crate) fn visible(&self, ns: Namespace) -> BTreeMap<String, Named> {
+        let mut out = BTreeMap::new();
+        for namespace in ns.view() {
+            for (r, digest) in self.names(namespace) {
+                out.entry(r).or_insert(Named { digest, namespace });
+            }
+        }
+        out
+    }
+
+    /// Every namespace with names, each with its names.
+    pub(crate) fn all(&self) -> Vec<(Namespace, BTreeMap<String, String>)> {
+        self.namespaces
+            .iter()
+            .filter_map(|(k, n)| Some((Namespace::from_key(k)?, n.references.clone())))
+            .collect()
+    }
+
+    /// Every manifest any namespace names (collection's roots), whatever its key.
+    pub(crate) fn digests(&self) -> BTreeSet<String> {
+        self.namespaces
+            .values()
+            .flat_map(|n| n.references.values().cloned())
+            .collect()
+    }
 }
 
 /// Blobs and disks an operation in flight needs: collection keeps them while it lives.
@@ -222,14 +365,28 @@ impl ImageStore {
             };
             r.map_err(ImageError::io(&p))?;
         }
-        Ok(Self {
+        let store = Self {
             root: root.to_path_buf(),
             content: ContentStore::open(root)?,
             lock: Mutex::new(()),
             build_lock: Arc::new(Mutex::new(())),
             leases: Arc::new(Mutex::new(HashMap::new())),
             limits,
-        })
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// Rewrites a `refs.json` from before namespaces in the new format, in one atomic step.
+    fn migrate(&self) -> Result<(), ImageError> {
+        let p = self.refs_path();
+        let mut refs: Refs = crate::fsutil::read_json(&p)
+            .map_err(ImageError::io(&p))?
+            .unwrap_or_default();
+        if refs.migrate() {
+            self.save_refs(&refs)?;
+        }
+        Ok(())
     }
 
     /// The caps this store holds images to.
@@ -258,14 +415,18 @@ impl ImageStore {
 
     pub(crate) fn load_refs(&self) -> Result<Refs, ImageError> {
         let p = self.refs_path();
-        Ok(crate::fsutil::read_json(&p)
+        let mut refs: Refs = crate::fsutil::read_json(&p)
             .map_err(ImageError::io(&p))?
-            .unwrap_or_default())
+            .unwrap_or_default();
+        // Only if the file was replaced by an old one behind the store's back.
+        refs.migrate();
+        Ok(refs)
     }
 
+    /// Writes `refs.json` atomically, readable by root alone: it holds every user's names.
     pub(crate) fn save_refs(&self, refs: &Refs) -> Result<(), ImageError> {
         let p = self.refs_path();
-        crate::fsutil::write_json(&p, refs).map_err(ImageError::io(&p))
+        crate::fsutil::write_json_mode(&p, refs, 0o600).map_err(ImageError::io(&p))
     }
 
     pub(crate) fn disk_dir(&self, digest: &str) -> Result<PathBuf, ImageError> {
@@ -290,59 +451,88 @@ impl ImageStore {
         map.keys().cloned().collect()
     }
 
-    /// Records `reference` → `digest`.
-    pub(crate) fn set_ref(&self, reference: &str, digest: &str) -> Result<(), ImageError> {
+    /// Records `reference` → `digest` in `namespace`.
+    pub(crate) fn set_ref(
+        &self,
+        namespace: Namespace,
+        reference: &str,
+        digest: &str,
+    ) -> Result<(), ImageError> {
         let _g = self.guard();
         let mut refs = self.load_refs()?;
-        refs.references
+        refs.names_mut(namespace)
             .insert(reference.to_string(), digest.to_string());
         self.save_refs(&refs)
     }
 
-    /// All references, each as a record, sorted by reference.
-    pub fn list(&self) -> Result<Vec<ImageRecord>, ImageError> {
+    /// Every reference `namespace` sees, each as a record, sorted by reference.
+    pub fn list(&self, namespace: Namespace) -> Result<Vec<ImageRecord>, ImageError> {
         let refs = self.load_refs()?;
-        refs.references.keys().map(|r| self.inspect(r)).collect()
+        let visible = refs.visible(namespace);
+        visible
+            .iter()
+            .map(|(r, n)| self.record(&visible, r.clone(), n.clone()))
+            .collect()
     }
 
-    /// Finds `(reference, manifest digest)` for a reference (normalised or as written), a
-    /// full digest, or a digest prefix of at least 6 hex digits.
+    /// Every namespace's references, each as a record holding its namespace, sorted by
+    /// namespace (users by uid, then the system's) and reference. For root's eyes only.
+    pub fn list_all(&self) -> Result<Vec<ImageRecord>, ImageError> {
+        let refs = self.load_refs()?;
+        let mut out = Vec::new();
+        let mut all = refs.all();
+        all.sort_by_key(|(ns, _)| *ns);
+        for (namespace, names) in all {
+            let own: BTreeMap<String, Named> = names
+                .into_iter()
+                .map(|(r, digest)| (r, Named { digest, namespace }))
+                .collect();
+            for (r, n) in &own {
+                out.push(self.record(&own, r.clone(), n.clone())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finds the reference and what it names for a reference (normalised or as written), a
+    /// full digest, or a digest prefix of at least 6 hex digits, among the `visible` names.
     pub(crate) fn resolve(
         &self,
-        refs: &Refs,
+        visible: &BTreeMap<String, Named>,
         wanted: &str,
-    ) -> Result<(String, String), ImageError> {
-        if let Some(d) = refs.references.get(wanted) {
-            return Ok((wanted.to_string(), d.clone()));
+    ) -> Result<(String, Named), ImageError> {
+        if let Some(n) = visible.get(wanted) {
+            return Ok((wanted.to_string(), n.clone()));
         }
         if let Ok(r) = registry::parse_reference(wanted)
-            && let Some(d) = refs.references.get(&r.whole())
+            && let Some(n) = visible.get(&r.whole())
         {
-            return Ok((r.whole(), d.clone()));
+            return Ok((r.whole(), n.clone()));
         }
-        if let Some(digest) = self.resolve_digest(refs, wanted)? {
-            let reference = refs
-                .references
-                .iter()
-                .find(|(_, v)| **v == digest)
-                .map(|(k, _)| k.clone())
-                .unwrap_or_else(|| digest.clone());
-            return Ok((reference, digest));
+        if let Some(digest) = self.resolve_digest(visible, wanted)? {
+            // A digest is found only through a name, so there is one.
+            if let Some((r, n)) = visible.iter().find(|(_, n)| n.digest == digest) {
+                return Ok((r.clone(), n.clone()));
+            }
         }
         Err(ImageError::NotFound(wanted.to_string()))
     }
 
     /// The one manifest digest `wanted` is a prefix of (`sha256:` optional), if it looks
     /// like a digest at all.
-    fn resolve_digest(&self, refs: &Refs, wanted: &str) -> Result<Option<String>, ImageError> {
+    fn resolve_digest(
+        &self,
+        visible: &BTreeMap<String, Named>,
+        wanted: &str,
+    ) -> Result<Option<String>, ImageError> {
         let hex = wanted.strip_prefix("sha256:").unwrap_or(wanted);
         if hex.len() < 6 || hex.len() > 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
             return Ok(None);
         }
         let hex = hex.to_ascii_lowercase();
-        let matches: BTreeSet<&String> = refs
-            .references
+        let matches: BTreeSet<&String> = visible
             .values()
+            .map(|n| &n.digest)
             .filter(|d| d.trim_start_matches("sha256:").starts_with(&hex))
             .collect();
         match matches.len() {
@@ -356,11 +546,12 @@ impl ImageStore {
     }
 
     /// Whether `wanted` names an image by digest (every reference to it) rather than by name.
-    pub(crate) fn is_digest_lookup(&self, refs: &Refs, wanted: &str) -> bool {
-        !refs.references.contains_key(wanted)
-            && !registry::parse_reference(wanted)
-                .is_ok_and(|r| refs.references.contains_key(&r.whole()))
-            && self.resolve_digest(refs, wanted).is_ok_and(|d| d.is_some())
+    pub(crate) fn is_digest_lookup(&self, visible: &BTreeMap<String, Named>, wanted: &str) -> bool {
+        !visible.contains_key(wanted)
+            && !registry::parse_reference(wanted).is_ok_and(|r| visible.contains_key(&r.whole()))
+            && self
+                .resolve_digest(visible, wanted)
+                .is_ok_and(|d| d.is_some())
     }
 
     pub(crate) fn manifest_of(&self, digest: &str) -> Result<OciImageManifest, ImageError> {
@@ -373,19 +564,23 @@ impl ImageStore {
         }
     }
 
-    /// Everything about one image, by reference, digest or digest prefix.
-    pub fn inspect(&self, wanted: &str) -> Result<ImageRecord, ImageError> {
+    /// Everything about one image, by reference, digest or digest prefix, as `namespace`
+    /// sees it.
+    pub fn inspect(&self, namespace: Namespace, wanted: &str) -> Result<ImageRecord, ImageError> {
         let refs = self.load_refs()?;
-        let (reference, digest) = self.resolve(&refs, wanted)?;
-        self.record(&refs, reference, digest)
+        let visible = refs.visible(namespace);
+        let (reference, named) = self.resolve(&visible, wanted)?;
+        self.record(&visible, reference, named)
     }
 
+    /// The record of `reference`, naming `named`, with the other names among `visible`.
     fn record(
         &self,
-        refs: &Refs,
+        visible: &BTreeMap<String, Named>,
         reference: String,
-        digest: String,
+        named: Named,
     ) -> Result<ImageRecord, ImageError> {
+        let Named { digest, namespace } = named;
         let m = self.manifest_of(&digest)?;
         let config = manifest::parse_config(&self.content.read(&m.config.digest)?)?;
         let layers: Vec<LayerRecord> = m
@@ -400,13 +595,13 @@ impl ImageStore {
         let size = m.config.size.max(0) as u64 + layers.iter().map(|l| l.size).sum::<u64>();
         let disk = self.built_disk(&digest)?;
         Ok(ImageRecord {
-            references: refs
-                .references
+            references: visible
                 .iter()
-                .filter(|(_, d)| **d == digest)
+                .filter(|(_, n)| n.digest == digest)
                 .map(|(r, _)| r.clone())
                 .collect(),
             reference,
+            namespace,
             media_type: m
                 .media_type
                 .clone()
@@ -429,10 +624,14 @@ impl ImageStore {
             .map(|info| (dir.join("base.ext4"), info)))
     }
 
-    /// Builds (once) and returns the base disk of an image named by reference or digest.
-    /// Blocking: call it from `spawn_blocking` in async code.
-    pub fn base_disk(&self, wanted: &str) -> Result<(PathBuf, DiskInfo), ImageError> {
-        let record = self.inspect(wanted)?;
+    /// Builds (once) and returns the base disk of an image `namespace` names by reference or
+    /// digest. Blocking: call it from `spawn_blocking` in async code.
+    pub fn base_disk(
+        &self,
+        namespace: Namespace,
+        wanted: &str,
+    ) -> Result<(PathBuf, DiskInfo), ImageError> {
+        let record = self.inspect(namespace, wanted)?;
         if let Some(d) = record.disk {
             return Ok(d);
         }
@@ -442,8 +641,8 @@ impl ImageStore {
     }
 
     /// Whether the image's `/sbin/init` is an executable file (building the disk if needed).
-    pub fn has_init(&self, wanted: &str) -> Result<bool, ImageError> {
-        Ok(self.base_disk(wanted)?.1.has_init)
+    pub fn has_init(&self, namespace: Namespace, wanted: &str) -> Result<bool, ImageError> {
+        Ok(self.base_disk(namespace, wanted)?.1.has_init)
     }
 
     /// Everything needed to build a manifest's base disk, owned, so a blocking task can run it.
@@ -471,17 +670,25 @@ impl ImageStore {
         })
     }
 
-    /// Adds `target` as another reference to the image `source` names.
-    pub fn tag(&self, source: &str, target: &str) -> Result<ImageRecord, ImageError> {
+    /// Adds `target` to `namespace` as another reference to the image `source` names there
+    /// (a user's own name, or a system one). Only `namespace` changes: a user's name of the
+    /// same text as a system one shadows it for that user alone.
+    pub fn tag(
+        &self,
+        namespace: Namespace,
+        source: &str,
+        target: &str,
+    ) -> Result<ImageRecord, ImageError> {
         let target = registry::parse_reference(target)?.whole();
         {
             let _g = self.guard();
             let mut refs = self.load_refs()?;
-            let (_, digest) = self.resolve(&refs, source)?;
-            refs.references.insert(target.clone(), digest);
+            let (_, named) = self.resolve(&refs.visible(namespace), source)?;
+            refs.names_mut(namespace)
+                .insert(target.clone(), named.digest);
             self.save_refs(&refs)?;
         }
-        self.inspect(&target)
+        self.inspect(namespace, &target)
     }
 }
 

@@ -49,7 +49,12 @@ async fn pulls_an_image_into_a_base_disk_with_every_kind_of_entry() {
     let store = ImageStore::open(&work.path().join("store")).unwrap();
     let events = Events::default();
     let record = store
-        .pull(&reference, &PullOptions::default(), &events.reporter())
+        .pull(
+            ROOT,
+            &reference,
+            &PullOptions::default(),
+            &events.reporter(),
+        )
         .await
         .unwrap();
     // skopeo compresses the uncompressed layer when pushing, so the manifest is not ours byte
@@ -85,7 +90,7 @@ async fn pulls_an_image_into_a_base_disk_with_every_kind_of_entry() {
         .count();
     assert_eq!(fetched, 4, "config and three layers fetched: {first:?}");
 
-    let (disk, info) = store.base_disk(&reference).unwrap();
+    let (disk, info) = store.base_disk(ROOT, &reference).unwrap();
     assert_eq!(disk, record.disk.as_ref().unwrap().0);
     assert!(info.has_init);
     let init = debugfs(&disk, "stat /sbin/init");
@@ -151,7 +156,12 @@ async fn pulls_an_image_into_a_base_disk_with_every_kind_of_entry() {
 
     // Again: nothing is fetched, the disk is reused.
     let again = store
-        .pull(&reference, &PullOptions::default(), &events.reporter())
+        .pull(
+            ROOT,
+            &reference,
+            &PullOptions::default(),
+            &events.reporter(),
+        )
         .await
         .unwrap();
     assert_eq!(again.digest, record.digest);
@@ -163,7 +173,7 @@ async fn pulls_an_image_into_a_base_disk_with_every_kind_of_entry() {
         )),
         "{second:?}"
     );
-    assert_eq!(store.list().unwrap().len(), 1);
+    assert_eq!(store.list(ROOT).unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -184,7 +194,7 @@ async fn pulls_docker_v2_manifests() {
     let reference = registry.push_as_docker(&layout.dir, "1", "test/docker:1");
     let store = ImageStore::open(&work.path().join("store")).unwrap();
     let record = store
-        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
         .await
         .unwrap();
     assert_eq!(
@@ -235,14 +245,17 @@ async fn a_corrupt_or_truncated_blob_leaves_no_image() {
     bad[mid] ^= 0xff;
     std::fs::write(&data, &bad).unwrap();
     let e = store
-        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
         .await
         .unwrap_err();
     assert!(
         matches!(&e, ImageError::DigestMismatch { digest, .. } if *digest == layer),
         "{e}"
     );
-    assert!(store.list().unwrap().is_empty(), "no reference recorded");
+    assert!(
+        store.list(ROOT).unwrap().is_empty(),
+        "no reference recorded"
+    );
     assert!(!store.content().contains(&layer));
     assert!(names(&store_dir.join("disks")).is_empty(), "no base disk");
     assert!(
@@ -253,20 +266,20 @@ async fn a_corrupt_or_truncated_blob_leaves_no_image() {
     // Shorter than the manifest says.
     std::fs::write(&data, &good[..good.len() / 2]).unwrap();
     let e = store
-        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
         .await
         .unwrap_err();
     assert!(
         matches!(&e, ImageError::SizeMismatch { digest, .. } if *digest == layer),
         "{e}"
     );
-    assert!(store.list().unwrap().is_empty());
+    assert!(store.list(ROOT).unwrap().is_empty());
     assert!(names(&store_dir.join("ingest")).is_empty());
 
     // Repaired, the next pull completes (reusing what the failed ones verified).
     std::fs::write(&data, &good).unwrap();
     let record = store
-        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
         .await
         .unwrap();
     assert_eq!(record.has_init(), Some(true));
@@ -308,11 +321,11 @@ async fn broken_compression_is_a_clear_error_and_leaves_no_image() {
     for tag in ["truncated", "mislabelled"] {
         let reference = registry.push(&layout.dir, tag, &format!("test/broken:{tag}"), None);
         let e = store
-            .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+            .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
             .await
             .unwrap_err();
         assert!(matches!(e, ImageError::Archive { .. }), "{tag}: {e}");
-        assert!(store.list().unwrap().is_empty(), "{tag}: no reference");
+        assert!(store.list(ROOT).unwrap().is_empty(), "{tag}: no reference");
         assert!(names(&store_dir.join("disks")).is_empty(), "{tag}: no disk");
         assert!(
             names(&store_dir.join("work")).is_empty(),
@@ -342,7 +355,7 @@ async fn a_registry_with_basic_auth_needs_the_right_credentials() {
     };
 
     let e = store
-        .pull(&reference, &opts, &|_: Progress| {})
+        .pull(ROOT, &reference, &opts, &|_: Progress| {})
         .await
         .unwrap_err();
     assert!(matches!(e, ImageError::Unauthorized { .. }), "{e}");
@@ -369,7 +382,7 @@ async fn a_registry_with_basic_auth_needs_the_right_credentials() {
     );
     assert_eq!(mode & 0o777, 0o600);
     let record = store
-        .pull(&reference, &opts, &|_: Progress| {})
+        .pull(ROOT, &reference, &opts, &|_: Progress| {})
         .await
         .unwrap();
     assert_eq!(record.has_init(), Some(true));
@@ -377,6 +390,7 @@ async fn a_registry_with_basic_auth_needs_the_right_credentials() {
     // Another user's credentials are theirs alone.
     let e = store
         .pull(
+            ROOT,
             &reference,
             &PullOptions {
                 uid: 1001,
@@ -390,10 +404,10 @@ async fn a_registry_with_basic_auth_needs_the_right_credentials() {
 
     assert!(creds.logout(&registry.addr).unwrap());
     store
-        .remove(&reference, &Default::default(), false)
+        .remove(ROOT, &reference, &Default::default(), false)
         .unwrap();
     let e = store
-        .pull(&reference, &opts, &|_: Progress| {})
+        .pull(ROOT, &reference, &opts, &|_: Progress| {})
         .await
         .unwrap_err();
     assert!(matches!(e, ImageError::Unauthorized { .. }), "{e}");
@@ -409,6 +423,7 @@ async fn missing_images_and_plain_http_elsewhere_fail_clearly() {
     let store = ImageStore::open(&work.path().join("store")).unwrap();
     let e = store
         .pull(
+            ROOT,
             &format!("{}/no/such:image", registry.addr),
             &PullOptions::default(),
             &|_: Progress| {},
@@ -418,6 +433,7 @@ async fn missing_images_and_plain_http_elsewhere_fail_clearly() {
     assert!(e.to_string().contains("not found"), "{e}");
     let e = store
         .pull(
+            ROOT,
             "Not A Reference",
             &PullOptions::default(),
             &|_: Progress| {},
@@ -437,14 +453,15 @@ async fn saved_archives_round_trip_through_load_and_skopeo() {
     let (_, reference) = push_busybox(work.path(), &registry, "test/saved:1", None);
     let store = ImageStore::open(&work.path().join("a")).unwrap();
     let pulled = store
-        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
         .await
         .unwrap();
-    store.tag(&reference, "saved-alias:2").unwrap();
+    store.tag(ROOT, &reference, "saved-alias:2").unwrap();
 
     let archive = work.path().join("saved.tar");
     store
         .save(
+            ROOT,
             &[reference.clone(), "saved-alias:2".into()],
             std::fs::File::create(&archive).unwrap(),
         )
@@ -452,7 +469,11 @@ async fn saved_archives_round_trip_through_load_and_skopeo() {
 
     let other = ImageStore::open(&work.path().join("b")).unwrap();
     let loaded = other
-        .load(std::fs::File::open(&archive).unwrap(), &other.work_dir())
+        .load(
+            ROOT,
+            std::fs::File::open(&archive).unwrap(),
+            &other.work_dir(),
+        )
         .unwrap();
     let refs: Vec<_> = loaded.iter().map(|r| r.reference.clone()).collect();
     assert_eq!(
@@ -470,7 +491,7 @@ async fn saved_archives_round_trip_through_load_and_skopeo() {
         .arg(format!("docker://{copied}")));
     let third = ImageStore::open(&work.path().join("c")).unwrap();
     let again = third
-        .pull(&copied, &PullOptions::default(), &|_: Progress| {})
+        .pull(ROOT, &copied, &PullOptions::default(), &|_: Progress| {})
         .await
         .unwrap();
     assert_eq!(again.digest, pulled.digest);
@@ -494,20 +515,20 @@ async fn a_pull_cancelled_mid_download_leaves_nothing_and_the_next_completes() {
     };
     let opts = PullOptions::default();
     tokio::select! {
-        r = store.pull(&reference, &opts, &report) => {
+        r = store.pull(ROOT, &reference, &opts, &report) => {
             panic!("the pull finished before it could be cancelled: {r:?}")
         }
         _ = started.notified() => {}
     }
     // The pull's future is dropped mid-blob, as when a client goes away.
-    assert!(store.list().unwrap().is_empty());
+    assert!(store.list(ROOT).unwrap().is_empty());
     assert!(
         names(&root.join("ingest")).is_empty(),
         "partial blob removed"
     );
     assert!(names(&root.join("disks")).is_empty());
     let record = store
-        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
         .await
         .unwrap();
     assert_eq!(record.has_init(), Some(true));
@@ -526,7 +547,7 @@ async fn a_token_registry_serves_anonymous_pulls_through_its_realm() {
     let (_, reference) = push_busybox(work.path(), &registry, "public/busybox:1", None);
     let store = ImageStore::open(&work.path().join("store")).unwrap();
     let record = store
-        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
         .await
         .unwrap();
     assert_eq!(record.has_init(), Some(true));
@@ -560,13 +581,13 @@ async fn a_token_registry_that_wants_credentials_needs_login() {
 
     // Anonymous: the token server hands out a token granting nothing, the registry refuses.
     let e = store
-        .pull(&reference, &opts, &|_: Progress| {})
+        .pull(ROOT, &reference, &opts, &|_: Progress| {})
         .await
         .unwrap_err();
     assert!(matches!(e, ImageError::Unauthorized { .. }), "{e}");
     let login = format!("container registry login {}", registry.addr);
     assert!(e.to_string().contains(&login), "{e}");
-    assert!(store.list().unwrap().is_empty());
+    assert!(store.list(ROOT).unwrap().is_empty());
 
     // Wrong password: the token server itself refuses; nothing is stored.
     let creds = store.credentials(1000);
@@ -587,7 +608,7 @@ async fn a_token_registry_that_wants_credentials_needs_login() {
         .await
         .unwrap();
     let record = store
-        .pull(&reference, &opts, &|_: Progress| {})
+        .pull(ROOT, &reference, &opts, &|_: Progress| {})
         .await
         .unwrap();
     assert_eq!(record.has_init(), Some(true));
@@ -624,7 +645,7 @@ async fn manifests_indexes_and_configs_over_4_mib_are_refused() {
         let store = &store;
         async move {
             store
-                .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+                .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
                 .await
                 .unwrap_err()
         }
@@ -640,7 +661,7 @@ async fn manifests_indexes_and_configs_over_4_mib_are_refused() {
             "the error does not name the {what} and the image: {text}"
         );
         assert!(
-            store.list().unwrap().is_empty(),
+            store.list(ROOT).unwrap().is_empty(),
             "{what}: an image was recorded"
         );
         assert!(names(&store_dir.join("disks")).is_empty());
@@ -727,7 +748,7 @@ async fn manifests_indexes_and_configs_over_4_mib_are_refused() {
 
     // The same registry's honest image pulls.
     let record = store
-        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
         .await
         .unwrap();
     assert_eq!(record.has_init(), Some(true));
@@ -760,7 +781,7 @@ async fn a_decompression_bomb_fails_clearly_and_leaves_no_image() {
     for tag in ["gzip", "zstd"] {
         let reference = registry.push(&layout.dir, tag, &format!("test/bomb:{tag}"), None);
         let e = store
-            .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+            .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
             .await
             .unwrap_err();
         assert!(
@@ -780,7 +801,7 @@ async fn a_decompression_bomb_fails_clearly_and_leaves_no_image() {
         );
         assert!(text.contains("decompression bomb"), "{tag}: {text}");
         assert!(
-            store.list().unwrap().is_empty(),
+            store.list(ROOT).unwrap().is_empty(),
             "{tag}: an image was recorded"
         );
         assert!(
@@ -795,7 +816,7 @@ async fn a_decompression_bomb_fails_clearly_and_leaves_no_image() {
     // The limit leaves room for honest images.
     let reference = registry.push(&layout.dir, "honest", "test/bomb:honest", None);
     let record = store
-        .pull(&reference, &PullOptions::default(), &|_: Progress| {})
+        .pull(ROOT, &reference, &PullOptions::default(), &|_: Progress| {})
         .await
         .unwrap();
     assert_eq!(record.has_init(), Some(true));

@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use container_image::{ImageError, ImageStore};
+use container_image::{ImageError, ImageStore, Namespace};
 
 fn tools() -> bool {
     have("mkfs.ext4") && have("debugfs")
@@ -14,12 +14,25 @@ fn tools() -> bool {
 
 /// A layout archive with one busybox image tagged `tag` (ref.name annotation).
 fn busybox_archive(dir: &std::path::Path, tag: &str) -> (Vec<u8>, String) {
-    let mut layout = Layout::new(dir);
-    let m = layout.image("amd64", busybox_config(), &busybox_layers());
-    let digest = m["digest"].as_str().unwrap().to_string();
-    layout.tag(m, tag);
-    (layout.archive(), digest)
+    let (archive, m) = marked_archive(dir, tag, "busybox");
+    (archive, m["digest"].as_str().unwrap().to_string())
 }
+
+/// A layout archive with a busybox image whose config carries `mark` (so each mark is its
+/// own image, sharing its layers with the others), tagged `tag`; and its manifest descriptor.
+fn marked_archive(dir: &std::path::Path, tag: &str, mark: &str) -> (Vec<u8>, serde_json::Value) {
+    let mut layout = Layout::new(dir);
+    let mut config = busybox_config();
+    if mark != "busybox" {
+        config["Labels"] = serde_json::json!({ "mark": mark });
+    }
+    let m = layout.image("amd64", config, &busybox_layers());
+    layout.tag(m.clone(), tag);
+    (layout.archive(), m)
+}
+
+const ALICE: Namespace = Namespace::User(1000);
+const BOB: Namespace = Namespace::User(1001);
 
 #[test]
 fn loads_an_oci_archive_with_uncompressed_gzip_and_zstd_layers() {
@@ -29,7 +42,9 @@ fn loads_an_oci_archive_with_uncompressed_gzip_and_zstd_layers() {
     let work = tempfile::tempdir().unwrap();
     let (archive, digest) = busybox_archive(&work.path().join("layout"), "example.org/bb:1");
     let store = ImageStore::open(&work.path().join("store")).unwrap();
-    let loaded = store.load(archive.as_slice(), &store.work_dir()).unwrap();
+    let loaded = store
+        .load(ROOT, archive.as_slice(), &store.work_dir())
+        .unwrap();
     assert_eq!(loaded.len(), 1);
     let r = &loaded[0];
     assert_eq!(r.reference, "example.org/bb:1");
@@ -54,10 +69,14 @@ fn loads_an_oci_archive_with_uncompressed_gzip_and_zstd_layers() {
     // Lookups by reference, short name, digest and digest prefix.
     let prefix = &digest["sha256:".len().."sha256:".len() + 12];
     for wanted in ["example.org/bb:1", digest.as_str(), prefix] {
-        assert_eq!(store.inspect(wanted).unwrap().digest, digest, "{wanted}");
+        assert_eq!(
+            store.inspect(ROOT, wanted).unwrap().digest,
+            digest,
+            "{wanted}"
+        );
     }
     assert!(matches!(
-        store.inspect("nothing:here"),
+        store.inspect(ROOT, "nothing:here"),
         Err(ImageError::NotFound(_))
     ));
 }
@@ -90,7 +109,7 @@ fn images_without_init_are_reported() {
     layout.tag(m, "init:3");
     let store = ImageStore::open(&work.path().join("store")).unwrap();
     let loaded = store
-        .load(layout.archive().as_slice(), &store.work_dir())
+        .load(ROOT, layout.archive().as_slice(), &store.work_dir())
         .unwrap();
     let has: BTreeMap<_, _> = loaded
         .iter()
@@ -99,7 +118,7 @@ fn images_without_init_are_reported() {
     assert_eq!(has["docker.io/library/noinit:1"], Some(false));
     assert_eq!(has["docker.io/library/noinit:2"], Some(false));
     assert_eq!(has["docker.io/library/init:3"], Some(true));
-    assert!(store.has_init("init:3").unwrap());
+    assert!(store.has_init(ROOT, "init:3").unwrap());
 }
 
 #[test]
@@ -144,7 +163,9 @@ fn loads_a_docker_save_archive() {
 
     let work = tempfile::tempdir().unwrap();
     let store = ImageStore::open(&work.path().join("store")).unwrap();
-    let loaded = store.load(archive.as_slice(), &store.work_dir()).unwrap();
+    let loaded = store
+        .load(ROOT, archive.as_slice(), &store.work_dir())
+        .unwrap();
     let refs: Vec<_> = loaded.iter().map(|r| r.reference.as_str()).collect();
     assert_eq!(
         refs,
@@ -185,7 +206,7 @@ fn hostile_archives_cannot_read_host_files_or_leave_images() {
         b.append_data(&mut h, "manifest.json", data.as_slice())
             .unwrap();
         let e = store
-            .load(b.into_inner().unwrap().as_slice(), &store.work_dir())
+            .load(ROOT, b.into_inner().unwrap().as_slice(), &store.work_dir())
             .unwrap_err();
         assert!(matches!(e, ImageError::Malformed { .. }), "{e}");
         assert!(e.to_string().contains("missing"), "{e}");
@@ -198,10 +219,10 @@ fn hostile_archives_cannot_read_host_files_or_leave_images() {
     h.set_cksum();
     b.append_link(&mut h, "index.json", &secret).unwrap();
     let e = store
-        .load(b.into_inner().unwrap().as_slice(), &store.work_dir())
+        .load(ROOT, b.into_inner().unwrap().as_slice(), &store.work_dir())
         .unwrap_err();
     assert!(e.to_string().contains("missing"), "{e}");
-    assert!(store.list().unwrap().is_empty());
+    assert!(store.list(ROOT).unwrap().is_empty());
 
     // A blob whose bytes do not match its name.
     let (archive, _) = busybox_archive(&work.path().join("layout"), "good:1");
@@ -227,15 +248,15 @@ fn hostile_archives_cannot_read_host_files_or_leave_images() {
     std::fs::write(&victim, bytes).unwrap();
     layout.tag(m, "tampered:1");
     let e = store
-        .load(layout.archive().as_slice(), &store.work_dir())
+        .load(ROOT, layout.archive().as_slice(), &store.work_dir())
         .unwrap_err();
     assert!(matches!(e, ImageError::DigestMismatch { .. }), "{e}");
-    assert!(store.list().unwrap().is_empty());
+    assert!(store.list(ROOT).unwrap().is_empty());
     assert!(names(&work.path().join("store/disks")).is_empty());
 
     // A truncated archive.
     let e = store
-        .load(&archive[..archive.len() / 3], &store.work_dir())
+        .load(ROOT, &archive[..archive.len() / 3], &store.work_dir())
         .unwrap_err();
     assert!(
         matches!(
@@ -244,7 +265,7 @@ fn hostile_archives_cannot_read_host_files_or_leave_images() {
         ),
         "{e}"
     );
-    assert!(store.list().unwrap().is_empty());
+    assert!(store.list(ROOT).unwrap().is_empty());
     assert!(names(&work.path().join("store/ingest")).is_empty());
 }
 
@@ -274,9 +295,9 @@ fn removal_collects_only_what_no_reference_or_machine_needs() {
     let root = work.path().join("store");
     let store = ImageStore::open(&root).unwrap();
     store
-        .load(layout.archive().as_slice(), &store.work_dir())
+        .load(ROOT, layout.archive().as_slice(), &store.work_dir())
         .unwrap();
-    store.tag("a:1", "a:alias").unwrap();
+    store.tag(ROOT, "a:1", "a:alias").unwrap();
     let blobs_before = names(&root.join("blobs/sha256")).len();
     assert_eq!(
         blobs_before,
@@ -289,19 +310,19 @@ fn removal_collects_only_what_no_reference_or_machine_needs() {
     in_use.insert(da.clone(), vec!["dev".to_string()]);
 
     // Another reference remains: untagging is fine even though a machine uses the image.
-    let r = store.remove("a:alias", &in_use, false).unwrap();
+    let r = store.remove(ROOT, "a:alias", &in_use, false).unwrap();
     assert_eq!(r.untagged, ["docker.io/library/a:alias"]);
     assert!(r.deleted.is_empty());
 
     // The last reference of an image a machine uses: refused, with the machine named.
-    let e = store.remove("a:1", &in_use, false).unwrap_err();
+    let e = store.remove(ROOT, "a:1", &in_use, false).unwrap_err();
     assert!(matches!(e, ImageError::InUse { .. }), "{e}");
     assert!(e.to_string().contains("dev"), "{e}");
-    assert_eq!(store.list().unwrap().len(), 2);
+    assert_eq!(store.list(ROOT).unwrap().len(), 2);
 
     // Forced: the image goes, its base disk stays for the machine; the shared layer stays.
     let disk_a = root.join("disks").join(da.trim_start_matches("sha256:"));
-    let r = store.remove("a:1", &in_use, true).unwrap();
+    let r = store.remove(ROOT, "a:1", &in_use, true).unwrap();
     assert_eq!(
         r.deleted.len(),
         1 + 1 + 2,
@@ -311,9 +332,9 @@ fn removal_collects_only_what_no_reference_or_machine_needs() {
     assert!(
         store
             .content()
-            .contains(&store.inspect("b:1").unwrap().layers[0].digest)
+            .contains(&store.inspect(ROOT, "b:1").unwrap().layers[0].digest)
     );
-    assert!(store.inspect("b:1").unwrap().has_init().is_some());
+    assert!(store.inspect(ROOT, "b:1").unwrap().has_init().is_some());
 
     // Once no machine uses it, the next collection takes the disk.
     let r = store.collect_garbage(&none).unwrap();
@@ -321,12 +342,12 @@ fn removal_collects_only_what_no_reference_or_machine_needs() {
     assert!(!disk_a.exists());
 
     // Removing by digest untags every name of the image and empties the store.
-    store.tag("b:1", "b:2").unwrap();
-    let r = store.remove(&db, &none, false).unwrap();
+    store.tag(ROOT, "b:1", "b:2").unwrap();
+    let r = store.remove(ROOT, &db, &none, false).unwrap();
     assert_eq!(r.untagged.len(), 2);
     assert!(names(&root.join("blobs/sha256")).is_empty());
     assert!(names(&root.join("disks")).is_empty());
-    assert!(store.list().unwrap().is_empty());
+    assert!(store.list(ROOT).unwrap().is_empty());
 }
 
 #[test]
@@ -339,7 +360,9 @@ fn a_killed_operation_leaves_a_consistent_store() {
     let (archive, digest) = busybox_archive(&work.path().join("layout"), "x:1");
     {
         let store = ImageStore::open(&root).unwrap();
-        store.load(archive.as_slice(), &store.work_dir()).unwrap();
+        store
+            .load(ROOT, archive.as_slice(), &store.work_dir())
+            .unwrap();
     }
     // What a kill mid-pull and mid-build leaves: an ingest file and a staging tree.
     std::fs::write(root.join("ingest/.tmpKILLED"), b"partial").unwrap();
@@ -356,15 +379,274 @@ fn a_killed_operation_leaves_a_consistent_store() {
         0o700,
         "staging trees hold setuid files and devices"
     );
-    let r = store.inspect("x:1").unwrap();
+    let r = store.inspect(ROOT, "x:1").unwrap();
     assert_eq!(r.digest, digest);
     assert_eq!(r.has_init(), Some(true));
     // Loading again stores nothing new and keeps the disk.
     let disk = r.disk.unwrap().0;
     let before = std::fs::metadata(&disk).unwrap().modified().unwrap();
-    store.load(archive.as_slice(), &store.work_dir()).unwrap();
+    store
+        .load(ROOT, archive.as_slice(), &store.work_dir())
+        .unwrap();
     assert_eq!(
         std::fs::metadata(&disk).unwrap().modified().unwrap(),
         before
     );
+}
+
+#[test]
+fn one_users_names_are_neither_seen_nor_changed_by_another() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("store");
+    let store = ImageStore::open(&root).unwrap();
+    let (bobs, bob_image) = marked_archive(&work.path().join("bob"), "debian:12", "bob");
+    let bob_digest = bob_image["digest"].as_str().unwrap().to_string();
+    store.load(BOB, bobs.as_slice(), &store.work_dir()).unwrap();
+    let prefix = &bob_digest[..7 + 12];
+
+    // Alice sees none of Bob's names, by name, digest or digest prefix.
+    assert!(store.list(ALICE).unwrap().is_empty());
+    for wanted in ["debian:12", bob_digest.as_str(), prefix] {
+        let e = store.inspect(ALICE, wanted).unwrap_err();
+        assert!(matches!(e, ImageError::NotFound(_)), "{wanted}: {e}");
+        let e = store
+            .save(ALICE, &[wanted.to_string()], Vec::new())
+            .unwrap_err();
+        assert!(matches!(e, ImageError::NotFound(_)), "{wanted}: {e}");
+        let e = store.tag(ALICE, wanted, "mine:1").unwrap_err();
+        assert!(matches!(e, ImageError::NotFound(_)), "{wanted}: {e}");
+        let e = store
+            .remove(ALICE, wanted, &BTreeMap::new(), true)
+            .unwrap_err();
+        assert!(matches!(e, ImageError::NotFound(_)), "{wanted}: {e}");
+    }
+
+    // Alice's trojan under Bob's name, by tag and by an archive's own annotation: hers alone.
+    let (trojan, trojan_image) = marked_archive(&work.path().join("alice"), "evil:1", "trojan");
+    let trojan_digest = trojan_image["digest"].as_str().unwrap().to_string();
+    store
+        .load(ALICE, trojan.as_slice(), &store.work_dir())
+        .unwrap();
+    store.tag(ALICE, "evil:1", "debian:12").unwrap();
+    let (named, _) = marked_archive(&work.path().join("alice2"), "debian:12", "trojan");
+    store
+        .load(ALICE, named.as_slice(), &store.work_dir())
+        .unwrap();
+    assert_eq!(
+        store.inspect(ALICE, "debian:12").unwrap().digest,
+        trojan_digest
+    );
+    assert_eq!(store.inspect(BOB, "debian:12").unwrap().digest, bob_digest);
+    assert_eq!(store.base_disk(BOB, "debian:12").unwrap(), {
+        let r = store.inspect(BOB, "debian:12").unwrap();
+        r.disk.unwrap()
+    });
+    let bobs_view: Vec<_> = store.list(BOB).unwrap();
+    assert_eq!(bobs_view.len(), 1);
+    assert_eq!(bobs_view[0].references, ["docker.io/library/debian:12"]);
+    assert_eq!(bobs_view[0].namespace, BOB);
+
+    // Naming Bob's digest in an archive without carrying its bytes claims nothing; carrying
+    // other bytes under its name neither.
+    let mut bare = Layout::new(&work.path().join("bare"));
+    bare.tag(bob_image.clone(), "stolen:1");
+    let e = store
+        .load(ALICE, bare.archive().as_slice(), &store.work_dir())
+        .unwrap_err();
+    assert!(e.to_string().contains("missing from the archive"), "{e}");
+    std::fs::write(
+        bare.dir
+            .join("blobs/sha256")
+            .join(bob_digest.trim_start_matches("sha256:")),
+        b"not bob's manifest",
+    )
+    .unwrap();
+    let e = store
+        .load(ALICE, bare.archive().as_slice(), &store.work_dir())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            ImageError::SizeMismatch { .. } | ImageError::DigestMismatch { .. }
+        ),
+        "{e}"
+    );
+    assert!(matches!(
+        store.inspect(ALICE, "stolen:1"),
+        Err(ImageError::NotFound(_))
+    ));
+
+    // Alice's rm of her own debian:12 leaves Bob's, and collection keeps every blob and the
+    // base disk Bob's name reaches, though they are shared with Alice's image.
+    let r = store
+        .remove(ALICE, "debian:12", &BTreeMap::new(), false)
+        .unwrap();
+    assert_eq!(r.untagged, ["docker.io/library/debian:12"]);
+    store
+        .remove(ALICE, &trojan_digest, &BTreeMap::new(), false)
+        .unwrap();
+    assert!(store.list(ALICE).unwrap().is_empty());
+    let bob_record = store.inspect(BOB, "debian:12").unwrap();
+    assert!(store.content().contains(&bob_record.config_digest));
+    for l in &bob_record.layers {
+        assert!(store.content().contains(&l.digest), "{l:?}");
+    }
+    assert!(bob_record.disk.unwrap().0.exists());
+    assert!(
+        !root
+            .join("disks")
+            .join(trojan_digest.trim_start_matches("sha256:"))
+            .exists()
+    );
+
+    // Root sees every namespace's names, each with its owner.
+    store
+        .load(ALICE, trojan.as_slice(), &store.work_dir())
+        .unwrap();
+    let all: Vec<_> = store
+        .list_all()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.namespace, r.reference, r.digest))
+        .collect();
+    assert_eq!(
+        all,
+        [
+            (ALICE, "docker.io/library/evil:1".to_string(), trojan_digest),
+            (BOB, "docker.io/library/debian:12".to_string(), bob_digest),
+        ]
+    );
+}
+
+#[test]
+fn system_names_are_read_by_every_user_and_changed_only_in_the_system_namespace() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let store = ImageStore::open(&work.path().join("store")).unwrap();
+    let (archive, digest) = busybox_archive(&work.path().join("layout"), "base:1");
+    store
+        .load(Namespace::System, archive.as_slice(), &store.work_dir())
+        .unwrap();
+    for user in [ALICE, BOB, ROOT] {
+        let seen = store.list(user).unwrap();
+        assert_eq!(seen.len(), 1, "{user}");
+        assert_eq!(seen[0].namespace, Namespace::System);
+        assert_eq!(store.inspect(user, "base:1").unwrap().digest, digest);
+    }
+
+    // A user can neither remove it (by name or digest) nor repoint it for others.
+    for wanted in ["base:1", digest.as_str()] {
+        let e = store
+            .remove(ALICE, wanted, &BTreeMap::new(), true)
+            .unwrap_err();
+        assert!(matches!(e, ImageError::SystemImage(_)), "{e}");
+    }
+    let (trojan, trojan_image) = marked_archive(&work.path().join("trojan"), "base:1", "trojan");
+    store
+        .load(ALICE, trojan.as_slice(), &store.work_dir())
+        .unwrap();
+    let trojan_digest = trojan_image["digest"].as_str().unwrap();
+    assert_eq!(
+        store.inspect(ALICE, "base:1").unwrap().digest,
+        trojan_digest
+    );
+    assert_eq!(store.inspect(ALICE, "base:1").unwrap().namespace, ALICE);
+    assert_eq!(store.inspect(BOB, "base:1").unwrap().digest, digest);
+    assert_eq!(
+        store.inspect(Namespace::System, "base:1").unwrap().digest,
+        digest
+    );
+
+    // Her own name gone, she sees the system one again; her tag of it is hers.
+    store
+        .remove(ALICE, "base:1", &BTreeMap::new(), false)
+        .unwrap();
+    assert_eq!(store.inspect(ALICE, "base:1").unwrap().digest, digest);
+    let mine = store.tag(ALICE, "base:1", "mine:1").unwrap();
+    assert_eq!(
+        (mine.namespace, mine.digest.as_str()),
+        (ALICE, digest.as_str())
+    );
+    assert!(matches!(
+        store.inspect(BOB, "mine:1"),
+        Err(ImageError::NotFound(_))
+    ));
+
+    // Root withdraws it from the system namespace; Alice's own name still holds the image.
+    store
+        .remove(Namespace::System, "base:1", &BTreeMap::new(), false)
+        .unwrap();
+    assert!(store.list(BOB).unwrap().is_empty());
+    assert!(store.base_disk(ALICE, "mine:1").is_ok());
+}
+
+#[test]
+fn a_store_from_before_namespaces_migrates_on_open() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("store");
+    let (archive, digest) = busybox_archive(&work.path().join("layout"), "old:1");
+    {
+        let store = ImageStore::open(&root).unwrap();
+        store
+            .load(ROOT, archive.as_slice(), &store.work_dir())
+            .unwrap();
+    }
+    // The one global table of the first stores, and what a crash in the middle of the
+    // migration's write leaves beside it: the old file stays whole until the rename.
+    let old = serde_json::json!({"references": {"docker.io/library/old:1": digest}});
+    std::fs::write(root.join("refs.json"), serde_json::to_vec(&old).unwrap()).unwrap();
+    std::fs::write(root.join(".refs.json.tmp-99999"), b"{\"namesp").unwrap();
+
+    let store = ImageStore::open(&root).unwrap();
+    for ns in [ROOT, Namespace::System] {
+        let r = store.inspect(ns, "old:1").unwrap();
+        assert_eq!((r.namespace, r.digest.as_str()), (ns, digest.as_str()));
+    }
+    // Every user keeps seeing the image, through the system namespace, and cannot remove it.
+    assert_eq!(
+        store.inspect(ALICE, "old:1").unwrap().namespace,
+        Namespace::System
+    );
+    let e = store
+        .remove(ALICE, "old:1", &BTreeMap::new(), false)
+        .unwrap_err();
+    assert!(matches!(e, ImageError::SystemImage(_)), "{e}");
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("refs.json")).unwrap()).unwrap();
+    assert!(file.get("references").is_none(), "{file}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(root.join("refs.json"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "every user's names are root's to read");
+    assert_eq!(
+        file["namespaces"]["0"]["references"]["docker.io/library/old:1"],
+        digest.as_str()
+    );
+    assert_eq!(
+        file["namespaces"]["system"]["references"]["docker.io/library/old:1"],
+        digest.as_str()
+    );
+    // Root's rm leaves the system name, which keeps the blobs.
+    store
+        .remove(ROOT, "old:1", &BTreeMap::new(), false)
+        .unwrap();
+    assert!(store.base_disk(BOB, "old:1").unwrap().1.has_init);
+    drop(store);
+    // Opening again changes nothing.
+    let store = ImageStore::open(&root).unwrap();
+    assert_eq!(store.inspect(BOB, "old:1").unwrap().digest, digest);
+    assert!(matches!(
+        store.inspect(ROOT, "old:1").unwrap().namespace,
+        Namespace::System
+    ));
 }

@@ -1,58 +1,116 @@
 //! Image requests: pull (streaming progress), list, inspect, tag, load, save, remove, registry
 //! login and logout, through the [`Images`](super::ports::Images) port. The core adds what
-//! only it knows: which images machines use, and who is asking.
+//! only it knows: who is asking, and so which namespace of names they act in (their own; the
+//! system-wide one for root with `system`), and which images machines use.
 
-use container_api::ApiError;
 use container_api::image::{ImageDetail, ImageSummary, LoginRequest, PullEvent, RemoveReport};
+use container_api::{ApiError, ErrorKind};
 use tokio::sync::mpsc;
 
-use super::ports::{Bytes, InUse};
+use super::ports::{Bytes, InUse, Namespace};
 use super::{Caller, Core};
 
+/// The namespace `caller` acts in: their own, or (root only) the system-wide one.
+fn namespace(caller: &Caller, system: bool) -> Result<Namespace, ApiError> {
+    match system {
+        false => Ok(Namespace::User(caller.uid)),
+        true if caller.is_root() => Ok(Namespace::System),
+        true => Err(ApiError::new(
+            ErrorKind::PermissionDenied,
+            "only root can publish or change system-wide images (--system)",
+        )),
+    }
+}
+
 impl Core {
-    pub(super) async fn image_list(&self) -> Result<Vec<ImageSummary>, ApiError> {
-        self.state.images.list().await
+    pub(super) async fn image_list(
+        &self,
+        caller: &Caller,
+        all: bool,
+    ) -> Result<Vec<ImageSummary>, ApiError> {
+        if !all {
+            return self.state.images.list(namespace(caller, false)?).await;
+        }
+        if !caller.is_root() {
+            return Err(ApiError::new(
+                ErrorKind::PermissionDenied,
+                "only root can list every user's images (--all)",
+            ));
+        }
+        self.state.images.list_all().await
     }
 
-    pub(super) async fn image_inspect(&self, reference: String) -> Result<ImageDetail, ApiError> {
-        self.state.images.inspect(&reference).await
+    pub(super) async fn image_inspect(
+        &self,
+        caller: &Caller,
+        reference: String,
+    ) -> Result<ImageDetail, ApiError> {
+        self.state
+            .images
+            .inspect(namespace(caller, false)?, &reference)
+            .await
     }
 
     pub(super) async fn image_tag(
         &self,
+        caller: &Caller,
         source: String,
         target: String,
+        system: bool,
     ) -> Result<ImageSummary, ApiError> {
-        self.state.images.tag(&source, &target).await
+        let ns = namespace(caller, system)?;
+        self.state.images.tag(ns, &source, &target).await
     }
 
-    pub(super) async fn image_load(&self, archive: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
-        self.state.images.load(archive).await
+    pub(super) async fn image_load(
+        &self,
+        caller: &Caller,
+        archive: Bytes,
+        system: bool,
+    ) -> Result<Vec<ImageSummary>, ApiError> {
+        let ns = namespace(caller, system)?;
+        self.state.images.load(ns, archive).await
     }
 
-    pub(super) async fn image_save(&self, references: Vec<String>) -> Result<Bytes, ApiError> {
+    pub(super) async fn image_save(
+        &self,
+        caller: &Caller,
+        references: Vec<String>,
+    ) -> Result<Bytes, ApiError> {
         if references.is_empty() {
             return Err(ApiError::invalid("name at least one image to save"));
         }
-        self.state.images.save(references).await
+        self.state
+            .images
+            .save(namespace(caller, false)?, references)
+            .await
     }
 
-    /// Manifest digests in use by machines, with their names.
-    fn images_in_use(&self) -> Result<InUse, ApiError> {
+    /// Manifest digests in use by every machine, with the names of those `caller` may see.
+    fn images_in_use(&self, caller: &Caller) -> Result<InUse, ApiError> {
         let mut used = InUse::new();
         for m in self.state.machines.list()? {
-            used.entry(m.image_digest).or_default().push(m.name);
+            let names = used.entry(m.image_digest).or_default();
+            if caller.is_root() || m.owner_uid == caller.uid {
+                names.push(m.name);
+            }
         }
         Ok(used)
     }
 
     pub(super) async fn image_remove(
         &self,
+        caller: &Caller,
         reference: String,
         force: bool,
+        system: bool,
     ) -> Result<RemoveReport, ApiError> {
-        let in_use = self.images_in_use()?;
-        self.state.images.remove(&reference, in_use, force).await
+        let ns = namespace(caller, system)?;
+        let in_use = self.images_in_use(caller)?;
+        self.state
+            .images
+            .remove(ns, &reference, in_use, force)
+            .await
     }
 
     /// Pulls, reporting progress on `events`, ending with `Done` or `Error`.
@@ -60,20 +118,24 @@ impl Core {
         &self,
         caller: &Caller,
         reference: String,
+        system: bool,
         events: mpsc::Sender<PullEvent>,
     ) {
-        let result = self
-            .state
-            .images
-            .pull(caller.uid, &reference, events.clone())
-            .await;
+        let result = match namespace(caller, system) {
+            Ok(ns) => {
+                self.state
+                    .images
+                    .pull(caller.uid, ns, &reference, events.clone())
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         let last = match result {
             Ok(image) => PullEvent::Done { image },
             Err(error) => PullEvent::Error { error },
         };
         let _ = events.send(last).await;
     }
-
     pub(super) async fn registry_login(
         &self,
         caller: &Caller,

@@ -49,21 +49,32 @@ pub enum Request {
     /// Stop the service; machines keep running.
     SystemShutdown,
     KernelSet(container_api::system::KernelSetRequest),
-    ImageList,
+    /// The caller's image names (and the system-wide ones); with `all` (root only), every
+    /// user's.
+    ImageList {
+        all: bool,
+    },
     ImageInspect(String),
-    /// Pull; progress and the result go to `events`.
+    /// Pull; progress and the result go to `events`. `system`: name it system-wide (root).
     ImagePull {
         reference: String,
+        system: bool,
         events: tokio::sync::mpsc::Sender<PullEvent>,
     },
     ImageTag(TagRequest),
-    /// Load the images of an archive read from `archive`.
-    ImageLoad(Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+    /// Load the images of an archive read from `archive`; `system`: name them system-wide
+    /// (root).
+    ImageLoad {
+        archive: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+        system: bool,
+    },
     /// An OCI-layout archive of these references.
     ImageSave(Vec<String>),
+    /// Untag; `system`: a system-wide name (root).
     ImageRemove {
         reference: String,
         force: bool,
+        system: bool,
     },
     RegistryLogin(LoginRequest),
     RegistryLogout(String),
@@ -118,18 +129,25 @@ impl std::fmt::Debug for Request {
             Request::SystemProperties => f.write_str("SystemProperties"),
             Request::SystemShutdown => f.write_str("SystemShutdown"),
             Request::KernelSet(k) => f.debug_tuple("KernelSet").field(k).finish(),
-            Request::ImageList => f.write_str("ImageList"),
+            Request::ImageList { all } => f.debug_struct("ImageList").field("all", all).finish(),
             Request::ImageInspect(r) => f.debug_tuple("ImageInspect").field(r).finish(),
             Request::ImagePull { reference, .. } => {
                 f.debug_tuple("ImagePull").field(reference).finish()
             }
             Request::ImageTag(t) => f.debug_tuple("ImageTag").field(t).finish(),
-            Request::ImageLoad(_) => f.write_str("ImageLoad"),
+            Request::ImageLoad { system, .. } => {
+                f.debug_struct("ImageLoad").field("system", system).finish()
+            }
             Request::ImageSave(r) => f.debug_tuple("ImageSave").field(r).finish(),
-            Request::ImageRemove { reference, force } => f
+            Request::ImageRemove {
+                reference,
+                force,
+                system,
+            } => f
                 .debug_struct("ImageRemove")
                 .field("reference", reference)
                 .field("force", force)
+                .field("system", system)
                 .finish(),
             Request::RegistryLogin(l) => f.debug_tuple("RegistryLogin").field(&l.server).finish(),
             Request::RegistryLogout(s) => f.debug_tuple("RegistryLogout").field(s).finish(),
@@ -290,26 +308,37 @@ impl Core {
                 .kernel_set(caller, k)
                 .await
                 .map(|k| Reply::Kernel(Box::new(k))),
-            Request::ImageList => self.image_list().await.map(Reply::Images),
+            Request::ImageList { all } => self.image_list(caller, all).await.map(Reply::Images),
             Request::ImageInspect(r) => self
-                .image_inspect(r)
+                .image_inspect(caller, r)
                 .await
                 .map(|d| Reply::Image(Box::new(d))),
-            Request::ImagePull { reference, events } => {
-                self.image_pull(caller, reference, events).await;
+            Request::ImagePull {
+                reference,
+                system,
+                events,
+            } => {
+                self.image_pull(caller, reference, system, events).await;
                 Ok(Reply::Empty {})
             }
             Request::ImageTag(t) => self
-                .image_tag(t.source, t.target)
+                .image_tag(caller, t.source, t.target, t.system)
                 .await
                 .map(|s| Reply::ImageSummary(Box::new(s))),
-            Request::ImageLoad(archive) => self.image_load(archive).await.map(Reply::Images),
+            Request::ImageLoad { archive, system } => self
+                .image_load(caller, archive, system)
+                .await
+                .map(Reply::Images),
             Request::ImageSave(refs) => self
-                .image_save(refs)
+                .image_save(caller, refs)
                 .await
                 .map(|s| Reply::Stream(ByteStream(s))),
-            Request::ImageRemove { reference, force } => self
-                .image_remove(reference, force)
+            Request::ImageRemove {
+                reference,
+                force,
+                system,
+            } => self
+                .image_remove(caller, reference, force, system)
                 .await
                 .map(Reply::Removed),
             Request::RegistryLogin(l) => self

@@ -30,31 +30,56 @@ pub struct ImageInfo {
 /// A byte stream the core passes through (archives, tar streams).
 pub type Bytes = Box<dyn AsyncRead + Send + Unpin>;
 
-/// Manifest digests in use by machines, each with the names of the machines using it.
+/// Manifest digests in use by machines (every machine's, so their base disks are kept), each
+/// with the names of those machines the caller may see (removing the last name of an image
+/// one of them uses is refused; an entry without names never refuses).
 pub type InUse = BTreeMap<String, Vec<String>>;
 
-/// The image store and the registries behind it.
+/// Whose image names an image operation reads and writes. A user's reads fall back to the
+/// system-wide names; writes touch only the namespace given. Which namespace a caller may act
+/// in is the core's decision: the port does as it is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Namespace {
+    /// A host user's own names.
+    User(u32),
+    /// The names root publishes for every user to read.
+    System,
+}
+
+/// The image store and the registries behind it. Names live in a [`Namespace`]; blobs and
+/// base disks are shared by digest.
 #[async_trait]
 pub trait Images: Send + Sync {
-    async fn list(&self) -> Result<Vec<ImageSummary>, ApiError>;
-    async fn inspect(&self, reference: &str) -> Result<ImageDetail, ApiError>;
-    /// Points `target` at the image `source` names.
-    async fn tag(&self, source: &str, target: &str) -> Result<ImageSummary, ApiError>;
-    /// Pulls with `uid`'s registry credentials and builds the base disk; progress goes to
-    /// `events` (never blocking on a slow reader).
+    /// The names `ns` sees (a user's own, then the system's they do not shadow).
+    async fn list(&self, ns: Namespace) -> Result<Vec<ImageSummary>, ApiError>;
+    /// Every namespace's names, each with its owner.
+    async fn list_all(&self) -> Result<Vec<ImageSummary>, ApiError>;
+    async fn inspect(&self, ns: Namespace, reference: &str) -> Result<ImageDetail, ApiError>;
+    /// Points `target`, in `ns`, at the image `source` names as `ns` sees it.
+    async fn tag(
+        &self,
+        ns: Namespace,
+        source: &str,
+        target: &str,
+    ) -> Result<ImageSummary, ApiError>;
+    /// Pulls with `uid`'s registry credentials, builds the base disk and records the name in
+    /// `ns`; progress goes to `events` (never blocking on a slow reader).
     async fn pull(
         &self,
         uid: u32,
+        ns: Namespace,
         reference: &str,
         events: tokio::sync::mpsc::Sender<PullEvent>,
     ) -> Result<ImageSummary, ApiError>;
-    /// Loads the images of an OCI-layout or `docker save` archive.
-    async fn load(&self, archive: Bytes) -> Result<Vec<ImageSummary>, ApiError>;
-    /// An OCI-layout archive of these references.
-    async fn save(&self, references: Vec<String>) -> Result<Bytes, ApiError>;
-    /// Untags `reference`, deleting what no other name or machine (`in_use`) needs.
+    /// Loads the images of an OCI-layout or `docker save` archive, named in `ns`.
+    async fn load(&self, ns: Namespace, archive: Bytes) -> Result<Vec<ImageSummary>, ApiError>;
+    /// An OCI-layout archive of these references, as `ns` sees them.
+    async fn save(&self, ns: Namespace, references: Vec<String>) -> Result<Bytes, ApiError>;
+    /// Untags `reference` in `ns`, deleting what no other name (of any namespace) or machine
+    /// (`in_use`) needs.
     async fn remove(
         &self,
+        ns: Namespace,
         reference: &str,
         in_use: InUse,
         force: bool,
@@ -63,8 +88,8 @@ pub trait Images: Send + Sync {
     async fn login(&self, uid: u32, login: LoginRequest) -> Result<(), ApiError>;
     /// Forgets `uid`'s credentials for `server`; false when there were none.
     async fn logout(&self, uid: u32, server: &str) -> Result<bool, ApiError>;
-    /// Resolves a local image and builds its base disk when it has none yet.
-    async fn prepare(&self, reference: &str) -> Result<ImageInfo, ApiError>;
+    /// Resolves a local image as `ns` sees it and builds its base disk when it has none yet.
+    async fn prepare(&self, ns: Namespace, reference: &str) -> Result<ImageInfo, ApiError>;
 }
 
 /// The kernel machines boot and the accelerator they run on.

@@ -24,7 +24,13 @@ impl Core {
             started: self.state.started,
             virtualization: self.state.platform.virtualization(),
             kernel: self.state.platform.kernel(),
-            images: self.state.images.list().await.map(|l| l.len()).unwrap_or(0),
+            images: self
+                .state
+                .images
+                .list_all()
+                .await
+                .map(|l| l.len())
+                .unwrap_or(0),
             machines: machines.len(),
             machines_running: running,
         }

@@ -16,13 +16,42 @@ use container_api::machine::MachineUser;
 use container_api::system::{KernelInfo, KernelSetRequest};
 
 use super::ports::{
-    BootSpec, Bytes, ClientStream, ExecSpec, Host, ImageInfo, Images, InUse, Net, NetLease,
-    Platform, Reboot, Vms,
+    BootSpec, Bytes, ClientStream, ExecSpec, Host, ImageInfo, Images, InUse, Namespace, Net,
+    NetLease, Platform, Reboot, Vms,
 };
 use super::*;
 use crate::config::{HostFacts, load};
 
-struct FakeImages;
+/// The image store, recording which namespace each call acts in. `busybox`, `debian` and
+/// `noinit` are system-wide images every caller sees; `private` is a name of root's own.
+#[derive(Default)]
+struct FakeImages {
+    calls: Mutex<Vec<String>>,
+}
+
+impl FakeImages {
+    fn record(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::mem::take(&mut *self.calls.lock().unwrap())
+    }
+}
+
+fn summary_of(reference: &str, ns: Namespace) -> ImageSummary {
+    ImageSummary {
+        reference: reference.into(),
+        digest: format!("sha256:{reference}"),
+        size: 0,
+        created: None,
+        has_init: Some(true),
+        owner: match ns {
+            Namespace::User(uid) => Some(uid),
+            Namespace::System => None,
+        },
+    }
+}
 
 /// What the machine core does not use of the image store.
 fn unused<T>() -> Result<T, ApiError> {
@@ -31,31 +60,57 @@ fn unused<T>() -> Result<T, ApiError> {
 
 #[async_trait]
 impl Images for FakeImages {
-    async fn list(&self) -> Result<Vec<ImageSummary>, ApiError> {
+    async fn list(&self, ns: Namespace) -> Result<Vec<ImageSummary>, ApiError> {
+        self.record(format!("list {ns:?}"));
         Ok(Vec::new())
     }
-    async fn inspect(&self, _: &str) -> Result<ImageDetail, ApiError> {
+    async fn list_all(&self) -> Result<Vec<ImageSummary>, ApiError> {
+        self.record("list_all".into());
+        Ok(Vec::new())
+    }
+    async fn inspect(&self, _: Namespace, _: &str) -> Result<ImageDetail, ApiError> {
         unused()
     }
-    async fn tag(&self, _: &str, _: &str) -> Result<ImageSummary, ApiError> {
-        unused()
+    async fn tag(
+        &self,
+        ns: Namespace,
+        source: &str,
+        target: &str,
+    ) -> Result<ImageSummary, ApiError> {
+        self.record(format!("tag {ns:?} {source} {target}"));
+        Ok(summary_of(target, ns))
     }
     async fn pull(
         &self,
-        _: u32,
-        _: &str,
+        uid: u32,
+        ns: Namespace,
+        reference: &str,
         _: tokio::sync::mpsc::Sender<PullEvent>,
     ) -> Result<ImageSummary, ApiError> {
-        unused()
+        self.record(format!("pull {ns:?} {reference} as {uid}"));
+        Ok(summary_of(reference, ns))
     }
-    async fn load(&self, _: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
-        unused()
+    async fn load(&self, ns: Namespace, _: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
+        self.record(format!("load {ns:?}"));
+        Ok(Vec::new())
     }
-    async fn save(&self, _: Vec<String>) -> Result<Bytes, ApiError> {
-        unused()
+    async fn save(&self, ns: Namespace, references: Vec<String>) -> Result<Bytes, ApiError> {
+        self.record(format!("save {ns:?} {references:?}"));
+        Ok(Box::new(tokio::io::empty()))
     }
-    async fn remove(&self, _: &str, _: InUse, _: bool) -> Result<RemoveReport, ApiError> {
-        unused()
+    async fn remove(
+        &self,
+        ns: Namespace,
+        reference: &str,
+        in_use: InUse,
+        _: bool,
+    ) -> Result<RemoveReport, ApiError> {
+        self.record(format!("remove {ns:?} {reference} {in_use:?}"));
+        Ok(RemoveReport {
+            untagged: vec![reference.into()],
+            deleted: Vec::new(),
+            freed_bytes: 0,
+        })
     }
     async fn login(&self, _: u32, _: LoginRequest) -> Result<(), ApiError> {
         unused()
@@ -63,23 +118,20 @@ impl Images for FakeImages {
     async fn logout(&self, _: u32, _: &str) -> Result<bool, ApiError> {
         unused()
     }
-    async fn prepare(&self, reference: &str) -> Result<ImageInfo, ApiError> {
-        match reference {
-            "busybox" | "debian" => Ok(ImageInfo {
-                reference: reference.into(),
-                digest: format!("sha256:{reference}"),
-                has_init: true,
-                stop_signal: (reference == "debian").then(|| "SIGRTMIN+3".into()),
-                base_disk: PathBuf::from("/base.ext4"),
-            }),
-            "noinit" => Ok(ImageInfo {
-                reference: reference.into(),
-                digest: "sha256:noinit".into(),
-                has_init: false,
-                stop_signal: None,
-                base_disk: PathBuf::from("/base.ext4"),
-            }),
-            other => Err(ApiError::not_found(format!("image {other} not found"))),
+    async fn prepare(&self, ns: Namespace, reference: &str) -> Result<ImageInfo, ApiError> {
+        let info = |has_init, stop_signal: Option<&str>| ImageInfo {
+            reference: reference.into(),
+            digest: format!("sha256:{reference}"),
+            has_init,
+            stop_signal: stop_signal.map(Into::into),
+            base_disk: PathBuf::from("/base.ext4"),
+        };
+        match (reference, ns) {
+            ("busybox", _) => Ok(info(true, None)),
+            ("debian", _) => Ok(info(true, Some("SIGRTMIN+3"))),
+            ("noinit", _) => Ok(info(false, None)),
+            ("private", Namespace::User(0)) => Ok(info(true, None)),
+            (other, _) => Err(ApiError::not_found(format!("image {other} not found"))),
         }
     }
 }
@@ -299,6 +351,7 @@ impl Host for FakeHost {
 
 struct Fixture {
     core: Core,
+    images: Arc<FakeImages>,
     vms: Arc<FakeVms>,
     net: Arc<FakeNet>,
     _dir: tempfile::TempDir,
@@ -316,6 +369,7 @@ fn fixture_with_net(net: FakeNet) -> Fixture {
 fn fixture_with(net: FakeNet, config: &[&str]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let vms = Arc::new(FakeVms::default());
+    let images = Arc::new(FakeImages::default());
     let net = Arc::new(net);
     let files: Vec<PathBuf> = config
         .iter()
@@ -342,7 +396,7 @@ fn fixture_with(net: FakeNet, config: &[&str]) -> Fixture {
         },
         config,
         Ports {
-            images: Arc::new(FakeImages),
+            images: images.clone(),
             vms: vms.clone(),
             net: net.clone(),
             platform: Arc::new(FakePlatform),
@@ -352,6 +406,7 @@ fn fixture_with(net: FakeNet, config: &[&str]) -> Fixture {
     .unwrap();
     Fixture {
         core,
+        images,
         vms,
         net,
         _dir: dir,
@@ -973,4 +1028,135 @@ async fn a_stop_timeout_is_bounded() {
     );
     let m = machine(&f.core, &ROOT, stop(3600)).await.unwrap();
     assert_eq!(m.state, MachineState::Stopped);
+}
+
+/// The requests that touch image names, acting in the caller's namespace or (`system`) the
+/// system-wide one.
+fn image_requests(system: bool) -> Vec<Request> {
+    vec![
+        Request::ImageTag(container_api::image::TagRequest {
+            source: "busybox".into(),
+            target: "debian:12".into(),
+            system,
+        }),
+        Request::ImageLoad {
+            archive: Box::new(tokio::io::empty()),
+            system,
+        },
+        Request::ImageRemove {
+            reference: "debian:12".into(),
+            force: false,
+            system,
+        },
+    ]
+}
+
+async fn pull(f: &Fixture, caller: &Caller, system: bool) -> PullEvent {
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    f.core
+        .handle(
+            caller,
+            Request::ImagePull {
+                reference: "debian:12".into(),
+                system,
+                events: tx,
+            },
+        )
+        .await
+        .unwrap();
+    rx.recv().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_user_changes_only_their_own_image_names_and_only_root_the_system_ones() {
+    let f = fixture();
+    // A user asking for the system namespace, or for everyone's names, reaches no store.
+    for req in image_requests(true)
+        .into_iter()
+        .chain([Request::ImageList { all: true }])
+    {
+        let what = format!("{req:?}");
+        let e = f.core.handle(&NOBODY, req).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PermissionDenied, "{what}: {}", e.message);
+    }
+    match pull(&f, &NOBODY, true).await {
+        PullEvent::Error { error } => assert_eq!(error.kind, ErrorKind::PermissionDenied),
+        other => panic!("{other:?}"),
+    }
+    assert!(f.images.calls().is_empty());
+
+    // Without it, every request acts in the caller's own namespace.
+    for req in image_requests(false).into_iter().chain([
+        Request::ImageList { all: false },
+        Request::ImageSave(vec!["debian:12".into()]),
+    ]) {
+        f.core.handle(&NOBODY, req).await.unwrap();
+    }
+    assert!(matches!(
+        pull(&f, &NOBODY, false).await,
+        PullEvent::Done { .. }
+    ));
+    let calls = f.images.calls();
+    assert_eq!(calls.len(), 6, "{calls:?}");
+    assert!(calls.iter().all(|c| c.contains("User(65534)")), "{calls:?}");
+
+    // Root publishes in the system namespace (pulling with its own credentials) and lists all.
+    for req in image_requests(true)
+        .into_iter()
+        .chain([Request::ImageList { all: true }])
+    {
+        f.core.handle(&ROOT, req).await.unwrap();
+    }
+    match pull(&f, &ROOT, true).await {
+        PullEvent::Done { image } => assert!(image.is_system()),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        f.images.calls(),
+        [
+            "tag System busybox debian:12",
+            "load System",
+            "remove System debian:12 {}",
+            "list_all",
+            "pull System debian:12 as 0",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn image_removal_keeps_every_machines_image_but_names_only_the_callers_machines() {
+    let f = fixture();
+    machine(&f.core, &ROOT, create("busybox", Some("rootbox")))
+        .await
+        .unwrap();
+    machine(&f.core, &NOBODY, create("debian", Some("mine")))
+        .await
+        .unwrap();
+    let rm = || Request::ImageRemove {
+        reference: "x".into(),
+        force: false,
+        system: false,
+    };
+    f.core.handle(&NOBODY, rm()).await.unwrap();
+    f.core.handle(&ROOT, rm()).await.unwrap();
+    assert_eq!(
+        f.images.calls(),
+        [
+            r#"remove User(65534) x {"sha256:busybox": [], "sha256:debian": ["mine"]}"#,
+            r#"remove User(0) x {"sha256:busybox": ["rootbox"], "sha256:debian": ["mine"]}"#,
+        ]
+    );
+}
+
+#[tokio::test]
+async fn machines_are_created_only_from_names_the_caller_sees() {
+    let f = fixture();
+    let e = machine(&f.core, &NOBODY, create("private", Some("stolen")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{}", e.message);
+    assert!(names(&f.core, &NOBODY).await.is_empty());
+    machine(&f.core, &ROOT, create("private", Some("own")))
+        .await
+        .unwrap();
 }

@@ -25,8 +25,15 @@ pub fn routes() -> Router<Core> {
         .route("/registry/logout", post(logout))
 }
 
-async fn list(State(core): State<Core>, caller: Caller) -> Response {
-    answer(&core, &caller, Request::ImageList).await
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    all: bool,
+}
+
+async fn list(State(core): State<Core>, caller: Caller, Query(q): Query<ListQuery>) -> Response {
+    answer(&core, &caller, Request::ImageList { all: q.all }).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -35,6 +42,15 @@ struct RefQuery {
     reference: String,
     #[serde(default)]
     force: bool,
+    #[serde(default)]
+    system: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoadQuery {
+    #[serde(default)]
+    system: bool,
 }
 
 async fn inspect(State(core): State<Core>, caller: Caller, Query(q): Query<RefQuery>) -> Response {
@@ -48,6 +64,7 @@ async fn remove(State(core): State<Core>, caller: Caller, Query(q): Query<RefQue
         Request::ImageRemove {
             reference: q.reference,
             force: q.force,
+            system: q.system,
         },
     )
     .await
@@ -74,6 +91,7 @@ async fn pull(
                 &caller,
                 Request::ImagePull {
                     reference: body.reference,
+                    system: body.system,
                     events: tx,
                 },
             )
@@ -114,11 +132,24 @@ async fn logout(
     answer(&core, &caller, Request::RegistryLogout(body.server)).await
 }
 
-async fn load(State(core): State<Core>, caller: Caller, body: Body) -> Response {
+async fn load(
+    State(core): State<Core>,
+    caller: Caller,
+    Query(q): Query<LoadQuery>,
+    body: Body,
+) -> Response {
     use futures::TryStreamExt;
     let stream = body.into_data_stream().map_err(std::io::Error::other);
-    let reader = Box::new(tokio_util::io::StreamReader::new(stream));
-    answer(&core, &caller, Request::ImageLoad(reader)).await
+    let archive = Box::new(tokio_util::io::StreamReader::new(stream));
+    answer(
+        &core,
+        &caller,
+        Request::ImageLoad {
+            archive,
+            system: q.system,
+        },
+    )
+    .await
 }
 
 async fn save(

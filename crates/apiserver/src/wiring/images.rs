@@ -1,7 +1,8 @@
 //! The core's [`Images`] port bound to the OCI image store (`container_image`): store work
 //! runs off the async threads, store errors become API errors with their cause chain, and
 //! pulls and loads build the image's base disk so `inspect` can say whether it has
-//! `/sbin/init` before anyone tries to boot it.
+//! `/sbin/init` before anyone tries to boot it. The port's namespaces are the store's: names
+//! per uid and the system-wide ones; blobs and base disks shared by digest.
 
 use std::sync::Arc;
 
@@ -10,11 +11,12 @@ use container_api::image::{
     BaseDiskInfo, ImageDetail, ImageSummary, LayerInfo, LoginRequest, PullEvent, RemoveReport,
 };
 use container_api::{ApiError, ErrorKind};
+use container_image::Namespace as StoreNamespace;
 use container_image::{ImageError, ImageRecord, ImageStore, Progress, PullOptions};
 use tokio::sync::mpsc;
 
 use crate::config::RegistryConfig;
-use crate::core::ports::{Bytes, ImageInfo, Images, InUse};
+use crate::core::ports::{Bytes, ImageInfo, Images, InUse, Namespace};
 
 /// The image store with the registry settings pulls and logins use.
 #[derive(Debug)]
@@ -29,6 +31,14 @@ impl StoreImages {
     }
 }
 
+/// The store's namespace for the port's.
+fn store_ns(ns: Namespace) -> StoreNamespace {
+    match ns {
+        Namespace::User(uid) => StoreNamespace::User(uid),
+        Namespace::System => StoreNamespace::System,
+    }
+}
+
 /// An image store error as the API reports it.
 fn api_error(e: ImageError) -> ApiError {
     let kind = match &e {
@@ -36,7 +46,7 @@ fn api_error(e: ImageError) -> ApiError {
         ImageError::InvalidReference { .. } | ImageError::InvalidDigest(_) => {
             ErrorKind::InvalidArgument
         }
-        ImageError::Unauthorized { .. } => ErrorKind::PermissionDenied,
+        ImageError::Unauthorized { .. } | ImageError::SystemImage(_) => ErrorKind::PermissionDenied,
         ImageError::InUse { .. } => ErrorKind::Conflict,
         ImageError::Registry { .. }
         | ImageError::DigestMismatch { .. }
@@ -61,6 +71,10 @@ fn summary(r: &ImageRecord) -> ImageSummary {
         size: r.size,
         created: r.config.created,
         has_init: r.disk.as_ref().map(|(_, d)| d.has_init),
+        owner: match r.namespace {
+            StoreNamespace::User(uid) => Some(uid),
+            StoreNamespace::System => None,
+        },
     }
 }
 
@@ -122,25 +136,36 @@ fn pull_event(p: Progress) -> PullEvent {
 
 #[async_trait]
 impl Images for StoreImages {
-    async fn list(&self) -> Result<Vec<ImageSummary>, ApiError> {
+    async fn list(&self, ns: Namespace) -> Result<Vec<ImageSummary>, ApiError> {
         let store = self.store.clone();
-        blocking(move || Ok(store.list()?.iter().map(summary).collect())).await
+        blocking(move || Ok(store.list(store_ns(ns))?.iter().map(summary).collect())).await
     }
 
-    async fn inspect(&self, reference: &str) -> Result<ImageDetail, ApiError> {
+    async fn list_all(&self) -> Result<Vec<ImageSummary>, ApiError> {
+        let store = self.store.clone();
+        blocking(move || Ok(store.list_all()?.iter().map(summary).collect())).await
+    }
+
+    async fn inspect(&self, ns: Namespace, reference: &str) -> Result<ImageDetail, ApiError> {
         let (store, reference) = (self.store.clone(), reference.to_string());
-        blocking(move || Ok(detail(&store.inspect(&reference)?))).await
+        blocking(move || Ok(detail(&store.inspect(store_ns(ns), &reference)?))).await
     }
 
-    async fn tag(&self, source: &str, target: &str) -> Result<ImageSummary, ApiError> {
+    async fn tag(
+        &self,
+        ns: Namespace,
+        source: &str,
+        target: &str,
+    ) -> Result<ImageSummary, ApiError> {
         let store = self.store.clone();
         let (source, target) = (source.to_string(), target.to_string());
-        blocking(move || Ok(summary(&store.tag(&source, &target)?))).await
+        blocking(move || Ok(summary(&store.tag(store_ns(ns), &source, &target)?))).await
     }
 
     async fn pull(
         &self,
         uid: u32,
+        ns: Namespace,
         reference: &str,
         events: mpsc::Sender<PullEvent>,
     ) -> Result<ImageSummary, ApiError> {
@@ -153,21 +178,23 @@ impl Images for StoreImages {
         let report = move |p: Progress| {
             let _ = events.try_send(pull_event(p));
         };
+        let ns = store_ns(ns);
         let record = self
             .store
-            .pull(reference, &opts, &report)
+            .pull(ns, reference, &opts, &report)
             .await
             .map_err(api_error)?;
         let store = self.store.clone();
         blocking(move || {
-            store.base_disk(&record.digest)?;
-            Ok(summary(&store.inspect(&record.reference)?))
+            store.base_disk(ns, &record.digest)?;
+            Ok(summary(&store.inspect(ns, &record.reference)?))
         })
         .await
     }
 
     /// Spools the archive to disk first: the tar reader is synchronous.
-    async fn load(&self, mut archive: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
+    async fn load(&self, ns: Namespace, mut archive: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
+        let ns = store_ns(ns);
         let store = self.store.clone();
         let work = store.work_dir();
         let spool = tempfile::tempfile_in(&work)
@@ -179,25 +206,25 @@ impl Images for StoreImages {
         let mut spool = file.into_std().await;
         blocking(move || {
             std::io::Seek::rewind(&mut spool).map_err(ImageError::io(&work))?;
-            let loaded = store.load(std::io::BufReader::new(spool), &work)?;
+            let loaded = store.load(ns, std::io::BufReader::new(spool), &work)?;
             for r in &loaded {
-                store.base_disk(&r.digest)?;
+                store.base_disk(ns, &r.digest)?;
             }
             loaded
                 .iter()
-                .map(|r| Ok(summary(&store.inspect(&r.reference)?)))
+                .map(|r| Ok(summary(&store.inspect(ns, &r.reference)?)))
                 .collect()
         })
         .await
     }
 
     /// Writes the archive to an unlinked temporary file and hands back a reader of it.
-    async fn save(&self, references: Vec<String>) -> Result<Bytes, ApiError> {
+    async fn save(&self, ns: Namespace, references: Vec<String>) -> Result<Bytes, ApiError> {
         let store = self.store.clone();
         let file = blocking(move || {
             let work = store.work_dir();
             let mut file = tempfile::tempfile_in(&work).map_err(ImageError::io(&work))?;
-            store.save(&references, &mut file)?;
+            store.save(store_ns(ns), &references, &mut file)?;
             std::io::Seek::rewind(&mut file).map_err(ImageError::io(&work))?;
             Ok(file)
         })
@@ -207,13 +234,14 @@ impl Images for StoreImages {
 
     async fn remove(
         &self,
+        ns: Namespace,
         reference: &str,
         in_use: InUse,
         force: bool,
     ) -> Result<RemoveReport, ApiError> {
         let (store, reference) = (self.store.clone(), reference.to_string());
         blocking(move || {
-            let r = store.remove(&reference, &in_use, force)?;
+            let r = store.remove(store_ns(ns), &reference, &in_use, force)?;
             Ok(RemoveReport {
                 untagged: r.untagged,
                 deleted: r.deleted,
@@ -241,11 +269,11 @@ impl Images for StoreImages {
         blocking(move || creds.logout(&server)).await
     }
 
-    async fn prepare(&self, reference: &str) -> Result<ImageInfo, ApiError> {
-        let (store, reference) = (self.store.clone(), reference.to_string());
+    async fn prepare(&self, ns: Namespace, reference: &str) -> Result<ImageInfo, ApiError> {
+        let (store, reference, ns) = (self.store.clone(), reference.to_string(), store_ns(ns));
         blocking(move || {
-            let record = store.inspect(&reference)?;
-            let (disk, info) = store.base_disk(&record.digest)?;
+            let record = store.inspect(ns, &reference)?;
+            let (disk, info) = store.base_disk(ns, &record.digest)?;
             Ok(ImageInfo {
                 reference: record.reference,
                 digest: record.digest,

@@ -626,3 +626,7 @@ impl FakeRegistry {
         }
     }
 }
+
+/// Root's own namespace: where the tests that are not about namespaces keep their names.
+#[allow(dead_code)]
+pub const ROOT: container_image::Namespace = container_image::Namespace::User(0);

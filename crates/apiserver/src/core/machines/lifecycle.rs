@@ -9,7 +9,7 @@ use container_api::machine::{
 use container_api::{ApiError, ErrorKind};
 
 use super::{guest_path, mac_for};
-use crate::core::ports::{BootSpec, Share};
+use crate::core::ports::{BootSpec, Namespace, Share};
 use crate::core::{Caller, Core};
 use crate::machines::{MachineRecord, name};
 
@@ -124,7 +124,12 @@ impl Core {
                 format!("a machine named `{name}` already exists{hint}"),
             ));
         }
-        let image = self.state.images.prepare(&req.image).await?;
+        // The caller's own name first, then a system-wide one: never another user's.
+        let image = self
+            .state
+            .images
+            .prepare(Namespace::User(caller.uid), &req.image)
+            .await?;
         if !image.has_init {
             return Err(ApiError::invalid(format!(
                 "image {} has no /sbin/init: a machine boots the image's own init (systemd, OpenRC, busybox); use an image that has one",

@@ -12,15 +12,21 @@ pub struct DeleteArgs {
     /// Remove even when a machine was created from the image (the machine keeps working).
     #[arg(short, long)]
     force: bool,
+    /// Remove system-wide names (root only).
+    #[arg(long)]
+    system: bool,
 }
 
 pub async fn run(client: &Client, args: DeleteArgs) -> anyhow::Result<()> {
     for r in &args.references {
-        let force = if args.force { "true" } else { "false" };
         let report: RemoveReport = client
             .delete(&format!(
                 "/images?{}",
-                super::query(&[("reference", r), ("force", force)])
+                super::query(&[
+                    ("reference", r),
+                    ("force", super::flag(args.force)),
+                    ("system", super::flag(args.system)),
+                ])
             ))
             .await?;
         for u in &report.untagged {

@@ -14,11 +14,14 @@ pub struct ListArgs {
     /// Print references only.
     #[arg(short, long)]
     quiet: bool,
+    /// Every user's images, with their owner's uid (root only).
+    #[arg(short, long)]
+    all: bool,
 }
 
 impl Tabular for ImageSummary {
     fn headers() -> Vec<&'static str> {
-        vec!["NAME", "TAG", "DIGEST", "CREATED", "SIZE"]
+        vec!["NAME", "TAG", "DIGEST", "CREATED", "SIZE", "OWNER"]
     }
     fn row(&self) -> Vec<String> {
         let (name, tag) = split_reference(&self.reference);
@@ -34,6 +37,8 @@ impl Tabular for ImageSummary {
                 .map(|c| c.format("%Y-%m-%d %H:%M:%S").to_string())
                 .unwrap_or_default(),
             format_size(self.size),
+            self.owner
+                .map_or_else(|| "system".to_string(), |uid| uid.to_string()),
         ]
     }
     fn id(&self) -> String {
@@ -53,7 +58,11 @@ fn split_reference(reference: &str) -> (&str, &str) {
 }
 
 pub async fn run(client: &Client, args: ListArgs) -> anyhow::Result<()> {
-    let images: Vec<ImageSummary> = client.get("/images").await?;
+    let path = match args.all {
+        true => "/images?all=true",
+        false => "/images",
+    };
+    let images: Vec<ImageSummary> = client.get(path).await?;
     print!("{}", output::render_list(&images, args.format, args.quiet)?);
     Ok(())
 }

@@ -14,6 +14,9 @@ pub struct LoadArgs {
     /// The archive (default: standard input).
     #[arg(short, long)]
     input: Option<PathBuf>,
+    /// Name them as system-wide images (root only).
+    #[arg(long)]
+    system: bool,
 }
 
 pub async fn run(client: &Client, args: LoadArgs) -> anyhow::Result<()> {
@@ -26,7 +29,11 @@ pub async fn run(client: &Client, args: LoadArgs) -> anyhow::Result<()> {
         }
         None => client::stream_body(tokio_util::io::ReaderStream::new(tokio::io::stdin())),
     };
-    let images: Vec<ImageSummary> = client.upload("/images/load", body).await?;
+    let path = match args.system {
+        true => "/images/load?system=true",
+        false => "/images/load",
+    };
+    let images: Vec<ImageSummary> = client.upload(path, body).await?;
     for i in images {
         println!("Loaded image: {}", i.reference);
     }

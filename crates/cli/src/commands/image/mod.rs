@@ -1,6 +1,10 @@
 //! `container image …` (alias `i`): pull, list, inspect, remove, tag, load and save images.
 //! This file holds the subcommand enum and its dispatch; each subcommand lives in a file of
 //! its own.
+//!
+//! Image names are per user: each command reads the caller's own names (then the system-wide
+//! ones root publishes) and changes only the caller's own. Root acts on the system-wide names
+//! with `--system` and lists every user's with `ls --all`.
 
 mod delete;
 mod inspect;
@@ -20,7 +24,7 @@ use crate::service;
 pub enum ImageCommand {
     /// Pull an image from a registry.
     Pull(pull::PullArgs),
-    /// List images.
+    /// List your images and the system-wide ones (OWNER `system`).
     #[command(visible_alias = "ls")]
     List(list::ListArgs),
     /// Show everything about one or more images.
@@ -28,12 +32,17 @@ pub enum ImageCommand {
     /// Remove images (their blobs and base disks go when nothing else uses them).
     #[command(visible_alias = "rm")]
     Delete(delete::DeleteArgs),
-    /// Give an image another reference.
+    /// Give an image another reference (yours; a system-wide one with --system).
     Tag(tag::TagArgs),
     /// Load images from an OCI image-layout or `docker save` tar archive.
     Load(load::LoadArgs),
     /// Save images to an OCI image-layout tar archive.
     Save(save::SaveArgs),
+}
+
+/// A query value for a flag.
+fn flag(on: bool) -> &'static str {
+    if on { "true" } else { "false" }
 }
 
 /// A URL query string from name/value pairs.

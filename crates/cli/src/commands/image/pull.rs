@@ -16,10 +16,13 @@ pub struct PullArgs {
     /// Print nothing but errors.
     #[arg(short, long)]
     quiet: bool,
+    /// Name it as a system-wide image, which every user can use (root only).
+    #[arg(long)]
+    system: bool,
 }
 
 pub async fn run(client: &Client, args: PullArgs) -> anyhow::Result<()> {
-    let image = pull(client, &args.reference, args.quiet).await?;
+    let image = pull_into(client, &args.reference, args.system, args.quiet).await?;
     if !args.quiet {
         println!("{}", image.reference);
     }
@@ -32,12 +35,23 @@ pub async fn pull(
     reference: &str,
     quiet: bool,
 ) -> anyhow::Result<ImageSummary> {
+    pull_into(client, reference, false, quiet).await
+}
+
+/// [`pull`], naming the image system-wide when `system` (root only).
+async fn pull_into(
+    client: &container_api::Client,
+    reference: &str,
+    system: bool,
+    quiet: bool,
+) -> anyhow::Result<ImageSummary> {
     let response = client
         .call_raw(
             hyper::Method::POST,
             "/images/pull",
             Some(&PullRequest {
                 reference: reference.to_string(),
+                system,
             }),
         )
         .await?;

@@ -8,6 +8,9 @@ use container_api::image::{ImageSummary, TagRequest};
 pub struct TagArgs {
     source: String,
     target: String,
+    /// Publish TARGET as a system-wide image, which every user can use (root only).
+    #[arg(long)]
+    system: bool,
 }
 
 pub async fn run(client: &Client, args: TagArgs) -> anyhow::Result<()> {
@@ -17,6 +20,7 @@ pub async fn run(client: &Client, args: TagArgs) -> anyhow::Result<()> {
             &TagRequest {
                 source: args.source,
                 target: args.target,
+                system: args.system,
             },
         )
         .await?;
