@@ -112,12 +112,19 @@ pub fn vhost_device_vsock(program: &Path, vhost_user: &Path, uds: &Path) -> Comm
     c
 }
 
-/// virtiofsd serving `share` on `socket`. It runs as the share's owner, so the guest reaches
-/// only what the owner can; unprivileged, it needs `--sandbox none`.
-pub fn virtiofsd(program: &Path, share: &ShareSpec, socket: &Path) -> Command {
+/// The descriptor number virtiofsd receives its listening socket on.
+const VIRTIOFSD_FD: i32 = 3;
+
+/// virtiofsd serving `share` on the vhost-user socket `listener` (bound by the service). It
+/// runs as the share's owner, so the guest reaches only what the owner can; unprivileged, it
+/// needs `--sandbox none`. It gets the socket as a descriptor, never a path: the directory
+/// holding the socket stays root's, so the owner cannot swap it for a link to another
+/// socket that root's QEMU would then connect to.
+pub fn virtiofsd(program: &Path, share: &ShareSpec, listener: std::os::fd::OwnedFd) -> Command {
     let mut c = Command::new(program);
-    c.arg("--socket-path")
-        .arg(socket)
+    super::sys::pass_fd(&mut c, listener, VIRTIOFSD_FD);
+    c.arg("--fd")
+        .arg(VIRTIOFSD_FD.to_string())
         .arg("--shared-dir")
         .arg(&share.host_path)
         .args(["--sandbox", "none", "--cache", "auto"]);
@@ -238,17 +245,15 @@ mod tests {
             owner_uid: nix::unistd::geteuid().as_raw(),
             owner_gid: 0,
         };
-        let fs = virtiofsd(
-            Path::new("/bin/vfs"),
-            &share,
-            Path::new("/run/fs/home.sock"),
-        );
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        let fs = virtiofsd(Path::new("/bin/vfs"), &share, listener.into());
         assert_eq!(fs.get_program(), "/bin/vfs");
         assert_eq!(
             args(&fs),
             [
-                "--socket-path",
-                "/run/fs/home.sock",
+                "--fd",
+                "3",
                 "--shared-dir",
                 "/home/alice",
                 "--sandbox",
@@ -258,6 +263,17 @@ mod tests {
                 "--readonly"
             ]
         );
+    }
+
+    #[test]
+    fn a_passed_descriptor_is_open_in_the_child_at_its_number() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        let mut c = Command::new("sh");
+        // The child sees a socket at fd 3, and nothing else of the parent's at fd 4.
+        c.args(["-c", "test -S /proc/self/fd/3 && ! test -e /proc/self/fd/4"]);
+        super::super::sys::pass_fd(&mut c, listener.into(), 3);
+        assert!(c.status().unwrap().success());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The runtime's only unsafe code, where the OS or the CPU demands it: registering a pidfd
 //! with tokio's reactor, reading the host's time-stamp counter, and setting a child's umask
-//! between fork and exec.
+//! and handing it a file descriptor between fork and exec.
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -42,6 +42,31 @@ pub fn private_umask(cmd: &mut std::process::Command) {
     unsafe {
         cmd.pre_exec(|| {
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+            Ok(())
+        })
+    };
+}
+
+/// Makes `fd` the child's descriptor number `target`, open across exec (every other
+/// descriptor of the service stays close-on-exec). The parent's copy is closed when `cmd` is
+/// dropped.
+pub fn pass_fd(cmd: &mut std::process::Command, fd: OwnedFd, target: std::os::fd::RawFd) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the hook runs in the forked child before exec and calls only dup2(2) and
+    // fcntl(2), which are async-signal-safe and allocate nothing; `fd` is owned by the
+    // closure, so it is open in the child when the hook runs.
+    unsafe {
+        cmd.pre_exec(move || {
+            let raw = fd.as_raw_fd();
+            if raw == target {
+                // dup2 onto itself keeps close-on-exec: clear it instead.
+                if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, target) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         })
     };

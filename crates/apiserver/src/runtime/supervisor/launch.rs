@@ -292,18 +292,27 @@ impl Runtime {
         let Some(virtiofsd) = &bins.virtiofsd else {
             return Ok(());
         };
-        std::fs::create_dir_all(&paths.fs_dir)
-            .map_err(RuntimeError::io("creating", &paths.fs_dir))?;
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&paths.fs_dir)
+                .map_err(RuntimeError::io("creating", &paths.fs_dir))?;
+        }
         for (share, (_, socket)) in spec.shares.iter().zip(&paths.shares) {
-            // virtiofsd runs as the share's owner, who creates its socket here.
-            let _ = std::os::unix::fs::chown(
-                &paths.fs_dir,
-                Some(share.owner_uid),
-                Some(share.owner_gid),
-            );
-            let fs = helpers::virtiofsd(virtiofsd, share, socket);
+            // The service binds each share's socket in its own directory and hands it to
+            // virtiofsd (which runs as the share's owner) as a descriptor; QEMU connects
+            // to it once virtiofsd serves it, and meanwhile waits in the listen backlog.
+            let listener = std::os::unix::net::UnixListener::bind(socket)
+                .map_err(RuntimeError::io("binding", socket))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+                    .map_err(RuntimeError::io("securing", socket))?;
+            }
+            let fs = helpers::virtiofsd(virtiofsd, share, listener.into());
             started.helper(helpers::spawn(fs, VIRTIOFSD, log)?);
-            helpers::wait_for_socket(socket, started.last(), VIRTIOFSD, log)?;
         }
         Ok(())
     }
