@@ -46,16 +46,25 @@ pub fn boot_part(console: &[u8]) -> &[u8] {
     }
 }
 
+/// The most of the console's start searched for the boot log: the kernel and the agent print
+/// a few KiB before init starts; a guest may print without end after.
+const BOOT_LOG_MAX: u64 = 1 << 20;
+
 /// Writes `boot.log` from the console, unless this boot's is already written.
 pub fn write_boot_log(machine_dir: &Path) {
+    use std::io::Read;
     let boot_log = machine_dir.join(BOOT);
     if boot_log.exists() {
         return;
     }
-    let Ok(console) = std::fs::read(console_path(machine_dir)) else {
+    let Ok(file) = std::fs::File::open(console_path(machine_dir)) else {
         return;
     };
-    if let Err(e) = crate::fsutil::atomic_write(&boot_log, boot_part(&console), 0o644) {
+    let mut console = Vec::new();
+    if file.take(BOOT_LOG_MAX).read_to_end(&mut console).is_err() {
+        return;
+    }
+    if let Err(e) = crate::fsutil::atomic_write(&boot_log, boot_part(&console), 0o600) {
         tracing::warn!(log = %boot_log.display(), "cannot write the boot log: {e}");
     }
 }
@@ -72,13 +81,79 @@ pub fn rebooted(machine_dir: &Path) -> bool {
 
 /// The last `n` lines of a log, for errors that point at it.
 pub fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    String::from_utf8_lossy(crate::logs::last_lines(&text, Some(n))).into_owned()
+    String::from_utf8_lossy(&crate::logs::read_tail(path, n).unwrap_or_default()).into_owned()
+}
+
+/// How large the console may grow before its start is dropped.
+pub const CONSOLE_CAP: u64 = 8 << 20;
+/// How much of its end a capped console keeps.
+const CONSOLE_KEEP: u64 = 2 << 20;
+
+/// Keeps the console under [`CONSOLE_CAP`] by dropping its start, so a guest that floods its
+/// serial port fills neither the disk nor the memory of whoever reads the log. The VMM
+/// appends to the file (`append=on`), so the start can go while it writes: with
+/// `FALLOC_FL_COLLAPSE_RANGE` (ext4, XFS) the kernel removes whole blocks of the start in
+/// place; elsewhere the kept end is copied over the start and the file cut after it, which
+/// may lose what the guest wrote during the copy. Returns whether it trimmed.
+pub fn trim(path: &Path) -> bool {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    if meta.len() <= CONSOLE_CAP {
+        return false;
+    }
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        return false;
+    };
+    let block = meta.blksize().max(512);
+    let drop = (meta.len() - CONSOLE_KEEP) / block * block;
+    let collapsed = fallocate(
+        std::os::fd::AsRawFd::as_raw_fd(&file),
+        FallocateFlags::FALLOC_FL_COLLAPSE_RANGE,
+        0,
+        drop as i64,
+    );
+    if collapsed.is_ok() {
+        return true;
+    }
+    let mut kept = Vec::with_capacity(CONSOLE_KEEP as usize);
+    let copied = file
+        .seek(std::io::SeekFrom::Start(meta.len() - CONSOLE_KEEP))
+        .and_then(|_| (&mut file).take(CONSOLE_KEEP).read_to_end(&mut kept))
+        .and_then(|_| file.seek(std::io::SeekFrom::Start(0)))
+        .and_then(|_| file.write_all(&kept))
+        .and_then(|_| file.set_len(kept.len() as u64));
+    copied.is_ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flooded_console_keeps_its_end_under_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = console_path(dir.path());
+        let mut text = Vec::new();
+        let mut i = 0;
+        while text.len() < 3 * CONSOLE_CAP as usize {
+            text.extend_from_slice(format!("flood {i}\n").as_bytes());
+            i += 1;
+        }
+        std::fs::write(&path, &text).unwrap();
+        assert!(trim(&path));
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(len <= CONSOLE_CAP && len >= CONSOLE_KEEP, "{len}");
+        assert!(tail(&path, 1).contains(&format!("flood {}", i - 1)));
+        assert!(!trim(&path), "under the cap: left alone");
+    }
 
     #[test]
     fn the_boot_log_ends_at_the_init_marker() {

@@ -127,8 +127,13 @@ impl Vmm for Qemu {
             a.memory_mib
         ));
         c.args(["-numa", "node,memdev=mem"]);
-        c.arg("-serial")
-            .arg(format!("file:{}", a.console.display()));
+        // Appended to, so the service can drop the start of a flooded console in place.
+        c.arg("-chardev")
+            .arg(format!(
+                "file,id=console,path={},append=on",
+                a.console.display()
+            ))
+            .args(["-serial", "chardev:console"]);
         c.arg("-kernel").arg(a.kernel);
         c.arg("-initrd").arg(a.initrd);
         c.arg("-append").arg(cmdline(&self.accel, self.tsc_khz));
@@ -263,7 +268,7 @@ mod tests {
             "-accel tcg,thread=multi -cpu max",
             "-smp 2 -m 512M",
             "memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem",
-            "-serial file:/m/console.log",
+            "-chardev file,id=console,path=/m/console.log,append=on -serial chardev:console",
             "file=/d.qcow2,format=qcow2",
             "socket,id=vsock,path=/r/vhu.sock -device vhost-user-vsock-device,chardev=vsock",
             "socket,id=fs0,path=/r/fs/home.sock -device vhost-user-fs-device,chardev=fs0,tag=home",

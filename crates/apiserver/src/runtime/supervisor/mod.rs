@@ -219,6 +219,10 @@ impl Runtime {
             tokio::pin!(exited);
             let mut tick = tokio::time::interval(CLOCK_SYNC_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            // A guest may flood its console: its size is checked every second.
+            let mut console_check = tokio::time::interval(Duration::from_secs(1));
+            console_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let console = console::console_path(&vm.machine_dir);
             loop {
                 tokio::select! {
                     _ = &mut exited => break,
@@ -226,6 +230,10 @@ impl Runtime {
                         if vm.get() == MachineState::Running {
                             sync_clock(&vm.run.id, &vm.agent_socket()).await;
                         }
+                    }
+                    _ = console_check.tick() => {
+                        let path = console.clone();
+                        let _ = tokio::task::spawn_blocking(move || console::trim(&path)).await;
                     }
                 }
             }
