@@ -150,7 +150,7 @@ mod tests {
         std::fs::write(&path, &text).unwrap();
         assert!(trim(&path));
         let len = std::fs::metadata(&path).unwrap().len();
-        assert!(len <= CONSOLE_CAP && len >= CONSOLE_KEEP, "{len}");
+        assert!((CONSOLE_KEEP..=CONSOLE_CAP).contains(&len), "{len}");
         assert!(tail(&path, 1).contains(&format!("flood {}", i - 1)));
         assert!(!trim(&path), "under the cap: left alone");
     }
