@@ -114,6 +114,10 @@ impl Vmm for Qemu {
             "-display",
             "none",
             "-no-reboot",
+            // QEMU's seccomp filter: a VMM compromised by its guest may not gain privileges,
+            // start programs, change resource limits or use obsolete system calls.
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         ]);
         if self.accel.kvm {
             c.args(["-accel", "kvm", "-cpu", "host"]);
