@@ -55,7 +55,7 @@ measure() {
 wait_state() {
   local i out
   for i in $(seq 1 "$3"); do
-    out=$("$cli" machine run -n "$1" --root sh -c "$2" 2>/dev/null || true)
+    out=$("$cli" machine run -n "$1" --root --no-shell sh -c "$2" 2>/dev/null || true)
     case " $4 " in *" $out "*) return 0 ;; esac
     sleep 1
   done
@@ -87,7 +87,7 @@ if [ -z "$ip" ]; then
   ssh_skip="skipped: machine has no address (ip_address is empty in \`container machine ls --format json\`)"
 else
   ssh-keygen -q -t ed25519 -N '' -f "$work/key"
-  "$cli" machine run -n bench-exec-ssh --root -i sh -c \
+  "$cli" machine run -n bench-exec-ssh --root -i --no-shell sh -c \
     'umask 077 && mkdir -p /root/.ssh && cat > /root/.ssh/authorized_keys' <"$work/key.pub"
   ssh_opts=(-F none -i "$work/key" -o BatchMode=yes -o StrictHostKeyChecking=no
     -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=10)

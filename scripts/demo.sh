@@ -71,9 +71,9 @@ echo "== a machine"
 time container machine create "$ref" --name dev --memory 1G
 container machine run -n dev whoami
 container machine run -n dev pwd
-container machine run -n dev -- sh -c 'echo "kernel $(uname -r) on $(hostname)"; grep PRETTY /etc/os-release'
+container machine run -n dev --no-shell -- sh -c 'echo "kernel $(uname -r) on $(hostname)"; grep PRETTY /etc/os-release'
 # `create` returns once the guest agent answers; the image's init may still be starting.
-container machine run -n dev -- sh -c 'command -v systemctl >/dev/null || exit 0
+container machine run -n dev --no-shell -- sh -c 'command -v systemctl >/dev/null || exit 0
   for i in $(seq 300); do
     s=$(systemctl is-system-running 2>/dev/null)
     case $s in running|degraded) break ;; esac

@@ -209,8 +209,13 @@ pub struct StopRequest {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
-    /// Empty: the user's login shell.
+    /// Empty: the user's login shell. Otherwise run by `/bin/sh -c` as the words joined by
+    /// spaces (as `ssh host CMD ARGS…` does), or as this exact argv with `no_shell`.
     pub command: Vec<String>,
+    /// Execute `command` as given, each element one argument, with no shell in between.
+    /// Left out of the JSON when false, so a newer CLI still talks to an older service.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_shell: bool,
     pub env: Vec<String>,
     pub workdir: Option<String>,
     /// The caller's current directory, used when it is visible inside the machine.

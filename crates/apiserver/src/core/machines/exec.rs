@@ -11,6 +11,9 @@ use crate::core::ports::{ClientStream, ExecSpec, ExecUser};
 use crate::core::{Caller, Core};
 use crate::machines::MachineRecord;
 
+/// The shell a `run` command goes through: every image has it (`$0` there is `/bin/sh`).
+const SHELL: &str = "/bin/sh";
+
 impl Core {
     /// Works out what `run` starts: user, working directory, environment, argv.
     pub(in crate::core) fn exec_spec(
@@ -79,8 +82,15 @@ impl Core {
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_else(|| "sh".into());
             (vec![shell.clone()], Some(format!("-{base}")))
-        } else {
+        } else if req.no_shell {
             (req.command.clone(), None)
+        } else {
+            // As `ssh host CMD ARGS…` and Apple's `container machine run`: the words are joined
+            // and the guest's POSIX shell parses them, so `$VAR`, `&&` and `exit 3` work.
+            (
+                vec![SHELL.to_string(), "-c".to_string(), req.command.join(" ")],
+                None,
+            )
         };
         let mut env = vec![
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
@@ -279,6 +289,27 @@ mod tests {
         assert_eq!(Core::exec_spec(&r, &w).unwrap().cwd, "/tmp");
         w.workdir = Some("relative".into());
         assert!(Core::exec_spec(&r, &w).is_err());
+    }
+
+    #[test]
+    fn commands_go_through_the_shell_unless_asked_not_to() {
+        let r = record(HomeMount::Rw);
+        let mut req = run(&["[ -d /tmp ]", "&&", "echo", "$HOME"], "/");
+        let spec = Core::exec_spec(&r, &req).unwrap();
+        assert_eq!(spec.argv, ["/bin/sh", "-c", "[ -d /tmp ] && echo $HOME"]);
+        assert_eq!(spec.arg0, None);
+        req.no_shell = true;
+        let spec = Core::exec_spec(&r, &req).unwrap();
+        assert_eq!(spec.argv, ["[ -d /tmp ]", "&&", "echo", "$HOME"]);
+        // `-e` values are the process's environment either way: the shell expands them.
+        req.env = vec!["MY_VAR=x".into()];
+        req.no_shell = false;
+        assert!(
+            Core::exec_spec(&r, &req)
+                .unwrap()
+                .env
+                .contains(&"MY_VAR=x".to_string())
+        );
     }
 
     #[test]

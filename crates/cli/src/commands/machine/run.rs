@@ -47,7 +47,13 @@ pub struct RunArgs {
     /// machine can see it, else your home).
     #[arg(short, long, visible_aliases = ["cwd"])]
     workdir: Option<String>,
-    /// The command and its arguments (default: your login shell).
+    /// Execute COMMAND as given, each argument passed verbatim (spaces, `$`, quotes, empty
+    /// arguments kept), instead of through `/bin/sh -c`.
+    #[arg(long)]
+    no_shell: bool,
+    /// The command and its arguments, joined by spaces and run by `/bin/sh -c` in the machine
+    /// (as `ssh host CMD…`): `run echo '$HOME'` prints the machine's home. Default: your
+    /// login shell.
     command: Vec<String>,
 }
 
@@ -150,6 +156,7 @@ pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
     }
     let request = RunRequest {
         command: args.command.clone(),
+        no_shell: args.no_shell,
         env,
         workdir: args.workdir.clone(),
         caller_cwd: std::env::current_dir()
