@@ -43,6 +43,7 @@ pub async fn exec(
         cwd: spec.cwd.clone(),
         uid,
         gid,
+        groups: spec.groups.clone(),
         user,
         tty: spec.tty,
         rows: spec.rows,

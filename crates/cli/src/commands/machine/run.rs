@@ -27,14 +27,16 @@ pub struct RunArgs {
     /// Allocate a terminal.
     #[arg(short, long)]
     tty: bool,
-    /// Run as root instead of your user.
+    /// Run as root (uid 0, gid 0) instead of your user.
     #[arg(long)]
     root: bool,
     /// Run as USER or UID[:GID].
     #[arg(short, long)]
     user: Option<String>,
+    /// Run as this uid (its group from the machine's /etc/passwd unless --gid).
     #[arg(long)]
     uid: Option<u32>,
+    /// Primary group; with --root, an added supplementary group (root's stays 0).
     #[arg(long)]
     gid: Option<u32>,
     /// Set KEY=VALUE, or pass KEY from your environment. Repeatable.
