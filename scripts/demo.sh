@@ -81,7 +81,7 @@ container machine run -n dev --no-shell -- sh -c 'command -v systemctl >/dev/nul
   done
   echo "systemd: $s"'
 container m ls
-ip=$("$bin/container" machine inspect dev --format json | python3 -c 'import json,sys; d=json.load(sys.stdin); d=d[0] if isinstance(d, list) else d; print(d["ip_address"])')
+ip=$("$bin/container" machine inspect dev --format json | python3 -c 'import json,sys; d=json.load(sys.stdin); d=d[0] if isinstance(d, list) else d; print(d.get("ipAddress", ""))')
 echo "+ ping -c 1 $ip   # the machine's address, reachable from the host side"
 ping -c 1 -W 5 "$ip"
 time container machine run -n dev true

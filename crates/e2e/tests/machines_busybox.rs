@@ -393,12 +393,12 @@ fn stop_is_clean_forced_only_when_init_ignores_the_signal_and_reboot_boots_again
             .trim()
             .to_string()
     };
-    let before = (boot_id(), inspect()["started"].clone());
+    let before = (boot_id(), inspect()["startedDate"].clone());
     service.cli_ok(&["machine", "run", "-n", "stopper", "-d", "--root", "reboot"]);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let now = inspect();
-        if now["state"] == "running" && now["started"] != before.1 {
+        if now["status"] == "running" && now["startedDate"] != before.1 {
             break;
         }
         assert!(
@@ -441,7 +441,7 @@ fn stop_is_clean_forced_only_when_init_ignores_the_signal_and_reboot_boots_again
         "echo c > /proc/sysrq-trigger",
     ]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while inspect()["state"] != "stopped" {
+    while inspect()["status"] != "stopped" {
         assert!(Instant::now() < deadline, "the panicked machine still runs");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -450,7 +450,7 @@ fn stop_is_clean_forced_only_when_init_ignores_the_signal_and_reboot_boots_again
     // Still this boot's console (a new boot starts a new one), and still stopped.
     let console = service.cli_ok(&["machine", "logs", "stopper"]);
     assert!(console.contains("Kernel panic"), "{console}");
-    assert_eq!(inspect()["state"], "stopped", "a panic is not a reboot");
+    assert_eq!(inspect()["status"], "stopped", "a panic is not a reboot");
     service.cli_ok(&["machine", "start", "stopper"]);
 
     let bad = service.cli_err(&["machine", "stop", "--signal", "NOPE", "stopper"]);

@@ -24,8 +24,8 @@ fn machines(service: &Service) -> Vec<serde_json::Value> {
 fn ip_of(service: &Service, name: &str) -> Option<String> {
     machines(service)
         .into_iter()
-        .find(|m| m["name"] == name)
-        .and_then(|m| m["ip_address"].as_str().map(str::to_string))
+        .find(|m| m["id"] == name)
+        .and_then(|m| m["ipAddress"].as_str().map(str::to_string))
 }
 
 /// Links in the test namespace whose name starts with `ctap-` (the service's taps).

@@ -390,7 +390,7 @@ async fn machine(core: &Core, caller: &Caller, req: Request) -> Result<Machine, 
 
 async fn names(core: &Core, caller: &Caller) -> Vec<String> {
     match core.handle(caller, Request::MachineList).await.unwrap() {
-        Reply::Machines(ms) => ms.into_iter().map(|m| m.name).collect(),
+        Reply::Machines(ms) => ms.into_iter().map(|m| m.id).collect(),
         other => panic!("unexpected reply {other:?}"),
     }
 }
@@ -401,9 +401,9 @@ async fn create_derives_names_and_the_first_machine_is_the_default() {
     let m = machine(&f.core, &ROOT, create("busybox", None))
         .await
         .unwrap();
-    assert_eq!(m.name, "busybox-latest");
+    assert_eq!(m.id, "busybox-latest");
     assert!(m.default);
-    assert_eq!(m.state, MachineState::Stopped);
+    assert_eq!(m.status, MachineState::Stopped);
     assert_eq!(m.cpus, 2, "half the host's cpus");
     assert_eq!(m.memory, 4 << 30, "half the host's memory");
     let second = machine(&f.core, &ROOT, create("debian", Some("db")))
@@ -972,5 +972,5 @@ async fn a_stop_timeout_is_bounded() {
         "nothing was done"
     );
     let m = machine(&f.core, &ROOT, stop(3600)).await.unwrap();
-    assert_eq!(m.state, MachineState::Stopped);
+    assert_eq!(m.status, MachineState::Stopped);
 }

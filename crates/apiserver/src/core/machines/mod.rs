@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use container_api::machine::Machine;
+use container_api::machine::{Machine, MachineImage, MachineMount, Platform, UserSetup};
 use container_api::{ApiError, ErrorKind};
 
 pub use lifecycle::{DEFAULT_STOP_TIMEOUT, parse_signal};
@@ -123,12 +123,8 @@ impl Core {
         let vms = &self.state.vms;
         let disk = self.state.machines.disk_path(&record.name);
         Machine {
-            name: record.name.clone(),
-            image: record.image.clone(),
-            image_digest: record.image_digest.clone(),
-            created: record.created,
-            started: vms.started(&record.name),
-            state: vms.state(&record.name),
+            id: record.name.clone(),
+            status: vms.state(&record.name),
             default: default == Some(record.name.as_str()),
             ip_address: record.ip_address.clone(),
             cpus: record.cpus,
@@ -136,10 +132,17 @@ impl Core {
             disk_size: record.disk_size,
             disk_allocated: vms.disk_allocated(&disk),
             home_mount: record.home_mount,
-            mounts: record.mounts.clone(),
+            created_date: record.created,
+            started_date: vms.started(&record.name),
+            image: MachineImage {
+                reference: record.image.clone(),
+                digest: record.image_digest.clone(),
+            },
+            platform: Platform::host(),
+            user_setup: UserSetup::from(&record.user),
+            mounts: record.mounts.iter().map(MachineMount::from).collect(),
             network: record.network.clone(),
             kernel: record.kernel.clone(),
-            user: record.user.clone(),
             owner_uid: record.owner_uid,
             pending_restart: record.pending_restart,
         }

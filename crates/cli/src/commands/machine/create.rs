@@ -102,7 +102,7 @@ pub async fn run(client: &Client, a: CreateArgs) -> anyhow::Result<()> {
             .transpose()?,
     };
     let machine: Machine = client.post("/machines", &request).await?;
-    println!("{}", machine.name);
+    println!("{}", machine.id);
     Ok(())
 }
 

@@ -25,6 +25,6 @@ pub async fn run(client: &Client, args: SetArgs) -> anyhow::Result<()> {
     if reply.takes_effect_at_next_start {
         eprintln!("Note: changes take effect after stopping and starting '{name}'.");
     }
-    println!("{}", reply.machine.name);
+    println!("{}", reply.machine.id);
     Ok(())
 }
