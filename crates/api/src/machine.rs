@@ -111,8 +111,13 @@ pub struct Machine {
     pub status: MachineState,
     /// The caller's default machine.
     pub default: bool,
+    /// The address the machine answers on, while it runs (absent when stopped, as in Apple's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_address: Option<String>,
+    /// The address kept for the machine across stops and restarts, also while stopped;
+    /// absent without a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_ip_address: Option<String>,
     pub cpus: u32,
     /// Bytes.
     pub memory: u64,
@@ -376,6 +381,7 @@ mod tests {
             },
             default: true,
             ip_address: started.then(|| "192.168.64.2".into()),
+            reserved_ip_address: Some("192.168.64.2".into()),
             cpus: 2,
             memory: 1 << 30,
             disk_size: 8 << 30,
@@ -431,6 +437,7 @@ mod tests {
         assert_eq!(stopped["status"], "stopped");
         assert!(stopped.get("startedDate").is_none(), "{stopped}");
         assert!(stopped.get("ipAddress").is_none(), "{stopped}");
+        assert_eq!(stopped["reservedIpAddress"], "192.168.64.2");
         assert!(stopped.get("kernel").is_none(), "{stopped}");
         // What the service sends, the CLI reads back (to the second).
         let back: Machine = serde_json::from_value(running).unwrap();

@@ -25,7 +25,8 @@ fn ip_of(service: &Service, name: &str) -> Option<String> {
     machines(service)
         .into_iter()
         .find(|m| m["id"] == name)
-        .and_then(|m| m["ipAddress"].as_str().map(str::to_string))
+        // The address kept across stops (`ipAddress` is there only while the machine runs).
+        .and_then(|m| m["reservedIpAddress"].as_str().map(str::to_string))
 }
 
 /// Links in the test namespace whose name starts with `ctap-` (the service's taps).

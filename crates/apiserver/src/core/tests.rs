@@ -621,8 +621,10 @@ async fn networked_machines_hold_a_sticky_address_from_create_to_rm() {
     let b = machine(&f.core, &ROOT, create("busybox", Some("b")))
         .await
         .unwrap();
-    assert_eq!(a.ip_address.as_deref(), Some("10.0.0.2"));
-    assert_eq!(b.ip_address.as_deref(), Some("10.0.0.3"));
+    assert_eq!(a.reserved_ip_address.as_deref(), Some("10.0.0.2"));
+    assert_eq!(b.reserved_ip_address.as_deref(), Some("10.0.0.3"));
+    // `ipAddress` is the running machine's, as in Apple's schema.
+    assert_eq!(a.ip_address, None);
     // Start and stop keep the address.
     machine(&f.core, &ROOT, Request::MachineStart("a".into()))
         .await
@@ -630,6 +632,10 @@ async fn networked_machines_hold_a_sticky_address_from_create_to_rm() {
     let booted = f.vms.running.lock().unwrap()["a"].record.clone();
     assert_eq!(booted.ip_address.as_deref(), Some("10.0.0.2"));
     assert_eq!(booted.mac, "52:54:00:00:00:02");
+    let running = machine(&f.core, &ROOT, Request::MachineInspect("a".into()))
+        .await
+        .unwrap();
+    assert_eq!(running.ip_address.as_deref(), Some("10.0.0.2"));
     machine(
         &f.core,
         &ROOT,
@@ -640,7 +646,8 @@ async fn networked_machines_hold_a_sticky_address_from_create_to_rm() {
     let again = machine(&f.core, &ROOT, Request::MachineInspect("a".into()))
         .await
         .unwrap();
-    assert_eq!(again.ip_address.as_deref(), Some("10.0.0.2"));
+    assert_eq!(again.reserved_ip_address.as_deref(), Some("10.0.0.2"));
+    assert_eq!(again.ip_address, None);
     // rm releases it.
     machine(
         &f.core,
@@ -665,7 +672,7 @@ async fn networked_machines_hold_a_sticky_address_from_create_to_rm() {
     let offline = machine(&f.core, &ROOT, Request::MachineCreate(req.clone()))
         .await
         .unwrap();
-    assert_eq!(offline.ip_address, None);
+    assert_eq!(offline.reserved_ip_address, None);
     assert_eq!(offline.network, "none");
     assert!(
         !f.net

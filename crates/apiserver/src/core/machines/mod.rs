@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use container_api::machine::{Machine, MachineImage, MachineMount, Platform, UserSetup};
+use container_api::machine::{
+    Machine, MachineImage, MachineMount, MachineState, Platform, UserSetup,
+};
 use container_api::{ApiError, ErrorKind};
 
 pub use lifecycle::{DEFAULT_STOP_TIMEOUT, parse_signal};
@@ -122,11 +124,17 @@ impl Core {
     pub(super) fn to_api(&self, record: &MachineRecord, default: Option<&str>) -> Machine {
         let vms = &self.state.vms;
         let disk = self.state.machines.disk_path(&record.name);
+        let status = vms.state(&record.name);
         Machine {
             id: record.name.clone(),
-            status: vms.state(&record.name),
+            status,
             default: default == Some(record.name.as_str()),
-            ip_address: record.ip_address.clone(),
+            // As Apple's: the address of a running machine; the lease it keeps is shown apart.
+            ip_address: record
+                .ip_address
+                .clone()
+                .filter(|_| status == MachineState::Running),
+            reserved_ip_address: record.ip_address.clone(),
             cpus: record.cpus,
             memory: record.memory,
             disk_size: record.disk_size,
