@@ -616,7 +616,7 @@ fn a_read_only_home_and_extra_mounts_behave_as_asked() {
     assert!(set.status.success());
     let note = String::from_utf8_lossy(&set.stderr);
     assert!(
-        note.contains("take effect after stopping and starting"),
+        note.contains("will take effect after stopping and starting"),
         "{note}"
     );
     alice.cli_ok(&service, &["machine", "stop", "mounts"]);
