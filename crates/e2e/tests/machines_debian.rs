@@ -91,7 +91,6 @@ fn systemd_sudo_and_a_login_shell() {
         &format!("--reuid={}", alice.uid),
         &format!("--regid={}", alice.gid),
         "--init-groups",
-        "--no-shell",
         "sh",
         "-c",
         &command,
