@@ -14,7 +14,7 @@
 #          authentication in the emulated guest); and over a multiplexed master connection
 #          (ControlMaster), which leaves only the session's own round trips.
 # Both ends run in this benchmark's network namespace (bench/lib.sh): the machine's address
-# is reached only there. When the machine has no address (`ip_address` empty in
+# is reached only there. When the machine has no address (`ipAddress` absent in
 # `container machine ls --format json`), the ssh half says so and is skipped.
 # Measured with hyperfine (-N, no shell) when installed, else a loop (median of RUNS).
 # CONTAINER: the CLI (default target/install/bin/container, from scripts/build.sh). Needs root.
@@ -55,7 +55,7 @@ measure() {
 wait_state() {
   local i out
   for i in $(seq 1 "$3"); do
-    out=$("$cli" machine run -n "$1" --root sh -c "$2" 2>/dev/null || true)
+    out=$("$cli" machine run -n "$1" --root --no-shell sh -c "$2" 2>/dev/null || true)
     case " $4 " in *" $out "*) return 0 ;; esac
     sleep 1
   done
@@ -81,13 +81,13 @@ wait_state bench-exec-ssh 'systemctl is-active ssh.service' 120 active
 measure "sshd: container machine run" "$cli" machine run -n bench-exec-ssh true
 
 ssh_skip=
-ip=$("$cli" machine ls --format json | jq -r '.[] | select(.name == "bench-exec-ssh") | .ip_address // empty')
+ip=$("$cli" machine ls --format json | jq -r '.[] | select(.id == "bench-exec-ssh") | .ipAddress // empty')
 ip=${ip%%/*}
 if [ -z "$ip" ]; then
-  ssh_skip="skipped: machine has no address (ip_address is empty in \`container machine ls --format json\`)"
+  ssh_skip="skipped: machine has no address (ipAddress is absent from \`container machine ls --format json\`)"
 else
   ssh-keygen -q -t ed25519 -N '' -f "$work/key"
-  "$cli" machine run -n bench-exec-ssh --root -i sh -c \
+  "$cli" machine run -n bench-exec-ssh --root -i --no-shell sh -c \
     'umask 077 && mkdir -p /root/.ssh && cat > /root/.ssh/authorized_keys' <"$work/key.pub"
   ssh_opts=(-F none -i "$work/key" -o BatchMode=yes -o StrictHostKeyChecking=no
     -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o ConnectTimeout=10)

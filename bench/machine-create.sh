@@ -42,7 +42,7 @@ for i in $(seq 1 "$rounds"); do
     t0=$(now)
     "$cli" machine create "${ref[$image]}" --name "$name" --no-boot >/dev/null
     c=$(since "$t0")
-    alloc[$image]=$("$cli" machine ls --format json | jq -r --arg n "$name" '.[] | select(.name == $n) | .disk_allocated')
+    alloc[$image]=$("$cli" machine ls --format json | jq -r --arg n "$name" '.[] | select(.id == $n) | .diskAllocated')
     t0=$(now)
     bench_rm "$name"
     r=$(since "$t0")

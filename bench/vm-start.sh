@@ -146,7 +146,7 @@ ours_guest() {
 # cleanly; prints the seconds since $2 at which it got there (empty for busybox).
 settle() {
   local state i
-  "$cli" machine run -n "$1" --root sh -c 'command -v systemctl' >/dev/null 2>&1 || return 0
+  "$cli" machine run -n "$1" --root --no-shell sh -c 'command -v systemctl' >/dev/null 2>&1 || return 0
   for i in $(seq 1 120); do
     state=$("$cli" machine run -n "$1" --root systemctl is-system-running 2>/dev/null || true)
     case $state in
@@ -212,7 +212,7 @@ ref=$(bench_push busybox)
 pid=$(bench_qemu_pid bench-mem)
 qemu_opts "$pid"
 mem_ours_idle=$(bench_settled_mem "$pid")
-"$cli" machine run -n bench-mem --root sh -c "$fill"
+"$cli" machine run -n bench-mem --root --no-shell sh -c "$fill"
 mem_ours=$(bench_settled_mem "$pid")
 echo "memory: ours idle $(mem_fmt "$mem_ours_idle"), after fill+free $(mem_fmt "$mem_ours")" >&2
 bench_rm bench-mem

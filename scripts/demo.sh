@@ -73,10 +73,10 @@ container machine run -n dev whoami
 container machine run -n dev pwd
 # The scripts below run in the guest: their expansions are the guest's, hence single quotes.
 # shellcheck disable=SC2016
-container machine run -n dev -- sh -c 'echo "kernel $(uname -r) on $(hostname)"; grep PRETTY /etc/os-release'
+container machine run -n dev --no-shell -- sh -c 'echo "kernel $(uname -r) on $(hostname)"; grep PRETTY /etc/os-release'
 # `create` returns once the guest agent answers; the image's init may still be starting.
 # shellcheck disable=SC2016
-container machine run -n dev -- sh -c 'command -v systemctl >/dev/null || exit 0
+container machine run -n dev --no-shell -- sh -c 'command -v systemctl >/dev/null || exit 0
   for i in $(seq 300); do
     s=$(systemctl is-system-running 2>/dev/null)
     case $s in running|degraded) break ;; esac
@@ -84,7 +84,7 @@ container machine run -n dev -- sh -c 'command -v systemctl >/dev/null || exit 0
   done
   echo "systemd: $s"'
 container m ls
-ip=$("$bin/container" machine inspect dev --format json | python3 -c 'import json,sys; d=json.load(sys.stdin); d=d[0] if isinstance(d, list) else d; print(d["ip_address"])')
+ip=$("$bin/container" machine inspect dev --format json | python3 -c 'import json,sys; d=json.load(sys.stdin); d=d[0] if isinstance(d, list) else d; print(d.get("ipAddress", ""))')
 echo "+ ping -c 1 $ip   # the machine's address, reachable from the host side"
 ping -c 1 -W 5 "$ip"
 time container machine run -n dev true

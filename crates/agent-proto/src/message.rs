@@ -82,6 +82,12 @@ pub struct ExecRequest {
     pub uid: Option<u32>,
     /// Overrides the primary group.
     pub gid: Option<u32>,
+    /// When present, exactly the supplementary groups (besides the primary one), instead of
+    /// those the guest's /etc/group gives the user: `run --root --gid 1000` runs as uid 0,
+    /// gid 0, groups `0 1000`. Absent from the JSON when `None`, so an older agent still
+    /// parses every request that does not use it; an older host never sends it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<u32>>,
     /// A user name resolved in the guest's /etc/passwd (wins over `uid`).
     pub user: Option<String>,
     /// A pseudo-terminal (the process leads a session with it as controlling terminal, and

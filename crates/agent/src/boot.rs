@@ -262,25 +262,21 @@ pub fn write_host_files(root: &Path, cfg: &BootConfig) -> Result<()> {
     Ok(())
 }
 
-/// The image's hosts file with our lines (marked, so the next boot replaces them).
+/// The hosts file: our two lines first, `127.0.0.1 localhost` then the machine's address
+/// and name (`127.0.1.1` without a network), as Apple's machines have them and scripts read
+/// them; then the image's own lines. Ours are marked, so the next boot replaces them, and
+/// separated by one space, as readers that split on spaces expect.
 fn hosts_file(existing: &str, hostname: &str, address: Option<&str>) -> String {
     const MARK: &str = "# container";
-    let mut lines: Vec<String> = existing
-        .lines()
-        .filter(|l| !l.ends_with(MARK))
-        .map(str::to_string)
-        .collect();
-    if !lines
-        .iter()
-        .any(|l| l.split_whitespace().skip(1).any(|n| n == "localhost"))
-    {
-        lines.insert(0, "127.0.0.1\tlocalhost".into());
+    let mut out = format!(
+        "127.0.0.1 localhost {MARK}\n{} {hostname} {MARK}\n",
+        address.unwrap_or("127.0.1.1")
+    );
+    for l in existing.lines().filter(|l| !l.ends_with(MARK)) {
+        out.push_str(l);
+        out.push('\n');
     }
-    lines.push(format!("127.0.1.1\t{hostname} {MARK}"));
-    if let Some(ip) = address {
-        lines.push(format!("{ip}\t{hostname} {MARK}"));
-    }
-    lines.join("\n") + "\n"
+    out
 }
 
 /// Moves the early mounts into the new root, frees the initramfs, and makes the new root `/`.
@@ -356,14 +352,23 @@ mod tests {
         let once = hosts_file(image, "dev", Some("192.168.64.2"));
         assert_eq!(
             once,
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\tdev # container\n192.168.64.2\tdev # container\n"
+            "127.0.0.1 localhost # container\n192.168.64.2 dev # container\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
         );
         let renamed = hosts_file(&once, "other", None);
         assert_eq!(
             renamed,
-            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n127.0.1.1\tother # container\n"
+            "127.0.0.1 localhost # container\n127.0.1.1 other # container\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost\n"
         );
-        assert!(hosts_file("", "dev", None).starts_with("127.0.0.1\tlocalhost\n"));
+        // A file written by an older agent (our line last) is rewritten the same way.
+        let older = "127.0.0.1\tlocalhost\n127.0.1.1\tdev # container\n";
+        assert_eq!(
+            hosts_file(older, "dev", None),
+            "127.0.0.1 localhost # container\n127.0.1.1 dev # container\n127.0.0.1\tlocalhost\n"
+        );
+        assert_eq!(
+            hosts_file("", "dev", None),
+            "127.0.0.1 localhost # container\n127.0.1.1 dev # container\n"
+        );
     }
 
     #[test]

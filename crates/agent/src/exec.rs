@@ -91,7 +91,13 @@ fn identity(req: &ExecRequest, passwd: &str, group: &str) -> Result<Identity, Re
     };
     let gid = req.gid.unwrap_or(gid);
     let mut groups = vec![gid];
-    if !name.is_empty() {
+    if let Some(extra) = &req.groups {
+        for g in extra {
+            if !groups.contains(g) {
+                groups.push(*g);
+            }
+        }
+    } else if !name.is_empty() {
         for l in group.lines() {
             let f: Vec<&str> = l.split(':').collect();
             if f.len() >= 4
@@ -500,6 +506,27 @@ mod tests {
         assert_eq!(
             identity(&req(None, None, None), PASSWD, GROUP).unwrap().uid,
             0
+        );
+        // Groups given by the host replace the memberships /etc/group lists.
+        let root_plus = ExecRequest {
+            groups: Some(vec![1000]),
+            ..req(None, Some(0), Some(0))
+        };
+        assert_eq!(
+            identity(&root_plus, PASSWD, GROUP).unwrap(),
+            Identity {
+                uid: 0,
+                gid: 0,
+                groups: vec![0, 1000]
+            }
+        );
+        let alice_only = ExecRequest {
+            groups: Some(vec![1000]),
+            ..req(None, Some(1000), None)
+        };
+        assert_eq!(
+            identity(&alice_only, PASSWD, GROUP).unwrap().groups,
+            vec![1000]
         );
         let refusal = identity(&req(Some("mallory"), None, None), PASSWD, GROUP).unwrap_err();
         assert_eq!(refusal.code(), 126);

@@ -1,9 +1,10 @@
 //! First-boot setup of the machine user: the image's `/etc/machine/create-user.sh` when it has
 //! an executable one, else the built-in setup: passwd, group and shadow entries with the
-//! host's name, uid, gid and shell, admin group membership, a sudoers drop-in, and (with no
-//! home share) a home from /etc/skel. Accounts of the image that hold the user's name, uid or
-//! gid (Ubuntu's `ubuntu` at 1000) give way. Done once: the marker is written only on
-//! success, so a failed setup is retried at the next boot.
+//! host's name, uid, gid and shell, admin group membership, the sudoers drop-in
+//! `/etc/sudoers.d/<user>` (dots as `_`), and (with no home share) a home from /etc/skel.
+//! Accounts of the image that hold the user's name, uid or gid (Ubuntu's `ubuntu` at 1000)
+//! give way. Done once: the marker is written only on success, so a failed setup is retried
+//! at the next boot.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -188,19 +189,27 @@ fn builtin(root: &Path, user: &UserSpec, home_mount: HomeMount) -> Result<()> {
         replace(&etc.join("gshadow"), s, 0o640)?;
     }
 
+    // As Apple's machines: `/etc/sudoers.d/<user>` (sudo skips drop-ins whose names contain a
+    // dot, hence `_`), also on images without sudo yet, so a later `apk add sudo` just works.
     let sudoers_d = etc.join("sudoers.d");
-    let has_sudo = ["usr/bin/sudo", "bin/sudo"]
-        .iter()
-        .any(|p| root.join(p).exists());
-    if sudoers_d.is_dir() || has_sudo {
+    if !sudoers_d.is_dir() {
         std::fs::create_dir_all(&sudoers_d).context("creating /etc/sudoers.d")?;
-        // sudo skips drop-ins whose names contain a dot.
-        let file = sudoers_d.join(format!("container-{}", user.name.replace('.', "_")));
-        replace(
-            &file,
-            &format!("{} ALL=(ALL) NOPASSWD:ALL\n", user.name),
-            0o440,
-        )?;
+        std::fs::set_permissions(&sudoers_d, std::fs::Permissions::from_mode(0o750))
+            .context("setting the mode of /etc/sudoers.d")?;
+    }
+    let file_name = user.name.replace('.', "_");
+    replace(
+        &sudoers_d.join(&file_name),
+        &format!("{} ALL=(ALL) NOPASSWD:ALL\n", user.name),
+        0o440,
+    )?;
+    // Older agents named it `container-<user>`. Machines they set up are never set up again
+    // and keep that file; a setup retried here leaves one drop-in, not two.
+    match std::fs::remove_file(sudoers_d.join(format!("container-{file_name}"))) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).context("removing the older sudoers drop-in");
+        }
+        _ => {}
     }
 
     if home_mount == HomeMount::None {
@@ -334,9 +343,9 @@ mod tests {
             read(r, "etc/shadow"),
             "root:*:19000::::::\nalice.b:!:19000:0:99999:7:::\n"
         );
-        let sudoers = r.join("etc/sudoers.d/container-alice_b");
+        let sudoers = r.join("etc/sudoers.d/alice_b");
         assert_eq!(
-            read(r, "etc/sudoers.d/container-alice_b"),
+            read(r, "etc/sudoers.d/alice_b"),
             "alice.b ALL=(ALL) NOPASSWD:ALL\n"
         );
         assert_eq!(
@@ -407,11 +416,29 @@ mod tests {
     }
 
     #[test]
-    fn no_sudo_no_drop_in() {
+    fn the_drop_in_is_written_even_without_sudoers_d() {
         let root = ubuntu_root();
         let r = root.path();
         std::fs::remove_dir(r.join("etc/sudoers.d")).unwrap();
         assert!(provision(&config(HomeMount::None), r).unwrap());
-        assert!(!r.join("etc/sudoers.d").exists());
+        let dir = r.join("etc/sudoers.d");
+        assert_eq!(dir.metadata().unwrap().permissions().mode() & 0o777, 0o750);
+        assert_eq!(
+            read(r, "etc/sudoers.d/alice_b"),
+            "alice.b ALL=(ALL) NOPASSWD:ALL\n"
+        );
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_retried_setup_replaces_the_older_drop_in_name() {
+        let root = ubuntu_root();
+        let r = root.path();
+        std::fs::write(r.join("etc/sudoers.d/container-alice_b"), "old\n").unwrap();
+        std::fs::write(r.join("etc/sudoers.d/README"), "image\n").unwrap();
+        assert!(provision(&config(HomeMount::None), r).unwrap());
+        assert!(!r.join("etc/sudoers.d/container-alice_b").exists());
+        assert!(r.join("etc/sudoers.d/alice_b").exists());
+        assert_eq!(read(r, "etc/sudoers.d/README"), "image\n");
     }
 }

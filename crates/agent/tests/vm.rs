@@ -274,7 +274,7 @@ async fn the_agent_runs_a_machine() {
     assert!(
         sh(uds, "cat /etc/hosts")
             .await
-            .contains("10.0.2.15\tagent-test")
+            .starts_with("127.0.0.1 localhost # container\n10.0.2.15 agent-test ")
     );
     assert_eq!(
         sh(uds, "id alice.b").await,

@@ -99,32 +99,160 @@ pub struct MachineUser {
     pub shell: String,
 }
 
-/// A machine as `ls` and `inspect` show it.
+/// A machine as `ls` and `inspect` show it, in the schema of Apple's `container machine`
+/// (camelCase keys, `id`, `status`, `image.reference`, `platform.os`, `userSetup`, dates in
+/// ISO 8601 to the second), so scripts written for it read ours; the fields Apple's lacks
+/// follow the same style. Absent values are left out rather than `null`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Machine {
-    pub name: String,
-    pub image: String,
-    pub image_digest: String,
-    pub created: chrono::DateTime<chrono::Utc>,
-    pub started: Option<chrono::DateTime<chrono::Utc>>,
-    pub state: MachineState,
+    /// The machine's name.
+    pub id: String,
+    pub status: MachineState,
+    /// The caller's default machine.
     pub default: bool,
+    /// The address the machine answers on, while it runs (absent when stopped, as in Apple's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip_address: Option<String>,
+    /// The address kept for the machine across stops and restarts, also while stopped;
+    /// absent without a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved_ip_address: Option<String>,
     pub cpus: u32,
+    /// Bytes.
     pub memory: u64,
-    /// Virtual size of the machine disk.
+    /// Virtual size of the machine disk, bytes.
     pub disk_size: u64,
     /// Bytes the machine disk occupies on the host (allocated, not apparent).
     pub disk_allocated: u64,
     pub home_mount: HomeMount,
-    pub mounts: Vec<MountSpec>,
+    #[serde(with = "iso8601")]
+    pub created_date: chrono::DateTime<chrono::Utc>,
+    /// When the running VM started; absent when stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "iso8601_opt")]
+    pub started_date: Option<chrono::DateTime<chrono::Utc>>,
+    pub image: MachineImage,
+    pub platform: Platform,
+    pub user_setup: UserSetup,
+    pub mounts: Vec<MachineMount>,
     pub network: String,
+    /// A kernel of the user's instead of the service's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
-    pub user: MachineUser,
+    /// The host uid that owns the machine.
     pub owner_uid: u32,
     /// Settings changed with `set` that wait for the next start.
     #[serde(default)]
     pub pending_restart: bool,
+}
+
+/// The image a machine was created from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineImage {
+    pub reference: String,
+    pub digest: String,
+}
+
+/// A machine's platform, in OCI terms.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Platform {
+    /// Always `linux`.
+    pub os: String,
+    /// `amd64`, `arm64`: the host's.
+    pub architecture: String,
+}
+
+impl Platform {
+    /// The only platform machines run on: the host's, as OCI names it.
+    pub fn host() -> Self {
+        Self {
+            os: "linux".into(),
+            architecture: match std::env::consts::ARCH {
+                "x86_64" => "amd64",
+                "aarch64" => "arm64",
+                other => other,
+            }
+            .into(),
+        }
+    }
+}
+
+/// The user a machine logs in as (the host user who created it), as Apple's `userSetup`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserSetup {
+    pub username: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+    pub shell: String,
+}
+
+impl From<&MachineUser> for UserSetup {
+    fn from(u: &MachineUser) -> Self {
+        Self {
+            username: u.name.clone(),
+            uid: u.uid,
+            gid: u.gid,
+            home: u.home.clone(),
+            shell: u.shell.clone(),
+        }
+    }
+}
+
+/// An extra shared directory, as `inspect` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MachineMount {
+    pub host_path: String,
+    pub guest_path: String,
+    pub read_only: bool,
+}
+
+impl From<&MountSpec> for MachineMount {
+    fn from(m: &MountSpec) -> Self {
+        Self {
+            host_path: m.host_path.clone(),
+            guest_path: m.guest_path.clone(),
+            read_only: m.read_only,
+        }
+    }
+}
+
+/// Dates as ISO 8601 to the second, `2026-06-08T09:30:00Z`: what Swift's `.iso8601` date
+/// decoding (Apple's tool and its tests) accepts, which fractional seconds are not.
+mod iso8601 {
+    use chrono::{DateTime, SecondsFormat, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&d.to_rfc3339_opts(SecondsFormat::Secs, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// [`iso8601`] for optional dates.
+mod iso8601_opt {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::iso8601::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        #[derive(Deserialize)]
+        struct Wrap(#[serde(with = "super::iso8601")] DateTime<Utc>);
+        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
+    }
 }
 
 /// `POST /v1/machines/{name}/set` body: the settings to change; the others stay.
@@ -209,8 +337,13 @@ pub struct StopRequest {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunRequest {
-    /// Empty: the user's login shell.
+    /// Empty: the user's login shell. Otherwise run by `/bin/sh -c` as the words joined by
+    /// spaces (as `ssh host CMD ARGS…` does), or as this exact argv with `no_shell`.
     pub command: Vec<String>,
+    /// Execute `command` as given, each element one argument, with no shell in between.
+    /// Left out of the JSON when false, so a newer CLI still talks to an older service.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_shell: bool,
     pub env: Vec<String>,
     pub workdir: Option<String>,
     /// The caller's current directory, used when it is visible inside the machine.
@@ -229,4 +362,86 @@ pub struct RunRequest {
     pub detach: bool,
     pub rows: Option<u16>,
     pub cols: Option<u16>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(started: bool) -> Machine {
+        let t = chrono::DateTime::parse_from_rfc3339("2026-06-08T09:30:00.123456Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        Machine {
+            id: "dev".into(),
+            status: if started {
+                MachineState::Running
+            } else {
+                MachineState::Stopped
+            },
+            default: true,
+            ip_address: started.then(|| "192.168.64.2".into()),
+            reserved_ip_address: Some("192.168.64.2".into()),
+            cpus: 2,
+            memory: 1 << 30,
+            disk_size: 8 << 30,
+            disk_allocated: 1 << 20,
+            home_mount: HomeMount::Ro,
+            created_date: t,
+            started_date: started.then_some(t),
+            image: MachineImage {
+                reference: "alpine:3.20".into(),
+                digest: "sha256:0".into(),
+            },
+            platform: Platform::host(),
+            user_setup: UserSetup {
+                username: "alice".into(),
+                uid: 1000,
+                gid: 1000,
+                home: "/home/alice".into(),
+                shell: "/bin/sh".into(),
+            },
+            mounts: vec![MachineMount {
+                host_path: "/srv".into(),
+                guest_path: "/data".into(),
+                read_only: true,
+            }],
+            network: "default".into(),
+            kernel: None,
+            owner_uid: 1000,
+            pending_restart: false,
+        }
+    }
+
+    #[test]
+    fn machines_read_as_apples_schema() {
+        let running = serde_json::to_value(machine(true)).unwrap();
+        assert_eq!(running["id"], "dev");
+        assert_eq!(running["status"], "running");
+        assert_eq!(running["default"], true);
+        assert_eq!(running["ipAddress"], "192.168.64.2");
+        assert_eq!(running["memory"], 1u64 << 30);
+        assert_eq!(running["diskSize"], 8u64 << 30);
+        assert_eq!(running["homeMount"], "ro");
+        // Swift's `.iso8601` decoding takes no fractional seconds.
+        assert_eq!(running["createdDate"], "2026-06-08T09:30:00Z");
+        assert_eq!(running["startedDate"], "2026-06-08T09:30:00Z");
+        assert_eq!(running["image"]["reference"], "alpine:3.20");
+        assert_eq!(running["platform"]["os"], "linux");
+        assert_eq!(running["userSetup"]["username"], "alice");
+        assert_eq!(running["mounts"][0]["guestPath"], "/data");
+        assert_eq!(running["ownerUid"], 1000);
+        assert_eq!(running["pendingRestart"], false);
+        assert_eq!(running["diskAllocated"], 1u64 << 20);
+        let stopped = serde_json::to_value(machine(false)).unwrap();
+        assert_eq!(stopped["status"], "stopped");
+        assert!(stopped.get("startedDate").is_none(), "{stopped}");
+        assert!(stopped.get("ipAddress").is_none(), "{stopped}");
+        assert_eq!(stopped["reservedIpAddress"], "192.168.64.2");
+        assert!(stopped.get("kernel").is_none(), "{stopped}");
+        // What the service sends, the CLI reads back (to the second).
+        let back: Machine = serde_json::from_value(running).unwrap();
+        assert_eq!(back.started_date.unwrap().timestamp(), 1_780_911_000);
+        assert_eq!(back.id, "dev");
+    }
 }

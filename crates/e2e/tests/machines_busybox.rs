@@ -99,7 +99,10 @@ fn quickstart_and_host_integration_on_busybox() {
     );
 
     // Exit codes pass through; a missing command says so.
-    let out = alice.cli(&service, &["machine", "run", "sh", "-c", "exit 42"]);
+    let out = alice.cli(
+        &service,
+        &["machine", "run", "--no-shell", "sh", "-c", "exit 42"],
+    );
     assert_eq!(out.status.code(), Some(42));
     let out = alice.cli(&service, &["machine", "run", "no-such-command"]);
     assert_eq!(
@@ -113,7 +116,14 @@ fn quickstart_and_host_integration_on_busybox() {
     alice.cli_ok_in(
         &service,
         &project,
-        &["machine", "run", "sh", "-c", "echo hi > made-inside"],
+        &[
+            "machine",
+            "run",
+            "--no-shell",
+            "sh",
+            "-c",
+            "echo hi > made-inside",
+        ],
     );
     let made = project.join("made-inside");
     assert_eq!(std::fs::read_to_string(&made).unwrap(), "hi\n");
@@ -133,6 +143,7 @@ fn quickstart_and_host_integration_on_busybox() {
             env_file.to_str().unwrap(),
             "-w",
             "/tmp",
+            "--no-shell",
             "sh",
             "-c",
             "echo $GREETING $FROM_FILE $(pwd)",
@@ -183,6 +194,7 @@ fn quickstart_and_host_integration_on_busybox() {
             "machine",
             "run",
             "--root",
+            "--no-shell",
             "sh",
             "-c",
             "echo kept > /var/kept",
@@ -326,6 +338,7 @@ fn stop_is_clean_forced_only_when_init_ignores_the_signal_and_reboot_boots_again
         "run",
         "-n",
         "stopper",
+        "--no-shell",
         "sh",
         "-c",
         "echo kept > /root/mark",
@@ -380,12 +393,12 @@ fn stop_is_clean_forced_only_when_init_ignores_the_signal_and_reboot_boots_again
             .trim()
             .to_string()
     };
-    let before = (boot_id(), inspect()["started"].clone());
+    let before = (boot_id(), inspect()["startedDate"].clone());
     service.cli_ok(&["machine", "run", "-n", "stopper", "-d", "--root", "reboot"]);
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let now = inspect();
-        if now["state"] == "running" && now["started"] != before.1 {
+        if now["status"] == "running" && now["startedDate"] != before.1 {
             break;
         }
         assert!(
@@ -422,12 +435,13 @@ fn stop_is_clean_forced_only_when_init_ignores_the_signal_and_reboot_boots_again
         "stopper",
         "-d",
         "--root",
+        "--no-shell",
         "sh",
         "-c",
         "echo c > /proc/sysrq-trigger",
     ]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while inspect()["state"] != "stopped" {
+    while inspect()["status"] != "stopped" {
         assert!(Instant::now() < deadline, "the panicked machine still runs");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -436,7 +450,7 @@ fn stop_is_clean_forced_only_when_init_ignores_the_signal_and_reboot_boots_again
     // Still this boot's console (a new boot starts a new one), and still stopped.
     let console = service.cli_ok(&["machine", "logs", "stopper"]);
     assert!(console.contains("Kernel panic"), "{console}");
-    assert_eq!(inspect()["state"], "stopped", "a panic is not a reboot");
+    assert_eq!(inspect()["status"], "stopped", "a panic is not a reboot");
     service.cli_ok(&["machine", "start", "stopper"]);
 
     let bad = service.cli_err(&["machine", "stop", "--signal", "NOPE", "stopper"]);
@@ -489,6 +503,7 @@ fn interrupts_reach_the_command_and_logs_follow_the_console() {
         "-n",
         "sig",
         "--root",
+        "--no-shell",
         "sh",
         "-c",
         "echo follow-marker > /dev/console",
@@ -565,11 +580,11 @@ fn a_read_only_home_and_extra_mounts_behave_as_asked() {
     // The home is the host's, read-only.
     let seen = run(&["cat", "dotfile"]);
     assert_eq!(String::from_utf8_lossy(&seen.stdout), "from the host\n");
-    let write_home = run(&["sh", "-c", "echo x > new-in-home"]);
+    let write_home = run(&["--no-shell", "sh", "-c", "echo x > new-in-home"]);
     assert!(!write_home.status.success(), "the home is read-only");
     assert!(!alice.home.join("new-in-home").exists());
     // A read-write mount: what the machine writes lands on the host, owned by the user.
-    let wrote = run(&["sh", "-c", "echo inside > /data/sub/made"]);
+    let wrote = run(&["--no-shell", "sh", "-c", "echo inside > /data/sub/made"]);
     assert!(wrote.status.success(), "{wrote:?}");
     let made = data.join("sub/made");
     assert_eq!(std::fs::read_to_string(&made).unwrap(), "inside\n");
@@ -586,7 +601,11 @@ fn a_read_only_home_and_extra_mounts_behave_as_asked() {
         String::from_utf8_lossy(&run(&["cat", "/refs/readme"]).stdout),
         "reference\n"
     );
-    assert!(!run(&["sh", "-c", "echo x > /refs/other"]).status.success());
+    assert!(
+        !run(&["--no-shell", "sh", "-c", "echo x > /refs/other"])
+            .status
+            .success()
+    );
     assert!(!refs.join("other").exists());
 
     // home-mount changes at the next start, and `set` says so.
@@ -597,12 +616,16 @@ fn a_read_only_home_and_extra_mounts_behave_as_asked() {
     assert!(set.status.success());
     let note = String::from_utf8_lossy(&set.stderr);
     assert!(
-        note.contains("take effect after stopping and starting"),
+        note.contains("will take effect after stopping and starting"),
         "{note}"
     );
     alice.cli_ok(&service, &["machine", "stop", "mounts"]);
     alice.cli_ok(&service, &["machine", "start", "mounts"]);
-    assert!(run(&["sh", "-c", "echo x > new-in-home"]).status.success());
+    assert!(
+        run(&["--no-shell", "sh", "-c", "echo x > new-in-home"])
+            .status
+            .success()
+    );
     assert_eq!(
         std::fs::metadata(alice.home.join("new-in-home"))
             .unwrap()

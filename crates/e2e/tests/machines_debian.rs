@@ -33,6 +33,7 @@ fn systemd_sudo_and_a_login_shell() {
             "-n",
             "deb",
             "--root",
+            "--no-shell",
             "sh",
             "-c",
             // `create` returns once the agent answers; systemd may still be starting.
@@ -189,6 +190,7 @@ fn the_host_user_takes_uid_1000_from_the_images_account() {
             "run",
             "-n",
             "collide",
+            "--no-shell",
             "sh",
             "-c",
             "stat -c %u $HOME; ls -a $HOME",
@@ -262,6 +264,7 @@ fn machines_survive_a_service_restart() {
         "run",
         "-n",
         "survivor",
+        "--no-shell",
         "sh",
         "-c",
         "echo before > /tmp/mark",

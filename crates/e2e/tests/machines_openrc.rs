@@ -81,7 +81,10 @@ fn openrc_boots_to_default_and_stops_cleanly() {
     alice.cli_ok(&service, &["machine", "create", &image, "--name", "orc"]);
     let created = Instant::now();
     // `create` returns once the agent answers; OpenRC may still be starting.
-    assert_eq!(run(&["sh", "-c", WAIT_FOR_DEFAULT]).trim(), "default");
+    assert_eq!(
+        run(&["--no-shell", "sh", "-c", WAIT_FOR_DEFAULT]).trim(),
+        "default"
+    );
     eprintln!(
         "orc: created in {:.1?}, default runlevel {:.1?} later",
         created - started,
@@ -113,7 +116,7 @@ fn openrc_boots_to_default_and_stops_cleanly() {
     run(&["sudo", "-n", "rc-service", "stopmark", "start"]);
     let svc = run(&["rc-service", "stopmark", "status"]);
     assert!(svc.contains("started"), "{svc}");
-    run(&["--root", "sh", "-c", "echo kept > /var/kept"]);
+    run(&["--root", "--no-shell", "sh", "-c", "echo kept > /var/kept"]);
 
     // openrc-init runs its shutdown (stopping the service) and the VM goes down by itself.
     stop_cleanly(&alice, &service, "orc");
@@ -124,7 +127,10 @@ fn openrc_boots_to_default_and_stops_cleanly() {
     assert_eq!(run(&["cat", "/var/kept"]).trim(), "kept");
     let mark = run(&["cat", "/var/log/stopmark.stopped"]);
     assert!(mark.contains("stopped by openrc"), "{mark}");
-    assert_eq!(run(&["sh", "-c", WAIT_FOR_DEFAULT]).trim(), "default");
+    assert_eq!(
+        run(&["--no-shell", "sh", "-c", WAIT_FOR_DEFAULT]).trim(),
+        "default"
+    );
     stop_cleanly(&alice, &service, "orc");
 }
 
@@ -166,6 +172,7 @@ fn a_stop_while_openrc_boots_is_clean() {
             "-n",
             "early",
             "--root",
+            "--no-shell",
             "sh",
             "-c",
             "for i in $(seq 600); do [ -s /run/openrc/softlevel ] && break; sleep 0.1; done; \
@@ -187,6 +194,7 @@ fn a_stop_while_openrc_boots_is_clean() {
             "run",
             "-n",
             "early",
+            "--no-shell",
             "sh",
             "-c",
             WAIT_FOR_DEFAULT,

@@ -24,8 +24,9 @@ fn machines(service: &Service) -> Vec<serde_json::Value> {
 fn ip_of(service: &Service, name: &str) -> Option<String> {
     machines(service)
         .into_iter()
-        .find(|m| m["name"] == name)
-        .and_then(|m| m["ip_address"].as_str().map(str::to_string))
+        .find(|m| m["id"] == name)
+        // The address kept across stops (`ipAddress` is there only while the machine runs).
+        .and_then(|m| m["reservedIpAddress"].as_str().map(str::to_string))
 }
 
 /// Links in the test namespace whose name starts with `ctap-` (the service's taps).
@@ -148,6 +149,7 @@ fn machines_are_reachable_at_sticky_addresses() {
         "-n",
         "web",
         "--root",
+        "--no-shell",
         "sh",
         "-c",
         "mkdir -p /srv/www && hostname > /srv/www/index.html",
@@ -281,6 +283,7 @@ fn a_packaged_service_started_with_systemctl_answers_the_host() {
             "run",
             "-n",
             "www",
+            "--no-shell",
             "sh",
             "-c",
             "for i in $(seq 300); do case $(systemctl is-system-running 2>/dev/null) in running|degraded) break;; esac; sleep 0.2; done; sudo -n systemctl start nginx && systemctl is-active nginx",

@@ -160,6 +160,9 @@ pub struct ExecSpec {
     pub cwd: String,
     /// The user: a numeric uid/gid, or a name the guest resolves.
     pub user: ExecUser,
+    /// Exactly these supplementary groups, instead of the user's memberships in the guest's
+    /// /etc/group (`run --root --gid G`).
+    pub groups: Option<Vec<u32>>,
     pub tty: bool,
     pub rows: u16,
     pub cols: u16,

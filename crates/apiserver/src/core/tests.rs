@@ -445,7 +445,7 @@ async fn machine(core: &Core, caller: &Caller, req: Request) -> Result<Machine, 
 
 async fn names(core: &Core, caller: &Caller) -> Vec<String> {
     match core.handle(caller, Request::MachineList).await.unwrap() {
-        Reply::Machines(ms) => ms.into_iter().map(|m| m.name).collect(),
+        Reply::Machines(ms) => ms.into_iter().map(|m| m.id).collect(),
         other => panic!("unexpected reply {other:?}"),
     }
 }
@@ -456,9 +456,9 @@ async fn create_derives_names_and_the_first_machine_is_the_default() {
     let m = machine(&f.core, &ROOT, create("busybox", None))
         .await
         .unwrap();
-    assert_eq!(m.name, "busybox-latest");
+    assert_eq!(m.id, "busybox-latest");
     assert!(m.default);
-    assert_eq!(m.state, MachineState::Stopped);
+    assert_eq!(m.status, MachineState::Stopped);
     assert_eq!(m.cpus, 2, "half the host's cpus");
     assert_eq!(m.memory, 4 << 30, "half the host's memory");
     let second = machine(&f.core, &ROOT, create("debian", Some("db")))
@@ -676,8 +676,10 @@ async fn networked_machines_hold_a_sticky_address_from_create_to_rm() {
     let b = machine(&f.core, &ROOT, create("busybox", Some("b")))
         .await
         .unwrap();
-    assert_eq!(a.ip_address.as_deref(), Some("10.0.0.2"));
-    assert_eq!(b.ip_address.as_deref(), Some("10.0.0.3"));
+    assert_eq!(a.reserved_ip_address.as_deref(), Some("10.0.0.2"));
+    assert_eq!(b.reserved_ip_address.as_deref(), Some("10.0.0.3"));
+    // `ipAddress` is the running machine's, as in Apple's schema.
+    assert_eq!(a.ip_address, None);
     // Start and stop keep the address.
     machine(&f.core, &ROOT, Request::MachineStart("a".into()))
         .await
@@ -685,6 +687,10 @@ async fn networked_machines_hold_a_sticky_address_from_create_to_rm() {
     let booted = f.vms.running.lock().unwrap()["a"].record.clone();
     assert_eq!(booted.ip_address.as_deref(), Some("10.0.0.2"));
     assert_eq!(booted.mac, "52:54:00:00:00:02");
+    let running = machine(&f.core, &ROOT, Request::MachineInspect("a".into()))
+        .await
+        .unwrap();
+    assert_eq!(running.ip_address.as_deref(), Some("10.0.0.2"));
     machine(
         &f.core,
         &ROOT,
@@ -695,7 +701,8 @@ async fn networked_machines_hold_a_sticky_address_from_create_to_rm() {
     let again = machine(&f.core, &ROOT, Request::MachineInspect("a".into()))
         .await
         .unwrap();
-    assert_eq!(again.ip_address.as_deref(), Some("10.0.0.2"));
+    assert_eq!(again.reserved_ip_address.as_deref(), Some("10.0.0.2"));
+    assert_eq!(again.ip_address, None);
     // rm releases it.
     machine(
         &f.core,
@@ -720,7 +727,7 @@ async fn networked_machines_hold_a_sticky_address_from_create_to_rm() {
     let offline = machine(&f.core, &ROOT, Request::MachineCreate(req.clone()))
         .await
         .unwrap();
-    assert_eq!(offline.ip_address, None);
+    assert_eq!(offline.reserved_ip_address, None);
     assert_eq!(offline.network, "none");
     assert!(
         !f.net
@@ -1027,7 +1034,7 @@ async fn a_stop_timeout_is_bounded() {
         "nothing was done"
     );
     let m = machine(&f.core, &ROOT, stop(3600)).await.unwrap();
-    assert_eq!(m.state, MachineState::Stopped);
+    assert_eq!(m.status, MachineState::Stopped);
 }
 
 /// The requests that touch image names, acting in the caller's namespace or (`system`) the

@@ -17,7 +17,7 @@ pub fn validate(name: &str) -> Result<(), String> {
         || name.ends_with('-')
     {
         return Err(format!(
-            "invalid machine name `{name}`: use 1 to {MAX_NAME} lowercase letters, digits and dashes, starting and ending with a letter or digit"
+            "invalid machine name `{name}`: use 1 to {MAX_NAME} lowercase letters, digits and dashes; it must start and end with a letter or digit"
         ));
     }
     Ok(())

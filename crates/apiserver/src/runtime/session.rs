@@ -224,6 +224,7 @@ mod tests {
             cwd: "/".into(),
             uid: Some(0),
             gid: None,
+            groups: None,
             user: None,
             tty: false,
             rows: 0,

@@ -266,6 +266,7 @@ impl Vms for ServiceVms {
             cwd: spec.cwd,
             uid,
             gid,
+            groups: spec.groups,
             user,
             tty: spec.tty,
             rows: spec.rows,

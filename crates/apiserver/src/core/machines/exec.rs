@@ -11,6 +11,9 @@ use crate::core::ports::{ClientStream, ExecSpec, ExecUser};
 use crate::core::{Caller, Core};
 use crate::machines::MachineRecord;
 
+/// The shell a `run` command goes through: every image has it (`$0` there is `/bin/sh`).
+const SHELL: &str = "/bin/sh";
+
 impl Core {
     /// Works out what `run` starts: user, working directory, environment, argv.
     pub(in crate::core) fn exec_spec(
@@ -18,35 +21,7 @@ impl Core {
         req: &RunRequest,
     ) -> Result<ExecSpec, ApiError> {
         let user = &record.user;
-        let exec_user = if req.root {
-            ExecUser::Ids {
-                uid: 0,
-                gid: Some(0),
-            }
-        } else if let Some(u) = &req.user {
-            let (who, group) = match u.split_once(':') {
-                Some((w, g)) => (w, Some(g)),
-                None => (u.as_str(), None),
-            };
-            let gid = group
-                .map(|g| {
-                    g.parse::<u32>()
-                        .map_err(|_| ApiError::invalid(format!("invalid group `{g}` in -u {u}")))
-                })
-                .transpose()?
-                .or(req.gid);
-            match who.parse::<u32>() {
-                Ok(uid) => ExecUser::Ids { uid, gid },
-                Err(_) => ExecUser::Name(who.to_string()),
-            }
-        } else if let Some(uid) = req.uid {
-            ExecUser::Ids { uid, gid: req.gid }
-        } else {
-            ExecUser::Ids {
-                uid: user.uid,
-                gid: Some(req.gid.unwrap_or(user.gid)),
-            }
-        };
+        let (exec_user, groups) = Self::exec_identity(user, req)?;
         let as_machine_user = matches!(&exec_user, ExecUser::Ids { uid, .. } if *uid == user.uid)
             || matches!(&exec_user, ExecUser::Name(n) if *n == user.name);
         let home = if as_machine_user {
@@ -79,8 +54,15 @@ impl Core {
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_else(|| "sh".into());
             (vec![shell.clone()], Some(format!("-{base}")))
-        } else {
+        } else if req.no_shell {
             (req.command.clone(), None)
+        } else {
+            // As `ssh host CMD ARGS…` and Apple's `container machine run`: the words are joined
+            // and the guest's POSIX shell parses them, so `$VAR`, `&&` and `exit 3` work.
+            (
+                vec![SHELL.to_string(), "-c".to_string(), req.command.join(" ")],
+                None,
+            )
         };
         let mut env = vec![
             "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
@@ -106,11 +88,89 @@ impl Core {
             env,
             cwd,
             user: exec_user,
+            groups,
             tty: req.tty,
             rows: req.rows.unwrap_or(24),
             cols: req.cols.unwrap_or(80),
             detach: req.detach,
         })
+    }
+}
+
+impl Core {
+    /// Who `run` runs as, from `--root`, `-u USER|UID[:GID]`, `--uid` and `--gid`, and the
+    /// supplementary groups when they are not the user's own:
+    ///
+    /// - nothing: the machine's user, `--gid` replacing its primary group;
+    /// - `--root`: uid 0, gid 0; `--gid G` adds G as a supplementary group (as Apple's
+    ///   `run --root --gid 1000 id -G` prints `0 1000`), since root's primary group stays 0;
+    /// - `--uid U` or `-u UID`: that uid, with `--gid`'s group (or the one after the colon) as
+    ///   primary, else its passwd entry's (the guest decides);
+    /// - `-u NAME`: resolved in the guest.
+    ///
+    /// Contradictions are refused rather than one flag silently winning: `--root` with `-u` or
+    /// `--uid`, `-u` with `--uid`, `-u UID:GID` with a different `--gid`, and a group with a
+    /// user name (the guest resolves names, and a name's group would be its own).
+    fn exec_identity(
+        user: &container_api::machine::MachineUser,
+        req: &RunRequest,
+    ) -> Result<(ExecUser, Option<Vec<u32>>), ApiError> {
+        if req.root && (req.user.is_some() || req.uid.is_some()) {
+            return Err(ApiError::invalid(
+                "--root runs as uid 0: give it without -u/--user or --uid",
+            ));
+        }
+        if req.user.is_some() && req.uid.is_some() {
+            return Err(ApiError::invalid(
+                "give the user once: -u/--user or --uid, not both",
+            ));
+        }
+        if req.root {
+            return Ok((
+                ExecUser::Ids {
+                    uid: 0,
+                    gid: Some(0),
+                },
+                req.gid.filter(|g| *g != 0).map(|g| vec![g]),
+            ));
+        }
+        if let Some(u) = &req.user {
+            let (who, group) = match u.split_once(':') {
+                Some((w, g)) => (w, Some(g)),
+                None => (u.as_str(), None),
+            };
+            let group = group
+                .map(|g| {
+                    g.parse::<u32>()
+                        .map_err(|_| ApiError::invalid(format!("invalid group `{g}` in -u {u}")))
+                })
+                .transpose()?;
+            if let (Some(g), Some(flag)) = (group, req.gid)
+                && g != flag
+            {
+                return Err(ApiError::invalid(format!(
+                    "-u {u} and --gid {flag} name different groups: give one"
+                )));
+            }
+            let gid = group.or(req.gid);
+            return match who.parse::<u32>() {
+                Ok(uid) => Ok((ExecUser::Ids { uid, gid }, None)),
+                Err(_) if gid.is_some() => Err(ApiError::invalid(format!(
+                    "a group needs a numeric user: -u UID:GID instead of -u {u}"
+                ))),
+                Err(_) => Ok((ExecUser::Name(who.to_string()), None)),
+            };
+        }
+        if let Some(uid) = req.uid {
+            return Ok((ExecUser::Ids { uid, gid: req.gid }, None));
+        }
+        Ok((
+            ExecUser::Ids {
+                uid: user.uid,
+                gid: Some(req.gid.unwrap_or(user.gid)),
+            },
+            None,
+        ))
     }
 }
 
@@ -282,6 +342,27 @@ mod tests {
     }
 
     #[test]
+    fn commands_go_through_the_shell_unless_asked_not_to() {
+        let r = record(HomeMount::Rw);
+        let mut req = run(&["[ -d /tmp ]", "&&", "echo", "$HOME"], "/");
+        let spec = Core::exec_spec(&r, &req).unwrap();
+        assert_eq!(spec.argv, ["/bin/sh", "-c", "[ -d /tmp ] && echo $HOME"]);
+        assert_eq!(spec.arg0, None);
+        req.no_shell = true;
+        let spec = Core::exec_spec(&r, &req).unwrap();
+        assert_eq!(spec.argv, ["[ -d /tmp ]", "&&", "echo", "$HOME"]);
+        // `-e` values are the process's environment either way: the shell expands them.
+        req.env = vec!["MY_VAR=x".into()];
+        req.no_shell = false;
+        assert!(
+            Core::exec_spec(&r, &req)
+                .unwrap()
+                .env
+                .contains(&"MY_VAR=x".to_string())
+        );
+    }
+
+    #[test]
     fn no_command_means_a_login_shell_as_the_user() {
         let spec = Core::exec_spec(&record(HomeMount::Rw), &run(&[], "/")).unwrap();
         assert_eq!(spec.argv, ["/bin/bash"]);
@@ -295,6 +376,101 @@ mod tests {
         );
         assert!(spec.env.contains(&"USER=alice".to_string()));
         assert!(spec.env.contains(&"HOME=/home/alice".to_string()));
+    }
+
+    /// (uid, gid, supplementary groups) `run` asks for, or the refusal.
+    fn who(
+        root: bool,
+        user: Option<&str>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+    ) -> Result<(ExecUser, Option<Vec<u32>>), ApiError> {
+        let req = RunRequest {
+            command: vec!["id".into()],
+            root,
+            user: user.map(str::to_string),
+            uid,
+            gid,
+            ..Default::default()
+        };
+        Core::exec_spec(&record(HomeMount::Rw), &req).map(|s| (s.user, s.groups))
+    }
+
+    fn ids(uid: u32, gid: Option<u32>) -> ExecUser {
+        ExecUser::Ids { uid, gid }
+    }
+
+    #[test]
+    fn every_user_flag_combination_means_one_thing() {
+        // Nobody named: the machine's user; --gid replaces its primary group.
+        assert_eq!(
+            who(false, None, None, None).unwrap(),
+            (ids(1000, Some(1000)), None)
+        );
+        assert_eq!(
+            who(false, None, None, Some(5)).unwrap(),
+            (ids(1000, Some(5)), None)
+        );
+        // --root: 0/0; --gid adds a supplementary group (Apple: `id -G` prints `0 1000`).
+        assert_eq!(
+            who(true, None, None, None).unwrap(),
+            (ids(0, Some(0)), None)
+        );
+        assert_eq!(
+            who(true, None, None, Some(1000)).unwrap(),
+            (ids(0, Some(0)), Some(vec![1000]))
+        );
+        assert_eq!(
+            who(true, None, None, Some(0)).unwrap(),
+            (ids(0, Some(0)), None)
+        );
+        // --uid (Apple: `--uid 1000 id -u` prints 1000), with or without --gid.
+        assert_eq!(
+            who(false, None, Some(1000), None).unwrap(),
+            (ids(1000, None), None)
+        );
+        assert_eq!(
+            who(false, None, Some(33), Some(44)).unwrap(),
+            (ids(33, Some(44)), None)
+        );
+        // -u UID[:GID] (Apple: `--user 1000:1000` gives `1000:1000`); --gid fills a missing group.
+        assert_eq!(
+            who(false, Some("1000:1000"), None, None).unwrap(),
+            (ids(1000, Some(1000)), None)
+        );
+        assert_eq!(
+            who(false, Some("33"), None, None).unwrap(),
+            (ids(33, None), None)
+        );
+        assert_eq!(
+            who(false, Some("33"), None, Some(44)).unwrap(),
+            (ids(33, Some(44)), None)
+        );
+        assert_eq!(
+            who(false, Some("33:44"), None, Some(44)).unwrap(),
+            (ids(33, Some(44)), None)
+        );
+        assert_eq!(
+            who(false, Some("postgres"), None, None).unwrap(),
+            (ExecUser::Name("postgres".into()), None)
+        );
+        // Contradictions are refused, not resolved by one flag silently winning.
+        for (root, user, uid, gid) in [
+            (true, Some("33"), None, None),
+            (true, None, Some(33), None),
+            (false, Some("33"), Some(33), None),
+            (false, Some("33:44"), None, Some(45)),
+            (false, Some("postgres:44"), None, None),
+            (false, Some("postgres"), None, Some(44)),
+            (false, Some("33:x"), None, None),
+        ] {
+            let e = who(root, user, uid, gid).unwrap_err();
+            assert_eq!(
+                e.kind,
+                container_api::ErrorKind::InvalidArgument,
+                "{root} {user:?} {uid:?} {gid:?}: {e:?}"
+            );
+        }
     }
 
     #[test]

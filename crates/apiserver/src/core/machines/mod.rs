@@ -16,7 +16,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use container_api::machine::Machine;
+use container_api::machine::{
+    Machine, MachineImage, MachineMount, MachineState, Platform, UserSetup,
+};
 use container_api::{ApiError, ErrorKind};
 
 pub use lifecycle::{DEFAULT_STOP_TIMEOUT, parse_signal};
@@ -122,24 +124,33 @@ impl Core {
     pub(super) fn to_api(&self, record: &MachineRecord, default: Option<&str>) -> Machine {
         let vms = &self.state.vms;
         let disk = self.state.machines.disk_path(&record.name);
+        let status = vms.state(&record.name);
         Machine {
-            name: record.name.clone(),
-            image: record.image.clone(),
-            image_digest: record.image_digest.clone(),
-            created: record.created,
-            started: vms.started(&record.name),
-            state: vms.state(&record.name),
+            id: record.name.clone(),
+            status,
             default: default == Some(record.name.as_str()),
-            ip_address: record.ip_address.clone(),
+            // As Apple's: the address of a running machine; the lease it keeps is shown apart.
+            ip_address: record
+                .ip_address
+                .clone()
+                .filter(|_| status == MachineState::Running),
+            reserved_ip_address: record.ip_address.clone(),
             cpus: record.cpus,
             memory: record.memory,
             disk_size: record.disk_size,
             disk_allocated: vms.disk_allocated(&disk),
             home_mount: record.home_mount,
-            mounts: record.mounts.clone(),
+            created_date: record.created,
+            started_date: vms.started(&record.name),
+            image: MachineImage {
+                reference: record.image.clone(),
+                digest: record.image_digest.clone(),
+            },
+            platform: Platform::host(),
+            user_setup: UserSetup::from(&record.user),
+            mounts: record.mounts.iter().map(MachineMount::from).collect(),
             network: record.network.clone(),
             kernel: record.kernel.clone(),
-            user: record.user.clone(),
             owner_uid: record.owner_uid,
             pending_restart: record.pending_restart,
         }

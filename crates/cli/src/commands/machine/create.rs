@@ -3,9 +3,11 @@
 
 use clap::Args;
 use container_api::client::ClientError;
-use container_api::machine::{CreateRequest, HomeMount, Machine, MountSpec};
+use container_api::machine::{CreateRequest, HomeMount, Machine, MountSpec, Platform};
 use container_api::size::parse_size;
-use container_api::{Client, ErrorKind};
+use container_api::{Client, ErrorKind, ExitCode};
+
+use crate::exit::failed;
 
 #[derive(Debug, Args)]
 pub struct CreateArgs {
@@ -40,6 +42,66 @@ pub struct CreateArgs {
     /// A kernel image to boot instead of the system's.
     #[arg(long)]
     kernel: Option<String>,
+    /// The image platform, OS/ARCH: machines run the host's, `linux/amd64` here; another is
+    /// refused before anything is pulled.
+    #[arg(long, value_name = "OS/ARCH")]
+    platform: Option<String>,
+    /// The image OS (only `linux`).
+    #[arg(long, value_name = "OS")]
+    os: Option<String>,
+    /// The image architecture (only the host's).
+    #[arg(short, long, value_name = "ARCH")]
+    arch: Option<String>,
+}
+
+/// Checks `--platform`, `--os` and `--arch` (as Apple's `machine create` takes them) against
+/// the only platform a machine can run: the host's, as the service pulls images for it.
+fn check_platform(a: &CreateArgs) -> Result<(), String> {
+    let host = Platform::host();
+    let mut wanted: Vec<(&str, &str)> = Vec::new();
+    if let Some(p) = &a.platform {
+        let mut parts = p.split('/');
+        match (parts.next(), parts.next()) {
+            (Some(os), Some(arch)) if !os.is_empty() && !arch.is_empty() => {
+                wanted.push(("os", os));
+                wanted.push(("arch", arch));
+            }
+            _ => {
+                return Err(format!(
+                    "invalid platform `{p}`: expected OS/ARCH, e.g. linux/{}",
+                    host.architecture
+                ));
+            }
+        }
+    }
+    if let Some(os) = &a.os {
+        wanted.push(("os", os));
+    }
+    if let Some(arch) = &a.arch {
+        wanted.push(("arch", arch));
+    }
+    for (what, value) in wanted {
+        let ok = match what {
+            "os" => value == host.os,
+            _ => normalise_arch(value) == host.architecture,
+        };
+        if !ok {
+            return Err(format!(
+                "platform {what} `{value}` is not supported: machines run {}/{}, this host's platform",
+                host.os, host.architecture
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// OCI's name for an architecture also spelled the kernel's way.
+fn normalise_arch(arch: &str) -> &str {
+    match arch {
+        "x86_64" | "x86-64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
 }
 
 fn parse_mount(text: &str) -> Result<MountSpec, String> {
@@ -84,6 +146,7 @@ async fn ensure_image(client: &Client, image: &str) -> anyhow::Result<()> {
 }
 
 pub async fn run(client: &Client, a: CreateArgs) -> anyhow::Result<()> {
+    check_platform(&a).map_err(|e| failed(ExitCode::Usage, e))?;
     ensure_image(client, &a.image).await?;
     let request = CreateRequest {
         image: a.image,
@@ -102,13 +165,55 @@ pub async fn run(client: &Client, a: CreateArgs) -> anyhow::Result<()> {
             .transpose()?,
     };
     let machine: Machine = client.post("/machines", &request).await?;
-    println!("{}", machine.name);
+    println!("{}", machine.id);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_mount;
+    use super::*;
+
+    fn platform(args: &[&str]) -> Result<(), String> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: CreateArgs,
+        }
+        let mut argv = vec!["create", "img"];
+        argv.extend_from_slice(args);
+        check_platform(&Cli::try_parse_from(argv).unwrap().a)
+    }
+
+    #[test]
+    fn only_the_hosts_platform_is_accepted() {
+        let host = Platform::host();
+        let native = format!("linux/{}", host.architecture);
+        assert_eq!(platform(&[]), Ok(()));
+        assert_eq!(platform(&["--platform", &native]), Ok(()));
+        assert_eq!(platform(&["--os", "linux"]), Ok(()));
+        assert_eq!(platform(&["-a", &host.architecture]), Ok(()));
+        if host.architecture == "amd64" {
+            assert_eq!(platform(&["--arch", "x86_64"]), Ok(()));
+        }
+        let other = if host.architecture == "amd64" {
+            "linux/arm64"
+        } else {
+            "linux/amd64"
+        };
+        let e = platform(&["--platform", other]).unwrap_err();
+        assert!(e.contains("not supported") && e.contains(&native), "{e}");
+        assert!(
+            platform(&["--os", "windows"])
+                .unwrap_err()
+                .contains("windows")
+        );
+        assert!(
+            platform(&["--platform", "linux"])
+                .unwrap_err()
+                .contains("OS/ARCH")
+        );
+    }
 
     #[test]
     fn mounts_parse_with_optional_ro() {

@@ -23,7 +23,7 @@ pub async fn run(client: &Client, args: DeleteArgs) -> anyhow::Result<()> {
                 "Deleted the default machine '{n}'. Pick a new one with `container machine set-default NAME`."
             );
         }
-        println!("{}", m.name);
+        println!("{}", m.id);
     }
     Ok(())
 }

@@ -24,9 +24,9 @@ impl Tabular for Machine {
     }
     fn row(&self) -> Vec<String> {
         vec![
-            self.name.clone(),
-            self.image.clone(),
-            self.created
+            self.id.clone(),
+            self.image.reference.clone(),
+            self.created_date
                 .with_timezone(&chrono::Local)
                 .format("%Y-%m-%d %H:%M:%S")
                 .to_string(),
@@ -34,7 +34,7 @@ impl Tabular for Machine {
             self.cpus.to_string(),
             format_size(self.memory),
             format_size(self.disk_allocated),
-            self.state.to_string(),
+            self.status.to_string(),
             if self.default {
                 "*".into()
             } else {
@@ -43,7 +43,7 @@ impl Tabular for Machine {
         ]
     }
     fn id(&self) -> String {
-        self.name.clone()
+        self.id.clone()
     }
 }
 

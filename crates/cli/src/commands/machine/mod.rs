@@ -57,7 +57,7 @@ pub async fn resolve_name(client: &Client, name: Option<String>) -> anyhow::Resu
     machines
         .into_iter()
         .find(|m| m.default)
-        .map(|m| m.name)
+        .map(|m| m.id)
         .ok_or_else(|| {
             failed(
                 ExitCode::NotFound,

@@ -27,14 +27,16 @@ pub struct RunArgs {
     /// Allocate a terminal.
     #[arg(short, long)]
     tty: bool,
-    /// Run as root instead of your user.
+    /// Run as root (uid 0, gid 0) instead of your user.
     #[arg(long)]
     root: bool,
     /// Run as USER or UID[:GID].
     #[arg(short, long)]
     user: Option<String>,
+    /// Run as this uid (its group from the machine's /etc/passwd unless --gid).
     #[arg(long)]
     uid: Option<u32>,
+    /// Primary group; with --root, an added supplementary group (root's stays 0).
     #[arg(long)]
     gid: Option<u32>,
     /// Set KEY=VALUE, or pass KEY from your environment. Repeatable.
@@ -47,7 +49,13 @@ pub struct RunArgs {
     /// machine can see it, else your home).
     #[arg(short, long, visible_aliases = ["cwd"])]
     workdir: Option<String>,
-    /// The command and its arguments (default: your login shell).
+    /// Execute COMMAND as given, each argument passed verbatim (spaces, `$`, quotes, empty
+    /// arguments kept), instead of through `/bin/sh -c`.
+    #[arg(long)]
+    no_shell: bool,
+    /// The command and its arguments, joined by spaces and run by `/bin/sh -c` in the machine
+    /// (as `ssh host CMD…`): `run echo '$HOME'` prints the machine's home. Default: your
+    /// login shell.
     command: Vec<String>,
 }
 
@@ -150,6 +158,7 @@ pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
     }
     let request = RunRequest {
         command: args.command.clone(),
+        no_shell: args.no_shell,
         env,
         workdir: args.workdir.clone(),
         caller_cwd: std::env::current_dir()

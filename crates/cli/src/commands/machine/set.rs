@@ -23,8 +23,8 @@ pub async fn run(client: &Client, args: SetArgs) -> anyhow::Result<()> {
         .post(&format!("/machines/{name}/set"), &request)
         .await?;
     if reply.takes_effect_at_next_start {
-        eprintln!("Note: changes take effect after stopping and starting '{name}'.");
+        eprintln!("Note: changes will take effect after stopping and starting '{name}'.");
     }
-    println!("{}", reply.machine.name);
+    println!("{}", reply.machine.id);
     Ok(())
 }

@@ -16,6 +16,6 @@ pub async fn run(client: &Client, args: SetDefaultArgs) -> anyhow::Result<()> {
             &serde_json::json!({}),
         )
         .await?;
-    println!("{}", m.name);
+    println!("{}", m.id);
     Ok(())
 }

@@ -15,6 +15,6 @@ pub async fn run(client: &Client, args: StartArgs) -> anyhow::Result<()> {
     let m: Machine = client
         .post(&format!("/machines/{name}/start"), &serde_json::json!({}))
         .await?;
-    println!("{}", m.name);
+    println!("{}", m.id);
     Ok(())
 }

@@ -30,7 +30,7 @@ pub async fn run(client: &Client, args: StopArgs) -> anyhow::Result<()> {
         let m: Machine = client
             .post(&format!("/machines/{n}/stop"), &request)
             .await?;
-        println!("{}", m.name);
+        println!("{}", m.id);
     }
     Ok(())
 }
