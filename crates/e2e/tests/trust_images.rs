@@ -129,7 +129,7 @@ fn created_from(s: &Scene, who: Option<&TestUser>, name: &str, reference: &str) 
     };
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let machine = if v.is_array() { &v[0] } else { &v };
-    machine["image_digest"].as_str().unwrap().to_string()
+    machine["image"]["digest"].as_str().unwrap().to_string()
 }
 
 fn failed(out: &Output) -> String {

@@ -250,30 +250,33 @@ fn launch(
     let vsock = d.join("vsock.sock");
     let vfs = d.join("vfs.sock");
     let log = |name: &str| std::fs::File::create(d.join(name)).unwrap();
-    let mut helpers = vec![
-        Command::new(helpers::find_binary(helpers::VHOST_DEVICE_VSOCK, None).unwrap())
-            .arg("--guest-cid=3")
-            .arg("--socket")
-            .arg(&vhu)
-            .arg("--uds-path")
-            .arg(&vsock)
-            .stdout(log("vsock.log"))
-            .stderr(log("vsock.err"))
+    // The runtime's own helper command lines, with their output in files of this test's.
+    let spawn = |mut c: Command, name: &str| {
+        c.stdout(log(&format!("{name}.log")))
+            .stderr(log(&format!("{name}.err")))
             .spawn()
-            .unwrap(),
-    ];
-    helpers.push(
-        Command::new(helpers::find_binary(helpers::VIRTIOFSD, None).unwrap())
-            .arg("--socket-path")
-            .arg(&vfs)
-            .arg("--shared-dir")
-            .arg(share)
-            .args(["--sandbox", "none", "--cache", "never"])
-            .stdout(log("virtiofsd.log"))
-            .stderr(log("virtiofsd.err"))
-            .spawn()
-            .unwrap(),
+            .unwrap()
+    };
+    let vsock_helper = helpers::vhost_device_vsock(
+        &helpers::find_binary(helpers::VHOST_DEVICE_VSOCK, None).unwrap(),
+        &vhu,
+        &vsock,
     );
+    let share_spec = container_apiserver::runtime::ShareSpec {
+        tag: "shared".into(),
+        host_path: share.to_path_buf(),
+        guest_path: "/shared".into(),
+        read_only: false,
+        owner_uid: nix::unistd::geteuid().as_raw(),
+        owner_gid: nix::unistd::getegid().as_raw(),
+    };
+    let listener = std::os::unix::net::UnixListener::bind(&vfs).unwrap();
+    let fs_helper = helpers::virtiofsd(
+        &helpers::find_binary(helpers::VIRTIOFSD, None).unwrap(),
+        &share_spec,
+        listener.into(),
+    );
+    let helpers = vec![spawn(vsock_helper, "vsock"), spawn(fs_helper, "virtiofsd")];
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(vhu.exists() && vfs.exists()) {
         assert!(
