@@ -1,6 +1,6 @@
 //! Service configuration: `config.toml` files layered per key. The user file
 //! (`$XDG_CONFIG_HOME/container/config.toml`, else `~/.config/container/config.toml`, of the
-//! user the service runs as) wins over `<install prefix>/etc/container/config.toml`, which wins
+//! user the service runs as, its home from the password database, never `$HOME`) wins over `<install prefix>/etc/container/config.toml`, which wins
 //! over the built-in defaults. Files are read once, at service start. Unknown keys are refused
 //! so a typo never silently does nothing.
 
@@ -225,7 +225,7 @@ pub fn config_files(install_prefix: &Path) -> Vec<PathBuf> {
     let user_dir = std::env::var_os("XDG_CONFIG_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+        .or_else(|| crate::runtime::helpers::service_home().map(|h| h.join(".config")));
     if let Some(dir) = user_dir {
         files.push(dir.join("container/config.toml"));
     }

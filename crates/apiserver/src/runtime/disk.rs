@@ -9,7 +9,7 @@ use std::process::Command;
 use super::RuntimeError;
 
 fn qemu_img(args: &[&std::ffi::OsStr], what: &str) -> Result<(), RuntimeError> {
-    let out = Command::new("qemu-img")
+    let out = super::helpers::clean_env(&mut Command::new("qemu-img"))
         .args(args)
         .output()
         .map_err(|source| RuntimeError::Spawn {
