@@ -79,6 +79,7 @@ struct RuntimeSection {
     virtiofsd: Option<String>,
     vhost_device_vsock: Option<String>,
     agent: Option<String>,
+    vm_users: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -142,6 +143,8 @@ pub struct RuntimeConfig {
     pub virtiofsd: Option<String>,
     pub vhost_device_vsock: Option<String>,
     pub agent: Option<String>,
+    /// The uids (and gids of the same numbers) VMs run as, one per running VM.
+    pub vm_users: crate::runtime::VmUsers,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,6 +204,7 @@ fn defaults(host: HostFacts) -> FileConfig {
         kernel: None,
         runtime: Some(RuntimeSection {
             virtualization: Some(Virtualization::Auto),
+            vm_users: Some(crate::runtime::VmUsers::default().to_string()),
             ..Default::default()
         }),
         registry: Some(RegistrySection {
@@ -313,6 +317,12 @@ fn validate(config: &FileConfig) -> Result<(), String> {
             }
         }
     }
+    if let Some(r) = &config.runtime
+        && let Some(v) = &r.vm_users
+    {
+        v.parse::<crate::runtime::VmUsers>()
+            .map_err(|e| format!("runtime.vm-users: {e}"))?;
+    }
     if let Some(n) = &config.network
         && let Some(bridge) = &n.bridge
         && (bridge.is_empty() || bridge.len() > 15)
@@ -402,6 +412,7 @@ fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Conf
             virtiofsd: r.virtiofsd,
             vhost_device_vsock: r.vhost_device_vsock,
             agent: r.agent,
+            vm_users: r.vm_users.and_then(|v| v.parse().ok()).unwrap_or_default(),
         },
         registry: RegistryConfig {
             insecure: g.insecure.unwrap_or_default(),
