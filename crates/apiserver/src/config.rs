@@ -1,8 +1,9 @@
 //! Service configuration: `config.toml` files layered per key. The user file
-//! (`$XDG_CONFIG_HOME/container/config.toml`, else `~/.config/container/config.toml`, of the
-//! user the service runs as, its home from the password database, never `$HOME`) wins over `<install prefix>/etc/container/config.toml`, which wins
-//! over the built-in defaults. Files are read once, at service start. Unknown keys are refused
-//! so a typo never silently does nothing.
+//! (`$XDG_CONFIG_HOME/container/config.toml`, else `~/.config/container/config.toml` of the
+//! user the service runs as, its home from the password database, never `$HOME`) wins over
+//! `<install prefix>/etc/container/config.toml`, which wins over the built-in defaults. Files
+//! are read once, at service start. Unknown keys are refused so a typo never silently does
+//! nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -518,6 +519,29 @@ mod tests {
             "[machine]\nhome-mount = \"maybe\"\n",
         );
         assert!(load(&[mount], HOST).is_err());
+        let users = write(
+            dir.path(),
+            "users.toml",
+            "[runtime]\nvm-users = \"0-100\"\n",
+        );
+        assert!(
+            load(&[users], HOST)
+                .unwrap_err()
+                .to_string()
+                .contains("runtime.vm-users")
+        );
+        let users = write(
+            dir.path(),
+            "ok.toml",
+            "[runtime]\nvm-users = \"70000-70099\"\n",
+        );
+        assert_eq!(
+            load(&[users], HOST).unwrap().runtime.vm_users,
+            crate::runtime::VmUsers {
+                first: 70000,
+                last: 70099
+            }
+        );
     }
 
     #[test]
