@@ -1,8 +1,9 @@
 //! Service configuration: `config.toml` files layered per key. The user file
-//! (`$XDG_CONFIG_HOME/container/config.toml`, else `~/.config/container/config.toml`, of the
-//! user the service runs as) wins over `<install prefix>/etc/container/config.toml`, which wins
-//! over the built-in defaults. Files are read once, at service start. Unknown keys are refused
-//! so a typo never silently does nothing.
+//! (`$XDG_CONFIG_HOME/container/config.toml`, else `~/.config/container/config.toml` of the
+//! user the service runs as, its home from the password database, never `$HOME`) wins over
+//! `<install prefix>/etc/container/config.toml`, which wins over the built-in defaults. Files
+//! are read once, at service start. Unknown keys are refused so a typo never silently does
+//! nothing.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -79,6 +80,7 @@ struct RuntimeSection {
     virtiofsd: Option<String>,
     vhost_device_vsock: Option<String>,
     agent: Option<String>,
+    vm_users: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -142,6 +144,8 @@ pub struct RuntimeConfig {
     pub virtiofsd: Option<String>,
     pub vhost_device_vsock: Option<String>,
     pub agent: Option<String>,
+    /// The uids (and gids of the same numbers) VMs run as, one per running VM.
+    pub vm_users: crate::runtime::VmUsers,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,6 +205,7 @@ fn defaults(host: HostFacts) -> FileConfig {
         kernel: None,
         runtime: Some(RuntimeSection {
             virtualization: Some(Virtualization::Auto),
+            vm_users: Some(crate::runtime::VmUsers::default().to_string()),
             ..Default::default()
         }),
         registry: Some(RegistrySection {
@@ -225,7 +230,7 @@ pub fn config_files(install_prefix: &Path) -> Vec<PathBuf> {
     let user_dir = std::env::var_os("XDG_CONFIG_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+        .or_else(|| crate::runtime::helpers::service_home().map(|h| h.join(".config")));
     if let Some(dir) = user_dir {
         files.push(dir.join("container/config.toml"));
     }
@@ -312,6 +317,12 @@ fn validate(config: &FileConfig) -> Result<(), String> {
                 parse_size(v).map_err(|e| format!("limits.{key}: {e}"))?;
             }
         }
+    }
+    if let Some(r) = &config.runtime
+        && let Some(v) = &r.vm_users
+    {
+        v.parse::<crate::runtime::VmUsers>()
+            .map_err(|e| format!("runtime.vm-users: {e}"))?;
     }
     if let Some(n) = &config.network
         && let Some(bridge) = &n.bridge
@@ -402,6 +413,7 @@ fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Conf
             virtiofsd: r.virtiofsd,
             vhost_device_vsock: r.vhost_device_vsock,
             agent: r.agent,
+            vm_users: r.vm_users.and_then(|v| v.parse().ok()).unwrap_or_default(),
         },
         registry: RegistryConfig {
             insecure: g.insecure.unwrap_or_default(),
@@ -507,6 +519,29 @@ mod tests {
             "[machine]\nhome-mount = \"maybe\"\n",
         );
         assert!(load(&[mount], HOST).is_err());
+        let users = write(
+            dir.path(),
+            "users.toml",
+            "[runtime]\nvm-users = \"0-100\"\n",
+        );
+        assert!(
+            load(&[users], HOST)
+                .unwrap_err()
+                .to_string()
+                .contains("runtime.vm-users")
+        );
+        let users = write(
+            dir.path(),
+            "ok.toml",
+            "[runtime]\nvm-users = \"70000-70099\"\n",
+        );
+        assert_eq!(
+            load(&[users], HOST).unwrap().runtime.vm_users,
+            crate::runtime::VmUsers {
+                first: 70000,
+                last: 70099
+            }
+        );
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! allows (TCG here), vhost-device-vsock, virtiofsd, the real kernel and the static guest
 //! agent, booting a busybox ext4 disk built here. Covers boot, exec through the agent, a
 //! read-only share, a clean stop, cleanup after the VMM is killed, adoption by a new runtime
-//! (a service restart) and a boot that fails.
+//! (a service restart), a boot that fails, and the confinement of QEMU and
+//! vhost-device-vsock (their own uid, no groups, no capabilities, no environment; what a
+//! guest that took QEMU over could read).
 //!
 //! Needs root, `busybox-static`, `mkfs.ext4`, qemu and the two helpers in ~/.cargo/bin; the
 //! kernel is fetched once into the shared test cache (`container_testkit::guest`).
@@ -102,10 +104,25 @@ impl Drop for Fixture {
 impl Fixture {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let base = busybox_base(dir.path());
-        std::fs::create_dir_all(dir.path().join("machines/dev")).unwrap();
-        runtime::disk::create_overlay(&base, &dir.path().join("machines/dev/disk.qcow2"), 1 << 30)
+        // The base disk lies in the image store, the only place a disk may be backed from.
+        let images = dir.path().join("root/images");
+        std::fs::create_dir_all(&images).unwrap();
+        let base = images.join("base.ext4");
+        std::fs::rename(busybox_base(dir.path()), &base).unwrap();
+        for machine in ["dev", "other"] {
+            let machine_dir = dir.path().join("machines").join(machine);
+            std::fs::create_dir_all(&machine_dir).unwrap();
+            runtime::disk::create_overlay(&base, &machine_dir.join("disk.qcow2"), 1 << 30).unwrap();
+        }
+        // Modes as the service keeps them: machine directories and the image store root's.
+        use std::os::unix::fs::PermissionsExt;
+        for private in ["machines/dev", "machines/other", "root/images"] {
+            std::fs::set_permissions(
+                dir.path().join(private),
+                std::fs::Permissions::from_mode(0o700),
+            )
             .unwrap();
+        }
         let share = dir.path().join("shared");
         std::fs::create_dir_all(&share).unwrap();
         std::fs::write(share.join("greeting"), "hello from the host\n").unwrap();
@@ -283,6 +300,45 @@ fn boots_runs_commands_shares_a_directory_and_stops_cleanly() {
         let (qemu, helpers, run_dir) = f.recorded();
         assert_eq!(qemu.pid(), vm.pid);
         assert_eq!(helpers.len(), 2, "vhost-device-vsock and one virtiofsd");
+        let uid = assert_confined(qemu.pid());
+        assert_eq!(assert_confined(helpers[0].pid()), uid, "vhost-device-vsock");
+        assert_eq!(ps_uid(qemu.pid()), uid);
+        assert_eq!(ps_uid(helpers[0].pid()), uid);
+        // The environment the test runs in (cargo's variables) does not reach the VMM.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let env = std::fs::read(format!("/proc/{}/environ", qemu.pid())).unwrap();
+        let mut env: Vec<&[u8]> = env.split(|b| *b == 0).filter(|v| !v.is_empty()).collect();
+        env.sort();
+        assert_eq!(
+            env,
+            [
+                &b"LANG=C"[..],
+                b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            ]
+        );
+        // A guest that took QEMU over has its credentials: it reads no other machine's
+        // disk, not the image store, not root's home, not even its own disk by name.
+        for path in [
+            f.dir.path().join("machines/other/disk.qcow2"),
+            f.dir.path().join("machines/dev/disk.qcow2"),
+            f.dir.path().join("root/images/base.ext4"),
+            PathBuf::from("/root"),
+            PathBuf::from("/etc/shadow"),
+        ] {
+            let (ok, err) = as_user(uid, &["head", "-c", "1"], &path);
+            let namei = Command::new("namei").arg("-l").arg(&path).output().unwrap();
+            assert!(
+                !ok,
+                "uid {uid} read {}: {err}\n{}",
+                path.display(),
+                String::from_utf8_lossy(&namei.stdout)
+            );
+            assert!(
+                err.contains("Permission denied"),
+                "{}: {err}",
+                path.display()
+            );
+        }
         // Whoever reaches a socket controls the VM (QMP) or is root in it (vsock).
         let sockets = private_sockets(&run_dir);
         // vhost-device-vsock removes its vhost-user socket once QEMU is connected.
@@ -337,7 +393,7 @@ fn a_killed_vmm_takes_its_helpers_and_runtime_files_with_it() {
         rt.start(f.spec()).await.expect("boot");
         let (qemu, helpers, run_dir) = f.recorded();
         assert!(helpers.iter().all(|h| h.alive()));
-        assert!(run_dir.join("vsock.sock").exists());
+        assert!(run_dir.join("agent.sock").exists());
 
         qemu.kill();
         eventually(
@@ -441,6 +497,57 @@ fn a_boot_that_fails_says_why_with_the_console_tail() {
         assert_eq!(rt.status("dev"), MachineState::Stopped);
         assert!(!f.run_file().exists());
     });
+}
+
+/// Asserts that the process runs as a uid of its own: not root, every uid and gid the same,
+/// no supplementary group, no capability, no way to gain one; returns the uid.
+fn assert_confined(pid: i32) -> u32 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {status}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let uids = field("Uid:");
+    let uid: u32 = uids[0].parse().unwrap();
+    assert_ne!(uid, 0, "runs as root:\n{status}");
+    assert!(uids.iter().all(|u| *u == uids[0]), "{uids:?}");
+    assert!(field("Gid:").iter().all(|g| *g == uids[0]), "{status}");
+    assert!(field("Groups:").is_empty(), "{status}");
+    for caps in ["CapInh:", "CapPrm:", "CapEff:", "CapAmb:"] {
+        assert_eq!(field(caps), ["0000000000000000"], "{caps} {status}");
+    }
+    assert_eq!(field("NoNewPrivs:"), ["1"]);
+    uid
+}
+
+/// The uid `ps` shows for a process.
+fn ps_uid(pid: i32) -> u32 {
+    let out = Command::new("ps")
+        .args(["-o", "uid=", "-p", &pid.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Runs `argv path` with the credentials of `uid` (as QEMU has them); (success, stderr).
+fn as_user(uid: u32, argv: &[&str], path: &Path) -> (bool, String) {
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .args(["--clear-groups", "--no-new-privs", "--inh-caps=-all"])
+        .args(argv)
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Counts the sockets under `dir`, asserting that each is for its owner alone.

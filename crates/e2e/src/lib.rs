@@ -23,7 +23,7 @@ pub use kernel::kernel_config;
 pub use netns::{enter_netns, in_netns, netns};
 pub use paths::{install_bin, test_image, workspace_root};
 pub use registry::Registry;
-pub use service::Service;
+pub use service::{HOSTILE_ENV, Service};
 pub use throttle::Throttle;
 pub use users::TestUser;
 

@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 use crate::{in_netns, install_bin, tail};
 
 /// A service with its own root, run dir and socket; stopped (machines included) on drop.
+/// Set in every service's environment under test; `trust_vmm` shows it never reaches QEMU.
+pub const HOSTILE_ENV: (&str, &str) = ("QEMU_AUDIO_DRV", "wav");
+
 #[derive(Debug)]
 pub struct Service {
     pub dir: tempfile::TempDir,
@@ -135,6 +138,8 @@ impl Service {
             .arg("--config")
             .arg(&self.config)
             .env("CONTAINER_LOG", "info,container_apiserver=debug")
+            // A variable QEMU would act on: no helper may see the service's environment.
+            .env(HOSTILE_ENV.0, HOSTILE_ENV.1)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -349,6 +349,10 @@ impl ImageStore {
         std::fs::create_dir_all(&disks).map_err(ImageError::io(&disks))?;
         let work = root.join("work");
         std::fs::create_dir_all(&work).map_err(ImageError::io(&work))?;
+        // The store is root's alone: base disks hold whole images, private ones included,
+        // and VMs get theirs as open descriptors, never by path.
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(ImageError::io(root))?;
         // Staging trees hold the images' setuid files and device nodes: no one else may reach
         // them while they exist.
         std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o700))

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use container_agent_proto::{BootConfig, HomeMount, NetConfig, Share, UserSpec};
 use container_apiserver::config::Virtualization;
-use container_apiserver::runtime::{Vmm, disk, helpers, initramfs, qemu, vmm::Launch};
+use container_apiserver::runtime::vmm::{DiskLayer, Launch};
+use container_apiserver::runtime::{Vmm, disk, helpers, initramfs, qemu};
 use container_testkit::guest;
 
 /// Whether this host can boot the VM; in CI a missing piece is a failure, not a skip.
@@ -292,18 +293,43 @@ fn launch(
         accel: qemu::choose_accel(Virtualization::Tcg, qemu::HostKvm::probe()),
         tsc_khz: host_tsc_khz(),
     };
-    let shares = [("shared".to_string(), vfs.clone())];
+    // QEMU gets what it uses as descriptors, as the runtime hands them over.
+    let open = |p: &Path, write: bool| -> std::os::fd::OwnedFd {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(p)
+            .unwrap()
+            .into()
+    };
+    let disk_layers = disk::chain(disk, &[std::fs::canonicalize(d).unwrap()])
+        .unwrap()
+        .into_iter()
+        .enumerate()
+        .map(|(i, f)| DiskLayer {
+            format: f.format,
+            files: vec![open(&f.path, i == 0)],
+            read_only: i > 0,
+        })
+        .collect();
+    let console_file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&console)
+        .unwrap();
+    let control = std::os::unix::net::UnixListener::bind(d.join("qmp.sock")).unwrap();
+    let share_connection = std::os::unix::net::UnixStream::connect(&vfs).unwrap();
     let qemu = vmm
-        .command(&Launch {
+        .command(Launch {
             cpus: 1,
             memory_mib: 256,
-            kernel: vmlinuz,
-            initrd,
-            disk,
-            console: &console,
-            control: &d.join("qmp.sock"),
-            vsock: &vhu,
-            shares: &shares,
+            kernel: vmlinuz.to_path_buf(),
+            initrd: initrd.to_path_buf(),
+            disk: disk_layers,
+            console: console_file.into(),
+            control: control.into(),
+            vsock: vhu.clone(),
+            shares: vec![("shared".to_string(), share_connection.into())],
             net: None,
         })
         // User-mode networking, restricted: the guest reaches nothing; the test only

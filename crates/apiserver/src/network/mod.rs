@@ -16,7 +16,7 @@ pub mod real;
 pub mod resolv;
 pub mod subnet;
 #[allow(unsafe_code)]
-mod tap;
+pub mod tap;
 
 #[cfg(test)]
 mod fake;

@@ -380,6 +380,8 @@ impl HostNet for RealHost {
             move |source| HostError::Io { action, source }
         };
         let mut child = tokio::process::Command::new(&nft)
+            .env_clear()
+            .envs(crate::runtime::helpers::HELPER_ENV)
             .args(["-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())

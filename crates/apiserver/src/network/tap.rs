@@ -1,13 +1,27 @@
 //! The one place the network module talks to the kernel without a safe wrapper: creating a
 //! persistent tap through the TUNSETIFF and TUNSETPERSIST ioctls on /dev/net/tun (netlink
-//! cannot create tun devices: the kernel refuses `ip link add type tun`).
+//! cannot create tun devices: the kernel refuses `ip link add type tun`), and opening one
+//! for a VMM that may not (it runs unprivileged and gets the open descriptor).
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::AsRawFd;
 
-/// Creates the tap `name` (at most 15 bytes), persistent so it outlives this call and QEMU
-/// can open it by name; owned by root, the only user allowed to attach to it.
+/// Creates the tap `name` (at most 15 bytes), persistent so it outlives this call; owned by
+/// root, the only user allowed to attach to it ([`open_tap`]).
 pub fn create_persistent_tap(name: &str) -> io::Result<()> {
+    let tun = open_tap(name)?;
+    // SAFETY: TUNSETPERSIST takes its argument by value (1 = persist); the fd is attached to
+    // the tap `open_tap` made.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Attaches to the tap `name` (creating it if it does not exist, gone when closed unless
+/// made persistent): the descriptor a VMM reads and writes the VM's frames on, with virtio
+/// net headers.
+pub fn open_tap(name: &str) -> io::Result<std::fs::File> {
     let bytes = name.as_bytes();
     if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
         return Err(io::Error::new(
@@ -41,10 +55,5 @@ pub fn create_persistent_tap(name: &str) -> io::Result<()> {
     {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: TUNSETPERSIST takes its argument by value (1 = persist); the fd is attached to
-    // the tap created just above.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    Ok(tun)
 }

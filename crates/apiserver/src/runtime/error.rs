@@ -99,6 +99,19 @@ pub enum RuntimeError {
         #[source]
         source: super::vmm::TapError,
     },
+    #[error(
+        "disk {} is backed by {}, which is outside the image store; the disk was changed outside the service",
+        disk.display(), backing.display()
+    )]
+    ForeignBacking { disk: PathBuf, backing: PathBuf },
+    #[error("disk {} has a chain of more than {max} files", .disk.display())]
+    DiskChainTooLong { disk: PathBuf, max: usize },
+    #[error(
+        "no free VM user: every uid of {first}-{last} runs a VM or belongs to an account; widen `vm-users` under [runtime] in config.toml"
+    )]
+    NoVmUser { first: u32, last: u32 },
+    #[error("{} is not the socket vhost-device-vsock made for machine `{machine}`", path.display())]
+    ForeignSocket { machine: String, path: PathBuf },
     #[error("machine `{0}` has a network device but this runtime has no machine network")]
     NoNetwork(String),
     #[error("connecting machine `{machine}` to the machine network")]
@@ -140,6 +153,7 @@ impl RuntimeError {
             | Agent(_)
             | Tap { .. }
             | NoNetwork(_)
+            | NoVmUser { .. }
             | Network { .. } => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }

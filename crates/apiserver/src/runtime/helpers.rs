@@ -3,7 +3,8 @@
 //! service binary, on PATH, or in `~/.cargo/bin` (where `cargo install` puts the helpers).
 //! The helpers' command lines are built here (QEMU's in `qemu`); supervision spawns them.
 //! Helpers run in their own process group so they outlive a service restart, with their
-//! output in the machine's `helpers.log`.
+//! output in the machine's `helpers.log`, and with a clean environment ([`clean_env`]): none
+//! of the service's variables (`TMPDIR`, `QEMU_*`, proxies, `$HOME`) reaches them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -48,9 +49,35 @@ pub fn missing(name: &str) -> RuntimeError {
     }
 }
 
+/// The whole environment of every program the runtime starts: a fixed search path and the C
+/// locale. Whatever the service was started with (`TMPDIR`, `QEMU_AUDIO_DRV`, `LD_PRELOAD`
+/// under a careless sudo) stays with the service.
+pub const HELPER_ENV: [(&str, &str); 2] = [
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("LANG", "C"),
+];
+
+/// Gives `cmd` [`HELPER_ENV`] and nothing else of the service's environment.
+pub fn clean_env(cmd: &mut Command) -> &mut Command {
+    cmd.env_clear().envs(HELPER_ENV)
+}
+
+/// The home directory of the user the service runs as, from the password database: never
+/// `$HOME`, which is whatever the service's starter had.
+pub fn service_home() -> Option<PathBuf> {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.dir)
+}
+
 /// Finds a program: the configured path, else next to the service, on PATH, in
-/// `~/.cargo/bin` (of `$HOME` and of root). Among several, one that every user may execute
-/// wins: virtiofsd runs as the machine's owner, who may not reach root's home.
+/// `~/.cargo/bin` (of the service's user, from the password database, and of root). Among
+/// several, one that every user may execute wins: virtiofsd runs as the machine's owner, and
+/// QEMU and vhost-device-vsock as the VM's own user, who may not reach root's home.
 pub fn find_binary(name: &str, configured: Option<&Path>) -> Result<PathBuf, RuntimeError> {
     if let Some(c) = configured {
         return if c.is_file() {
@@ -72,12 +99,9 @@ pub fn find_binary(name: &str, configured: Option<&Path>) -> Result<PathBuf, Run
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join(name)));
     }
-    for home in [
-        std::env::var_os("HOME").map(PathBuf::from),
-        Some(PathBuf::from("/root")),
-    ]
-    .into_iter()
-    .flatten()
+    for home in [service_home(), Some(PathBuf::from("/root"))]
+        .into_iter()
+        .flatten()
     {
         candidates.push(home.join(".cargo/bin").join(name));
     }
@@ -148,7 +172,8 @@ pub fn spawn(mut cmd: Command, name: &'static str, log: &Path) -> Result<Child, 
         .map_err(RuntimeError::io("opening", log))?;
     let err = out.try_clone().map_err(RuntimeError::io("opening", log))?;
     super::sys::private_umask(&mut cmd);
-    cmd.process_group(0)
+    clean_env(&mut cmd)
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err);
@@ -274,6 +299,31 @@ mod tests {
         c.args(["-c", "test -S /proc/self/fd/3 && ! test -e /proc/self/fd/4"]);
         super::super::sys::pass_fd(&mut c, listener.into(), 3);
         assert!(c.status().unwrap().success());
+    }
+
+    #[test]
+    fn helpers_get_none_of_the_services_environment() {
+        // Cargo runs this test with CARGO_* and HOME set; a hostile TMPDIR is added too.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("helpers.log");
+        let mut c = Command::new("/usr/bin/env");
+        c.env("TMPDIR", "/tmp/evil").env("QEMU_AUDIO_DRV", "wav");
+        let status = spawn(c, "env", &log).unwrap().wait().unwrap();
+        assert!(status.success());
+        let mut seen: Vec<String> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "LANG=C",
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            ]
+        );
     }
 
     #[test]

@@ -7,12 +7,15 @@
 //! helpers by pid and start time; the VMM and helpers run in process groups of their own, so
 //! the service can stop and start while machines run, and on start it adopts each machine
 //! whose VMM still runs and cleans up after the others; whenever a VMM exits, its helpers
-//! are killed and its runtime files removed.
+//! are killed and its runtime files removed. QEMU and vhost-device-vsock run as the VM's own
+//! unprivileged user (`identity`), with what they need handed over as descriptors or placed
+//! in a directory of that user's; virtiofsd runs as the share's owner.
 
 pub mod console;
 pub mod disk;
 mod error;
 pub mod helpers;
+pub mod identity;
 pub mod initramfs;
 pub mod kernel;
 pub mod process;
@@ -32,6 +35,7 @@ use container_api::system::KernelInfo;
 
 pub use error::RuntimeError;
 pub use helpers::HelperPaths;
+pub use identity::VmUsers;
 pub use kernel::Kernel;
 pub use session::{ClientStream, copy_in, copy_out, exec};
 pub use supervisor::{Reboot, Runtime};
@@ -52,12 +56,20 @@ pub struct RuntimeOptions {
     pub boot_timeout: Duration,
     /// Makes and removes the taps of VMs that have a network device.
     pub network: Option<Arc<dyn TapPlumbing>>,
+    /// The uids VMs run as.
+    pub vm_users: VmUsers,
+    /// Where the files backing machine disks may be (the image store); a disk backed by
+    /// anything else is refused.
+    pub disk_bases: Vec<PathBuf>,
 }
 
 impl RuntimeOptions {
     pub fn new(root: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Self {
+        let root = root.into();
         RuntimeOptions {
-            root: root.into(),
+            disk_bases: vec![root.join("images")],
+            vm_users: VmUsers::default(),
+            root,
             run_dir: run_dir.into(),
             virtualization: Virtualization::Auto,
             helpers: HelperPaths::default(),

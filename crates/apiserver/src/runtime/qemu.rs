@@ -3,8 +3,11 @@
 //! guest through ACPI): virtio-blk for the machine disk, vhost-user vsock and one vhost-user
 //! fs per share, a balloon with free-page reporting (memory the guest frees goes back to the
 //! host), an optional tap, the serial console to a file and a QMP socket. Acceleration is KVM
-//! when it can run a standard guest kernel, TCG otherwise.
+//! when it can run a standard guest kernel, TCG otherwise. Every file and socket QEMU uses
+//! besides its working directory comes as a descriptor: files through `-add-fd` and
+//! `/dev/fdset/N`, sockets and the tap as `fd=N`.
 
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -104,8 +107,13 @@ impl Vmm for Qemu {
         &self.binary
     }
 
-    fn command(&self, a: &Launch<'_>) -> Command {
+    fn uses_kvm(&self) -> bool {
+        self.accel.kvm
+    }
+
+    fn command(&self, a: Launch) -> Command {
         let mut c = Command::new(&self.binary);
+        let mut fds = Fds::default();
         c.args([
             "-M",
             "microvm,rtc=on",
@@ -132,41 +140,60 @@ impl Vmm for Qemu {
         ));
         c.args(["-numa", "node,memdev=mem"]);
         // Appended to, so the service can drop the start of a flooded console in place.
+        let console = fds.set(&mut c, vec![a.console]);
         c.arg("-chardev")
-            .arg(format!(
-                "file,id=console,path={},append=on",
-                a.console.display()
-            ))
+            .arg(format!("file,id=console,path={console},append=on"))
             .args(["-serial", "chardev:console"]);
-        c.arg("-kernel").arg(a.kernel);
-        c.arg("-initrd").arg(a.initrd);
+        c.arg("-kernel").arg(&a.kernel);
+        c.arg("-initrd").arg(&a.initrd);
         c.arg("-append").arg(cmdline(&self.accel, self.tsc_khz));
-        c.arg("-drive").arg(format!(
-            "id=root,file={},format=qcow2,if=none,cache=writeback,discard=unmap",
-            a.disk.display()
-        ));
+        // The disk's chain is given node by node, bottom first, each layer naming the one
+        // below as its backing: QEMU opens no file named in a qcow2 header.
+        let layers = a.disk.len();
+        for (i, layer) in a.disk.into_iter().enumerate().rev() {
+            let set = fds.set(&mut c, layer.files);
+            let ro = if layer.read_only { ",read-only=on" } else { "" };
+            let node = if i == 0 {
+                "root".into()
+            } else {
+                format!("disk{i}")
+            };
+            c.arg("-blockdev").arg(format!(
+                "driver=file,node-name={node}-file,filename={set}{ro},discard=unmap"
+            ));
+            let backing = match i + 1 < layers {
+                true => format!(",backing=disk{}", i + 1),
+                false if layer.format == super::vmm::DiskFormat::Qcow2 => ",backing=null".into(),
+                false => String::new(),
+            };
+            c.arg("-blockdev").arg(format!(
+                "driver={},node-name={node},file={node}-file{backing}{ro},discard=unmap",
+                layer.format.name()
+            ));
+        }
         c.args(["-device", "virtio-blk-device,drive=root"]);
         c.arg("-chardev")
             .arg(format!("socket,id=vsock,path={}", a.vsock.display()));
         c.args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
-        for (i, (tag, sock)) in a.shares.iter().enumerate() {
-            c.arg("-chardev")
-                .arg(format!("socket,id=fs{i},path={}", sock.display()));
+        for (i, (tag, sock)) in a.shares.into_iter().enumerate() {
+            let fd = fds.pass(sock);
+            c.arg("-chardev").arg(format!("socket,id=fs{i},fd={fd}"));
             c.arg("-device")
                 .arg(format!("vhost-user-fs-device,chardev=fs{i},tag={tag}"));
         }
         c.args(["-device", "virtio-balloon-device,free-page-reporting=on"]);
-        if let Some(net) = a.net {
-            c.arg("-netdev").arg(format!(
-                "tap,id=n0,ifname={},script=no,downscript=no",
-                net.tap
-            ));
+        if let Some((net, tap)) = a.net {
+            let fd = fds.pass(tap);
+            c.arg("-netdev").arg(format!("tap,id=n0,fd={fd}"));
             c.arg("-device")
                 .arg(format!("virtio-net-device,netdev=n0,mac={}", net.mac));
         }
-        c.arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", a.control.display()));
+        let control = fds.pass(a.control);
+        c.arg("-chardev")
+            .arg(format!("socket,id=qmp,fd={control},server=on,wait=off"))
+            .args(["-mon", "chardev=qmp,mode=control"]);
         c.stdin(Stdio::null());
+        super::sys::pass_fds(&mut c, fds.passed);
         c
     }
 
@@ -174,6 +201,33 @@ impl Vmm for Qemu {
         tokio::time::timeout(Duration::from_secs(3), qmp_quit(control))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "QMP did not answer"))?
+    }
+}
+
+/// The descriptors a QEMU command line hands over, numbered from 3 in order.
+#[derive(Default)]
+struct Fds {
+    passed: Vec<(OwnedFd, RawFd)>,
+    sets: u32,
+}
+
+impl Fds {
+    /// The child's number for `fd`.
+    fn pass(&mut self, fd: OwnedFd) -> RawFd {
+        let n = 3 + self.passed.len() as RawFd;
+        self.passed.push((fd, n));
+        n
+    }
+
+    /// Adds the opens of one file to a new fd set (QEMU picks the one whose access mode it
+    /// needs); the path QEMU opens it by.
+    fn set(&mut self, c: &mut Command, files: Vec<OwnedFd>) -> String {
+        self.sets += 1;
+        for f in files {
+            let fd = self.pass(f);
+            c.arg("-add-fd").arg(format!("fd={fd},set={}", self.sets));
+        }
+        format!("/dev/fdset/{}", self.sets)
     }
 }
 
@@ -239,21 +293,32 @@ mod tests {
     }
 
     fn args(qemu: &Qemu, net: Option<&super::super::vmm::NetDevice>) -> Vec<String> {
-        let p = Path::new;
-        let shares = [("home".to_string(), PathBuf::from("/r/fs/home.sock"))];
+        use super::super::vmm::{DiskFormat, DiskLayer};
+        let null = || OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
         let launch = Launch {
             cpus: 2,
             memory_mib: 512,
-            kernel: p("/k"),
-            initrd: p("/i"),
-            disk: p("/d.qcow2"),
-            console: p("/m/console.log"),
-            control: p("/r/qmp.sock"),
-            vsock: p("/r/vhu.sock"),
-            shares: &shares,
-            net,
+            kernel: "vmlinuz".into(),
+            initrd: "initrd.img".into(),
+            disk: vec![
+                DiskLayer {
+                    format: DiskFormat::Qcow2,
+                    files: vec![null(), null()],
+                    read_only: false,
+                },
+                DiskLayer {
+                    format: DiskFormat::Raw,
+                    files: vec![null()],
+                    read_only: true,
+                },
+            ],
+            console: null(),
+            control: null(),
+            vsock: "vhu.sock".into(),
+            shares: vec![("home".to_string(), null())],
+            net: net.map(|n| (n.clone(), null())),
         };
-        qemu.command(&launch)
+        qemu.command(launch)
             .get_args()
             .map(|a| a.to_string_lossy().to_string())
             .collect()
@@ -272,12 +337,18 @@ mod tests {
             "-accel tcg,thread=multi -cpu max",
             "-smp 2 -m 512M",
             "memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem",
-            "-chardev file,id=console,path=/m/console.log,append=on -serial chardev:console",
-            "file=/d.qcow2,format=qcow2",
-            "socket,id=vsock,path=/r/vhu.sock -device vhost-user-vsock-device,chardev=vsock",
-            "socket,id=fs0,path=/r/fs/home.sock -device vhost-user-fs-device,chardev=fs0,tag=home",
+            // Descriptors from 3: the console, then the disk's base, then its top layer.
+            "-add-fd fd=3,set=1 -chardev file,id=console,path=/dev/fdset/1,append=on -serial chardev:console",
+            "-kernel vmlinuz -initrd initrd.img",
+            "-add-fd fd=4,set=2 -blockdev driver=file,node-name=disk1-file,filename=/dev/fdset/2,read-only=on,discard=unmap \
+             -blockdev driver=raw,node-name=disk1,file=disk1-file,read-only=on,discard=unmap",
+            "-add-fd fd=5,set=3 -add-fd fd=6,set=3 -blockdev driver=file,node-name=root-file,filename=/dev/fdset/3,discard=unmap \
+             -blockdev driver=qcow2,node-name=root,file=root-file,backing=disk1,discard=unmap \
+             -device virtio-blk-device,drive=root",
+            "socket,id=vsock,path=vhu.sock -device vhost-user-vsock-device,chardev=vsock",
+            "-chardev socket,id=fs0,fd=7 -device vhost-user-fs-device,chardev=fs0,tag=home",
             "virtio-balloon-device,free-page-reporting=on",
-            "-qmp unix:/r/qmp.sock,server=on,wait=off",
+            "-chardev socket,id=qmp,fd=8,server=on,wait=off -mon chardev=qmp,mode=control",
             "tsc=reliable",
             "tsc_early_khz=2445406",
             "reboot=t",
@@ -297,7 +368,11 @@ mod tests {
         assert!(a.contains("-accel kvm -cpu host"), "{a}");
         assert!(!a.contains("tsc=reliable") && !a.contains("tsc_early_khz"));
         assert!(a.contains(
-            "-netdev tap,id=n0,ifname=ctap-1,script=no,downscript=no -device virtio-net-device,netdev=n0,mac=52:54:00:01:02:03"
+            "-netdev tap,id=n0,fd=8 -device virtio-net-device,netdev=n0,mac=52:54:00:01:02:03"
         ));
+        assert!(
+            !a.contains("/d.qcow2") && !a.contains("ifname"),
+            "no path but relative ones"
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The runtime's only unsafe code, where the OS or the CPU demands it: registering a pidfd
-//! with tokio's reactor, reading the host's time-stamp counter, and setting a child's umask
-//! and handing it a file descriptor between fork and exec.
+//! with tokio's reactor, reading the host's time-stamp counter, and, between fork and exec,
+//! setting a child's umask, handing it file descriptors and dropping its privileges.
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -51,23 +51,59 @@ pub fn private_umask(cmd: &mut std::process::Command) {
 /// descriptor of the service stays close-on-exec). The parent's copy is closed when `cmd` is
 /// dropped.
 pub fn pass_fd(cmd: &mut std::process::Command, fd: OwnedFd, target: std::os::fd::RawFd) {
+    pass_fds(cmd, vec![(fd, target)]);
+}
+
+/// [`pass_fd`] for several descriptors at once. Each is first moved above every target, so
+/// that placing one never closes another that happens to sit at its number in the service.
+pub fn pass_fds(cmd: &mut std::process::Command, fds: Vec<(OwnedFd, std::os::fd::RawFd)>) {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    // SAFETY: the hook runs in the forked child before exec and calls only dup2(2) and
-    // fcntl(2), which are async-signal-safe and allocate nothing; `fd` is owned by the
-    // closure, so it is open in the child when the hook runs.
+    let above = fds.iter().map(|(_, t)| *t).max().unwrap_or(2) + 1;
+    let mut moved: Vec<std::os::fd::RawFd> = vec![-1; fds.len()];
+    // SAFETY: the hook runs in the forked child before exec and calls only fcntl(2) and
+    // dup2(2), which are async-signal-safe; it allocates nothing (`moved` was sized before
+    // the fork). The descriptors are owned by the closure, so they are open in the child.
     unsafe {
         cmd.pre_exec(move || {
-            let raw = fd.as_raw_fd();
-            if raw == target {
-                // dup2 onto itself keeps close-on-exec: clear it instead.
-                if libc::fcntl(raw, libc::F_SETFD, 0) == -1 {
+            for (slot, (fd, _)) in moved.iter_mut().zip(&fds) {
+                *slot = libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above);
+                if *slot == -1 {
                     return Err(std::io::Error::last_os_error());
                 }
-            } else if libc::dup2(raw, target) == -1 {
-                return Err(std::io::Error::last_os_error());
+            }
+            // dup2 clears close-on-exec on the copy it makes.
+            for (raw, (_, target)) in moved.iter().zip(&fds) {
+                if libc::dup2(*raw, *target) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
+        })
+    };
+}
+
+/// Makes the child of `cmd` run as `uid`:`gid` with only `groups` besides, without any
+/// capability (a change of every uid away from 0 clears them all) and unable to gain any
+/// again (`no_new_privs`: no setuid program or file capability works for it). Runs after
+/// the working directory is set, so the child may start in a directory it could not reach
+/// from `/`.
+pub fn drop_privileges(cmd: &mut std::process::Command, uid: u32, gid: u32, groups: Vec<u32>) {
+    use std::os::unix::process::CommandExt;
+    let groups: Vec<libc::gid_t> = groups;
+    // SAFETY: the hook runs in the forked child before exec and calls only setgroups(2),
+    // setresgid(2), setresuid(2) and prctl(2), which are async-signal-safe and allocate
+    // nothing (`groups` was built before the fork and is only read).
+    unsafe {
+        cmd.pre_exec(move || {
+            let check = |r: libc::c_int| match r {
+                -1 => Err(std::io::Error::last_os_error()),
+                _ => Ok(()),
+            };
+            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+            check(libc::setresgid(gid, gid, gid))?;
+            check(libc::setresuid(uid, uid, uid))?;
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
         })
     };
 }

@@ -33,14 +33,16 @@ impl Host for LocalHost {
     /// (modes, ACLs, groups) exactly as for the user's own processes, which no check of the
     /// modes by root can match.
     fn can_read_dir(&self, uid: u32, gid: u32, path: &str) -> Result<bool, ApiError> {
-        Ok(std::process::Command::new("setpriv")
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={gid}"))
-            .arg("--init-groups")
-            .args(["test", "-d", path, "-a", "-r", path, "-a", "-x", path])
-            .status()
-            .map_err(|e| ApiError::internal(format!("checking access to {path}: {e}")))?
-            .success())
+        Ok(
+            crate::runtime::helpers::clean_env(&mut std::process::Command::new("setpriv"))
+                .arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={gid}"))
+                .arg("--init-groups")
+                .args(["test", "-d", path, "-a", "-r", path, "-a", "-x", path])
+                .status()
+                .map_err(|e| ApiError::internal(format!("checking access to {path}: {e}")))?
+                .success(),
+        )
     }
 
     fn is_file(&self, path: &Path) -> bool {

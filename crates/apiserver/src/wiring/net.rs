@@ -56,6 +56,12 @@ impl TapPlumbing for Taps {
             .map_err(|e| TapError(Box::new(e)))
     }
 
+    fn open(&self, tap: &str) -> Result<std::os::fd::OwnedFd, TapError> {
+        crate::network::tap::open_tap(tap)
+            .map(Into::into)
+            .map_err(|e| TapError(Box::new(e)))
+    }
+
     async fn detach(&self, machine: &str) {
         if let Err(e) = self.0.detach(machine).await {
             tracing::warn!(%machine, error = %e, "could not remove the machine's tap");

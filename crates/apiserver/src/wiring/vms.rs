@@ -39,6 +39,7 @@ pub fn vms(
             agent: path(&r.agent),
         },
         network: Some(Arc::new(super::net::Taps(network.clone()))),
+        vm_users: r.vm_users,
         ..RuntimeOptions::new(&options.root, &options.run_dir)
     });
     // The core hears of reboots in its own terms; the forwarder ends with the runtime.

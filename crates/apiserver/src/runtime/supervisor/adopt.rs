@@ -31,7 +31,10 @@ impl Runtime {
             cleanup(&run, machine_dir);
             return false;
         }
-        tracing::info!(machine = %run.id, pid = run.qemu.pid(), "adopting a running machine");
+        tracing::info!(machine = %run.id, pid = run.qemu.pid(), uid = run.uid, "adopting a running machine");
+        if run.uid != 0 {
+            self.uids().insert(run.id.clone(), run.uid);
+        }
         let vm = Arc::new(Vm {
             machine_dir: machine_dir.to_path_buf(),
             run,

@@ -1,7 +1,11 @@
-//! Starting a VM: the initramfs with the boot config, the runtime directory and its sockets,
-//! the helpers and the VMM spawned and recorded in `run.json`, then the wait for the agent's
-//! readiness report, with a retry when the guest stays silent.
+//! Starting a VM: a uid of its own, the initramfs with the boot config, the runtime
+//! directory and its sockets, the helpers and the VMM spawned (QEMU and vhost-device-vsock
+//! as the VM's user, with only the descriptors the service opened for them) and recorded in
+//! `run.json`, then the wait for the agent's readiness report, with a retry when the guest
+//! stays silent.
 
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,12 +15,15 @@ use container_agent_proto::client::ReadyListener;
 use container_api::machine::MachineState;
 use tokio::sync::watch;
 
-use super::{CONTROL_SOCKET, RUN_FILE, RunState, Runtime, VSOCK_SOCKET, Vm, sync_clock};
+use super::{
+    AGENT_SOCKET, CONTROL_SOCKET, RUN_FILE, RunState, Runtime, VMM_DIR, VSOCK_SOCKET, Vm,
+    sync_clock,
+};
 use crate::fsutil;
 use crate::runtime::helpers::{self, VHOST_DEVICE_VSOCK, VIRTIOFSD};
 use crate::runtime::process::ProcessId;
-use crate::runtime::vmm::Launch;
-use crate::runtime::{RunningVm, RuntimeError, VmSpec, console, initramfs};
+use crate::runtime::vmm::{DiskLayer, Launch};
+use crate::runtime::{RunningVm, RuntimeError, VmSpec, console, disk, initramfs, sys};
 
 const HELPER_LOG: &str = "helpers.log";
 /// Longest Unix socket path (sun_path holds 108 bytes with the terminating NUL).
@@ -50,28 +57,36 @@ struct Binaries {
 /// Where a VM's sockets and files go, in its runtime directory (short, so socket paths
 /// stay under the limit).
 struct RunPaths {
+    /// Root's.
     dir: PathBuf,
-    /// vhost-device-vsock's vhost-user socket, for the VMM.
+    /// The VM user's: the VMM's and vhost-device-vsock's working directory.
+    vmm: PathBuf,
+    /// vhost-device-vsock's vhost-user socket, for the VMM, relative to `vmm`.
     vhost_user: PathBuf,
-    /// The hybrid-vsock socket, for the host's sessions with the agent.
+    /// The hybrid-vsock socket, relative to `vmm`.
     vsock: PathBuf,
     /// Where the agent reports ready.
     ready: PathBuf,
+    /// The service's link to the hybrid-vsock socket, for the host's sessions with the agent.
+    agent: PathBuf,
     control: PathBuf,
     fs_dir: PathBuf,
     /// (tag, vhost-user socket of its virtiofsd), one per share.
     shares: Vec<(String, PathBuf)>,
+    /// The kernel and the initrd, relative to `vmm`.
+    kernel: PathBuf,
     initrd: PathBuf,
 }
 
 impl RunPaths {
     fn new(dir: PathBuf, spec: &VmSpec) -> Self {
         let fs_dir = dir.join("fs");
-        let vsock = dir.join(VSOCK_SOCKET);
+        let vmm = dir.join(VMM_DIR);
         RunPaths {
-            vhost_user: dir.join("vhu.sock"),
-            ready: ReadyListener::path_for(&vsock, proto::READY_PORT),
-            vsock,
+            vhost_user: "vhu.sock".into(),
+            vsock: VSOCK_SOCKET.into(),
+            ready: ReadyListener::path_for(&vmm.join(VSOCK_SOCKET), proto::READY_PORT),
+            agent: dir.join(AGENT_SOCKET),
             control: dir.join(CONTROL_SOCKET),
             shares: spec
                 .shares
@@ -79,14 +94,16 @@ impl RunPaths {
                 .map(|s| (s.tag.clone(), fs_dir.join(format!("{}.sock", s.tag))))
                 .collect(),
             fs_dir,
-            initrd: dir.join("initrd.img"),
+            kernel: "vmlinuz".into(),
+            initrd: "initrd.img".into(),
+            vmm,
             dir,
         }
     }
 
-    /// Every socket's path fits in a Unix socket address.
+    /// Every socket the service binds or connects to fits in a Unix socket address.
     fn check(&self) -> Result<(), RuntimeError> {
-        let sockets = [&self.vhost_user, &self.vsock, &self.ready, &self.control];
+        let sockets = [&self.ready, &self.agent, &self.control];
         for p in sockets
             .into_iter()
             .chain(self.shares.iter().map(|(_, p)| p))
@@ -215,9 +232,16 @@ impl Runtime {
         Ok(vm.info())
     }
 
+    /// Reserves the VM's uid for as long as it runs and launches it. Blocking.
+    fn launch(&self, spec: &VmSpec) -> Result<(Vm, ReadyListener), RuntimeError> {
+        let uid = self.reserve_uid(&spec.id)?;
+        self.launch_as(spec, uid)
+            .inspect_err(|_| self.release_uid(&spec.id, uid))
+    }
+
     /// Builds the initramfs, spawns the helpers and the VMM, records them; the VM and where
     /// its agent will report ready. Blocking.
-    fn launch(&self, spec: &VmSpec) -> Result<(Vm, ReadyListener), RuntimeError> {
+    fn launch_as(&self, spec: &VmSpec, uid: u32) -> Result<(Vm, ReadyListener), RuntimeError> {
         let o = &self.0.options;
         let bins = Binaries {
             agent: helpers::find_binary(helpers::AGENT, o.helpers.agent.as_deref())?,
@@ -237,25 +261,39 @@ impl Runtime {
 
         let paths = RunPaths::new(self.run_dir(&spec.id), spec);
         let _ = std::fs::remove_dir_all(&paths.dir);
-        std::fs::create_dir_all(&paths.dir).map_err(RuntimeError::io("creating", &paths.dir))?;
+        private_dir(&paths.dir, None)?;
+        private_dir(&paths.vmm, Some(uid))?;
         paths.check()?;
         let boot = boot_config(spec, initrd.modules.clone());
+        let initrd_path = paths.vmm.join(&paths.initrd);
         let boot_json = serde_json::to_vec(&boot).map_err(|e| RuntimeError::Io {
             what: "encoding the boot config for",
-            path: paths.initrd.clone(),
+            path: initrd_path.clone(),
             source: std::io::Error::other(e),
         })?;
-        initramfs::with_boot_config(&initrd.path, &boot_json, &paths.initrd)?;
+        initramfs::with_boot_config(&initrd.path, &boot_json, &initrd_path)?;
+        // The VMM may read nothing of the service's: it gets its own copy of the kernel.
+        let kernel = paths.vmm.join(&paths.kernel);
+        std::fs::copy(&spec.kernel.vmlinuz, &kernel)
+            .map_err(RuntimeError::io("copying the kernel to", &kernel))?;
+        for f in [&initrd_path, &kernel] {
+            std::os::unix::fs::chown(f, Some(uid), Some(uid))
+                .map_err(RuntimeError::io("handing over", f))?;
+        }
 
-        let ready = ReadyListener::bind(&paths.vsock, proto::READY_PORT)
+        let ready = ReadyListener::bind(&paths.vmm.join(&paths.vsock), proto::READY_PORT)
             .map_err(RuntimeError::io("listening on", &paths.ready))?;
+        // vhost-device-vsock, as the VM's user, connects to it when the agent reports.
+        secure_socket(&paths.ready)?;
+        std::os::unix::fs::lchown(&paths.ready, Some(uid), Some(uid))
+            .map_err(RuntimeError::io("handing over", &paths.ready))?;
         let log = spec.machine_dir.join(HELPER_LOG);
         let _ = std::fs::remove_file(&log);
         console::reset(&spec.machine_dir);
         let mut started = Started::default();
         let spawned = self
-            .spawn_helpers(spec, &bins, &paths, &log, &mut started)
-            .and_then(|()| self.spawn_vmm(spec, &paths, &log, &mut started));
+            .spawn_helpers(spec, uid, &bins, &paths, &log, &mut started)
+            .and_then(|shares| self.spawn_vmm(spec, uid, &paths, shares, &log, &mut started));
         match spawned {
             Ok(run) => Ok((
                 Vm {
@@ -274,72 +312,102 @@ impl Runtime {
         }
     }
 
-    /// Spawns vhost-device-vsock, then one virtiofsd per share, each waited for until its
-    /// socket exists.
+    /// Spawns vhost-device-vsock (as the VM's user), links its hybrid socket for the service
+    /// once it is checked, then one virtiofsd per share; returns a connection to each
+    /// virtiofsd for the VMM.
     fn spawn_helpers(
         &self,
         spec: &VmSpec,
+        uid: u32,
         bins: &Binaries,
         paths: &RunPaths,
         log: &Path,
         started: &mut Started,
-    ) -> Result<(), RuntimeError> {
-        let vsock =
+    ) -> Result<Vec<(String, OwnedFd)>, RuntimeError> {
+        let mut vsock =
             helpers::vhost_device_vsock(&bins.vhost_device_vsock, &paths.vhost_user, &paths.vsock);
+        vsock.current_dir(&paths.vmm);
+        sys::drop_privileges(&mut vsock, uid, uid, Vec::new());
         started.helper(helpers::spawn(vsock, VHOST_DEVICE_VSOCK, log)?);
-        helpers::wait_for_socket(&paths.vhost_user, started.last(), VHOST_DEVICE_VSOCK, log)?;
+        for socket in [&paths.vhost_user, &paths.vsock] {
+            let socket = paths.vmm.join(socket);
+            helpers::wait_for_socket(&socket, started.last(), VHOST_DEVICE_VSOCK, log)?;
+        }
+        link_socket(&spec.id, &paths.vmm.join(&paths.vsock), uid, &paths.agent)?;
 
         let Some(virtiofsd) = &bins.virtiofsd else {
-            return Ok(());
+            return Ok(Vec::new());
         };
-        {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&paths.fs_dir)
-                .map_err(RuntimeError::io("creating", &paths.fs_dir))?;
-        }
-        for (share, (_, socket)) in spec.shares.iter().zip(&paths.shares) {
+        private_dir(&paths.fs_dir, None)?;
+        let mut connections = Vec::new();
+        for (share, (tag, socket)) in spec.shares.iter().zip(&paths.shares) {
             // The service binds each share's socket in its own directory and hands it to
-            // virtiofsd (which runs as the share's owner) as a descriptor; QEMU connects
-            // to it once virtiofsd serves it, and meanwhile waits in the listen backlog.
+            // virtiofsd (which runs as the share's owner) as a descriptor, and connects to it
+            // for QEMU, which gets the connection: it waits in the listen backlog until
+            // virtiofsd serves it.
             let listener = std::os::unix::net::UnixListener::bind(socket)
                 .map_err(RuntimeError::io("binding", socket))?;
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-                    .map_err(RuntimeError::io("securing", socket))?;
-            }
+            secure_socket(socket)?;
+            let connection = std::os::unix::net::UnixStream::connect(socket)
+                .map_err(RuntimeError::io("connecting to", socket))?;
+            connections.push((tag.clone(), connection.into()));
             let fs = helpers::virtiofsd(virtiofsd, share, listener.into());
             started.helper(helpers::spawn(fs, VIRTIOFSD, log)?);
         }
-        Ok(())
+        Ok(connections)
     }
 
-    /// Spawns the VMM and records the VM in `run.json`, in the machine directory and in the
-    /// runtime directory.
+    /// Spawns the VMM as the VM's user and records the VM in `run.json`, in the machine
+    /// directory and in the runtime directory.
     fn spawn_vmm(
         &self,
         spec: &VmSpec,
+        uid: u32,
         paths: &RunPaths,
+        shares: Vec<(String, OwnedFd)>,
         log: &Path,
         started: &mut Started,
     ) -> Result<RunState, RuntimeError> {
-        let console = console::console_path(&spec.machine_dir);
+        let console_path = console::console_path(&spec.machine_dir);
+        let console = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&console_path)
+            .map_err(RuntimeError::io("opening", &console_path))?;
+        let _ = std::fs::remove_file(&paths.control);
+        let control = std::os::unix::net::UnixListener::bind(&paths.control)
+            .map_err(RuntimeError::io("binding", &paths.control))?;
+        secure_socket(&paths.control)?;
+        let net = match &spec.net {
+            Some(net) => {
+                let tap =
+                    self.network(&spec.id)?
+                        .open(&net.tap)
+                        .map_err(|source| RuntimeError::Tap {
+                            machine: spec.id.clone(),
+                            source,
+                        })?;
+                Some((net.clone(), tap))
+            }
+            None => None,
+        };
         let launch = Launch {
             cpus: spec.cpus,
             memory_mib: (spec.memory_bytes >> 20).max(64),
-            kernel: &spec.kernel.vmlinuz,
-            initrd: &paths.initrd,
-            disk: &spec.disk,
-            console: &console,
-            control: &paths.control,
-            vsock: &paths.vhost_user,
-            shares: &paths.shares,
-            net: spec.net.as_ref(),
+            kernel: paths.kernel.clone(),
+            initrd: paths.initrd.clone(),
+            disk: self.open_disk(&spec.disk)?,
+            console: console.into(),
+            control: control.into(),
+            vsock: paths.vhost_user.clone(),
+            shares,
+            net,
         };
-        let vmm = helpers::spawn(self.0.vmm.command(&launch), helpers::QEMU, log)?;
+        let mut cmd = self.0.vmm.command(launch);
+        cmd.current_dir(&paths.vmm);
+        sys::drop_privileges(&mut cmd, uid, uid, self.vmm_groups());
+        let vmm = helpers::spawn(cmd, helpers::QEMU, log)?;
         let qemu = ProcessId::of(vmm.id()).unwrap_or(ProcessId(vmm.id() as i32, 0));
         started.children.push(vmm);
         let run = RunState {
@@ -349,6 +417,7 @@ impl Runtime {
             run_dir: paths.dir.clone(),
             started: chrono::Utc::now(),
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
+            uid,
         };
         for run_file in [spec.machine_dir.join(RUN_FILE), paths.dir.join(RUN_FILE)] {
             fsutil::write_json(&run_file, &run).map_err(RuntimeError::io("writing", &run_file))?;
@@ -356,11 +425,107 @@ impl Runtime {
         Ok(run)
     }
 
+    /// Opens the machine disk's chain for the VMM: the disk read-write, what backs it
+    /// read-only, each backing file checked to be in the image store (or the machine's own
+    /// directory).
+    fn open_disk(&self, path: &Path) -> Result<Vec<DiskLayer>, RuntimeError> {
+        let mut allowed: Vec<PathBuf> = self
+            .0
+            .options
+            .disk_bases
+            .iter()
+            .filter_map(|d| std::fs::canonicalize(d).ok())
+            .collect();
+        if let Some(dir) = path.parent().and_then(|d| std::fs::canonicalize(d).ok()) {
+            allowed.push(dir);
+        }
+        let open = |p: &Path, write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .open(p)
+                .map(OwnedFd::from)
+                .map_err(RuntimeError::io("opening", p))
+        };
+        disk::chain(path, &allowed)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let top = i == 0;
+                let mut files = vec![open(&f.path, false)?];
+                if top {
+                    files.insert(0, open(&f.path, true)?);
+                }
+                Ok(DiskLayer {
+                    format: f.format,
+                    files,
+                    read_only: !top,
+                })
+            })
+            .collect()
+    }
+
+    /// The VMM's one group besides its own: the KVM device's, when it uses KVM.
+    fn vmm_groups(&self) -> Vec<u32> {
+        use std::os::unix::fs::MetadataExt;
+        match self.0.vmm.uses_kvm() {
+            true => std::fs::metadata("/dev/kvm")
+                .map(|m| vec![m.gid()])
+                .unwrap_or_default(),
+            false => Vec::new(),
+        }
+    }
+
     /// The per-VM runtime directory: short, so socket paths stay under the limit.
     fn run_dir(&self, id: &str) -> PathBuf {
         let short = hex::encode(&<sha2::Sha256 as sha2::Digest>::digest(id.as_bytes())[..6]);
         self.0.options.run_dir.join("vm").join(short)
     }
+}
+
+/// Makes a socket the service bound for its owner alone (0600), whatever the umask.
+fn secure_socket(socket: &Path) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(RuntimeError::io("securing", socket))
+}
+
+/// Makes `dir` (anew), mode 0700, owned by root or by `owner` (and its group).
+fn private_dir(dir: &Path, owner: Option<u32>) -> Result<(), RuntimeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(RuntimeError::io("creating", dir))?;
+    if let Some(uid) = owner {
+        std::os::unix::fs::chown(dir, Some(uid), Some(uid))
+            .map_err(RuntimeError::io("handing over", dir))?;
+    }
+    Ok(())
+}
+
+/// Links the hybrid-vsock socket at `socket` (in the VM user's directory) to `link` (in
+/// root's) once it is checked to be a socket of `uid`'s, not a link: the service then
+/// reaches this socket through `link`, whatever the VM's user later puts at `socket`.
+fn link_socket(id: &str, socket: &Path, uid: u32, link: &Path) -> Result<(), RuntimeError> {
+    use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags};
+    let pinned = rustix::fs::open(
+        socket,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| RuntimeError::io("opening", socket)(e.into()))?;
+    let stat =
+        rustix::fs::fstat(&pinned).map_err(|e| RuntimeError::io("reading", socket)(e.into()))?;
+    if FileType::from_raw_mode(stat.st_mode) != FileType::Socket || stat.st_uid != uid {
+        return Err(RuntimeError::ForeignSocket {
+            machine: id.to_string(),
+            path: socket.to_path_buf(),
+        });
+    }
+    rustix::fs::linkat(&pinned, "", CWD, link, AtFlags::EMPTY_PATH)
+        .map_err(|e| RuntimeError::io("linking", link)(e.into()))
 }
 
 /// The agent's boot config: the spec's, with what the runtime decides filled in.

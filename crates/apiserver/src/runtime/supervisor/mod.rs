@@ -9,6 +9,14 @@
 //! kills its helpers, removes the runtime directory and `run.json`, and marks the VM stopped.
 //! The watcher waits on a pidfd, so it works as well for a VMM adopted after a service
 //! restart (no longer our child) as for one we started.
+//!
+//! A VM's runtime directory (`<run dir>/vm/<hash>/`) is root's (0700): `run.json`, the QMP
+//! socket the service binds and hands to QEMU, `fs/` with virtiofsd's sockets, and
+//! `agent.sock`, a hard link the service makes to vhost-device-vsock's hybrid socket once it
+//! has checked that socket's owner. Its `vmm/` directory belongs to the VM's user (0700):
+//! QEMU and vhost-device-vsock start there as that user and find the kernel, the initrd and
+//! each other's socket by relative paths. The service never connects by a path inside
+//! `vmm/`, which that user (a guest that escaped into QEMU) may change at will.
 
 mod adopt;
 mod launch;
@@ -53,11 +61,19 @@ pub(super) struct RunState {
     /// The VM's tap, removed after the VMM exits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// The uid (and gid) the VMM and vhost-device-vsock run as; 0 for VMs started before
+    /// they ran unprivileged.
+    #[serde(default)]
+    pub uid: u32,
 }
 
 const RUN_FILE: &str = "run.json";
-/// The hybrid-vsock socket of vhost-device-vsock, in the runtime directory: the agent's door.
+/// The hybrid-vsock socket of vhost-device-vsock, in the VMM's directory.
 const VSOCK_SOCKET: &str = "vsock.sock";
+/// The service's link to [`VSOCK_SOCKET`], in the runtime directory: the agent's door.
+const AGENT_SOCKET: &str = "agent.sock";
+/// The VMM's directory in the runtime directory, owned by the VM's user.
+const VMM_DIR: &str = "vmm";
 /// The VMM's control socket, in the runtime directory.
 const CONTROL_SOCKET: &str = "qmp.sock";
 /// How often a running guest's clock is set from the host's.
@@ -75,7 +91,11 @@ pub(super) struct Vm {
 
 impl Vm {
     pub fn agent_socket(&self) -> PathBuf {
-        self.run.run_dir.join(VSOCK_SOCKET)
+        match self.run.uid {
+            // Started by an older service, as root, with the socket in the runtime directory.
+            0 => self.run.run_dir.join(VSOCK_SOCKET),
+            _ => self.run.run_dir.join(AGENT_SOCKET),
+        }
     }
 
     fn control_socket(&self) -> PathBuf {
@@ -122,6 +142,8 @@ struct State {
     launching: Mutex<HashSet<String>>,
     /// Running VMs whose guest rebooted itself (and so exited).
     reboots: tokio::sync::broadcast::Sender<Reboot>,
+    /// The uid of each VM starting or running, by id.
+    uids: Mutex<HashMap<String, u32>>,
 }
 
 impl Runtime {
@@ -150,6 +172,7 @@ impl Runtime {
             vms: Mutex::new(Default::default()),
             launching: Mutex::new(Default::default()),
             reboots: tokio::sync::broadcast::channel(16).0,
+            uids: Mutex::new(Default::default()),
         }))
     }
 
@@ -198,6 +221,28 @@ impl Runtime {
 
     fn vms(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Vm>>> {
         self.0.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn uids(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.0.uids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reserves a uid for the VM `id`, none other starting or running has.
+    fn reserve_uid(&self, id: &str) -> Result<u32, RuntimeError> {
+        let mut uids = self.uids();
+        // A previous VM of the same id may still be cleaning up: its uid counts too.
+        let taken = uids.values().copied().collect();
+        let uid = self.0.options.vm_users.pick(&taken)?;
+        uids.insert(id.to_string(), uid);
+        Ok(uid)
+    }
+
+    /// Frees the uid of the VM `id`, if it is still `uid` (a later start may hold another).
+    fn release_uid(&self, id: &str, uid: u32) {
+        let mut uids = self.uids();
+        if uids.get(id) == Some(&uid) {
+            uids.remove(id);
+        }
     }
 
     fn network(&self, id: &str) -> Result<&Arc<dyn TapPlumbing>, RuntimeError> {
@@ -266,6 +311,7 @@ impl Runtime {
                     vms.remove(&vm.run.id);
                 }
             }
+            this.release_uid(&vm.run.id, vm.run.uid);
             tracing::info!(machine = %vm.run.id, "machine stopped");
             if unasked && console::rebooted(&vm.machine_dir) {
                 // Nobody may be listening (a runtime without a service): nothing to do then.
