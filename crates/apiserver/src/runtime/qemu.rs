@@ -84,7 +84,14 @@ fn cmdline(accel: &Accel, tsc_khz: Option<u64>) -> String {
     // register followed by the keyboard controller, leaves the vCPU spinning on port I/O
     // after the reset request; under emulation that spin holds QEMU's big lock, so its main
     // loop took 5 to 25 s (5 reboots in 12) to act on the request and exit.
-    let mut line = String::from("console=ttyS0 panic=-1 reboot=t quiet loglevel=4 rw");
+    // quiet keeps the kernel's own lines out of `machine logs`; systemd.show_status=1 puts
+    // back what a user debugging a boot wants, systemd's status lines, which quiet turns
+    // off too (OpenRC and busybox print theirs regardless). pci=off: microvm has no PCI
+    // bus (every device is virtio-mmio), and probing for one printed `PCI: Fatal: No config
+    // space access function found` at every boot.
+    let mut line = String::from(
+        "console=ttyS0 panic=-1 reboot=t quiet loglevel=4 rw pci=off systemd.show_status=1",
+    );
     if !accel.kvm {
         // Under emulation on a busy host the kernel's calibration of the TSC against the
         // emulated PIT fails (the vCPU thread is descheduled between reads): the TSC is then
