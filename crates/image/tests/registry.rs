@@ -858,7 +858,7 @@ async fn mirrors_are_tried_in_order_before_the_registry_and_recorded() {
         .pull(ROOT, &reference, &opts, &events.reporter())
         .await
         .unwrap();
-    assert_eq!(record.references, [reference.clone()]);
+    assert_eq!(record.references, std::slice::from_ref(&reference));
     assert_eq!(
         record.source,
         Some(container_image::ImageSource {
