@@ -26,6 +26,7 @@
 //! `host` feature: the frame-level [`host`] module and the typed [`client::AgentClient`].
 
 pub mod boot;
+pub mod copy;
 pub mod frame;
 pub mod message;
 pub mod sync;

@@ -1,11 +1,13 @@
 //! Copy sessions: a tar stream from the host unpacked at a path (ownership and modes kept),
-//! and a tar of a path streamed to the host. The archive's entries stay under the target:
-//! absolute paths and `..` are refused.
+//! and a tar of a path streamed to the host. Where a copy lands follows `cp`
+//! ([`container_agent_proto::copy`]). The archive's entries stay under the target: absolute
+//! paths and `..` are refused.
 
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use container_agent_proto::copy::{self as semantics, Dest, Placement};
 use container_agent_proto::sync::read;
 use container_agent_proto::{Frame, Kind, MAX_FRAME, Message};
 use vsock::VsockStream;
@@ -60,7 +62,7 @@ pub fn copy_in(path: &str, mut stream: VsockStream, writer: &Writer) -> std::io:
         at: 0,
         ended: false,
     };
-    let result = unpack(Path::new(path), &mut frames);
+    let result = unpack(path, &mut frames);
     if result.is_err() {
         // Read the rest so the service sees our answer, not a stalled stream.
         let _ = std::io::copy(&mut frames, &mut std::io::sink());
@@ -92,29 +94,62 @@ fn destination(dir: &Path, entry: &Path, rename: Option<&Path>) -> Option<PathBu
     Some(out)
 }
 
-/// Unpacks the tar stream `input` at `dest`: into it when it is a directory, else as it,
-/// the archive's top entry renamed.
-fn unpack(dest: &Path, input: &mut dyn Read) -> Result<()> {
-    let (dir, rename) = if dest.is_dir() {
-        (dest.to_path_buf(), None)
-    } else {
-        let parent = dest.parent().unwrap_or(Path::new("/"));
-        if !parent.is_dir() {
-            bail!("{} does not exist in the machine", parent.display());
+/// What is at `path`, following symbolic links (a link to a directory is one).
+fn found(path: &Path) -> Dest {
+    // Without a trailing `/`, which makes a file's metadata fail (ENOTDIR).
+    let path: PathBuf = path.components().collect();
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Dest::Dir,
+        Ok(_) => Dest::File,
+        Err(_) => Dest::Missing,
+    }
+}
+
+/// Where entries go for a placement: the directory they are unpacked under and the name the
+/// top entry takes there, if renamed.
+fn target_of(dest: &Path, placement: Placement) -> Result<(PathBuf, Option<PathBuf>)> {
+    Ok(match placement {
+        Placement::Into => (dest.to_path_buf(), None),
+        Placement::ContentsInto => {
+            if !dest.is_dir() {
+                std::fs::create_dir(dest)
+                    .with_context(|| format!("creating {}", dest.display()))?;
+            }
+            (dest.to_path_buf(), None)
         }
-        let name = dest
-            .file_name()
-            .with_context(|| format!("{} cannot be a copy's destination", dest.display()))?;
-        (parent.to_path_buf(), Some(PathBuf::from(name)))
-    };
+        Placement::As => {
+            let parent = dest.parent().unwrap_or(Path::new("/"));
+            let name = dest
+                .file_name()
+                .with_context(|| format!("{} cannot be a copy's destination", dest.display()))?;
+            (parent.to_path_buf(), Some(PathBuf::from(name)))
+        }
+    })
+}
+
+/// Unpacks the tar stream `input` at `dest` (as given, a trailing `/` included), placed as
+/// `cp` would place the archive's top entry there.
+fn unpack(dest_text: &str, input: &mut dyn Read) -> Result<()> {
+    let dest = Path::new(dest_text);
     let mut archive = tar::Archive::new(input);
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);
     archive.set_overwrite(true);
+    let mut placed: Option<(PathBuf, Option<PathBuf>)> = None;
     for entry in archive.entries().context("reading the archive")? {
         let mut entry = entry.context("reading the archive")?;
         let name = entry.path().context("reading the archive")?.into_owned();
+        let (dir, rename) = match &placed {
+            Some(p) => p.clone(),
+            None => {
+                let top = semantics::archive_top(&name, entry.header().entry_type().is_dir());
+                let parent_exists = dest.parent().is_none_or(Path::is_dir);
+                let placement = semantics::place(top, dest_text, found(dest), parent_exists)
+                    .map_err(|e| anyhow::anyhow!("in the machine: {e}"))?;
+                placed.insert(target_of(dest, placement)?).clone()
+            }
+        };
         let Some(target) = destination(&dir, &name, rename.as_deref()) else {
             bail!(
                 "the archive entry {} leaves the destination",
@@ -166,10 +201,20 @@ pub fn copy_out(path: &str, writer: &Writer) -> std::io::Result<()> {
 
 fn pack(path: &str, writer: &Writer) -> Result<()> {
     let src = Path::new(path);
-    let meta = std::fs::symlink_metadata(src).with_context(|| format!("{path} in the machine"))?;
-    let name = src
-        .file_name()
-        .map(PathBuf::from)
+    // A trailing `/` or `/.` asks for the directory a link points to, as in `cp`.
+    let meta = if path.ends_with('/') || path.ends_with("/.") {
+        std::fs::metadata(src)
+    } else {
+        std::fs::symlink_metadata(src)
+    }
+    .with_context(|| format!("{path} in the machine"))?;
+    let top = semantics::source_top(path, meta.is_dir())
+        .map_err(|e| anyhow::anyhow!("in the machine: {e}"))?;
+    let name = semantics::top_name(path, top)
+        .or_else(|| {
+            let real = std::fs::canonicalize(src).ok()?;
+            Some(real.file_name()?.to_string_lossy().into_owned())
+        })
         .unwrap_or_else(|| ".".into());
     let out = std::io::BufWriter::with_capacity(256 * 1024, FrameWriter(writer));
     let mut builder = tar::Builder::new(out);
@@ -232,19 +277,21 @@ mod tests {
             file(b, "top/a.txt", b"a");
             file(b, "top/sub/b.txt", b"b");
         });
-        unpack(dir.path(), &mut tar.as_slice()).unwrap();
+        let at = |p: &Path| p.display().to_string();
+        unpack(&at(dir.path()), &mut tar.as_slice()).unwrap();
         assert_eq!(
             std::fs::read(dir.path().join("top/sub/b.txt")).unwrap(),
             b"b"
         );
-        unpack(&dir.path().join("renamed"), &mut tar.as_slice()).unwrap();
+        unpack(&at(&dir.path().join("renamed")), &mut tar.as_slice()).unwrap();
         assert_eq!(
             std::fs::read(dir.path().join("renamed/a.txt")).unwrap(),
             b"a"
         );
-        let err = unpack(&dir.path().join("no/such/dir"), &mut tar.as_slice()).unwrap_err();
+        let err = unpack(&at(&dir.path().join("no/such/dir")), &mut tar.as_slice()).unwrap_err();
         assert!(
-            format!("{err:#}").contains("does not exist in the machine"),
+            format!("{err:#}").contains("in the machine: ")
+                && format!("{err:#}").contains("no/such does not exist"),
             "{err:#}"
         );
     }
@@ -255,7 +302,10 @@ mod tests {
         // A directory with something in it where the archive has a file.
         std::fs::create_dir_all(dir.path().join("top/a.txt/inside")).unwrap();
         let tar = archive(|b| file(b, "top/a.txt", b"a"));
-        let err = format!("{:#}", unpack(dir.path(), &mut tar.as_slice()).unwrap_err());
+        let err = format!(
+            "{:#}",
+            unpack(&dir.path().display().to_string(), &mut tar.as_slice()).unwrap_err()
+        );
         let target = dir.path().join("top/a.txt");
         assert!(
             err.starts_with(&format!("writing {}: ", target.display())),

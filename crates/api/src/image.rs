@@ -48,6 +48,18 @@ pub struct ImageDetail {
     pub config: serde_json::Value,
     /// The ext4 base disk machines are created from, once built.
     pub base_disk: Option<BaseDiskInfo>,
+    /// Where the image was pulled from; absent for a loaded image.
+    #[serde(default)]
+    pub source: Option<ImageSource>,
+}
+
+/// Where an image was pulled from: the registry, or the mirror of it that served it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageSource {
+    /// The reference as it was fetched (`mirror.example:5000/library/alpine:latest`).
+    pub reference: String,
+    /// Whether that was a mirror of the image's registry.
+    pub mirror: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -4,6 +4,10 @@
 //! `<install prefix>/etc/container/config.toml`, which wins over the built-in defaults. Files
 //! are read once, at service start. Unknown keys are refused so a typo never silently does
 //! nothing.
+//!
+//! Registry mirrors are one key per registry (`[registry.mirrors]`, `"docker.io" = [{
+//! location = "…" }, …]`): a file that lists a registry's mirrors gives the whole list, tried
+//! in order before the registry itself.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -88,6 +92,19 @@ struct RuntimeSection {
 struct RegistrySection {
     insecure: Option<Vec<String>>,
     max_concurrent_downloads: Option<u32>,
+    /// Registry (as references name it: `docker.io`) → its mirrors, in order.
+    mirrors: Option<BTreeMap<String, Vec<MirrorEntry>>>,
+}
+
+/// One mirror of a registry, as written in config.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct MirrorEntry {
+    /// `host[:port][/path]`.
+    location: String,
+    /// Plain HTTP and unverified TLS allowed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    insecure: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -152,6 +169,9 @@ pub struct RuntimeConfig {
 pub struct RegistryConfig {
     pub insecure: Vec<String>,
     pub max_concurrent_downloads: u32,
+    /// Each registry's mirrors (keyed as references name it: `docker.io`), tried in order
+    /// before the registry.
+    pub mirrors: BTreeMap<String, Vec<container_image::Mirror>>,
 }
 
 /// What one non-root user may hold at once (`[limits]`); root is exempt. A machine above
@@ -211,6 +231,7 @@ fn defaults(host: HostFacts) -> FileConfig {
         registry: Some(RegistrySection {
             insecure: Some(Vec::new()),
             max_concurrent_downloads: Some(3),
+            mirrors: None,
         }),
         // A user's running machines may overcommit the host twice over (idle guests give
         // their free memory back), but no user holds every address of the subnet or disks
@@ -246,16 +267,24 @@ pub fn install_prefix() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/local"))
 }
 
-/// Flattens a table into dotted keys.
-fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, toml::Value>) {
+/// A key: the path of names from the file's root to a value.
+type KeyPath = Vec<String>;
+
+/// Flattens a table into keys; a table of `registry.mirrors` is one key per registry, whose
+/// value is its whole list.
+fn flatten(prefix: &[String], table: &toml::Table, out: &mut BTreeMap<KeyPath, toml::Value>) {
     for (k, v) in table {
-        let key = if prefix.is_empty() {
-            k.clone()
-        } else {
-            format!("{prefix}.{k}")
-        };
+        let mut key = prefix.to_vec();
+        key.push(k.clone());
         match v {
-            toml::Value::Table(t) => flatten(&key, t, out),
+            toml::Value::Table(t) if key != ["registry", "mirrors"] => flatten(&key, t, out),
+            toml::Value::Table(t) => {
+                for (registry, mirrors) in t {
+                    let mut key = key.clone();
+                    key.push(registry.clone());
+                    out.insert(key, mirrors.clone());
+                }
+            }
             other => {
                 out.insert(key, other.clone());
             }
@@ -263,12 +292,30 @@ fn flatten(prefix: &str, table: &toml::Table, out: &mut BTreeMap<String, toml::V
     }
 }
 
-fn unflatten(flat: &BTreeMap<String, toml::Value>) -> toml::Table {
+/// A key as `system property list` shows it: dotted, a part that holds a dot quoted
+/// (`registry.mirrors."docker.io"`), as TOML writes it.
+fn dotted(key: &[String]) -> String {
+    key.iter()
+        .map(|part| {
+            if part
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                part.clone()
+            } else {
+                format!("{part:?}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn unflatten(flat: &BTreeMap<KeyPath, toml::Value>) -> toml::Table {
     let mut root = toml::Table::new();
     for (key, value) in flat {
         let mut table = &mut root;
-        let mut parts: Vec<&str> = key.split('.').collect();
-        let last = parts.pop().expect("split yields at least one part");
+        let mut parts: Vec<&str> = key.iter().map(String::as_str).collect();
+        let last = parts.pop().expect("a key has at least one part");
         for part in parts {
             table = table
                 .entry(part)
@@ -324,6 +371,9 @@ fn validate(config: &FileConfig) -> Result<(), String> {
         v.parse::<crate::runtime::VmUsers>()
             .map_err(|e| format!("runtime.vm-users: {e}"))?;
     }
+    if let Some(mirrors) = config.registry.as_ref().and_then(|r| r.mirrors.as_ref()) {
+        mirrors_of(mirrors)?;
+    }
     if let Some(n) = &config.network
         && let Some(bridge) = &n.bridge
         && (bridge.is_empty() || bridge.len() > 15)
@@ -335,9 +385,33 @@ fn validate(config: &FileConfig) -> Result<(), String> {
     Ok(())
 }
 
+/// The mirrors of each registry, checked: a registry as references name it, each location
+/// `host[:port][/path]`.
+fn mirrors_of(
+    table: &BTreeMap<String, Vec<MirrorEntry>>,
+) -> Result<BTreeMap<String, Vec<container_image::Mirror>>, String> {
+    let mut out = BTreeMap::new();
+    for (registry, entries) in table {
+        let host = container_image::registry::normalise_server(registry);
+        if host != *registry || host.is_empty() || registry.contains('/') {
+            return Err(format!(
+                "registry.mirrors: `{registry}` is not a registry host as image references \
+                 name it (e.g. `docker.io`, `quay.io`, `registry.example:5000`)"
+            ));
+        }
+        let mirrors = entries
+            .iter()
+            .map(|m| container_image::Mirror::parse(&m.location, m.insecure))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("registry.mirrors.\"{registry}\": {e}"))?;
+        out.insert(host, mirrors);
+    }
+    Ok(out)
+}
+
 /// Loads and merges the given files (highest precedence first) over the defaults.
 pub fn load(files: &[PathBuf], host: HostFacts) -> Result<Config, ConfigError> {
-    let mut merged: BTreeMap<String, (toml::Value, String)> = BTreeMap::new();
+    let mut merged: BTreeMap<KeyPath, (toml::Value, String)> = BTreeMap::new();
     for path in files {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
@@ -350,17 +424,17 @@ pub fn load(files: &[PathBuf], host: HostFacts) -> Result<Config, ConfigError> {
             }
         };
         let mut flat = BTreeMap::new();
-        flatten("", &parse_file(path, &text)?, &mut flat);
+        flatten(&[], &parse_file(path, &text)?, &mut flat);
         for (k, v) in flat {
             merged.entry(k).or_insert((v, path.display().to_string()));
         }
     }
     let mut flat_defaults = BTreeMap::new();
-    flatten("", &to_table(&defaults(host)), &mut flat_defaults);
+    flatten(&[], &to_table(&defaults(host)), &mut flat_defaults);
     for (k, v) in flat_defaults {
         merged.entry(k).or_insert((v, "default".into()));
     }
-    let values: BTreeMap<String, toml::Value> = merged
+    let values: BTreeMap<KeyPath, toml::Value> = merged
         .iter()
         .map(|(k, (v, _))| (k.clone(), v.clone()))
         .collect();
@@ -373,15 +447,19 @@ pub fn load(files: &[PathBuf], host: HostFacts) -> Result<Config, ConfigError> {
     let properties = merged
         .into_iter()
         .map(|(key, (value, source))| Property {
-            key,
+            key: dotted(&key),
             value: serde_json::to_value(&value).unwrap_or(serde_json::Value::Null),
             source,
         })
         .collect();
-    Ok(resolve(file, properties, host))
+    resolve(file, properties, host)
 }
 
-fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Config {
+fn resolve(
+    file: FileConfig,
+    properties: Vec<Property>,
+    host: HostFacts,
+) -> Result<Config, ConfigError> {
     // Every key has a default, so the unwraps below only see merged values.
     let m = file.machine.unwrap_or_default();
     let n = file.network.unwrap_or_default();
@@ -391,7 +469,13 @@ fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Conf
     let l = file.limits.unwrap_or_default();
     let size =
         |v: Option<String>, fallback: u64| v.and_then(|s| parse_size(&s).ok()).unwrap_or(fallback);
-    Config {
+    // Each file's mirrors were checked when it was read; these are the merged lists.
+    let mirrors =
+        mirrors_of(&g.mirrors.unwrap_or_default()).map_err(|message| ConfigError::Invalid {
+            path: PathBuf::from("<merged>"),
+            message,
+        })?;
+    Ok(Config {
         machine: MachineDefaults {
             cpus: m.cpus.unwrap_or(1),
             memory: size(m.memory, GIB),
@@ -418,6 +502,7 @@ fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Conf
         registry: RegistryConfig {
             insecure: g.insecure.unwrap_or_default(),
             max_concurrent_downloads: g.max_concurrent_downloads.unwrap_or(3).max(1),
+            mirrors,
         },
         limits: Limits {
             machines: l.machines.unwrap_or(16),
@@ -427,7 +512,7 @@ fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Conf
         },
         host,
         properties,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -542,6 +627,85 @@ mod tests {
                 last: 70099
             }
         );
+    }
+
+    #[test]
+    fn mirrors_are_listed_per_registry_and_the_first_file_s_list_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let user = write(
+            dir.path(),
+            "user.toml",
+            "[registry.mirrors]\n\"docker.io\" = [\n  { location = \"127.0.0.1:5000\" },\n  \
+             { location = \"mirror.example/hub\", insecure = true },\n]\n",
+        );
+        let system = write(
+            dir.path(),
+            "system.toml",
+            "[[registry.mirrors.\"docker.io\"]]\nlocation = \"ignored.example\"\n\
+             [[registry.mirrors.\"quay.io\"]]\nlocation = \"quay-mirror.example\"\n",
+        );
+        let c = load(&[user.clone(), system.clone()], HOST).unwrap();
+        let hub = &c.registry.mirrors["docker.io"];
+        assert_eq!(
+            hub.iter().map(|m| m.location()).collect::<Vec<_>>(),
+            ["127.0.0.1:5000", "mirror.example/hub"]
+        );
+        assert_eq!((hub[0].insecure, hub[1].insecure), (false, true));
+        assert_eq!(
+            c.registry.mirrors["quay.io"][0].location(),
+            "quay-mirror.example"
+        );
+        let source = |key: &str| {
+            c.properties
+                .iter()
+                .find(|p| p.key == key)
+                .map(|p| p.source.clone())
+        };
+        assert_eq!(
+            source("registry.mirrors.\"docker.io\""),
+            Some(user.display().to_string())
+        );
+        assert_eq!(
+            source("registry.mirrors.\"quay.io\""),
+            Some(system.display().to_string())
+        );
+        assert!(load(&[], HOST).unwrap().registry.mirrors.is_empty());
+    }
+
+    #[test]
+    fn bad_mirrors_are_refused_naming_the_file_and_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, says) in [
+            (
+                "[registry.mirrors]\n\"docker.io\" = [{ location = \"http://m.example\" }]\n",
+                "without a scheme",
+            ),
+            (
+                "[registry.mirrors]\n\"docker.io\" = [{ location = \"M.example\" }]\n",
+                "host[:port][/path]",
+            ),
+            (
+                "[registry.mirrors]\n\"docker.io\" = [{ url = \"m.example\" }]\n",
+                "unknown field `url`",
+            ),
+            (
+                "[registry.mirrors]\n\"https://index.docker.io/v1/\" = [{ location = \"m.example\" }]\n",
+                "not a registry host",
+            ),
+            (
+                "[registry.mirrors]\n\"docker.io\" = \"m.example\"\n",
+                "expected a sequence",
+            ),
+        ] {
+            let f = write(dir.path(), "bad.toml", text);
+            let e = load(std::slice::from_ref(&f), HOST)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(&f.display().to_string()) && e.contains(says),
+                "{text}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -118,6 +118,17 @@ fn openrc_boots_to_default_and_stops_cleanly() {
     assert!(svc.contains("started"), "{svc}");
     run(&["--root", "--no-shell", "sh", "-c", "echo kept > /var/kept"]);
 
+    // `logs` shows OpenRC's own lines (its runlevels, a service it started), and not the
+    // kernel's noise.
+    let console = alice.cli_ok(&service, &["machine", "logs", "orc"]);
+    for line in ["Starting sysinit runlevel", "Mounting cgroup filesystem"] {
+        assert!(
+            console.contains(line),
+            "no `{line}` in the logs:\n{console}"
+        );
+    }
+    assert!(!console.contains("PCI: Fatal"), "{console}");
+
     // openrc-init runs its shutdown (stopping the service) and the VM goes down by itself.
     stop_cleanly(&alice, &service, "orc");
 

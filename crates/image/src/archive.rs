@@ -362,7 +362,7 @@ impl ImageStore {
             }
         }
         for (reference, digest) in &images {
-            self.set_ref(namespace, reference, digest)?;
+            self.set_ref(namespace, reference, digest, None)?;
         }
         drop(members);
         images

@@ -11,6 +11,15 @@ pub enum ImageError {
     NotFound(String),
     #[error("registry {registry}: {message}")]
     Registry { registry: String, message: String },
+    /// Every mirror of the image's registry failed, and so did the registry (`source`).
+    #[error("{reference}: every mirror failed ({mirrors}), and so did its registry")]
+    AllSourcesFailed {
+        reference: String,
+        /// Each mirror tried, with its error.
+        mirrors: String,
+        #[source]
+        source: Box<ImageError>,
+    },
     #[error("registry {registry}: {reference} not found (no such repository or tag)")]
     RemoteNotFound { registry: String, reference: String },
     #[error(

@@ -20,9 +20,9 @@ pub mod unpack;
 
 pub use error::ImageError;
 pub use manifest::ConfigInfo;
-pub use registry::{Credentials, parse_reference};
+pub use registry::{Credentials, Mirror, parse_reference};
 pub use store::{
-    DEFAULT_MAX_UNPACKED_BYTES, ImageRecord, ImageStore, LayerRecord, Limits, Namespace, Progress,
-    PullOptions, PullProgress, Removed,
+    DEFAULT_MAX_UNPACKED_BYTES, ImageRecord, ImageSource, ImageStore, LayerRecord, Limits,
+    Namespace, Progress, PullOptions, PullProgress, Removed,
 };
 pub use unpack::DiskInfo;

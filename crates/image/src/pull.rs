@@ -1,7 +1,9 @@
 //! Pulling an image: resolve the reference to a linux/amd64 manifest (through an index if the
-//! registry serves one), fetch the config and layers concurrently into the content store
-//! (each verified against its digest and size while it is written; blobs already present are
-//! not fetched), build the base disk, and only then record the reference.
+//! registry serves one) at the first of its endpoints that has it (each mirror configured for
+//! its registry, in order, then the registry: [`registry::endpoints`]), fetch the config and
+//! layers from there concurrently into the content store (each verified against its digest
+//! and size while it is written; blobs already present are not fetched), build the base
+//! disk, and only then record the reference with where it came from.
 //!
 //! Everything the pull has fetched is held by a lease until the reference is recorded, so a
 //! concurrent `remove` cannot collect it; a pull that fails or is cancelled leaves verified
@@ -14,7 +16,9 @@ use crate::content::digest_of;
 use crate::error::ImageError;
 use crate::manifest::{self, Parsed};
 use crate::registry;
-use crate::store::{ImageRecord, ImageStore, Namespace, Progress, PullOptions, PullProgress};
+use crate::store::{
+    ImageRecord, ImageSource, ImageStore, Namespace, Progress, PullOptions, PullProgress,
+};
 
 /// Bytes between two progress reports of one blob.
 const PROGRESS_STEP: u64 = 256 << 10;
@@ -48,16 +52,58 @@ impl ImageStore {
     ) -> Result<ImageRecord, ImageError> {
         let r = registry::parse_reference(reference)?;
         let name = r.whole();
-        let registry = r.registry().to_string();
-        let auth = self.credentials(opts.uid).auth_for(&registry)?;
-        let mut session = Session {
-            client: registry::client(r.resolve_registry(), &opts.insecure),
-            repo: r.clone(),
-            registry,
-            name: name.clone(),
-            progress,
+        let credentials = self.credentials(opts.uid);
+        let endpoints = registry::endpoints(&r, &opts.mirrors, &opts.insecure);
+        let last = endpoints.len() - 1;
+        let mut failures = Vec::new();
+        let mut found = None;
+        // The manifest decides where the image comes from: the first endpoint that has it.
+        // Its blobs come from the same place, which served the manifest naming them.
+        for (i, endpoint) in endpoints.into_iter().enumerate() {
+            let at = endpoint.reference.registry().to_string();
+            let auth = credentials.auth_for(&at)?;
+            let mut session = Session {
+                client: endpoint.client(),
+                repo: endpoint.reference.clone(),
+                registry: at,
+                name: name.clone(),
+                progress,
+            };
+            match session.resolve(&auth).await {
+                Ok(resolved) => {
+                    found = Some((endpoint, session, resolved));
+                    break;
+                }
+                Err(e) if i < last => {
+                    progress.report(Progress::Step(format!(
+                        "{} failed: {e}; trying the next",
+                        endpoint.describe()
+                    )));
+                    failures.push(format!("{}: {e}", endpoint.describe()));
+                }
+                Err(e) if failures.is_empty() => return Err(e),
+                Err(e) => {
+                    return Err(ImageError::AllSourcesFailed {
+                        reference: name,
+                        mirrors: failures.join("; "),
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        let Some((endpoint, session, (digest, bytes, m))) = found else {
+            unreachable!("the registry itself is always the last endpoint")
         };
-        let (digest, bytes, m) = session.resolve(&auth).await?;
+        if endpoint.mirror {
+            progress.report(Progress::Step(format!(
+                "from {}",
+                endpoint.reference.whole()
+            )));
+        }
+        let source = ImageSource {
+            reference: endpoint.reference.whole(),
+            mirror: endpoint.mirror,
+        };
         let mut lease = self.lease();
         lease.add(&digest);
         lease.add(&m.config.digest);
@@ -99,7 +145,7 @@ impl ImageStore {
         tokio::task::spawn_blocking(move || job.run())
             .await
             .map_err(|e| ImageError::Mkfs(format!("the disk build task failed: {e}")))??;
-        self.set_ref(namespace, &name, &digest)?;
+        self.set_ref(namespace, &name, &digest, Some(source))?;
         drop(lease);
         self.inspect(namespace, &name)
     }

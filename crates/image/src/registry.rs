@@ -1,6 +1,7 @@
 //! Talking to registries: the OCI distribution protocol through `oci-client` (which handles
 //! the WWW-Authenticate challenge, bearer tokens and basic auth), plain HTTP only for loopback
-//! registries or those configured as insecure, and stored credentials.
+//! registries or those configured as insecure, stored credentials, and the mirrors a registry
+//! is reached through ([`Mirror`], [`endpoints`]).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -37,6 +38,12 @@ pub fn is_loopback(registry: &str) -> bool {
 /// A client for one registry: HTTP for loopback or insecure-listed registries, HTTPS else.
 pub fn client(registry: &str, insecure: &[String]) -> Client {
     let plain = is_loopback(registry) || insecure.iter().any(|r| r == registry);
+    client_with(registry, plain, false)
+}
+
+/// A client for one registry over plain HTTP (`plain`) or HTTPS, accepting certificates that
+/// do not verify when `unverified`.
+fn client_with(registry: &str, plain: bool, unverified: bool) -> Client {
     let protocol = if plain {
         oci_client::client::ClientProtocol::HttpsExcept(vec![registry.to_string()])
     } else {
@@ -44,10 +51,167 @@ pub fn client(registry: &str, insecure: &[String]) -> Client {
     };
     Client::new(oci_client::client::ClientConfig {
         protocol,
+        accept_invalid_certificates: unverified,
         connect_timeout: Some(std::time::Duration::from_secs(15)),
         read_timeout: Some(std::time::Duration::from_secs(120)),
         ..Default::default()
     })
+}
+
+/// A place a registry's images may also be fetched from, tried before the registry itself
+/// (the `[[registry.mirror]]` of containers' registries.conf, the `[host]` of containerd's
+/// hosts.toml).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    /// `host[:port]`.
+    pub host: String,
+    /// Repositories live under this path on the mirror (`mirror.example/hub` → `hub`); empty
+    /// when they keep the registry's own paths.
+    pub prefix: String,
+    /// Plain HTTP and certificates that do not verify are accepted.
+    pub insecure: bool,
+}
+
+impl Mirror {
+    /// Parses a location, `host[:port][/path]`, without a scheme: whether plain HTTP is
+    /// allowed is `insecure`'s to say, so a location cannot silently downgrade.
+    pub fn parse(location: &str, insecure: bool) -> Result<Mirror, String> {
+        let text = location.trim();
+        if text.contains("://") {
+            return Err(format!(
+                "mirror location `{location}`: give host[:port][/path] without a scheme \
+                 (set `insecure = true` for a mirror served over plain HTTP)"
+            ));
+        }
+        let (host, prefix) = text.split_once('/').unwrap_or((text, ""));
+        let prefix = prefix.trim_matches('/');
+        // A reference on the mirror must parse, which checks the host and the path at once.
+        let probe = if prefix.is_empty() {
+            format!("{host}/probe:latest")
+        } else {
+            format!("{host}/{prefix}/probe:latest")
+        };
+        let parsed = probe.parse::<Reference>().ok().filter(|r| {
+            r.registry() == host && !host.is_empty() && host.to_ascii_lowercase() == host
+        });
+        if parsed.is_none() {
+            return Err(format!(
+                "mirror location `{location}` is not host[:port][/path] (lower case, e.g. \
+                 `mirror.example:5000` or `mirror.example/dockerhub`)"
+            ));
+        }
+        Ok(Mirror {
+            host: host.to_string(),
+            prefix: prefix.to_string(),
+            insecure,
+        })
+    }
+
+    /// The location as written in config (`host[:port][/path]`).
+    pub fn location(&self) -> String {
+        if self.prefix.is_empty() {
+            self.host.clone()
+        } else {
+            format!("{}/{}", self.host, self.prefix)
+        }
+    }
+}
+
+/// One place to try for an image: a mirror or the registry itself.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// The reference as it is fetched from here (the mirror's host and path).
+    pub reference: Reference,
+    /// Whether this is a mirror of the reference's registry.
+    pub mirror: bool,
+    /// Over plain HTTP.
+    pub plain: bool,
+    /// Certificates that do not verify are accepted.
+    pub unverified: bool,
+}
+
+impl Endpoint {
+    /// The host requests go to (`docker.io` is Docker Hub's API host).
+    pub fn host(&self) -> &str {
+        self.reference.resolve_registry()
+    }
+
+    /// A client for this endpoint.
+    pub fn client(&self) -> Client {
+        client_with(self.host(), self.plain, self.unverified)
+    }
+
+    /// The endpoint as messages name it: `127.0.0.1:5000 (mirror)`, `https://m.example`.
+    pub fn describe(&self) -> String {
+        let scheme = if self.plain { "http://" } else { "" };
+        let what = if self.mirror { " (mirror)" } else { "" };
+        format!("{scheme}{}{what}", self.reference.registry())
+    }
+}
+
+/// Where to fetch `reference` from, in order: each mirror configured for its registry
+/// (`mirrors`, keyed by registry as references name it: `docker.io`), then the registry. An
+/// insecure mirror not on loopback is tried over HTTPS with any certificate, then over plain
+/// HTTP, as Docker and Podman treat insecure registries.
+pub fn endpoints(
+    reference: &Reference,
+    mirrors: &BTreeMap<String, Vec<Mirror>>,
+    insecure: &[String],
+) -> Vec<Endpoint> {
+    let registry = normalise_server(reference.registry());
+    let mut out = Vec::new();
+    for m in mirrors.get(&registry).into_iter().flatten() {
+        let repository = if m.prefix.is_empty() {
+            reference.repository().to_string()
+        } else {
+            format!("{}/{}", m.prefix, reference.repository())
+        };
+        let at = retarget(reference, &m.host, repository);
+        if is_loopback(&m.host) {
+            out.push(Endpoint {
+                reference: at,
+                mirror: true,
+                plain: true,
+                unverified: false,
+            });
+        } else if m.insecure {
+            for plain in [false, true] {
+                out.push(Endpoint {
+                    reference: at.clone(),
+                    mirror: true,
+                    plain,
+                    unverified: !plain,
+                });
+            }
+        } else {
+            out.push(Endpoint {
+                reference: at,
+                mirror: true,
+                plain: false,
+                unverified: false,
+            });
+        }
+    }
+    let host = reference.resolve_registry();
+    out.push(Endpoint {
+        reference: reference.clone(),
+        mirror: false,
+        plain: is_loopback(host) || insecure.iter().any(|r| r == host),
+        unverified: false,
+    });
+    out
+}
+
+/// `reference` at another registry and repository, with its tag and digest.
+fn retarget(reference: &Reference, registry: &str, repository: String) -> Reference {
+    let registry = registry.to_string();
+    match (reference.tag(), reference.digest()) {
+        (Some(t), Some(d)) => {
+            Reference::with_tag_and_digest(registry, repository, t.to_string(), d.to_string())
+        }
+        (None, Some(d)) => Reference::with_digest(registry, repository, d.to_string()),
+        (t, None) => Reference::with_tag(registry, repository, t.unwrap_or("latest").to_string()),
+    }
 }
 
 /// Maps a protocol error to ours, naming the registry.
@@ -277,6 +441,64 @@ mod tests {
         ));
         assert!(creds.logout("http://127.0.0.1:5000/").unwrap());
         assert!(!creds.logout("127.0.0.1:5000").unwrap());
+    }
+
+    fn hosts(e: &[Endpoint]) -> Vec<String> {
+        e.iter()
+            .map(|e| format!("{} {}", e.describe(), e.reference.whole()))
+            .collect()
+    }
+
+    #[test]
+    fn mirrors_come_first_in_order_then_the_registry() {
+        let mut mirrors = BTreeMap::new();
+        mirrors.insert(
+            "docker.io".to_string(),
+            vec![
+                Mirror::parse("127.0.0.1:5000", false).unwrap(),
+                Mirror::parse("mirror.example/hub", false).unwrap(),
+                Mirror::parse("old.example:8080", true).unwrap(),
+            ],
+        );
+        let alpine = parse_reference("alpine").unwrap();
+        assert_eq!(
+            hosts(&endpoints(&alpine, &mirrors, &[])),
+            [
+                "http://127.0.0.1:5000 (mirror) 127.0.0.1:5000/library/alpine:latest",
+                "mirror.example (mirror) mirror.example/hub/library/alpine:latest",
+                "old.example:8080 (mirror) old.example:8080/library/alpine:latest",
+                "http://old.example:8080 (mirror) old.example:8080/library/alpine:latest",
+                "docker.io docker.io/library/alpine:latest",
+            ]
+        );
+        assert!(endpoints(&alpine, &mirrors, &[])[2].unverified);
+        // A digest travels to the mirror; another registry's images have no mirror.
+        let pinned = parse_reference(&format!("alpine@sha256:{}", "a".repeat(64))).unwrap();
+        assert_eq!(
+            endpoints(&pinned, &mirrors, &[])[0].reference.digest(),
+            pinned.digest()
+        );
+        let other = parse_reference("quay.io/x/y:1").unwrap();
+        assert_eq!(
+            hosts(&endpoints(&other, &mirrors, &[])),
+            ["quay.io quay.io/x/y:1"]
+        );
+    }
+
+    #[test]
+    fn bad_mirror_locations_are_refused_with_the_reason() {
+        let e = Mirror::parse("http://127.0.0.1:5000", true).unwrap_err();
+        assert!(e.contains("without a scheme"), "{e}");
+        for bad in ["", "Mirror.Example", "a b", "host:port"] {
+            let e = Mirror::parse(bad, false).unwrap_err();
+            assert!(e.contains("host[:port][/path]"), "{bad}: {e}");
+        }
+        assert_eq!(
+            Mirror::parse("m.example:5000/hub/", false)
+                .unwrap()
+                .location(),
+            "m.example:5000/hub"
+        );
     }
 
     #[test]

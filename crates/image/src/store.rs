@@ -79,6 +79,8 @@ impl<F: Fn(Progress) + Send + Sync> PullProgress for F {
 pub struct PullOptions {
     /// Registries reached over plain HTTP besides loopback ones (`host:port` as in references).
     pub insecure: Vec<String>,
+    /// Mirrors per registry (`docker.io`, as references name it), tried in order before it.
+    pub mirrors: BTreeMap<String, Vec<registry::Mirror>>,
     /// Blobs downloaded at once (at least one).
     pub max_concurrent_downloads: usize,
     /// Whose stored registry credentials to use (see [`Credentials::for_uid`]).
@@ -89,6 +91,7 @@ impl Default for PullOptions {
     fn default() -> Self {
         Self {
             insecure: Vec::new(),
+            mirrors: BTreeMap::new(),
             max_concurrent_downloads: 3,
             uid: 0,
         }
@@ -124,6 +127,15 @@ pub struct LayerRecord {
     pub size: u64,
 }
 
+/// Where a pulled image came from: the registry or the mirror that served its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSource {
+    /// The reference as it was fetched (`127.0.0.1:5000/library/alpine:latest`).
+    pub reference: String,
+    /// Whether that was a mirror of the image's registry.
+    pub mirror: bool,
+}
+
 /// Everything the store knows about one image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ImageRecord {
@@ -145,6 +157,9 @@ pub struct ImageRecord {
     pub config: ConfigInfo,
     /// The base disk and what building it found, once built.
     pub disk: Option<(PathBuf, DiskInfo)>,
+    /// Where the name's image was pulled from; `None` for a loaded image (and names from
+    /// before sources were recorded).
+    pub source: Option<ImageSource>,
 }
 
 impl ImageRecord {
@@ -214,6 +229,27 @@ impl std::fmt::Display for Namespace {
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub(crate) struct Names {
     pub(crate) references: BTreeMap<String, String>,
+    /// Where each pulled name's image came from (a name absent here was loaded).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) sources: BTreeMap<String, ImageSource>,
+}
+
+impl Names {
+    /// Points `reference` at `digest`, pulled from `source` (`None`: loaded or unknown).
+    pub(crate) fn set(&mut self, reference: &str, digest: &str, source: Option<ImageSource>) {
+        self.references
+            .insert(reference.to_string(), digest.to_string());
+        match source {
+            Some(s) => self.sources.insert(reference.to_string(), s),
+            None => self.sources.remove(reference),
+        };
+    }
+
+    /// Forgets `reference`.
+    pub(crate) fn remove(&mut self, reference: &str) {
+        self.references.remove(reference);
+        self.sources.remove(reference);
+    }
 }
 
 /// `refs.json`: every namespace's names.
@@ -226,11 +262,13 @@ pub(crate) struct Refs {
     references: Option<BTreeMap<String, String>>,
 }
 
-/// A name as a namespace sees it: the manifest it points at and where it lives.
+/// A name as a namespace sees it: the manifest it points at, where it lives and where it
+/// was pulled from.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Named {
     pub(crate) digest: String,
     pub(crate) namespace: Namespace,
+    pub(crate) source: Option<ImageSource>,
 }
 
 impl Refs {
@@ -261,26 +299,33 @@ impl Refs {
     }
 
     /// The names of one namespace, to change.
-    pub(crate) fn names_mut(&mut self, ns: Namespace) -> &mut BTreeMap<String, String> {
-        &mut self.namespaces.entry(ns.key()).or_default().references
+    pub(crate) fn names_mut(&mut self, ns: Namespace) -> &mut Names {
+        self.namespaces.entry(ns.key()).or_default()
     }
 
     /// Every name `ns` sees (its own shadowing the system's).
     pub(crate) fn visible(&self, ns: Namespace) -> BTreeMap<String, Named> {
         let mut out = BTreeMap::new();
         for namespace in ns.view() {
-            for (r, digest) in self.names(namespace) {
-                out.entry(r).or_insert(Named { digest, namespace });
+            let Some(names) = self.namespaces.get(&namespace.key()) else {
+                continue;
+            };
+            for (r, digest) in &names.references {
+                out.entry(r.clone()).or_insert(Named {
+                    digest: digest.clone(),
+                    namespace,
+                    source: names.sources.get(r).cloned(),
+                });
             }
         }
         out
     }
 
     /// Every namespace with names, each with its names.
-    pub(crate) fn all(&self) -> Vec<(Namespace, BTreeMap<String, String>)> {
+    pub(crate) fn all(&self) -> Vec<(Namespace, Names)> {
         self.namespaces
             .iter()
-            .filter_map(|(k, n)| Some((Namespace::from_key(k)?, n.references.clone())))
+            .filter_map(|(k, n)| Some((Namespace::from_key(k)?, n.clone())))
             .collect()
     }
 
@@ -455,17 +500,17 @@ impl ImageStore {
         map.keys().cloned().collect()
     }
 
-    /// Records `reference` → `digest` in `namespace`.
+    /// Records `reference` → `digest` in `namespace`, pulled from `source` (`None`: loaded).
     pub(crate) fn set_ref(
         &self,
         namespace: Namespace,
         reference: &str,
         digest: &str,
+        source: Option<ImageSource>,
     ) -> Result<(), ImageError> {
         let _g = self.guard();
         let mut refs = self.load_refs()?;
-        refs.names_mut(namespace)
-            .insert(reference.to_string(), digest.to_string());
+        refs.names_mut(namespace).set(reference, digest, source);
         self.save_refs(&refs)
     }
 
@@ -488,8 +533,19 @@ impl ImageStore {
         all.sort_by_key(|(ns, _)| *ns);
         for (namespace, names) in all {
             let own: BTreeMap<String, Named> = names
+                .references
                 .into_iter()
-                .map(|(r, digest)| (r, Named { digest, namespace }))
+                .map(|(r, digest)| {
+                    let source = names.sources.get(&r).cloned();
+                    (
+                        r,
+                        Named {
+                            digest,
+                            namespace,
+                            source,
+                        },
+                    )
+                })
                 .collect();
             for (r, n) in &own {
                 out.push(self.record(&own, r.clone(), n.clone())?);
@@ -584,7 +640,11 @@ impl ImageStore {
         reference: String,
         named: Named,
     ) -> Result<ImageRecord, ImageError> {
-        let Named { digest, namespace } = named;
+        let Named {
+            digest,
+            namespace,
+            source,
+        } = named;
         let m = self.manifest_of(&digest)?;
         let config = manifest::parse_config(&self.content.read(&m.config.digest)?)?;
         let layers: Vec<LayerRecord> = m
@@ -616,6 +676,7 @@ impl ImageStore {
             config_digest: m.config.digest.clone(),
             config,
             disk,
+            source,
         })
     }
 
@@ -688,8 +749,9 @@ impl ImageStore {
             let _g = self.guard();
             let mut refs = self.load_refs()?;
             let (_, named) = self.resolve(&refs.visible(namespace), source)?;
+            // The new name's image came from where the old one's did.
             refs.names_mut(namespace)
-                .insert(target.clone(), named.digest);
+                .set(&target, &named.digest, named.source);
             self.save_refs(&refs)?;
         }
         self.inspect(namespace, &target)

@@ -821,3 +821,92 @@ async fn a_decompression_bomb_fails_clearly_and_leaves_no_image() {
         .unwrap();
     assert_eq!(record.has_init(), Some(true));
 }
+
+/// A port on loopback where nothing listens.
+fn dead_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    addr
+}
+
+#[tokio::test]
+async fn mirrors_are_tried_in_order_before_the_registry_and_recorded() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mirror = Registry::start(None);
+    // The mirror holds the registry's path under a prefix, as a pull-through cache of
+    // several registries does.
+    push_busybox(work.path(), &mirror, "hub/library/alpine:latest", None);
+    // The registry the reference names is down: only the mirror can serve it.
+    let upstream = dead_port();
+    let down = dead_port();
+    let reference = format!("{upstream}/library/alpine:latest");
+    let mut opts = PullOptions::default();
+    opts.mirrors.insert(
+        upstream.clone(),
+        vec![
+            container_image::Mirror::parse(&down, false).unwrap(),
+            container_image::Mirror::parse(&format!("{}/hub", mirror.addr), false).unwrap(),
+        ],
+    );
+    let store = ImageStore::open(&work.path().join("store")).unwrap();
+    let events = Events::default();
+    let record = store
+        .pull(ROOT, &reference, &opts, &events.reporter())
+        .await
+        .unwrap();
+    assert_eq!(record.references, std::slice::from_ref(&reference));
+    assert_eq!(
+        record.source,
+        Some(container_image::ImageSource {
+            reference: format!("{}/hub/library/alpine:latest", mirror.addr),
+            mirror: true,
+        }),
+        "the record says which mirror served the image"
+    );
+    let steps: Vec<String> = events
+        .take()
+        .into_iter()
+        .filter_map(|e| match e {
+            Progress::Step(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        steps[0].starts_with(&format!("http://{down} (mirror) failed")),
+        "the mirror that is down is reported and skipped: {steps:?}"
+    );
+    // Kept across a reopen, and carried to a new name.
+    let store = ImageStore::open(&work.path().join("store")).unwrap();
+    let tagged = store.tag(ROOT, &reference, "mine:1").unwrap();
+    assert_eq!(tagged.source, record.source);
+    assert_eq!(
+        store.inspect(ROOT, &reference).unwrap().source,
+        record.source
+    );
+
+    // Nobody has it: every failure is named, the registry's last.
+    let mut opts = PullOptions::default();
+    opts.mirrors.insert(
+        upstream.clone(),
+        vec![container_image::Mirror::parse(&down, false).unwrap()],
+    );
+    let e = store
+        .pull(
+            ROOT,
+            &format!("{upstream}/library/other:1"),
+            &opts,
+            &|_: Progress| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ImageError::AllSourcesFailed { .. }), "{e}");
+    let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+    assert!(
+        chain.contains(&down) && chain.contains(&upstream),
+        "{chain}"
+    );
+}

@@ -101,6 +101,9 @@ pub trait Platform: Send + Sync {
     fn kernel(&self) -> Option<KernelInfo>;
     /// Installs the kernel machines boot from now on.
     async fn set_kernel(&self, request: KernelSetRequest) -> Result<KernelInfo, ApiError>;
+    /// Installs the recommended kernel unless one is installed (a first boot needs one);
+    /// the kernel installed, when this call installed it.
+    async fn ensure_kernel(&self) -> Result<Option<KernelInfo>, ApiError>;
 }
 
 /// The host's users and file system, as the service sees them on a caller's behalf.

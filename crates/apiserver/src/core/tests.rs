@@ -304,7 +304,12 @@ impl Net for FakeNet {
 }
 
 /// No kernel installed, software emulation.
-struct FakePlatform;
+/// A platform without a kernel until the first boot installs the recommended one.
+#[derive(Default)]
+struct FakePlatform {
+    installed: Mutex<Option<KernelInfo>>,
+    installs: std::sync::atomic::AtomicUsize,
+}
 
 #[async_trait]
 impl Platform for FakePlatform {
@@ -312,10 +317,27 @@ impl Platform for FakePlatform {
         "tcg (fake)".into()
     }
     fn kernel(&self) -> Option<KernelInfo> {
-        None
+        self.installed.lock().unwrap().clone()
     }
     async fn set_kernel(&self, _: KernelSetRequest) -> Result<KernelInfo, ApiError> {
         unused()
+    }
+    async fn ensure_kernel(&self) -> Result<Option<KernelInfo>, ApiError> {
+        let mut installed = self.installed.lock().unwrap();
+        if installed.is_some() {
+            return Ok(None);
+        }
+        self.installs
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let info = KernelInfo {
+            name: "6.1.0-test".into(),
+            version: "6.1.0-test".into(),
+            path: "/kernels/6.1.0-test/vmlinuz".into(),
+            digest: "sha256:00".into(),
+            modules: None,
+        };
+        *installed = Some(info.clone());
+        Ok(Some(info))
     }
 }
 
@@ -354,6 +376,7 @@ struct Fixture {
     images: Arc<FakeImages>,
     vms: Arc<FakeVms>,
     net: Arc<FakeNet>,
+    platform: Arc<FakePlatform>,
     _dir: tempfile::TempDir,
 }
 
@@ -371,6 +394,7 @@ fn fixture_with(net: FakeNet, config: &[&str]) -> Fixture {
     let vms = Arc::new(FakeVms::default());
     let images = Arc::new(FakeImages::default());
     let net = Arc::new(net);
+    let platform = Arc::new(FakePlatform::default());
     let files: Vec<PathBuf> = config
         .iter()
         .enumerate()
@@ -399,7 +423,7 @@ fn fixture_with(net: FakeNet, config: &[&str]) -> Fixture {
             images: images.clone(),
             vms: vms.clone(),
             net: net.clone(),
-            platform: Arc::new(FakePlatform),
+            platform: platform.clone(),
             host: Arc::new(FakeHost),
         },
     )
@@ -409,6 +433,7 @@ fn fixture_with(net: FakeNet, config: &[&str]) -> Fixture {
         images,
         vms,
         net,
+        platform,
         _dir: dir,
     }
 }
@@ -1166,4 +1191,55 @@ async fn machines_are_created_only_from_names_the_caller_sees() {
     machine(&f.core, &ROOT, create("private", Some("own")))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn the_first_boot_installs_the_recommended_kernel_once() {
+    let f = fixture();
+    let installs = || {
+        f.platform
+            .installs
+            .load(std::sync::atomic::Ordering::SeqCst)
+    };
+    // Created without booting: nothing needs a kernel yet.
+    f.core
+        .handle(&ROOT, create("busybox", Some("a")))
+        .await
+        .unwrap();
+    assert_eq!(installs(), 0);
+    f.core
+        .handle(&ROOT, Request::MachineStart("a".into()))
+        .await
+        .unwrap();
+    assert_eq!(installs(), 1);
+    assert!(f.core.handle(&ROOT, Request::SystemStatus).await.is_ok());
+    f.core
+        .handle(&ROOT, Request::MachineStop("a".into(), Default::default()))
+        .await
+        .unwrap();
+    f.core
+        .handle(&ROOT, Request::MachineStart("a".into()))
+        .await
+        .unwrap();
+    assert_eq!(installs(), 1, "an installed kernel is kept");
+
+    // A kernel named in config is used as it is.
+    let f = fixture_with(
+        FakeNet::default(),
+        &["[kernel]\nbinary = \"/boot/vmlinuz\"\n"],
+    );
+    f.core
+        .handle(&ROOT, create("busybox", Some("b")))
+        .await
+        .unwrap();
+    f.core
+        .handle(&ROOT, Request::MachineStart("b".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        f.platform
+            .installs
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
 }

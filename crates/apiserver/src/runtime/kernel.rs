@@ -4,6 +4,8 @@
 //! from a given binary (copied), or from the distribution's cloud kernel package fetched with
 //! `apt-get download` into a temporary directory and unpacked with `dpkg-deb -x`: nothing is
 //! installed on the host. A directory appears under its final name only when complete.
+//! Where the package comes from is a [`PackageSource`]: the host's apt ([`Apt`]), or, in
+//! tests, a directory of `.deb` files.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -175,15 +177,67 @@ fn versioned_package(depends: &str) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Where the recommended kernel's packages come from.
+pub trait PackageSource {
+    /// The versioned kernel image package to install (`linux-image-6.1.0-…-cloud-amd64`).
+    fn kernel_package(&self) -> Result<String, RuntimeError>;
+    /// Puts the `.deb` of `package` into `dir`.
+    fn download(&self, package: &str, dir: &Path) -> Result<(), RuntimeError>;
+}
+
+/// The host's apt: its package lists say which kernel is current, `apt-get download` fetches
+/// it from the host's configured archive.
+#[derive(Debug, Clone, Copy)]
+pub struct Apt;
+
+impl PackageSource for Apt {
+    fn kernel_package(&self) -> Result<String, RuntimeError> {
+        let mut known = None;
+        for p in KERNEL_PACKAGES {
+            let out = run(
+                Command::new("apt-cache").args(["show", "-q", p]),
+                "apt-cache show",
+            );
+            match out {
+                Ok(text) if !text.trim().is_empty() => {
+                    known = Some(*p);
+                    break;
+                }
+                Err(RuntimeError::NoApt) => return Err(RuntimeError::NoApt),
+                _ => {}
+            }
+        }
+        let meta = known.ok_or_else(|| RuntimeError::NoKernelPackage {
+            tried: KERNEL_PACKAGES.join(", "),
+        })?;
+        let depends = run(
+            Command::new("apt-cache").args(["depends", meta]),
+            &format!("resolving {meta}"),
+        )?;
+        versioned_package(&depends).ok_or_else(|| RuntimeError::NoVersionedKernel {
+            package: meta.to_string(),
+        })
+    }
+
+    fn download(&self, package: &str, dir: &Path) -> Result<(), RuntimeError> {
+        run(
+            Command::new("apt-get")
+                .args(["download", "-q", package])
+                .current_dir(dir),
+            &format!("downloading {package} with apt-get"),
+        )
+        .map(|_| ())
+    }
+}
+
 /// Downloads one package into `dir` and unpacks it into `dir/x`.
-fn download_and_unpack(dir: &Path, package: &str) -> Result<(), RuntimeError> {
+fn download_and_unpack(
+    source: &dyn PackageSource,
+    dir: &Path,
+    package: &str,
+) -> Result<(), RuntimeError> {
     let before: Vec<PathBuf> = debs(dir)?;
-    run(
-        Command::new("apt-get")
-            .args(["download", "-q", package])
-            .current_dir(dir),
-        &format!("downloading {package} with apt-get"),
-    )?;
+    source.download(package, dir)?;
     let deb = debs(dir)?
         .into_iter()
         .find(|p| !before.contains(p))
@@ -210,33 +264,18 @@ fn debs(dir: &Path) -> Result<Vec<PathBuf>, RuntimeError> {
         .collect())
 }
 
-/// [`install_recommended`], with the runtime's error.
+/// Installs the distribution's recommended cloud kernel through the host's apt; it becomes
+/// the current kernel.
 pub fn fetch_recommended(root: &Path) -> Result<KernelInfo, RuntimeError> {
-    let mut known = None;
-    for p in KERNEL_PACKAGES {
-        let out = run(
-            Command::new("apt-cache").args(["show", "-q", p]),
-            "apt-cache show",
-        );
-        match out {
-            Ok(text) if !text.trim().is_empty() => {
-                known = Some(*p);
-                break;
-            }
-            Err(RuntimeError::NoApt) => return Err(RuntimeError::NoApt),
-            _ => {}
-        }
-    }
-    let meta = known.ok_or_else(|| RuntimeError::NoKernelPackage {
-        tried: KERNEL_PACKAGES.join(", "),
-    })?;
-    let depends = run(
-        Command::new("apt-cache").args(["depends", meta]),
-        &format!("resolving {meta}"),
-    )?;
-    let package = versioned_package(&depends).ok_or_else(|| RuntimeError::NoVersionedKernel {
-        package: meta.to_string(),
-    })?;
+    install_recommended(root, &Apt)
+}
+
+/// Installs the kernel `source` recommends, with its modules; it becomes the current kernel.
+pub fn install_recommended(
+    root: &Path,
+    source: &dyn PackageSource,
+) -> Result<KernelInfo, RuntimeError> {
+    let package = source.kernel_package()?;
     std::fs::create_dir_all(kernels(root)).map_err(RuntimeError::io("creating", kernels(root)))?;
     let work = tempfile::Builder::new()
         .prefix(".download-")
@@ -247,7 +286,7 @@ pub fn fetch_recommended(root: &Path) -> Result<KernelInfo, RuntimeError> {
         work.path(),
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     );
-    download_and_unpack(work.path(), &package)?;
+    download_and_unpack(source, work.path(), &package)?;
     let x = work.path().join("x");
     let vmlinuz = std::fs::read_dir(x.join("boot"))
         .map_err(RuntimeError::io(
@@ -275,7 +314,7 @@ pub fn fetch_recommended(root: &Path) -> Result<KernelInfo, RuntimeError> {
     let mut modules = x.join("lib/modules").join(&version);
     if !modules.is_dir() {
         // Ubuntu ships the modules in a package of their own.
-        download_and_unpack(work.path(), &format!("linux-modules-{version}"))?;
+        download_and_unpack(source, work.path(), &format!("linux-modules-{version}"))?;
         if !modules.is_dir() {
             modules = x.join("usr/lib/modules").join(&version);
         }
@@ -301,6 +340,96 @@ mod tests {
             Some("linux-image-6.8.0-45-generic")
         );
         assert_eq!(versioned_package("x\n  Depends: libc6\n"), None);
+    }
+
+    /// Packages built here with `dpkg-deb`, as the archive would serve them.
+    struct LocalDebs {
+        dir: PathBuf,
+        kernel: String,
+    }
+
+    impl PackageSource for LocalDebs {
+        fn kernel_package(&self) -> Result<String, RuntimeError> {
+            Ok(self.kernel.clone())
+        }
+        fn download(&self, package: &str, dir: &Path) -> Result<(), RuntimeError> {
+            let deb = self.dir.join(format!("{package}.deb"));
+            std::fs::copy(&deb, dir.join(format!("{package}_1_amd64.deb")))
+                .map(|_| ())
+                .map_err(RuntimeError::io("copying", &deb))
+        }
+    }
+
+    /// Builds `NAME.deb` in `dir` holding `files` (path, content).
+    fn deb(dir: &Path, name: &str, files: &[(&str, &[u8])]) {
+        let tree = dir.join(format!("{name}.tree"));
+        std::fs::create_dir_all(tree.join("DEBIAN")).unwrap();
+        std::fs::write(
+            tree.join("DEBIAN/control"),
+            format!(
+                "Package: {name}\nVersion: 1\nArchitecture: amd64\nMaintainer: t <t@t>\n\
+                 Description: test\n"
+            ),
+        )
+        .unwrap();
+        for (path, body) in files {
+            let p = tree.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, body).unwrap();
+        }
+        let out = Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-b"])
+            .arg(&tree)
+            .arg(dir.join(format!("{name}.deb")))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    #[test]
+    fn the_recommended_kernel_installs_from_its_package_source() {
+        if Command::new("dpkg-deb").arg("--version").output().is_err() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let debs = dir.path().join("debs");
+        std::fs::create_dir_all(&debs).unwrap();
+        let package = "linux-image-6.1.0-9-cloud-amd64";
+        deb(
+            &debs,
+            package,
+            &[
+                ("boot/vmlinuz-6.1.0-9-cloud-amd64", b"kernel image"),
+                ("boot/config-6.1.0-9-cloud-amd64", b"CONFIG_EXT4_FS=y"),
+                (
+                    "lib/modules/6.1.0-9-cloud-amd64/kernel/fs/fuse/virtiofs.ko",
+                    b"module",
+                ),
+            ],
+        );
+        let root = dir.path().join("root");
+        let source = LocalDebs {
+            dir: debs,
+            kernel: package.into(),
+        };
+        let info = install_recommended(&root, &source).unwrap();
+        assert_eq!(info.version, "6.1.0-9-cloud-amd64");
+        assert_eq!(std::fs::read(&info.path).unwrap(), b"kernel image");
+        let modules = PathBuf::from(info.modules.clone().unwrap());
+        assert!(modules.join("kernel/fs/fuse/virtiofs.ko").is_file());
+        assert_eq!(current(&root), Some(info));
+        // The download area is gone: only the installed kernel and the pointer remain.
+        let mut left: Vec<String> = std::fs::read_dir(root.join("kernels"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["6.1.0-9-cloud-amd64", "current.json"]);
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use container_api::image::{
-    BaseDiskInfo, ImageDetail, ImageSummary, LayerInfo, LoginRequest, PullEvent, RemoveReport,
+    BaseDiskInfo, ImageDetail, ImageSource, ImageSummary, LayerInfo, LoginRequest, PullEvent,
+    RemoveReport,
 };
 use container_api::{ApiError, ErrorKind};
 use container_image::Namespace as StoreNamespace;
@@ -41,12 +42,19 @@ fn store_ns(ns: Namespace) -> StoreNamespace {
 
 /// An image store error as the API reports it.
 fn api_error(e: ImageError) -> ApiError {
-    let kind = match &e {
+    ApiError::with_chain(kind_of(&e), &e)
+}
+
+/// The API's kind of an image store error.
+fn kind_of(e: &ImageError) -> ErrorKind {
+    match e {
         ImageError::NotFound(_) | ImageError::RemoteNotFound { .. } => ErrorKind::NotFound,
         ImageError::InvalidReference { .. } | ImageError::InvalidDigest(_) => {
             ErrorKind::InvalidArgument
         }
         ImageError::Unauthorized { .. } | ImageError::SystemImage(_) => ErrorKind::PermissionDenied,
+        // As the registry's own answer, the last one tried, says.
+        ImageError::AllSourcesFailed { source, .. } => kind_of(source),
         ImageError::InUse { .. } => ErrorKind::Conflict,
         ImageError::Registry { .. }
         | ImageError::DigestMismatch { .. }
@@ -60,8 +68,7 @@ fn api_error(e: ImageError) -> ApiError {
         ImageError::Apply { .. } | ImageError::Mkfs(_) | ImageError::Io { .. } => {
             ErrorKind::Internal
         }
-    };
-    ApiError::with_chain(kind, &e)
+    }
 }
 
 fn summary(r: &ImageRecord) -> ImageSummary {
@@ -102,6 +109,10 @@ fn detail(r: &ImageRecord) -> ImageDetail {
         base_disk: r.disk.as_ref().map(|(p, _)| BaseDiskInfo {
             path: p.display().to_string(),
             allocated: container_image::unpack::allocated_bytes(p),
+        }),
+        source: r.source.as_ref().map(|s| ImageSource {
+            reference: s.reference.clone(),
+            mirror: s.mirror,
         }),
     }
 }
@@ -171,6 +182,7 @@ impl Images for StoreImages {
     ) -> Result<ImageSummary, ApiError> {
         let opts = PullOptions {
             insecure: self.registry.insecure.clone(),
+            mirrors: self.registry.mirrors.clone(),
             max_concurrent_downloads: self.registry.max_concurrent_downloads as usize,
             uid,
         };

@@ -45,6 +45,7 @@ pub async fn ports(options: &ServiceOptions, config: &Config) -> anyhow::Result<
         platform: Arc::new(HostPlatform {
             root: options.root.clone(),
             virtualization: config.runtime.virtualization,
+            first_install: Default::default(),
         }),
         host: Arc::new(LocalHost),
     })

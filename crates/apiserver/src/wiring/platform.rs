@@ -1,5 +1,6 @@
 //! The core's [`Platform`] port: the accelerator QEMU would use (`runtime::qemu`) and the
-//! kernels installed under the service root (`runtime::kernel`).
+//! kernels installed under the service root (`runtime::kernel`), the recommended one
+//! installed on first use, once however many boots ask at the same time.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +17,8 @@ use crate::runtime;
 pub struct HostPlatform {
     pub root: PathBuf,
     pub virtualization: Virtualization,
+    /// Held while the recommended kernel is installed on first use.
+    pub first_install: tokio::sync::Mutex<()>,
 }
 
 #[async_trait]
@@ -46,5 +49,19 @@ impl Platform for HostPlatform {
         })
         .await
         .map_err(|e| ApiError::internal(format!("kernel task failed: {e}")))?
+    }
+
+    async fn ensure_kernel(&self) -> Result<Option<KernelInfo>, ApiError> {
+        let _one_at_a_time = self.first_install.lock().await;
+        if runtime::kernel::current(&self.root).is_some() {
+            return Ok(None);
+        }
+        tracing::info!("no kernel installed: installing the recommended one");
+        let root = self.root.clone();
+        let info = tokio::task::spawn_blocking(move || runtime::kernel::fetch_recommended(&root))
+            .await
+            .map_err(|e| ApiError::internal(format!("kernel task failed: {e}")))??;
+        tracing::info!(version = %info.version, "kernel installed");
+        Ok(Some(info))
     }
 }

@@ -61,6 +61,9 @@ pub enum KernelCommand {
         /// Fetch the distribution's recommended cloud kernel (Debian/Ubuntu hosts).
         #[arg(long)]
         recommended: bool,
+        /// No progress, only the result and errors.
+        #[arg(short, long)]
+        quiet: bool,
     },
 }
 
@@ -155,6 +158,7 @@ impl SystemCommand {
                 binary,
                 modules,
                 recommended,
+                quiet,
             }) => {
                 let client = service::connect().await?;
                 let request = KernelSetRequest {
@@ -162,8 +166,19 @@ impl SystemCommand {
                     modules: modules.as_deref().map(absolute).transpose()?,
                     recommended,
                 };
-                let kernel: container_api::system::KernelInfo =
-                    client.post("/system/kernel", &request).await?;
+                let spinner = crate::progress::spinner(
+                    if recommended {
+                        "downloading and installing the recommended kernel".into()
+                    } else {
+                        "installing the kernel".into()
+                    },
+                    quiet,
+                );
+                let kernel = client
+                    .post::<_, container_api::system::KernelInfo>("/system/kernel", &request)
+                    .await;
+                crate::progress::done(spinner);
+                let kernel = kernel?;
                 println!("kernel {} installed ({})", kernel.version, kernel.path);
             }
         }

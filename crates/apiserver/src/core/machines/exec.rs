@@ -229,8 +229,7 @@ impl Core {
         path: &str,
         tar: Box<dyn tokio::io::AsyncRead + Send + Unpin>,
     ) -> Result<(), ApiError> {
-        let path =
-            guest_path(path).or_else(|e| if path == "/" { Ok("/".into()) } else { Err(e) })?;
+        let path = copy_path(path)?;
         {
             let (_guard, record) = self.lock_visible(caller, name).await?;
             self.boot(&record).await?;
@@ -245,14 +244,29 @@ impl Core {
         name: &str,
         path: &str,
     ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, ApiError> {
-        let path =
-            guest_path(path).or_else(|e| if path == "/" { Ok("/".into()) } else { Err(e) })?;
+        let path = copy_path(path)?;
         {
             let (_guard, record) = self.lock_visible(caller, name).await?;
             self.boot(&record).await?;
         }
         self.state.vms.copy_out(name, &path).await
     }
+}
+
+/// A guest path of `cp`: normalised as [`guest_path`], keeping what `cp` reads from its end
+/// (a trailing `/` asks for a directory, `/.` for a directory's contents).
+fn copy_path(path: &str) -> Result<String, ApiError> {
+    if path == "/" || path == "/." {
+        return Ok(path.into());
+    }
+    let base = guest_path(path)?;
+    Ok(if path.ends_with("/.") {
+        format!("{base}/.")
+    } else if path.ends_with('/') {
+        format!("{base}/")
+    } else {
+        base
+    })
 }
 
 #[cfg(test)]

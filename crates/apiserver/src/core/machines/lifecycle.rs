@@ -199,6 +199,14 @@ impl Core {
             return Ok(());
         }
         self.check_running_totals(record)?;
+        // The first boot on a new host installs the recommended kernel rather than failing:
+        // `system kernel set` stays for choosing another.
+        if record.kernel.is_none()
+            && self.state.config.kernel.binary.is_none()
+            && self.state.platform.kernel().is_none()
+        {
+            self.state.platform.ensure_kernel().await?;
+        }
         let mut shares = Vec::new();
         let home_shared = record.home_mount != HomeMount::None;
         if home_shared {

@@ -1,11 +1,14 @@
-//! `container machine cp`: files and directories between the host and a machine. The host side
-//! of the copy runs in this process, as the calling user, so it reads and writes only what the
-//! user can; the archive crosses as a tar stream with the source's base name at its top.
+//! `container machine cp`: files and directories between the host and a machine, placed as
+//! `cp -r` and `docker cp` place them (`container_agent_proto::copy` decides, for both
+//! directions). The host side of the copy runs in this process, as the calling user, so it
+//! reads and writes only what the user can; the archive crosses as a tar stream with the
+//! source's base name (or `.`, for `DIR/.`) at its top.
 
 use std::path::{Component, Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
+use container_agent_proto::copy::{self as semantics, Dest, Placement};
 use container_api::client::{self, body_stream};
 use container_api::{Client, ExitCode};
 use futures::StreamExt;
@@ -13,8 +16,14 @@ use futures::StreamExt;
 use crate::exit::failed;
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "As with cp -r: a file copied onto a missing path becomes it, onto a \
+directory goes into it; a directory copied onto a missing path becomes it, onto a directory \
+goes into it; SRC/. copies a directory's contents; a destination ending in / must be a \
+directory. The destination's parent must exist."
+)]
 pub struct CpArgs {
-    /// Source: a host path or NAME:/path.
+    /// Source: a host path or NAME:/path (`DIR/.` for a directory's contents).
     src: String,
     /// Destination: a host path or NAME:/path.
     dst: String,
@@ -60,7 +69,7 @@ pub async fn run(client: &Client, args: CpArgs) -> anyhow::Result<()> {
                     format!("the machine path `{path}` must be absolute"),
                 ));
             }
-            let archive = host_archive(&src)?;
+            let archive = host_archive(&src, &args.src)?;
             let file = tokio::fs::File::from_std(archive);
             let body = client::stream_body(tokio_util::io::ReaderStream::new(file));
             let _: serde_json::Value = client
@@ -91,7 +100,7 @@ pub async fn run(client: &Client, args: CpArgs) -> anyhow::Result<()> {
                 std::io::Write::write_all(&mut spool, &chunk?)?;
             }
             std::io::Seek::rewind(&mut spool)?;
-            extract_to_host(spool, &dst)?;
+            extract_to_host(spool, &dst, &args.dst)?;
         }
         (Endpoint::Machine { .. }, Endpoint::Machine { .. }) => {
             return Err(failed(
@@ -109,15 +118,27 @@ pub async fn run(client: &Client, args: CpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Packs `src` into a temporary tar whose top entry is `src`'s base name.
-fn host_archive(src: &Path) -> anyhow::Result<std::fs::File> {
-    let meta =
-        std::fs::symlink_metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
-    let base = src
-        .canonicalize()?
-        .file_name()
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("root"));
+/// Packs `src` (`text` as given) into a temporary tar whose top entry is its base name, or
+/// `.` for `DIR/.`.
+fn host_archive(src: &Path, text: &str) -> anyhow::Result<std::fs::File> {
+    // A trailing `/` or `/.` asks for the directory a link points to, as in `cp`.
+    let meta = if text.ends_with('/') || text.ends_with("/.") {
+        std::fs::metadata(src)
+    } else {
+        std::fs::symlink_metadata(src)
+    }
+    .with_context(|| format!("cannot read {}", src.display()))?;
+    let top = semantics::source_top(text, meta.is_dir())
+        .map_err(|e| failed(ExitCode::Failure, e.to_string()))?;
+    let base = match semantics::top_name(text, top) {
+        Some(name) => PathBuf::from(name),
+        // `..` and the like: the name of the directory it is.
+        None => src
+            .canonicalize()?
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
     let file = tempfile::tempfile()?;
     let mut builder = tar::Builder::new(file);
     builder.follow_symlinks(false);
@@ -131,30 +152,24 @@ fn host_archive(src: &Path) -> anyhow::Result<std::fs::File> {
     Ok(file)
 }
 
-/// Unpacks an archive from a machine. Into `dst` when it is an existing directory; otherwise
-/// the top entry becomes `dst`. Entries that would leave the destination are refused.
-fn extract_to_host(archive: std::fs::File, dst: &Path) -> anyhow::Result<()> {
-    let (dir, rename) = if dst.is_dir() {
-        (dst.to_path_buf(), None)
-    } else {
-        let parent = dst
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if !parent.is_dir() {
-            bail!(
-                "the destination directory {} does not exist",
-                parent.display()
-            );
-        }
-        let name = dst
-            .file_name()
-            .with_context(|| format!("invalid destination {}", dst.display()))?;
-        (parent.to_path_buf(), Some(PathBuf::from(name)))
-    };
+/// What is at `path`, following symbolic links; a trailing `/` does not count here.
+fn found(path: &Path) -> Dest {
+    let path: PathBuf = path.components().collect();
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Dest::Dir,
+        Ok(_) => Dest::File,
+        Err(_) => Dest::Missing,
+    }
+}
+
+/// Unpacks an archive from a machine at `dst` (`text` as given), placed as `cp` would place
+/// its top entry. Entries that would leave the destination are refused.
+fn extract_to_host(archive: std::fs::File, dst: &Path, text: &str) -> anyhow::Result<()> {
     let mut tar = tar::Archive::new(archive);
     tar.set_preserve_permissions(true);
     tar.set_overwrite(true);
+    // The directory entries go under, and the name the top entry takes there.
+    let mut placed: Option<(PathBuf, Option<PathBuf>)> = None;
     for entry in tar.entries()? {
         let mut entry = entry?;
         let path = entry.path()?.into_owned();
@@ -164,14 +179,35 @@ fn extract_to_host(archive: std::fs::File, dst: &Path) -> anyhow::Result<()> {
         {
             bail!("refusing archive entry {} from the machine", path.display());
         }
-        let relative = match &rename {
-            Some(new_top) => {
-                let mut parts = path.components();
-                parts.next();
-                new_top.join(parts.as_path())
+        let (dir, rename) = match &placed {
+            Some(p) => p.clone(),
+            None => {
+                let top = semantics::archive_top(&path, entry.header().entry_type().is_dir());
+                let parent = semantics::parent(text).unwrap_or_else(|| ".".into());
+                let placement =
+                    semantics::place(top, text, found(dst), Path::new(&parent).is_dir())
+                        .map_err(|e| failed(ExitCode::Failure, e.to_string()))?;
+                placed.insert(host_target(dst, placement)?).clone()
             }
-            None => path,
         };
+        // The top entry renamed, the rest below it; `.` and empty parts dropped, so a top
+        // entry never gains a trailing `/` (which made a file's target a directory).
+        let mut parts = path
+            .components()
+            .filter(|c| matches!(c, Component::Normal(_)));
+        let relative: PathBuf = match &rename {
+            Some(new_top) => {
+                parts.next();
+                std::iter::once(new_top.as_os_str())
+                    .chain(parts.map(|c| c.as_os_str()))
+                    .collect()
+            }
+            None => parts.collect(),
+        };
+        if relative.as_os_str().is_empty() {
+            // The `.` of `DIR/.`: the destination itself, already there.
+            continue;
+        }
         // An earlier entry may have planted a symlink: never write through one.
         let mut ancestor = dir.clone();
         for part in relative.parent().into_iter().flat_map(Path::components) {
@@ -192,6 +228,30 @@ fn extract_to_host(archive: std::fs::File, dst: &Path) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", target.display()))?;
     }
     Ok(())
+}
+
+/// The directory a placement unpacks under on the host, and the top entry's new name.
+fn host_target(dst: &Path, placement: Placement) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    let dst: PathBuf = dst.components().collect();
+    Ok(match placement {
+        Placement::Into => (dst, None),
+        Placement::ContentsInto => {
+            if !dst.is_dir() {
+                std::fs::create_dir(&dst).with_context(|| format!("creating {}", dst.display()))?;
+            }
+            (dst, None)
+        }
+        Placement::As => {
+            let name = dst
+                .file_name()
+                .with_context(|| format!("invalid destination {}", dst.display()))?;
+            let parent = dst
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            (parent.to_path_buf(), Some(PathBuf::from(name)))
+        }
+    })
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! `container machine create`: a machine from an image, pulled first when the store does not
-//! have it.
+//! have it, with progress on a terminal (the pull, then the boot, which on a new host
+//! installs the recommended kernel first).
 
 use clap::Args;
 use container_api::client::ClientError;
@@ -52,6 +53,9 @@ pub struct CreateArgs {
     /// The image architecture (only the host's).
     #[arg(short, long, value_name = "ARCH")]
     arch: Option<String>,
+    /// Print nothing but the machine's name and errors (no progress).
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 /// Checks `--platform`, `--os` and `--arch` (as Apple's `machine create` takes them) against
@@ -129,7 +133,7 @@ fn parse_mount(text: &str) -> Result<MountSpec, String> {
 }
 
 /// Pulls the image when the store does not have it, with progress.
-async fn ensure_image(client: &Client, image: &str) -> anyhow::Result<()> {
+async fn ensure_image(client: &Client, image: &str, quiet: bool) -> anyhow::Result<()> {
     let path = format!(
         "/images/inspect?{}",
         serde_urlencoded::to_string([("reference", image)]).expect("encodes")
@@ -137,7 +141,7 @@ async fn ensure_image(client: &Client, image: &str) -> anyhow::Result<()> {
     match client.get::<serde_json::Value>(&path).await {
         Ok(_) => Ok(()),
         Err(ClientError::Api(e)) if e.kind == ErrorKind::NotFound => {
-            crate::commands::image::pull(client, image, false)
+            crate::commands::image::pull(client, image, quiet)
                 .await
                 .map(|_| ())
         }
@@ -147,7 +151,8 @@ async fn ensure_image(client: &Client, image: &str) -> anyhow::Result<()> {
 
 pub async fn run(client: &Client, a: CreateArgs) -> anyhow::Result<()> {
     check_platform(&a).map_err(|e| failed(ExitCode::Usage, e))?;
-    ensure_image(client, &a.image).await?;
+    ensure_image(client, &a.image, a.quiet).await?;
+    let spinner = boot_progress(client, &a).await;
     let request = CreateRequest {
         image: a.image,
         name: a.name,
@@ -164,9 +169,37 @@ pub async fn run(client: &Client, a: CreateArgs) -> anyhow::Result<()> {
             .map(|k| std::path::absolute(k).map(|p| p.display().to_string()))
             .transpose()?,
     };
-    let machine: Machine = client.post("/machines", &request).await?;
-    println!("{}", machine.id);
+    let machine = client.post::<_, Machine>("/machines", &request).await;
+    crate::progress::done(spinner);
+    println!("{}", machine?.id);
     Ok(())
+}
+
+/// A spinner for the boot on a terminal (none when quiet, piped or not booting), saying
+/// when the first boot installs the guest kernel, which takes a while.
+async fn boot_progress(client: &Client, a: &CreateArgs) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if a.quiet || a.no_boot || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let kernel_missing = a.kernel.is_none()
+        && client
+            .get::<container_api::system::SystemStatus>("/system/status")
+            .await
+            .is_ok_and(|s| s.kernel.is_none())
+        && client
+            .get::<Vec<container_api::system::Property>>("/system/properties")
+            .await
+            .is_ok_and(|p| !p.iter().any(|p| p.key == "kernel.binary"));
+    let what = a.name.as_deref().unwrap_or("the machine");
+    crate::progress::spinner(
+        if kernel_missing {
+            format!("installing the recommended guest kernel (first use), then booting {what}")
+        } else {
+            format!("booting {what}")
+        },
+        false,
+    )
 }
 
 #[cfg(test)]

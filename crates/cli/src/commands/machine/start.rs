@@ -8,13 +8,18 @@ use container_api::machine::Machine;
 pub struct StartArgs {
     /// Machine name (default: the default machine).
     name: Option<String>,
+    /// No progress, only the name and errors.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 pub async fn run(client: &Client, args: StartArgs) -> anyhow::Result<()> {
     let name = super::resolve_name(client, args.name).await?;
-    let m: Machine = client
-        .post(&format!("/machines/{name}/start"), &serde_json::json!({}))
-        .await?;
-    println!("{}", m.id);
+    let spinner = crate::progress::spinner(format!("booting {name}"), args.quiet);
+    let m = client
+        .post::<_, Machine>(&format!("/machines/{name}/start"), &serde_json::json!({}))
+        .await;
+    crate::progress::done(spinner);
+    println!("{}", m?.id);
     Ok(())
 }
