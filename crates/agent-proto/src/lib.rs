@@ -14,9 +14,11 @@
 //! | `SetTime` | — | `Done` or `Error` |
 //! | `Ping` | — | `Pong` |
 //!
-//! The one connection the agent opens itself goes the other way, to the host's
-//! [`READY_PORT`] during boot: it carries a single [`Message::Ready`] once the agent listens,
-//! and only then does the host open sessions (`client::ReadyListener`).
+//! The agent opens connections the other way too: to the host's [`READY_PORT`] during boot,
+//! carrying a single [`Message::Ready`] once the agent listens (only then does the host open
+//! sessions, `client::ReadyListener`); and to [`SSH_AGENT_PORT`], one per client of the
+//! forwarded SSH agent while an exec session asks for it (`ExecRequest::ssh_agent`), carrying
+//! that client's raw bytes, no frames.
 //!
 //! A frame is one kind byte, a big-endian u32 length and the payload ([`frame`]). Frames are
 //! bounded ([`MAX_FRAME`]) and unknown kinds are errors, so garbage from either side ends a
@@ -47,6 +49,12 @@ pub const PORT: u32 = 1024;
 /// The host port the agent reports its readiness to (guest to host) unless the boot config
 /// says otherwise.
 pub const READY_PORT: u32 = 1025;
+/// The host port the agent relays each connection to the forwarded SSH agent to (guest to
+/// host); the host connects it to the caller's own agent, as the caller.
+pub const SSH_AGENT_PORT: u32 = 1026;
+/// Where an exec session that forwards the host's SSH agent finds it in the guest (Apple's
+/// path), and so the value of `SSH_AUTH_SOCK` there.
+pub const SSH_AGENT_SOCKET: &str = "/var/host-services/ssh-auth.sock";
 /// The line the agent prints just before it starts the image's init: everything before it in
 /// the console is the boot log.
 pub const INIT_MARKER: &str = "container-agent: starting init";

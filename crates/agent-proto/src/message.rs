@@ -96,4 +96,10 @@ pub struct ExecRequest {
     /// Initial terminal size.
     pub rows: u16,
     pub cols: u16,
+    /// Forward the host's SSH agent while the process runs: the agent listens on
+    /// [`crate::SSH_AGENT_SOCKET`] (owned by the process's user, mode 0600) and relays each
+    /// connection to the host's [`crate::SSH_AGENT_PORT`]. Absent from the JSON when false,
+    /// so an older agent still parses every request that does not use it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ssh_agent: bool,
 }

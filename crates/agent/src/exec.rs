@@ -1,6 +1,7 @@
 //! Exec sessions: resolve the user, program and directory (failing like docker: 127 not
 //! found, 126 not runnable), start the process in a session of its own with a pty or pipes,
-//! relay input, resizes and signals from the host and output to it, and end with its exit.
+//! relay input, resizes and signals from the host and output to it, and end with its exit;
+//! a session that asks for it holds the forwarded SSH agent ([`crate::ssh_agent`]) meanwhile.
 //! Every descriptor the agent opens is close-on-exec, so no session leaks into another's
 //! process (a leaked pty end would keep that session from ever ending).
 
@@ -22,8 +23,9 @@ use rustix::fs::{Mode, OFlags};
 use rustix::pty::OpenptFlags;
 use vsock::VsockStream;
 
-use crate::sys;
+use crate::console::log;
 use crate::wire::{self, Writer, error, reply};
+use crate::{ssh_agent, sys};
 
 /// The PATH when the request's environment has none.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -235,6 +237,15 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> Result<()> 
         true => format!("-{}", program.rsplit('/').next().unwrap_or("sh")),
         false => req.arg0.clone().unwrap_or_else(|| req.argv[0].clone()),
     };
+    // Held until the process ends: the forwarded agent's socket lives as long as a session
+    // that asked for it.
+    let (_forward, forward_failed) = match req.ssh_agent {
+        true => match ssh_agent::forward(who.uid, who.gid) {
+            Ok(f) => (Some(f), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        },
+        false => (None, None),
+    };
     let mut cmd = Command::new(&program);
     cmd.args(&req.argv[1..])
         .arg0(&arg0)
@@ -289,6 +300,12 @@ pub fn run(req: ExecRequest, reader: VsockStream, writer: Writer) -> Result<()> 
     };
     let pid = child.id() as i32;
     reply(&writer, Message::Started { pid })?;
+    if let Some(why) = forward_failed {
+        log!("ssh agent forwarding: {why}");
+        let end = if req.tty { "\r\n" } else { "\n" };
+        let warning = format!("container: the SSH agent is not forwarded: {why}{end}");
+        let _ = wire::data(&writer, Kind::Stderr, warning.as_bytes());
+    }
 
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut pumps = 0;

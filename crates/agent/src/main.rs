@@ -15,6 +15,7 @@ mod copy;
 mod exec;
 mod net;
 mod server;
+mod ssh_agent;
 #[allow(unsafe_code)]
 mod sys;
 mod users;

@@ -362,6 +362,12 @@ pub struct RunRequest {
     pub detach: bool,
     pub rows: Option<u16>,
     pub cols: Option<u16>,
+    /// The caller's `SSH_AUTH_SOCK` (an absolute host path): forward that agent into the
+    /// machine while the process runs. The service connects to it as the caller, so it
+    /// reaches only an agent the caller's own processes can. Left out of the JSON when
+    /// absent, so a newer CLI still talks to an older service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_auth_sock: Option<String>,
 }
 
 #[cfg(test)]

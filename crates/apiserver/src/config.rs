@@ -114,6 +114,7 @@ struct LimitsSection {
     running_cpus: Option<u32>,
     running_memory: Option<String>,
     disk_size: Option<String>,
+    image_load_size: Option<String>,
 }
 
 /// The merged, validated configuration the service runs with.
@@ -186,6 +187,9 @@ pub struct Limits {
     pub running_memory: u64,
     /// The largest disk a user's machine may have.
     pub disk_size: u64,
+    /// The largest archive a user may upload with `image load` (it is spooled to disk whole
+    /// before it is read).
+    pub image_load_size: u64,
 }
 
 /// Facts about the host the defaults depend on.
@@ -241,6 +245,7 @@ fn defaults(host: HostFacts) -> FileConfig {
             running_cpus: Some(host.cpus * 2),
             running_memory: Some(format!("{}M", (host.memory >> 20) * 2)),
             disk_size: Some("1T".into()),
+            image_load_size: Some("32G".into()),
         }),
     }
 }
@@ -359,6 +364,7 @@ fn validate(config: &FileConfig) -> Result<(), String> {
         for (key, value) in [
             ("running-memory", &l.running_memory),
             ("disk-size", &l.disk_size),
+            ("image-load-size", &l.image_load_size),
         ] {
             if let Some(v) = value {
                 parse_size(v).map_err(|e| format!("limits.{key}: {e}"))?;
@@ -509,6 +515,7 @@ fn resolve(
             running_cpus: l.running_cpus.unwrap_or(host.cpus * 2),
             running_memory: size(l.running_memory, host.memory * 2),
             disk_size: size(l.disk_size, 1 << 40),
+            image_load_size: size(l.image_load_size, 32 * GIB),
         },
         host,
         properties,

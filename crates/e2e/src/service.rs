@@ -171,6 +171,9 @@ impl Service {
             .env("CONTAINER_SOCKET", &self.socket)
             .env("CONTAINER_ROOT", &self.root)
             .env("CONTAINER_RUN_DIR", &self.run_dir)
+            // No test forwards the SSH agent of whoever runs the suite; those that test
+            // forwarding set their own.
+            .env_remove("SSH_AUTH_SOCK")
             .stdin(Stdio::null());
         c
     }

@@ -50,6 +50,13 @@ impl ContentStore {
             std::fs::remove_dir_all(&ingest).map_err(ImageError::io(&ingest))?;
         }
         std::fs::create_dir_all(&ingest).map_err(ImageError::io(&ingest))?;
+        // Blobs of one user's private image are nobody else's to read: root's alone, the
+        // files as the directories (each blob is written 0600 through a temporary file).
+        for dir in [root.join("blobs"), blobs.clone(), ingest.clone()] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(ImageError::io(&dir))?;
+        }
         Ok(Self { blobs, ingest })
     }
 

@@ -26,8 +26,9 @@
 //! Layout under the root:
 //! - `refs.json` (0600): `{"namespaces": {"system": {"references": {…}}, "1000": {"references":
 //!   {"docker.io/library/alpine:latest": "sha256:…"}}}}`
-//! - `blobs/sha256/<hex>`, `ingest/`: the content store ([`crate::content`])
-//! - `disks/<hex>/{base.ext4,info.json}`: base disks, keyed by manifest digest
+//! - `blobs/sha256/<hex>`, `ingest/`: the content store ([`crate::content`]), 0700, blobs 0600
+//! - `disks/<hex>/{base.ext4,info.json}` (0700, files 0600): base disks, keyed by manifest
+//!   digest
 //! - `work/` (0700): staging trees and spooled archives; emptied at open
 //! - `auth/<uid>.json` (0600): each host user's registry credentials
 
@@ -423,7 +424,31 @@ impl ImageStore {
             limits,
         };
         store.migrate()?;
+        store.make_disks_private()?;
         Ok(store)
+    }
+
+    /// Makes base disks built before they were private (0644 in 0755 directories) root's
+    /// alone, as new ones are.
+    fn make_disks_private(&self) -> Result<(), ImageError> {
+        let disks = self.root.join("disks");
+        let private = |path: &Path, mode: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(ImageError::io(path))
+        };
+        private(&disks, 0o700)?;
+        for e in std::fs::read_dir(&disks)
+            .map_err(ImageError::io(&disks))?
+            .flatten()
+        {
+            let dir = e.path();
+            let base = dir.join("base.ext4");
+            if e.file_type().is_ok_and(|t| t.is_dir()) && base.is_file() {
+                private(&dir, 0o700)?;
+                private(&base, 0o600)?;
+            }
+        }
+        Ok(())
     }
 
     /// Rewrites a `refs.json` from before namespaces in the new format, in one atomic step.

@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 
 use common::*;
 use container_image::{ImageError, ImageStore, Namespace};
@@ -65,6 +66,29 @@ fn loads_an_oci_archive_with_uncompressed_gzip_and_zstd_layers() {
             .join(digest.trim_start_matches("sha256:"))
             .join("base.ext4")
     );
+    // Another user's private image is not theirs to read on disk either.
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(disk), 0o600);
+    assert_eq!(mode(disk.parent().unwrap()), 0o700);
+    let blobs = work.path().join("store/blobs/sha256");
+    assert_eq!(mode(&blobs), 0o700);
+    for blob in std::fs::read_dir(&blobs).unwrap() {
+        assert_eq!(mode(&blob.unwrap().path()), 0o600);
+    }
+    // A disk built before (0644 in a 0755 directory) is made private when the store opens.
+    std::fs::set_permissions(disk, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        disk.parent().unwrap(),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    drop(store);
+    let store = ImageStore::open(&work.path().join("store")).unwrap();
+    assert_eq!(mode(disk), 0o600);
+    assert_eq!(mode(disk.parent().unwrap()), 0o700);
 
     // Lookups by reference, short name, digest and digest prefix.
     let prefix = &digest["sha256:".len().."sha256:".len() + 12];

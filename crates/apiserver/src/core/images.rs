@@ -7,8 +7,46 @@ use container_api::image::{ImageDetail, ImageSummary, LoginRequest, PullEvent, R
 use container_api::{ApiError, ErrorKind};
 use tokio::sync::mpsc;
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use container_api::size::format_size;
+use tokio::io::{AsyncRead, ReadBuf};
+
 use super::ports::{Bytes, InUse, Namespace};
-use super::{Caller, Core};
+use super::{Caller, Core, over_limit};
+
+/// An upload that fails once it has given more than `left` bytes (and says so in `over`), so
+/// nobody spools more than their limit whatever they send.
+struct Capped {
+    inner: Bytes,
+    left: u64,
+    over: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Capped {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+        let read = (buf.filled().len() - before) as u64;
+        match self.left.checked_sub(read) {
+            Some(left) => {
+                self.left = left;
+                Poll::Ready(Ok(()))
+            }
+            None => {
+                self.over.store(true, Ordering::SeqCst);
+                Poll::Ready(Err(std::io::Error::other("over the upload limit")))
+            }
+        }
+    }
+}
 
 /// The namespace `caller` acts in: their own, or (root only) the system-wide one.
 fn namespace(caller: &Caller, system: bool) -> Result<Namespace, ApiError> {
@@ -69,7 +107,24 @@ impl Core {
         system: bool,
     ) -> Result<Vec<ImageSummary>, ApiError> {
         let ns = namespace(caller, system)?;
-        self.state.images.load(ns, archive).await
+        if caller.is_root() {
+            return self.state.images.load(ns, archive).await;
+        }
+        let max = self.state.config.limits.image_load_size;
+        let over = Arc::new(AtomicBool::new(false));
+        let capped = Capped {
+            inner: archive,
+            left: max,
+            over: over.clone(),
+        };
+        match self.state.images.load(ns, Box::new(capped)).await {
+            // Whatever the store made of the cut stream, the cause is the limit.
+            Err(_) if over.load(Ordering::SeqCst) => Err(over_limit(
+                format!("the archive is larger than {}", format_size(max)),
+                "image-load-size",
+            )),
+            loaded => loaded,
+        }
     }
 
     pub(super) async fn image_save(

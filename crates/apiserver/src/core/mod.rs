@@ -28,6 +28,16 @@ use crate::machines::MachineStore;
 pub use machines::{DEFAULT_STOP_TIMEOUT, parse_signal};
 use ports::{ClientStream, Host, Images, Net, Platform, Vms};
 
+/// A limit of `[limits]` reached: says which, and the key that raises it.
+fn over_limit(what: String, key: &str) -> ApiError {
+    ApiError::new(
+        ErrorKind::PermissionDenied,
+        format!(
+            "{what}: the limit for a user (`limits.{key}` in the service's config.toml; root may raise it)"
+        ),
+    )
+}
+
 /// Who is calling, from the socket's peer credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {

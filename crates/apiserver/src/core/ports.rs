@@ -170,6 +170,18 @@ pub struct ExecSpec {
     pub rows: u16,
     pub cols: u16,
     pub detach: bool,
+    /// The caller's SSH agent, forwarded into the machine while the process runs.
+    pub ssh_agent: Option<SshAgentForward>,
+}
+
+/// A caller's SSH agent to forward into a machine. The runtime connects to it with this
+/// identity (never as root), so it reaches only what the caller's own processes can.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SshAgentForward {
+    /// The agent's socket on the host (the caller's `SSH_AUTH_SOCK`), absolute.
+    pub path: String,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// Who a process runs as.

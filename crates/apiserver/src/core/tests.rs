@@ -90,8 +90,12 @@ impl Images for FakeImages {
         self.record(format!("pull {ns:?} {reference} as {uid}"));
         Ok(summary_of(reference, ns))
     }
-    async fn load(&self, ns: Namespace, _: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
-        self.record(format!("load {ns:?}"));
+    async fn load(&self, ns: Namespace, mut archive: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
+        // Spooled whole, as the real store does.
+        let size = tokio::io::copy(&mut archive, &mut tokio::io::sink())
+            .await
+            .map_err(|e| ApiError::invalid(format!("reading the archive: {e}")))?;
+        self.record(format!("load {ns:?} {size}"));
         Ok(Vec::new())
     }
     async fn save(&self, ns: Namespace, references: Vec<String>) -> Result<Bytes, ApiError> {
@@ -927,6 +931,42 @@ async fn mounts_and_kernels_are_checked_against_the_host_as_the_caller() {
 }
 
 #[tokio::test]
+async fn a_users_upload_stops_at_the_load_limit_and_roots_does_not() {
+    let f = fixture_with(
+        FakeNet::default(),
+        &["[limits]\nimage-load-size = \"1M\"\n"],
+    );
+    let load = |who: &'static Caller, bytes: usize| {
+        let core = f.core.clone();
+        async move {
+            let archive = Box::new(std::io::Cursor::new(vec![0u8; bytes]));
+            let request = Request::ImageLoad {
+                archive,
+                system: false,
+            };
+            core.handle(who, request).await
+        }
+    };
+    load(&NOBODY, 1 << 20).await.unwrap();
+    let e = load(&NOBODY, (1 << 20) + 1).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::PermissionDenied, "{}", e.message);
+    assert!(
+        e.message.contains("larger than 1M") && e.message.contains("limits.image-load-size"),
+        "{}",
+        e.message
+    );
+    load(&ROOT, 3 << 20).await.unwrap();
+    // The refused upload loaded nothing.
+    let loads: Vec<String> = f
+        .images
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("load"))
+        .collect();
+    assert_eq!(loads, ["load User(65534) 1048576", "load User(0) 3145728"]);
+}
+
+#[tokio::test]
 async fn nobody_gets_more_than_the_host_and_users_stay_within_their_limits() {
     let f = fixture_with(
         FakeNet::default(),
@@ -1147,7 +1187,7 @@ async fn a_user_changes_only_their_own_image_names_and_only_root_the_system_ones
         f.images.calls(),
         [
             "tag System busybox debian:12",
-            "load System",
+            "load System 0",
             "remove System debian:12 {}",
             "list_all",
             "pull System debian:12 as 0",

@@ -1,7 +1,8 @@
 //! The VM runtime: machine disks (`disk`), the kernel (`kernel`) and the initramfs built
 //! around the guest agent (`initramfs`), the VMM behind a small trait (`vmm`, `qemu`), the
 //! helper processes (`helpers`), the serial console (`console`) and their supervision
-//! (`supervisor`, whose [`Runtime`] is the door: start, stop, status, adopt).
+//! (`supervisor`, whose [`Runtime`] is the door: start, stop, status, adopt); sessions with
+//! the guest agent (`session`) and the SSH agents they forward (`ssh_agent`).
 //!
 //! Invariants: every running VM has a `run.json` in its machine directory naming its VMM and
 //! helpers by pid and start time; the VMM and helpers run in process groups of their own, so
@@ -21,6 +22,7 @@ pub mod kernel;
 pub mod process;
 pub mod qemu;
 pub mod session;
+pub mod ssh_agent;
 mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
@@ -38,6 +40,7 @@ pub use helpers::HelperPaths;
 pub use identity::VmUsers;
 pub use kernel::Kernel;
 pub use session::{ClientStream, copy_in, copy_out, exec};
+pub use ssh_agent::{SshAgentTarget, SshAgents};
 pub use supervisor::{Reboot, Runtime};
 pub use vmm::{NetDevice, TapError, TapPlumbing, Vmm};
 

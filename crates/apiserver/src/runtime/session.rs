@@ -229,6 +229,7 @@ mod tests {
             tty: false,
             rows: 0,
             cols: 0,
+            ssh_agent: false,
         };
         let vsock = vsock.to_path_buf();
         let session = tokio::spawn(async move { exec(&vsock, request, false, theirs).await });

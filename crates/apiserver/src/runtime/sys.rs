@@ -1,6 +1,7 @@
 //! The runtime's only unsafe code, where the OS or the CPU demands it: registering a pidfd
-//! with tokio's reactor, reading the host's time-stamp counter, and, between fork and exec,
-//! setting a child's umask, handing it file descriptors and dropping its privileges.
+//! with tokio's reactor, reading the host's time-stamp counter, between fork and exec
+//! setting a child's umask, handing it file descriptors and dropping its privileges, and file
+//! access with a user's identity on a thread of its own.
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -108,8 +109,83 @@ pub fn drop_privileges(cmd: &mut std::process::Command, uid: u32, gid: u32, grou
     };
 }
 
+/// Runs `f` on a thread of its own whose file-system identity is `uid`, `gid` and `groups`
+/// (as the kernel checks a path's directories and a socket's mode for that user's own
+/// processes), and returns what it returned; the thread ends with `f`, so nothing else ever
+/// runs with that identity. Root's identity needs no thread.
+///
+/// Linux keeps credentials per thread; the raw system calls change only the calling
+/// thread's (glibc's `setgroups` would change every thread's). Giving up fsuid 0 also drops
+/// the file capabilities (`CAP_DAC_OVERRIDE` and the like) from the thread's effective set.
+/// The kernel marks the process not dumpable when a thread's fsuid changes: no core dumps of
+/// the service, which only root could read anyway.
+pub fn as_user<T: Send + 'static>(
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::io::Result<T> {
+    if uid == 0 {
+        return Ok(f());
+    }
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    std::thread::Builder::new()
+        .name("as-user".into())
+        .spawn(move || -> std::io::Result<T> {
+            // SAFETY: setgroups reads `groups.len()` gids from a live slice; setfsgid and
+            // setfsuid take integers. All act on this thread alone (raw system calls), and
+            // the thread ends when `f` returns.
+            unsafe {
+                if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::syscall(libc::SYS_setfsgid, gid);
+                libc::syscall(libc::SYS_setfsuid, uid);
+                // Both return the previous id, never an error: ask again to be sure they
+                // took (an invalid id changes nothing and returns the current one).
+                let fsgid = libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32;
+                let fsuid = libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32;
+                if (fsuid, fsgid) != (uid, gid) {
+                    return Err(std::io::Error::other(format!(
+                        "could not take the identity {uid}:{gid} (have {fsuid}:{fsgid})"
+                    )));
+                }
+            }
+            Ok(f())
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("the thread acting as a user panicked"))?
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_user_thread_is_refused_what_the_user_may_not_open_and_the_rest_keeps_root() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "root's").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let path = secret.clone();
+        let read = super::as_user(65534, 65534, &[], move || std::fs::read(&path)).unwrap();
+        assert_eq!(
+            read.unwrap_err().kind(),
+            std::io::ErrorKind::PermissionDenied
+        );
+        // Only that thread changed.
+        assert_eq!(std::fs::read(&secret).unwrap(), b"root's");
+        let path = secret.clone();
+        assert!(
+            super::as_user(0, 0, &[], move || std::fs::read(&path))
+                .unwrap()
+                .is_ok()
+        );
+    }
+
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn the_host_tsc_runs_at_a_plausible_frequency() {

@@ -15,11 +15,13 @@ use tokio::io::AsyncRead;
 
 use crate::config::Config;
 use crate::core::ServiceOptions;
-use crate::core::ports::{BootSpec, ClientStream, ExecSpec, ExecUser, Reboot, Vms};
+use crate::core::ports::{
+    BootSpec, ClientStream, ExecSpec, ExecUser, Reboot, SshAgentForward, Vms,
+};
 use crate::network::Network;
 use crate::runtime::{
-    self, HelperPaths, Kernel, NetDevice, Runtime, RuntimeError, RuntimeOptions, ShareSpec, VmSpec,
-    console, disk, kernel,
+    self, HelperPaths, Kernel, NetDevice, Runtime, RuntimeError, RuntimeOptions, ShareSpec,
+    SshAgentTarget, SshAgents, VmSpec, console, disk, kernel,
 };
 
 /// The runtime of a running service, with running machines adopted.
@@ -69,6 +71,7 @@ pub fn vms(
         config: config.clone(),
         network,
         reboots,
+        ssh_agents: Arc::default(),
     };
     service.runtime.adopt_all(&service.machines());
     Ok(Arc::new(service))
@@ -82,6 +85,28 @@ pub struct ServiceVms {
     config: Config,
     network: Arc<Network>,
     reboots: tokio::sync::broadcast::Sender<Reboot>,
+    /// The SSH agents exec sessions forward into their machines.
+    ssh_agents: Arc<SshAgents>,
+}
+
+/// The caller's agent as the runtime connects to it: with the caller's groups too (those
+/// the host's group database gives them, as a login would), so a socket shared with a group
+/// of theirs is reached as by their own processes.
+fn ssh_agent_target(forward: SshAgentForward) -> SshAgentTarget {
+    let gid = nix::unistd::Gid::from_raw(forward.gid);
+    let groups = nix::unistd::User::from_uid(forward.uid.into())
+        .ok()
+        .flatten()
+        .and_then(|u| std::ffi::CString::new(u.name).ok())
+        .and_then(|name| nix::unistd::getgrouplist(&name, gid).ok())
+        .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
+        .unwrap_or_else(|| vec![forward.gid]);
+    SshAgentTarget {
+        path: PathBuf::from(forward.path),
+        uid: forward.uid,
+        gid: forward.gid,
+        groups,
+    }
 }
 
 impl ServiceVms {
@@ -254,8 +279,27 @@ impl Vms for ServiceVms {
         &self,
         name: &str,
         spec: ExecSpec,
-        client: Box<dyn ClientStream>,
+        mut client: Box<dyn ClientStream>,
     ) -> Result<(), ApiError> {
+        let vsock = self.running(name)?;
+        // Held until the session ends: the machine has the agent while the process runs.
+        let forwarding = match spec.ssh_agent {
+            Some(forward) => match self.ssh_agents.forward(&vsock, ssh_agent_target(forward)) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    let e = ApiError::from(e);
+                    let _ = container_api::session::Frame::Error(e.clone())
+                        .write(&mut client)
+                        .await;
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let mut env = spec.env;
+        if forwarding.is_some() && !env.iter().any(|e| e.starts_with("SSH_AUTH_SOCK=")) {
+            env.push(format!("SSH_AUTH_SOCK={}", proto::SSH_AGENT_SOCKET));
+        }
         let (uid, gid, user) = match spec.user {
             ExecUser::Ids { uid, gid } => (Some(uid), gid, None),
             ExecUser::Name(n) => (None, None, Some(n)),
@@ -263,7 +307,7 @@ impl Vms for ServiceVms {
         let request = proto::ExecRequest {
             argv: spec.argv,
             arg0: spec.arg0,
-            env: spec.env,
+            env,
             cwd: spec.cwd,
             uid,
             gid,
@@ -272,10 +316,11 @@ impl Vms for ServiceVms {
             tty: spec.tty,
             rows: spec.rows,
             cols: spec.cols,
+            ssh_agent: forwarding.is_some(),
         };
-        runtime::exec(&self.running(name)?, request, spec.detach, client)
-            .await
-            .map_err(ApiError::from)
+        let ended = runtime::exec(&vsock, request, spec.detach, client).await;
+        drop(forwarding);
+        ended.map_err(ApiError::from)
     }
     async fn copy_in(
         &self,

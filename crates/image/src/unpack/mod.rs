@@ -252,6 +252,9 @@ pub fn build_base_disk(
             }
         }
     }
+    // The disk holds the whole image, private ones included: root's alone, as its directory.
+    set_mode(&image, 0o600)?;
+    set_mode(tmp.path(), 0o700)?;
     std::fs::File::open(&image)
         .and_then(|f| f.sync_all())
         .map_err(ImageError::io(&image))?;
@@ -275,6 +278,12 @@ pub fn build_base_disk(
             .map_err(ImageError::io(disks))?;
     }
     Ok(info)
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), ImageError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(ImageError::io(path))
 }
 
 /// The error for a build whose layers expanded past its budget.

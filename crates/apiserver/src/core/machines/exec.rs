@@ -7,7 +7,7 @@ use container_api::ApiError;
 use container_api::machine::{HomeMount, RunRequest};
 
 use super::guest_path;
-use crate::core::ports::{ClientStream, ExecSpec, ExecUser};
+use crate::core::ports::{ClientStream, ExecSpec, ExecUser, SshAgentForward};
 use crate::core::{Caller, Core};
 use crate::machines::MachineRecord;
 
@@ -93,7 +93,41 @@ impl Core {
             rows: req.rows.unwrap_or(24),
             cols: req.cols.unwrap_or(80),
             detach: req.detach,
+            ssh_agent: None,
         })
+    }
+
+    /// The SSH agent a `run` forwards: the caller's `SSH_AUTH_SOCK`, connected to as the
+    /// caller. Only into the caller's own machine: root running in a user's machine would
+    /// otherwise hand its agent to that user.
+    fn ssh_agent_forward(
+        caller: &Caller,
+        record: &MachineRecord,
+        req: &RunRequest,
+    ) -> Result<Option<SshAgentForward>, ApiError> {
+        let Some(path) = &req.ssh_auth_sock else {
+            return Ok(None);
+        };
+        // What fits a socket address (sun_path, NUL included).
+        const MAX_SOCKET_PATH: usize = 107;
+        if !path.starts_with('/') || path.contains('\0') || path.len() > MAX_SOCKET_PATH {
+            return Err(ApiError::invalid(format!(
+                "SSH_AUTH_SOCK `{path}` is not an agent socket's path (absolute, at most {MAX_SOCKET_PATH} bytes): fix or unset it"
+            )));
+        }
+        if caller.uid != record.owner_uid {
+            tracing::info!(
+                uid = caller.uid,
+                machine = %record.name,
+                "not forwarding the SSH agent of a caller who does not own the machine"
+            );
+            return Ok(None);
+        }
+        Ok(Some(SshAgentForward {
+            path: path.clone(),
+            uid: caller.uid,
+            gid: caller.gid,
+        }))
     }
 }
 
@@ -204,7 +238,8 @@ impl Core {
         let mut client = client;
         let prepared = async {
             let (_guard, record) = self.lock_visible(caller, name).await?;
-            let spec = Self::exec_spec(&record, &req)?;
+            let mut spec = Self::exec_spec(&record, &req)?;
+            spec.ssh_agent = Self::ssh_agent_forward(caller, &record, &req)?;
             self.boot(&record).await?;
             Ok::<_, ApiError>(spec)
         }
@@ -374,6 +409,38 @@ mod tests {
                 .env
                 .contains(&"MY_VAR=x".to_string())
         );
+    }
+
+    #[test]
+    fn only_the_owners_own_agent_is_forwarded_and_only_when_asked() {
+        let r = record(HomeMount::Rw);
+        let caller = |uid| Caller {
+            uid,
+            gid: uid,
+            pid: None,
+        };
+        let mut req = run(&["ssh-add", "-l"], "/");
+        assert_eq!(
+            Core::ssh_agent_forward(&caller(1000), &r, &req).unwrap(),
+            None
+        );
+        req.ssh_auth_sock = Some("/tmp/ssh-x/agent.1".into());
+        assert_eq!(
+            Core::ssh_agent_forward(&caller(1000), &r, &req).unwrap(),
+            Some(SshAgentForward {
+                path: "/tmp/ssh-x/agent.1".into(),
+                uid: 1000,
+                gid: 1000
+            })
+        );
+        // Root in a user's machine: its agent would be the user's to use.
+        assert_eq!(Core::ssh_agent_forward(&caller(0), &r, &req).unwrap(), None);
+        for bad in ["agent.sock", "/tmp/a\0b", &format!("/{}", "x".repeat(200))] {
+            req.ssh_auth_sock = Some(bad.to_string());
+            let e = Core::ssh_agent_forward(&caller(1000), &r, &req).unwrap_err();
+            assert_eq!(e.kind, container_api::ErrorKind::InvalidArgument, "{bad}");
+            assert!(e.message.contains("SSH_AUTH_SOCK"), "{e:?}");
+        }
     }
 
     #[test]

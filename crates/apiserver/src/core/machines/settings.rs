@@ -3,25 +3,15 @@
 
 use std::path::Path;
 
+use container_api::ApiError;
 use container_api::machine::{MachineState, SetReply, SetRequest};
 use container_api::size::format_size;
-use container_api::{ApiError, ErrorKind};
 
-use crate::core::{Caller, Core};
+use crate::core::{Caller, Core, over_limit};
 use crate::machines::MachineRecord;
 
 /// Smallest memory a machine may have.
 const MIN_MEMORY: u64 = 256 << 20;
-
-/// A limit of `[limits]` reached: says which, and the key that raises it.
-fn over_limit(what: String, key: &str) -> ApiError {
-    ApiError::new(
-        ErrorKind::PermissionDenied,
-        format!(
-            "{what}: the limit for a user (`limits.{key}` in the service's config.toml; root may raise it)"
-        ),
-    )
-}
 
 impl Core {
     /// Checks the settings of a machine about to be created or changed: the one place that

@@ -1,6 +1,7 @@
 //! `container machine run`: a process in a machine, its standard streams carried over an
 //! upgraded connection. With a terminal, the local terminal goes raw and resizes follow; without
-//! one, Ctrl-C and SIGTERM are passed to the process (three times forces the CLI out).
+//! one, Ctrl-C and SIGTERM are passed to the process (three times forces the CLI out). With
+//! `SSH_AUTH_SOCK` set, that agent is forwarded into the machine while the process runs.
 
 use std::io::{IsTerminal, Write};
 
@@ -13,7 +14,13 @@ use tokio::io::AsyncReadExt;
 use crate::exit::failed;
 
 #[derive(Debug, Args)]
-#[command(trailing_var_arg = true)]
+#[command(
+    trailing_var_arg = true,
+    after_help = "SSH agent: when SSH_AUTH_SOCK is set, the machine has that agent at \
+                  /var/host-services/ssh-auth.sock while the command runs, and SSH_AUTH_SOCK \
+                  points there (in your own machines only). Run with SSH_AUTH_SOCK= to forward \
+                  nothing."
+)]
 pub struct RunArgs {
     /// Machine name (default: the default machine).
     #[arg(short, long)]
@@ -97,6 +104,18 @@ fn push_env(env: &mut Vec<String>, item: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The agent to forward: `SSH_AUTH_SOCK`, made absolute (the service does not share our
+/// working directory); none when unset or empty.
+fn ssh_auth_sock() -> Option<String> {
+    let sock = std::env::var_os("SSH_AUTH_SOCK").filter(|s| !s.is_empty())?;
+    let path = std::path::PathBuf::from(sock);
+    let path = match path.is_absolute() {
+        true => path,
+        false => std::env::current_dir().ok()?.join(path),
+    };
+    Some(path.to_string_lossy().into_owned())
+}
+
 /// Puts the local terminal in raw mode until dropped.
 struct RawTerminal {
     saved: rustix::termios::Termios,
@@ -173,6 +192,7 @@ pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
         detach: args.detach,
         rows: size.map(|s| s.0),
         cols: size.map(|s| s.1),
+        ssh_auth_sock: ssh_auth_sock(),
     };
     let io = client
         .upgrade(&format!("/machines/{name}/exec"), &request)
