@@ -333,6 +333,51 @@ pub struct StopRequest {
     pub timeout_secs: Option<u64>,
 }
 
+/// `POST /v1/machines/{name}/clone` body: the new machine's name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    pub name: String,
+}
+
+/// `POST /v1/machines/{name}/rename` body: the machine's new name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    pub name: String,
+}
+
+/// `POST /v1/machines/{name}/snapshots` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateRequest {
+    /// The snapshot's name; absent: one made from the time.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/machines/{name}/snapshots/{snapshot}/restore` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRestoreRequest {
+    /// Stop the machine first if it runs (else a running machine is refused).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A snapshot of a machine's disk (the files in the host home are not part of it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub name: String,
+    pub machine: String,
+    #[serde(with = "iso8601")]
+    pub created_date: chrono::DateTime<chrono::Utc>,
+    /// Bytes on the host the snapshot holds apart from the machine's later writes: what
+    /// was written to the disk since the snapshot before it (or the machine's creation).
+    pub size: u64,
+}
+
 /// The process a `run` starts, sent as the first frame of an exec session.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

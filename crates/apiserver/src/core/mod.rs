@@ -16,7 +16,7 @@ use container_api::image::{
     ImageDetail, ImageSummary, LoginRequest, PullEvent, RemoveReport, TagRequest,
 };
 use container_api::machine::{
-    CreateRequest, Machine, RunRequest, SetReply, SetRequest, StopRequest,
+    CreateRequest, Machine, RunRequest, SetReply, SetRequest, Snapshot, StopRequest,
 };
 use container_api::system::{Property, SystemStatus};
 use container_api::{ApiError, ErrorKind};
@@ -92,6 +92,30 @@ pub enum Request {
         settings: SetRequest,
     },
     MachineSetDefault(String),
+    /// A new machine (`new`) from `name`'s disk and settings.
+    MachineClone {
+        name: String,
+        new: String,
+    },
+    /// A stopped machine's new name.
+    MachineRename {
+        name: String,
+        new: String,
+    },
+    SnapshotCreate {
+        name: String,
+        snapshot: Option<String>,
+    },
+    SnapshotList(String),
+    SnapshotRestore {
+        name: String,
+        snapshot: String,
+        force: bool,
+    },
+    SnapshotDelete {
+        name: String,
+        snapshot: String,
+    },
     /// The console (or, with `boot`, the boot) log file of a machine.
     MachineLogs {
         name: String,
@@ -162,6 +186,37 @@ impl std::fmt::Debug for Request {
                 .finish(),
             Request::MachineSet { name, .. } => f.debug_tuple("MachineSet").field(name).finish(),
             Request::MachineSetDefault(n) => f.debug_tuple("MachineSetDefault").field(n).finish(),
+            Request::MachineClone { name, new } => f
+                .debug_tuple("MachineClone")
+                .field(name)
+                .field(new)
+                .finish(),
+            Request::MachineRename { name, new } => f
+                .debug_tuple("MachineRename")
+                .field(name)
+                .field(new)
+                .finish(),
+            Request::SnapshotCreate { name, snapshot } => f
+                .debug_tuple("SnapshotCreate")
+                .field(name)
+                .field(snapshot)
+                .finish(),
+            Request::SnapshotList(n) => f.debug_tuple("SnapshotList").field(n).finish(),
+            Request::SnapshotRestore {
+                name,
+                snapshot,
+                force,
+            } => f
+                .debug_tuple("SnapshotRestore")
+                .field(name)
+                .field(snapshot)
+                .field(force)
+                .finish(),
+            Request::SnapshotDelete { name, snapshot } => f
+                .debug_tuple("SnapshotDelete")
+                .field(name)
+                .field(snapshot)
+                .finish(),
             Request::MachineLogs { name, boot } => f
                 .debug_struct("MachineLogs")
                 .field("name", name)
@@ -189,6 +244,8 @@ pub enum Reply {
     Properties(Vec<Property>),
     Machine(Box<Machine>),
     Machines(Vec<Machine>),
+    Snapshot(Box<Snapshot>),
+    Snapshots(Vec<Snapshot>),
     Set(Box<SetReply>),
     Kernel(Box<container_api::system::KernelInfo>),
     Images(Vec<ImageSummary>),
@@ -245,6 +302,8 @@ struct State {
     host: Arc<dyn Host>,
     locks: machines::Locks,
     reboots: machines::RebootPolicy,
+    /// Held while shared disk layers are made, referenced or collected (`machines/copies`).
+    disks: tokio::sync::Mutex<()>,
 }
 
 /// The service core; cheap to clone.
@@ -281,6 +340,7 @@ impl Core {
                 host: ports.host,
                 locks: Default::default(),
                 reboots: Default::default(),
+                disks: Default::default(),
             }),
         })
     }
@@ -364,6 +424,29 @@ impl Core {
             Request::MachineSetDefault(n) => {
                 self.machine_set_default(caller, &n).await.map(machine)
             }
+            Request::MachineClone { name, new } => {
+                self.machine_clone(caller, &name, &new).await.map(machine)
+            }
+            Request::MachineRename { name, new } => {
+                self.machine_rename(caller, &name, &new).await.map(machine)
+            }
+            Request::SnapshotCreate { name, snapshot } => self
+                .snapshot_create(caller, &name, snapshot)
+                .await
+                .map(|s| Reply::Snapshot(Box::new(s))),
+            Request::SnapshotList(name) => self.snapshot_list(caller, &name).map(Reply::Snapshots),
+            Request::SnapshotRestore {
+                name,
+                snapshot,
+                force,
+            } => self
+                .snapshot_restore(caller, &name, &snapshot, force)
+                .await
+                .map(|s| Reply::Snapshot(Box::new(s))),
+            Request::SnapshotDelete { name, snapshot } => self
+                .snapshot_delete(caller, &name, &snapshot)
+                .await
+                .map(|s| Reply::Snapshot(Box::new(s))),
             Request::MachineLogs { name, boot } => {
                 self.visible(caller, &name)?;
                 Ok(Reply::File(self.state.vms.log_path(&name, boot)))

@@ -206,6 +206,24 @@ impl Vms for FakeVms {
     fn disk_allocated(&self, _disk: &Path) -> u64 {
         4096
     }
+    async fn freeze_disk(&self, name: &str, disk: &Path) -> Result<PathBuf, ApiError> {
+        // A layer beside the disk holding what the disk holds (the fakes' disks are files).
+        let layer = disk.with_extension(format!("layer-{}", self.calls.lock().unwrap().len()));
+        std::fs::copy(disk, &layer).unwrap();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("freeze_disk {name}"));
+        Ok(layer)
+    }
+    async fn disk_from_layer(&self, layer: &Path, disk: &Path) -> Result<(), ApiError> {
+        std::fs::copy(layer, disk).unwrap();
+        self.calls.lock().unwrap().push("disk_from_layer".into());
+        Ok(())
+    }
+    async fn collect_layers(&self, _roots: Vec<PathBuf>) -> Result<(), ApiError> {
+        Ok(())
+    }
     async fn boot(&self, spec: BootSpec) -> Result<(), ApiError> {
         self.calls
             .lock()
@@ -1166,4 +1184,205 @@ async fn machines_are_created_only_from_names_the_caller_sees() {
     machine(&f.core, &ROOT, create("private", Some("own")))
         .await
         .unwrap();
+}
+
+/// The fake disk's bytes (the fakes' disks are files holding what the tests put there).
+fn disk_of(f: &Fixture, name: &str) -> String {
+    let path = f.core.state.machines.disk_path(name);
+    std::fs::read_to_string(path).unwrap()
+}
+
+fn write_disk(f: &Fixture, name: &str, text: &str) {
+    std::fs::write(f.core.state.machines.disk_path(name), text).unwrap();
+}
+
+#[tokio::test]
+async fn a_clone_has_the_disk_and_settings_with_its_own_name_address_and_identity() {
+    let f = fixture();
+    machine(&f.core, &NOBODY, create("busybox", Some("src")))
+        .await
+        .unwrap();
+    write_disk(&f, "src", "before");
+    let clone = machine(
+        &f.core,
+        &NOBODY,
+        Request::MachineClone {
+            name: "src".into(),
+            new: "copy".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(clone.id, "copy");
+    assert_eq!(clone.status, MachineState::Stopped);
+    assert_eq!(disk_of(&f, "copy"), "before");
+    let (src, copy) = (
+        f.core.state.machines.get("src").unwrap(),
+        f.core.state.machines.get("copy").unwrap(),
+    );
+    assert_eq!(
+        (src.cpus, src.memory, &src.image),
+        (copy.cpus, copy.memory, &copy.image)
+    );
+    assert_ne!(src.ip_address, copy.ip_address);
+    assert_ne!(src.mac, copy.mac);
+    assert!(copy.instance.is_some());
+    assert_ne!(src.instance, copy.instance);
+    // A taken name, a bad name and a missing source are refused.
+    for (from, to, kind) in [
+        ("src", "copy", ErrorKind::AlreadyExists),
+        ("src", "Bad_Name", ErrorKind::InvalidArgument),
+        ("absent", "x", ErrorKind::NotFound),
+    ] {
+        let req = Request::MachineClone {
+            name: from.into(),
+            new: to.into(),
+        };
+        assert_eq!(f.core.handle(&NOBODY, req).await.unwrap_err().kind, kind);
+    }
+}
+
+#[tokio::test]
+async fn another_user_cannot_clone_snapshot_restore_or_rename_a_machine() {
+    let f = fixture();
+    machine(&f.core, &ROOT, create("busybox", Some("rootbox")))
+        .await
+        .unwrap();
+    f.core
+        .handle(
+            &ROOT,
+            Request::SnapshotCreate {
+                name: "rootbox".into(),
+                snapshot: Some("s1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    for req in [
+        Request::MachineClone {
+            name: "rootbox".into(),
+            new: "stolen".into(),
+        },
+        Request::MachineRename {
+            name: "rootbox".into(),
+            new: "mine".into(),
+        },
+        Request::SnapshotCreate {
+            name: "rootbox".into(),
+            snapshot: None,
+        },
+        Request::SnapshotList("rootbox".into()),
+        Request::SnapshotRestore {
+            name: "rootbox".into(),
+            snapshot: "s1".into(),
+            force: true,
+        },
+        Request::SnapshotDelete {
+            name: "rootbox".into(),
+            snapshot: "s1".into(),
+        },
+    ] {
+        let e = f.core.handle(&NOBODY, req).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{}", e.message);
+    }
+    assert!(names(&f.core, &NOBODY).await.is_empty());
+    assert_eq!(names(&f.core, &ROOT).await, ["rootbox"]);
+    assert_eq!(f.core.snapshot_list(&ROOT, "rootbox").unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_snapshot_brings_the_disk_back_and_restore_wants_the_machine_stopped() {
+    let f = fixture();
+    machine(&f.core, &NOBODY, create("busybox", Some("dev")))
+        .await
+        .unwrap();
+    write_disk(&f, "dev", "v1");
+    let snap = |s: &str| Request::SnapshotCreate {
+        name: "dev".into(),
+        snapshot: Some(s.into()),
+    };
+    f.core.handle(&NOBODY, snap("one")).await.unwrap();
+    let e = f.core.handle(&NOBODY, snap("one")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    write_disk(&f, "dev", "v2");
+    let restore = |force| Request::SnapshotRestore {
+        name: "dev".into(),
+        snapshot: "one".into(),
+        force,
+    };
+    f.core
+        .handle(&NOBODY, Request::MachineStart("dev".into()))
+        .await
+        .unwrap();
+    let e = f.core.handle(&NOBODY, restore(false)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict, "{}", e.message);
+    assert_eq!(disk_of(&f, "dev"), "v2");
+    f.core.handle(&NOBODY, restore(true)).await.unwrap();
+    assert_eq!(f.vms.state("dev"), MachineState::Stopped);
+    assert_eq!(disk_of(&f, "dev"), "v1");
+    let listed = f.core.snapshot_list(&NOBODY, "dev").unwrap();
+    assert_eq!(
+        listed.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["one"]
+    );
+    f.core
+        .handle(
+            &NOBODY,
+            Request::SnapshotDelete {
+                name: "dev".into(),
+                snapshot: "one".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(f.core.snapshot_list(&NOBODY, "dev").unwrap().is_empty());
+    let e = f.core.handle(&NOBODY, restore(true)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+}
+
+#[tokio::test]
+async fn rename_moves_a_stopped_machine_and_its_default_pointer() {
+    let f = fixture();
+    machine(&f.core, &NOBODY, create("busybox", Some("old")))
+        .await
+        .unwrap();
+    write_disk(&f, "old", "data");
+    let rename = |from: &str, to: &str| Request::MachineRename {
+        name: from.into(),
+        new: to.into(),
+    };
+    f.core
+        .handle(&NOBODY, Request::MachineStart("old".into()))
+        .await
+        .unwrap();
+    let e = f
+        .core
+        .handle(&NOBODY, rename("old", "new"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict, "{}", e.message);
+    f.core
+        .handle(
+            &NOBODY,
+            Request::MachineStop("old".into(), StopRequest::default()),
+        )
+        .await
+        .unwrap();
+    let m = machine(&f.core, &NOBODY, rename("old", "new"))
+        .await
+        .unwrap();
+    assert_eq!(m.id, "new");
+    assert!(m.default);
+    assert_eq!(names(&f.core, &NOBODY).await, ["new"]);
+    assert_eq!(disk_of(&f, "new"), "data");
+    assert_eq!(f.core.state.machines.get("new").unwrap().name, "new");
+    machine(&f.core, &NOBODY, create("busybox", Some("other")))
+        .await
+        .unwrap();
+    let e = f
+        .core
+        .handle(&NOBODY, rename("other", "new"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
 }

@@ -290,6 +290,7 @@ mod tests {
             ip_address: None,
             mac: mac_for("dev"),
             pending_restart: false,
+            instance: None,
         }
     }
 

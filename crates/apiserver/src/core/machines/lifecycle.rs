@@ -110,6 +110,7 @@ impl Core {
             ip_address: None,
             mac: mac_for(&name),
             pending_restart: false,
+            instance: Some(crate::runtime::disk::random_id()),
         };
         self.check_settings(&record)?;
         self.check_machine_count(caller.uid)?;
@@ -319,6 +320,8 @@ impl Core {
         if machine.default {
             self.state.machines.set_default(record.owner_uid, None)?;
         }
+        // Its disk layers go unless a clone or another snapshot still reads them.
+        self.collect_layers().await;
         Ok(machine)
     }
 }

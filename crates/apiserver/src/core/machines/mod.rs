@@ -5,11 +5,15 @@
 //! - `lifecycle`: create, boot, start, stop, delete;
 //! - `settings`: the one validator of what create and `set` accept, and `set` itself;
 //! - `reboot`: whether a guest that rebooted itself is booted again;
+//! - `copies`: clone and snapshots (shared disk layers);
+//! - `rename`: a stopped machine's new name;
 //! - `exec`: what `run` starts (user, working directory, environment), `run` and `cp`.
 
+mod copies;
 mod exec;
 mod lifecycle;
 mod reboot;
+mod rename;
 mod settings;
 
 use std::collections::HashMap;

@@ -11,6 +11,7 @@
 //! restart (no longer our child) as for one we started.
 
 mod adopt;
+mod freeze;
 mod launch;
 mod stop;
 
