@@ -4,6 +4,7 @@
 //! own, `fuzz/fuzz_targets/api_bodies.rs`). Operations that stream (pull progress, archives,
 //! interactive sessions) carry their channel inside the request.
 
+mod events;
 mod images;
 mod machines;
 pub mod ports;
@@ -25,6 +26,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::machines::MachineStore;
+pub use events::EventStream;
 pub use machines::{DEFAULT_STOP_TIMEOUT, parse_signal};
 use ports::{ClientStream, Host, Images, Net, Platform, Vms};
 
@@ -48,6 +50,10 @@ pub enum Request {
     SystemProperties,
     /// Stop the service; machines keep running.
     SystemShutdown,
+    /// The caller's machines' lifecycle events from now on (of `machine` alone if given).
+    Events {
+        machine: Option<String>,
+    },
     KernelSet(container_api::system::KernelSetRequest),
     /// The caller's image names (and the system-wide ones); with `all` (root only), every
     /// user's.
@@ -152,6 +158,9 @@ impl std::fmt::Debug for Request {
             Request::SystemStatus => f.write_str("SystemStatus"),
             Request::SystemProperties => f.write_str("SystemProperties"),
             Request::SystemShutdown => f.write_str("SystemShutdown"),
+            Request::Events { machine } => {
+                f.debug_struct("Events").field("machine", machine).finish()
+            }
             Request::KernelSet(k) => f.debug_tuple("KernelSet").field(k).finish(),
             Request::ImageList { all } => f.debug_struct("ImageList").field("all", all).finish(),
             Request::ImageInspect(r) => f.debug_tuple("ImageInspect").field(r).finish(),
@@ -256,6 +265,9 @@ pub enum Reply {
     /// A file the HTTP layer streams (logs); never serialised.
     #[serde(skip)]
     File(PathBuf),
+    /// Events the HTTP layer streams, one JSON object a line; never serialised whole.
+    #[serde(skip)]
+    Events(EventStream),
     /// A byte stream the HTTP layer forwards (archives); never serialised.
     #[serde(skip)]
     Stream(ByteStream),
@@ -304,6 +316,7 @@ struct State {
     reboots: machines::RebootPolicy,
     /// Held while shared disk layers are made, referenced or collected (`machines/copies`).
     disks: tokio::sync::Mutex<()>,
+    events: events::Events,
 }
 
 /// The service core; cheap to clone.
@@ -341,6 +354,7 @@ impl Core {
                 locks: Default::default(),
                 reboots: Default::default(),
                 disks: Default::default(),
+                events: Default::default(),
             }),
         })
     }
@@ -364,6 +378,7 @@ impl Core {
                 self.state.shutdown.notify_waiters();
                 Ok(Reply::Empty {})
             }
+            Request::Events { machine } => Ok(Reply::Events(self.events(caller, machine))),
             Request::KernelSet(k) => self
                 .kernel_set(caller, k)
                 .await

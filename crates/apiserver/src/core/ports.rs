@@ -233,6 +233,11 @@ pub trait Vms: Send + Sync {
     fn log_path(&self, name: &str, boot: bool) -> PathBuf;
     /// Running machines that stopped because their guest rebooted itself.
     fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot>;
+    /// Names of machines whose VM ended while running, without a stop asked for. A runtime
+    /// that cannot tell reports none.
+    fn deaths(&self) -> tokio::sync::broadcast::Receiver<String> {
+        tokio::sync::broadcast::channel(1).1
+    }
 }
 
 /// A running machine's guest rebooted itself, which ends its VM (QEMU runs with

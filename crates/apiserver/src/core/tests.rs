@@ -1386,3 +1386,92 @@ async fn rename_moves_a_stopped_machine_and_its_default_pointer() {
         .unwrap_err();
     assert_eq!(e.kind, ErrorKind::AlreadyExists);
 }
+
+async fn event_stream(core: &Core, caller: &Caller, machine: Option<&str>) -> super::EventStream {
+    let request = Request::Events {
+        machine: machine.map(Into::into),
+    };
+    match core.handle(caller, request).await.unwrap() {
+        Reply::Events(s) => s,
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn events_follow_a_machines_life_in_order_and_only_for_its_owner() {
+    use container_api::system::EventAction as A;
+    let f = fixture();
+    let mut mine = event_stream(&f.core, &NOBODY, None).await;
+    let mut just_dev = event_stream(&f.core, &NOBODY, Some("dev")).await;
+    let mut root = event_stream(&f.core, &ROOT, None).await;
+    let stranger = Caller {
+        uid: 4242,
+        gid: 4242,
+        pid: None,
+    };
+    let mut theirs = event_stream(&f.core, &stranger, None).await;
+    machine(&f.core, &NOBODY, create("busybox", Some("dev")))
+        .await
+        .unwrap();
+    machine(&f.core, &NOBODY, create("busybox", Some("other")))
+        .await
+        .unwrap();
+    f.core
+        .handle(&NOBODY, Request::MachineStart("dev".into()))
+        .await
+        .unwrap();
+    f.core
+        .handle(
+            &NOBODY,
+            Request::MachineStop("dev".into(), StopRequest::default()),
+        )
+        .await
+        .unwrap();
+    f.core
+        .handle(
+            &NOBODY,
+            Request::MachineDelete {
+                name: "dev".into(),
+                force: false,
+            },
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        let e = mine.next().await.unwrap();
+        seen.push((e.machine, e.action));
+    }
+    let dev = |a| ("dev".to_string(), a);
+    assert_eq!(
+        seen,
+        [
+            dev(A::Created),
+            ("other".to_string(), A::Created),
+            dev(A::Booting),
+            dev(A::Running),
+            dev(A::Stopping),
+            dev(A::Stopped),
+            dev(A::Deleted),
+        ]
+    );
+    let mut only = Vec::new();
+    for _ in 0..6 {
+        only.push(just_dev.next().await.unwrap().action);
+    }
+    assert_eq!(
+        only,
+        [
+            A::Created,
+            A::Booting,
+            A::Running,
+            A::Stopping,
+            A::Stopped,
+            A::Deleted
+        ]
+    );
+    assert_eq!(root.next().await.unwrap().action, A::Created);
+    // Another user sees none of it.
+    let nothing = tokio::time::timeout(Duration::from_millis(200), theirs.next()).await;
+    assert!(nothing.is_err(), "a stranger saw {nothing:?}");
+}

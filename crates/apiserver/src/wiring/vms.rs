@@ -312,6 +312,9 @@ impl Vms for ServiceVms {
     fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.reboots.subscribe()
     }
+    fn deaths(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.runtime.deaths()
+    }
     fn started(&self, name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         self.runtime.started(name)
     }

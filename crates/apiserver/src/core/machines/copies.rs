@@ -15,6 +15,7 @@
 use std::time::Duration;
 
 use container_api::machine::{Machine, MachineState, Snapshot};
+use container_api::system::EventAction;
 use container_api::{ApiError, ErrorKind};
 
 use crate::core::{Caller, Core};
@@ -110,6 +111,12 @@ impl Core {
             return Err(e);
         }
         tracing::info!(machine = %new, source = %source, "machine cloned");
+        self.emit(
+            record.owner_uid,
+            new,
+            EventAction::Clone,
+            Some(format!("from {source}")),
+        );
         self.machine(&record)
     }
 
@@ -136,7 +143,7 @@ impl Core {
                 name::MAX_NAME
             ))
         })?;
-        let (_guard, _record) = self.lock_visible(caller, machine).await?;
+        let (_guard, owner) = self.lock_visible(caller, machine).await?;
         let mut all = self.state.machines.snapshots(machine)?;
         if all.iter().any(|s| s.name == snap) {
             return Err(ApiError::new(
@@ -157,6 +164,8 @@ impl Core {
         };
         all.push(record.clone());
         self.state.machines.save_snapshots(machine, &all)?;
+        let detail = Some(format!("created {}", record.name));
+        self.emit(owner.owner_uid, machine, EventAction::Snapshot, detail);
         Ok(self.snapshot_api(machine, &record))
     }
 
@@ -206,7 +215,7 @@ impl Core {
             // Before the lock, as `stop` does: a reboot seen meanwhile must not boot it.
             self.state.reboots.stop_asked(machine);
         }
-        let (_guard, _record) = self.lock_visible(caller, machine).await?;
+        let (_guard, owner) = self.lock_visible(caller, machine).await?;
         let (all, i) = self.find_snapshot(machine, snapshot)?;
         if self.state.vms.state(machine) != MachineState::Stopped {
             if !force {
@@ -214,6 +223,7 @@ impl Core {
                     "machine `{machine}` is running; stop it first or use `container machine snapshot restore -f {machine} {snapshot}`"
                 )));
             }
+            self.emit(owner.owner_uid, machine, EventAction::Stopping, None);
             self.state
                 .vms
                 .shutdown(
@@ -222,6 +232,7 @@ impl Core {
                     Duration::from_secs(super::DEFAULT_STOP_TIMEOUT),
                 )
                 .await?;
+            self.emit(owner.owner_uid, machine, EventAction::Stopped, None);
         }
         {
             let _disks = self.state.disks.lock().await;
@@ -231,6 +242,8 @@ impl Core {
                 .await?;
         }
         self.collect_layers().await;
+        let detail = Some(format!("restored {snapshot}"));
+        self.emit(owner.owner_uid, machine, EventAction::Snapshot, detail);
         Ok(self.snapshot_api(machine, &all[i]))
     }
 
@@ -240,7 +253,7 @@ impl Core {
         machine: &str,
         snapshot: &str,
     ) -> Result<Snapshot, ApiError> {
-        let (_guard, _record) = self.lock_visible(caller, machine).await?;
+        let (_guard, owner) = self.lock_visible(caller, machine).await?;
         let (mut all, i) = self.find_snapshot(machine, snapshot)?;
         let gone = all.remove(i);
         let reply = self.snapshot_api(machine, &gone);
@@ -249,6 +262,8 @@ impl Core {
             self.state.machines.save_snapshots(machine, &all)?;
         }
         self.collect_layers().await;
+        let detail = Some(format!("deleted {snapshot}"));
+        self.emit(owner.owner_uid, machine, EventAction::Snapshot, detail);
         Ok(reply)
     }
 }

@@ -4,6 +4,7 @@
 //! and identity in the guest stay as they are.
 
 use container_api::machine::{Machine, MachineState};
+use container_api::system::EventAction;
 use container_api::{ApiError, ErrorKind};
 
 use crate::core::{Caller, Core};
@@ -68,6 +69,8 @@ impl Core {
         }
         self.state.reboots.forget(old);
         tracing::info!(machine = %new, old = %old, "machine renamed");
+        let detail = Some(format!("from {old}"));
+        self.emit(record.owner_uid, new, EventAction::Renamed, detail);
         self.machine(&record)
     }
 }

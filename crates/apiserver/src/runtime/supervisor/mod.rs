@@ -123,6 +123,8 @@ struct State {
     launching: Mutex<HashSet<String>>,
     /// Running VMs whose guest rebooted itself (and so exited).
     reboots: tokio::sync::broadcast::Sender<Reboot>,
+    /// Ids of VMs that exited while running, nobody having asked.
+    deaths: tokio::sync::broadcast::Sender<String>,
 }
 
 impl Runtime {
@@ -151,6 +153,7 @@ impl Runtime {
             vms: Mutex::new(Default::default()),
             launching: Mutex::new(Default::default()),
             reboots: tokio::sync::broadcast::channel(16).0,
+            deaths: tokio::sync::broadcast::channel(16).0,
         }))
     }
 
@@ -190,6 +193,12 @@ impl Runtime {
     /// `-no-reboot`): the caller decides whether to boot them again.
     pub fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.0.reboots.subscribe()
+    }
+
+    /// Ids of VMs that exited while running without anyone asking (power-off inside, crash,
+    /// kill, reboot).
+    pub fn deaths(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.0.deaths.subscribe()
     }
 
     /// The VM supervised under `id`, in whatever state.
@@ -268,6 +277,9 @@ impl Runtime {
                 }
             }
             tracing::info!(machine = %vm.run.id, "machine stopped");
+            if unasked {
+                let _ = this.0.deaths.send(vm.run.id.clone());
+            }
             if unasked && console::rebooted(&vm.machine_dir) {
                 // Nobody may be listening (a runtime without a service): nothing to do then.
                 let _ = this.0.reboots.send(Reboot {
