@@ -66,6 +66,10 @@ pub struct CreateRequest {
     /// `none` disables networking; absent means the default network.
     pub network: Option<String>,
     pub kernel: Option<String>,
+    /// Boot it when the service starts, and again if its VM dies unexpectedly. Left out of
+    /// the JSON when false, so a newer CLI still talks to an older service.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub autostart: bool,
 }
 
 /// Lifecycle state of a machine.
@@ -144,6 +148,9 @@ pub struct Machine {
     /// Settings changed with `set` that wait for the next start.
     #[serde(default)]
     pub pending_restart: bool,
+    /// Booted when the service starts and after its VM died unexpectedly.
+    #[serde(default)]
+    pub autostart: bool,
 }
 
 /// The image a machine was created from.
@@ -272,11 +279,13 @@ pub struct SetRequest {
     /// A kernel path on the host; empty: the default kernel again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
 }
 
 impl SetRequest {
     /// The keys `set` takes, as users type them.
-    pub const KEYS: &'static str = "cpus, memory, disk-size, home-mount, kernel";
+    pub const KEYS: &'static str = "cpus, memory, disk-size, home-mount, kernel, autostart";
 
     /// Parses `KEY=VALUE` settings as users type them: `cpus=2 memory=4G home-mount=ro`.
     pub fn parse<S: AsRef<str>>(settings: &[S]) -> Result<Self, String> {
@@ -298,6 +307,13 @@ impl SetRequest {
                 "disk-size" => req.disk_size = Some(crate::size::parse_size(value)?),
                 "home-mount" => req.home_mount = Some(value.parse()?),
                 "kernel" => req.kernel = Some(value.to_string()),
+                "autostart" => {
+                    req.autostart = Some(match value {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(format!("autostart must be on or off, got `{value}`")),
+                    })
+                }
                 other => {
                     return Err(format!(
                         "unknown setting `{other}`: valid keys are {}",
@@ -455,6 +471,7 @@ mod tests {
             kernel: None,
             owner_uid: 1000,
             pending_restart: false,
+            autostart: false,
         }
     }
 

@@ -112,6 +112,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let core = Core::open(options, config, ports).context("opening the service state")?;
     core.follow_reboots();
     core.follow_deaths();
+    core.autostart_all();
     let listener = http::bind(&args.socket).await?;
     tracing::info!(socket = %args.socket.display(), pid = std::process::id(), "container service listening");
     let stop = core.clone();

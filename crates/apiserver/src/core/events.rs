@@ -84,17 +84,18 @@ impl Core {
         }
     }
 
-    /// Reports VMs that ended without a stop asked for. Runs until the runtime goes away.
+    /// Reports VMs that ended without a stop asked for, and boots the autostart ones again
+    /// (`machines/autostart`). Runs until the runtime goes away.
     pub fn follow_deaths(&self) {
         let core = self.clone();
         let mut deaths = self.state.vms.deaths();
         tokio::spawn(async move {
             loop {
                 match deaths.recv().await {
-                    Ok(name) => {
-                        if let Ok(record) = core.state.machines.get(&name) {
-                            core.emit(record.owner_uid, &name, EventAction::Died, None);
-                        }
+                    Ok(death) => {
+                        let core = core.clone();
+                        // The back-off of an autostart machine must not hold the others up.
+                        tokio::spawn(async move { core.after_death(death).await });
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return,

@@ -317,6 +317,7 @@ struct State {
     /// Held while shared disk layers are made, referenced or collected (`machines/copies`).
     disks: tokio::sync::Mutex<()>,
     events: events::Events,
+    deaths: machines::Deaths,
 }
 
 /// The service core; cheap to clone.
@@ -355,6 +356,7 @@ impl Core {
                 reboots: Default::default(),
                 disks: Default::default(),
                 events: Default::default(),
+                deaths: Default::default(),
             }),
         })
     }

@@ -235,9 +235,17 @@ pub trait Vms: Send + Sync {
     fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot>;
     /// Names of machines whose VM ended while running, without a stop asked for. A runtime
     /// that cannot tell reports none.
-    fn deaths(&self) -> tokio::sync::broadcast::Receiver<String> {
+    fn deaths(&self) -> tokio::sync::broadcast::Receiver<Death> {
         tokio::sync::broadcast::channel(1).1
     }
+}
+
+/// A running machine's VM ended without anyone asking.
+#[derive(Debug, Clone)]
+pub struct Death {
+    pub name: String,
+    /// Its guest ended itself (powered off or rebooted); otherwise it crashed or was killed.
+    pub clean: bool,
 }
 
 /// A running machine's guest rebooted itself, which ends its VM (QEMU runs with

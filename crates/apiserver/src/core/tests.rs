@@ -1475,3 +1475,74 @@ async fn events_follow_a_machines_life_in_order_and_only_for_its_owner() {
     let nothing = tokio::time::timeout(Duration::from_millis(200), theirs.next()).await;
     assert!(nothing.is_err(), "a stranger saw {nothing:?}");
 }
+
+#[tokio::test]
+async fn an_autostart_machine_that_died_boots_again_but_not_one_that_powered_off() {
+    use crate::core::ports::Death;
+    let f = fixture();
+    let mut req = CreateRequest {
+        image: "busybox".into(),
+        name: Some("auto".into()),
+        home_mount: Some(container_api::machine::HomeMount::None),
+        autostart: true,
+        ..Default::default()
+    };
+    machine(&f.core, &NOBODY, Request::MachineCreate(req.clone()))
+        .await
+        .unwrap();
+    req.name = Some("plain".into());
+    req.autostart = false;
+    machine(&f.core, &NOBODY, Request::MachineCreate(req))
+        .await
+        .unwrap();
+    let died = |name: &str, clean| Death {
+        name: name.into(),
+        clean,
+    };
+    // Killed: booted again after the back-off.
+    f.vms.guest_goes_down("auto");
+    f.core.after_death(died("auto", false)).await;
+    assert_eq!(f.vms.state("auto"), MachineState::Running);
+    // Powered off from inside, or not autostart: left stopped.
+    f.vms.guest_goes_down("auto");
+    f.core.after_death(died("auto", true)).await;
+    assert_eq!(f.vms.state("auto"), MachineState::Stopped);
+    f.vms.guest_goes_down("plain");
+    f.core.after_death(died("plain", false)).await;
+    assert_eq!(f.vms.state("plain"), MachineState::Stopped);
+    // A stop asked during the back-off wins.
+    f.core
+        .handle(&NOBODY, Request::MachineStart("auto".into()))
+        .await
+        .unwrap();
+    f.vms.guest_goes_down("auto");
+    let core = f.core.clone();
+    let after = tokio::spawn(async move { core.after_death(died("auto", false)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.core
+        .handle(
+            &NOBODY,
+            Request::MachineStop("auto".into(), StopRequest::default()),
+        )
+        .await
+        .unwrap();
+    after.await.unwrap();
+    assert_eq!(f.vms.state("auto"), MachineState::Stopped);
+    // `set autostart=off` needs no restart.
+    let reply = f
+        .core
+        .handle(
+            &NOBODY,
+            Request::MachineSet {
+                name: "auto".into(),
+                settings: container_api::machine::SetRequest {
+                    autostart: Some(false),
+                    ..Default::default()
+                },
+            },
+        )
+        .await
+        .unwrap();
+    let Reply::Set(set) = reply else { panic!() };
+    assert!(!set.machine.autostart);
+}

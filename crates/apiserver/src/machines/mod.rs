@@ -44,6 +44,9 @@ pub struct MachineRecord {
     /// takes a new machine-id and redoes the user setup. Absent in records from before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance: Option<String>,
+    /// Booted when the service starts, and again after its VM died unexpectedly.
+    #[serde(default)]
+    pub autostart: bool,
 }
 
 /// A snapshot of a machine's disk: a shared layer (`runtime::disk`) frozen at `created`.
@@ -311,6 +314,7 @@ mod tests {
             mac: "52:54:00:00:00:01".into(),
             pending_restart: false,
             instance: None,
+            autostart: false,
         }
     }
 

@@ -15,7 +15,7 @@ use tokio::io::AsyncRead;
 
 use crate::config::Config;
 use crate::core::ServiceOptions;
-use crate::core::ports::{BootSpec, ClientStream, ExecSpec, ExecUser, Reboot, Vms};
+use crate::core::ports::{BootSpec, ClientStream, Death, ExecSpec, ExecUser, Reboot, Vms};
 use crate::network::Network;
 use crate::runtime::{
     self, HelperPaths, Kernel, NetDevice, Runtime, RuntimeError, RuntimeOptions, ShareSpec, VmSpec,
@@ -62,12 +62,33 @@ pub fn vms(
             }
         }
     });
+    let deaths = tokio::sync::broadcast::channel(16).0;
+    let mut from_runtime = runtime.deaths();
+    let to_core = deaths.clone();
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match from_runtime.recv().await {
+                Ok(d) => {
+                    let _ = to_core.send(Death {
+                        name: d.name,
+                        clean: d.clean,
+                    });
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "missed ends of machines")
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
     let service = ServiceVms {
         runtime,
         root: options.root.clone(),
         config: config.clone(),
         network,
         reboots,
+        deaths,
     };
     service.runtime.adopt_all(&service.machines());
     Ok(Arc::new(service))
@@ -108,6 +129,7 @@ pub struct ServiceVms {
     config: Config,
     network: Arc<Network>,
     reboots: tokio::sync::broadcast::Sender<Reboot>,
+    deaths: tokio::sync::broadcast::Sender<Death>,
 }
 
 impl ServiceVms {
@@ -312,8 +334,8 @@ impl Vms for ServiceVms {
     fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.reboots.subscribe()
     }
-    fn deaths(&self) -> tokio::sync::broadcast::Receiver<String> {
-        self.runtime.deaths()
+    fn deaths(&self) -> tokio::sync::broadcast::Receiver<Death> {
+        self.deaths.subscribe()
     }
     fn started(&self, name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         self.runtime.started(name)

@@ -291,6 +291,7 @@ mod tests {
             mac: mac_for("dev"),
             pending_restart: false,
             instance: None,
+            autostart: false,
         }
     }
 

@@ -112,6 +112,7 @@ impl Core {
             mac: mac_for(&name),
             pending_restart: false,
             instance: Some(crate::runtime::disk::random_id()),
+            autostart: req.autostart,
         };
         self.check_settings(&record)?;
         self.check_machine_count(caller.uid)?;

@@ -40,6 +40,16 @@ pub struct Reboot {
     pub at: std::time::Instant,
 }
 
+/// A running VM exited without anyone asking.
+#[derive(Debug, Clone)]
+pub struct Death {
+    /// The VM's id (the machine name).
+    pub name: String,
+    /// The guest ended itself (its kernel powered off or rebooted), rather than crashing or
+    /// being killed.
+    pub clean: bool,
+}
+
 /// What is recorded about a running VM in `<machine dir>/run.json`, and again in its runtime
 /// directory, where it outlives a machine directory lost in a crash (see
 /// [`Runtime::adopt_all`]).
@@ -123,8 +133,8 @@ struct State {
     launching: Mutex<HashSet<String>>,
     /// Running VMs whose guest rebooted itself (and so exited).
     reboots: tokio::sync::broadcast::Sender<Reboot>,
-    /// Ids of VMs that exited while running, nobody having asked.
-    deaths: tokio::sync::broadcast::Sender<String>,
+    /// VMs that exited while running, nobody having asked.
+    deaths: tokio::sync::broadcast::Sender<Death>,
 }
 
 impl Runtime {
@@ -197,7 +207,7 @@ impl Runtime {
 
     /// Ids of VMs that exited while running without anyone asking (power-off inside, crash,
     /// kill, reboot).
-    pub fn deaths(&self) -> tokio::sync::broadcast::Receiver<String> {
+    pub fn deaths(&self) -> tokio::sync::broadcast::Receiver<Death> {
         self.0.deaths.subscribe()
     }
 
@@ -278,7 +288,10 @@ impl Runtime {
             }
             tracing::info!(machine = %vm.run.id, "machine stopped");
             if unasked {
-                let _ = this.0.deaths.send(vm.run.id.clone());
+                let _ = this.0.deaths.send(Death {
+                    name: vm.run.id.clone(),
+                    clean: console::ended_itself(&vm.machine_dir),
+                });
             }
             if unasked && console::rebooted(&vm.machine_dir) {
                 // Nobody may be listening (a runtime without a service): nothing to do then.

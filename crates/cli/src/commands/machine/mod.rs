@@ -37,7 +37,7 @@ pub enum MachineCommand {
     List(list::ListArgs),
     /// Show everything about machines.
     Inspect(inspect::InspectArgs),
-    /// Change settings: cpus, memory, disk-size (grow only), home-mount, kernel.
+    /// Change settings: cpus, memory, disk-size (grow only), home-mount, kernel, autostart=on|off.
     Set(set::SetArgs),
     /// Make a machine the default for commands that take no name.
     SetDefault(set_default::SetDefaultArgs),
