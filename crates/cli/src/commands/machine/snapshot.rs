@@ -31,6 +31,7 @@ enum SnapshotCommand {
     /// List a machine's snapshots.
     #[command(visible_alias = "ls")]
     List {
+        /// The machine.
         name: String,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
@@ -41,7 +42,9 @@ enum SnapshotCommand {
     /// Bring the machine's disk back to a snapshot, exactly; what was written since is lost.
     #[command(long_about = format!("Bring the machine's disk back to a snapshot, exactly; what was written to the disk since is lost. The machine must be stopped, or -f stops it. {HOLDS}"))]
     Restore {
+        /// The machine.
         name: String,
+        /// The snapshot to bring back.
         snapshot: String,
         /// Stop the machine first if it runs.
         #[arg(short, long)]
@@ -50,7 +53,9 @@ enum SnapshotCommand {
     /// Delete a snapshot (the machine's disk is unchanged).
     #[command(visible_alias = "rm")]
     Delete {
+        /// The machine.
         name: String,
+        /// The snapshots to delete.
         #[arg(required = true)]
         snapshots: Vec<String>,
     },
