@@ -2,7 +2,10 @@
 //! error, never a panic, and whatever parses serialises back to a body that parses the same.
 #![no_main]
 use container_api::image::{LoginRequest, PullRequest, TagRequest};
-use container_api::machine::{CreateRequest, RunRequest, SetRequest, StopRequest};
+use container_api::machine::{
+    CloneRequest, CreateRequest, RenameRequest, RunRequest, SetRequest, SnapshotCreateRequest,
+    SnapshotRestoreRequest, StopRequest,
+};
 use container_api::system::KernelSetRequest;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -23,6 +26,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     round_trip::<RunRequest>(data);
     round_trip::<SetRequest>(data);
     round_trip::<StopRequest>(data);
+    round_trip::<CloneRequest>(data);
+    round_trip::<RenameRequest>(data);
+    round_trip::<SnapshotCreateRequest>(data);
+    round_trip::<SnapshotRestoreRequest>(data);
     round_trip::<TagRequest>(data);
     round_trip::<PullRequest>(data);
     round_trip::<LoginRequest>(data);

@@ -75,6 +75,11 @@ pub struct BootConfig {
     /// The protocol version of the service that wrote it.
     pub version: u32,
     pub machine_id: String,
+    /// The machine's identity (32 hex digits), new for a clone: a disk that carries another
+    /// one was copied, so the guest takes a new machine-id and redoes the user setup. Empty
+    /// when the service has none for it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub instance_id: String,
     pub hostname: String,
     /// The machine disk, e.g. `/dev/vda` (ext4).
     pub root_device: String,

@@ -155,6 +155,24 @@ impl AgentClient {
         }
     }
 
+    /// Freezes the guest's root filesystem; it stays frozen until [`FrozenGuest::thaw`], the
+    /// drop of the returned guard, or `timeout`, whichever comes first.
+    pub async fn freeze(mut self, timeout: Duration) -> Result<FrozenGuest, ProtoError> {
+        let request = Message::Freeze {
+            timeout_ms: timeout.as_millis().try_into().unwrap_or(u64::MAX),
+        };
+        send(&mut self.stream, request).await?;
+        match read(&mut self.stream).await? {
+            Some(Frame::Message(Message::Done)) => Ok(FrozenGuest {
+                stream: self.stream,
+            }),
+            Some(Frame::Message(Message::Error { message, code })) => {
+                Err(ProtoError::Agent { message, code })
+            }
+            other => Err(ProtoError::unexpected(other.as_ref())),
+        }
+    }
+
     async fn expect_done(self, m: Message) -> Result<(), ProtoError> {
         match self.request(m).await? {
             Message::Done => Ok(()),
@@ -255,6 +273,26 @@ impl AgentClient {
             }
         });
         Ok(tokio_util::io::StreamReader::new(Box::pin(chunks)))
+    }
+}
+
+/// A guest whose root filesystem is frozen; dropping it ends the session, which thaws too.
+#[derive(Debug)]
+pub struct FrozenGuest {
+    stream: UnixStream,
+}
+
+impl FrozenGuest {
+    /// Thaws the guest's filesystem and waits for the agent to confirm.
+    pub async fn thaw(mut self) -> Result<(), ProtoError> {
+        send(&mut self.stream, Message::Thaw).await?;
+        match read(&mut self.stream).await? {
+            Some(Frame::Message(Message::Done)) => Ok(()),
+            Some(Frame::Message(Message::Error { message, code })) => {
+                Err(ProtoError::Agent { message, code })
+            }
+            other => Err(ProtoError::unexpected(other.as_ref())),
+        }
     }
 }
 

@@ -43,6 +43,13 @@ pub enum Message {
         signal: Option<i32>,
         timeout_ms: u64,
     },
+    /// Host: freeze the machine disk's filesystem (FIFREEZE on `/`), so the disk is
+    /// consistent for a point-in-time copy. The agent answers `Done` once frozen, then thaws
+    /// at the host's `Thaw`, when the session closes, or after `timeout_ms`, whichever comes
+    /// first (a host that vanished never leaves the guest frozen), and answers `Done` again.
+    Freeze { timeout_ms: u64 },
+    /// Host: thaw what `Freeze` froze.
+    Thaw,
     /// Host: set the guest's real-time clock.
     SetTime { unix_ns: u64 },
     /// Agent, alone on the connection it opens to the host's [`crate::READY_PORT`] once it

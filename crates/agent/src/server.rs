@@ -131,12 +131,44 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
             }
         }
         Message::Shutdown { signal, timeout_ms } => shutdown(signal, timeout_ms, &writer)?,
+        Message::Freeze { timeout_ms } => freeze(timeout_ms, reader, &writer)?,
         Message::Exec(req) => exec::run(req, reader, writer)?,
         Message::CopyIn { path } => copy::copy_in(&path, reader, &writer)?,
         Message::CopyOut { path } => copy::copy_out(&path, &writer)?,
         other => reply(&writer, error(anyhow!("not a request: {other:?}"), None))?,
     }
     Ok(())
+}
+
+/// The longest the guest stays frozen, whatever the host asked: writers in the guest block
+/// meanwhile.
+const FREEZE_LIMIT: Duration = Duration::from_secs(30);
+
+/// Freezes `/` for the host's point-in-time copy of the disk, then thaws at `Thaw`, at the
+/// end of the session or after the timeout.
+fn freeze(timeout_ms: u64, mut reader: VsockStream, writer: &Writer) -> std::io::Result<()> {
+    let root = match std::fs::File::open("/") {
+        Ok(f) => f,
+        Err(e) => return reply(writer, error(anyhow!(e).context("opening /"), None)),
+    };
+    if let Err(e) = sys::freeze(&root) {
+        return reply(writer, error(anyhow!(e).context("freezing /"), None));
+    }
+    log!("filesystem frozen for a copy of the disk");
+    let limit = Duration::from_millis(timeout_ms).min(FREEZE_LIMIT);
+    let answered = reply(writer, Message::Done);
+    if answered.is_ok() {
+        let _ = reader.set_read_timeout(Some(limit));
+        // Thaw, the session's end and the timeout all end the freeze.
+        let _ = read(&mut reader);
+    }
+    let thawed = sys::thaw(&root);
+    log!("filesystem thawed");
+    answered?;
+    match thawed {
+        Ok(()) => reply(writer, Message::Done),
+        Err(e) => reply(writer, error(anyhow!(e).context("thawing /"), None)),
+    }
 }
 
 /// PID 1 is the image's init once it no longer runs the agent's binary.

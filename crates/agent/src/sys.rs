@@ -37,6 +37,28 @@ pub fn finit_module(file: &std::fs::File) -> std::io::Result<()> {
     }
 }
 
+nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
+nix::ioctl_readwrite!(fithaw, b'X', 120, libc::c_int);
+
+/// Freezes the filesystem mounted at `mount` (writes block until [`thaw`]); the kernel
+/// syncs it first, so its on-disk state is consistent while frozen.
+pub fn freeze(mount: &std::fs::File) -> std::io::Result<()> {
+    let mut unused: libc::c_int = 0;
+    // SAFETY: FIFREEZE ignores its argument; the pointer is to a live int for the call.
+    unsafe { fifreeze(mount.as_raw_fd(), &mut unused) }
+        .map(|_| ())
+        .map_err(std::io::Error::from)
+}
+
+/// Thaws what [`freeze`] froze.
+pub fn thaw(mount: &std::fs::File) -> std::io::Result<()> {
+    let mut unused: libc::c_int = 0;
+    // SAFETY: FITHAW ignores its argument; the pointer is to a live int for the call.
+    unsafe { fithaw(mount.as_raw_fd(), &mut unused) }
+        .map(|_| ())
+        .map_err(std::io::Error::from)
+}
+
 nix::ioctl_write_ptr!(ext4_resize_fs, b'f', 16, u64);
 
 /// Grows the ext4 filesystem mounted at `mount` to `blocks` blocks (EXT4_IOC_RESIZE_FS).

@@ -23,8 +23,21 @@ pub fn provision(cfg: &BootConfig, root: &Path) -> Result<bool> {
         return Ok(false);
     };
     let marker = root.join(MARKER);
-    if marker.exists() {
-        return Ok(false);
+    if let Ok(text) = std::fs::read_to_string(&marker) {
+        // The marker's second line is the identity of the machine that did the setup.
+        let recorded = text.lines().nth(1).unwrap_or("");
+        if cfg.instance_id.is_empty() || recorded == cfg.instance_id {
+            return Ok(false);
+        }
+        if recorded.is_empty() {
+            // Set up before identities were recorded: this machine's own disk.
+            std::fs::write(&marker, format!("{}\n{}\n", user.name, cfg.instance_id))
+                .context("updating the setup marker")?;
+            return Ok(false);
+        }
+        // A copy of another machine's disk (a clone): a machine-id of its own, and the setup
+        // again for this machine's owner.
+        renew_machine_id(root, &cfg.instance_id)?;
     }
     let script = root.join(SCRIPT);
     let scripted = script
@@ -51,8 +64,24 @@ pub fn provision(cfg: &BootConfig, root: &Path) -> Result<bool> {
     }
     let dir = marker.parent().expect("the marker has a parent");
     std::fs::create_dir_all(dir).context("creating /var/lib/container-agent")?;
-    std::fs::write(&marker, format!("{}\n", user.name)).context("writing the setup marker")?;
+    let text = match cfg.instance_id.as_str() {
+        "" => format!("{}\n", user.name),
+        id => format!("{}\n{id}\n", user.name),
+    };
+    std::fs::write(&marker, text).context("writing the setup marker")?;
     Ok(true)
+}
+
+/// Gives a copied machine its own /etc/machine-id (systemd's and D-Bus's identity of the
+/// host), when the image keeps one; an image without one leaves it to its init.
+fn renew_machine_id(root: &Path, instance_id: &str) -> Result<()> {
+    let path = root.join("etc/machine-id");
+    match std::fs::read_to_string(&path) {
+        Ok(old) if !old.trim().is_empty() => {
+            std::fs::write(&path, format!("{instance_id}\n")).context("writing /etc/machine-id")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The account databases of an image, as text.
@@ -278,6 +307,7 @@ mod tests {
         BootConfig {
             version: 1,
             machine_id: "m1".into(),
+            instance_id: String::new(),
             hostname: "dev".into(),
             root_device: "/dev/vda".into(),
             grow_root: false,
@@ -440,5 +470,51 @@ mod tests {
         assert!(!r.join("etc/sudoers.d/container-alice_b").exists());
         assert!(r.join("etc/sudoers.d/alice_b").exists());
         assert_eq!(read(r, "etc/sudoers.d/README"), "image\n");
+    }
+
+    #[test]
+    fn a_cloned_disk_gets_its_own_machine_id_and_the_setup_again() {
+        let dir = ubuntu_root();
+        let r = dir.path();
+        std::fs::write(
+            r.join("etc/machine-id"),
+            "0123456789abcdef0123456789abcdef\n",
+        )
+        .unwrap();
+        let mut cfg = config(HomeMount::None);
+        cfg.instance_id = "aa".repeat(16);
+        assert!(provision(&cfg, r).unwrap());
+        // The same machine again: nothing to do, its machine-id kept.
+        assert!(!provision(&cfg, r).unwrap());
+        assert_eq!(
+            read(r, "etc/machine-id"),
+            "0123456789abcdef0123456789abcdef\n"
+        );
+        // Its clone boots the same disk content with another identity.
+        cfg.instance_id = "bb".repeat(16);
+        assert!(provision(&cfg, r).unwrap());
+        assert_eq!(read(r, "etc/machine-id"), format!("{}\n", "bb".repeat(16)));
+        assert!(!provision(&cfg, r).unwrap());
+    }
+
+    #[test]
+    fn a_machine_set_up_before_identities_only_records_its_own() {
+        let dir = ubuntu_root();
+        let r = dir.path();
+        assert!(provision(&config(HomeMount::None), r).unwrap());
+        std::fs::write(r.join(MARKER), "alice.b\n").unwrap();
+        std::fs::write(
+            r.join("etc/machine-id"),
+            "0123456789abcdef0123456789abcdef\n",
+        )
+        .unwrap();
+        let mut cfg = config(HomeMount::None);
+        cfg.instance_id = "cc".repeat(16);
+        assert!(!provision(&cfg, r).unwrap());
+        assert_eq!(
+            read(r, "etc/machine-id"),
+            "0123456789abcdef0123456789abcdef\n"
+        );
+        assert_eq!(read(r, MARKER), format!("alice.b\n{}\n", "cc".repeat(16)));
     }
 }

@@ -66,6 +66,10 @@ pub struct CreateRequest {
     /// `none` disables networking; absent means the default network.
     pub network: Option<String>,
     pub kernel: Option<String>,
+    /// Boot it when the service starts, and again if its VM dies unexpectedly. Left out of
+    /// the JSON when false, so a newer CLI still talks to an older service.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub autostart: bool,
 }
 
 /// Lifecycle state of a machine.
@@ -144,6 +148,9 @@ pub struct Machine {
     /// Settings changed with `set` that wait for the next start.
     #[serde(default)]
     pub pending_restart: bool,
+    /// Booted when the service starts and after its VM died unexpectedly.
+    #[serde(default)]
+    pub autostart: bool,
 }
 
 /// The image a machine was created from.
@@ -272,11 +279,13 @@ pub struct SetRequest {
     /// A kernel path on the host; empty: the default kernel again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kernel: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autostart: Option<bool>,
 }
 
 impl SetRequest {
     /// The keys `set` takes, as users type them.
-    pub const KEYS: &'static str = "cpus, memory, disk-size, home-mount, kernel";
+    pub const KEYS: &'static str = "cpus, memory, disk-size, home-mount, kernel, autostart";
 
     /// Parses `KEY=VALUE` settings as users type them: `cpus=2 memory=4G home-mount=ro`.
     pub fn parse<S: AsRef<str>>(settings: &[S]) -> Result<Self, String> {
@@ -298,6 +307,13 @@ impl SetRequest {
                 "disk-size" => req.disk_size = Some(crate::size::parse_size(value)?),
                 "home-mount" => req.home_mount = Some(value.parse()?),
                 "kernel" => req.kernel = Some(value.to_string()),
+                "autostart" => {
+                    req.autostart = Some(match value {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(format!("autostart must be on or off, got `{value}`")),
+                    })
+                }
                 other => {
                     return Err(format!(
                         "unknown setting `{other}`: valid keys are {}",
@@ -331,6 +347,51 @@ pub struct StopRequest {
     pub signal: Option<String>,
     /// Seconds to wait for a clean shutdown before the VM is killed.
     pub timeout_secs: Option<u64>,
+}
+
+/// `POST /v1/machines/{name}/clone` body: the new machine's name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    pub name: String,
+}
+
+/// `POST /v1/machines/{name}/rename` body: the machine's new name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenameRequest {
+    pub name: String,
+}
+
+/// `POST /v1/machines/{name}/snapshots` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreateRequest {
+    /// The snapshot's name; absent: one made from the time.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `POST /v1/machines/{name}/snapshots/{snapshot}/restore` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRestoreRequest {
+    /// Stop the machine first if it runs (else a running machine is refused).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A snapshot of a machine's disk (the files in the host home are not part of it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub name: String,
+    pub machine: String,
+    #[serde(with = "iso8601")]
+    pub created_date: chrono::DateTime<chrono::Utc>,
+    /// Bytes on the host the snapshot holds apart from the machine's later writes: what
+    /// was written to the disk since the snapshot before it (or the machine's creation).
+    pub size: u64,
 }
 
 /// The process a `run` starts, sent as the first frame of an exec session.
@@ -416,6 +477,7 @@ mod tests {
             kernel: None,
             owner_uid: 1000,
             pending_restart: false,
+            autostart: false,
         }
     }
 

@@ -52,3 +52,45 @@ pub struct KernelSetRequest {
     #[serde(default)]
     pub recommended: bool,
 }
+
+/// What happened to a machine, in `GET /v1/system/events` (one JSON object a line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventAction {
+    Created,
+    Booting,
+    Running,
+    Stopping,
+    Stopped,
+    /// The VM ended without a stop asked for: the guest powered off, crashed, or rebooted
+    /// (which boots it again).
+    Died,
+    Deleted,
+    /// A snapshot was created, restored or deleted (`detail` says which).
+    Snapshot,
+    /// The machine was made as a clone (`detail` names the source).
+    Clone,
+    /// The machine took this name (`detail` names the old one).
+    Renamed,
+}
+
+impl std::fmt::Display for EventAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        f.write_str(&text)
+    }
+}
+
+/// One lifecycle event of a machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    pub time: chrono::DateTime<chrono::Utc>,
+    pub machine: String,
+    pub action: EventAction,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}

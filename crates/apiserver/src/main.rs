@@ -111,6 +111,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let ports = container_apiserver::wiring::ports(&options, &config).await?;
     let core = Core::open(options, config, ports).context("opening the service state")?;
     core.follow_reboots();
+    core.follow_deaths();
+    core.autostart_all();
     let listener = http::bind(&args.socket).await?;
     tracing::info!(socket = %args.socket.display(), pid = std::process::id(), "container service listening");
     let stop = core.clone();

@@ -163,6 +163,7 @@ impl Fixture {
             boot: proto::BootConfig {
                 version: proto::VERSION,
                 machine_id: "dev".into(),
+                instance_id: String::new(),
                 hostname: "dev".into(),
                 root_device: "/dev/vda".into(),
                 grow_root: true,

@@ -122,6 +122,7 @@ impl Vm {
         let cfg = BootConfig {
             version: container_agent_proto::VERSION,
             machine_id: "m-test".into(),
+            instance_id: String::new(),
             hostname: "agent-test".into(),
             root_device: "/dev/vda".into(),
             grow_root: true,

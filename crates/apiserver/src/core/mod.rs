@@ -4,6 +4,7 @@
 //! own, `fuzz/fuzz_targets/api_bodies.rs`). Operations that stream (pull progress, archives,
 //! interactive sessions) carry their channel inside the request.
 
+mod events;
 mod images;
 mod machines;
 pub mod ports;
@@ -16,7 +17,7 @@ use container_api::image::{
     ImageDetail, ImageSummary, LoginRequest, PullEvent, RemoveReport, TagRequest,
 };
 use container_api::machine::{
-    CreateRequest, Machine, RunRequest, SetReply, SetRequest, StopRequest,
+    CreateRequest, Machine, RunRequest, SetReply, SetRequest, Snapshot, StopRequest,
 };
 use container_api::system::{Property, SystemStatus};
 use container_api::{ApiError, ErrorKind};
@@ -25,6 +26,7 @@ use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::machines::MachineStore;
+pub use events::EventStream;
 pub use machines::{DEFAULT_STOP_TIMEOUT, parse_signal};
 use ports::{ClientStream, Host, Images, Net, Platform, Vms};
 
@@ -58,6 +60,10 @@ pub enum Request {
     SystemProperties,
     /// Stop the service; machines keep running.
     SystemShutdown,
+    /// The caller's machines' lifecycle events from now on (of `machine` alone if given).
+    Events {
+        machine: Option<String>,
+    },
     KernelSet(container_api::system::KernelSetRequest),
     /// The caller's image names (and the system-wide ones); with `all` (root only), every
     /// user's.
@@ -102,6 +108,30 @@ pub enum Request {
         settings: SetRequest,
     },
     MachineSetDefault(String),
+    /// A new machine (`new`) from `name`'s disk and settings.
+    MachineClone {
+        name: String,
+        new: String,
+    },
+    /// A stopped machine's new name.
+    MachineRename {
+        name: String,
+        new: String,
+    },
+    SnapshotCreate {
+        name: String,
+        snapshot: Option<String>,
+    },
+    SnapshotList(String),
+    SnapshotRestore {
+        name: String,
+        snapshot: String,
+        force: bool,
+    },
+    SnapshotDelete {
+        name: String,
+        snapshot: String,
+    },
     /// The console (or, with `boot`, the boot) log file of a machine.
     MachineLogs {
         name: String,
@@ -138,6 +168,9 @@ impl std::fmt::Debug for Request {
             Request::SystemStatus => f.write_str("SystemStatus"),
             Request::SystemProperties => f.write_str("SystemProperties"),
             Request::SystemShutdown => f.write_str("SystemShutdown"),
+            Request::Events { machine } => {
+                f.debug_struct("Events").field("machine", machine).finish()
+            }
             Request::KernelSet(k) => f.debug_tuple("KernelSet").field(k).finish(),
             Request::ImageList { all } => f.debug_struct("ImageList").field("all", all).finish(),
             Request::ImageInspect(r) => f.debug_tuple("ImageInspect").field(r).finish(),
@@ -172,6 +205,37 @@ impl std::fmt::Debug for Request {
                 .finish(),
             Request::MachineSet { name, .. } => f.debug_tuple("MachineSet").field(name).finish(),
             Request::MachineSetDefault(n) => f.debug_tuple("MachineSetDefault").field(n).finish(),
+            Request::MachineClone { name, new } => f
+                .debug_tuple("MachineClone")
+                .field(name)
+                .field(new)
+                .finish(),
+            Request::MachineRename { name, new } => f
+                .debug_tuple("MachineRename")
+                .field(name)
+                .field(new)
+                .finish(),
+            Request::SnapshotCreate { name, snapshot } => f
+                .debug_tuple("SnapshotCreate")
+                .field(name)
+                .field(snapshot)
+                .finish(),
+            Request::SnapshotList(n) => f.debug_tuple("SnapshotList").field(n).finish(),
+            Request::SnapshotRestore {
+                name,
+                snapshot,
+                force,
+            } => f
+                .debug_tuple("SnapshotRestore")
+                .field(name)
+                .field(snapshot)
+                .field(force)
+                .finish(),
+            Request::SnapshotDelete { name, snapshot } => f
+                .debug_tuple("SnapshotDelete")
+                .field(name)
+                .field(snapshot)
+                .finish(),
             Request::MachineLogs { name, boot } => f
                 .debug_struct("MachineLogs")
                 .field("name", name)
@@ -199,6 +263,8 @@ pub enum Reply {
     Properties(Vec<Property>),
     Machine(Box<Machine>),
     Machines(Vec<Machine>),
+    Snapshot(Box<Snapshot>),
+    Snapshots(Vec<Snapshot>),
     Set(Box<SetReply>),
     Kernel(Box<container_api::system::KernelInfo>),
     Images(Vec<ImageSummary>),
@@ -209,6 +275,9 @@ pub enum Reply {
     /// A file the HTTP layer streams (logs); never serialised.
     #[serde(skip)]
     File(PathBuf),
+    /// Events the HTTP layer streams, one JSON object a line; never serialised whole.
+    #[serde(skip)]
+    Events(EventStream),
     /// A byte stream the HTTP layer forwards (archives); never serialised.
     #[serde(skip)]
     Stream(ByteStream),
@@ -255,6 +324,10 @@ struct State {
     host: Arc<dyn Host>,
     locks: machines::Locks,
     reboots: machines::RebootPolicy,
+    /// Held while shared disk layers are made, referenced or collected (`machines/copies`).
+    disks: tokio::sync::Mutex<()>,
+    events: events::Events,
+    deaths: machines::Deaths,
 }
 
 /// The service core; cheap to clone.
@@ -291,6 +364,9 @@ impl Core {
                 host: ports.host,
                 locks: Default::default(),
                 reboots: Default::default(),
+                disks: Default::default(),
+                events: Default::default(),
+                deaths: Default::default(),
             }),
         })
     }
@@ -314,6 +390,7 @@ impl Core {
                 self.state.shutdown.notify_waiters();
                 Ok(Reply::Empty {})
             }
+            Request::Events { machine } => Ok(Reply::Events(self.events(caller, machine))),
             Request::KernelSet(k) => self
                 .kernel_set(caller, k)
                 .await
@@ -374,6 +451,29 @@ impl Core {
             Request::MachineSetDefault(n) => {
                 self.machine_set_default(caller, &n).await.map(machine)
             }
+            Request::MachineClone { name, new } => {
+                self.machine_clone(caller, &name, &new).await.map(machine)
+            }
+            Request::MachineRename { name, new } => {
+                self.machine_rename(caller, &name, &new).await.map(machine)
+            }
+            Request::SnapshotCreate { name, snapshot } => self
+                .snapshot_create(caller, &name, snapshot)
+                .await
+                .map(|s| Reply::Snapshot(Box::new(s))),
+            Request::SnapshotList(name) => self.snapshot_list(caller, &name).map(Reply::Snapshots),
+            Request::SnapshotRestore {
+                name,
+                snapshot,
+                force,
+            } => self
+                .snapshot_restore(caller, &name, &snapshot, force)
+                .await
+                .map(|s| Reply::Snapshot(Box::new(s))),
+            Request::SnapshotDelete { name, snapshot } => self
+                .snapshot_delete(caller, &name, &snapshot)
+                .await
+                .map(|s| Reply::Snapshot(Box::new(s))),
             Request::MachineLogs { name, boot } => {
                 self.visible(caller, &name)?;
                 Ok(Reply::File(self.state.vms.log_path(&name, boot)))

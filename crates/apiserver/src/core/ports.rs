@@ -204,6 +204,15 @@ pub trait Vms: Send + Sync {
     async fn grow_disk(&self, disk: &Path, size: u64) -> Result<(), ApiError>;
     /// Bytes the disk occupies on the host.
     fn disk_allocated(&self, disk: &Path) -> u64;
+    /// Freezes what the disk of machine `name` holds now into a new shared read-only layer,
+    /// returned, under an empty overlay that the machine goes on with. A running machine
+    /// keeps running (its guest's filesystem is frozen for the moment the switch takes).
+    async fn freeze_disk(&self, name: &str, disk: &Path) -> Result<PathBuf, ApiError>;
+    /// Makes `disk` (replacing it if it exists) an empty overlay over the shared `layer`.
+    async fn disk_from_layer(&self, layer: &Path, disk: &Path) -> Result<(), ApiError>;
+    /// Deletes the shared layers that no chain from `roots` (machine disks and snapshot
+    /// layers: everything that may still be read) reaches.
+    async fn collect_layers(&self, roots: Vec<PathBuf>) -> Result<(), ApiError>;
     /// Boots and waits until the guest agent answers.
     async fn boot(&self, spec: BootSpec) -> Result<(), ApiError>;
     /// Shuts down through the guest's init; forced after `timeout`. Idempotent.
@@ -239,6 +248,19 @@ pub trait Vms: Send + Sync {
     fn log_path(&self, name: &str, boot: bool) -> PathBuf;
     /// Running machines that stopped because their guest rebooted itself.
     fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot>;
+    /// Names of machines whose VM ended while running, without a stop asked for. A runtime
+    /// that cannot tell reports none.
+    fn deaths(&self) -> tokio::sync::broadcast::Receiver<Death> {
+        tokio::sync::broadcast::channel(1).1
+    }
+}
+
+/// A running machine's VM ended without anyone asking.
+#[derive(Debug, Clone)]
+pub struct Death {
+    pub name: String,
+    /// Its guest ended itself (powered off or rebooted); otherwise it crashed or was killed.
+    pub clean: bool,
 }
 
 /// A running machine's guest rebooted itself, which ends its VM (QEMU runs with

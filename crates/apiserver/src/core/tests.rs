@@ -210,6 +210,24 @@ impl Vms for FakeVms {
     fn disk_allocated(&self, _disk: &Path) -> u64 {
         4096
     }
+    async fn freeze_disk(&self, name: &str, disk: &Path) -> Result<PathBuf, ApiError> {
+        // A layer beside the disk holding what the disk holds (the fakes' disks are files).
+        let layer = disk.with_extension(format!("layer-{}", self.calls.lock().unwrap().len()));
+        std::fs::copy(disk, &layer).unwrap();
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("freeze_disk {name}"));
+        Ok(layer)
+    }
+    async fn disk_from_layer(&self, layer: &Path, disk: &Path) -> Result<(), ApiError> {
+        std::fs::copy(layer, disk).unwrap();
+        self.calls.lock().unwrap().push("disk_from_layer".into());
+        Ok(())
+    }
+    async fn collect_layers(&self, _roots: Vec<PathBuf>) -> Result<(), ApiError> {
+        Ok(())
+    }
     async fn boot(&self, spec: BootSpec) -> Result<(), ApiError> {
         self.calls
             .lock()
@@ -1282,4 +1300,365 @@ async fn the_first_boot_installs_the_recommended_kernel_once() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
+}
+
+/// The fake disk's bytes (the fakes' disks are files holding what the tests put there).
+fn disk_of(f: &Fixture, name: &str) -> String {
+    let path = f.core.state.machines.disk_path(name);
+    std::fs::read_to_string(path).unwrap()
+}
+
+fn write_disk(f: &Fixture, name: &str, text: &str) {
+    std::fs::write(f.core.state.machines.disk_path(name), text).unwrap();
+}
+
+#[tokio::test]
+async fn a_clone_has_the_disk_and_settings_with_its_own_name_address_and_identity() {
+    let f = fixture();
+    machine(&f.core, &NOBODY, create("busybox", Some("src")))
+        .await
+        .unwrap();
+    write_disk(&f, "src", "before");
+    let clone = machine(
+        &f.core,
+        &NOBODY,
+        Request::MachineClone {
+            name: "src".into(),
+            new: "copy".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(clone.id, "copy");
+    assert_eq!(clone.status, MachineState::Stopped);
+    assert_eq!(disk_of(&f, "copy"), "before");
+    let (src, copy) = (
+        f.core.state.machines.get("src").unwrap(),
+        f.core.state.machines.get("copy").unwrap(),
+    );
+    assert_eq!(
+        (src.cpus, src.memory, &src.image),
+        (copy.cpus, copy.memory, &copy.image)
+    );
+    assert_ne!(src.ip_address, copy.ip_address);
+    assert_ne!(src.mac, copy.mac);
+    assert!(copy.instance.is_some());
+    assert_ne!(src.instance, copy.instance);
+    // A taken name, a bad name and a missing source are refused.
+    for (from, to, kind) in [
+        ("src", "copy", ErrorKind::AlreadyExists),
+        ("src", "Bad_Name", ErrorKind::InvalidArgument),
+        ("absent", "x", ErrorKind::NotFound),
+    ] {
+        let req = Request::MachineClone {
+            name: from.into(),
+            new: to.into(),
+        };
+        assert_eq!(f.core.handle(&NOBODY, req).await.unwrap_err().kind, kind);
+    }
+}
+
+#[tokio::test]
+async fn another_user_cannot_clone_snapshot_restore_or_rename_a_machine() {
+    let f = fixture();
+    machine(&f.core, &ROOT, create("busybox", Some("rootbox")))
+        .await
+        .unwrap();
+    f.core
+        .handle(
+            &ROOT,
+            Request::SnapshotCreate {
+                name: "rootbox".into(),
+                snapshot: Some("s1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    for req in [
+        Request::MachineClone {
+            name: "rootbox".into(),
+            new: "stolen".into(),
+        },
+        Request::MachineRename {
+            name: "rootbox".into(),
+            new: "mine".into(),
+        },
+        Request::SnapshotCreate {
+            name: "rootbox".into(),
+            snapshot: None,
+        },
+        Request::SnapshotList("rootbox".into()),
+        Request::SnapshotRestore {
+            name: "rootbox".into(),
+            snapshot: "s1".into(),
+            force: true,
+        },
+        Request::SnapshotDelete {
+            name: "rootbox".into(),
+            snapshot: "s1".into(),
+        },
+    ] {
+        let e = f.core.handle(&NOBODY, req).await.unwrap_err();
+        assert_eq!(e.kind, ErrorKind::NotFound, "{}", e.message);
+    }
+    assert!(names(&f.core, &NOBODY).await.is_empty());
+    assert_eq!(names(&f.core, &ROOT).await, ["rootbox"]);
+    assert_eq!(f.core.snapshot_list(&ROOT, "rootbox").unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_snapshot_brings_the_disk_back_and_restore_wants_the_machine_stopped() {
+    let f = fixture();
+    machine(&f.core, &NOBODY, create("busybox", Some("dev")))
+        .await
+        .unwrap();
+    write_disk(&f, "dev", "v1");
+    let snap = |s: &str| Request::SnapshotCreate {
+        name: "dev".into(),
+        snapshot: Some(s.into()),
+    };
+    f.core.handle(&NOBODY, snap("one")).await.unwrap();
+    let e = f.core.handle(&NOBODY, snap("one")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+    write_disk(&f, "dev", "v2");
+    let restore = |force| Request::SnapshotRestore {
+        name: "dev".into(),
+        snapshot: "one".into(),
+        force,
+    };
+    f.core
+        .handle(&NOBODY, Request::MachineStart("dev".into()))
+        .await
+        .unwrap();
+    let e = f.core.handle(&NOBODY, restore(false)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict, "{}", e.message);
+    assert_eq!(disk_of(&f, "dev"), "v2");
+    f.core.handle(&NOBODY, restore(true)).await.unwrap();
+    assert_eq!(f.vms.state("dev"), MachineState::Stopped);
+    assert_eq!(disk_of(&f, "dev"), "v1");
+    let listed = f.core.snapshot_list(&NOBODY, "dev").unwrap();
+    assert_eq!(
+        listed.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
+        ["one"]
+    );
+    f.core
+        .handle(
+            &NOBODY,
+            Request::SnapshotDelete {
+                name: "dev".into(),
+                snapshot: "one".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert!(f.core.snapshot_list(&NOBODY, "dev").unwrap().is_empty());
+    let e = f.core.handle(&NOBODY, restore(true)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
+}
+
+#[tokio::test]
+async fn rename_moves_a_stopped_machine_and_its_default_pointer() {
+    let f = fixture();
+    machine(&f.core, &NOBODY, create("busybox", Some("old")))
+        .await
+        .unwrap();
+    write_disk(&f, "old", "data");
+    let rename = |from: &str, to: &str| Request::MachineRename {
+        name: from.into(),
+        new: to.into(),
+    };
+    f.core
+        .handle(&NOBODY, Request::MachineStart("old".into()))
+        .await
+        .unwrap();
+    let e = f
+        .core
+        .handle(&NOBODY, rename("old", "new"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Conflict, "{}", e.message);
+    f.core
+        .handle(
+            &NOBODY,
+            Request::MachineStop("old".into(), StopRequest::default()),
+        )
+        .await
+        .unwrap();
+    let m = machine(&f.core, &NOBODY, rename("old", "new"))
+        .await
+        .unwrap();
+    assert_eq!(m.id, "new");
+    assert!(m.default);
+    assert_eq!(names(&f.core, &NOBODY).await, ["new"]);
+    assert_eq!(disk_of(&f, "new"), "data");
+    assert_eq!(f.core.state.machines.get("new").unwrap().name, "new");
+    machine(&f.core, &NOBODY, create("busybox", Some("other")))
+        .await
+        .unwrap();
+    let e = f
+        .core
+        .handle(&NOBODY, rename("other", "new"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::AlreadyExists);
+}
+
+async fn event_stream(core: &Core, caller: &Caller, machine: Option<&str>) -> super::EventStream {
+    let request = Request::Events {
+        machine: machine.map(Into::into),
+    };
+    match core.handle(caller, request).await.unwrap() {
+        Reply::Events(s) => s,
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn events_follow_a_machines_life_in_order_and_only_for_its_owner() {
+    use container_api::system::EventAction as A;
+    let f = fixture();
+    let mut mine = event_stream(&f.core, &NOBODY, None).await;
+    let mut just_dev = event_stream(&f.core, &NOBODY, Some("dev")).await;
+    let mut root = event_stream(&f.core, &ROOT, None).await;
+    let stranger = Caller {
+        uid: 4242,
+        gid: 4242,
+        pid: None,
+    };
+    let mut theirs = event_stream(&f.core, &stranger, None).await;
+    machine(&f.core, &NOBODY, create("busybox", Some("dev")))
+        .await
+        .unwrap();
+    machine(&f.core, &NOBODY, create("busybox", Some("other")))
+        .await
+        .unwrap();
+    f.core
+        .handle(&NOBODY, Request::MachineStart("dev".into()))
+        .await
+        .unwrap();
+    f.core
+        .handle(
+            &NOBODY,
+            Request::MachineStop("dev".into(), StopRequest::default()),
+        )
+        .await
+        .unwrap();
+    f.core
+        .handle(
+            &NOBODY,
+            Request::MachineDelete {
+                name: "dev".into(),
+                force: false,
+            },
+        )
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..7 {
+        let e = mine.next().await.unwrap();
+        seen.push((e.machine, e.action));
+    }
+    let dev = |a| ("dev".to_string(), a);
+    assert_eq!(
+        seen,
+        [
+            dev(A::Created),
+            ("other".to_string(), A::Created),
+            dev(A::Booting),
+            dev(A::Running),
+            dev(A::Stopping),
+            dev(A::Stopped),
+            dev(A::Deleted),
+        ]
+    );
+    let mut only = Vec::new();
+    for _ in 0..6 {
+        only.push(just_dev.next().await.unwrap().action);
+    }
+    assert_eq!(
+        only,
+        [
+            A::Created,
+            A::Booting,
+            A::Running,
+            A::Stopping,
+            A::Stopped,
+            A::Deleted
+        ]
+    );
+    assert_eq!(root.next().await.unwrap().action, A::Created);
+    // Another user sees none of it.
+    let nothing = tokio::time::timeout(Duration::from_millis(200), theirs.next()).await;
+    assert!(nothing.is_err(), "a stranger saw {nothing:?}");
+}
+
+#[tokio::test]
+async fn an_autostart_machine_that_died_boots_again_but_not_one_that_powered_off() {
+    use crate::core::ports::Death;
+    let f = fixture();
+    let mut req = CreateRequest {
+        image: "busybox".into(),
+        name: Some("auto".into()),
+        home_mount: Some(container_api::machine::HomeMount::None),
+        autostart: true,
+        ..Default::default()
+    };
+    machine(&f.core, &NOBODY, Request::MachineCreate(req.clone()))
+        .await
+        .unwrap();
+    req.name = Some("plain".into());
+    req.autostart = false;
+    machine(&f.core, &NOBODY, Request::MachineCreate(req))
+        .await
+        .unwrap();
+    let died = |name: &str, clean| Death {
+        name: name.into(),
+        clean,
+    };
+    // Killed: booted again after the back-off.
+    f.vms.guest_goes_down("auto");
+    f.core.after_death(died("auto", false)).await;
+    assert_eq!(f.vms.state("auto"), MachineState::Running);
+    // Powered off from inside, or not autostart: left stopped.
+    f.vms.guest_goes_down("auto");
+    f.core.after_death(died("auto", true)).await;
+    assert_eq!(f.vms.state("auto"), MachineState::Stopped);
+    f.vms.guest_goes_down("plain");
+    f.core.after_death(died("plain", false)).await;
+    assert_eq!(f.vms.state("plain"), MachineState::Stopped);
+    // A stop asked during the back-off wins.
+    f.core
+        .handle(&NOBODY, Request::MachineStart("auto".into()))
+        .await
+        .unwrap();
+    f.vms.guest_goes_down("auto");
+    let core = f.core.clone();
+    let after = tokio::spawn(async move { core.after_death(died("auto", false)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.core
+        .handle(
+            &NOBODY,
+            Request::MachineStop("auto".into(), StopRequest::default()),
+        )
+        .await
+        .unwrap();
+    after.await.unwrap();
+    assert_eq!(f.vms.state("auto"), MachineState::Stopped);
+    // `set autostart=off` needs no restart.
+    let reply = f
+        .core
+        .handle(
+            &NOBODY,
+            Request::MachineSet {
+                name: "auto".into(),
+                settings: container_api::machine::SetRequest {
+                    autostart: Some(false),
+                    ..Default::default()
+                },
+            },
+        )
+        .await
+        .unwrap();
+    let Reply::Set(set) = reply else { panic!() };
+    assert!(!set.machine.autostart);
 }

@@ -7,7 +7,10 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use container_api::ApiError;
-use container_api::machine::{CreateRequest, RunRequest, SetRequest, StopRequest};
+use container_api::machine::{
+    CloneRequest, CreateRequest, RenameRequest, RunRequest, SetRequest, SnapshotCreateRequest,
+    SnapshotRestoreRequest, StopRequest,
+};
 use futures::TryStreamExt;
 use serde::Deserialize;
 
@@ -26,6 +29,89 @@ pub fn routes() -> Router<Core> {
         .route("/machines/{name}/exec", post(exec))
         .route("/machines/{name}/copy-in", post(copy_in))
         .route("/machines/{name}/copy-out", get(copy_out))
+        .route("/machines/{name}/clone", post(clone))
+        .route("/machines/{name}/rename", post(rename))
+        .route(
+            "/machines/{name}/snapshots",
+            get(snapshot_list).post(snapshot_create),
+        )
+        .route(
+            "/machines/{name}/snapshots/{snapshot}",
+            axum::routing::delete(snapshot_delete),
+        )
+        .route(
+            "/machines/{name}/snapshots/{snapshot}/restore",
+            post(snapshot_restore),
+        )
+}
+
+async fn clone(
+    State(core): State<Core>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<CloneRequest>,
+) -> Response {
+    let request = Request::MachineClone {
+        name,
+        new: body.name,
+    };
+    answer(&core, &caller, request).await
+}
+
+async fn rename(
+    State(core): State<Core>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<RenameRequest>,
+) -> Response {
+    let request = Request::MachineRename {
+        name,
+        new: body.name,
+    };
+    answer(&core, &caller, request).await
+}
+
+async fn snapshot_list(
+    State(core): State<Core>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Response {
+    answer(&core, &caller, Request::SnapshotList(name)).await
+}
+
+async fn snapshot_create(
+    State(core): State<Core>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<SnapshotCreateRequest>,
+) -> Response {
+    let request = Request::SnapshotCreate {
+        name,
+        snapshot: body.name,
+    };
+    answer(&core, &caller, request).await
+}
+
+async fn snapshot_restore(
+    State(core): State<Core>,
+    caller: Caller,
+    Path((name, snapshot)): Path<(String, String)>,
+    JsonBody(body): JsonBody<SnapshotRestoreRequest>,
+) -> Response {
+    let request = Request::SnapshotRestore {
+        name,
+        snapshot,
+        force: body.force,
+    };
+    answer(&core, &caller, request).await
+}
+
+async fn snapshot_delete(
+    State(core): State<Core>,
+    caller: Caller,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Response {
+    answer(&core, &caller, Request::SnapshotDelete { name, snapshot }).await
 }
 
 async fn list(State(core): State<Core>, caller: Caller) -> Response {

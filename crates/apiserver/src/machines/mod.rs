@@ -39,6 +39,23 @@ pub struct MachineRecord {
     /// Settings changed while running; cleared at the next start.
     #[serde(default)]
     pub pending_restart: bool,
+    /// This machine's identity inside the guest (32 hex digits): new at create and at clone,
+    /// kept across rename. A guest that finds another identity on its disk was copied, and
+    /// takes a new machine-id and redoes the user setup. Absent in records from before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// Booted when the service starts, and again after its VM died unexpectedly.
+    #[serde(default)]
+    pub autostart: bool,
+}
+
+/// A snapshot of a machine's disk: a shared layer (`runtime::disk`) frozen at `created`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRecord {
+    pub name: String,
+    pub layer: PathBuf,
+    pub created: chrono::DateTime<chrono::Utc>,
 }
 
 /// Errors of the machine store.
@@ -128,6 +145,43 @@ impl MachineStore {
         self.machine_dir(name).join("disk.qcow2")
     }
 
+    fn snapshots_path(&self, name: &str) -> PathBuf {
+        self.machine_dir(name).join("snapshots.json")
+    }
+
+    /// The machine's snapshots, oldest first.
+    pub fn snapshots(&self, name: &str) -> Result<Vec<SnapshotRecord>, StoreError> {
+        let path = self.snapshots_path(name);
+        Ok(fsutil::read_json(&path)
+            .map_err(io(&path))?
+            .unwrap_or_default())
+    }
+
+    /// Replaces the machine's snapshot list (atomically).
+    pub fn save_snapshots(
+        &self,
+        name: &str,
+        snapshots: &[SnapshotRecord],
+    ) -> Result<(), StoreError> {
+        let path = self.snapshots_path(name);
+        fsutil::write_json(&path, &snapshots).map_err(io(&path))
+    }
+
+    /// Moves a stopped machine's directory to a new name; the record is then saved under it
+    /// by the caller. Fails if the new name is taken.
+    pub fn rename(&self, old: &str, new: &str) -> Result<(), StoreError> {
+        let (from, to) = (self.machine_dir(old), self.machine_dir(new));
+        // renameat2(RENAME_NOREPLACE) would close the window; the per-machine locks of both
+        // names, held by the caller, already do for the service's own requests.
+        if to.exists() {
+            return Err(StoreError::Exists(new.to_string()));
+        }
+        std::fs::rename(&from, &to).map_err(io(&from))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
+    }
+
     fn record_path(&self, name: &str) -> PathBuf {
         self.machine_dir(name).join("machine.json")
     }
@@ -156,9 +210,15 @@ impl MachineStore {
             return Err(StoreError::NotFound(name.to_string()));
         }
         let path = self.record_path(name);
-        fsutil::read_json(&path)
+        let mut record: MachineRecord = fsutil::read_json(&path)
             .map_err(io(&path))?
-            .ok_or_else(|| StoreError::NotFound(name.to_string()))
+            .ok_or_else(|| StoreError::NotFound(name.to_string()))?;
+        // The directory's name is the machine's: a rename moves the directory first and
+        // saves the record after, so a crash in between leaves the record's copy stale.
+        if record.name != name {
+            record.name = name.to_string();
+        }
+        Ok(record)
     }
 
     /// Creates the machine directory; fails if the name is taken. The record is written last,
@@ -253,6 +313,8 @@ mod tests {
             ip_address: None,
             mac: "52:54:00:00:00:01".into(),
             pending_restart: false,
+            instance: None,
+            autostart: false,
         }
     }
 

@@ -79,6 +79,16 @@ pub fn rebooted(machine_dir: &Path) -> bool {
     tail(&console_path(machine_dir), 3).contains(REBOOT_LINE)
 }
 
+/// The kernel's last words when the guest powers itself off.
+const POWER_DOWN_LINE: &str = "reboot: Power down";
+
+/// Whether the console ends with the guest kernel rebooting or powering off: the guest
+/// ended itself, rather than crashing or being killed.
+pub fn ended_itself(machine_dir: &Path) -> bool {
+    let end = tail(&console_path(machine_dir), 3);
+    end.contains(REBOOT_LINE) || end.contains(POWER_DOWN_LINE)
+}
+
 /// The last `n` lines of a log, for errors that point at it.
 pub fn tail(path: &Path, n: usize) -> String {
     String::from_utf8_lossy(&crate::logs::read_tail(path, n).unwrap_or_default()).into_owned()

@@ -67,6 +67,22 @@ pub enum RuntimeError {
     AlreadyRunning(String),
     #[error("machine `{0}` is not running")]
     NotRunning(String),
+    #[error("machine `{0}` is starting or stopping; try again once it is running or stopped")]
+    Changing(String),
+    #[error(
+        "the guest of machine `{machine}` could not freeze its filesystem for a consistent copy; stop the machine and try again"
+    )]
+    Freeze {
+        machine: String,
+        #[source]
+        source: ProtoError,
+    },
+    #[error("the VMM of machine `{machine}` refused to switch to the new disk overlay")]
+    SwitchDisk {
+        machine: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the VM exited during boot; last lines of {}:\n{tail}", log.display())]
     ExitedDuringBoot { log: PathBuf, tail: String },
     #[error("the guest agent did not answer within {secs} s; last lines of {}:\n{tail}", log.display())]
@@ -140,7 +156,7 @@ impl RuntimeError {
             | CopyInRefused { .. }
             | ReadingArchive(_) => ErrorKind::InvalidArgument,
             CopyOutRefused { .. } => ErrorKind::NotFound,
-            AlreadyRunning(_) | NotRunning(_) => ErrorKind::Conflict,
+            AlreadyRunning(_) | NotRunning(_) | Changing(_) => ErrorKind::Conflict,
             MissingBinary { .. }
             | NoKernel
             | NoApt
@@ -151,6 +167,7 @@ impl RuntimeError {
             | ExitedDuringBoot { .. }
             | AgentTimeout { .. }
             | Agent(_)
+            | Freeze { .. }
             | Tap { .. }
             | NoNetwork(_)
             | NoVmUser { .. }

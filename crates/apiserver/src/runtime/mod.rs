@@ -41,7 +41,7 @@ pub use identity::VmUsers;
 pub use kernel::Kernel;
 pub use session::{ClientStream, copy_in, copy_out, exec};
 pub use ssh_agent::{SshAgentTarget, SshAgents};
-pub use supervisor::{Reboot, Runtime};
+pub use supervisor::{Death, Reboot, Runtime};
 pub use vmm::{NetDevice, TapError, TapPlumbing, Vmm};
 
 use crate::config::Virtualization;
@@ -70,7 +70,7 @@ impl RuntimeOptions {
     pub fn new(root: impl Into<PathBuf>, run_dir: impl Into<PathBuf>) -> Self {
         let root = root.into();
         RuntimeOptions {
-            disk_bases: vec![root.join("images")],
+            disk_bases: vec![root.join("images"), root.join("layers")],
             vm_users: VmUsers::default(),
             root,
             run_dir: run_dir.into(),

@@ -210,6 +210,37 @@ impl Vmm for Qemu {
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "QMP did not answer"))?
     }
+
+    async fn switch_disk(&self, control: &Path, overlay: &Path) -> std::io::Result<()> {
+        // `existing`: QEMU opens the overlay we made (its header names the shared layer, for
+        // the next boot) and puts the image it has open under it, without reopening it.
+        let command = serde_json::json!({
+            "execute": "blockdev-snapshot-sync",
+            "arguments": {
+                "device": "root",
+                "snapshot-file": overlay,
+                "format": "qcow2",
+                "mode": "existing",
+            },
+        });
+        tokio::time::timeout(Duration::from_secs(30), qmp_execute(control, command))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "QMP did not answer"))?
+    }
+}
+
+/// One QMP command on a fresh connection: greeting, capabilities, the command's answer.
+async fn qmp_execute(control: &Path, command: serde_json::Value) -> std::io::Result<()> {
+    let stream = tokio::net::UnixStream::connect(control).await?;
+    let (r, mut w) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(r).lines();
+    lines.next_line().await?;
+    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").await?;
+    qmp_answer(&mut lines).await?;
+    let mut line = serde_json::to_vec(&command).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    qmp_answer(&mut lines).await
 }
 
 /// The descriptors a QEMU command line hands over, numbered from 3 in order.

@@ -111,4 +111,8 @@ pub trait Vmm: Send + Sync + Debug {
     }
     /// Asks a running VM's monitor, through its control socket, to exit now.
     async fn quit(&self, control: &Path) -> std::io::Result<()>;
+    /// Makes the running VM write its disk to `overlay` from now on, an overlay (already
+    /// made) whose backing is the image the VM has been writing, which the VM keeps open
+    /// read-only.
+    async fn switch_disk(&self, control: &Path, overlay: &Path) -> std::io::Result<()>;
 }

@@ -16,7 +16,7 @@ use tokio::io::AsyncRead;
 use crate::config::Config;
 use crate::core::ServiceOptions;
 use crate::core::ports::{
-    BootSpec, ClientStream, ExecSpec, ExecUser, Reboot, SshAgentForward, Vms,
+    BootSpec, ClientStream, Death, ExecSpec, ExecUser, Reboot, SshAgentForward, Vms,
 };
 use crate::network::Network;
 use crate::runtime::{
@@ -65,6 +65,26 @@ pub fn vms(
             }
         }
     });
+    let deaths = tokio::sync::broadcast::channel(16).0;
+    let mut from_runtime = runtime.deaths();
+    let to_core = deaths.clone();
+    tokio::spawn(async move {
+        use tokio::sync::broadcast::error::RecvError;
+        loop {
+            match from_runtime.recv().await {
+                Ok(d) => {
+                    let _ = to_core.send(Death {
+                        name: d.name,
+                        clean: d.clean,
+                    });
+                }
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "missed ends of machines")
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
     let service = ServiceVms {
         runtime,
         root: options.root.clone(),
@@ -72,9 +92,37 @@ pub fn vms(
         network,
         reboots,
         ssh_agents: Arc::default(),
+        deaths,
     };
     service.runtime.adopt_all(&service.machines());
     Ok(Arc::new(service))
+}
+
+async fn blocking(
+    f: impl FnOnce() -> Result<(), RuntimeError> + Send + 'static,
+) -> Result<(), ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+/// Keeps a stopped disk's chain of shared layers bounded: past [`disk::MAX_CHAIN`], what
+/// the layers hold is copied into the disk itself and it sits on the base disk again (the
+/// only step of a clone or snapshot whose cost is the data's, once per that many).
+fn flatten_if_deep(disk: &Path, layers: &Path) -> Result<(), RuntimeError> {
+    let chain = disk::layers_of(disk, layers)?;
+    if chain.len() < disk::MAX_CHAIN {
+        return Ok(());
+    }
+    let deepest = chain.last().expect("a deep chain has layers");
+    match disk::header(deepest)?.backing {
+        Some(base) => {
+            tracing::info!(disk = %disk.display(), depth = chain.len(), "flattening a deep disk chain");
+            disk::flatten(disk, &base)
+        }
+        None => Ok(()),
+    }
 }
 
 /// The runtime as the core's [`Vms`] port: machine records in, VM specs out.
@@ -85,6 +133,7 @@ pub struct ServiceVms {
     config: Config,
     network: Arc<Network>,
     reboots: tokio::sync::broadcast::Sender<Reboot>,
+    deaths: tokio::sync::broadcast::Sender<Death>,
     /// The SSH agents exec sessions forward into their machines.
     ssh_agents: Arc<SshAgents>,
 }
@@ -112,6 +161,11 @@ fn ssh_agent_target(forward: SshAgentForward) -> SshAgentTarget {
 impl ServiceVms {
     fn machines(&self) -> PathBuf {
         self.root.join("machines")
+    }
+
+    /// The shared read-only disk layers of clones and snapshots.
+    fn layers(&self) -> PathBuf {
+        self.root.join("layers")
     }
 
     /// The machine's own kernel, else the one in config, else the installed one.
@@ -175,6 +229,7 @@ impl ServiceVms {
             boot: proto::BootConfig {
                 version: proto::VERSION,
                 machine_id: r.name.clone(),
+                instance_id: r.instance.clone().unwrap_or_default(),
                 hostname: r.name.clone(),
                 root_device: "/dev/vda".into(),
                 grow_root: true,
@@ -253,6 +308,39 @@ impl Vms for ServiceVms {
     fn disk_allocated(&self, disk: &Path) -> u64 {
         disk::allocated(disk)
     }
+    async fn freeze_disk(&self, name: &str, disk: &Path) -> Result<PathBuf, ApiError> {
+        let layers = self.layers();
+        if self.runtime.status(name) == MachineState::Stopped {
+            let d = disk.to_path_buf();
+            blocking(move || flatten_if_deep(&d, &layers)).await?;
+        }
+        let layer = disk::new_layer(&self.layers());
+        self.runtime.freeze_disk(name, disk, &layer).await?;
+        Ok(layer)
+    }
+    async fn disk_from_layer(&self, layer: &Path, disk: &Path) -> Result<(), ApiError> {
+        let (layer, disk, layers) = (layer.to_path_buf(), disk.to_path_buf(), self.layers());
+        blocking(move || {
+            let size = disk::header(&layer)?.size;
+            let next = disk.with_extension("qcow2.next");
+            let _ = std::fs::remove_file(&next);
+            disk::overlay_on_layer(&layer, &next, size)?;
+            flatten_if_deep(&next, &layers)?;
+            std::fs::rename(&next, &disk).map_err(RuntimeError::io("replacing the disk", &disk))
+        })
+        .await
+    }
+    async fn collect_layers(&self, roots: Vec<PathBuf>) -> Result<(), ApiError> {
+        let layers = self.layers();
+        blocking(move || {
+            let removed = disk::collect(&layers, &roots)?;
+            if removed > 0 {
+                tracing::info!(removed, "shared disk layers no longer used were deleted");
+            }
+            Ok(())
+        })
+        .await
+    }
     async fn boot(&self, spec: BootSpec) -> Result<(), ApiError> {
         let spec = self.spec(spec)?;
         self.runtime.start(spec).await?;
@@ -271,6 +359,9 @@ impl Vms for ServiceVms {
     }
     fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.reboots.subscribe()
+    }
+    fn deaths(&self) -> tokio::sync::broadcast::Receiver<Death> {
+        self.deaths.subscribe()
     }
     fn started(&self, name: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         self.runtime.started(name)

@@ -16,6 +16,8 @@ pub enum SystemCommand {
     Stop,
     /// Show whether the service runs, and with what.
     Status(FormatArg),
+    /// Stream your machines' lifecycle events (`--format json`: one JSON object a line).
+    Events(super::events::EventsArgs),
     /// Show the service's log.
     Logs {
         /// Keep printing new lines.
@@ -134,6 +136,10 @@ impl SystemCommand {
                     }
                     Err(e) => return Err(e.into()),
                 }
+            }
+            SystemCommand::Events(args) => {
+                let client = service::connect().await?;
+                super::events::run(&client, args).await?;
             }
             SystemCommand::Logs { follow } => {
                 let log = service::log_file();

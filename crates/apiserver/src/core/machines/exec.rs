@@ -339,6 +339,8 @@ mod tests {
             ip_address: None,
             mac: mac_for("dev"),
             pending_restart: false,
+            instance: None,
+            autostart: false,
         }
     }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use container_api::machine::{
     CreateRequest, HomeMount, Machine, MachineState, MountSpec, StopRequest,
 };
+use container_api::system::EventAction;
 use container_api::{ApiError, ErrorKind};
 
 use super::{guest_path, mac_for};
@@ -110,6 +111,8 @@ impl Core {
             ip_address: None,
             mac: mac_for(&name),
             pending_restart: false,
+            instance: Some(crate::runtime::disk::random_id()),
+            autostart: req.autostart,
         };
         self.check_settings(&record)?;
         self.check_machine_count(caller.uid)?;
@@ -175,6 +178,7 @@ impl Core {
             }
             return Err(e);
         }
+        self.emit(caller.uid, &name, EventAction::Created, None);
         let first = self.state.machines.default_for(caller.uid)?.is_none();
         if req.set_default || first {
             self.state.machines.set_default(caller.uid, Some(&name))?;
@@ -248,6 +252,8 @@ impl Core {
         if changed {
             self.state.machines.save(&record)?;
         }
+        let (owner, name) = (record.owner_uid, record.name.clone());
+        self.emit(owner, &name, EventAction::Booting, None);
         self.state
             .vms
             .boot(BootSpec {
@@ -257,7 +263,9 @@ impl Core {
                 shares,
                 home_shared,
             })
-            .await
+            .await?;
+        self.emit(owner, &name, EventAction::Running, None);
+        Ok(())
     }
 
     pub(in crate::core) async fn machine_start(
@@ -292,10 +300,17 @@ impl Core {
         // Before the lock: a reboot handled while this waits for it must see the stop.
         self.state.reboots.stop_asked(name);
         let (_guard, record) = self.lock_visible(caller, name).await?;
+        let was_up = self.state.vms.state(name) != MachineState::Stopped;
+        if was_up {
+            self.emit(record.owner_uid, name, EventAction::Stopping, None);
+        }
         self.state
             .vms
             .shutdown(name, signal, Duration::from_secs(timeout))
             .await?;
+        if was_up {
+            self.emit(record.owner_uid, name, EventAction::Stopped, None);
+        }
         self.machine(&record)
     }
 
@@ -312,10 +327,12 @@ impl Core {
                     "machine `{name}` is running; stop it first or use `container machine rm -f {name}`"
                 )));
             }
+            self.emit(record.owner_uid, name, EventAction::Stopping, None);
             self.state
                 .vms
                 .shutdown(name, None, Duration::from_secs(10))
                 .await?;
+            self.emit(record.owner_uid, name, EventAction::Stopped, None);
         }
         let machine = self.machine(&record)?;
         self.state.machines.remove(name)?;
@@ -327,6 +344,9 @@ impl Core {
         if machine.default {
             self.state.machines.set_default(record.owner_uid, None)?;
         }
+        self.emit(record.owner_uid, name, EventAction::Deleted, None);
+        // Its disk layers go unless a clone or another snapshot still reads them.
+        self.collect_layers().await;
         Ok(machine)
     }
 }

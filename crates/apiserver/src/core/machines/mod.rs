@@ -5,11 +5,17 @@
 //! - `lifecycle`: create, boot, start, stop, delete;
 //! - `settings`: the one validator of what create and `set` accept, and `set` itself;
 //! - `reboot`: whether a guest that rebooted itself is booted again;
+//! - `autostart`: booting autostart machines at service start and after their VM died;
+//! - `copies`: clone and snapshots (shared disk layers);
+//! - `rename`: a stopped machine's new name;
 //! - `exec`: what `run` starts (user, working directory, environment), `run` and `cp`.
 
+mod autostart;
+mod copies;
 mod exec;
 mod lifecycle;
 mod reboot;
+mod rename;
 mod settings;
 
 use std::collections::HashMap;
@@ -21,6 +27,7 @@ use container_api::machine::{
 };
 use container_api::{ApiError, ErrorKind};
 
+pub(super) use autostart::Deaths;
 pub use lifecycle::{DEFAULT_STOP_TIMEOUT, parse_signal};
 #[cfg(test)]
 pub(super) use reboot::REBOOT_LIMIT;
@@ -153,6 +160,7 @@ impl Core {
             kernel: record.kernel.clone(),
             owner_uid: record.owner_uid,
             pending_restart: record.pending_restart,
+            autostart: record.autostart,
         }
     }
 

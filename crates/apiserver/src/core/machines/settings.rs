@@ -132,6 +132,9 @@ impl Core {
         if let Some(home_mount) = settings.home_mount {
             new.home_mount = home_mount;
         }
+        if let Some(autostart) = settings.autostart {
+            new.autostart = autostart;
+        }
         if let Some(kernel) = settings.kernel {
             new.kernel = Some(kernel).filter(|k| !k.is_empty());
         }
@@ -155,10 +158,16 @@ impl Core {
             let disk = self.state.machines.disk_path(name);
             self.state.vms.grow_disk(&disk, new.disk_size).await?;
         }
-        new.pending_restart = running && new != record;
+        // Autostart is the service's business, never the VM's: it needs no restart.
+        let vm_changed = MachineRecord {
+            autostart: record.autostart,
+            ..new.clone()
+        } != record;
+        new.pending_restart = running && vm_changed;
+        let only_autostart = !vm_changed && new.autostart != record.autostart;
         self.state.machines.save(&new)?;
         Ok(SetReply {
-            takes_effect_at_next_start: running,
+            takes_effect_at_next_start: running && !only_autostart,
             machine: self.machine(&new)?,
         })
     }

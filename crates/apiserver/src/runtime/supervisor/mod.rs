@@ -19,6 +19,7 @@
 //! `vmm/`, which that user (a guest that escaped into QEMU) may change at will.
 
 mod adopt;
+mod freeze;
 mod launch;
 mod stop;
 
@@ -45,6 +46,16 @@ pub struct Reboot {
     pub name: String,
     /// When the VM's end was seen.
     pub at: std::time::Instant,
+}
+
+/// A running VM exited without anyone asking.
+#[derive(Debug, Clone)]
+pub struct Death {
+    /// The VM's id (the machine name).
+    pub name: String,
+    /// The guest ended itself (its kernel powered off or rebooted), rather than crashing or
+    /// being killed.
+    pub clean: bool,
 }
 
 /// What is recorded about a running VM in `<machine dir>/run.json`, and again in its runtime
@@ -144,6 +155,8 @@ struct State {
     reboots: tokio::sync::broadcast::Sender<Reboot>,
     /// The uid of each VM starting or running, by id.
     uids: Mutex<HashMap<String, u32>>,
+    /// VMs that exited while running, nobody having asked.
+    deaths: tokio::sync::broadcast::Sender<Death>,
 }
 
 impl Runtime {
@@ -173,6 +186,7 @@ impl Runtime {
             launching: Mutex::new(Default::default()),
             reboots: tokio::sync::broadcast::channel(16).0,
             uids: Mutex::new(Default::default()),
+            deaths: tokio::sync::broadcast::channel(16).0,
         }))
     }
 
@@ -212,6 +226,12 @@ impl Runtime {
     /// `-no-reboot`): the caller decides whether to boot them again.
     pub fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.0.reboots.subscribe()
+    }
+
+    /// Ids of VMs that exited while running without anyone asking (power-off inside, crash,
+    /// kill, reboot).
+    pub fn deaths(&self) -> tokio::sync::broadcast::Receiver<Death> {
+        self.0.deaths.subscribe()
     }
 
     /// The VM supervised under `id`, in whatever state.
@@ -313,6 +333,12 @@ impl Runtime {
             }
             this.release_uid(&vm.run.id, vm.run.uid);
             tracing::info!(machine = %vm.run.id, "machine stopped");
+            if unasked {
+                let _ = this.0.deaths.send(Death {
+                    name: vm.run.id.clone(),
+                    clean: console::ended_itself(&vm.machine_dir),
+                });
+            }
             if unasked && console::rebooted(&vm.machine_dir) {
                 // Nobody may be listening (a runtime without a service): nothing to do then.
                 let _ = this.0.reboots.send(Reboot {

@@ -43,6 +43,10 @@ pub struct CreateArgs {
     /// A kernel image to boot instead of the system's.
     #[arg(long)]
     kernel: Option<String>,
+    /// Boot the machine whenever the service starts (after a host reboot), and again if its
+    /// VM dies unexpectedly (with back-off; never one stopped on purpose).
+    #[arg(long)]
+    autostart: bool,
     /// The image platform, OS/ARCH: machines run the host's, `linux/amd64` here; another is
     /// refused before anything is pulled.
     #[arg(long, value_name = "OS/ARCH")]
@@ -168,6 +172,7 @@ pub async fn run(client: &Client, a: CreateArgs) -> anyhow::Result<()> {
             .kernel
             .map(|k| std::path::absolute(k).map(|p| p.display().to_string()))
             .transpose()?,
+        autostart: a.autostart,
     };
     let machine = client.post::<_, Machine>("/machines", &request).await;
     crate::progress::done(spinner);

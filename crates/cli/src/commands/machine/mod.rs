@@ -1,15 +1,19 @@
 //! `container machine …` (alias `m`): persistent machines. This file holds the subcommand enum
 //! and its dispatch; each subcommand lives in a file of its own.
 
+mod clone;
 mod cp;
 mod create;
 mod delete;
 mod inspect;
 mod list;
 mod logs;
+mod rename;
+mod restart;
 mod run;
 mod set;
 mod set_default;
+mod snapshot;
 mod start;
 mod stop;
 
@@ -33,7 +37,7 @@ pub enum MachineCommand {
     List(list::ListArgs),
     /// Show everything about machines.
     Inspect(inspect::InspectArgs),
-    /// Change settings: cpus, memory, disk-size (grow only), home-mount, kernel.
+    /// Change settings: cpus, memory, disk-size (grow only), home-mount, kernel, autostart=on|off.
     Set(set::SetArgs),
     /// Make a machine the default for commands that take no name.
     SetDefault(set_default::SetDefaultArgs),
@@ -46,6 +50,14 @@ pub enum MachineCommand {
     Delete(delete::DeleteArgs),
     /// Copy files between the host and a machine (`NAME:/path` on one side).
     Cp(cp::CpArgs),
+    /// Make a new machine from another's disk and settings (cheap; the source may run).
+    Clone(clone::CloneArgs),
+    /// Snapshots of a machine's disk: create, ls, restore, rm (host home files not included).
+    Snapshot(snapshot::SnapshotArgs),
+    /// Give a stopped machine a new name.
+    Rename(rename::RenameArgs),
+    /// Stop machines (with stop's flags), then start them again.
+    Restart(restart::RestartArgs),
 }
 
 /// The machine a command without a name acts on.
@@ -82,6 +94,10 @@ impl MachineCommand {
             MachineCommand::Stop(args) => stop::run(&client, args).await?,
             MachineCommand::Delete(args) => delete::run(&client, args).await?,
             MachineCommand::Cp(args) => cp::run(&client, args).await?,
+            MachineCommand::Clone(args) => clone::run(&client, args).await?,
+            MachineCommand::Snapshot(args) => snapshot::run(&client, args).await?,
+            MachineCommand::Rename(args) => rename::run(&client, args).await?,
+            MachineCommand::Restart(args) => restart::run(&client, args).await?,
         }
         Ok(0)
     }
