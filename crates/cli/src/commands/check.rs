@@ -406,10 +406,18 @@ fn microvm(view: &ServiceView) -> Option<Check> {
 }
 
 fn kernel(view: &ServiceView) -> Check {
+    let configured = view
+        .property("kernel.binary")
+        .filter(|v| !v.is_empty() && v != "null");
     match &view.status {
-        Some(s) => match &s.kernel {
-            Some(k) => check("kernel", Level::Ok, format!("{} ({})", k.version, k.path)),
-            None => check("kernel", Level::Fail, "no guest kernel installed")
+        Some(s) => match (&s.kernel, configured) {
+            (Some(k), _) => check("kernel", Level::Ok, format!("{} ({})", k.version, k.path)),
+            (None, Some(binary)) => check(
+                "kernel",
+                Level::Ok,
+                format!("{binary} (configured under [kernel])"),
+            ),
+            (None, None) => check("kernel", Level::Fail, "no guest kernel installed")
                 .fix("sudo container system kernel set --recommended"),
         },
         None => {
