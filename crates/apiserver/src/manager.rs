@@ -50,6 +50,9 @@ fn describe(
         };
         return format!("systemd ({unit}{activation})");
     }
+    if socket_activated {
+        return "socket activation (LISTEN_FDS) outside systemd".into();
+    }
     match started_by {
         Some("cli") => "the CLI (`container system start`), in the background".into(),
         _ => "its own command line (not under systemd)".into(),
@@ -75,6 +78,7 @@ mod tests {
             ),
             "systemd (container-apiserver.service)"
         );
+        assert!(describe(false, None, true, None).starts_with("socket activation"));
         assert!(describe(false, None, false, Some("cli")).starts_with("the CLI"));
         assert!(describe(false, None, false, None).starts_with("its own command line"));
     }

@@ -1,6 +1,7 @@
 //! Installed as a user installs it: `scripts/install.sh` into a temporary prefix and data
 //! directory (the binaries `scripts/build.sh` made, no rebuild), the systemd unit checked by
-//! `systemd-analyze verify` and its ExecStart line run as the unit runs it, Apple's
+//! `systemd-analyze verify` and its ExecStart line run as the unit runs it (socket-activated
+//! by `systemd-socket-activate`, umask 0077, no new privileges), Apple's
 //! quickstart as a regular user, completions for bash, zsh and fish naming that user's
 //! machine, a manual page, `system check`, a reinstall while the machine runs (the new
 //! service adopts it), and an uninstall that leaves none of the files it installed.
@@ -287,8 +288,8 @@ fn install_run_the_quickstart_upgrade_in_place_and_uninstall() {
         "systemd-analyze verify complains: {complaints}"
     );
 
-    // Its ExecStart line, run as the unit runs it: a clean environment, umask 0077, no new
-    // privileges. The service runs with it and says it is on its own command line.
+    // Its ExecStart line, run as the unit runs it: socket-activated (the first command
+    // starts it), a clean environment, umask 0077, no new privileges.
     let unit = std::fs::read_to_string(&service_unit).unwrap();
     let exec_start = unit_value(&unit, "ExecStart");
     assert_eq!(unit_value(&unit, "UMask"), "0077");
@@ -303,14 +304,14 @@ fn install_run_the_quickstart_upgrade_in_place_and_uninstall() {
     );
     install.cli_ok(&["system", "stop"]);
     let log = std::fs::File::create(install.dir.path().join("execstart.log")).unwrap();
-    let child = in_netns("setpriv")
-        .args(["--no-new-privs", "--", "sh", "-c"])
+    let child = in_netns("systemd-socket-activate")
+        .arg("--listen")
+        .arg(install.socket())
+        .arg("--setenv=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .args(["setpriv", "--no-new-privs", "--", "sh", "-c"])
         .arg(format!("umask 0077 && exec {exec_start}"))
         .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        )
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -318,13 +319,17 @@ fn install_run_the_quickstart_upgrade_in_place_and_uninstall() {
         .spawn()
         .unwrap();
     install.foreground.replace(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !install.socket().exists() {
+        assert!(Instant::now() < deadline, "nothing listens on the socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // What SocketMode=0666 does: every user may connect.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(install.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     install.wait_for_service();
-    assert!(
-        install.status()["run_by"]
-            .as_str()
-            .unwrap()
-            .starts_with("its own command line")
-    );
+    let run_by = install.status()["run_by"].as_str().unwrap().to_string();
+    assert!(run_by.starts_with("socket activation"), "{run_by}");
 
     // Apple's quickstart, as a regular user from a directory in their home.
     let user = TestUser::ensure("ctinstall", 1502);
