@@ -2,7 +2,16 @@
 # Installs everything the project needs on a fresh Debian 12 host: Debian packages, the
 # vhost-user helpers from crates.io, and the Rust components of the gate. Idempotent: a second
 # run installs nothing and takes a second.
+#
+#   scripts/install-deps.sh            what building, testing and running need (the gate's set)
+#   scripts/install-deps.sh --runtime  only what running machines needs (scripts/install.sh)
 set -euo pipefail
+runtime_only=0
+case ${1:-} in
+  --runtime) runtime_only=1 ;;
+  "") ;;
+  *) echo "usage: install-deps.sh [--runtime]" >&2; exit 2 ;;
+esac
 
 need_root() {
   if [ "$(id -u)" != 0 ]; then
@@ -11,11 +20,19 @@ need_root() {
   fi
 }
 
-PACKAGES=(
-  qemu-system-x86 qemu-utils e2fsprogs debootstrap busybox-static docker-registry skopeo umoci
-  libseccomp-dev libcap-ng-dev iproute2 iptables nftables cpio zstd curl tmux sudo hyperfine
-  apache2-utils python3 openssh-client bc iputils-ping shellcheck
+# What the service runs (QEMU, qemu-img, mkfs.ext4, ip, nft), what the guest kernel's
+# download needs (`kernel set --recommended`: apt-get, dpkg-deb), and what building the
+# vhost-user helpers needs.
+RUNTIME_PACKAGES=(
+  qemu-system-x86 qemu-utils e2fsprogs iproute2 nftables libseccomp-dev libcap-ng-dev
 )
+PACKAGES=(
+  "${RUNTIME_PACKAGES[@]}"
+  debootstrap busybox-static docker-registry skopeo umoci iptables cpio zstd curl tmux sudo
+  hyperfine apache2-utils python3 openssh-client bc iputils-ping shellcheck zsh fish man-db
+  systemd
+)
+if [ $runtime_only = 1 ]; then PACKAGES=("${RUNTIME_PACKAGES[@]}"); fi
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -53,6 +70,10 @@ for tool in virtiofsd vhost-device-vsock; do
   fi
 done
 
+if [ $runtime_only = 1 ]; then
+  echo "install-deps: runtime ready"
+  exit 0
+fi
 for component in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^$component" || rustup component add "$component"
 done

@@ -18,6 +18,9 @@ pub struct SystemStatus {
     pub images: usize,
     pub machines: usize,
     pub machines_running: usize,
+    /// What runs the service: a systemd unit, the CLI, or its own command line.
+    #[serde(default)]
+    pub run_by: String,
 }
 
 /// The kernel the service boots machines with.

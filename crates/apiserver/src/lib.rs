@@ -7,6 +7,7 @@ pub use container_image::fsutil;
 pub mod http;
 pub mod logs;
 pub mod machines;
+pub mod manager;
 pub mod network;
 pub mod runtime;
 pub mod wiring;

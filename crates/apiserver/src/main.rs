@@ -27,6 +27,16 @@ struct Args {
 }
 
 fn main() -> std::process::ExitCode {
+    // Before any thread starts: taking the descriptors clears LISTEN_FDS from the environment,
+    // so no helper the service spawns believes it was socket-activated.
+    let inherited = match listenfd::ListenFd::from_env().take_unix_listener(0) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("container-apiserver: the socket systemd passed is not usable: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    container_apiserver::manager::detect(inherited.is_some());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CONTAINER_LOG")
@@ -42,7 +52,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(args));
+    let result = runtime.block_on(run(args, inherited));
     // Supervision tasks of running machines go on until their VMs exit; the service must
     // not wait for them (machines outlive the service).
     runtime.shutdown_background();
@@ -93,7 +103,29 @@ fn lock_root(root: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs
     Ok(lock)
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+/// The API socket: the one systemd passed (socket activation, `container-apiserver.socket`),
+/// else one bound here. Returns whether it is ours to remove at exit (systemd keeps its own).
+async fn listen(
+    socket: &std::path::Path,
+    inherited: Option<std::os::unix::net::UnixListener>,
+) -> anyhow::Result<(tokio::net::UnixListener, bool)> {
+    match inherited {
+        Some(listener) => {
+            listener
+                .set_nonblocking(true)
+                .context("making the inherited socket non-blocking")?;
+            let listener = tokio::net::UnixListener::from_std(listener)
+                .context("adopting the socket systemd passed")?;
+            Ok((listener, false))
+        }
+        None => Ok((http::bind(socket).await?, true)),
+    }
+}
+
+async fn run(
+    args: Args,
+    inherited: Option<std::os::unix::net::UnixListener>,
+) -> anyhow::Result<()> {
     let files = if args.config_files.is_empty() {
         config::config_files(&config::install_prefix())
     } else {
@@ -113,8 +145,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     core.follow_reboots();
     core.follow_deaths();
     core.autostart_all();
-    let listener = http::bind(&args.socket).await?;
-    tracing::info!(socket = %args.socket.display(), pid = std::process::id(), "container service listening");
+    let (listener, owned) = listen(&args.socket, inherited).await?;
+    tracing::info!(socket = %args.socket.display(), pid = std::process::id(), run_by = %container_apiserver::manager::run_by(), "container service listening");
+    // Under a `Type=notify` unit, `systemctl start` returns once the socket answers.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot tell systemd the service is ready: {e}");
+    }
     let stop = core.clone();
     let shutdown = async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -127,6 +163,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("container service stopping; machines keep running");
     };
     http::serve(listener, core, shutdown).await?;
-    let _ = std::fs::remove_file(&args.socket);
+    if owned {
+        let _ = std::fs::remove_file(&args.socket);
+    }
     Ok(())
 }

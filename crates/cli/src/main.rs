@@ -4,10 +4,12 @@
 //! the code `exit.rs` finds for it.
 
 mod commands;
+mod completion;
 mod exit;
 mod output;
 mod progress;
 mod service;
+mod systemd;
 
 use clap::{Parser, Subcommand};
 use container_api::ExitCode;
@@ -39,11 +41,24 @@ enum Command {
     /// Manage the container service.
     #[command(subcommand, visible_alias = "s")]
     System(commands::system::SystemCommand),
+    /// Print the completion script for a shell (bash, zsh, fish).
+    Completion(completion::CompletionArgs),
+    /// Write the manual pages (container-machine-create.1, …) to a directory.
+    #[command(hide = true)]
+    GenerateMan(completion::GenerateManArgs),
 }
 
 fn main() -> std::process::ExitCode {
+    // A shell's completion script calls back with COMPLETE set: answer, print nothing else.
+    completion::answer_if_asked::<Cli>();
     // clap exits by itself: 2 for usage errors, 0 for --help and --version.
     let cli = Cli::parse();
+    // These two need neither the service nor the async runtime.
+    match cli.command {
+        Command::Completion(args) => return finish(args.run()),
+        Command::GenerateMan(args) => return finish(args.run::<Cli>()),
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -60,13 +75,25 @@ fn main() -> std::process::ExitCode {
             Command::Machine(c) => c.run().await,
             Command::Image(c) => c.run().await.map(|()| 0),
             Command::Registry(c) => c.run().await.map(|()| 0),
-            Command::System(c) => c.run().await.map(|()| 0),
+            Command::System(c) => c.run().await,
+            Command::Completion(_) | Command::GenerateMan(_) => Ok(0),
         }
     });
     // Streams to the service may still be closing; do not wait for them.
     runtime.shutdown_background();
     match result {
         Ok(code) => code.into(),
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            exit::code_of(&e).code().into()
+        }
+    }
+}
+
+/// The exit of a command that returns no code of its own.
+fn finish(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => ExitCode::Success.code().into(),
         Err(e) => {
             eprintln!("Error: {e:#}");
             exit::code_of(&e).code().into()

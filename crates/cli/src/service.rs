@@ -77,6 +77,8 @@ pub async fn start() -> anyhow::Result<bool> {
         .stdin(std::process::Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out)
+        // So that `system status` can say what runs it.
+        .env("CONTAINER_STARTED_BY", "cli")
         // Its own process group: a Ctrl-C at this terminal must not stop the service.
         .process_group(0);
     use std::os::unix::process::CommandExt;

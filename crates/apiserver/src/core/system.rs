@@ -33,6 +33,7 @@ impl Core {
                 .unwrap_or(0),
             machines: machines.len(),
             machines_running: running,
+            run_by: crate::manager::run_by(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! `mod.rs` keeping only the clap enum and the dispatch; `system` and `registry`, whose
 //! subcommands are short, are one file each.
 
+pub mod check;
 mod events;
 pub mod image;
 pub mod machine;

@@ -6,19 +6,22 @@ use container_api::{Client, ExitCode, client::ClientError, paths};
 
 use crate::exit::failed;
 use crate::output::{self, Format, Tabular};
-use crate::service;
+use crate::{service, systemd};
 
 #[derive(Debug, Subcommand)]
 pub enum SystemCommand {
-    /// Start the service (machines it ran before are re-adopted).
+    /// Start the service (machines it ran before are re-adopted); through systemd when its
+    /// unit is installed.
     Start,
     /// Stop the service; running machines keep running.
     Stop,
-    /// Show whether the service runs, and with what.
+    /// Show whether the service runs, with what, and what runs it (systemd or the CLI).
     Status(FormatArg),
     /// Stream your machines' lifecycle events (`--format json`: one JSON object a line).
     Events(super::events::EventsArgs),
-    /// Show the service's log.
+    /// Check that this host can run machines: KVM, QEMU and helpers, kernel, network, disk.
+    Check(super::check::CheckArgs),
+    /// Show the service's log (its systemd journal when systemd runs it).
     Logs {
         /// Keep printing new lines.
         #[arg(short, long)]
@@ -90,14 +93,24 @@ fn absolute(path: &str) -> anyhow::Result<String> {
 }
 
 impl SystemCommand {
-    pub async fn run(self) -> anyhow::Result<()> {
+    /// Runs the subcommand; the exit code is `check`'s verdict, 0 for the others.
+    pub async fn run(self) -> anyhow::Result<u8> {
         match self {
+            SystemCommand::Start if systemd::manages_service() => start_unit().await?,
             SystemCommand::Start => {
                 if service::start().await? {
                     println!("container service started");
                 } else {
                     println!("container service already running");
                 }
+            }
+            SystemCommand::Stop if systemd::manages_service() && is_root() => {
+                systemd::systemctl("stop", &[systemd::UNIT])?;
+                println!(
+                    "container service stopped ({} keeps listening: the next command starts it again; `systemctl stop {}` keeps it down)",
+                    systemd::SOCKET_UNIT,
+                    systemd::SOCKET_UNIT
+                );
             }
             SystemCommand::Stop => {
                 let client = Client::new(paths::socket());
@@ -129,8 +142,13 @@ impl SystemCommand {
                         return Err(failed(
                             ExitCode::ServiceUnavailable,
                             format!(
-                                "the container service is not running (no answer on {}); start it with `container system start`",
-                                socket.display()
+                                "the container service is not running (no answer on {}); start it with `{}`",
+                                socket.display(),
+                                if systemd::manages_service() {
+                                    format!("sudo systemctl start {}", systemd::UNIT)
+                                } else {
+                                    "sudo container system start".to_string()
+                                }
                             ),
                         ));
                     }
@@ -140,6 +158,10 @@ impl SystemCommand {
             SystemCommand::Events(args) => {
                 let client = service::connect().await?;
                 super::events::run(&client, args).await?;
+            }
+            SystemCommand::Check(args) => return super::check::run(args).await,
+            SystemCommand::Logs { follow } if systemd::manages_service() => {
+                systemd::journal(follow)?
             }
             SystemCommand::Logs { follow } => {
                 let log = service::log_file();
@@ -188,8 +210,51 @@ impl SystemCommand {
                 println!("kernel {} installed ({})", kernel.version, kernel.path);
             }
         }
-        Ok(())
+        Ok(0)
     }
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// `system start` when systemd manages the service: root starts the units; anyone else's
+/// first connection starts it through the socket unit.
+async fn start_unit() -> anyhow::Result<()> {
+    let client = Client::new(paths::socket());
+    if client.get::<SystemStatus>("/system/status").await.is_ok() {
+        println!(
+            "container service already running (systemd unit {})",
+            systemd::UNIT
+        );
+        return Ok(());
+    }
+    if !is_root() {
+        return Err(failed(
+            ExitCode::ServiceUnavailable,
+            format!(
+                "the container service is not running and its socket unit does not answer; start it with `sudo systemctl start {} {}`",
+                systemd::SOCKET_UNIT,
+                systemd::UNIT
+            ),
+        ));
+    }
+    systemd::systemctl("start", &[systemd::SOCKET_UNIT, systemd::UNIT])?;
+    for _ in 0..400 {
+        if client.get::<SystemStatus>("/system/status").await.is_ok() {
+            println!("container service started (systemd unit {})", systemd::UNIT);
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Err(failed(
+        ExitCode::ServiceUnavailable,
+        format!(
+            "systemd started {} but it did not answer within 20 s; see `journalctl -u {}`",
+            systemd::UNIT,
+            systemd::UNIT
+        ),
+    ))
 }
 
 fn render_status(status: &SystemStatus, format: Format) -> anyhow::Result<String> {
@@ -201,9 +266,14 @@ fn render_status(status: &SystemStatus, format: Format) -> anyhow::Result<String
         .as_ref()
         .map(|k| format!("{} ({})", k.version, k.path))
         .unwrap_or_else(|| "none (run `container system kernel set --recommended`)".into());
+    let run_by = match status.run_by.as_str() {
+        "" => "unknown (an older service)",
+        r => r,
+    };
     Ok(format!(
-        "status:          {}\nversion:         {}\npid:             {}\nroot:            {}\nsocket:          {}\nstarted:         {}\nvirtualization:  {}\nkernel:          {}\nimages:          {}\nmachines:        {} ({} running)\n",
+        "status:          {}\nrun by:          {}\nversion:         {}\npid:             {}\nroot:            {}\nsocket:          {}\nstarted:         {}\nvirtualization:  {}\nkernel:          {}\nimages:          {}\nmachines:        {} ({} running)\n",
         status.status,
+        run_by,
         status.version,
         status.pid,
         status.root,
