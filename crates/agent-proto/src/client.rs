@@ -122,6 +122,14 @@ impl AgentClient {
         }
     }
 
+    /// What the guest's memory holds now.
+    pub async fn stats(self) -> Result<crate::GuestMemory, ProtoError> {
+        match self.request(Message::Stats).await? {
+            Message::StatsReport(memory) => Ok(memory),
+            other => Err(ProtoError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Sets the guest's clock.
     pub async fn set_time(self, unix_ns: u64) -> Result<(), ProtoError> {
         self.expect_done(Message::SetTime { unix_ns }).await

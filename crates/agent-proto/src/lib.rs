@@ -13,6 +13,7 @@
 //! | `Shutdown` | — | `Done` once the stop signal is sent |
 //! | `SetTime` | — | `Done` or `Error` |
 //! | `Ping` | — | `Pong` |
+//! | `Stats` | — | `StatsReport` or `Error` |
 //!
 //! The one connection the agent opens itself goes the other way, to the host's
 //! [`READY_PORT`] during boot: it carries a single [`Message::Ready`] once the agent listens,
@@ -37,7 +38,7 @@ pub mod host;
 
 pub use boot::{BOOT_CONFIG_PATH, BootConfig, HomeMount, NetConfig, Share, UserSpec};
 pub use frame::{Frame, Kind, MAX_FRAME, ProtoError, decode, decode_frame, encode, header};
-pub use message::{ExecRequest, Message};
+pub use message::{ExecRequest, GuestMemory, Message};
 
 /// Protocol version; the agent refuses a host speaking another.
 pub const VERSION: u32 = 1;

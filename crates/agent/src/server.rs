@@ -130,6 +130,15 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
                 Err(e) => reply(&writer, error(e, None))?,
             }
         }
+        Message::Stats => match std::fs::read_to_string("/proc/meminfo")
+            .context("reading /proc/meminfo")
+            .and_then(|t| {
+                container_agent_proto::GuestMemory::from_meminfo(&t)
+                    .context("/proc/meminfo has no MemTotal")
+            }) {
+            Ok(memory) => reply(&writer, Message::StatsReport(memory))?,
+            Err(e) => reply(&writer, error(e, None))?,
+        },
         Message::Shutdown { signal, timeout_ms } => shutdown(signal, timeout_ms, &writer)?,
         Message::Exec(req) => exec::run(req, reader, writer)?,
         Message::CopyIn { path } => copy::copy_in(&path, reader, &writer)?,

@@ -144,6 +144,9 @@ pub struct Machine {
     /// Settings changed with `set` that wait for the next start.
     #[serde(default)]
     pub pending_restart: bool,
+    /// What the machine costs now (`inspect` only; `ls` leaves it out to stay fast).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Box<crate::stats::MachineStats>>,
 }
 
 /// The image a machine was created from.
@@ -410,6 +413,7 @@ mod tests {
             kernel: None,
             owner_uid: 1000,
             pending_restart: false,
+            stats: None,
         }
     }
 

@@ -26,6 +26,21 @@ pub fn routes() -> Router<Core> {
         .route("/machines/{name}/exec", post(exec))
         .route("/machines/{name}/copy-in", post(copy_in))
         .route("/machines/{name}/copy-out", get(copy_out))
+        .route("/stats", get(stats))
+}
+
+async fn stats(
+    State(core): State<Core>,
+    caller: Caller,
+    Query(q): Query<container_api::stats::StatsQuery>,
+) -> Response {
+    let names = q
+        .names
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    answer(&core, &caller, Request::MachineStats { names, all: q.all }).await
 }
 
 async fn list(State(core): State<Core>, caller: Caller) -> Response {

@@ -1,7 +1,8 @@
 //! The VM runtime: machine disks (`disk`), the kernel (`kernel`) and the initramfs built
 //! around the guest agent (`initramfs`), the VMM behind a small trait (`vmm`, `qemu`), the
 //! helper processes (`helpers`), the serial console (`console`) and their supervision
-//! (`supervisor`, whose [`Runtime`] is the door: start, stop, status, adopt).
+//! (`supervisor`, whose [`Runtime`] is the door: start, stop, status, adopt) and what a
+//! running VM costs the host (`usage`).
 //!
 //! Invariants: every running VM has a `run.json` in its machine directory naming its VMM and
 //! helpers by pid and start time; the VMM and helpers run in process groups of their own, so
@@ -21,6 +22,7 @@ pub mod session;
 mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
+pub mod usage;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};

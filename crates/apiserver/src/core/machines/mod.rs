@@ -5,12 +5,14 @@
 //! - `lifecycle`: create, boot, start, stop, delete;
 //! - `settings`: the one validator of what create and `set` accept, and `set` itself;
 //! - `reboot`: whether a guest that rebooted itself is booted again;
-//! - `exec`: what `run` starts (user, working directory, environment), `run` and `cp`.
+//! - `exec`: what `run` starts (user, working directory, environment), `run` and `cp`;
+//! - `stats`: what machines cost, for `stats` and `inspect`.
 
 mod exec;
 mod lifecycle;
 mod reboot;
 mod settings;
+mod stats;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -153,6 +155,7 @@ impl Core {
             kernel: record.kernel.clone(),
             owner_uid: record.owner_uid,
             pending_restart: record.pending_restart,
+            stats: None,
         }
     }
 
@@ -176,8 +179,16 @@ impl Core {
             .collect())
     }
 
-    pub(super) fn machine_get(&self, caller: &Caller, name: &str) -> Result<Machine, ApiError> {
-        self.machine(&self.visible(caller, name)?)
+    /// The machine with what it costs now.
+    pub(super) async fn machine_inspect(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<Machine, ApiError> {
+        let record = self.visible(caller, name)?;
+        let mut machine = self.machine(&record)?;
+        machine.stats = Some(Box::new(self.sample(&record).await));
+        Ok(machine)
     }
 
     pub(super) async fn machine_set_default(

@@ -178,6 +178,15 @@ impl Runtime {
         self.get(id).map(|v| v.run.started)
     }
 
+    /// What a running VM's processes and tap cost now; `None` unless it runs.
+    pub fn usage(&self, id: &str) -> Option<super::usage::VmUsage> {
+        let vm = self.get(id).filter(|v| v.get() == MachineState::Running)?;
+        let ids: Vec<ProcessId> = std::iter::once(vm.run.qemu)
+            .chain(vm.run.helpers.iter().copied())
+            .collect();
+        Some(super::usage::read(&ids, vm.run.tap.as_deref()))
+    }
+
     /// The hybrid-vsock socket of a running VM's agent.
     pub fn agent_socket(&self, id: &str) -> Result<PathBuf, RuntimeError> {
         self.running(id)

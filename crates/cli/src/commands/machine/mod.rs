@@ -11,6 +11,7 @@ mod run;
 mod set;
 mod set_default;
 mod start;
+mod stats;
 mod stop;
 
 use clap::Subcommand;
@@ -46,6 +47,8 @@ pub enum MachineCommand {
     Delete(delete::DeleteArgs),
     /// Copy files between the host and a machine (`NAME:/path` on one side).
     Cp(cp::CpArgs),
+    /// Show what machines cost: host CPU and memory, guest memory, disk and network.
+    Stats(stats::StatsArgs),
 }
 
 /// The machine a command without a name acts on.
@@ -76,6 +79,7 @@ impl MachineCommand {
             MachineCommand::Start(args) => start::run(&client, args).await?,
             MachineCommand::List(args) => list::run(&client, args).await?,
             MachineCommand::Inspect(args) => inspect::run(&client, args).await?,
+            MachineCommand::Stats(args) => stats::run(&client, args).await?,
             MachineCommand::Set(args) => set::run(&client, args).await?,
             MachineCommand::SetDefault(args) => set_default::run(&client, args).await?,
             MachineCommand::Logs(args) => logs::run(&client, args).await?,
