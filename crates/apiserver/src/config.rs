@@ -79,6 +79,7 @@ struct RuntimeSection {
     virtiofsd: Option<String>,
     vhost_device_vsock: Option<String>,
     agent: Option<String>,
+    tcg_translation_cache: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -142,6 +143,9 @@ pub struct RuntimeConfig {
     pub virtiofsd: Option<String>,
     pub vhost_device_vsock: Option<String>,
     pub agent: Option<String>,
+    /// Under software emulation, the most memory QEMU keeps translated guest code in
+    /// (`-accel tcg,tb-size=`), in bytes; `None` leaves QEMU's default.
+    pub tcg_translation_cache: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -313,6 +317,18 @@ fn validate(config: &FileConfig) -> Result<(), String> {
             }
         }
     }
+    if let Some(v) = config
+        .runtime
+        .as_ref()
+        .and_then(|r| r.tcg_translation_cache.as_ref())
+    {
+        let bytes = parse_size(v).map_err(|e| format!("runtime.tcg-translation-cache: {e}"))?;
+        if bytes < 1 << 20 {
+            return Err(format!(
+                "runtime.tcg-translation-cache `{v}` is below QEMU's smallest, 1M"
+            ));
+        }
+    }
     if let Some(n) = &config.network
         && let Some(bridge) = &n.bridge
         && (bridge.is_empty() || bridge.len() > 15)
@@ -402,6 +418,10 @@ fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Conf
             virtiofsd: r.virtiofsd,
             vhost_device_vsock: r.vhost_device_vsock,
             agent: r.agent,
+            tcg_translation_cache: r
+                .tcg_translation_cache
+                .as_deref()
+                .and_then(|s| parse_size(s).ok()),
         },
         registry: RegistryConfig {
             insecure: g.insecure.unwrap_or_default(),

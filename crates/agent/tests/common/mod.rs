@@ -291,6 +291,7 @@ fn launch(
         binary: helpers::find_binary(helpers::QEMU, None).unwrap(),
         accel: qemu::choose_accel(Virtualization::Tcg, qemu::HostKvm::probe()),
         tsc_khz: host_tsc_khz(),
+        tb_mib: None,
     };
     let shares = [("shared".to_string(), vfs.clone())];
     let qemu = vmm

@@ -54,6 +54,8 @@ pub struct RuntimeOptions {
     pub boot_timeout: Duration,
     /// Makes and removes the taps of VMs that have a network device.
     pub network: Option<Arc<dyn TapPlumbing>>,
+    /// TCG's translation cache in bytes; `None`: QEMU's default.
+    pub tcg_translation_cache: Option<u64>,
 }
 
 impl RuntimeOptions {
@@ -65,6 +67,7 @@ impl RuntimeOptions {
             helpers: HelperPaths::default(),
             boot_timeout: Duration::from_secs(180),
             network: None,
+            tcg_translation_cache: None,
         }
     }
 }

@@ -40,6 +40,7 @@ pub fn vms(
             agent: path(&r.agent),
         },
         network: Some(Arc::new(super::net::Taps(network.clone()))),
+        tcg_translation_cache: r.tcg_translation_cache,
         ..RuntimeOptions::new(&options.root, &options.run_dir)
     });
     // The core hears of reboots in its own terms; the forwarder ends with the runtime.

@@ -138,6 +138,7 @@ impl Runtime {
             binary,
             accel,
             tsc_khz,
+            tb_mib: options.tcg_translation_cache.map(|b| (b >> 20).max(1)),
         };
         Self::with_vmm(options, Arc::new(vmm))
     }
