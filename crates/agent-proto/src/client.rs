@@ -130,6 +130,11 @@ impl AgentClient {
         }
     }
 
+    /// Has the guest drop its clean page cache and compact its free memory.
+    pub async fn reclaim(self) -> Result<(), ProtoError> {
+        self.expect_done(Message::Reclaim).await
+    }
+
     /// Sets the guest's clock.
     pub async fn set_time(self, unix_ns: u64) -> Result<(), ProtoError> {
         self.expect_done(Message::SetTime { unix_ns }).await

@@ -14,6 +14,7 @@
 //! | `SetTime` | — | `Done` or `Error` |
 //! | `Ping` | — | `Pong` |
 //! | `Stats` | — | `StatsReport` or `Error` |
+//! | `Reclaim` | — | `Done` or `Error` |
 //!
 //! The one connection the agent opens itself goes the other way, to the host's
 //! [`READY_PORT`] during boot: it carries a single [`Message::Ready`] once the agent listens,

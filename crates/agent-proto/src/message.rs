@@ -64,6 +64,10 @@ pub enum Message {
     Stats,
     /// Agent: the guest's memory, from its `/proc/meminfo`.
     StatsReport(GuestMemory),
+    /// Host: give the guest's clean page cache back (the host is short of memory, or the
+    /// machine has been idle): the agent drops it and compacts the free memory, which
+    /// free-page reporting then returns to the host. `Done` once that is through.
+    Reclaim,
     /// Agent: the request failed. For `Exec`, `code` follows the shell convention (126 not
     /// executable or bad working directory or user, 127 not found).
     Error { message: String, code: Option<i32> },

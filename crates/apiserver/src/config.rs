@@ -45,6 +45,14 @@ struct FileConfig {
     runtime: Option<RuntimeSection>,
     registry: Option<RegistrySection>,
     limits: Option<LimitsSection>,
+    memory: Option<MemorySection>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct MemorySection {
+    reclaim_idle_after: Option<String>,
+    reclaim_pressure: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -107,6 +115,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub registry: RegistryConfig,
     pub limits: Limits,
+    pub memory: MemoryConfig,
     /// The host the defaults and limits were derived from.
     pub host: HostFacts,
     /// Every key with its value and where it came from, for `system property list`.
@@ -168,6 +177,26 @@ pub struct Limits {
     pub disk_size: u64,
 }
 
+/// When guests give their clean page cache back to the host (`[memory]`; `runtime::reclaim`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryConfig {
+    /// After this long idle; `None` (`"off"`): never for idleness.
+    pub reclaim_idle_after: Option<std::time::Duration>,
+    /// When the host's memory pressure (PSI `some avg10`, percent) reaches this; `None` (0):
+    /// never for pressure.
+    pub reclaim_pressure: Option<f64>,
+}
+
+/// `off` or a duration such as `90s` or `5m`.
+fn parse_idle_after(text: &str) -> Result<Option<std::time::Duration>, String> {
+    match text {
+        "off" => Ok(None),
+        _ => humantime::parse_duration(text)
+            .map(Some)
+            .map_err(|e| format!("`{text}`: {e} (a duration such as `2m`, or `off`)")),
+    }
+}
+
 /// Facts about the host the defaults depend on.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HostFacts {
@@ -219,6 +248,12 @@ fn defaults(host: HostFacts) -> FileConfig {
             running_cpus: Some(host.cpus * 2),
             running_memory: Some(format!("{}M", (host.memory >> 20) * 2)),
             disk_size: Some("1T".into()),
+        }),
+        // An idle machine's page cache goes back after two minutes; every machine's when
+        // tasks on the host stall on memory a tenth of the time.
+        memory: Some(MemorySection {
+            reclaim_idle_after: Some("2m".into()),
+            reclaim_pressure: Some(10.0),
         }),
     }
 }
@@ -329,6 +364,18 @@ fn validate(config: &FileConfig) -> Result<(), String> {
             ));
         }
     }
+    if let Some(m) = &config.memory {
+        if let Some(v) = &m.reclaim_idle_after {
+            parse_idle_after(v).map_err(|e| format!("memory.reclaim-idle-after: {e}"))?;
+        }
+        if let Some(p) = m.reclaim_pressure
+            && !(0.0..=100.0).contains(&p)
+        {
+            return Err(format!(
+                "memory.reclaim-pressure `{p}` must be a percentage from 0 (off) to 100"
+            ));
+        }
+    }
     if let Some(n) = &config.network
         && let Some(bridge) = &n.bridge
         && (bridge.is_empty() || bridge.len() > 15)
@@ -394,6 +441,7 @@ fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Conf
     let r = file.runtime.unwrap_or_default();
     let g = file.registry.unwrap_or_default();
     let l = file.limits.unwrap_or_default();
+    let mem = file.memory.unwrap_or_default();
     let size =
         |v: Option<String>, fallback: u64| v.and_then(|s| parse_size(&s).ok()).unwrap_or(fallback);
     Config {
@@ -433,6 +481,14 @@ fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Conf
             running_memory: size(l.running_memory, host.memory * 2),
             disk_size: size(l.disk_size, 1 << 40),
         },
+        memory: MemoryConfig {
+            reclaim_idle_after: mem
+                .reclaim_idle_after
+                .as_deref()
+                .map_or(Ok(None), parse_idle_after)
+                .unwrap_or(None),
+            reclaim_pressure: mem.reclaim_pressure.filter(|p| *p > 0.0),
+        },
         host,
         properties,
     }
@@ -471,6 +527,45 @@ mod tests {
         .unwrap();
         assert_eq!(small.machine.cpus, 1);
         assert_eq!(small.machine.memory, 1 << 30);
+    }
+
+    #[test]
+    fn memory_reclaim_is_on_by_default_and_each_trigger_turns_off() {
+        let c = load(&[], HOST).unwrap();
+        assert_eq!(
+            c.memory.reclaim_idle_after,
+            Some(std::time::Duration::from_secs(120))
+        );
+        assert_eq!(c.memory.reclaim_pressure, Some(10.0));
+        let dir = tempfile::tempdir().unwrap();
+        let off = write(
+            dir.path(),
+            "off.toml",
+            "[memory]\nreclaim-idle-after = \"off\"\nreclaim-pressure = 0\n",
+        );
+        let c = load(&[off], HOST).unwrap();
+        assert_eq!(
+            (c.memory.reclaim_idle_after, c.memory.reclaim_pressure),
+            (None, None)
+        );
+        let fast = write(
+            dir.path(),
+            "fast.toml",
+            "[memory]\nreclaim-idle-after = \"90s\"\n",
+        );
+        let c = load(&[fast], HOST).unwrap();
+        assert_eq!(
+            c.memory.reclaim_idle_after,
+            Some(std::time::Duration::from_secs(90))
+        );
+        for bad in [
+            "[memory]\nreclaim-idle-after = \"soon\"\n",
+            "[memory]\nreclaim-pressure = 150\n",
+            "[runtime]\ntcg-translation-cache = \"100K\"\n",
+        ] {
+            let f = write(dir.path(), "bad.toml", bad);
+            assert!(load(&[f], HOST).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! around the guest agent (`initramfs`), the VMM behind a small trait (`vmm`, `qemu`), the
 //! helper processes (`helpers`), the serial console (`console`) and their supervision
 //! (`supervisor`, whose [`Runtime`] is the door: start, stop, status, adopt) and what a
-//! running VM costs the host (`usage`).
+//! running VM costs the host (`usage`) and giving idle guests' page cache back (`reclaim`).
 //!
 //! Invariants: every running VM has a `run.json` in its machine directory naming its VMM and
 //! helpers by pid and start time; the VMM and helpers run in process groups of their own, so
@@ -18,6 +18,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
+pub mod reclaim;
 pub mod session;
 mod supervisor;
 #[allow(unsafe_code)]

@@ -32,6 +32,20 @@ pub fn read(ids: &[ProcessId], tap: Option<&str>) -> VmUsage {
     }
 }
 
+/// Host CPU time of the processes still running among `ids`, added up: the one figure a
+/// frequent check needs, without the memory walk.
+pub fn cpu_time(ids: &[ProcessId]) -> u64 {
+    ids.iter()
+        .filter(|id| id.alive())
+        .filter_map(|id| procfs::process::Process::new(id.pid()).ok()?.stat().ok())
+        .map(|stat| ticks_to_ns(stat.utime + stat.stime))
+        .sum()
+}
+
+fn ticks_to_ns(ticks: u64) -> u64 {
+    ticks.saturating_mul(1_000_000_000) / procfs::ticks_per_second().max(1)
+}
+
 fn process(pid: i32) -> Option<ProcessUsage> {
     let p = procfs::process::Process::new(pid).ok()?;
     let stat = p.stat().ok()?;
@@ -43,13 +57,12 @@ fn process(pid: i32) -> Option<ProcessUsage> {
             pss += map.extension.map.get("Pss").copied().unwrap_or(0);
         }
     }
-    let ticks = stat.utime + stat.stime;
     Some(ProcessUsage {
         name: stat.comm,
         pid,
         rss,
         pss,
-        cpu_time_ns: ticks.saturating_mul(1_000_000_000) / procfs::ticks_per_second().max(1),
+        cpu_time_ns: ticks_to_ns(stat.utime + stat.stime),
     })
 }
 

@@ -73,6 +73,13 @@ pub fn vms(
         cpu_samples: Default::default(),
     };
     service.runtime.adopt_all(&service.machines());
+    runtime::reclaim::spawn(
+        service.runtime.clone(),
+        runtime::reclaim::Policy {
+            idle_after: config.memory.reclaim_idle_after,
+            pressure: config.memory.reclaim_pressure,
+        },
+    );
     Ok(Arc::new(service))
 }
 
