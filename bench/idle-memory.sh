@@ -2,12 +2,14 @@
 # What an idle Debian systemd machine holds on the host, against what its guest uses, and what
 # TCG's translation cache size does to it and to the boot, in one run.
 #
-#   bench/idle-memory.sh [SIZES] [MEMORY]   SIZES: "default 256M 128M 64M"; MEMORY: 1536M
+#   bench/idle-memory.sh [VARIANTS] [MEMORY]
+#     VARIANTS: "default:off 128M:off 64M:off 64M:30s"; MEMORY: 1536M
 #
-# For each translation-cache size (`[runtime] tcg-translation-cache`; `default` leaves
-# QEMU's own), with a service restarted on that config: a Debian test machine with MEMORY is
+# Each variant is TB:RECLAIM: the translation-cache size (`[runtime] tcg-translation-cache`;
+# `default` leaves QEMU's own) and when an idle machine gives its page cache back (`[memory]
+# reclaim-idle-after`, `off` or a duration). With a service restarted on that config: a Debian test machine with MEMORY is
 # created without booting, then `container machine run -n N true` boots it; timed until
-# systemd says `running` (or `degraded`) inside. 60 s after that command was issued, one
+# systemd says `running` (or `degraded`) inside. 60 s after that, one
 # `container machine stats --no-stream --format json` sample: the host's PSS and RSS of QEMU
 # and each helper, and the guest's used memory and cache (its /proc/meminfo).
 #
@@ -22,7 +24,7 @@ cd "$(dirname "$self")/.."
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
 bench_enter_netns "$self" "$@"
-read -r -a sizes <<<"${1:-default 256M 128M 64M}"
+read -r -a variants <<<"${1:-default:off 128M:off 64M:off 64M:30s}"
 memory=${2:-1536M}
 bench_start
 ref=$(bench_push debian)
@@ -30,16 +32,17 @@ conf=$XDG_CONFIG_HOME/container/config.toml
 mkdir -p "$(dirname "$conf")"
 MIB=1048576
 
-printf '%-8s %8s %9s %9s %11s %11s %6s  %s\n' "tb-size" "boot s" "host PSS" "host RSS" "guest used" "guest cache" "ratio" "PSS per process (MiB)"
-for size in "${sizes[@]}"; do
-  if [ "$size" = default ]; then
-    : >"$conf"
-  else
-    printf '[runtime]\ntcg-translation-cache = "%s"\n' "$size" >"$conf"
+printf '%-12s %8s %9s %9s %11s %11s %6s  %s\n' "tb:reclaim" "boot s" "host PSS" "host RSS" "guest used" "guest cache" "ratio" "PSS per process (MiB)"
+for variant in "${variants[@]}"; do
+  size=${variant%%:*}
+  reclaim=${variant#*:}
+  printf '[memory]\nreclaim-idle-after = "%s"\nreclaim-pressure = 0\n' "$reclaim" >"$conf"
+  if [ "$size" != default ]; then
+    printf '[runtime]\ntcg-translation-cache = "%s"\n' "$size" >>"$conf"
   fi
   "$cli" system stop >/dev/null
   "$cli" system start >/dev/null
-  name=idle-${size,,}
+  name=idle-${size,,}-${reclaim,,}
   "$cli" machine create "$ref" --name "$name" --memory "$memory" --no-boot --home-mount none >/dev/null
   start=$(now)
   "$cli" machine run -n "$name" true
@@ -51,15 +54,14 @@ for size in "${sizes[@]}"; do
   done
   boot=$(since "$start")
   [ "$state" = running ] || [ "$state" = degraded ] || bench_die "$name: systemd says '$state'"
-  rest=$(echo "60 - ($(now) - $start)" | bc)
-  [ "$(echo "$rest > 0" | bc)" = 1 ] && sleep "$rest"
+  sleep 60
   s=$("$cli" machine stats --no-stream --format json "$name" | jq '.[0]')
   pss=$(jq '.hostMemory.pss' <<<"$s")
   rss=$(jq '.hostMemory.rss' <<<"$s")
   used=$(jq '.guestMemory.used' <<<"$s")
   cache=$(jq '.guestMemory.cache' <<<"$s")
   per=$(jq -r --argjson m $MIB '[.hostMemory.processes[] | "\(.name)=\(.pss / $m | floor)"] | join(" ")' <<<"$s")
-  printf '%-8s %8s %9d %9d %11d %11d %6s  %s\n' "$size" "$boot" $((pss / MIB)) $((rss / MIB)) \
+  printf '%-12s %8s %9d %9d %11d %11d %6s  %s\n' "$variant" "$boot" $((pss / MIB)) $((rss / MIB)) \
     $((used / MIB)) $((cache / MIB)) "$(ratio "$pss" $((used + 64 * MIB)))" "$per"
   bench_rm "$name"
 done
