@@ -122,6 +122,19 @@ impl AgentClient {
         }
     }
 
+    /// What the guest's memory holds now.
+    pub async fn stats(self) -> Result<crate::GuestMemory, ProtoError> {
+        match self.request(Message::Stats).await? {
+            Message::StatsReport(memory) => Ok(memory),
+            other => Err(ProtoError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Has the guest drop its clean page cache and compact its free memory.
+    pub async fn reclaim(self) -> Result<(), ProtoError> {
+        self.expect_done(Message::Reclaim).await
+    }
+
     /// Sets the guest's clock.
     pub async fn set_time(self, unix_ns: u64) -> Result<(), ProtoError> {
         self.expect_done(Message::SetTime { unix_ns }).await

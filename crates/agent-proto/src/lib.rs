@@ -13,6 +13,8 @@
 //! | `Shutdown` | — | `Done` once the stop signal is sent |
 //! | `SetTime` | — | `Done` or `Error` |
 //! | `Ping` | — | `Pong` |
+//! | `Stats` | — | `StatsReport` or `Error` |
+//! | `Reclaim` | — | `Done` or `Error` |
 //!
 //! The agent opens connections the other way too: to the host's [`READY_PORT`] during boot,
 //! carrying a single [`Message::Ready`] once the agent listens (only then does the host open
@@ -40,7 +42,7 @@ pub mod host;
 
 pub use boot::{BOOT_CONFIG_PATH, BootConfig, HomeMount, NetConfig, Share, UserSpec};
 pub use frame::{Frame, Kind, MAX_FRAME, ProtoError, decode, decode_frame, encode, header};
-pub use message::{ExecRequest, Message};
+pub use message::{ExecRequest, GuestMemory, Message};
 
 /// Protocol version; the agent refuses a host speaking another.
 pub const VERSION: u32 = 1;

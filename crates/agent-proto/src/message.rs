@@ -67,6 +67,14 @@ pub enum Message {
         #[serde(default)]
         init_running: bool,
     },
+    /// Host: what the guest's memory holds now.
+    Stats,
+    /// Agent: the guest's memory, from its `/proc/meminfo`.
+    StatsReport(GuestMemory),
+    /// Host: give the guest's clean page cache back (the host is short of memory, or the
+    /// machine has been idle): the agent drops it and compacts the free memory, which
+    /// free-page reporting then returns to the host. `Done` once that is through.
+    Reclaim,
     /// Agent: the request failed. For `Exec`, `code` follows the shell convention (126 not
     /// executable or bad working directory or user, 127 not found).
     Error { message: String, code: Option<i32> },
@@ -109,4 +117,71 @@ pub struct ExecRequest {
     /// so an older agent still parses every request that does not use it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ssh_agent: bool,
+}
+
+/// The guest's memory as its kernel counts it (`/proc/meminfo`), in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GuestMemory {
+    /// `MemTotal`: what the guest's kernel manages.
+    pub total: u64,
+    /// `MemFree`: not used for anything.
+    pub free: u64,
+    /// `MemAvailable`: what could be given to programs without swapping.
+    pub available: u64,
+    /// `Buffers` + `Cached` + `SReclaimable`: caches the guest could drop.
+    pub cache: u64,
+    /// What programs and the kernel hold: total - free - cache.
+    pub used: u64,
+}
+
+impl GuestMemory {
+    /// Reads the figures out of the text of `/proc/meminfo`; `None` without `MemTotal`.
+    pub fn from_meminfo(text: &str) -> Option<GuestMemory> {
+        let mut field = std::collections::HashMap::new();
+        for line in text.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(key), Some(value)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(value) = value.parse::<u64>() else {
+                continue;
+            };
+            let bytes = match words.next() {
+                Some("kB") => value.saturating_mul(1024),
+                _ => value,
+            };
+            field.insert(key.trim_end_matches(':'), bytes);
+        }
+        let get = |k: &str| field.get(k).copied().unwrap_or(0);
+        let total = *field.get("MemTotal")?;
+        let free = get("MemFree");
+        let cache = get("Buffers") + get("Cached") + get("SReclaimable");
+        Some(GuestMemory {
+            total,
+            free,
+            available: field.get("MemAvailable").copied().unwrap_or(free + cache),
+            cache,
+            used: total.saturating_sub(free).saturating_sub(cache),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn meminfo_is_read_in_bytes_with_caches_apart() {
+        let text = "MemTotal:        1000 kB\nMemFree:          200 kB\nMemAvailable:     700 kB\n\
+                    Buffers:           10 kB\nCached:           300 kB\nSwapCached:        0 kB\n\
+                    SReclaimable:      40 kB\nHugePages_Total:   0\n";
+        let m = GuestMemory::from_meminfo(text).unwrap();
+        assert_eq!(m.total, 1_024_000);
+        assert_eq!(m.free, 204_800);
+        assert_eq!(m.available, 716_800);
+        assert_eq!(m.cache, 350 * 1024);
+        assert_eq!(m.used, (1000 - 200 - 350) * 1024);
+        assert_eq!(GuestMemory::from_meminfo("garbage\n"), None);
+    }
 }

@@ -130,6 +130,19 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
                 Err(e) => reply(&writer, error(e, None))?,
             }
         }
+        Message::Stats => match std::fs::read_to_string("/proc/meminfo")
+            .context("reading /proc/meminfo")
+            .and_then(|t| {
+                container_agent_proto::GuestMemory::from_meminfo(&t)
+                    .context("/proc/meminfo has no MemTotal")
+            }) {
+            Ok(memory) => reply(&writer, Message::StatsReport(memory))?,
+            Err(e) => reply(&writer, error(e, None))?,
+        },
+        Message::Reclaim => match reclaim() {
+            Ok(()) => reply(&writer, Message::Done)?,
+            Err(e) => reply(&writer, error(e, None))?,
+        },
         Message::Shutdown { signal, timeout_ms } => shutdown(signal, timeout_ms, &writer)?,
         Message::Freeze { timeout_ms } => freeze(timeout_ms, reader, &writer)?,
         Message::Exec(req) => exec::run(req, reader, writer)?,
@@ -169,6 +182,16 @@ fn freeze(timeout_ms: u64, mut reader: VsockStream, writer: &Writer) -> std::io:
         Ok(()) => reply(writer, Message::Done),
         Err(e) => reply(writer, error(anyhow!(e).context("thawing /"), None)),
     }
+}
+
+/// Drops the clean page cache (not dentries and inodes: a `git status` after an idle spell
+/// would walk the disk again) and compacts free memory into the large blocks free-page
+/// reporting hands back to the host (it reports only whole 2 MiB blocks on x86).
+fn reclaim() -> Result<()> {
+    std::fs::write("/proc/sys/vm/drop_caches", "1").context("dropping the page cache")?;
+    // Compaction is best effort: a kernel without it still gave the cache back.
+    let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
+    Ok(())
 }
 
 /// PID 1 is the image's init once it no longer runs the agent's binary.

@@ -10,6 +10,7 @@ pub mod machine;
 pub mod paths;
 pub mod session;
 pub mod size;
+pub mod stats;
 pub mod system;
 
 pub use client::Client;

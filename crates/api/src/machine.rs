@@ -151,6 +151,9 @@ pub struct Machine {
     /// Booted when the service starts and after its VM died unexpectedly.
     #[serde(default)]
     pub autostart: bool,
+    /// What the machine costs now (`inspect` only; `ls` leaves it out to stay fast).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<Box<crate::stats::MachineStats>>,
 }
 
 /// The image a machine was created from.
@@ -478,6 +481,7 @@ mod tests {
             owner_uid: 1000,
             pending_restart: false,
             autostart: false,
+            stats: None,
         }
     }
 

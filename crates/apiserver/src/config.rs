@@ -50,6 +50,14 @@ struct FileConfig {
     runtime: Option<RuntimeSection>,
     registry: Option<RegistrySection>,
     limits: Option<LimitsSection>,
+    memory: Option<MemorySection>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct MemorySection {
+    reclaim_idle_after: Option<String>,
+    reclaim_pressure: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -85,6 +93,7 @@ struct RuntimeSection {
     vhost_device_vsock: Option<String>,
     agent: Option<String>,
     vm_users: Option<String>,
+    tcg_translation_cache: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -126,6 +135,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub registry: RegistryConfig,
     pub limits: Limits,
+    pub memory: MemoryConfig,
     /// The host the defaults and limits were derived from.
     pub host: HostFacts,
     /// Every key with its value and where it came from, for `system property list`.
@@ -164,6 +174,9 @@ pub struct RuntimeConfig {
     pub agent: Option<String>,
     /// The uids (and gids of the same numbers) VMs run as, one per running VM.
     pub vm_users: crate::runtime::VmUsers,
+    /// Under software emulation, the most memory QEMU keeps translated guest code in
+    /// (`-accel tcg,tb-size=`), in bytes; `None` leaves QEMU's default.
+    pub tcg_translation_cache: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -190,6 +203,26 @@ pub struct Limits {
     /// The largest archive a user may upload with `image load` (it is spooled to disk whole
     /// before it is read).
     pub image_load_size: u64,
+}
+
+/// When guests give their clean page cache back to the host (`[memory]`; `runtime::reclaim`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MemoryConfig {
+    /// After this long idle; `None` (`"off"`): never for idleness.
+    pub reclaim_idle_after: Option<std::time::Duration>,
+    /// When the host's memory pressure (PSI `some avg10`, percent) reaches this; `None` (0):
+    /// never for pressure.
+    pub reclaim_pressure: Option<f64>,
+}
+
+/// `off` or a duration such as `90s` or `5m`.
+fn parse_idle_after(text: &str) -> Result<Option<std::time::Duration>, String> {
+    match text {
+        "off" => Ok(None),
+        _ => humantime::parse_duration(text)
+            .map(Some)
+            .map_err(|e| format!("`{text}`: {e} (a duration such as `2m`, or `off`)")),
+    }
 }
 
 /// Facts about the host the defaults depend on.
@@ -246,6 +279,12 @@ fn defaults(host: HostFacts) -> FileConfig {
             running_memory: Some(format!("{}M", (host.memory >> 20) * 2)),
             disk_size: Some("1T".into()),
             image_load_size: Some("32G".into()),
+        }),
+        // An idle machine's page cache goes back after two minutes; every machine's when
+        // tasks on the host stall on memory a tenth of the time.
+        memory: Some(MemorySection {
+            reclaim_idle_after: Some("2m".into()),
+            reclaim_pressure: Some(10.0),
         }),
     }
 }
@@ -380,6 +419,30 @@ fn validate(config: &FileConfig) -> Result<(), String> {
     if let Some(mirrors) = config.registry.as_ref().and_then(|r| r.mirrors.as_ref()) {
         mirrors_of(mirrors)?;
     }
+    if let Some(v) = config
+        .runtime
+        .as_ref()
+        .and_then(|r| r.tcg_translation_cache.as_ref())
+    {
+        let bytes = parse_size(v).map_err(|e| format!("runtime.tcg-translation-cache: {e}"))?;
+        if bytes < 1 << 20 {
+            return Err(format!(
+                "runtime.tcg-translation-cache `{v}` is below QEMU's smallest, 1M"
+            ));
+        }
+    }
+    if let Some(m) = &config.memory {
+        if let Some(v) = &m.reclaim_idle_after {
+            parse_idle_after(v).map_err(|e| format!("memory.reclaim-idle-after: {e}"))?;
+        }
+        if let Some(p) = m.reclaim_pressure
+            && !(0.0..=100.0).contains(&p)
+        {
+            return Err(format!(
+                "memory.reclaim-pressure `{p}` must be a percentage from 0 (off) to 100"
+            ));
+        }
+    }
     if let Some(n) = &config.network
         && let Some(bridge) = &n.bridge
         && (bridge.is_empty() || bridge.len() > 15)
@@ -473,6 +536,7 @@ fn resolve(
     let r = file.runtime.unwrap_or_default();
     let g = file.registry.unwrap_or_default();
     let l = file.limits.unwrap_or_default();
+    let mem = file.memory.unwrap_or_default();
     let size =
         |v: Option<String>, fallback: u64| v.and_then(|s| parse_size(&s).ok()).unwrap_or(fallback);
     // Each file's mirrors were checked when it was read; these are the merged lists.
@@ -504,6 +568,10 @@ fn resolve(
             vhost_device_vsock: r.vhost_device_vsock,
             agent: r.agent,
             vm_users: r.vm_users.and_then(|v| v.parse().ok()).unwrap_or_default(),
+            tcg_translation_cache: r
+                .tcg_translation_cache
+                .as_deref()
+                .and_then(|s| parse_size(s).ok()),
         },
         registry: RegistryConfig {
             insecure: g.insecure.unwrap_or_default(),
@@ -516,6 +584,14 @@ fn resolve(
             running_memory: size(l.running_memory, host.memory * 2),
             disk_size: size(l.disk_size, 1 << 40),
             image_load_size: size(l.image_load_size, 32 * GIB),
+        },
+        memory: MemoryConfig {
+            reclaim_idle_after: mem
+                .reclaim_idle_after
+                .as_deref()
+                .map_or(Ok(None), parse_idle_after)
+                .unwrap_or(None),
+            reclaim_pressure: mem.reclaim_pressure.filter(|p| *p > 0.0),
         },
         host,
         properties,
@@ -555,6 +631,45 @@ mod tests {
         .unwrap();
         assert_eq!(small.machine.cpus, 1);
         assert_eq!(small.machine.memory, 1 << 30);
+    }
+
+    #[test]
+    fn memory_reclaim_is_on_by_default_and_each_trigger_turns_off() {
+        let c = load(&[], HOST).unwrap();
+        assert_eq!(
+            c.memory.reclaim_idle_after,
+            Some(std::time::Duration::from_secs(120))
+        );
+        assert_eq!(c.memory.reclaim_pressure, Some(10.0));
+        let dir = tempfile::tempdir().unwrap();
+        let off = write(
+            dir.path(),
+            "off.toml",
+            "[memory]\nreclaim-idle-after = \"off\"\nreclaim-pressure = 0\n",
+        );
+        let c = load(&[off], HOST).unwrap();
+        assert_eq!(
+            (c.memory.reclaim_idle_after, c.memory.reclaim_pressure),
+            (None, None)
+        );
+        let fast = write(
+            dir.path(),
+            "fast.toml",
+            "[memory]\nreclaim-idle-after = \"90s\"\n",
+        );
+        let c = load(&[fast], HOST).unwrap();
+        assert_eq!(
+            c.memory.reclaim_idle_after,
+            Some(std::time::Duration::from_secs(90))
+        );
+        for bad in [
+            "[memory]\nreclaim-idle-after = \"soon\"\n",
+            "[memory]\nreclaim-pressure = 150\n",
+            "[runtime]\ntcg-translation-cache = \"100K\"\n",
+        ] {
+            let f = write(dir.path(), "bad.toml", bad);
+            assert!(load(&[f], HOST).is_err(), "{bad}");
+        }
     }
 
     #[test]

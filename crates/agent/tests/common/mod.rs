@@ -293,6 +293,7 @@ fn launch(
         binary: helpers::find_binary(helpers::QEMU, None).unwrap(),
         accel: qemu::choose_accel(Virtualization::Tcg, qemu::HostKvm::probe()),
         tsc_khz: host_tsc_khz(),
+        tb_mib: None,
     };
     // QEMU gets what it uses as descriptors, as the runtime hands them over.
     let open = |p: &Path, write: bool| -> std::os::fd::OwnedFd {

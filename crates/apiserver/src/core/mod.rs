@@ -97,6 +97,11 @@ pub enum Request {
     MachineCreate(CreateRequest),
     MachineList,
     MachineInspect(String),
+    /// What machines cost: the named ones, else the running ones (`all`: every one).
+    MachineStats {
+        names: Vec<String>,
+        all: bool,
+    },
     MachineStart(String),
     MachineStop(String, StopRequest),
     MachineDelete {
@@ -196,6 +201,11 @@ impl std::fmt::Debug for Request {
             Request::RegistryLogout(s) => f.debug_tuple("RegistryLogout").field(s).finish(),
             Request::MachineList => f.write_str("MachineList"),
             Request::MachineInspect(n) => f.debug_tuple("MachineInspect").field(n).finish(),
+            Request::MachineStats { names, all } => f
+                .debug_struct("MachineStats")
+                .field("names", names)
+                .field("all", all)
+                .finish(),
             Request::MachineStart(n) => f.debug_tuple("MachineStart").field(n).finish(),
             Request::MachineStop(n, _) => f.debug_tuple("MachineStop").field(n).finish(),
             Request::MachineDelete { name, force } => f
@@ -265,6 +275,7 @@ pub enum Reply {
     Machines(Vec<Machine>),
     Snapshot(Box<Snapshot>),
     Snapshots(Vec<Snapshot>),
+    Stats(Vec<container_api::stats::MachineStats>),
     Set(Box<SetReply>),
     Kernel(Box<container_api::system::KernelInfo>),
     Images(Vec<ImageSummary>),
@@ -438,7 +449,11 @@ impl Core {
                 .map(|()| Reply::Object(serde_json::json!({}))),
             Request::MachineCreate(r) => self.machine_create(caller, r).await.map(machine),
             Request::MachineList => self.machine_list(caller).map(Reply::Machines),
-            Request::MachineInspect(n) => self.machine_get(caller, &n).map(machine),
+            Request::MachineInspect(n) => self.machine_inspect(caller, &n).await.map(machine),
+            Request::MachineStats { names, all } => self
+                .machine_stats(caller, &names, all)
+                .await
+                .map(Reply::Stats),
             Request::MachineStart(n) => self.machine_start(caller, &n).await.map(machine),
             Request::MachineStop(n, r) => self.machine_stop(caller, &n, r).await.map(machine),
             Request::MachineDelete { name, force } => {

@@ -253,6 +253,9 @@ pub trait Vms: Send + Sync {
     fn deaths(&self) -> tokio::sync::broadcast::Receiver<Death> {
         tokio::sync::broadcast::channel(1).1
     }
+    /// What a running machine's VM costs the host and holds inside now; `None` unless it
+    /// runs.
+    async fn stats(&self, name: &str) -> Option<VmStats>;
 }
 
 /// A running machine's VM ended without anyone asking.
@@ -261,6 +264,19 @@ pub struct Death {
     pub name: String,
     /// Its guest ended itself (powered off or rebooted); otherwise it crashed or was killed.
     pub clean: bool,
+}
+
+/// One sample of a running VM.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VmStats {
+    /// Host CPU time of the VMM and its helpers since they started.
+    pub cpu_time_ns: u64,
+    /// Percent of one core since the previous sample of this VM, when there is a recent one.
+    pub cpu_percent: Option<f64>,
+    pub host_memory: container_api::stats::HostMemory,
+    /// Absent when the guest's agent did not answer in time.
+    pub guest_memory: Option<container_api::stats::GuestMemory>,
+    pub network: Option<container_api::stats::NetworkUsage>,
 }
 
 /// A running machine's guest rebooted itself, which ends its VM (QEMU runs with

@@ -142,6 +142,8 @@ impl Images for FakeImages {
 
 struct FakeVms {
     running: Mutex<HashMap<String, BootSpec>>,
+    /// Stats samples taken, per machine.
+    samples: Mutex<HashMap<String, u64>>,
     calls: Mutex<Vec<String>>,
     reboots: tokio::sync::broadcast::Sender<Reboot>,
 }
@@ -150,6 +152,7 @@ impl Default for FakeVms {
     fn default() -> Self {
         FakeVms {
             running: Default::default(),
+            samples: Default::default(),
             calls: Default::default(),
             reboots: tokio::sync::broadcast::channel(16).0,
         }
@@ -282,6 +285,26 @@ impl Vms for FakeVms {
     }
     fn log_path(&self, name: &str, _boot: bool) -> PathBuf {
         PathBuf::from(format!("/logs/{name}"))
+    }
+    /// A running VM's first sample has no CPU rate; later ones have 12.5 %.
+    async fn stats(&self, name: &str) -> Option<super::ports::VmStats> {
+        if !self.running.lock().unwrap().contains_key(name) {
+            return None;
+        }
+        let mut samples = self.samples.lock().unwrap();
+        let n = samples.entry(name.to_string()).or_default();
+        *n += 1;
+        Some(super::ports::VmStats {
+            cpu_time_ns: *n * 1000,
+            cpu_percent: (*n > 1).then_some(12.5),
+            host_memory: container_api::stats::HostMemory {
+                rss: 300 << 20,
+                pss: 200 << 20,
+                processes: vec![],
+            },
+            guest_memory: None,
+            network: None,
+        })
     }
     fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.reboots.subscribe()
@@ -1513,6 +1536,22 @@ async fn event_stream(core: &Core, caller: &Caller, machine: Option<&str>) -> su
     }
 }
 
+async fn stats(
+    core: &Core,
+    caller: &Caller,
+    names: &[&str],
+    all: bool,
+) -> Result<Vec<container_api::stats::MachineStats>, ApiError> {
+    let names = names.iter().map(|n| n.to_string()).collect();
+    match core
+        .handle(caller, Request::MachineStats { names, all })
+        .await?
+    {
+        Reply::Stats(s) => Ok(s),
+        other => panic!("unexpected reply {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn events_follow_a_machines_life_in_order_and_only_for_its_owner() {
     use container_api::system::EventAction as A;
@@ -1661,4 +1700,56 @@ async fn an_autostart_machine_that_died_boots_again_but_not_one_that_powered_off
         .unwrap();
     let Reply::Set(set) = reply else { panic!() };
     assert!(!set.machine.autostart);
+}
+
+#[tokio::test]
+async fn stats_show_running_machines_with_a_cpu_rate_and_named_ones_whatever_their_state() {
+    let f = fixture();
+    for name in ["up", "down"] {
+        machine(&f.core, &ROOT, create("busybox", Some(name)))
+            .await
+            .unwrap();
+    }
+    f.core
+        .handle(&ROOT, Request::MachineStart("up".into()))
+        .await
+        .unwrap();
+    let running = stats(&f.core, &ROOT, &[], false).await.unwrap();
+    assert_eq!(running.len(), 1, "only running machines by default");
+    let up = &running[0];
+    assert_eq!((up.id.as_str(), up.status), ("up", MachineState::Running));
+    assert_eq!(
+        up.cpu_percent,
+        Some(12.5),
+        "a first sample is taken again for a rate"
+    );
+    assert_eq!(up.host_memory.as_ref().unwrap().pss, 200 << 20);
+    assert_eq!(up.disk.allocated, 4096);
+    let every = stats(&f.core, &ROOT, &[], true).await.unwrap();
+    assert_eq!(every.len(), 2);
+    let down = &stats(&f.core, &ROOT, &["down"], false).await.unwrap()[0];
+    assert_eq!(down.status, MachineState::Stopped);
+    assert!(down.host_memory.is_none() && down.cpu_percent.is_none());
+    let inspected = machine(&f.core, &ROOT, Request::MachineInspect("up".into()))
+        .await
+        .unwrap();
+    assert!(
+        inspected.stats.unwrap().host_memory.is_some(),
+        "inspect carries the figures"
+    );
+}
+
+#[tokio::test]
+async fn another_users_machines_have_no_stats_for_you() {
+    let f = fixture();
+    machine(&f.core, &ROOT, create("busybox", Some("mine")))
+        .await
+        .unwrap();
+    f.core
+        .handle(&ROOT, Request::MachineStart("mine".into()))
+        .await
+        .unwrap();
+    assert!(stats(&f.core, &NOBODY, &[], true).await.unwrap().is_empty());
+    let e = stats(&f.core, &NOBODY, &["mine"], false).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound);
 }

@@ -43,6 +43,7 @@ pub fn routes() -> Router<Core> {
             "/machines/{name}/snapshots/{snapshot}/restore",
             post(snapshot_restore),
         )
+        .route("/stats", get(stats))
 }
 
 async fn clone(
@@ -112,6 +113,20 @@ async fn snapshot_delete(
     Path((name, snapshot)): Path<(String, String)>,
 ) -> Response {
     answer(&core, &caller, Request::SnapshotDelete { name, snapshot }).await
+}
+
+async fn stats(
+    State(core): State<Core>,
+    caller: Caller,
+    Query(q): Query<container_api::stats::StatsQuery>,
+) -> Response {
+    let names = q
+        .names
+        .split(',')
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+        .collect();
+    answer(&core, &caller, Request::MachineStats { names, all: q.all }).await
 }
 
 async fn list(State(core): State<Core>, caller: Caller) -> Response {

@@ -2,7 +2,8 @@
 //! around the guest agent (`initramfs`), the VMM behind a small trait (`vmm`, `qemu`), the
 //! helper processes (`helpers`), the serial console (`console`) and their supervision
 //! (`supervisor`, whose [`Runtime`] is the door: start, stop, status, adopt); sessions with
-//! the guest agent (`session`) and the SSH agents they forward (`ssh_agent`).
+//! the guest agent (`session`) and the SSH agents they forward (`ssh_agent`); what a running
+//! VM costs the host (`usage`) and giving idle guests' page cache back (`reclaim`).
 //!
 //! Invariants: every running VM has a `run.json` in its machine directory naming its VMM and
 //! helpers by pid and start time; the VMM and helpers run in process groups of their own, so
@@ -21,11 +22,13 @@ pub mod initramfs;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
+pub mod reclaim;
 pub mod session;
 pub mod ssh_agent;
 mod supervisor;
 #[allow(unsafe_code)]
 mod sys;
+pub mod usage;
 pub mod vmm;
 
 use std::path::{Path, PathBuf};
@@ -64,6 +67,8 @@ pub struct RuntimeOptions {
     /// Where the files backing machine disks may be (the image store); a disk backed by
     /// anything else is refused.
     pub disk_bases: Vec<PathBuf>,
+    /// TCG's translation cache in bytes; `None`: QEMU's default.
+    pub tcg_translation_cache: Option<u64>,
 }
 
 impl RuntimeOptions {
@@ -78,6 +83,7 @@ impl RuntimeOptions {
             helpers: HelperPaths::default(),
             boot_timeout: Duration::from_secs(180),
             network: None,
+            tcg_translation_cache: None,
         }
     }
 }

@@ -77,6 +77,8 @@ pub struct Qemu {
     pub accel: Accel,
     /// The host's TSC frequency, given to TCG guests (see [`cmdline`]).
     pub tsc_khz: Option<u64>,
+    /// TCG's translation cache, MiB (`tb-size`); `None`: QEMU's default.
+    pub tb_mib: Option<u64>,
 }
 
 /// The guest kernel's command line.
@@ -138,7 +140,11 @@ impl Vmm for Qemu {
         if self.accel.kvm {
             c.args(["-accel", "kvm", "-cpu", "host"]);
         } else {
-            c.args(["-accel", "tcg,thread=multi", "-cpu", "max"]);
+            let accel = match self.tb_mib {
+                Some(mib) => format!("tcg,thread=multi,tb-size={mib}"),
+                None => "tcg,thread=multi".into(),
+            };
+            c.arg("-accel").arg(accel).args(["-cpu", "max"]);
         }
         c.arg("-smp").arg(a.cpus.max(1).to_string());
         c.arg("-m").arg(format!("{}M", a.memory_mib));
@@ -369,6 +375,7 @@ mod tests {
             binary: "qemu-system-x86_64".into(),
             accel: choose_accel(Virtualization::Tcg, HostKvm::probe()),
             tsc_khz: Some(2_445_406),
+            tb_mib: None,
         };
         let a = args(&tcg, None).join(" ");
         for part in [
@@ -401,8 +408,18 @@ mod tests {
             tap: "ctap-1".into(),
             mac: "52:54:00:01:02:03".into(),
         };
+        let small = Qemu {
+            tb_mib: Some(128),
+            ..tcg.clone()
+        };
+        assert!(
+            args(&small, None)
+                .join(" ")
+                .contains("-accel tcg,thread=multi,tb-size=128 -cpu max")
+        );
         let kvm = Qemu {
             accel: choose_accel(Virtualization::Kvm, HostKvm::probe()),
+            tb_mib: Some(128),
             ..tcg
         };
         let a = args(&kvm, Some(&net)).join(" ");

@@ -3,9 +3,10 @@
 //! network plan is computed (lease, tap, guest configuration) and its shares are given their
 //! owner, so the runtime needs to know nothing of machines, the network or the core.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use container_agent_proto as proto;
@@ -16,7 +17,7 @@ use tokio::io::AsyncRead;
 use crate::config::Config;
 use crate::core::ServiceOptions;
 use crate::core::ports::{
-    BootSpec, ClientStream, Death, ExecSpec, ExecUser, Reboot, SshAgentForward, Vms,
+    BootSpec, ClientStream, Death, ExecSpec, ExecUser, Reboot, SshAgentForward, VmStats, Vms,
 };
 use crate::network::Network;
 use crate::runtime::{
@@ -42,6 +43,7 @@ pub fn vms(
         },
         network: Some(Arc::new(super::net::Taps(network.clone()))),
         vm_users: r.vm_users,
+        tcg_translation_cache: r.tcg_translation_cache,
         ..RuntimeOptions::new(&options.root, &options.run_dir)
     });
     // The core hears of reboots in its own terms; the forwarder ends with the runtime.
@@ -93,8 +95,16 @@ pub fn vms(
         reboots,
         ssh_agents: Arc::default(),
         deaths,
+        cpu_samples: Default::default(),
     };
     service.runtime.adopt_all(&service.machines());
+    runtime::reclaim::spawn(
+        service.runtime.clone(),
+        runtime::reclaim::Policy {
+            idle_after: config.memory.reclaim_idle_after,
+            pressure: config.memory.reclaim_pressure,
+        },
+    );
     Ok(Arc::new(service))
 }
 
@@ -136,6 +146,8 @@ pub struct ServiceVms {
     deaths: tokio::sync::broadcast::Sender<Death>,
     /// The SSH agents exec sessions forward into their machines.
     ssh_agents: Arc<SshAgents>,
+    /// The last CPU time read of each running VM, and when: a rate needs two reads.
+    cpu_samples: std::sync::Mutex<HashMap<String, (u64, Instant)>>,
 }
 
 /// The caller's agent as the runtime connects to it: with the caller's groups too (those
@@ -157,6 +169,14 @@ fn ssh_agent_target(forward: SshAgentForward) -> SshAgentTarget {
         groups,
     }
 }
+
+/// How long the guest's agent has to answer a stats request: a busy guest under software
+/// emulation is slow, and a sample without the guest's figures beats a slow `inspect`.
+const GUEST_STATS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Two CPU reads closer than this make too noisy a rate; further apart than the longest,
+/// too stale a one.
+const CPU_WINDOW: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(60);
 
 impl ServiceVms {
     fn machines(&self) -> PathBuf {
@@ -255,6 +275,20 @@ impl ServiceVms {
             },
             net,
         })
+    }
+
+    /// The VM's CPU use in percent of one core since the previous read, and this read kept
+    /// for the next one (unless the previous one is too recent to replace).
+    fn cpu_percent(&self, name: &str, cpu_time_ns: u64) -> Option<f64> {
+        let now = Instant::now();
+        let mut samples = self.cpu_samples.lock().unwrap_or_else(|p| p.into_inner());
+        let previous = samples.get(name).copied();
+        if previous.is_some_and(|(_, at)| now - at < *CPU_WINDOW.start()) {
+            return None;
+        }
+        samples.insert(name.to_string(), (cpu_time_ns, now));
+        let (ns, at) = previous.filter(|(_, at)| CPU_WINDOW.contains(&(now - *at)))?;
+        Some(cpu_time_ns.saturating_sub(ns) as f64 * 100.0 / (now - at).as_nanos() as f64)
     }
 
     fn running(&self, name: &str) -> Result<PathBuf, ApiError> {
@@ -434,5 +468,56 @@ impl Vms for ServiceVms {
     }
     fn log_path(&self, name: &str, boot: bool) -> PathBuf {
         console::log_path(&self.machines().join(name), boot)
+    }
+    async fn stats(&self, name: &str) -> Option<VmStats> {
+        let runtime = self.runtime.clone();
+        let id = name.to_string();
+        let usage = tokio::task::spawn_blocking(move || runtime.usage(&id))
+            .await
+            .ok()
+            .flatten();
+        let Some(usage) = usage else {
+            self.cpu_samples
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            return None;
+        };
+        let guest = async {
+            let socket = self.running(name).ok()?;
+            let ask = async {
+                proto::client::AgentClient::connect(&socket, proto::PORT)
+                    .await?
+                    .stats()
+                    .await
+            };
+            match tokio::time::timeout(GUEST_STATS_TIMEOUT, ask).await {
+                Ok(Ok(m)) => Some(container_api::stats::GuestMemory {
+                    total: m.total,
+                    used: m.used,
+                    cache: m.cache,
+                    free: m.free,
+                    available: m.available,
+                }),
+                Ok(Err(e)) => {
+                    tracing::debug!(machine = %name, error = %e, "no guest memory figures");
+                    None
+                }
+                Err(_) => None,
+            }
+        };
+        let guest_memory = guest.await;
+        let cpu_time_ns = usage.processes.iter().map(|p| p.cpu_time_ns).sum();
+        Some(VmStats {
+            cpu_time_ns,
+            cpu_percent: self.cpu_percent(name, cpu_time_ns),
+            host_memory: container_api::stats::HostMemory {
+                rss: usage.processes.iter().map(|p| p.rss).sum(),
+                pss: usage.processes.iter().map(|p| p.pss).sum(),
+                processes: usage.processes,
+            },
+            guest_memory,
+            network: usage.network,
+        })
     }
 }

@@ -8,7 +8,8 @@
 //! - `autostart`: booting autostart machines at service start and after their VM died;
 //! - `copies`: clone and snapshots (shared disk layers);
 //! - `rename`: a stopped machine's new name;
-//! - `exec`: what `run` starts (user, working directory, environment), `run` and `cp`.
+//! - `exec`: what `run` starts (user, working directory, environment), `run` and `cp`;
+//! - `stats`: what machines cost, for `stats` and `inspect`.
 
 mod autostart;
 mod copies;
@@ -17,6 +18,7 @@ mod lifecycle;
 mod reboot;
 mod rename;
 mod settings;
+mod stats;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -161,6 +163,7 @@ impl Core {
             owner_uid: record.owner_uid,
             pending_restart: record.pending_restart,
             autostart: record.autostart,
+            stats: None,
         }
     }
 
@@ -184,8 +187,16 @@ impl Core {
             .collect())
     }
 
-    pub(super) fn machine_get(&self, caller: &Caller, name: &str) -> Result<Machine, ApiError> {
-        self.machine(&self.visible(caller, name)?)
+    /// The machine with what it costs now.
+    pub(super) async fn machine_inspect(
+        &self,
+        caller: &Caller,
+        name: &str,
+    ) -> Result<Machine, ApiError> {
+        let record = self.visible(caller, name)?;
+        let mut machine = self.machine(&record)?;
+        machine.stats = Some(Box::new(self.sample(&record).await));
+        Ok(machine)
     }
 
     pub(super) async fn machine_set_default(

@@ -125,6 +125,13 @@ impl Vm {
             .is_ok()
     }
 
+    /// The VMM, then its helpers.
+    fn processes(&self) -> Vec<ProcessId> {
+        std::iter::once(self.run.qemu)
+            .chain(self.run.helpers.iter().copied())
+            .collect()
+    }
+
     pub fn info(&self) -> RunningVm {
         RunningVm {
             id: self.run.id.clone(),
@@ -173,6 +180,7 @@ impl Runtime {
             binary,
             accel,
             tsc_khz,
+            tb_mib: options.tcg_translation_cache.map(|b| (b >> 20).max(1)),
         };
         Self::with_vmm(options, Arc::new(vmm))
     }
@@ -213,6 +221,27 @@ impl Runtime {
     /// When the VM supervised under `id` was started, in whatever state it is now.
     pub fn started(&self, id: &str) -> Option<chrono::DateTime<chrono::Utc>> {
         self.get(id).map(|v| v.run.started)
+    }
+
+    /// What a running VM's processes and tap cost now; `None` unless it runs.
+    pub fn usage(&self, id: &str) -> Option<super::usage::VmUsage> {
+        let vm = self.get(id).filter(|v| v.get() == MachineState::Running)?;
+        Some(super::usage::read(&vm.processes(), vm.run.tap.as_deref()))
+    }
+
+    /// Host CPU time of a running VM's processes; `None` unless it runs.
+    pub fn cpu_time(&self, id: &str) -> Option<u64> {
+        let vm = self.get(id).filter(|v| v.get() == MachineState::Running)?;
+        Some(super::usage::cpu_time(&vm.processes()))
+    }
+
+    /// Ids of the VMs that run now.
+    pub fn running_ids(&self) -> Vec<String> {
+        self.vms()
+            .iter()
+            .filter(|(_, v)| v.get() == MachineState::Running)
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The hybrid-vsock socket of a running VM's agent.

@@ -15,6 +15,7 @@ mod set;
 mod set_default;
 mod snapshot;
 mod start;
+mod stats;
 mod stop;
 
 use clap::Subcommand;
@@ -58,6 +59,8 @@ pub enum MachineCommand {
     Rename(rename::RenameArgs),
     /// Stop machines (with stop's flags), then start them again.
     Restart(restart::RestartArgs),
+    /// Show what machines cost: host CPU and memory, guest memory, disk and network.
+    Stats(stats::StatsArgs),
 }
 
 /// The machine a command without a name acts on.
@@ -88,6 +91,7 @@ impl MachineCommand {
             MachineCommand::Start(args) => start::run(&client, args).await?,
             MachineCommand::List(args) => list::run(&client, args).await?,
             MachineCommand::Inspect(args) => inspect::run(&client, args).await?,
+            MachineCommand::Stats(args) => stats::run(&client, args).await?,
             MachineCommand::Set(args) => set::run(&client, args).await?,
             MachineCommand::SetDefault(args) => set_default::run(&client, args).await?,
             MachineCommand::Logs(args) => logs::run(&client, args).await?,
