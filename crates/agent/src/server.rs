@@ -53,29 +53,64 @@ pub fn serve(cfg: &BootConfig) -> ! {
 }
 
 /// Tells the host the agent listens: one [`Message::Ready`] on a connection to the host's
-/// `port`. The host opens no session before it (see the message's documentation), so a
-/// report that never arrives leaves the boot to time out: retried while the host's side
-/// may still be coming up, then logged.
+/// `port`, repeated until the host acknowledges it. The host opens no session before it (see
+/// the message's documentation), so a report that is lost leaves the machine unusable: the
+/// host's side may still be coming up, or the service that took the report may have been
+/// killed before it recorded it, and the next service listens again once it starts. A host
+/// connection refused or cut is cheap for vhost-device-vsock (only the host's own early
+/// connections break it), so the report is repeated for as long as a boot may take.
 fn report_ready(port: u32) {
     let ready = || Message::Ready {
         version: VERSION,
         agent: env!("CARGO_PKG_VERSION").into(),
     };
-    for attempt in 1..=REPORT_ATTEMPTS {
-        match VsockStream::connect_with_cid_port(vsock::VMADDR_CID_HOST, port)
-            .and_then(|mut s| send(&mut s, ready()))
-        {
-            Ok(()) => return,
-            Err(e) if attempt == REPORT_ATTEMPTS => {
-                log!("cannot tell the host the agent is ready (vsock port {port}): {e}");
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+    let attempt = || -> std::io::Result<()> {
+        let mut s = VsockStream::connect_with_cid_port(vsock::VMADDR_CID_HOST, port)?;
+        send(&mut s, ready())?;
+        s.set_read_timeout(Some(ACK_LIMIT))?;
+        match read(&mut s) {
+            Ok(Some(Frame::Message(Message::Done))) => Ok(()),
+            Ok(other) => Err(std::io::Error::other(format!(
+                "the host did not acknowledge the report: {other:?}"
+            ))),
+            Err(e) => Err(std::io::Error::other(e)),
         }
+    };
+    if let Err(e) = repeat_until_acknowledged(attempt, std::thread::sleep) {
+        log!("cannot tell the host the agent is ready (vsock port {port}): {e}");
     }
 }
 
-/// Connection attempts of [`report_ready`], 200 ms apart.
-const REPORT_ATTEMPTS: u32 = 50;
+/// Runs `attempt` until it succeeds: every 200 ms at first, while the host's side comes up,
+/// then every second until [`REPORT_FOR`] has passed (counted in the pauses taken); the
+/// last error otherwise.
+fn repeat_until_acknowledged(
+    mut attempt: impl FnMut() -> std::io::Result<()>,
+    mut pause: impl FnMut(Duration),
+) -> std::io::Result<()> {
+    let mut waited = Duration::ZERO;
+    loop {
+        let err = match attempt() {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if waited >= REPORT_FOR {
+            return Err(err);
+        }
+        let step = match waited < Duration::from_secs(10) {
+            true => Duration::from_millis(200),
+            false => Duration::from_secs(1),
+        };
+        pause(step);
+        waited += step;
+    }
+}
+
+/// How long the agent repeats an unacknowledged readiness report: longer than the host's
+/// boot timeout (180 s), so a service restarted at any point of a boot still hears it.
+const REPORT_FOR: Duration = Duration::from_secs(600);
+/// How long the host may take to acknowledge a report it received (it records it first).
+const ACK_LIMIT: Duration = Duration::from_secs(5);
 
 /// Serves one session: the hello, then one request. A request that fails is answered to the
 /// host as an `Error` message; an error returned here is one that left the host without its
@@ -236,6 +271,41 @@ fn stop_signal(init: &str, requested: Option<i32>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_readiness_report_is_repeated_until_acknowledged_then_given_up() {
+        // Refused twice (the service was down), then acknowledged.
+        let mut calls = 0;
+        let mut paused = Vec::new();
+        let acknowledged = repeat_until_acknowledged(
+            || {
+                calls += 1;
+                match calls {
+                    3 => Ok(()),
+                    _ => Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+                }
+            },
+            |d| paused.push(d),
+        );
+        assert!(acknowledged.is_ok());
+        assert_eq!(paused, [Duration::from_millis(200); 2]);
+
+        // Never acknowledged: repeated for the whole window, a second apart once the host
+        // has had 10 s to come up, then given up with the last error.
+        let mut calls = 0;
+        let mut waited = Duration::ZERO;
+        let err = repeat_until_acknowledged(
+            || {
+                calls += 1;
+                Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+            },
+            |d| waited += d,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert!(waited >= REPORT_FOR && waited < REPORT_FOR + Duration::from_secs(1));
+        assert_eq!(calls, 50 + (REPORT_FOR.as_secs() as u32 - 10) + 1);
+    }
 
     #[test]
     fn caught_signals_are_read_from_the_status_mask() {

@@ -76,6 +76,9 @@ pub enum MachineState {
     Starting,
     Running,
     Stopping,
+    /// Running, but its agent missed its health checks: nothing can run in it until it is
+    /// forced off (`machine stop -f`) and started again, unless it recovers.
+    Unresponsive,
 }
 
 impl std::fmt::Display for MachineState {
@@ -85,6 +88,7 @@ impl std::fmt::Display for MachineState {
             Self::Starting => "starting",
             Self::Running => "running",
             Self::Stopping => "stopping",
+            Self::Unresponsive => "unresponsive",
         })
     }
 }
@@ -144,6 +148,9 @@ pub struct Machine {
     /// Settings changed with `set` that wait for the next start.
     #[serde(default)]
     pub pending_restart: bool,
+    /// Why the machine was last forced off or failed to boot, while it is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 /// The image a machine was created from.
@@ -410,6 +417,7 @@ mod tests {
             kernel: None,
             owner_uid: 1000,
             pending_restart: false,
+            stop_reason: None,
         }
     }
 

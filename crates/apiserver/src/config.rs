@@ -25,6 +25,10 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// Seconds a boot may take by default: a Debian systemd boot takes 10 s under emulation,
+/// and a loaded host many times that.
+const DEFAULT_BOOT_TIMEOUT: u64 = 180;
+
 /// Virtualization backend selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -79,6 +83,8 @@ struct RuntimeSection {
     virtiofsd: Option<String>,
     vhost_device_vsock: Option<String>,
     agent: Option<String>,
+    /// Seconds a boot may take until the agent reports ready.
+    boot_timeout: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -142,6 +148,9 @@ pub struct RuntimeConfig {
     pub virtiofsd: Option<String>,
     pub vhost_device_vsock: Option<String>,
     pub agent: Option<String>,
+    /// How long a boot may take until the agent reports ready; a VM that does not is
+    /// forced off (also one adopted in the middle of its boot).
+    pub boot_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -201,6 +210,7 @@ fn defaults(host: HostFacts) -> FileConfig {
         kernel: None,
         runtime: Some(RuntimeSection {
             virtualization: Some(Virtualization::Auto),
+            boot_timeout: Some(DEFAULT_BOOT_TIMEOUT),
             ..Default::default()
         }),
         registry: Some(RegistrySection {
@@ -313,6 +323,14 @@ fn validate(config: &FileConfig) -> Result<(), String> {
             }
         }
     }
+    if let Some(r) = &config.runtime
+        && let Some(t) = r.boot_timeout
+        && !(10..=3600).contains(&t)
+    {
+        return Err(format!(
+            "runtime.boot-timeout {t} must be 10 to 3600 (seconds)"
+        ));
+    }
     if let Some(n) = &config.network
         && let Some(bridge) = &n.bridge
         && (bridge.is_empty() || bridge.len() > 15)
@@ -402,6 +420,9 @@ fn resolve(file: FileConfig, properties: Vec<Property>, host: HostFacts) -> Conf
             virtiofsd: r.virtiofsd,
             vhost_device_vsock: r.vhost_device_vsock,
             agent: r.agent,
+            boot_timeout: std::time::Duration::from_secs(
+                r.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
+            ),
         },
         registry: RegistryConfig {
             insecure: g.insecure.unwrap_or_default(),

@@ -67,6 +67,10 @@ pub enum RuntimeError {
     AlreadyRunning(String),
     #[error("machine `{0}` is not running")]
     NotRunning(String),
+    #[error(
+        "machine `{0}` is unresponsive: its guest agent does not answer; force it off with `container machine stop -f {0}` and start it again"
+    )]
+    Unresponsive(String),
     #[error("the VM exited during boot; last lines of {}:\n{tail}", log.display())]
     ExitedDuringBoot { log: PathBuf, tail: String },
     #[error("the guest agent did not answer within {secs} s; last lines of {}:\n{tail}", log.display())]
@@ -137,6 +141,7 @@ impl RuntimeError {
             | HelperTimeout { .. }
             | ExitedDuringBoot { .. }
             | AgentTimeout { .. }
+            | Unresponsive(_)
             | Agent(_)
             | Tap { .. }
             | NoNetwork(_)

@@ -34,7 +34,7 @@ pub use error::RuntimeError;
 pub use helpers::HelperPaths;
 pub use kernel::Kernel;
 pub use session::{ClientStream, copy_in, copy_out, exec};
-pub use supervisor::{Reboot, Runtime};
+pub use supervisor::{Reboot, Runtime, stop_reason};
 pub use vmm::{NetDevice, TapError, TapPlumbing, Vmm};
 
 use crate::config::Virtualization;

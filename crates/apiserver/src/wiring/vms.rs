@@ -39,6 +39,7 @@ pub fn vms(
             agent: path(&r.agent),
         },
         network: Some(Arc::new(super::net::Taps(network.clone()))),
+        boot_timeout: r.boot_timeout,
         ..RuntimeOptions::new(&options.root, &options.run_dir)
     });
     // The core hears of reboots in its own terms; the forwarder ends with the runtime.
@@ -242,6 +243,9 @@ impl Vms for ServiceVms {
     }
     fn state(&self, name: &str) -> MachineState {
         self.runtime.status(name)
+    }
+    fn stop_reason(&self, name: &str) -> Option<String> {
+        runtime::stop_reason(&self.machines().join(name))
     }
     fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.reboots.subscribe()

@@ -153,6 +153,10 @@ impl Core {
             kernel: record.kernel.clone(),
             owner_uid: record.owner_uid,
             pending_restart: record.pending_restart,
+            stop_reason: match status {
+                MachineState::Stopped => vms.stop_reason(&record.name),
+                _ => None,
+            },
         }
     }
 

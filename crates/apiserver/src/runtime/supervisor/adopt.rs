@@ -1,14 +1,29 @@
 //! Adoption at service start: the VMs whose VMM outlived the service are watched again;
 //! what is left of the others (their helpers, runtime directories, `run.json`) goes.
+//! A VM whose agent had not reported ready (the service died during its boot) is adopted
+//! as starting: the service listens for the report again (the agent repeats it until one
+//! is acknowledged) and never connects to the agent before it; a VM that does not report
+//! within the boot timeout, counted from its launch, is forced off with the reason kept.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use container_agent_proto as proto;
+use container_agent_proto::client::ReadyListener;
 use container_api::machine::MachineState;
 use tokio::sync::watch;
 
-use super::{RUN_FILE, RunState, Runtime, Vm, cleanup, kill_all};
+use super::{
+    RUN_FILE, RunState, Runtime, VSOCK_SOCKET, Vm, cleanup, console, kill_all, record_stop_reason,
+    sync_clock,
+};
 use crate::fsutil;
+
+/// The least time an adopted VM gets to repeat its readiness report to the new service,
+/// however long ago it was launched: the agent repeats it every second.
+const ADOPTED_BOOT_GRACE: Duration = Duration::from_secs(15);
 
 impl Runtime {
     /// Re-attaches to the VM recorded in `machine_dir` when it still runs, else cleans up
@@ -31,16 +46,98 @@ impl Runtime {
             cleanup(&run, machine_dir);
             return false;
         }
-        tracing::info!(machine = %run.id, pid = run.qemu.pid(), "adopting a running machine");
+        let booting = !run.ready;
+        let ready = match booting {
+            false => None,
+            true => {
+                let vsock = run.run_dir.join(VSOCK_SOCKET);
+                match ReadyListener::bind(&vsock, proto::READY_PORT) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        // Without a listener the report cannot arrive: the wait below times
+                        // out and the VM is forced off, never left running unusable.
+                        tracing::warn!(machine = %run.id, error = %e, "cannot listen for the agent's readiness report");
+                        None
+                    }
+                }
+            }
+        };
+        tracing::info!(machine = %run.id, pid = run.qemu.pid(), booting, "adopting a running machine");
         let vm = Arc::new(Vm {
             machine_dir: machine_dir.to_path_buf(),
             run,
-            state: watch::Sender::new(MachineState::Running),
+            state: watch::Sender::new(match booting {
+                true => MachineState::Starting,
+                false => MachineState::Running,
+            }),
+            adopted: true,
+            responsive: AtomicBool::new(true),
             children: Mutex::new(Vec::new()),
         });
         self.vms().insert(vm.run.id.clone(), vm.clone());
-        self.watch(vm);
+        self.watch(vm.clone());
+        if booting {
+            let this = self.clone();
+            tokio::spawn(async move { this.finish_boot(vm, ready).await });
+        }
         true
+    }
+
+    /// Waits for the readiness report of an adopted VM that had not given it, until the boot
+    /// timeout counted from its launch (at least [`ADOPTED_BOOT_GRACE`] from now); marks it
+    /// running, or forces it off and records why.
+    async fn finish_boot(&self, vm: Arc<Vm>, ready: Option<ReadyListener>) {
+        let id = vm.run.id.clone();
+        let since_launch = (chrono::Utc::now() - vm.run.started)
+            .to_std()
+            .unwrap_or_default();
+        let left = self
+            .0
+            .options
+            .boot_timeout
+            .saturating_sub(since_launch)
+            .max(ADOPTED_BOOT_GRACE);
+        let deadline = Instant::now() + left;
+        let waited = async {
+            match &ready {
+                Some(ready) => self.await_agent(&vm, ready, deadline).await.map(|_| ()),
+                None => {
+                    tokio::time::sleep_until(deadline.into()).await;
+                    Err(proto::ProtoError::Timeout)
+                }
+            }
+        };
+        let mut state = vm.state.subscribe();
+        let outcome = tokio::select! {
+            r = waited => r,
+            // Stopped, or a stop came: the boot is over either way.
+            _ = state.wait_for(|s| *s != MachineState::Starting) => return,
+        };
+        drop(ready);
+        match outcome {
+            Ok(()) => {
+                console::write_boot_log(&vm.machine_dir);
+                sync_clock(&id, &vm.agent_socket()).await;
+                vm.state.send_if_modified(|s| {
+                    let starting = *s == MachineState::Starting;
+                    if starting {
+                        *s = MachineState::Running;
+                    }
+                    starting
+                });
+                tracing::info!(machine = %id, after = ?since_launch, "the adopted machine finished its boot");
+            }
+            Err(e) => {
+                let reason = format!(
+                    "the guest agent did not report ready within {} s of the start, which the service was restarted during ({e}); forced off",
+                    self.0.options.boot_timeout.as_secs().max(left.as_secs()),
+                );
+                tracing::warn!(machine = %id, "{reason}");
+                record_stop_reason(&vm.machine_dir, &reason);
+                vm.state.send_replace(MachineState::Stopping);
+                self.force_stop(&vm).await;
+            }
+        }
     }
 
     /// [`Runtime::adopt`] for every directory in `machines`, then ends the VMs that no

@@ -3,6 +3,7 @@
 //! readiness report, with a retry when the guest stays silent.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,10 @@ use container_agent_proto::client::ReadyListener;
 use container_api::machine::MachineState;
 use tokio::sync::watch;
 
-use super::{CONTROL_SOCKET, RUN_FILE, RunState, Runtime, VSOCK_SOCKET, Vm, sync_clock};
+use super::{
+    CONTROL_SOCKET, RUN_FILE, RunState, Runtime, VSOCK_SOCKET, Vm, clear_stop_reason,
+    record_stop_reason, sync_clock,
+};
 use crate::fsutil;
 use crate::runtime::helpers::{self, VHOST_DEVICE_VSOCK, VIRTIOFSD};
 use crate::runtime::process::ProcessId;
@@ -105,10 +109,17 @@ impl Runtime {
     /// Retries when the guest stays silent: under software emulation a guest kernel
     /// occasionally stalls before its first console line; a fresh start gets past it.
     pub async fn start(&self, spec: VmSpec) -> Result<RunningVm, RuntimeError> {
-        if let Some(vm) = self.get(&spec.id)
-            && vm.get() != MachineState::Stopped
-        {
-            return Err(RuntimeError::AlreadyRunning(spec.id));
+        if let Some(vm) = self.get(&spec.id) {
+            // A VM adopted in the middle of its boot finishes it (or is forced off) first.
+            if vm.get() == MachineState::Starting && vm.adopted {
+                let mut rx = vm.state.subscribe();
+                let _ = rx.wait_for(|s| *s != MachineState::Starting).await;
+            }
+            match vm.get() {
+                MachineState::Stopped => {}
+                MachineState::Running => return Ok(vm.info()),
+                _ => return Err(RuntimeError::AlreadyRunning(spec.id)),
+            }
         }
         let _launching = Launching::new(self, &spec.id);
         let mut attempt = 0;
@@ -166,8 +177,7 @@ impl Runtime {
         let console = console::console_path(&spec.machine_dir);
         let launched = Instant::now();
         let deadline = launched + self.0.options.boot_timeout;
-        let agent_socket = vm.agent_socket();
-        let answered = proto::client::wait_ready(&ready, &agent_socket, proto::PORT, deadline);
+        let answered = self.await_agent(&vm, &ready, deadline);
         tokio::pin!(answered);
         let mut check = tokio::time::interval(Duration::from_millis(100));
         loop {
@@ -175,6 +185,10 @@ impl Runtime {
                 answered = &mut answered => match answered {
                     Ok(_) => break,
                     Err(source) => {
+                        record_stop_reason(&spec.machine_dir, &format!(
+                            "the guest agent did not answer within {} s of the start ({source}); forced off",
+                            self.0.options.boot_timeout.as_secs()
+                        ));
                         self.force_stop(&vm).await;
                         return Err(Attempt::Failed(RuntimeError::AgentTimeout {
                             secs: self.0.options.boot_timeout.as_secs(),
@@ -186,6 +200,7 @@ impl Runtime {
                 },
                 _ = check.tick() => {
                     if vm.get() == MachineState::Stopped {
+                        record_stop_reason(&spec.machine_dir, "the VM exited during its boot");
                         return Err(Attempt::Failed(RuntimeError::ExitedDuringBoot {
                             tail: console::tail(&console, 20),
                             log: console,
@@ -252,6 +267,7 @@ impl Runtime {
         let log = spec.machine_dir.join(HELPER_LOG);
         let _ = std::fs::remove_file(&log);
         console::reset(&spec.machine_dir);
+        clear_stop_reason(&spec.machine_dir);
         let mut started = Started::default();
         let spawned = self
             .spawn_helpers(spec, &bins, &paths, &log, &mut started)
@@ -262,6 +278,8 @@ impl Runtime {
                     machine_dir: spec.machine_dir.clone(),
                     run,
                     state: watch::Sender::new(MachineState::Starting),
+                    adopted: false,
+                    responsive: AtomicBool::new(true),
                     children: Mutex::new(std::mem::take(&mut started.children)),
                 },
                 ready,
@@ -349,6 +367,7 @@ impl Runtime {
             run_dir: paths.dir.clone(),
             started: chrono::Utc::now(),
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
+            ready: false,
         };
         for run_file in [spec.machine_dir.join(RUN_FILE), paths.dir.join(RUN_FILE)] {
             fsutil::write_json(&run_file, &run).map_err(RuntimeError::io("writing", &run_file))?;

@@ -9,6 +9,11 @@
 //! kills its helpers, removes the runtime directory and `run.json`, and marks the VM stopped.
 //! The watcher waits on a pidfd, so it works as well for a VMM adopted after a service
 //! restart (no longer our child) as for one we started.
+//! Invariant: a VM is `running` only once its agent's readiness report was received and
+//! recorded (`ready` in `run.json`) before it was acknowledged; the agent repeats an
+//! unacknowledged report, so a service killed during a boot leaves a VM whose next service
+//! hears the report (`adopt`), or forces the VM off when the boot timeout passes and
+//! records why (`stopped.json`, shown by `inspect`).
 
 mod adopt;
 mod launch;
@@ -17,10 +22,12 @@ mod stop;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use container_agent_proto as proto;
+use container_agent_proto::client::ReadyListener;
 use container_api::machine::MachineState;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -28,6 +35,7 @@ use tokio::sync::watch;
 use super::process::ProcessId;
 use super::vmm::{TapPlumbing, Vmm};
 use super::{RunningVm, RuntimeError, RuntimeOptions, console, helpers, qemu, sys};
+use crate::fsutil;
 
 /// A running VM ended because its guest rebooted itself (QEMU runs with `-no-reboot`): the
 /// service decides whether to boot it again.
@@ -53,6 +61,49 @@ pub(super) struct RunState {
     /// The VM's tap, removed after the VMM exits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// The agent's readiness report was received. Records from before this field were
+    /// written by services that adopted only VMs that had reported.
+    #[serde(default = "reported")]
+    pub ready: bool,
+}
+
+fn reported() -> bool {
+    true
+}
+
+/// Why a VM was last forced off or failed to boot, in `<machine dir>/stopped.json`; removed
+/// at the next start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StopReason {
+    reason: String,
+    at: chrono::DateTime<chrono::Utc>,
+}
+
+const STOP_REASON_FILE: &str = "stopped.json";
+
+/// Records why the VM of `machine_dir` stopped (or never became usable), for `inspect`.
+pub(super) fn record_stop_reason(machine_dir: &Path, reason: &str) {
+    let record = StopReason {
+        reason: reason.to_string(),
+        at: chrono::Utc::now(),
+    };
+    let path = machine_dir.join(STOP_REASON_FILE);
+    if let Err(e) = fsutil::write_json(&path, &record) {
+        tracing::warn!(path = %path.display(), error = %e, "could not record why the machine stopped");
+    }
+}
+
+/// Forgets why the VM of `machine_dir` stopped last: it starts again.
+pub(super) fn clear_stop_reason(machine_dir: &Path) {
+    let _ = std::fs::remove_file(machine_dir.join(STOP_REASON_FILE));
+}
+
+/// Why the VM of `machine_dir` was last forced off or failed to boot, if it was.
+pub fn stop_reason(machine_dir: &Path) -> Option<String> {
+    fsutil::read_json::<StopReason>(&machine_dir.join(STOP_REASON_FILE))
+        .ok()
+        .flatten()
+        .map(|r| r.reason)
 }
 
 const RUN_FILE: &str = "run.json";
@@ -62,6 +113,14 @@ const VSOCK_SOCKET: &str = "vsock.sock";
 const CONTROL_SOCKET: &str = "qmp.sock";
 /// How often a running guest's clock is set from the host's.
 const CLOCK_SYNC_EVERY: Duration = Duration::from_secs(30);
+/// How often a running guest's agent is pinged; `ls` shows the last outcome, so it costs
+/// `ls` nothing.
+const HEALTH_EVERY: Duration = Duration::from_secs(5);
+/// How long a health ping may take: a vsock round trip takes milliseconds, but an emulated
+/// guest on a loaded host can be slow to schedule its agent.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Missed health checks in a row before a machine is called unresponsive.
+const HEALTH_MISSES: u32 = 2;
 
 /// One VM the runtime supervises.
 #[derive(Debug)]
@@ -69,6 +128,10 @@ pub(super) struct Vm {
     pub machine_dir: PathBuf,
     pub run: RunState,
     pub state: watch::Sender<MachineState>,
+    /// Found running at service start rather than started by this service.
+    pub adopted: bool,
+    /// The agent of the running VM answered its last health check (see `HEALTH_EVERY`).
+    pub responsive: AtomicBool,
     /// Processes we spawned, reaped once they exit (none for an adopted VM).
     children: Mutex<Vec<Child>>,
 }
@@ -84,6 +147,17 @@ impl Vm {
 
     pub fn get(&self) -> MachineState {
         *self.state.borrow()
+    }
+
+    /// The state as users see it: a running VM whose agent missed its health checks is
+    /// unresponsive.
+    pub fn shown(&self) -> MachineState {
+        match self.get() {
+            MachineState::Running if !self.responsive.load(Ordering::Relaxed) => {
+                MachineState::Unresponsive
+            }
+            s => s,
+        }
     }
 
     /// Waits until the VM is stopped, at most `limit`; true if it is.
@@ -157,7 +231,7 @@ impl Runtime {
     pub fn status(&self, id: &str) -> MachineState {
         let state = self
             .get(id)
-            .map(|v| v.get())
+            .map(|v| v.shown())
             .unwrap_or(MachineState::Stopped);
         let launching = self.0.launching.lock().unwrap_or_else(|p| p.into_inner());
         match state == MachineState::Stopped && launching.contains(id) {
@@ -178,11 +252,17 @@ impl Runtime {
         self.get(id).map(|v| v.run.started)
     }
 
-    /// The hybrid-vsock socket of a running VM's agent.
+    /// The hybrid-vsock socket of a running VM's agent; an error for an unresponsive one.
     pub fn agent_socket(&self, id: &str) -> Result<PathBuf, RuntimeError> {
-        self.running(id)
-            .map(|v| v.agent_socket)
-            .ok_or_else(|| RuntimeError::NotRunning(id.to_string()))
+        match self.get(id) {
+            Some(vm) if vm.shown() == MachineState::Unresponsive => {
+                Err(RuntimeError::Unresponsive(id.to_string()))
+            }
+            _ => self
+                .running(id)
+                .map(|v| v.agent_socket)
+                .ok_or_else(|| RuntimeError::NotRunning(id.to_string())),
+        }
     }
 
     /// Ids of running VMs that stopped because their guest rebooted (QEMU runs with
@@ -223,12 +303,21 @@ impl Runtime {
             let mut console_check = tokio::time::interval(Duration::from_secs(1));
             console_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let console = console::console_path(&vm.machine_dir);
+            let mut health =
+                tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
+            health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut misses = 0;
             loop {
                 tokio::select! {
                     _ = &mut exited => break,
                     _ = tick.tick() => {
                         if vm.get() == MachineState::Running {
                             sync_clock(&vm.run.id, &vm.agent_socket()).await;
+                        }
+                    }
+                    _ = health.tick() => {
+                        if vm.get() == MachineState::Running {
+                            misses = check_health(&vm, misses).await;
                         }
                     }
                     _ = console_check.tick() => {
@@ -276,6 +365,60 @@ impl Runtime {
             }
         });
     }
+}
+
+impl Runtime {
+    /// Waits for the agent's readiness report until `deadline`, records it in `run.json`,
+    /// acknowledges it (in that order: see the module's invariant), then pings the agent.
+    async fn await_agent(
+        &self,
+        vm: &Vm,
+        ready: &ReadyListener,
+        deadline: Instant,
+    ) -> Result<proto::client::Readiness, proto::ProtoError> {
+        let report = ready.wait(deadline).await?;
+        let mut run = vm.run.clone();
+        run.ready = true;
+        let files = [vm.machine_dir.join(RUN_FILE), vm.run.run_dir.join(RUN_FILE)];
+        let written = tokio::task::spawn_blocking(move || {
+            files.iter().try_for_each(|f| fsutil::write_json(f, &run))
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r);
+        if let Err(e) = written {
+            // Unrecorded, the report is not acknowledged: the agent repeats it.
+            return Err(e.into());
+        }
+        report.acknowledge().await;
+        proto::client::ping_until(&vm.agent_socket(), proto::PORT, deadline).await
+    }
+}
+
+/// Pings a running VM's agent; the count of checks missed in a row, after this one. The VM
+/// is unresponsive from [`HEALTH_MISSES`] misses until it answers again.
+async fn check_health(vm: &Vm, misses: u32) -> u32 {
+    let ping = async {
+        proto::client::AgentClient::connect(&vm.agent_socket(), proto::PORT)
+            .await?
+            .ping()
+            .await
+    };
+    let answered = matches!(tokio::time::timeout(HEALTH_TIMEOUT, ping).await, Ok(Ok(_)));
+    let misses = match answered {
+        true => 0,
+        false => misses + 1,
+    };
+    let responsive = misses < HEALTH_MISSES;
+    if vm.responsive.swap(responsive, Ordering::Relaxed) != responsive {
+        match responsive {
+            true => tracing::info!(machine = %vm.run.id, "the guest agent answers again"),
+            false => {
+                tracing::warn!(machine = %vm.run.id, misses, "the guest agent does not answer its health checks: the machine is unresponsive")
+            }
+        }
+    }
+    misses
 }
 
 /// Sets the guest's clock to the host's. Failures are logged: the next tick tries again.

@@ -28,8 +28,11 @@ impl Runtime {
         if was == MachineState::Stopped {
             return Ok(());
         }
+        let unresponsive = vm.shown() == MachineState::Unresponsive;
         vm.state.send_replace(MachineState::Stopping);
-        if was == MachineState::Starting {
+        if unresponsive {
+            tracing::debug!(machine = %id, "the guest agent does not answer; forcing the VM off");
+        } else if was == MachineState::Starting {
             // The agent has not said it is ready, so it may not be reached safely (see
             // `ReadyListener`), and the image's init has at most just started: there is
             // nothing to stop cleanly yet.
