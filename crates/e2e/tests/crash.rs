@@ -158,3 +158,80 @@ fn an_adopted_machine_that_never_reports_ready_is_forced_off_with_the_reason() {
     service.cli_ok(&["machine", "run", "--root", "-n", "mute", "true"]);
     assert!(inspect(&service, "mute").get("stopReason").is_none());
 }
+
+/// Runs `machine ls` `n` times; the mean time of one.
+fn ls_time(service: &Service, n: u32) -> Duration {
+    let t = Instant::now();
+    for _ in 0..n {
+        service.cli_ok(&["machine", "ls"]);
+    }
+    t.elapsed() / n
+}
+
+#[test]
+fn a_machine_whose_agent_stops_answering_is_unresponsive_and_run_says_what_to_do() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let service = Service::start(&config(180));
+    for name in ["a", "b", "hung"] {
+        service.cli_ok(&["machine", "create", &image, "--name", name]);
+    }
+    let healthy = ls_time(&service, 10);
+
+    // The VM's vsock device freezes: its agent can no longer be reached.
+    let run: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(service.root.join("machines/hung/run.json")).unwrap(),
+    )
+    .unwrap();
+    for h in run["helpers"].as_array().unwrap() {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(h[0].as_i64().unwrap() as i32),
+            nix::sys::signal::Signal::SIGSTOP,
+        )
+        .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while inspect(&service, "hung")["status"] != "unresponsive" {
+        assert!(
+            Instant::now() < deadline,
+            "never unresponsive: {}",
+            inspect(&service, "hung")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let ls = service.cli_ok(&["machine", "ls"]);
+    assert!(ls.contains("unresponsive"), "{ls}");
+    let with_one_hung = ls_time(&service, 10);
+    eprintln!(
+        "machine ls with 3 machines: {:.0} ms, with one of them unresponsive: {:.0} ms",
+        healthy.as_secs_f64() * 1000.0,
+        with_one_hung.as_secs_f64() * 1000.0
+    );
+    assert!(
+        with_one_hung < healthy + Duration::from_millis(500),
+        "an unresponsive machine slows ls down"
+    );
+
+    // `run` says what is wrong and what to do, at once, with the conflict exit code.
+    let started = Instant::now();
+    let out = service.cli(&["machine", "run", "--root", "-n", "hung", "true"]);
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unresponsive") && err.contains("container machine stop -f hung"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The others are untouched.
+    service.cli_ok(&["machine", "run", "--root", "-n", "a", "true"]);
+
+    // What it says works.
+    service.cli_ok(&["machine", "stop", "-f", "hung"]);
+    assert_eq!(inspect(&service, "hung")["status"], "stopped");
+    let out = service.cli_ok(&["machine", "run", "--root", "-n", "hung", "echo", "back"]);
+    assert_eq!(out.trim(), "back");
+    assert_eq!(inspect(&service, "hung")["status"], "running");
+}

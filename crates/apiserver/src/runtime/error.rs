@@ -131,7 +131,8 @@ impl RuntimeError {
             | CopyInRefused { .. }
             | ReadingArchive(_) => ErrorKind::InvalidArgument,
             CopyOutRefused { .. } => ErrorKind::NotFound,
-            AlreadyRunning(_) | NotRunning(_) => ErrorKind::Conflict,
+            // The machine's state forbids it until the user changes it (exit code 5).
+            AlreadyRunning(_) | NotRunning(_) | Unresponsive(_) => ErrorKind::Conflict,
             MissingBinary { .. }
             | NoKernel
             | NoApt
@@ -141,7 +142,6 @@ impl RuntimeError {
             | HelperTimeout { .. }
             | ExitedDuringBoot { .. }
             | AgentTimeout { .. }
-            | Unresponsive(_)
             | Agent(_)
             | Tap { .. }
             | NoNetwork(_)

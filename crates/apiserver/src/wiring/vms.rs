@@ -276,7 +276,18 @@ impl Vms for ServiceVms {
             rows: spec.rows,
             cols: spec.cols,
         };
-        runtime::exec(&self.running(name)?, request, spec.detach, client)
+        let mut client = client;
+        let vsock = match self.running(name) {
+            Ok(vsock) => vsock,
+            Err(e) => {
+                // The connection is upgraded already: the error travels as a frame.
+                let _ = container_api::session::Frame::Error(e.clone())
+                    .write(&mut client)
+                    .await;
+                return Err(e);
+            }
+        };
+        runtime::exec(&vsock, request, spec.detach, client)
             .await
             .map_err(ApiError::from)
     }
