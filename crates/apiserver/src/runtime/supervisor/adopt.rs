@@ -15,11 +15,13 @@ use container_agent_proto::client::ReadyListener;
 use container_api::machine::MachineState;
 use tokio::sync::watch;
 
+use super::launch::SPAWNED_FILE;
 use super::{
-    RUN_FILE, RunState, Runtime, VSOCK_SOCKET, Vm, cleanup, console, kill_all, record_stop_reason,
-    sync_clock,
+    RUN_FILE, RunState, Runtime, VSOCK_SOCKET, Vm, cleanup, console, kill_all, kill_processes,
+    record_stop_reason, sync_clock,
 };
 use crate::fsutil;
+use crate::runtime::process::ProcessId;
 
 /// The least time an adopted VM gets to repeat its readiness report to the new service,
 /// however long ago it was launched: the agent repeats it every second.
@@ -171,7 +173,62 @@ impl Runtime {
                 tracing::info!(machine = %run.id, "ending the processes of a VM whose machine is gone");
                 kill_all(&run);
             }
+            // A start cut off before it recorded its VM in `run.json` recorded each process
+            // it spawned.
+            if let Ok(Some(spawned)) = fsutil::read_json::<Vec<ProcessId>>(&dir.join(SPAWNED_FILE))
+            {
+                let alive: Vec<ProcessId> = spawned.into_iter().filter(|p| p.alive()).collect();
+                if !alive.is_empty() {
+                    tracing::info!(dir = %dir.display(), processes = alive.len(), "ending the processes of a start that was cut off");
+                    kill_processes(&alive);
+                }
+            }
             let _ = std::fs::remove_dir_all(&dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::RuntimeOptions;
+
+    #[derive(Debug)]
+    struct NoVmm;
+
+    #[async_trait::async_trait]
+    impl crate::runtime::Vmm for NoVmm {
+        fn program(&self) -> &Path {
+            Path::new("true")
+        }
+        fn command(&self, _: &crate::runtime::vmm::Launch<'_>) -> std::process::Command {
+            std::process::Command::new("true")
+        }
+        async fn quit(&self, _: &Path) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_start_cut_off_before_it_recorded_its_vm_leaves_no_process_behind() {
+        let root = tempfile::tempdir().unwrap();
+        let machines = root.path().join("machines");
+        std::fs::create_dir_all(&machines).unwrap();
+        let run_dir = root.path().join("run");
+        // A helper spawned by a start whose service was killed before `run.json`.
+        let dir = run_dir.join("vm").join("0123456789ab");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut helper = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let id = ProcessId::of(helper.id()).unwrap();
+        fsutil::write_json(&dir.join(SPAWNED_FILE), &vec![id]).unwrap();
+
+        let rt = Runtime::with_vmm(RuntimeOptions::new(root.path(), &run_dir), Arc::new(NoVmm));
+        assert_eq!(rt.adopt_all(&machines), 0);
+        assert!(!id.alive(), "the helper of the cut-off start lives on");
+        assert!(helper.try_wait().unwrap().is_some());
+        assert!(!dir.exists());
     }
 }

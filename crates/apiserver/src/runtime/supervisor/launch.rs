@@ -23,6 +23,8 @@ use crate::runtime::vmm::Launch;
 use crate::runtime::{RunningVm, RuntimeError, VmSpec, console, initramfs};
 
 const HELPER_LOG: &str = "helpers.log";
+/// Every process a start spawned, in the runtime directory, written as each one is.
+pub(super) const SPAWNED_FILE: &str = "spawned.json";
 /// Longest Unix socket path (sun_path holds 108 bytes with the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// How long a guest may print nothing before its boot is retried.
@@ -268,7 +270,10 @@ impl Runtime {
         let _ = std::fs::remove_file(&log);
         console::reset(&spec.machine_dir);
         clear_stop_reason(&spec.machine_dir);
-        let mut started = Started::default();
+        let mut started = Started {
+            record: paths.dir.join(SPAWNED_FILE),
+            ..Default::default()
+        };
         let spawned = self
             .spawn_helpers(spec, &bins, &paths, &log, &mut started)
             .and_then(|()| self.spawn_vmm(spec, &paths, &log, &mut started));
@@ -304,7 +309,7 @@ impl Runtime {
     ) -> Result<(), RuntimeError> {
         let vsock =
             helpers::vhost_device_vsock(&bins.vhost_device_vsock, &paths.vhost_user, &paths.vsock);
-        started.helper(helpers::spawn(vsock, VHOST_DEVICE_VSOCK, log)?);
+        started.helper(helpers::spawn(vsock, VHOST_DEVICE_VSOCK, log)?)?;
         helpers::wait_for_socket(&paths.vhost_user, started.last(), VHOST_DEVICE_VSOCK, log)?;
 
         let Some(virtiofsd) = &bins.virtiofsd else {
@@ -330,7 +335,7 @@ impl Runtime {
                     .map_err(RuntimeError::io("securing", socket))?;
             }
             let fs = helpers::virtiofsd(virtiofsd, share, listener.into());
-            started.helper(helpers::spawn(fs, VIRTIOFSD, log)?);
+            started.helper(helpers::spawn(fs, VIRTIOFSD, log)?)?;
         }
         Ok(())
     }
@@ -360,6 +365,7 @@ impl Runtime {
         let vmm = helpers::spawn(self.0.vmm.command(&launch), helpers::QEMU, log)?;
         let qemu = ProcessId::of(vmm.id()).unwrap_or(ProcessId(vmm.id() as i32, 0));
         started.children.push(vmm);
+        started.spawned(qemu)?;
         let run = RunState {
             id: spec.id.clone(),
             qemu,
@@ -434,19 +440,33 @@ impl Drop for Launching<'_> {
     }
 }
 
-/// Processes spawned by a start in progress, killed if the start fails.
+/// Processes spawned by a start in progress, killed if the start fails. Each is recorded
+/// in the runtime directory as soon as it is spawned ([`SPAWNED_FILE`]), so a service killed
+/// before `run.json` is written leaves nothing the next one cannot end.
 #[derive(Default)]
 struct Started {
     helpers: Vec<ProcessId>,
     children: Vec<std::process::Child>,
+    /// Where every process spawned so far is recorded.
+    record: PathBuf,
+    all: Vec<ProcessId>,
 }
 
 impl Started {
-    fn helper(&mut self, child: std::process::Child) {
-        if let Some(id) = ProcessId::of(child.id()) {
-            self.helpers.push(id);
-        }
+    fn helper(&mut self, child: std::process::Child) -> Result<(), RuntimeError> {
+        let id = ProcessId::of(child.id());
         self.children.push(child);
+        if let Some(id) = id {
+            self.helpers.push(id);
+            self.spawned(id)?;
+        }
+        Ok(())
+    }
+
+    fn spawned(&mut self, id: ProcessId) -> Result<(), RuntimeError> {
+        self.all.push(id);
+        fsutil::write_json(&self.record, &self.all)
+            .map_err(RuntimeError::io("writing", &self.record))
     }
 
     fn last(&mut self) -> &mut std::process::Child {

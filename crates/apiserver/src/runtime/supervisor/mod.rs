@@ -450,14 +450,21 @@ fn cleanup(run: &RunState, machine_dir: &Path) {
 
 /// Kills the VMM and the helpers of a VM, and waits for them to be gone.
 fn kill_all(run: &RunState) {
-    run.qemu.kill();
-    for h in &run.helpers {
-        h.kill();
+    let mut all = vec![run.qemu];
+    all.extend(&run.helpers);
+    kill_processes(&all);
+}
+
+/// Kills these processes (each only while it is still the recorded one) and waits for them
+/// to be gone.
+fn kill_processes(all: &[ProcessId]) {
+    for p in all {
+        p.kill();
     }
     // A machine is stopped only once nothing of it runs: wait for the kills to land (a
     // process with many threads takes a moment to die), bounded in case one is stuck.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while (run.qemu.alive() || run.helpers.iter().any(|h| h.alive())) && Instant::now() < deadline {
+    while all.iter().any(|p| p.alive()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
