@@ -235,3 +235,191 @@ fn a_machine_whose_agent_stops_answering_is_unresponsive_and_run_says_what_to_do
     assert_eq!(out.trim(), "back");
     assert_eq!(inspect(&service, "hung")["status"], "running");
 }
+
+/// A small generator (xorshift64), seeded from `CRASH_SOAK_SEED` or the clock, so a round
+/// that fails can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Processes other than the service whose command line names `dir` (QEMU and
+/// vhost-device-vsock name their runtime directory).
+fn processes_naming(dir: &std::path::Path) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter_map(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let vm_process = cmdline.contains(&needle) && !cmdline.contains("container-apiserver");
+            (vm_process && !stat.contains(") Z ")).then_some(cmdline)
+        })
+        .collect()
+}
+
+/// Every listed machine is usable: it settles, and runs a command (a stopped one is started
+/// by it). The machines' names.
+fn every_machine_runs_a_command(service: &Service) -> Vec<String> {
+    let list: Vec<serde_json::Value> =
+        serde_json::from_str(&service.cli_ok(&["machine", "ls", "--format", "json"])).unwrap();
+    let mut names = Vec::new();
+    for m in list {
+        let name = m["id"].as_str().unwrap().to_string();
+        let m = settled(service, &name, Duration::from_secs(120));
+        let status = m["status"].as_str().unwrap_or_default().to_string();
+        assert!(
+            status == "running" || status == "stopped",
+            "{name} is {status}: {m}"
+        );
+        let out = service.cli(&["machine", "run", "--root", "-n", &name, "true"]);
+        assert!(
+            out.status.success(),
+            "{name} was {status} but cannot run a command: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            tail(&service.log(), 30)
+        );
+        names.push(name);
+    }
+    names
+}
+
+#[test]
+fn a_service_killed_at_random_moments_leaves_every_machine_usable_or_gone() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let rounds: u32 = std::env::var("CRASH_SOAK_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let seed = std::env::var("CRASH_SOAK_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("soak: {rounds} rounds, CRASH_SOAK_SEED={seed}");
+    let mut rng = Rng(seed);
+    let registry = Registry::start();
+    let image = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let other = registry.push(&test_image("busybox"), "tests/busybox:2");
+    // No shares: every process of a VM names its runtime directory, so none can hide.
+    let service = Service::start(&format!(
+        "[machine]\ncpus = 1\nmemory = \"512M\"\nhome-mount = \"none\"\n[runtime]\nboot-timeout = 60\n{}",
+        kernel_config()
+    ));
+    service.cli_ok(&["machine", "create", &image, "--name", "base"]);
+    let blob = service.dir.path().join("blob");
+    std::fs::write(&blob, vec![7u8; 4 << 20]).unwrap();
+    let blob = blob.to_string_lossy().into_owned();
+
+    const OPS: [&str; 7] = ["create", "start", "stop", "rm", "set", "pull", "cp"];
+    for round in 0..rounds {
+        let op = OPS[rng.below(OPS.len() as u64) as usize];
+        let delay = Duration::from_millis(rng.below(3000));
+        let name = format!("r{round}");
+        let size = format!("disk-size={}G", 65 + round);
+        // Each operation gets something to do.
+        let args: Vec<&str> = match op {
+            "create" => vec!["machine", "create", &image, "--name", &name],
+            "start" => {
+                service.cli_ok(&["machine", "stop", "base"]);
+                vec!["machine", "start", "base"]
+            }
+            "stop" => vec!["machine", "stop", "base"],
+            "rm" => {
+                service.cli_ok(&["machine", "create", &image, "--name", &name]);
+                vec!["machine", "rm", "-f", &name]
+            }
+            "set" => {
+                service.cli_ok(&["machine", "stop", "base"]);
+                vec!["machine", "set", "-n", "base", &size]
+            }
+            "pull" => vec!["image", "pull", &other],
+            _ => vec!["machine", "cp", &blob, "base:/tmp/blob"],
+        };
+        let mut cut = service
+            .command(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let finished = cut.try_wait().unwrap().is_some();
+        service.kill_service();
+        let _ = cut.wait();
+        let restarted = Instant::now();
+        service.launch();
+        let names = every_machine_runs_a_command(&service);
+        eprintln!(
+            "round {round}: {op} killed after {} ms{}: {names:?} usable {:.1} s after the restart",
+            delay.as_millis(),
+            if finished { " (it had finished)" } else { "" },
+            restarted.elapsed().as_secs_f64()
+        );
+        assert!(names.contains(&"base".to_string()), "base is gone");
+        // An image is whole or absent: a pulled one makes a machine.
+        if service.cli(&["image", "inspect", &other]).status.success() {
+            let probe = format!("p{round}");
+            service.cli_ok(&["machine", "create", &other, "--name", &probe, "--no-boot"]);
+            service.cli_ok(&["machine", "rm", &probe]);
+            service.cli_ok(&["image", "rm", &other]);
+        }
+        if names.contains(&name) {
+            service.cli_ok(&["machine", "rm", "-f", &name]);
+        }
+    }
+
+    // Nothing is left once the machines are gone.
+    service.cli_ok(&["machine", "rm", "-f", "base"]);
+    assert_eq!(
+        processes_naming(&service.run_dir),
+        Vec::<String>::new(),
+        "processes outlived their machines"
+    );
+    let vm_dirs: Vec<_> = std::fs::read_dir(service.run_dir.join("vm"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        vm_dirs,
+        Vec::<std::path::PathBuf>::new(),
+        "runtime directories left"
+    );
+    let machine_dirs: Vec<_> = std::fs::read_dir(service.root.join("machines"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "defaults.json")
+        .collect();
+    assert_eq!(machine_dirs, Vec::<String>::new(), "machine files left");
+    let leases = std::fs::read_to_string(service.root.join("network/leases.json")).unwrap();
+    for round in 0..rounds {
+        assert!(!leases.contains(&format!("\"r{round}\"")), "{leases}");
+    }
+    assert!(!leases.contains("\"base\""), "{leases}");
+    let taps = container_e2e::in_netns("ip")
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    let taps = String::from_utf8_lossy(&taps.stdout);
+    assert!(!taps.contains("ctap-"), "taps left: {taps}");
+}

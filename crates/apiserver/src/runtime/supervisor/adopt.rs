@@ -4,6 +4,8 @@
 //! as starting: the service listens for the report again (the agent repeats it until one
 //! is acknowledged) and never connects to the agent before it; a VM that does not report
 //! within the boot timeout, counted from its launch, is forced off with the reason kept.
+//! A VM whose stop was under way is adopted as stopping, and forced off if it does not
+//! power off by the stop's deadline.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -16,6 +18,7 @@ use container_api::machine::MachineState;
 use tokio::sync::watch;
 
 use super::launch::SPAWNED_FILE;
+use super::stop::STOP_GRACE;
 use super::{
     RUN_FILE, RunState, Runtime, VSOCK_SOCKET, Vm, cleanup, console, kill_all, kill_processes,
     record_stop_reason, sync_clock,
@@ -48,7 +51,8 @@ impl Runtime {
             cleanup(&run, machine_dir);
             return false;
         }
-        let booting = !run.ready;
+        let stop_by = run.stop_by;
+        let booting = !run.ready && stop_by.is_none();
         let ready = match booting {
             false => None,
             true => {
@@ -68,9 +72,10 @@ impl Runtime {
         let vm = Arc::new(Vm {
             machine_dir: machine_dir.to_path_buf(),
             run,
-            state: watch::Sender::new(match booting {
-                true => MachineState::Starting,
-                false => MachineState::Running,
+            state: watch::Sender::new(match (stop_by, booting) {
+                (Some(_), _) => MachineState::Stopping,
+                (None, true) => MachineState::Starting,
+                (None, false) => MachineState::Running,
             }),
             adopted: true,
             responsive: AtomicBool::new(true),
@@ -81,8 +86,24 @@ impl Runtime {
         if booting {
             let this = self.clone();
             tokio::spawn(async move { this.finish_boot(vm, ready).await });
+        } else if let Some(stop_by) = stop_by {
+            let this = self.clone();
+            tokio::spawn(async move { this.finish_stop(vm, stop_by).await });
         }
         true
+    }
+
+    /// Waits for an adopted VM whose stop was under way to power off, until the stop's
+    /// deadline (at least [`STOP_GRACE`] from now), then forces it off.
+    async fn finish_stop(&self, vm: Arc<Vm>, stop_by: chrono::DateTime<chrono::Utc>) {
+        let left = (stop_by - chrono::Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .max(STOP_GRACE);
+        if !vm.stopped_within(left).await {
+            tracing::warn!(machine = %vm.run.id, "the machine whose stop was cut off did not power off in time; forcing it off");
+            self.force_stop(&vm).await;
+        }
     }
 
     /// Waits for the readiness report of an adopted VM that had not given it, until the boot

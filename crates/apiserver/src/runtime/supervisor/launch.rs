@@ -374,6 +374,7 @@ impl Runtime {
             started: chrono::Utc::now(),
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
             ready: false,
+            stop_by: None,
         };
         for run_file in [spec.machine_dir.join(RUN_FILE), paths.dir.join(RUN_FILE)] {
             fsutil::write_json(&run_file, &run).map_err(RuntimeError::io("writing", &run_file))?;

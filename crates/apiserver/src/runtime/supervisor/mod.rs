@@ -65,6 +65,10 @@ pub(super) struct RunState {
     /// written by services that adopted only VMs that had reported.
     #[serde(default = "reported")]
     pub ready: bool,
+    /// A stop was asked for, to be over by then: a service killed during it leaves a VM
+    /// shutting down, which the next one adopts as stopping and forces off after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_by: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 fn reported() -> bool {
@@ -377,22 +381,25 @@ impl Runtime {
         deadline: Instant,
     ) -> Result<proto::client::Readiness, proto::ProtoError> {
         let report = ready.wait(deadline).await?;
-        let mut run = vm.run.clone();
-        run.ready = true;
-        let files = [vm.machine_dir.join(RUN_FILE), vm.run.run_dir.join(RUN_FILE)];
-        let written = tokio::task::spawn_blocking(move || {
-            files.iter().try_for_each(|f| fsutil::write_json(f, &run))
-        })
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))
-        .and_then(|r| r);
-        if let Err(e) = written {
-            // Unrecorded, the report is not acknowledged: the agent repeats it.
-            return Err(e.into());
-        }
+        // Unrecorded, the report is not acknowledged: the agent repeats it.
+        rewrite_run(vm, |run| run.ready = true).await?;
         report.acknowledge().await;
         proto::client::ping_until(&vm.agent_socket(), proto::PORT, deadline).await
     }
+}
+
+/// Rewrites the VM's `run.json` (both copies) with `change` made to what is recorded.
+async fn rewrite_run(vm: &Vm, change: impl FnOnce(&mut RunState)) -> std::io::Result<()> {
+    let mut run = vm.run.clone();
+    if let Ok(Some(recorded)) = fsutil::read_json::<RunState>(&vm.machine_dir.join(RUN_FILE)) {
+        run.ready = recorded.ready;
+        run.stop_by = recorded.stop_by;
+    }
+    change(&mut run);
+    let files = [vm.machine_dir.join(RUN_FILE), vm.run.run_dir.join(RUN_FILE)];
+    tokio::task::spawn_blocking(move || files.iter().try_for_each(|f| fsutil::write_json(f, &run)))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
 /// Pings a running VM's agent; the count of checks missed in a row, after this one. The VM
