@@ -38,6 +38,8 @@ pub struct Readiness {
     pub uptime: Duration,
     /// PID 1 is the image's init (the agent has handed over).
     pub init_running: bool,
+    /// The image's init has finished booting.
+    pub booted: bool,
 }
 
 /// How a process ended.
@@ -113,10 +115,12 @@ impl AgentClient {
             Message::Pong {
                 uptime_ms,
                 init_running,
+                booted,
                 ..
             } => Ok(Readiness {
                 uptime: Duration::from_millis(uptime_ms),
                 init_running,
+                booted,
             }),
             other => Err(ProtoError::Unexpected(format!("{other:?}"))),
         }
@@ -844,6 +848,7 @@ mod tests {
                     uptime_ms: 1500,
                     init_pid: 1,
                     init_running: true,
+                    booted: true,
                 };
                 let _ = send(&mut s, pong).await;
             }
@@ -875,7 +880,8 @@ mod tests {
             readiness,
             Readiness {
                 uptime: Duration::from_millis(1500),
-                init_running: true
+                init_running: true,
+                booted: true,
             }
         );
         assert!(

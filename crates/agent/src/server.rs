@@ -157,6 +157,7 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
                 uptime_ms: started.elapsed().as_millis() as u64,
                 init_pid: 1,
                 init_running: init_running(),
+                booted: init_running() && booted(),
             },
         )?,
         Message::SetTime { unix_ns } => {
@@ -183,6 +184,42 @@ fn init_running() -> bool {
         (Ok(init), Ok(me)) => init != me,
         _ => false,
     }
+}
+
+/// Whether the image's init has finished booting: systemd once `is-system-running` says
+/// `running` or `degraded` (what `--wait` waits for), OpenRC once its default runlevel is
+/// reached and nothing is still starting, any other init (busybox, sysvinit) at once.
+fn booted() -> bool {
+    let init = std::fs::canonicalize("/proc/1/exe").unwrap_or_default();
+    if init.to_string_lossy().contains("systemd") {
+        let state = std::process::Command::new("systemctl")
+            .arg("is-system-running")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        return systemd_booted(&state);
+    }
+    let openrc = std::path::Path::new("/run/openrc");
+    if openrc.is_dir() {
+        let level = std::fs::read_to_string(openrc.join("softlevel")).unwrap_or_default();
+        let starting = std::fs::read_dir(openrc.join("starting"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        return openrc_booted(&level, starting);
+    }
+    true
+}
+
+/// systemd's `is-system-running` answer once boot is over, well or not.
+fn systemd_booted(state: &str) -> bool {
+    matches!(state, "running" | "degraded")
+}
+
+/// OpenRC has booted once its soft level is the default runlevel and no service is starting.
+fn openrc_booted(softlevel: &str, starting: bool) -> bool {
+    softlevel.trim() == "default" && !starting
 }
 
 /// Asks init to power the machine off, and forces it after the timeout.
@@ -305,6 +342,22 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
         assert!(waited >= REPORT_FOR && waited < REPORT_FOR + Duration::from_secs(1));
         assert_eq!(calls, 50 + (REPORT_FOR.as_secs() as u32 - 10) + 1);
+    }
+
+    #[test]
+    fn boot_is_over_when_the_init_says_so() {
+        assert!(systemd_booted("running"));
+        assert!(systemd_booted("degraded"));
+        for not_yet in ["initializing", "starting", "", "offline"] {
+            assert!(!systemd_booted(not_yet), "{not_yet}");
+        }
+        assert!(openrc_booted("default\n", false));
+        assert!(
+            !openrc_booted("default", true),
+            "a service is still starting"
+        );
+        assert!(!openrc_booted("sysinit", false));
+        assert!(!openrc_booted("", false));
     }
 
     #[test]

@@ -79,6 +79,16 @@ pub enum MachineState {
     /// Running, but its agent missed its health checks: nothing can run in it until it is
     /// forced off (`machine stop -f`) and started again, unless it recovers.
     Unresponsive,
+    /// Running, and commands run, but the image's init has not finished booting (systemd
+    /// not yet `running`/`degraded`, OpenRC short of its default runlevel).
+    Booting,
+}
+
+impl MachineState {
+    /// Its VM runs: booting, running or unresponsive.
+    pub fn is_up(self) -> bool {
+        matches!(self, Self::Running | Self::Booting | Self::Unresponsive)
+    }
 }
 
 impl std::fmt::Display for MachineState {
@@ -89,6 +99,7 @@ impl std::fmt::Display for MachineState {
             Self::Running => "running",
             Self::Stopping => "stopping",
             Self::Unresponsive => "unresponsive",
+            Self::Booting => "booting",
         })
     }
 }

@@ -21,7 +21,7 @@ use super::launch::SPAWNED_FILE;
 use super::stop::STOP_GRACE;
 use super::{
     RUN_FILE, RunState, Runtime, VSOCK_SOCKET, Vm, cleanup, console, kill_all, kill_processes,
-    record_stop_reason, sync_clock,
+    learn_boot, record_stop_reason, sync_clock,
 };
 use crate::fsutil;
 use crate::runtime::process::ProcessId;
@@ -79,6 +79,7 @@ impl Runtime {
             }),
             adopted: true,
             responsive: AtomicBool::new(true),
+            booted: AtomicBool::new(false),
             children: Mutex::new(Vec::new()),
         });
         self.vms().insert(vm.run.id.clone(), vm.clone());
@@ -123,7 +124,7 @@ impl Runtime {
         let deadline = Instant::now() + left;
         let waited = async {
             match &ready {
-                Some(ready) => self.await_agent(&vm, ready, deadline).await.map(|_| ()),
+                Some(ready) => self.await_agent(&vm, ready, deadline).await,
                 None => {
                     tokio::time::sleep_until(deadline.into()).await;
                     Err(proto::ProtoError::Timeout)
@@ -138,7 +139,8 @@ impl Runtime {
         };
         drop(ready);
         match outcome {
-            Ok(()) => {
+            Ok(readiness) => {
+                learn_boot(&vm, readiness).await;
                 console::write_boot_log(&vm.machine_dir);
                 sync_clock(&id, &vm.agent_socket()).await;
                 vm.state.send_if_modified(|s| {

@@ -13,7 +13,7 @@ use container_api::machine::MachineState;
 use tokio::sync::watch;
 
 use super::{
-    CONTROL_SOCKET, RUN_FILE, RunState, Runtime, VSOCK_SOCKET, Vm, clear_stop_reason,
+    CONTROL_SOCKET, RUN_FILE, RunState, Runtime, VSOCK_SOCKET, Vm, clear_stop_reason, learn_boot,
     record_stop_reason, sync_clock,
 };
 use crate::fsutil;
@@ -182,10 +182,10 @@ impl Runtime {
         let answered = self.await_agent(&vm, &ready, deadline);
         tokio::pin!(answered);
         let mut check = tokio::time::interval(Duration::from_millis(100));
-        loop {
+        let readiness = loop {
             tokio::select! {
                 answered = &mut answered => match answered {
-                    Ok(_) => break,
+                    Ok(readiness) => break readiness,
                     Err(source) => {
                         record_stop_reason(&spec.machine_dir, &format!(
                             "the guest agent did not answer within {} s of the start ({source}); forced off",
@@ -217,7 +217,8 @@ impl Runtime {
                     }
                 }
             }
-        }
+        };
+        learn_boot(&vm, readiness).await;
         console::write_boot_log(&spec.machine_dir);
         // The boot config carried the host's time at launch; the boot took a while since.
         sync_clock(&spec.id, &vm.agent_socket()).await;
@@ -285,6 +286,7 @@ impl Runtime {
                     state: watch::Sender::new(MachineState::Starting),
                     adopted: false,
                     responsive: AtomicBool::new(true),
+                    booted: AtomicBool::new(false),
                     children: Mutex::new(std::mem::take(&mut started.children)),
                 },
                 ready,

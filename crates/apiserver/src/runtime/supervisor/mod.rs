@@ -118,8 +118,10 @@ const CONTROL_SOCKET: &str = "qmp.sock";
 /// How often a running guest's clock is set from the host's.
 const CLOCK_SYNC_EVERY: Duration = Duration::from_secs(30);
 /// How often a running guest's agent is pinged; `ls` shows the last outcome, so it costs
-/// `ls` nothing.
-const HEALTH_EVERY: Duration = Duration::from_secs(5);
+/// `ls` nothing. Every [`BOOT_CHECK_EVERY`] while its init is booting, so `--wait` ends soon
+/// after the boot does.
+const HEALTH_EVERY: u32 = 5;
+const BOOT_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long a health ping may take: a vsock round trip takes milliseconds, but an emulated
 /// guest on a loaded host can be slow to schedule its agent.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
@@ -136,6 +138,8 @@ pub(super) struct Vm {
     pub adopted: bool,
     /// The agent of the running VM answered its last health check (see `HEALTH_EVERY`).
     pub responsive: AtomicBool,
+    /// The image's init has finished booting, as the last health check learnt.
+    pub booted: AtomicBool,
     /// Processes we spawned, reaped once they exit (none for an adopted VM).
     children: Mutex<Vec<Child>>,
 }
@@ -160,6 +164,7 @@ impl Vm {
             MachineState::Running if !self.responsive.load(Ordering::Relaxed) => {
                 MachineState::Unresponsive
             }
+            MachineState::Running if !self.booted.load(Ordering::Relaxed) => MachineState::Booting,
             s => s,
         }
     }
@@ -307,9 +312,11 @@ impl Runtime {
             let mut console_check = tokio::time::interval(Duration::from_secs(1));
             console_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let console = console::console_path(&vm.machine_dir);
-            let mut health =
-                tokio::time::interval_at(tokio::time::Instant::now() + HEALTH_EVERY, HEALTH_EVERY);
+            // The first check comes at once: a VM adopted after a service restart is shown
+            // booting until it.
+            let mut health = tokio::time::interval(BOOT_CHECK_EVERY);
             health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut ticks = 0u32;
             let mut misses = 0;
             loop {
                 tokio::select! {
@@ -320,7 +327,9 @@ impl Runtime {
                         }
                     }
                     _ = health.tick() => {
-                        if vm.get() == MachineState::Running {
+                        ticks = ticks.wrapping_add(1);
+                        let due = !vm.booted.load(Ordering::Relaxed) || ticks.is_multiple_of(HEALTH_EVERY);
+                        if vm.get() == MachineState::Running && due {
                             misses = check_health(&vm, misses).await;
                         }
                     }
@@ -388,6 +397,27 @@ impl Runtime {
     }
 }
 
+/// Learns from the agent that just answered whether the image's init has finished booting.
+/// The agent answers a moment before it hands PID 1 over to init: that moment is waited
+/// out (briefly), so an init that boots at once (busybox) is never shown booting.
+async fn learn_boot(vm: &Vm, mut readiness: proto::client::Readiness) {
+    let handover = Instant::now() + Duration::from_secs(2);
+    while !readiness.init_running && Instant::now() < handover {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ping = async {
+            proto::client::AgentClient::connect(&vm.agent_socket(), proto::PORT)
+                .await?
+                .ping()
+                .await
+        };
+        match tokio::time::timeout(HEALTH_TIMEOUT, ping).await {
+            Ok(Ok(r)) => readiness = r,
+            _ => break,
+        }
+    }
+    vm.booted.store(readiness.booted, Ordering::Relaxed);
+}
+
 /// Rewrites the VM's `run.json` (both copies) with `change` made to what is recorded.
 async fn rewrite_run(vm: &Vm, change: impl FnOnce(&mut RunState)) -> std::io::Result<()> {
     let mut run = vm.run.clone();
@@ -411,10 +441,14 @@ async fn check_health(vm: &Vm, misses: u32) -> u32 {
             .ping()
             .await
     };
-    let answered = matches!(tokio::time::timeout(HEALTH_TIMEOUT, ping).await, Ok(Ok(_)));
-    let misses = match answered {
-        true => 0,
-        false => misses + 1,
+    let misses = match tokio::time::timeout(HEALTH_TIMEOUT, ping).await {
+        Ok(Ok(readiness)) => {
+            if readiness.booted && !vm.booted.swap(true, Ordering::Relaxed) {
+                tracing::info!(machine = %vm.run.id, "the machine's init finished booting");
+            }
+            0
+        }
+        _ => misses + 1,
     };
     let responsive = misses < HEALTH_MISSES;
     if vm.responsive.swap(responsive, Ordering::Relaxed) != responsive {

@@ -20,8 +20,12 @@ pub struct CreateArgs {
     #[arg(long)]
     set_default: bool,
     /// Create without booting.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "wait")]
     no_boot: bool,
+    /// Return once the image's init has finished booting (systemd `running` or `degraded`,
+    /// OpenRC's default runlevel), not as soon as commands can run.
+    #[arg(long)]
+    wait: bool,
     #[arg(long)]
     cpus: Option<u32>,
     /// Memory, e.g. 2G (default: half the host's).
@@ -165,6 +169,9 @@ pub async fn run(client: &Client, a: CreateArgs) -> anyhow::Result<()> {
             .transpose()?,
     };
     let machine: Machine = client.post("/machines", &request).await?;
+    if a.wait {
+        super::wait_until_booted(client, &machine.id).await?;
+    }
     println!("{}", machine.id);
     Ok(())
 }

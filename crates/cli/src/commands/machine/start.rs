@@ -8,6 +8,10 @@ use container_api::machine::Machine;
 pub struct StartArgs {
     /// Machine name (default: the default machine).
     name: Option<String>,
+    /// Return once the image's init has finished booting (systemd `running` or `degraded`,
+    /// OpenRC's default runlevel), not as soon as commands can run.
+    #[arg(long)]
+    wait: bool,
 }
 
 pub async fn run(client: &Client, args: StartArgs) -> anyhow::Result<()> {
@@ -15,6 +19,9 @@ pub async fn run(client: &Client, args: StartArgs) -> anyhow::Result<()> {
     let m: Machine = client
         .post(&format!("/machines/{name}/start"), &serde_json::json!({}))
         .await?;
+    if args.wait {
+        super::wait_until_booted(client, &name).await?;
+    }
     println!("{}", m.id);
     Ok(())
 }
