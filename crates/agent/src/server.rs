@@ -201,8 +201,18 @@ fn booted() -> bool {
             .unwrap_or_default();
         return systemd_booted(&state);
     }
-    let openrc = std::path::Path::new("/run/openrc");
-    if openrc.is_dir() {
+    // An OpenRC system (openrc-init, or busybox init running OpenRC) has `openrc`; its state
+    // directory appears only once its sysinit runlevel runs.
+    let has_openrc = [
+        "/sbin/openrc",
+        "/usr/sbin/openrc",
+        "/bin/openrc",
+        "/usr/bin/openrc",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists());
+    if has_openrc {
+        let openrc = std::path::Path::new("/run/openrc");
         let level = std::fs::read_to_string(openrc.join("softlevel")).unwrap_or_default();
         let starting = std::fs::read_dir(openrc.join("starting"))
             .map(|mut d| d.next().is_some())
