@@ -38,6 +38,8 @@ pub struct Readiness {
     pub uptime: Duration,
     /// PID 1 is the image's init (the agent has handed over).
     pub init_running: bool,
+    /// The image's init has finished booting.
+    pub booted: bool,
 }
 
 /// How a process ended.
@@ -113,10 +115,12 @@ impl AgentClient {
             Message::Pong {
                 uptime_ms,
                 init_running,
+                booted,
                 ..
             } => Ok(Readiness {
                 uptime: Duration::from_millis(uptime_ms),
                 init_running,
+                booted,
             }),
             other => Err(ProtoError::Unexpected(format!("{other:?}"))),
         }
@@ -477,10 +481,10 @@ impl ReadyListener {
         &self.path
     }
 
-    /// Waits for the agent's [`Message::Ready`] until `deadline`; its version string.
-    /// Connections that say anything else are dropped; an agent of another protocol version
-    /// is an error.
-    pub async fn wait(&self, deadline: Instant) -> Result<String, ProtoError> {
+    /// Waits for the agent's [`Message::Ready`] until `deadline`. Connections that say
+    /// anything else are dropped; an agent of another protocol version is an error. The
+    /// report is not acknowledged yet: see [`ReadyReport`].
+    pub async fn wait(&self, deadline: Instant) -> Result<ReadyReport, ProtoError> {
         let listener = tokio::net::UnixListener::from_std(self.listener.try_clone()?)?;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -497,11 +501,30 @@ impl ReadyListener {
                             crate::VERSION
                         )));
                     }
-                    return Ok(agent);
+                    return Ok(ReadyReport { agent, stream });
                 }
                 Ok(_) => continue,
             }
         }
+    }
+}
+
+/// An agent's readiness report, received and not yet acknowledged. The agent repeats its
+/// report until one is acknowledged, so the host acknowledges only once it has recorded
+/// the readiness where a restarted service finds it: a service killed in between leaves an
+/// agent that reports again, to the next service.
+#[derive(Debug)]
+pub struct ReadyReport {
+    /// The agent's version.
+    pub agent: String,
+    stream: UnixStream,
+}
+
+impl ReadyReport {
+    /// Tells the agent its report arrived. An agent from before acknowledgements has closed
+    /// the connection already: that is no failure.
+    pub async fn acknowledge(mut self) {
+        let _ = send(&mut self.stream, Message::Done).await;
     }
 }
 
@@ -511,14 +534,20 @@ impl Drop for ReadyListener {
     }
 }
 
-/// Waits until the agent has said it is ready and answers a ping, or `deadline`.
+/// Waits until the agent has said it is ready (acknowledging its report at once) and
+/// answers a ping, or `deadline`.
 pub async fn wait_ready(
     ready: &ReadyListener,
     uds: &Path,
     port: u32,
     deadline: Instant,
 ) -> Result<Readiness, ProtoError> {
-    ready.wait(deadline).await?;
+    ready.wait(deadline).await?.acknowledge().await;
+    ping_until(uds, port, deadline).await
+}
+
+/// Pings the agent, which has reported ready, until `deadline` (at least 2 s).
+pub async fn ping_until(uds: &Path, port: u32, deadline: Instant) -> Result<Readiness, ProtoError> {
     let left = deadline.saturating_duration_since(Instant::now());
     tokio::time::timeout(left.max(Duration::from_secs(2)), async {
         AgentClient::connect(uds, port).await?.ping().await
@@ -834,10 +863,11 @@ mod tests {
     }
 
     /// Plays the agent's side of the readiness report: connects to the ready socket and
-    /// sends `m`.
-    async fn report(path: &Path, m: Message) {
+    /// sends `m`; the connection, for the host's answer.
+    async fn report(path: &Path, m: Message) -> UnixStream {
         let mut s = UnixStream::connect(path).await.unwrap();
         send(&mut s, m).await.unwrap();
+        s
     }
 
     #[tokio::test]
@@ -869,6 +899,7 @@ mod tests {
                     uptime_ms: 1500,
                     init_pid: 1,
                     init_running: true,
+                    booted: true,
                 };
                 let _ = send(&mut s, pong).await;
             }
@@ -881,7 +912,7 @@ mod tests {
             drop(UnixStream::connect(&path).await.unwrap());
             reported.store(true, std::sync::atomic::Ordering::SeqCst);
             let agent = "0.1.0".to_string();
-            report(
+            let mut s = report(
                 &path,
                 Message::Ready {
                     version: crate::VERSION,
@@ -889,6 +920,9 @@ mod tests {
                 },
             )
             .await;
+            // The agent stops repeating its report once the host acknowledges it.
+            let ack = read(&mut s).await.unwrap();
+            assert_eq!(ack, Some(Frame::Message(Message::Done)));
         });
         let readiness = wait_ready(&ready, &uds, 1024, Instant::now() + Duration::from_secs(10))
             .await
@@ -897,7 +931,8 @@ mod tests {
             readiness,
             Readiness {
                 uptime: Duration::from_millis(1500),
-                init_running: true
+                init_running: true,
+                booted: true,
             }
         );
         assert!(

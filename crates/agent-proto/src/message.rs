@@ -60,12 +60,17 @@ pub enum Message {
     Ready { version: u32, agent: String },
     /// Host: readiness probe.
     Ping,
-    /// Agent: alive for `uptime_ms`; `init_running` once PID 1 is the image's init.
+    /// Agent: alive for `uptime_ms`; `init_running` once PID 1 is the image's init;
+    /// `booted` once that init has finished booting (systemd running or degraded, OpenRC's
+    /// default runlevel reached, any other init at once).
     Pong {
         uptime_ms: u64,
         init_pid: i32,
         #[serde(default)]
         init_running: bool,
+        /// Absent from an agent that predates it: such a machine counts as booted.
+        #[serde(default = "crate::message::booted_unknown")]
+        booted: bool,
     },
     /// Host: what the guest's memory holds now.
     Stats,
@@ -165,6 +170,11 @@ impl GuestMemory {
             used: total.saturating_sub(free).saturating_sub(cache),
         })
     }
+}
+
+/// What an agent that does not report `booted` is taken to say: booted (it is running).
+pub(crate) fn booted_unknown() -> bool {
+    true
 }
 
 #[cfg(test)]

@@ -53,29 +53,64 @@ pub fn serve(cfg: &BootConfig) -> ! {
 }
 
 /// Tells the host the agent listens: one [`Message::Ready`] on a connection to the host's
-/// `port`. The host opens no session before it (see the message's documentation), so a
-/// report that never arrives leaves the boot to time out: retried while the host's side
-/// may still be coming up, then logged.
+/// `port`, repeated until the host acknowledges it. The host opens no session before it (see
+/// the message's documentation), so a report that is lost leaves the machine unusable: the
+/// host's side may still be coming up, or the service that took the report may have been
+/// killed before it recorded it, and the next service listens again once it starts. A host
+/// connection refused or cut is cheap for vhost-device-vsock (only the host's own early
+/// connections break it), so the report is repeated for as long as a boot may take.
 fn report_ready(port: u32) {
     let ready = || Message::Ready {
         version: VERSION,
         agent: env!("CARGO_PKG_VERSION").into(),
     };
-    for attempt in 1..=REPORT_ATTEMPTS {
-        match VsockStream::connect_with_cid_port(vsock::VMADDR_CID_HOST, port)
-            .and_then(|mut s| send(&mut s, ready()))
-        {
-            Ok(()) => return,
-            Err(e) if attempt == REPORT_ATTEMPTS => {
-                log!("cannot tell the host the agent is ready (vsock port {port}): {e}");
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+    let attempt = || -> std::io::Result<()> {
+        let mut s = VsockStream::connect_with_cid_port(vsock::VMADDR_CID_HOST, port)?;
+        send(&mut s, ready())?;
+        s.set_read_timeout(Some(ACK_LIMIT))?;
+        match read(&mut s) {
+            Ok(Some(Frame::Message(Message::Done))) => Ok(()),
+            Ok(other) => Err(std::io::Error::other(format!(
+                "the host did not acknowledge the report: {other:?}"
+            ))),
+            Err(e) => Err(std::io::Error::other(e)),
         }
+    };
+    if let Err(e) = repeat_until_acknowledged(attempt, std::thread::sleep) {
+        log!("cannot tell the host the agent is ready (vsock port {port}): {e}");
     }
 }
 
-/// Connection attempts of [`report_ready`], 200 ms apart.
-const REPORT_ATTEMPTS: u32 = 50;
+/// Runs `attempt` until it succeeds: every 200 ms at first, while the host's side comes up,
+/// then every second until [`REPORT_FOR`] has passed (counted in the pauses taken); the
+/// last error otherwise.
+fn repeat_until_acknowledged(
+    mut attempt: impl FnMut() -> std::io::Result<()>,
+    mut pause: impl FnMut(Duration),
+) -> std::io::Result<()> {
+    let mut waited = Duration::ZERO;
+    loop {
+        let err = match attempt() {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if waited >= REPORT_FOR {
+            return Err(err);
+        }
+        let step = match waited < Duration::from_secs(10) {
+            true => Duration::from_millis(200),
+            false => Duration::from_secs(1),
+        };
+        pause(step);
+        waited += step;
+    }
+}
+
+/// How long the agent repeats an unacknowledged readiness report: longer than the host's
+/// boot timeout (180 s), so a service restarted at any point of a boot still hears it.
+const REPORT_FOR: Duration = Duration::from_secs(600);
+/// How long the host may take to acknowledge a report it received (it records it first).
+const ACK_LIMIT: Duration = Duration::from_secs(5);
 
 /// Serves one session: the hello, then one request. A request that fails is answered to the
 /// host as an `Error` message; an error returned here is one that left the host without its
@@ -122,6 +157,7 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
                 uptime_ms: started.elapsed().as_millis() as u64,
                 init_pid: 1,
                 init_running: init_running(),
+                booted: init_running() && booted(),
             },
         )?,
         Message::SetTime { unix_ns } => {
@@ -203,6 +239,52 @@ fn init_running() -> bool {
         (Ok(init), Ok(me)) => init != me,
         _ => false,
     }
+}
+
+/// Whether the image's init has finished booting: systemd once `is-system-running` says
+/// `running` or `degraded` (what `--wait` waits for), OpenRC once its default runlevel is
+/// reached and nothing is still starting, any other init (busybox, sysvinit) at once.
+fn booted() -> bool {
+    let init = std::fs::canonicalize("/proc/1/exe").unwrap_or_default();
+    if init.to_string_lossy().contains("systemd") {
+        let state = std::process::Command::new("systemctl")
+            .arg("is-system-running")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        return systemd_booted(&state);
+    }
+    // An OpenRC system (openrc-init, or busybox init running OpenRC) has `openrc`; its state
+    // directory appears only once its sysinit runlevel runs.
+    let has_openrc = [
+        "/sbin/openrc",
+        "/usr/sbin/openrc",
+        "/bin/openrc",
+        "/usr/bin/openrc",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists());
+    if has_openrc {
+        let openrc = std::path::Path::new("/run/openrc");
+        let level = std::fs::read_to_string(openrc.join("softlevel")).unwrap_or_default();
+        let starting = std::fs::read_dir(openrc.join("starting"))
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        return openrc_booted(&level, starting);
+    }
+    true
+}
+
+/// systemd's `is-system-running` answer once boot is over, well or not.
+fn systemd_booted(state: &str) -> bool {
+    matches!(state, "running" | "degraded")
+}
+
+/// OpenRC has booted once its soft level is the default runlevel and no service is starting.
+fn openrc_booted(softlevel: &str, starting: bool) -> bool {
+    softlevel.trim() == "default" && !starting
 }
 
 /// Asks init to power the machine off, and forces it after the timeout.
@@ -291,6 +373,57 @@ fn stop_signal(init: &str, requested: Option<i32>) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_readiness_report_is_repeated_until_acknowledged_then_given_up() {
+        // Refused twice (the service was down), then acknowledged.
+        let mut calls = 0;
+        let mut paused = Vec::new();
+        let acknowledged = repeat_until_acknowledged(
+            || {
+                calls += 1;
+                match calls {
+                    3 => Ok(()),
+                    _ => Err(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+                }
+            },
+            |d| paused.push(d),
+        );
+        assert!(acknowledged.is_ok());
+        assert_eq!(paused, [Duration::from_millis(200); 2]);
+
+        // Never acknowledged: repeated for the whole window, a second apart once the host
+        // has had 10 s to come up, then given up with the last error.
+        let mut calls = 0;
+        let mut waited = Duration::ZERO;
+        let err = repeat_until_acknowledged(
+            || {
+                calls += 1;
+                Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+            },
+            |d| waited += d,
+        )
+        .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert!(waited >= REPORT_FOR && waited < REPORT_FOR + Duration::from_secs(1));
+        assert_eq!(calls, 50 + (REPORT_FOR.as_secs() as u32 - 10) + 1);
+    }
+
+    #[test]
+    fn boot_is_over_when_the_init_says_so() {
+        assert!(systemd_booted("running"));
+        assert!(systemd_booted("degraded"));
+        for not_yet in ["initializing", "starting", "", "offline"] {
+            assert!(!systemd_booted(not_yet), "{not_yet}");
+        }
+        assert!(openrc_booted("default\n", false));
+        assert!(
+            !openrc_booted("default", true),
+            "a service is still starting"
+        );
+        assert!(!openrc_booted("sysinit", false));
+        assert!(!openrc_booted("", false));
+    }
 
     #[test]
     fn caught_signals_are_read_from_the_status_mask() {

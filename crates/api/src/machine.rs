@@ -80,6 +80,19 @@ pub enum MachineState {
     Starting,
     Running,
     Stopping,
+    /// Running, but its agent missed its health checks: nothing can run in it until it is
+    /// forced off (`machine stop -f`) and started again, unless it recovers.
+    Unresponsive,
+    /// Running, and commands run, but the image's init has not finished booting (systemd
+    /// not yet `running`/`degraded`, OpenRC short of its default runlevel).
+    Booting,
+}
+
+impl MachineState {
+    /// Its VM runs: booting, running or unresponsive.
+    pub fn is_up(self) -> bool {
+        matches!(self, Self::Running | Self::Booting | Self::Unresponsive)
+    }
 }
 
 impl std::fmt::Display for MachineState {
@@ -89,6 +102,8 @@ impl std::fmt::Display for MachineState {
             Self::Starting => "starting",
             Self::Running => "running",
             Self::Stopping => "stopping",
+            Self::Unresponsive => "unresponsive",
+            Self::Booting => "booting",
         })
     }
 }
@@ -154,6 +169,9 @@ pub struct Machine {
     /// What the machine costs now (`inspect` only; `ls` leaves it out to stay fast).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<Box<crate::stats::MachineStats>>,
+    /// Why the machine was last forced off or failed to boot, while it is stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_reason: Option<String>,
 }
 
 /// The image a machine was created from.
@@ -482,6 +500,7 @@ mod tests {
             pending_restart: false,
             autostart: false,
             stats: None,
+            stop_reason: None,
         }
     }
 

@@ -30,6 +30,10 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// Seconds a boot may take by default: a Debian systemd boot takes 10 s under emulation,
+/// and a loaded host many times that.
+const DEFAULT_BOOT_TIMEOUT: u64 = 180;
+
 /// Virtualization backend selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -94,6 +98,8 @@ struct RuntimeSection {
     agent: Option<String>,
     vm_users: Option<String>,
     tcg_translation_cache: Option<String>,
+    /// Seconds a boot may take until the agent reports ready.
+    boot_timeout: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -177,6 +183,9 @@ pub struct RuntimeConfig {
     /// Under software emulation, the most memory QEMU keeps translated guest code in
     /// (`-accel tcg,tb-size=`), in bytes; `None` leaves QEMU's default.
     pub tcg_translation_cache: Option<u64>,
+    /// How long a boot may take until the agent reports ready; a VM that does not is
+    /// forced off (also one adopted in the middle of its boot).
+    pub boot_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -263,6 +272,7 @@ fn defaults(host: HostFacts) -> FileConfig {
         runtime: Some(RuntimeSection {
             virtualization: Some(Virtualization::Auto),
             vm_users: Some(crate::runtime::VmUsers::default().to_string()),
+            boot_timeout: Some(DEFAULT_BOOT_TIMEOUT),
             ..Default::default()
         }),
         registry: Some(RegistrySection {
@@ -415,6 +425,14 @@ fn validate(config: &FileConfig) -> Result<(), String> {
     {
         v.parse::<crate::runtime::VmUsers>()
             .map_err(|e| format!("runtime.vm-users: {e}"))?;
+    }
+    if let Some(r) = &config.runtime
+        && let Some(t) = r.boot_timeout
+        && !(10..=3600).contains(&t)
+    {
+        return Err(format!(
+            "runtime.boot-timeout {t} must be 10 to 3600 (seconds)"
+        ));
     }
     if let Some(mirrors) = config.registry.as_ref().and_then(|r| r.mirrors.as_ref()) {
         mirrors_of(mirrors)?;
@@ -572,6 +590,9 @@ fn resolve(
                 .tcg_translation_cache
                 .as_deref()
                 .and_then(|s| parse_size(s).ok()),
+            boot_timeout: std::time::Duration::from_secs(
+                r.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
+            ),
         },
         registry: RegistryConfig {
             insecure: g.insecure.unwrap_or_default(),

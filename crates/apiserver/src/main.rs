@@ -66,6 +66,35 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// Removes the half-written state files (temporaries of `fsutil::atomic_write`) that a
+/// service killed mid-write left in the state directories; the files they were to replace
+/// are whole, old or new. Run under the instance lock.
+fn remove_stale_temporaries(root: &std::path::Path) {
+    use container_apiserver::fsutil;
+    let machines = root.join("machines");
+    let mut dirs = vec![
+        root.to_path_buf(),
+        machines.clone(),
+        root.join("network"),
+        root.join("images"),
+        root.join("images/auth"),
+        root.join("kernels"),
+    ];
+    if let Ok(entries) = std::fs::read_dir(&machines) {
+        dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    let removed: usize = dirs
+        .iter()
+        .map(|d| fsutil::remove_stale_temporaries(d))
+        .sum();
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "removed state files half-written by a service that was killed"
+        );
+    }
+}
+
 /// Takes the root's instance lock for the life of the process: one service per data
 /// directory. The lock file names the holder's pid for the message a second one prints.
 fn lock_root(root: &std::path::Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
@@ -135,6 +164,7 @@ async fn run(
     // Before anything under the root is touched: start-up cleanup of a second instance would
     // destroy the first one's work in flight.
     let _instance = lock_root(&args.root)?;
+    remove_stale_temporaries(&args.root);
     let options = ServiceOptions {
         root: args.root,
         run_dir: args.run_dir,

@@ -24,22 +24,25 @@ fn systemd_sudo_and_a_login_shell() {
     let service = Service::start(&config());
     let alice = TestUser::ensure("ctalice", 1500);
 
-    alice.cli_ok(&service, &["machine", "create", &image, "--name", "deb"]);
-    let state = alice.cli_ok(
+    // `--wait` returns once systemd has finished booting, and `ls` says so.
+    alice.cli_ok(
+        &service,
+        &["machine", "create", &image, "--name", "deb", "--wait"],
+    );
+    let ls = alice.cli_ok(&service, &["machine", "ls"]);
+    assert!(ls.contains("running") && !ls.contains("booting"), "{ls}");
+    let out = alice.cli(
         &service,
         &[
             "machine",
             "run",
             "-n",
             "deb",
-            "--root",
-            "--no-shell",
-            "sh",
-            "-c",
-            // `create` returns once the agent answers; systemd may still be starting.
-            "for i in $(seq 300); do s=$(systemctl is-system-running --wait 2>/dev/null); case $s in running|degraded) break;; esac; sleep 0.2; done; echo $s",
+            "systemctl",
+            "is-system-running",
         ],
     );
+    let state = String::from_utf8_lossy(&out.stdout);
     assert!(matches!(state.trim(), "running" | "degraded"), "{state}");
     assert_eq!(
         alice

@@ -78,13 +78,15 @@ fn openrc_boots_to_default_and_stops_cleanly() {
     };
 
     let started = Instant::now();
-    alice.cli_ok(&service, &["machine", "create", &image, "--name", "orc"]);
-    let created = Instant::now();
-    // `create` returns once the agent answers; OpenRC may still be starting.
-    assert_eq!(
-        run(&["--no-shell", "sh", "-c", WAIT_FOR_DEFAULT]).trim(),
-        "default"
+    // `--wait` returns once OpenRC has reached its default runlevel, and `ls` says so.
+    alice.cli_ok(
+        &service,
+        &["machine", "create", &image, "--name", "orc", "--wait"],
     );
+    let created = Instant::now();
+    assert_eq!(run(&["rc-status", "--runlevel"]).trim(), "default");
+    let ls = alice.cli_ok(&service, &["m", "ls"]);
+    assert!(ls.contains("running") && !ls.contains("booting"), "{ls}");
     eprintln!(
         "orc: created in {:.1?}, default runlevel {:.1?} later",
         created - started,

@@ -63,9 +63,63 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::io::Result
     }
 }
 
+/// Whether `name` is a temporary of [`atomic_write`]: `.<file>.tmp-<pid>`.
+fn is_temporary(name: &str) -> bool {
+    name.starts_with('.')
+        && name
+            .rsplit_once(".tmp-")
+            .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes the temporaries of [`atomic_write`] that a killed process left in `dir` (not
+/// recursively); how many. Call only while no other process writes there (under the
+/// service's instance lock).
+pub fn remove_stale_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| is_temporary(&e.file_name().to_string_lossy()))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+        .filter(|e| std::fs::remove_file(e.path()).is_ok())
+        .count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporaries_of_a_killed_writer_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        write_json(&dir.path().join("refs.json"), &vec![1]).unwrap();
+        // What a writer killed between its write and its rename leaves.
+        std::fs::write(dir.path().join(".refs.json.tmp-4242"), "{\"half").unwrap();
+        for keep in [".hidden", "notes.tmp-1", ".x.tmp-", ".x.tmp-12a"] {
+            std::fs::write(dir.path().join(keep), "").unwrap();
+        }
+        assert_eq!(remove_stale_temporaries(dir.path()), 1);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".hidden",
+                ".x.tmp-",
+                ".x.tmp-12a",
+                "notes.tmp-1",
+                "refs.json"
+            ]
+        );
+        assert_eq!(
+            read_json::<Vec<i32>>(&dir.path().join("refs.json")).unwrap(),
+            Some(vec![1])
+        );
+    }
 
     #[test]
     fn replaces_content_and_leaves_no_temporaries() {

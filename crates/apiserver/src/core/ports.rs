@@ -223,6 +223,10 @@ pub trait Vms: Send + Sync {
         timeout: Duration,
     ) -> Result<(), ApiError>;
     fn state(&self, name: &str) -> MachineState;
+    /// Why the machine's VM was last forced off or failed to boot (cleared at each start).
+    fn stop_reason(&self, _name: &str) -> Option<String> {
+        None
+    }
     fn started(&self, name: &str) -> Option<chrono::DateTime<chrono::Utc>>;
     /// Runs a process and relays its session frames on `client` until it ends.
     async fn exec(

@@ -1,6 +1,5 @@
 //! System requests: status, properties and the kernel.
 
-use container_api::machine::MachineState;
 use container_api::system::{KernelInfo, KernelSetRequest, SystemStatus};
 use container_api::{ApiError, ErrorKind};
 
@@ -12,7 +11,7 @@ impl Core {
         let machines = self.state.machines.list().unwrap_or_default();
         let running = machines
             .iter()
-            .filter(|m| self.state.vms.state(&m.name) == MachineState::Running)
+            .filter(|m| self.state.vms.state(&m.name).is_up())
             .count();
         SystemStatus {
             status: "running".into(),

@@ -260,12 +260,15 @@ impl MachineStore {
         self.dir.join("defaults.json")
     }
 
-    /// Each owner's default machine.
+    /// Each owner's default machine. A name whose machine is gone (an `rm` cut off before
+    /// it cleared the default) is no default.
     pub fn defaults(&self) -> Result<BTreeMap<u32, String>, StoreError> {
         let path = self.defaults_path();
-        Ok(fsutil::read_json(&path)
+        let mut all: BTreeMap<u32, String> = fsutil::read_json(&path)
             .map_err(io(&path))?
-            .unwrap_or_default())
+            .unwrap_or_default();
+        all.retain(|_, name| self.record_path(name).is_file());
+        Ok(all)
     }
 
     pub fn default_for(&self, uid: u32) -> Result<Option<String>, StoreError> {
@@ -335,6 +338,20 @@ mod tests {
         store.remove("dev").unwrap();
         assert!(matches!(store.get("dev"), Err(StoreError::NotFound(_))));
         assert!(matches!(store.get("../etc"), Err(StoreError::NotFound(_))));
+    }
+
+    #[test]
+    fn the_default_of_a_machine_removed_by_a_cut_off_rm_is_no_default() {
+        let root = tempfile::tempdir().unwrap();
+        let store = MachineStore::open(root.path()).unwrap();
+        store.reserve("dev").unwrap();
+        store.save(&record("dev")).unwrap();
+        store.set_default(1000, Some("dev")).unwrap();
+        assert_eq!(store.default_for(1000).unwrap().as_deref(), Some("dev"));
+        // The rm removed the machine, and the service died before it cleared the default.
+        store.remove("dev").unwrap();
+        assert_eq!(store.default_for(1000).unwrap(), None);
+        assert!(store.defaults().unwrap().is_empty());
     }
 
     #[test]

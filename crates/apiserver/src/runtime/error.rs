@@ -83,6 +83,10 @@ pub enum RuntimeError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "machine `{0}` is unresponsive: its guest agent does not answer; force it off with `container machine stop -f {0}` and start it again"
+    )]
+    Unresponsive(String),
     #[error("the VM exited during boot; last lines of {}:\n{tail}", log.display())]
     ExitedDuringBoot { log: PathBuf, tail: String },
     #[error("the guest agent did not answer within {secs} s; last lines of {}:\n{tail}", log.display())]
@@ -156,7 +160,9 @@ impl RuntimeError {
             | CopyInRefused { .. }
             | ReadingArchive(_) => ErrorKind::InvalidArgument,
             CopyOutRefused { .. } => ErrorKind::NotFound,
-            AlreadyRunning(_) | NotRunning(_) | Changing(_) => ErrorKind::Conflict,
+            AlreadyRunning(_) | NotRunning(_) | Changing(_) | Unresponsive(_) => {
+                ErrorKind::Conflict
+            }
             MissingBinary { .. }
             | NoKernel
             | NoApt

@@ -44,6 +44,7 @@ pub fn vms(
         network: Some(Arc::new(super::net::Taps(network.clone()))),
         vm_users: r.vm_users,
         tcg_translation_cache: r.tcg_translation_cache,
+        boot_timeout: r.boot_timeout,
         ..RuntimeOptions::new(&options.root, &options.run_dir)
     });
     // The core hears of reboots in its own terms; the forwarder ends with the runtime.
@@ -391,6 +392,9 @@ impl Vms for ServiceVms {
     fn state(&self, name: &str) -> MachineState {
         self.runtime.status(name)
     }
+    fn stop_reason(&self, name: &str) -> Option<String> {
+        runtime::stop_reason(&self.machines().join(name))
+    }
     fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.reboots.subscribe()
     }
@@ -406,7 +410,16 @@ impl Vms for ServiceVms {
         spec: ExecSpec,
         mut client: Box<dyn ClientStream>,
     ) -> Result<(), ApiError> {
-        let vsock = self.running(name)?;
+        let vsock = match self.running(name) {
+            Ok(vsock) => vsock,
+            Err(e) => {
+                // The connection is upgraded already: the error travels as a frame.
+                let _ = container_api::session::Frame::Error(e.clone())
+                    .write(&mut client)
+                    .await;
+                return Err(e);
+            }
+        };
         // Held until the session ends: the machine has the agent while the process runs.
         let forwarding = match spec.ssh_agent {
             Some(forward) => match self.ssh_agents.forward(&vsock, ssh_agent_target(forward)) {

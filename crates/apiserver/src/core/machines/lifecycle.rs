@@ -197,9 +197,10 @@ impl Core {
         self.machine(&self.state.machines.get(&name)?)
     }
 
-    /// Boots a stopped machine (no-op when running). The caller holds the machine's lock.
+    /// Boots a stopped machine (no-op when its VM runs: booting, running, or unresponsive,
+    /// where what needs its agent says what to do). The caller holds the machine's lock.
     pub(super) async fn boot(&self, record: &MachineRecord) -> Result<(), ApiError> {
-        if self.state.vms.state(&record.name) == MachineState::Running {
+        if self.state.vms.state(&record.name).is_up() {
             return Ok(());
         }
         self.check_running_totals(record)?;

@@ -139,10 +139,7 @@ impl Core {
             status,
             default: default == Some(record.name.as_str()),
             // As Apple's: the address of a running machine; the lease it keeps is shown apart.
-            ip_address: record
-                .ip_address
-                .clone()
-                .filter(|_| status == MachineState::Running),
+            ip_address: record.ip_address.clone().filter(|_| status.is_up()),
             reserved_ip_address: record.ip_address.clone(),
             cpus: record.cpus,
             memory: record.memory,
@@ -164,6 +161,10 @@ impl Core {
             pending_restart: record.pending_restart,
             autostart: record.autostart,
             stats: None,
+            stop_reason: match status {
+                MachineState::Stopped => vms.stop_reason(&record.name),
+                _ => None,
+            },
         }
     }
 

@@ -7,6 +7,7 @@
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use tokio::sync::watch;
 
 use super::{
     AGENT_SOCKET, CONTROL_SOCKET, RUN_FILE, RunState, Runtime, VMM_DIR, VSOCK_SOCKET, Vm,
-    sync_clock,
+    clear_stop_reason, learn_boot, record_stop_reason, sync_clock,
 };
 use crate::fsutil;
 use crate::runtime::helpers::{self, VHOST_DEVICE_VSOCK, VIRTIOFSD};
@@ -26,6 +27,8 @@ use crate::runtime::vmm::{DiskLayer, Launch};
 use crate::runtime::{RunningVm, RuntimeError, VmSpec, console, disk, initramfs, sys};
 
 const HELPER_LOG: &str = "helpers.log";
+/// Every process a start spawned, in the runtime directory, written as each one is.
+pub(super) const SPAWNED_FILE: &str = "spawned.json";
 /// Longest Unix socket path (sun_path holds 108 bytes with the terminating NUL).
 const MAX_SOCKET_PATH: usize = 107;
 /// How long a guest may print nothing before its boot is retried.
@@ -122,10 +125,17 @@ impl Runtime {
     /// Retries when the guest stays silent: under software emulation a guest kernel
     /// occasionally stalls before its first console line; a fresh start gets past it.
     pub async fn start(&self, spec: VmSpec) -> Result<RunningVm, RuntimeError> {
-        if let Some(vm) = self.get(&spec.id)
-            && vm.get() != MachineState::Stopped
-        {
-            return Err(RuntimeError::AlreadyRunning(spec.id));
+        if let Some(vm) = self.get(&spec.id) {
+            // A VM adopted in the middle of its boot finishes it (or is forced off) first.
+            if vm.get() == MachineState::Starting && vm.adopted {
+                let mut rx = vm.state.subscribe();
+                let _ = rx.wait_for(|s| *s != MachineState::Starting).await;
+            }
+            match vm.get() {
+                MachineState::Stopped => {}
+                MachineState::Running => return Ok(vm.info()),
+                _ => return Err(RuntimeError::AlreadyRunning(spec.id)),
+            }
         }
         let _launching = Launching::new(self, &spec.id);
         let mut attempt = 0;
@@ -183,15 +193,18 @@ impl Runtime {
         let console = console::console_path(&spec.machine_dir);
         let launched = Instant::now();
         let deadline = launched + self.0.options.boot_timeout;
-        let agent_socket = vm.agent_socket();
-        let answered = proto::client::wait_ready(&ready, &agent_socket, proto::PORT, deadline);
+        let answered = self.await_agent(&vm, &ready, deadline);
         tokio::pin!(answered);
         let mut check = tokio::time::interval(Duration::from_millis(100));
-        loop {
+        let readiness = loop {
             tokio::select! {
                 answered = &mut answered => match answered {
-                    Ok(_) => break,
+                    Ok(readiness) => break readiness,
                     Err(source) => {
+                        record_stop_reason(&spec.machine_dir, &format!(
+                            "the guest agent did not answer within {} s of the start ({source}); forced off",
+                            self.0.options.boot_timeout.as_secs()
+                        ));
                         self.force_stop(&vm).await;
                         return Err(Attempt::Failed(RuntimeError::AgentTimeout {
                             secs: self.0.options.boot_timeout.as_secs(),
@@ -203,6 +216,7 @@ impl Runtime {
                 },
                 _ = check.tick() => {
                     if vm.get() == MachineState::Stopped {
+                        record_stop_reason(&spec.machine_dir, "the VM exited during its boot");
                         return Err(Attempt::Failed(RuntimeError::ExitedDuringBoot {
                             tail: console::tail(&console, 20),
                             log: console,
@@ -217,7 +231,8 @@ impl Runtime {
                     }
                 }
             }
-        }
+        };
+        learn_boot(&vm, readiness).await;
         console::write_boot_log(&spec.machine_dir);
         // The boot config carried the host's time at launch; the boot took a while since.
         sync_clock(&spec.id, &vm.agent_socket()).await;
@@ -281,16 +296,15 @@ impl Runtime {
                 .map_err(RuntimeError::io("handing over", f))?;
         }
 
-        let ready = ReadyListener::bind(&paths.vmm.join(&paths.vsock), proto::READY_PORT)
-            .map_err(RuntimeError::io("listening on", &paths.ready))?;
-        // vhost-device-vsock, as the VM's user, connects to it when the agent reports.
-        secure_socket(&paths.ready)?;
-        std::os::unix::fs::lchown(&paths.ready, Some(uid), Some(uid))
-            .map_err(RuntimeError::io("handing over", &paths.ready))?;
+        let ready = listen_for_ready(&paths.dir, uid)?;
         let log = spec.machine_dir.join(HELPER_LOG);
         let _ = std::fs::remove_file(&log);
         console::reset(&spec.machine_dir);
-        let mut started = Started::default();
+        clear_stop_reason(&spec.machine_dir);
+        let mut started = Started {
+            record: paths.dir.join(SPAWNED_FILE),
+            ..Default::default()
+        };
         let spawned = self
             .spawn_helpers(spec, uid, &bins, &paths, &log, &mut started)
             .and_then(|shares| self.spawn_vmm(spec, uid, &paths, shares, &log, &mut started));
@@ -300,6 +314,9 @@ impl Runtime {
                     machine_dir: spec.machine_dir.clone(),
                     run,
                     state: watch::Sender::new(MachineState::Starting),
+                    adopted: false,
+                    responsive: AtomicBool::new(true),
+                    booted: AtomicBool::new(false),
                     children: Mutex::new(std::mem::take(&mut started.children)),
                 },
                 ready,
@@ -328,7 +345,7 @@ impl Runtime {
             helpers::vhost_device_vsock(&bins.vhost_device_vsock, &paths.vhost_user, &paths.vsock);
         vsock.current_dir(&paths.vmm);
         sys::drop_privileges(&mut vsock, uid, uid, Vec::new());
-        started.helper(helpers::spawn(vsock, VHOST_DEVICE_VSOCK, log)?);
+        started.helper(helpers::spawn(vsock, VHOST_DEVICE_VSOCK, log)?)?;
         for socket in [&paths.vhost_user, &paths.vsock] {
             let socket = paths.vmm.join(socket);
             helpers::wait_for_socket(&socket, started.last(), VHOST_DEVICE_VSOCK, log)?;
@@ -352,7 +369,7 @@ impl Runtime {
                 .map_err(RuntimeError::io("connecting to", socket))?;
             connections.push((tag.clone(), connection.into()));
             let fs = helpers::virtiofsd(virtiofsd, share, listener.into());
-            started.helper(helpers::spawn(fs, VIRTIOFSD, log)?);
+            started.helper(helpers::spawn(fs, VIRTIOFSD, log)?)?;
         }
         Ok(connections)
     }
@@ -410,6 +427,7 @@ impl Runtime {
         let vmm = helpers::spawn(cmd, helpers::QEMU, log)?;
         let qemu = ProcessId::of(vmm.id()).unwrap_or(ProcessId(vmm.id() as i32, 0));
         started.children.push(vmm);
+        started.spawned(qemu)?;
         let run = RunState {
             id: spec.id.clone(),
             qemu,
@@ -418,6 +436,8 @@ impl Runtime {
             started: chrono::Utc::now(),
             tap: spec.net.as_ref().map(|n| n.tap.clone()),
             uid,
+            ready: false,
+            stop_by: None,
         };
         for run_file in [spec.machine_dir.join(RUN_FILE), paths.dir.join(RUN_FILE)] {
             fsutil::write_json(&run_file, &run).map_err(RuntimeError::io("writing", &run_file))?;
@@ -484,6 +504,24 @@ impl Runtime {
 }
 
 /// Makes a socket the service bound for its owner alone (0600), whatever the umask.
+/// Listens where the agent of the VM whose runtime directory is `run_dir` reports ready:
+/// beside the hybrid-vsock socket, in the VM user's `vmm/` (the runtime directory itself for
+/// a VM `uid` 0 runs). vhost-device-vsock, as that user, connects to it when the agent reports.
+pub(super) fn listen_for_ready(run_dir: &Path, uid: u32) -> Result<ReadyListener, RuntimeError> {
+    let dir = match uid {
+        0 => run_dir.to_path_buf(),
+        _ => run_dir.join(VMM_DIR),
+    };
+    let vsock = dir.join(VSOCK_SOCKET);
+    let path = ReadyListener::path_for(&vsock, proto::READY_PORT);
+    let ready = ReadyListener::bind(&vsock, proto::READY_PORT)
+        .map_err(RuntimeError::io("listening on", &path))?;
+    secure_socket(&path)?;
+    std::os::unix::fs::lchown(&path, Some(uid), Some(uid))
+        .map_err(RuntimeError::io("handing over", &path))?;
+    Ok(ready)
+}
+
 fn secure_socket(socket: &Path) -> Result<(), RuntimeError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
@@ -580,19 +618,33 @@ impl Drop for Launching<'_> {
     }
 }
 
-/// Processes spawned by a start in progress, killed if the start fails.
+/// Processes spawned by a start in progress, killed if the start fails. Each is recorded
+/// in the runtime directory as soon as it is spawned ([`SPAWNED_FILE`]), so a service killed
+/// before `run.json` is written leaves nothing the next one cannot end.
 #[derive(Default)]
 struct Started {
     helpers: Vec<ProcessId>,
     children: Vec<std::process::Child>,
+    /// Where every process spawned so far is recorded.
+    record: PathBuf,
+    all: Vec<ProcessId>,
 }
 
 impl Started {
-    fn helper(&mut self, child: std::process::Child) {
-        if let Some(id) = ProcessId::of(child.id()) {
-            self.helpers.push(id);
-        }
+    fn helper(&mut self, child: std::process::Child) -> Result<(), RuntimeError> {
+        let id = ProcessId::of(child.id());
         self.children.push(child);
+        if let Some(id) = id {
+            self.helpers.push(id);
+            self.spawned(id)?;
+        }
+        Ok(())
+    }
+
+    fn spawned(&mut self, id: ProcessId) -> Result<(), RuntimeError> {
+        self.all.push(id);
+        fsutil::write_json(&self.record, &self.all)
+            .map_err(RuntimeError::io("writing", &self.record))
     }
 
     fn last(&mut self) -> &mut std::process::Child {

@@ -17,6 +17,12 @@
 //! QEMU and vhost-device-vsock start there as that user and find the kernel, the initrd and
 //! each other's socket by relative paths. The service never connects by a path inside
 //! `vmm/`, which that user (a guest that escaped into QEMU) may change at will.
+//!
+//! Invariant: a VM is `running` only once its agent's readiness report was received and
+//! recorded (`ready` in `run.json`) before it was acknowledged; the agent repeats an
+//! unacknowledged report, so a service killed during a boot leaves a VM whose next service
+//! hears the report (`adopt`), or forces the VM off when the boot timeout passes and
+//! records why (`stopped.json`, shown by `inspect`).
 
 mod adopt;
 mod freeze;
@@ -26,10 +32,12 @@ mod stop;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use container_agent_proto as proto;
+use container_agent_proto::client::ReadyListener;
 use container_api::machine::MachineState;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -37,6 +45,7 @@ use tokio::sync::watch;
 use super::process::ProcessId;
 use super::vmm::{TapPlumbing, Vmm};
 use super::{RunningVm, RuntimeError, RuntimeOptions, console, helpers, qemu, sys};
+use crate::fsutil;
 
 /// A running VM ended because its guest rebooted itself (QEMU runs with `-no-reboot`): the
 /// service decides whether to boot it again.
@@ -76,6 +85,53 @@ pub(super) struct RunState {
     /// they ran unprivileged.
     #[serde(default)]
     pub uid: u32,
+    /// The agent's readiness report was received. Records from before this field were
+    /// written by services that adopted only VMs that had reported.
+    #[serde(default = "reported")]
+    pub ready: bool,
+    /// A stop was asked for, to be over by then: a service killed during it leaves a VM
+    /// shutting down, which the next one adopts as stopping and forces off after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_by: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn reported() -> bool {
+    true
+}
+
+/// Why a VM was last forced off or failed to boot, in `<machine dir>/stopped.json`; removed
+/// at the next start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StopReason {
+    reason: String,
+    at: chrono::DateTime<chrono::Utc>,
+}
+
+const STOP_REASON_FILE: &str = "stopped.json";
+
+/// Records why the VM of `machine_dir` stopped (or never became usable), for `inspect`.
+pub(super) fn record_stop_reason(machine_dir: &Path, reason: &str) {
+    let record = StopReason {
+        reason: reason.to_string(),
+        at: chrono::Utc::now(),
+    };
+    let path = machine_dir.join(STOP_REASON_FILE);
+    if let Err(e) = fsutil::write_json(&path, &record) {
+        tracing::warn!(path = %path.display(), error = %e, "could not record why the machine stopped");
+    }
+}
+
+/// Forgets why the VM of `machine_dir` stopped last: it starts again.
+pub(super) fn clear_stop_reason(machine_dir: &Path) {
+    let _ = std::fs::remove_file(machine_dir.join(STOP_REASON_FILE));
+}
+
+/// Why the VM of `machine_dir` was last forced off or failed to boot, if it was.
+pub fn stop_reason(machine_dir: &Path) -> Option<String> {
+    fsutil::read_json::<StopReason>(&machine_dir.join(STOP_REASON_FILE))
+        .ok()
+        .flatten()
+        .map(|r| r.reason)
 }
 
 const RUN_FILE: &str = "run.json";
@@ -89,6 +145,16 @@ const VMM_DIR: &str = "vmm";
 const CONTROL_SOCKET: &str = "qmp.sock";
 /// How often a running guest's clock is set from the host's.
 const CLOCK_SYNC_EVERY: Duration = Duration::from_secs(30);
+/// How often a running guest's agent is pinged; `ls` shows the last outcome, so it costs
+/// `ls` nothing. Every [`BOOT_CHECK_EVERY`] while its init is booting, so `--wait` ends soon
+/// after the boot does.
+const HEALTH_EVERY: u32 = 5;
+const BOOT_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How long a health ping may take: a vsock round trip takes milliseconds, but an emulated
+/// guest on a loaded host can be slow to schedule its agent.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+/// Missed health checks in a row before a machine is called unresponsive.
+const HEALTH_MISSES: u32 = 2;
 
 /// One VM the runtime supervises.
 #[derive(Debug)]
@@ -96,6 +162,12 @@ pub(super) struct Vm {
     pub machine_dir: PathBuf,
     pub run: RunState,
     pub state: watch::Sender<MachineState>,
+    /// Found running at service start rather than started by this service.
+    pub adopted: bool,
+    /// The agent of the running VM answered its last health check (see `HEALTH_EVERY`).
+    pub responsive: AtomicBool,
+    /// The image's init has finished booting, as the last health check learnt.
+    pub booted: AtomicBool,
     /// Processes we spawned, reaped once they exit (none for an adopted VM).
     children: Mutex<Vec<Child>>,
 }
@@ -115,6 +187,18 @@ impl Vm {
 
     pub fn get(&self) -> MachineState {
         *self.state.borrow()
+    }
+
+    /// The state as users see it: a running VM whose agent missed its health checks is
+    /// unresponsive.
+    pub fn shown(&self) -> MachineState {
+        match self.get() {
+            MachineState::Running if !self.responsive.load(Ordering::Relaxed) => {
+                MachineState::Unresponsive
+            }
+            MachineState::Running if !self.booted.load(Ordering::Relaxed) => MachineState::Booting,
+            s => s,
+        }
     }
 
     /// Waits until the VM is stopped, at most `limit`; true if it is.
@@ -202,7 +286,7 @@ impl Runtime {
     pub fn status(&self, id: &str) -> MachineState {
         let state = self
             .get(id)
-            .map(|v| v.get())
+            .map(|v| v.shown())
             .unwrap_or(MachineState::Stopped);
         let launching = self.0.launching.lock().unwrap_or_else(|p| p.into_inner());
         match state == MachineState::Stopped && launching.contains(id) {
@@ -244,11 +328,17 @@ impl Runtime {
             .collect()
     }
 
-    /// The hybrid-vsock socket of a running VM's agent.
+    /// The hybrid-vsock socket of a running VM's agent; an error for an unresponsive one.
     pub fn agent_socket(&self, id: &str) -> Result<PathBuf, RuntimeError> {
-        self.running(id)
-            .map(|v| v.agent_socket)
-            .ok_or_else(|| RuntimeError::NotRunning(id.to_string()))
+        match self.get(id) {
+            Some(vm) if vm.shown() == MachineState::Unresponsive => {
+                Err(RuntimeError::Unresponsive(id.to_string()))
+            }
+            _ => self
+                .running(id)
+                .map(|v| v.agent_socket)
+                .ok_or_else(|| RuntimeError::NotRunning(id.to_string())),
+        }
     }
 
     /// Ids of running VMs that stopped because their guest rebooted (QEMU runs with
@@ -317,12 +407,25 @@ impl Runtime {
             let mut console_check = tokio::time::interval(Duration::from_secs(1));
             console_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let console = console::console_path(&vm.machine_dir);
+            // The first check comes at once: a VM adopted after a service restart is shown
+            // booting until it.
+            let mut health = tokio::time::interval(BOOT_CHECK_EVERY);
+            health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            let mut ticks = 0u32;
+            let mut misses = 0;
             loop {
                 tokio::select! {
                     _ = &mut exited => break,
                     _ = tick.tick() => {
                         if vm.get() == MachineState::Running {
                             sync_clock(&vm.run.id, &vm.agent_socket()).await;
+                        }
+                    }
+                    _ = health.tick() => {
+                        ticks = ticks.wrapping_add(1);
+                        let due = !vm.booted.load(Ordering::Relaxed) || ticks.is_multiple_of(HEALTH_EVERY);
+                        if vm.get() == MachineState::Running && due {
+                            misses = check_health(&vm, misses).await;
                         }
                     }
                     _ = console_check.tick() => {
@@ -379,6 +482,88 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Waits for the agent's readiness report until `deadline`, records it in `run.json`,
+    /// acknowledges it (in that order: see the module's invariant), then pings the agent.
+    async fn await_agent(
+        &self,
+        vm: &Vm,
+        ready: &ReadyListener,
+        deadline: Instant,
+    ) -> Result<proto::client::Readiness, proto::ProtoError> {
+        let report = ready.wait(deadline).await?;
+        // Unrecorded, the report is not acknowledged: the agent repeats it.
+        rewrite_run(vm, |run| run.ready = true).await?;
+        report.acknowledge().await;
+        proto::client::ping_until(&vm.agent_socket(), proto::PORT, deadline).await
+    }
+}
+
+/// Learns from the agent that just answered whether the image's init has finished booting.
+/// The agent answers a moment before it hands PID 1 over to init: that moment is waited
+/// out (briefly), so an init that boots at once (busybox) is never shown booting.
+async fn learn_boot(vm: &Vm, mut readiness: proto::client::Readiness) {
+    let handover = Instant::now() + Duration::from_secs(2);
+    while !readiness.init_running && Instant::now() < handover {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ping = async {
+            proto::client::AgentClient::connect(&vm.agent_socket(), proto::PORT)
+                .await?
+                .ping()
+                .await
+        };
+        match tokio::time::timeout(HEALTH_TIMEOUT, ping).await {
+            Ok(Ok(r)) => readiness = r,
+            _ => break,
+        }
+    }
+    vm.booted.store(readiness.booted, Ordering::Relaxed);
+}
+
+/// Rewrites the VM's `run.json` (both copies) with `change` made to what is recorded.
+async fn rewrite_run(vm: &Vm, change: impl FnOnce(&mut RunState)) -> std::io::Result<()> {
+    let mut run = vm.run.clone();
+    if let Ok(Some(recorded)) = fsutil::read_json::<RunState>(&vm.machine_dir.join(RUN_FILE)) {
+        run.ready = recorded.ready;
+        run.stop_by = recorded.stop_by;
+    }
+    change(&mut run);
+    let files = [vm.machine_dir.join(RUN_FILE), vm.run.run_dir.join(RUN_FILE)];
+    tokio::task::spawn_blocking(move || files.iter().try_for_each(|f| fsutil::write_json(f, &run)))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+}
+
+/// Pings a running VM's agent; the count of checks missed in a row, after this one. The VM
+/// is unresponsive from [`HEALTH_MISSES`] misses until it answers again.
+async fn check_health(vm: &Vm, misses: u32) -> u32 {
+    let ping = async {
+        proto::client::AgentClient::connect(&vm.agent_socket(), proto::PORT)
+            .await?
+            .ping()
+            .await
+    };
+    let misses = match tokio::time::timeout(HEALTH_TIMEOUT, ping).await {
+        Ok(Ok(readiness)) => {
+            if readiness.booted && !vm.booted.swap(true, Ordering::Relaxed) {
+                tracing::info!(machine = %vm.run.id, "the machine's init finished booting");
+            }
+            0
+        }
+        _ => misses + 1,
+    };
+    let responsive = misses < HEALTH_MISSES;
+    if vm.responsive.swap(responsive, Ordering::Relaxed) != responsive {
+        match responsive {
+            true => tracing::info!(machine = %vm.run.id, "the guest agent answers again"),
+            false => {
+                tracing::warn!(machine = %vm.run.id, misses, "the guest agent does not answer its health checks: the machine is unresponsive")
+            }
+        }
+    }
+    misses
+}
+
 /// Sets the guest's clock to the host's. Failures are logged: the next tick tries again.
 async fn sync_clock(id: &str, socket: &Path) {
     let set = async {
@@ -408,14 +593,21 @@ fn cleanup(run: &RunState, machine_dir: &Path) {
 
 /// Kills the VMM and the helpers of a VM, and waits for them to be gone.
 fn kill_all(run: &RunState) {
-    run.qemu.kill();
-    for h in &run.helpers {
-        h.kill();
+    let mut all = vec![run.qemu];
+    all.extend(&run.helpers);
+    kill_processes(&all);
+}
+
+/// Kills these processes (each only while it is still the recorded one) and waits for them
+/// to be gone.
+fn kill_processes(all: &[ProcessId]) {
+    for p in all {
+        p.kill();
     }
     // A machine is stopped only once nothing of it runs: wait for the kills to land (a
     // process with many threads takes a moment to die), bounded in case one is stuck.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while (run.qemu.alive() || run.helpers.iter().any(|h| h.alive())) && Instant::now() < deadline {
+    while all.iter().any(|p| p.alive()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -6,11 +6,11 @@ use std::time::Duration;
 use container_agent_proto as proto;
 use container_api::machine::MachineState;
 
-use super::{Runtime, Vm};
+use super::{Runtime, Vm, rewrite_run};
 use crate::runtime::RuntimeError;
 
 /// Waited beyond the caller's stop timeout for the agent's own forced power-off.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+pub(super) const STOP_GRACE: Duration = Duration::from_secs(5);
 
 impl Runtime {
     /// Shuts a VM down through its agent (`signal` to init, forced after `timeout` and a
@@ -28,8 +28,16 @@ impl Runtime {
         if was == MachineState::Stopped {
             return Ok(());
         }
+        let unresponsive = vm.shown() == MachineState::Unresponsive;
         vm.state.send_replace(MachineState::Stopping);
-        if was == MachineState::Starting {
+        let stop_by = chrono::Utc::now()
+            + chrono::Duration::from_std(timeout + STOP_GRACE).unwrap_or_default();
+        if let Err(e) = rewrite_run(&vm, |run| run.stop_by = Some(stop_by)).await {
+            tracing::warn!(machine = %id, error = %e, "could not record the stop");
+        }
+        if unresponsive {
+            tracing::debug!(machine = %id, "the guest agent does not answer; forcing the VM off");
+        } else if was == MachineState::Starting {
             // The agent has not said it is ready, so it may not be reached safely (see
             // `ReadyListener`), and the image's init has at most just started: there is
             // nothing to stop cleanly yet.

@@ -21,8 +21,12 @@ pub struct CreateArgs {
     #[arg(long)]
     set_default: bool,
     /// Create without booting.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "wait")]
     no_boot: bool,
+    /// Return once the image's init has finished booting (systemd `running` or `degraded`,
+    /// OpenRC's default runlevel), not as soon as commands can run.
+    #[arg(long)]
+    wait: bool,
     #[arg(long)]
     cpus: Option<u32>,
     /// Memory, e.g. 2G (default: half the host's).
@@ -176,7 +180,15 @@ pub async fn run(client: &Client, a: CreateArgs) -> anyhow::Result<()> {
     };
     let machine = client.post::<_, Machine>("/machines", &request).await;
     crate::progress::done(spinner);
-    println!("{}", machine?.id);
+    let machine = machine?;
+    if a.wait {
+        let spinner =
+            crate::progress::spinner(format!("waiting for {} to boot", machine.id), a.quiet);
+        let booted = super::wait_until_booted(client, &machine.id).await;
+        crate::progress::done(spinner);
+        booted?;
+    }
+    println!("{}", machine.id);
     Ok(())
 }
 

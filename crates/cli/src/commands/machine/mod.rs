@@ -106,3 +106,39 @@ impl MachineCommand {
         Ok(0)
     }
 }
+
+/// How long `--wait` waits for a machine's init to finish booting: a systemd boot takes
+/// seconds under KVM and can take minutes emulated on a loaded host.
+const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// `--wait`: waits until the image's init in `name` has finished booting (the machine shows
+/// `running` rather than `booting`); an error naming what it is instead.
+pub async fn wait_until_booted(client: &Client, name: &str) -> anyhow::Result<Machine> {
+    use container_api::machine::MachineState;
+    let deadline = std::time::Instant::now() + WAIT_LIMIT;
+    loop {
+        let m: Machine = client.get(&format!("/machines/{name}")).await?;
+        match m.status {
+            MachineState::Running => return Ok(m),
+            MachineState::Starting | MachineState::Booting => {}
+            other => {
+                return Err(failed(
+                    ExitCode::Failure,
+                    format!(
+                        "machine `{name}` is {other}, not booting; see `container machine inspect {name}` and `container machine logs {name}`"
+                    ),
+                ));
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(failed(
+                ExitCode::Failure,
+                format!(
+                    "machine `{name}` did not finish booting within {} s; see `container machine logs {name}`",
+                    WAIT_LIMIT.as_secs()
+                ),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}

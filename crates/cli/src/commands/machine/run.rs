@@ -25,6 +25,10 @@ pub struct RunArgs {
     /// Machine name (default: the default machine).
     #[arg(short, long)]
     name: Option<String>,
+    /// When the machine is not running, start it and wait until its init has finished
+    /// booting before running the command (without it, the command runs as soon as it can).
+    #[arg(long)]
+    wait: bool,
     /// Start the process and return at once.
     #[arg(short, long)]
     detach: bool,
@@ -152,6 +156,12 @@ fn window_size() -> Option<(u16, u16)> {
 
 pub async fn run(client: &Client, args: RunArgs) -> anyhow::Result<u8> {
     let name = super::resolve_name(client, args.name.clone()).await?;
+    if args.wait {
+        let _: container_api::machine::Machine = client
+            .post(&format!("/machines/{name}/start"), &serde_json::json!({}))
+            .await?;
+        super::wait_until_booted(client, &name).await?;
+    }
     let shell = args.command.is_empty();
     let on_terminal = std::io::stdin().is_terminal();
     // A shell gets a terminal when there is one; with `-i` and none, it reads its commands

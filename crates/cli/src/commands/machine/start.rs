@@ -11,6 +11,10 @@ pub struct StartArgs {
     /// No progress, only the name and errors.
     #[arg(short, long)]
     quiet: bool,
+    /// Return once the image's init has finished booting (systemd `running` or `degraded`,
+    /// OpenRC's default runlevel), not as soon as commands can run.
+    #[arg(long)]
+    wait: bool,
 }
 
 pub async fn run(client: &Client, args: StartArgs) -> anyhow::Result<()> {
@@ -19,6 +23,10 @@ pub async fn run(client: &Client, args: StartArgs) -> anyhow::Result<()> {
     let m = client
         .post::<_, Machine>(&format!("/machines/{name}/start"), &serde_json::json!({}))
         .await;
+    let m = match (m, args.wait) {
+        (Ok(m), true) => super::wait_until_booted(client, &name).await.map(|_| m),
+        (m, _) => m.map_err(Into::into),
+    };
     crate::progress::done(spinner);
     println!("{}", m?.id);
     Ok(())

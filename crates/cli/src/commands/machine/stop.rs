@@ -11,8 +11,11 @@ pub struct StopArgs {
     #[arg(short, long)]
     signal: Option<String>,
     /// Seconds to wait before the VM is forced off.
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "force")]
     time: Option<u64>,
+    /// Force the VM off at once, without waiting for its init (for an unresponsive machine).
+    #[arg(short, long)]
+    force: bool,
     names: Vec<String>,
 }
 
@@ -24,7 +27,10 @@ pub async fn run(client: &Client, args: StopArgs) -> anyhow::Result<()> {
     };
     let request = StopRequest {
         signal: args.signal,
-        timeout_secs: args.time,
+        timeout_secs: match args.force {
+            true => Some(0),
+            false => args.time,
+        },
     };
     for n in names {
         let m: Machine = client
