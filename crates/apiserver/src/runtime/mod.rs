@@ -22,6 +22,7 @@ pub mod initramfs;
 pub mod kernel;
 pub mod process;
 pub mod qemu;
+mod qmp;
 pub mod reclaim;
 pub mod session;
 pub mod ssh_agent;

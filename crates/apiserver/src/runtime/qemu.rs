@@ -13,8 +13,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use serde_json::json;
+use std::os::fd::AsFd;
 
+use super::qmp::Qmp;
 use super::vmm::{Launch, Vmm};
 use crate::config::Virtualization;
 
@@ -212,41 +214,67 @@ impl Vmm for Qemu {
     }
 
     async fn quit(&self, control: &Path) -> std::io::Result<()> {
-        tokio::time::timeout(Duration::from_secs(3), qmp_quit(control))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "QMP did not answer"))?
+        let control = control.to_path_buf();
+        blocking(move || {
+            let mut qmp = Qmp::connect(&control, Duration::from_secs(3))?;
+            match qmp.execute("quit", json!({})) {
+                // QEMU may close the socket as it exits.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
+                r => r.map(drop),
+            }
+        })
+        .await
     }
 
     async fn switch_disk(&self, control: &Path, overlay: &Path) -> std::io::Result<()> {
-        // `existing`: QEMU opens the overlay we made (its header names the shared layer, for
-        // the next boot) and puts the image it has open under it, without reopening it.
-        let command = serde_json::json!({
-            "execute": "blockdev-snapshot-sync",
-            "arguments": {
-                "device": "root",
-                "snapshot-file": overlay,
-                "format": "qcow2",
-                "mode": "existing",
-            },
-        });
-        tokio::time::timeout(Duration::from_secs(30), qmp_execute(control, command))
-            .await
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "QMP did not answer"))?
+        // QEMU (as the VM's user) cannot open the overlay: the service opens it and passes
+        // it, read-write and read-only as at launch, then adds it as a node with no backing
+        // and puts the node the VM writes to under it, without reopening that one.
+        let rw = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(overlay)?;
+        let ro = std::fs::File::open(overlay)?;
+        let control = control.to_path_buf();
+        blocking(move || {
+            let mut qmp = Qmp::connect(&control, Duration::from_secs(30))?;
+            let added = qmp.execute_with_fds("add-fd", json!({}), &[rw.as_fd()])?;
+            let set = added
+                .get("fdset-id")
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| std::io::Error::other("QMP add-fd named no fd set"))?;
+            qmp.execute_with_fds("add-fd", json!({ "fdset-id": set }), &[ro.as_fd()])?;
+            let top = top_node(&qmp.execute("query-block", json!({}))?)
+                .ok_or_else(|| std::io::Error::other("QMP query-block shows no disk"))?;
+            let node = format!("overlay{set}");
+            let switched = qmp
+                .execute(
+                    "blockdev-add",
+                    json!({
+                        "driver": "qcow2",
+                        "node-name": node,
+                        "discard": "unmap",
+                        "backing": null,
+                        "file": {
+                            "driver": "file",
+                            "filename": format!("/dev/fdset/{set}"),
+                            "discard": "unmap",
+                        },
+                    }),
+                )
+                .and_then(|_| {
+                    qmp.execute("blockdev-snapshot", json!({ "node": top, "overlay": node }))
+                        .inspect_err(|_| {
+                            let _ = qmp.execute("blockdev-del", json!({ "node-name": node }));
+                        })
+                });
+            if switched.is_err() {
+                let _ = qmp.execute("remove-fd", json!({ "fdset-id": set }));
+            }
+            switched.map(drop)
+        })
+        .await
     }
-}
-
-/// One QMP command on a fresh connection: greeting, capabilities, the command's answer.
-async fn qmp_execute(control: &Path, command: serde_json::Value) -> std::io::Result<()> {
-    let stream = tokio::net::UnixStream::connect(control).await?;
-    let (r, mut w) = stream.into_split();
-    let mut lines = tokio::io::BufReader::new(r).lines();
-    lines.next_line().await?;
-    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").await?;
-    qmp_answer(&mut lines).await?;
-    let mut line = serde_json::to_vec(&command).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    w.write_all(&line).await?;
-    qmp_answer(&mut lines).await
 }
 
 /// The descriptors a QEMU command line hands over, numbered from 3 in order.
@@ -276,32 +304,21 @@ impl Fds {
     }
 }
 
-type QmpLines = tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>;
-
-/// Reads QMP lines (events may come first) until the command's answer.
-async fn qmp_answer(lines: &mut QmpLines) -> std::io::Result<()> {
-    while let Some(line) = lines.next_line().await? {
-        if line.contains("\"return\"") {
-            return Ok(());
-        }
-        if line.contains("\"error\"") {
-            return Err(std::io::Error::other(line));
-        }
-    }
-    // QEMU may close the socket as it exits on `quit`.
-    Ok(())
+/// The node the VM's disk device writes to, from QMP `query-block`.
+fn top_node(blocks: &serde_json::Value) -> Option<String> {
+    blocks.as_array()?.iter().find_map(|b| {
+        b.get("inserted")?
+            .get("node-name")?
+            .as_str()
+            .map(str::to_string)
+    })
 }
 
-/// The QMP dialogue: greeting, capabilities negotiation, `quit`.
-async fn qmp_quit(control: &Path) -> std::io::Result<()> {
-    let stream = tokio::net::UnixStream::connect(control).await?;
-    let (r, mut w) = stream.into_split();
-    let mut lines = tokio::io::BufReader::new(r).lines();
-    lines.next_line().await?;
-    w.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").await?;
-    qmp_answer(&mut lines).await?;
-    w.write_all(b"{\"execute\":\"quit\"}\n").await?;
-    qmp_answer(&mut lines).await
+/// Runs a blocking QMP dialogue off the runtime's threads.
+async fn blocking(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> std::io::Result<()> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 #[cfg(test)]
