@@ -84,11 +84,21 @@ pub enum MachineState {
     /// forced off (`machine stop -f`) and started again, unless it recovers.
     Unresponsive,
     /// Running, and commands run, but the image's init has not finished booting (systemd
-    /// not yet `running`/`degraded`, OpenRC short of its default runlevel).
+    /// not yet `running`/`degraded`, OpenRC short of its default runlevel). The service's
+    /// own view: machines show it as `running` with `booting` set ([`MachineState::shown`]).
     Booting,
 }
 
 impl MachineState {
+    /// The status users see, and whether the machine is still booting: `booting` shows as
+    /// `running`, Apple's value for a machine that runs commands.
+    pub fn shown(self) -> (MachineState, bool) {
+        match self {
+            Self::Booting => (Self::Running, true),
+            s => (s, false),
+        }
+    }
+
     /// Its VM runs: booting, running or unresponsive.
     pub fn is_up(self) -> bool {
         matches!(self, Self::Running | Self::Booting | Self::Unresponsive)
@@ -172,6 +182,10 @@ pub struct Machine {
     /// Why the machine was last forced off or failed to boot, while it is stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<String>,
+    /// Running (commands run) but the image's init has not finished booting: `status` stays
+    /// `running`, as Apple's scripts expect right after `create`; present only while true.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub booting: bool,
 }
 
 /// The image a machine was created from.
@@ -501,6 +515,7 @@ mod tests {
             autostart: false,
             stats: None,
             stop_reason: None,
+            booting: false,
         }
     }
 

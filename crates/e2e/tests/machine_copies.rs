@@ -77,6 +77,12 @@ fn clones_snapshots_and_rename_of_a_debian_machine() {
     let a = |args: &[&str]| alice.cli_ok(&service, args);
 
     a(&["machine", "create", &image, "--name", "src"]);
+    // Commands run, so it is `running` at once, as Apple's scripts expect, while systemd
+    // may still be booting (`booting: true`, `--wait` waits that out).
+    let m: serde_json::Value = serde_json::from_str(&a(&["machine", "inspect", "src"])).unwrap();
+    assert_eq!(m[0]["status"], "running", "{m}");
+    let ls = a(&["machine", "ls"]);
+    assert!(ls.contains("running"), "ls shows a state of its own: {ls}");
     root_sh(
         &alice,
         &service,

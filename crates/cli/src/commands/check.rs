@@ -417,8 +417,7 @@ fn kernel(view: &ServiceView) -> Check {
                 Level::Ok,
                 format!("{binary} (configured under [kernel])"),
             ),
-            (None, None) => check("kernel", Level::Fail, "no guest kernel installed")
-                .fix("sudo container system kernel set --recommended"),
+            (None, None) => not_yet_installed(),
         },
         None => {
             let current = paths::root().join("kernels/current.json");
@@ -434,11 +433,21 @@ fn kernel(view: &ServiceView) -> Check {
                     "unknown: the service is not running and its data directory is root's",
                 )
                 .fix("run this check as root, or start the service"),
-                Err(_) => check("kernel", Level::Fail, "no guest kernel installed")
-                    .fix("sudo container system kernel set --recommended"),
+                Err(_) => not_yet_installed(),
             }
         }
     }
+}
+
+/// No kernel yet is no failure: the first boot installs the recommended one from the host's
+/// package sources, which takes a minute once (or now, with the fix).
+fn not_yet_installed() -> Check {
+    check(
+        "kernel",
+        Level::Warn,
+        "none installed yet: the first machine to boot installs the recommended one (about a minute, from the host's package sources)",
+    )
+    .fix("sudo container system kernel set --recommended   # now, instead of at the first boot")
 }
 
 fn tun() -> Check {

@@ -133,7 +133,8 @@ impl Core {
     pub(super) fn to_api(&self, record: &MachineRecord, default: Option<&str>) -> Machine {
         let vms = &self.state.vms;
         let disk = self.state.machines.disk_path(&record.name);
-        let status = vms.state(&record.name);
+        let state = vms.state(&record.name);
+        let (status, booting) = state.shown();
         Machine {
             id: record.name.clone(),
             status,
@@ -165,6 +166,7 @@ impl Core {
                 MachineState::Stopped => vms.stop_reason(&record.name),
                 _ => None,
             },
+            booting,
         }
     }
 

@@ -60,7 +60,7 @@ impl Core {
         let vm = vms.stats(&record.name).await;
         MachineStats {
             id: record.name.clone(),
-            status: vms.state(&record.name),
+            status: vms.state(&record.name).shown().0,
             cpu_percent: vm.as_ref().and_then(|v| v.cpu_percent),
             cpu_time_ns: vm.as_ref().map(|v| v.cpu_time_ns),
             guest_memory: vm.as_ref().and_then(|v| v.guest_memory),

@@ -28,7 +28,9 @@ impl Runtime {
         let (d, l) = (disk.to_path_buf(), layer.to_path_buf());
         let running = match self.status(id) {
             MachineState::Stopped => None,
-            MachineState::Running => self.get(id),
+            // A booting machine's agent answers already; its init need not have finished.
+            MachineState::Running | MachineState::Booting => self.get(id),
+            MachineState::Unresponsive => return Err(RuntimeError::Unresponsive(id.to_string())),
             _ => return Err(RuntimeError::Changing(id.to_string())),
         };
         let Some(vm) = running else {

@@ -34,7 +34,10 @@ impl Tabular for Machine {
             self.cpus.to_string(),
             format_size(self.memory),
             format_size(self.disk_allocated),
-            self.status.to_string(),
+            match self.booting {
+                true => format!("{} (booting)", self.status),
+                false => self.status.to_string(),
+            },
             if self.default {
                 "*".into()
             } else {

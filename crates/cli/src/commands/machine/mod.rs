@@ -111,16 +111,16 @@ impl MachineCommand {
 /// seconds under KVM and can take minutes emulated on a loaded host.
 const WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
 
-/// `--wait`: waits until the image's init in `name` has finished booting (the machine shows
-/// `running` rather than `booting`); an error naming what it is instead.
+/// `--wait`: waits until the image's init in `name` has finished booting (the machine is
+/// `running` without `booting`); an error naming what it is instead.
 pub async fn wait_until_booted(client: &Client, name: &str) -> anyhow::Result<Machine> {
     use container_api::machine::MachineState;
     let deadline = std::time::Instant::now() + WAIT_LIMIT;
     loop {
         let m: Machine = client.get(&format!("/machines/{name}")).await?;
         match m.status {
-            MachineState::Running => return Ok(m),
-            MachineState::Starting | MachineState::Booting => {}
+            MachineState::Running if !m.booting => return Ok(m),
+            MachineState::Running | MachineState::Starting | MachineState::Booting => {}
             other => {
                 return Err(failed(
                     ExitCode::Failure,
