@@ -24,7 +24,8 @@
 //! `testMachineNotInContainerList`, `testMachineNotDeletedByRmAll`,
 //! `testMachineNotKilledByKillAll`, `testMachineNotStoppedByStopAll`,
 //! `testContainerExitState` (and the `containerId` key they read).
-//! Not yet: `testSSHForwarding` (agent forwarding is not implemented).
+//! `testSSHForwarding` uses a stand-in agent as Apple's does (a socket that accepts and
+//! closes); `ssh_agent.rs` forwards a real `ssh-agent` and lists its key inside.
 //!
 //! Plus the exact-argv flag's own cases (`--no-shell`): spaces, `$`, quotes and empty
 //! arguments kept, no shell in between, and 24 MiB through `run -i --no-shell cat`.
@@ -302,6 +303,47 @@ fn test_run_with_env_file(ctx: &Ctx) {
     assert_eq!(out, "from_file");
 }
 
+fn test_ssh_forwarding(ctx: &Ctx) {
+    use std::os::unix::net::UnixListener;
+    // A listening socket of the user's standing in for an agent, accepting and closing.
+    let dir = ctx.user.home.join("apple-agent");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    let socket = dir.join("ssh-auth.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    for p in [&dir, &socket] {
+        std::os::unix::fs::chown(p, Some(ctx.user.uid), Some(ctx.user.gid)).unwrap();
+    }
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    let run = |script: &str| {
+        let out = ctx
+            .user
+            .command(
+                ctx.service,
+                &ctx.user.home,
+                &["machine", "run", "-n", ctx.name, script],
+            )
+            .env("SSH_AUTH_SOCK", &socket)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{script}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(
+        run("echo $SSH_AUTH_SOCK"),
+        "/var/host-services/ssh-auth.sock"
+    );
+    assert_eq!(
+        run("[ -S /var/host-services/ssh-auth.sock ] && echo exists || echo missing"),
+        "exists"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn test_run_in_shell_as_ssh_does(ctx: &Ctx) {
     // Not a case of Apple's suite, but of its semantics: the words form one script.
     assert_eq!(
@@ -546,6 +588,7 @@ fn booted_machine_cases() {
     cases.case("test_run_with_gid", &ctx, test_run_with_gid);
     cases.case("test_run_with_user_flag", &ctx, test_run_with_user_flag);
     cases.case("test_run_with_env_file", &ctx, test_run_with_env_file);
+    cases.case("test_ssh_forwarding", &ctx, test_ssh_forwarding);
     cases.case(
         "run_in_shell_as_ssh_does",
         &ctx,
