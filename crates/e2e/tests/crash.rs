@@ -289,8 +289,16 @@ fn every_machine_runs_a_command(service: &Service) -> Vec<String> {
         let out = service.cli(&["machine", "run", "--root", "-n", &name, "true"]);
         assert!(
             out.status.success(),
-            "{name} was {status} but cannot run a command: {}\n{}",
+            "{name} was {status} but cannot run a command: {}\nits helpers' log: {}\n{}",
             String::from_utf8_lossy(&out.stderr),
+            std::fs::read_to_string(
+                service
+                    .root
+                    .join("machines")
+                    .join(&name)
+                    .join("helpers.log")
+            )
+            .unwrap_or_default(),
             tail(&service.log(), 30)
         );
         names.push(name);

@@ -243,3 +243,36 @@ fn clones_snapshots_and_rename_of_a_debian_machine() {
         .unwrap_or(0);
     assert_eq!(left, 0, "layers left after every machine went");
 }
+
+#[test]
+fn each_of_several_live_clones_boots_beside_its_running_source() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let service = Service::start(&format!(
+        "[machine]\ncpus = 1\nmemory = \"256M\"\nhome-mount = \"none\"\n{}",
+        kernel_config()
+    ));
+    service.cli_ok(&["machine", "create", &image, "--name", "src"]);
+    // Each clone freezes the source's top into a new shared layer, the source goes on over
+    // a fresh overlay: the second one freezes the overlay the first one switched it to.
+    for (i, clone) in ["c1", "c2", "c3"].iter().enumerate() {
+        let mark = format!("echo {i} > /mark-{i} && sync");
+        service.cli_ok(&["machine", "run", "--root", "-n", "src", &mark]);
+        service.cli_ok(&["machine", "clone", "src", clone]);
+        let seen = service.cli_ok(&[
+            "machine",
+            "run",
+            "--root",
+            "-n",
+            clone,
+            "cat /mark-*",
+        ]);
+        let want: Vec<String> = (0..=i).map(|n| n.to_string()).collect();
+        assert_eq!(seen.split_whitespace().collect::<Vec<_>>(), want, "{clone}");
+    }
+    let out = service.cli_ok(&["machine", "run", "--root", "-n", "src", "echo alive"]);
+    assert_eq!(out.trim(), "alive");
+}

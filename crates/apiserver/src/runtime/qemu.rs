@@ -255,10 +255,15 @@ impl Vmm for Qemu {
                         "node-name": node,
                         "discard": "unmap",
                         "backing": null,
+                        // Unlocked: QEMU keeps the write lock of a node added here after
+                        // a later switch puts it under another overlay, which would stop
+                        // every clone that shares it from booting. The service alone hands
+                        // out disks; it never gives this file to a second writer.
                         "file": {
                             "driver": "file",
                             "filename": format!("/dev/fdset/{set}"),
                             "discard": "unmap",
+                            "locking": "off",
                         },
                     }),
                 )

@@ -1,6 +1,7 @@
 //! The host end of SSH agent forwarding. While an exec session forwards its caller's agent
 //! ([`SshAgents::forward`]), the service listens where vhost-device-vsock delivers the
-//! guest's connections to [`SSH_AGENT_PORT`] (in the VM's root-owned runtime directory) and
+//! guest's connections to [`SSH_AGENT_PORT`] (beside the hybrid socket, in the VM user's
+//! directory, for that user alone) and
 //! joins each one to the caller's agent socket, connected to with the caller's identity.
 //!
 //! Invariants: the service never opens an agent socket as root for a user: the path is
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use container_agent_proto::SSH_AGENT_PORT;
 use container_agent_proto::client::ReadyListener;
 
-use super::{RuntimeError, sys};
+use super::{GuestPorts, RuntimeError, sys};
 
 /// A caller's agent: its socket and who connects to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,14 +60,13 @@ pub struct Forwarding {
 }
 
 impl SshAgents {
-    /// Forwards `target` to the guest behind the hybrid-vsock socket `vsock` until the
-    /// returned value is dropped.
+    /// Forwards `target` to the guest of `vm` until the returned value is dropped.
     pub fn forward(
         self: &Arc<Self>,
-        vsock: &Path,
+        vm: &GuestPorts,
         target: SshAgentTarget,
     ) -> Result<Forwarding, RuntimeError> {
-        let path = ReadyListener::path_for(vsock, SSH_AGENT_PORT);
+        let path = ReadyListener::path_for(&vm.vsock, SSH_AGENT_PORT);
         let mut vms = self.lock();
         if !vms.contains_key(&path) {
             let sessions = Arc::new(Mutex::new(Vec::new()));
@@ -75,7 +75,7 @@ impl SshAgents {
                 path: path.clone(),
                 source,
             };
-            let listener = listen(&path).map_err(io)?;
+            let listener = listen(&path, vm.uid).map_err(io)?;
             let task = tokio::spawn(accept(listener, sessions.clone()));
             vms.insert(
                 path.clone(),
@@ -123,8 +123,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Binds the guest-connection socket for root alone (vhost-device-vsock connects to it).
-fn listen(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
+/// Binds the guest-connection socket for vhost-device-vsock alone: it connects to it as
+/// `uid`, the VM's user (root for a VM an older service started).
+fn listen(path: &Path, uid: u32) -> std::io::Result<tokio::net::UnixListener> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
@@ -132,6 +133,7 @@ fn listen(path: &Path) -> std::io::Result<tokio::net::UnixListener> {
     let listener = std::os::unix::net::UnixListener::bind(path)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    std::os::unix::fs::lchown(path, Some(uid), None)?;
     listener.set_nonblocking(true)?;
     tokio::net::UnixListener::from_std(listener)
 }
@@ -243,6 +245,14 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    /// The guest ports of a VM whose hybrid socket is `vsock`, served as this test's user.
+    fn ports(vsock: &Path) -> GuestPorts {
+        GuestPorts {
+            vsock: vsock.to_path_buf(),
+            uid: nix::unistd::getuid().as_raw(),
+        }
+    }
+
     /// SSH2_AGENTC_REQUEST_IDENTITIES, as `ssh-add -l` sends it.
     const LIST: [u8; 5] = [0, 0, 0, 1, 11];
     /// What a refusing agent answers.
@@ -292,9 +302,11 @@ mod tests {
         fake_agent(&second, b"second");
         let uid = nix::unistd::geteuid().as_raw();
         let agents = Arc::new(SshAgents::default());
-        let one = agents.forward(&vsock, target(&first, uid)).unwrap();
+        let one = agents.forward(&ports(&vsock), target(&first, uid)).unwrap();
         assert_eq!(guest_reads(&vsock).await, b"first");
-        let two = agents.forward(&vsock, target(&second, uid)).unwrap();
+        let two = agents
+            .forward(&ports(&vsock), target(&second, uid))
+            .unwrap();
         assert_eq!(guest_reads(&vsock).await, b"second");
         drop(two);
         assert_eq!(guest_reads(&vsock).await, b"first");
@@ -325,11 +337,11 @@ mod tests {
         fake_agent(&hidden, b"root's keys");
         let agents = Arc::new(SshAgents::default());
         for path in [&open, &hidden] {
-            let _f = agents.forward(&vsock, target(path, 65534)).unwrap();
+            let _f = agents.forward(&ports(&vsock), target(path, 65534)).unwrap();
             assert_eq!(guest_reads(&vsock).await, REFUSED, "{}", path.display());
         }
         // Root reaches both.
-        let _f = agents.forward(&vsock, target(&hidden, 0)).unwrap();
+        let _f = agents.forward(&ports(&vsock), target(&hidden, 0)).unwrap();
         assert_eq!(guest_reads(&vsock).await, b"root's keys");
     }
 }

@@ -422,7 +422,11 @@ impl Vms for ServiceVms {
         };
         // Held until the session ends: the machine has the agent while the process runs.
         let forwarding = match spec.ssh_agent {
-            Some(forward) => match self.ssh_agents.forward(&vsock, ssh_agent_target(forward)) {
+            Some(forward) => match self
+                .runtime
+                .guest_ports(name)
+                .and_then(|ports| self.ssh_agents.forward(&ports, ssh_agent_target(forward)))
+            {
                 Ok(f) => Some(f),
                 Err(e) => {
                     let e = ApiError::from(e);

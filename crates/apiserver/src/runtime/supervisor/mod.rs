@@ -134,6 +134,15 @@ pub fn stop_reason(machine_dir: &Path) -> Option<String> {
         .map(|r| r.reason)
 }
 
+/// Where vhost-device-vsock delivers a VM's connections to host port P: `<vsock>_P`, which
+/// the service binds and hands to `uid`, the user vhost-device-vsock runs as (root for a VM
+/// an older service started).
+#[derive(Debug, Clone)]
+pub struct GuestPorts {
+    pub vsock: PathBuf,
+    pub uid: u32,
+}
+
 const RUN_FILE: &str = "run.json";
 /// The hybrid-vsock socket of vhost-device-vsock, in the VMM's directory.
 const VSOCK_SOCKET: &str = "vsock.sock";
@@ -329,6 +338,22 @@ impl Runtime {
     }
 
     /// The hybrid-vsock socket of a running VM's agent; an error for an unresponsive one.
+    /// Where the guest's connections to host ports of running VM `id` arrive.
+    pub fn guest_ports(&self, id: &str) -> Result<GuestPorts, RuntimeError> {
+        let vm = self
+            .get(id)
+            .filter(|v| v.get() == MachineState::Running)
+            .ok_or_else(|| RuntimeError::NotRunning(id.to_string()))?;
+        let dir = match vm.run.uid {
+            0 => vm.run.run_dir.clone(),
+            _ => vm.run.run_dir.join(VMM_DIR),
+        };
+        Ok(GuestPorts {
+            vsock: dir.join(VSOCK_SOCKET),
+            uid: vm.run.uid,
+        })
+    }
+
     pub fn agent_socket(&self, id: &str) -> Result<PathBuf, RuntimeError> {
         match self.get(id) {
             Some(vm) if vm.shown() == MachineState::Unresponsive => {
