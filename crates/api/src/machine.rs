@@ -456,6 +456,14 @@ pub struct RunRequest {
     pub ssh_auth_sock: Option<String>,
 }
 
+/// `POST /machines/{name}/connect`: a connection to a TCP port on the machine's loopback,
+/// carried raw over the upgraded HTTP connection (`container machine ssh-proxy`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    pub port: u16,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,9 +3,12 @@
 //! names; REFUSED outside the domain), over UDP and TCP; a machine learns its owner's machines
 //! and not another owner's; the service's hosts file (its own, never /etc/hosts) has every
 //! machine after create, follows a rename, drops a machine at rm; `curl` by name reaches a
-//! server in a machine; names survive a service restart; `inspect` shows `dnsName`.
+//! server in a machine; names survive a service restart; `inspect` shows `dnsName`. And ssh
+//! for editors: `ssh-config` entries whose ProxyCommand goes through the service reach a
+//! machine with no network at all, as the user, in their home.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use container_e2e::{
@@ -250,5 +253,167 @@ fn machine_names_resolve_on_the_host_and_follow_create_rename_and_rm() {
         std::fs::read_to_string(&service.hosts_file).unwrap(),
         "127.0.0.1\tlocalhost\n",
         "no machine left: no block"
+    );
+}
+
+/// `ssh ARGS` as `user`, with `home` as HOME and XDG_CONFIG_HOME under it, the CLI that
+/// ProxyCommand runs aimed at `service`.
+fn ssh_as(user: &TestUser, service: &Service, home: &std::path::Path, args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    Command::new("ssh")
+        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=120"])
+        .args(args)
+        .uid(user.uid)
+        .gid(user.gid)
+        .current_dir(home)
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("USER", &user.name)
+        .env("CONTAINER_SOCKET", &service.socket)
+        .env_remove("SSH_AUTH_SOCK")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn ssh_reaches_a_machine_without_a_network_through_the_service() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = registry.push(&test_image("sshd"), "tests/sshd:12");
+    let service = Service::start(&format!(
+        "[machine]\ncpus = 1\nmemory = \"768M\"\n{}",
+        kernel_config()
+    ));
+    let alice = TestUser::ensure("ctalice", 1500);
+    // HOME and the config directory of this test's own, alice's.
+    let home = tempfile::Builder::new()
+        .prefix("ct-ssh-")
+        .tempdir_in("/tmp")
+        .unwrap();
+    nix::unistd::chown(home.path(), Some(alice.uid.into()), Some(alice.gid.into())).unwrap();
+    let in_home = |args: &[&str]| {
+        let out = alice
+            .command(&service, home.path(), args)
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", home.path().join(".config"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "container {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            container_e2e::tail(&service.log(), 30)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    in_home(&[
+        "machine",
+        "create",
+        &image,
+        "--name",
+        "sshbox",
+        "--network",
+        "none",
+        "--wait",
+    ]);
+
+    let config = in_home(&["machine", "ssh-config", "sshbox"]);
+    assert!(config.contains("Host container-sshbox\n"), "{config}");
+    assert!(config.contains("machine ssh-proxy sshbox\n"), "{config}");
+    let file = home.path().join("ssh_config");
+    std::fs::write(&file, &config).unwrap();
+    let started = std::time::Instant::now();
+    let who = ssh_as(
+        &alice,
+        &service,
+        home.path(),
+        &["-F", file.to_str().unwrap(), "container-sshbox", "whoami"],
+    );
+    assert!(
+        who.status.success(),
+        "ssh whoami: {}\n{}",
+        String::from_utf8_lossy(&who.stderr),
+        container_e2e::tail(&service.log(), 30)
+    );
+    assert_eq!(String::from_utf8_lossy(&who.stdout).trim(), alice.name);
+    eprintln!(
+        "first ssh (key authorised, host keys recorded): {:?}",
+        started.elapsed()
+    );
+    let started = std::time::Instant::now();
+    let pwd = ssh_as(
+        &alice,
+        &service,
+        home.path(),
+        &["-F", file.to_str().unwrap(), "container-sshbox", "pwd"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&pwd.stdout).trim(),
+        alice.home.display().to_string(),
+        "{}",
+        String::from_utf8_lossy(&pwd.stderr)
+    );
+    eprintln!("second ssh: {:?}", started.elapsed());
+    // The key is authorised in the machine's own file, not in the (shared) home's.
+    assert!(
+        !alice.home.join(".ssh/authorized_keys").exists() || {
+            let keys = std::fs::read_to_string(alice.home.join(".ssh/authorized_keys")).unwrap();
+            !keys.contains("container@")
+        }
+    );
+    let known =
+        std::fs::read_to_string(home.path().join(".config/container/ssh/known_hosts")).unwrap();
+    assert!(
+        known.lines().all(|l| l.starts_with("container-sshbox "))
+            && known.contains(" ssh-ed25519 "),
+        "{known}"
+    );
+
+    // --install: the file, and one Include line at the top of ~/.ssh/config.
+    std::fs::create_dir_all(home.path().join(".ssh")).unwrap();
+    std::fs::write(home.path().join(".ssh/config"), "Host other\n  User x\n").unwrap();
+    nix::unistd::chown(
+        &home.path().join(".ssh"),
+        Some(alice.uid.into()),
+        Some(alice.gid.into()),
+    )
+    .unwrap();
+    nix::unistd::chown(
+        &home.path().join(".ssh/config"),
+        Some(alice.uid.into()),
+        Some(alice.gid.into()),
+    )
+    .unwrap();
+    in_home(&["machine", "ssh-config", "--install"]);
+    in_home(&["machine", "ssh-config", "--install"]);
+    let user_config = std::fs::read_to_string(home.path().join(".ssh/config")).unwrap();
+    let include = format!(
+        "Include {}\n",
+        home.path().join(".config/container/ssh_config").display()
+    );
+    assert!(user_config.starts_with(&include), "{user_config}");
+    assert_eq!(user_config.matches("Include").count(), 1, "{user_config}");
+    assert!(user_config.ends_with("Host other\n  User x\n"));
+    // ssh finds ~ in the password database, not $HOME: name the file this test wrote.
+    let user_config_path = home.path().join(".ssh/config");
+    let via_include = ssh_as(
+        &alice,
+        &service,
+        home.path(),
+        &[
+            "-F",
+            user_config_path.to_str().unwrap(),
+            "container-sshbox",
+            "whoami",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&via_include.stdout).trim(),
+        alice.name,
+        "{}",
+        String::from_utf8_lossy(&via_include.stderr)
     );
 }
