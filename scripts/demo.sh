@@ -89,6 +89,9 @@ scripts/test-registry.sh push "$regdir" "$CONTAINER_DEMO_LAYOUT" "demo/$CONTAINE
 ref=$addr/demo/$CONTAINER_DEMO_IMAGE:12
 
 echo "== the service (in a network namespace of its own)"
+# Its machines' addresses mean nothing outside this namespace: their names go in a hosts
+# file of the demo's, not the host's /etc/hosts.
+export CONTAINER_HOSTS_FILE=$demo/hosts
 if [ -d /run/systemd/system ]; then
   # `system start` would ask systemd, whose service lives on the host's network.
   setsid /usr/local/bin/container-apiserver >>"$demo/apiserver.log" 2>&1 </dev/null &

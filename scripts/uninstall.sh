@@ -70,6 +70,24 @@ if [ -d /run/systemd/system ]; then
 fi
 if [ -x "$cli" ]; then "$cli" system stop || true; fi
 
+echo "== machine names on the host"
+# The service's managed block (CONTAINER_HOSTS_FILE: the file a test's service used), and
+# systemd-resolved's settings for the bridge it made (default name).
+hosts=${CONTAINER_HOSTS_FILE:-/etc/hosts}
+if [ -f "$hosts" ] && grep -qx '# BEGIN container machines' "$hosts"; then
+  tmp=$(mktemp "$(dirname "$hosts")/.hosts.uninstall.XXXXXX")
+  awk '$0 == "# BEGIN container machines" { skip = 1; next }
+       skip && $0 == "# END container machines" { skip = 0; next }
+       !skip' "$hosts" > "$tmp"
+  chmod --reference="$hosts" "$tmp"
+  mv -f "$tmp" "$hosts" || { cat "$tmp" > "$hosts"; rm -f "$tmp"; }
+  echo "uninstall: removed the machine names from $hosts"
+fi
+if [ -z "${CONTAINER_HOSTS_FILE:-}" ] && command -v resolvectl >/dev/null 2>&1 \
+    && ip link show container0 >/dev/null 2>&1; then
+  resolvectl revert container0 2>/dev/null || true
+fi
+
 echo "== files under $prefix"
 removed=0
 for path in "${files[@]}"; do

@@ -197,6 +197,19 @@ impl AgentClient {
         }
     }
 
+    /// Connects to TCP `port` on the guest's loopback; the stream returned carries that
+    /// connection's bytes (no frames). A port nobody listens on is [`ProtoError::Agent`].
+    pub async fn connect_tcp(mut self, port: u16) -> Result<UnixStream, ProtoError> {
+        send(&mut self.stream, Message::Connect { port }).await?;
+        match read(&mut self.stream).await? {
+            Some(Frame::Message(Message::Done)) => Ok(self.stream),
+            Some(Frame::Message(Message::Error { message, code })) => {
+                Err(ProtoError::Agent { message, code })
+            }
+            other => Err(ProtoError::unexpected(other.as_ref())),
+        }
+    }
+
     /// Starts a process. A process that cannot start (not found, not executable, no such
     /// directory or user) is `ProtoError::Agent` with code 127 or 126.
     pub async fn exec(mut self, req: ExecRequest) -> Result<ExecSession, ProtoError> {

@@ -15,6 +15,7 @@
 //! | `Ping` | — | `Pong` |
 //! | `Stats` | — | `StatsReport` or `Error` |
 //! | `Reclaim` | — | `Done` or `Error` |
+//! | `Connect` | after `Done`: raw bytes | `Done` or `Error`, then raw bytes |
 //!
 //! The agent opens connections the other way too: to the host's [`READY_PORT`] during boot,
 //! carrying a single [`Message::Ready`] once the agent listens (only then does the host open

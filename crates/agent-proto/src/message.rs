@@ -80,6 +80,10 @@ pub enum Message {
     /// machine has been idle): the agent drops it and compacts the free memory, which
     /// free-page reporting then returns to the host. `Done` once that is through.
     Reclaim,
+    /// Host: connect to TCP `port` on the guest's loopback (127.0.0.1). The agent answers
+    /// `Done` once connected (or `Error`), and from then on the session carries that
+    /// connection's raw bytes both ways, no frames, until either side closes.
+    Connect { port: u16 },
     /// Agent: the request failed. For `Exec`, `code` follows the shell convention (126 not
     /// executable or bad working directory or user, 127 not found).
     Error { message: String, code: Option<i32> },

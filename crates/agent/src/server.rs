@@ -184,8 +184,44 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
         Message::Exec(req) => exec::run(req, reader, writer)?,
         Message::CopyIn { path } => copy::copy_in(&path, reader, &writer)?,
         Message::CopyOut { path } => copy::copy_out(&path, &writer)?,
+        Message::Connect { port } => connect(port, reader, &writer)?,
         other => reply(&writer, error(anyhow!("not a request: {other:?}"), None))?,
     }
+    Ok(())
+}
+
+/// How long a connection to a guest port may take to be accepted.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Connects to `port` on the guest's loopback and carries the bytes of that connection on
+/// the session, both ways, until each side has closed its direction (`Connect`).
+fn connect(port: u16, mut reader: VsockStream, writer: &Writer) -> std::io::Result<()> {
+    let at = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut tcp = match std::net::TcpStream::connect_timeout(&at, CONNECT_LIMIT) {
+        Ok(s) => s,
+        Err(e) => {
+            return reply(
+                writer,
+                error(
+                    anyhow!("nothing accepts connections on port {port}: {e}"),
+                    None,
+                ),
+            );
+        }
+    };
+    reply(writer, Message::Done)?;
+    let mut vsock = writer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .try_clone()?;
+    let mut tcp_w = tcp.try_clone()?;
+    let up = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut reader, &mut tcp_w);
+        let _ = tcp_w.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut tcp, &mut vsock);
+    let _ = vsock.shutdown(std::net::Shutdown::Write);
+    let _ = up.join();
     Ok(())
 }
 

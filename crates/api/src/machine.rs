@@ -147,6 +147,10 @@ pub struct Machine {
     /// absent without a network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved_ip_address: Option<String>,
+    /// The name the host (and the owner's other machines) resolve to the reserved address:
+    /// `NAME.machine` (the service's `[network] domain`); absent without a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
     pub cpus: u32,
     /// Bytes.
     pub memory: u64,
@@ -466,6 +470,14 @@ pub struct RunRequest {
     pub ssh_auth_sock: Option<String>,
 }
 
+/// `POST /machines/{name}/connect`: a connection to a TCP port on the machine's loopback,
+/// carried raw over the upgraded HTTP connection (`container machine ssh-proxy`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    pub port: u16,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -484,6 +496,7 @@ mod tests {
             default: true,
             ip_address: started.then(|| "192.168.64.2".into()),
             reserved_ip_address: Some("192.168.64.2".into()),
+            dns_name: Some("dev.machine".into()),
             cpus: 2,
             memory: 1 << 30,
             disk_size: 8 << 30,
@@ -526,6 +539,7 @@ mod tests {
         assert_eq!(running["status"], "running");
         assert_eq!(running["default"], true);
         assert_eq!(running["ipAddress"], "192.168.64.2");
+        assert_eq!(running["dnsName"], "dev.machine");
         assert_eq!(running["memory"], 1u64 << 30);
         assert_eq!(running["diskSize"], 8u64 << 30);
         assert_eq!(running["homeMount"], "ro");

@@ -79,6 +79,24 @@ struct MachineSection {
 struct NetworkSection {
     subnet: Option<String>,
     bridge: Option<String>,
+    domain: Option<String>,
+    host_names: Option<HostNames>,
+    hosts_file: Option<String>,
+}
+
+/// How the host's resolver learns the machines' names (`[network] host-names`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HostNames {
+    /// systemd-resolved when it runs, else the hosts file.
+    #[default]
+    Auto,
+    /// The bridge's per-link DNS server and routing domain in systemd-resolved.
+    Resolved,
+    /// A managed block in the hosts file.
+    Hosts,
+    /// Neither: only the responder on the gateway answers.
+    None,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -137,6 +155,8 @@ struct LimitsSection {
 pub struct Config {
     pub machine: MachineDefaults,
     pub network: NetworkConfig,
+    /// Machine names on the host (`[network]` domain, host-names, hosts-file).
+    pub names: NamesConfig,
     pub kernel: KernelOverride,
     pub runtime: RuntimeConfig,
     pub registry: RegistryConfig,
@@ -162,6 +182,17 @@ pub struct MachineDefaults {
 pub struct NetworkConfig {
     pub subnet: String,
     pub bridge: String,
+}
+
+/// Machine names: `NAME.DOMAIN` answered by the service's DNS responder on the gateway, and
+/// how the host's resolver is pointed at it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamesConfig {
+    /// Lower case, without a trailing dot (`machine`).
+    pub domain: String,
+    pub host_names: HostNames,
+    /// The hosts file the managed block goes in (`/etc/hosts`).
+    pub hosts_file: PathBuf,
 }
 
 /// A kernel named in config wins over the one installed with `system kernel set`.
@@ -267,6 +298,9 @@ fn defaults(host: HostFacts) -> FileConfig {
         network: Some(NetworkSection {
             subnet: Some("192.168.64.0/24".into()),
             bridge: Some("container0".into()),
+            domain: Some(DEFAULT_DOMAIN.into()),
+            host_names: Some(HostNames::Auto),
+            hosts_file: Some(DEFAULT_HOSTS_FILE.into()),
         }),
         kernel: None,
         runtime: Some(RuntimeSection {
@@ -469,7 +503,42 @@ fn validate(config: &FileConfig) -> Result<(), String> {
             "network.bridge `{bridge}` must be 1 to 15 characters (a Linux interface name)"
         ));
     }
+    if let Some(n) = &config.network
+        && let Some(domain) = &n.domain
+        && !valid_domain(domain)
+    {
+        return Err(format!(
+            "network.domain `{domain}` must be a DNS name of letters, digits and `-` in dot-separated labels, such as `machine` or `vm.internal`"
+        ));
+    }
+    if let Some(n) = &config.network
+        && let Some(file) = &n.hosts_file
+        && !Path::new(file).is_absolute()
+    {
+        return Err(format!(
+            "network.hosts-file `{file}` must be an absolute path"
+        ));
+    }
     Ok(())
+}
+
+/// The domain machine names are answered under unless `[network] domain` says otherwise.
+pub const DEFAULT_DOMAIN: &str = "machine";
+/// The hosts file the managed block of machine names goes in by default.
+pub const DEFAULT_HOSTS_FILE: &str = "/etc/hosts";
+
+/// A DNS name of at most 200 characters (room for a machine name in front), each label 1 to
+/// 63 letters, digits or inner `-`, no trailing dot.
+fn valid_domain(domain: &str) -> bool {
+    domain.len() <= 200
+        && domain.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// The mirrors of each registry, checked: a registry as references name it, each location
@@ -574,6 +643,17 @@ fn resolve(
         network: NetworkConfig {
             subnet: n.subnet.unwrap_or_else(|| "192.168.64.0/24".into()),
             bridge: n.bridge.unwrap_or_else(|| "container0".into()),
+        },
+        names: NamesConfig {
+            domain: n
+                .domain
+                .unwrap_or_else(|| DEFAULT_DOMAIN.into())
+                .to_ascii_lowercase(),
+            host_names: n.host_names.unwrap_or_default(),
+            hosts_file: n
+                .hosts_file
+                .unwrap_or_else(|| DEFAULT_HOSTS_FILE.into())
+                .into(),
         },
         kernel: KernelOverride {
             binary: k.binary,
@@ -727,6 +807,35 @@ mod tests {
             .to_string();
         assert!(e.contains(&bad.display().to_string()), "{e}");
         assert!(e.contains("line 3"), "{e}");
+    }
+
+    #[test]
+    fn machine_names_default_to_the_machine_domain_and_can_be_changed() {
+        let c = load(&[], HOST).unwrap();
+        assert_eq!(c.names.domain, "machine");
+        assert_eq!(c.names.host_names, HostNames::Auto);
+        assert_eq!(c.names.hosts_file, Path::new("/etc/hosts"));
+        let dir = tempfile::tempdir().unwrap();
+        let set = write(
+            dir.path(),
+            "names.toml",
+            "[network]\ndomain = \"VM.test\"\nhost-names = \"hosts\"\nhosts-file = \"/tmp/h\"\n",
+        );
+        let c = load(&[set], HOST).unwrap();
+        assert_eq!(c.names.domain, "vm.test");
+        assert_eq!(c.names.host_names, HostNames::Hosts);
+        assert_eq!(c.names.hosts_file, Path::new("/tmp/h"));
+        for bad in [
+            "domain = \"\"",
+            "domain = \"machine.\"",
+            "domain = \"a b\"",
+            "domain = \"-x\"",
+            "hosts-file = \"hosts\"",
+            "host-names = \"dnsmasq\"",
+        ] {
+            let f = write(dir.path(), "bad.toml", &format!("[network]\n{bad}\n"));
+            assert!(load(&[f], HOST).is_err(), "{bad}");
+        }
     }
 
     #[test]

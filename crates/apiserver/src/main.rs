@@ -24,6 +24,10 @@ struct Args {
     /// Config files to read instead of the standard ones, highest precedence first.
     #[arg(long = "config")]
     config_files: Vec<PathBuf>,
+    /// Keep the machines' names in this hosts file, instead of what `[network] host-names`
+    /// and `hosts-file` say (systemd-resolved or /etc/hosts). Tests give a file of their own.
+    #[arg(long, env = "CONTAINER_HOSTS_FILE")]
+    hosts_file: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -160,7 +164,11 @@ async fn run(
     } else {
         args.config_files.clone()
     };
-    let config = config::load(&files, HostFacts::detect())?;
+    let mut config = config::load(&files, HostFacts::detect())?;
+    if let Some(hosts_file) = &args.hosts_file {
+        config.names.host_names = config::HostNames::Hosts;
+        config.names.hosts_file = hosts_file.clone();
+    }
     // Before anything under the root is touched: start-up cleanup of a second instance would
     // destroy the first one's work in flight.
     let _instance = lock_root(&args.root)?;

@@ -18,6 +18,9 @@ pub struct Service {
     pub run_dir: PathBuf,
     pub socket: PathBuf,
     pub config: PathBuf,
+    /// The hosts file the service keeps machine names in (`--hosts-file`): never the host's
+    /// /etc/hosts.
+    pub hosts_file: PathBuf,
     process: std::sync::Mutex<Option<std::process::Child>>,
     /// This test's turn at [`netns`], held while the service lives; none for a service on
     /// the host's network (only one that boots no machine, such as the one installing the
@@ -97,6 +100,8 @@ impl Service {
         let socket = run_dir.join("api.sock");
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
+        let hosts_file = dir.path().join("hosts");
+        std::fs::write(&hosts_file, "127.0.0.1\tlocalhost\n").expect("write hosts");
         // Let non-root test users reach the socket.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -107,6 +112,7 @@ impl Service {
             run_dir,
             socket,
             config: config_path,
+            hosts_file,
             process: std::sync::Mutex::new(None),
             turn,
         };
@@ -137,6 +143,8 @@ impl Service {
             .arg(&self.socket)
             .arg("--config")
             .arg(&self.config)
+            .arg("--hosts-file")
+            .arg(&self.hosts_file)
             .env("CONTAINER_LOG", "info,container_apiserver=debug")
             // A variable QEMU would act on: no helper may see the service's environment.
             .env(HOSTILE_ENV.0, HOSTILE_ENV.1)

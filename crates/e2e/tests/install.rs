@@ -57,6 +57,7 @@ impl Install {
         let from = install_bin("container").parent().unwrap().to_path_buf();
         run_ok(
             in_netns(workspace_root().join("scripts/install.sh"))
+                .env("CONTAINER_HOSTS_FILE", self.hosts_file())
                 .arg("--prefix")
                 .arg(&self.prefix)
                 .arg("--root")
@@ -68,8 +69,14 @@ impl Install {
         )
     }
 
+    /// Where this install's services keep machine names: never the host's /etc/hosts.
+    fn hosts_file(&self) -> PathBuf {
+        self.dir.path().join("hosts")
+    }
+
     fn uninstall(&self, extra: &[&str]) -> Output {
         Command::new(workspace_root().join("scripts/uninstall.sh"))
+            .env("CONTAINER_HOSTS_FILE", self.hosts_file())
             .arg("--prefix")
             .arg(&self.prefix)
             .args(extra)
@@ -84,6 +91,7 @@ impl Install {
             .env("CONTAINER_SOCKET", self.socket())
             .env("CONTAINER_ROOT", &self.root)
             .env("CONTAINER_RUN_DIR", &self.run_dir)
+            .env("CONTAINER_HOSTS_FILE", self.hosts_file())
             .stdin(Stdio::null());
         c
     }
@@ -308,6 +316,10 @@ fn install_run_the_quickstart_upgrade_in_place_and_uninstall() {
         .arg("--listen")
         .arg(install.socket())
         .arg("--setenv=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        .arg(format!(
+            "--setenv=CONTAINER_HOSTS_FILE={}",
+            install.hosts_file().display()
+        ))
         .args(["setpriv", "--no-new-privs", "--", "sh", "-c"])
         .arg(format!("umask 0077 && exec {exec_start}"))
         .env_clear()
@@ -421,12 +433,16 @@ fn install_run_the_quickstart_upgrade_in_place_and_uninstall() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("machines are running"));
     as_user(&["machine", "stop", "qs"]);
     let manifest = install.manifest();
+    let names = std::fs::read_to_string(install.hosts_file()).unwrap_or_default();
+    assert!(names.contains("\tqs.machine\n"), "hosts file: {names}");
     let out = install.uninstall(&[]);
     assert!(
         out.status.success(),
         "uninstall: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let names = std::fs::read_to_string(install.hosts_file()).unwrap_or_default();
+    assert!(!names.contains("container machines"), "hosts file: {names}");
     for (kind, path) in &manifest {
         match kind.as_str() {
             "file" => assert!(!path.exists(), "{} was removed", path.display()),

@@ -159,6 +159,12 @@ pub enum Request {
         request: RunRequest,
         client: Box<dyn ClientStream>,
     },
+    /// A connection to TCP `port` on the machine's loopback (booted if stopped), for the
+    /// HTTP layer to splice with an upgraded connection (`ssh-proxy`).
+    MachineConnect {
+        name: String,
+        port: u16,
+    },
 }
 
 impl std::fmt::Debug for Request {
@@ -261,6 +267,11 @@ impl std::fmt::Debug for Request {
                 .field(name)
                 .field(path)
                 .finish(),
+            Request::MachineConnect { name, port } => f
+                .debug_tuple("MachineConnect")
+                .field(name)
+                .field(port)
+                .finish(),
         }
     }
 }
@@ -292,6 +303,9 @@ pub enum Reply {
     /// A byte stream the HTTP layer forwards (archives); never serialised.
     #[serde(skip)]
     Stream(ByteStream),
+    /// A connection into a machine the HTTP layer splices with its client; never serialised.
+    #[serde(skip)]
+    Tunnel(Tunnel),
     Empty {},
 }
 
@@ -301,6 +315,15 @@ pub struct ByteStream(pub Box<dyn tokio::io::AsyncRead + Send + Unpin>);
 impl std::fmt::Debug for ByteStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ByteStream")
+    }
+}
+
+/// A connection into a machine inside a [`Reply`].
+pub struct Tunnel(pub Box<dyn ClientStream>);
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tunnel")
     }
 }
 
@@ -509,6 +532,10 @@ impl Core {
                 self.machine_exec(caller, &name, request, client).await?;
                 Ok(Reply::Empty {})
             }
+            Request::MachineConnect { name, port } => self
+                .machine_connect(caller, &name, port)
+                .await
+                .map(|t| Reply::Tunnel(Tunnel(t))),
         }
     }
 

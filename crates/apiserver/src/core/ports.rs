@@ -248,6 +248,13 @@ pub trait Vms: Send + Sync {
         name: &str,
         path: &str,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError>;
+    /// A connection to TCP `port` on the running machine's loopback (through its agent, so
+    /// without the machine network): its raw bytes.
+    async fn connect(&self, name: &str, _port: u16) -> Result<Box<dyn ClientStream>, ApiError> {
+        Err(ApiError::internal(format!(
+            "machine `{name}`: this runtime cannot connect to guest ports"
+        )))
+    }
     /// The console log (`boot`: the boot log) of a machine.
     fn log_path(&self, name: &str, boot: bool) -> PathBuf;
     /// Running machines that stopped because their guest rebooted itself.

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use container_api::ApiError;
 use container_api::machine::{
-    CloneRequest, CreateRequest, RenameRequest, RunRequest, SetRequest, SnapshotCreateRequest,
-    SnapshotRestoreRequest, StopRequest,
+    CloneRequest, ConnectRequest, CreateRequest, RenameRequest, RunRequest, SetRequest,
+    SnapshotCreateRequest, SnapshotRestoreRequest, StopRequest,
 };
 use futures::TryStreamExt;
 use serde::Deserialize;
@@ -27,6 +27,7 @@ pub fn routes() -> Router<Core> {
         .route("/machines/{name}/default", post(set_default))
         .route("/machines/{name}/logs", get(logs))
         .route("/machines/{name}/exec", post(exec))
+        .route("/machines/{name}/connect", post(connect))
         .route("/machines/{name}/copy-in", post(copy_in))
         .route("/machines/{name}/copy-out", get(copy_out))
         .route("/machines/{name}/clone", post(clone))
@@ -292,6 +293,66 @@ async fn exec(
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::CONNECTION, "upgrade")
         .header(header::UPGRADE, "container-exec")
+        .body(Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Connects to a guest port first, so a failure is a plain HTTP error; then switches
+/// protocols and splices the two connections until both directions are closed.
+async fn connect(
+    State(core): State<Core>,
+    caller: Caller,
+    Path(name): Path<String>,
+    request: HttpRequest,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    let Some(on_upgrade) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return ApiResponseError(ApiError::invalid(
+            "connect needs an HTTP upgrade (Connection: upgrade, Upgrade: container-connect)",
+        ))
+        .into_response();
+    };
+    let bytes = match axum::body::to_bytes(body, 1 << 16).await {
+        Ok(b) => b,
+        Err(e) => {
+            return ApiResponseError(ApiError::invalid(format!("reading the body: {e}")))
+                .into_response();
+        }
+    };
+    let connect: ConnectRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return ApiResponseError(ApiError::invalid(format!("invalid request body: {e}")))
+                .into_response();
+        }
+    };
+    let request = Request::MachineConnect {
+        name,
+        port: connect.port,
+    };
+    let mut guest = match core.handle(&caller, request).await {
+        Ok(Reply::Tunnel(t)) => t.0,
+        Ok(_) => {
+            return ApiResponseError(ApiError::internal("connect: unexpected reply"))
+                .into_response();
+        }
+        Err(e) => return ApiResponseError(e).into_response(),
+    };
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let mut client = hyper_util::rt::TokioIo::new(upgraded);
+                if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut guest).await {
+                    tracing::debug!(error = %e, "connection into a machine ended");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "connect upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "container-connect")
         .body(Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }

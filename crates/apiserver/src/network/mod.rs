@@ -9,8 +9,15 @@
 //! made whole or undone (an operation that fails leaves no half-configured link, rule or
 //! sysctl behind); and after `reconcile` no tap of ours exists that belongs to no running
 //! machine. Side effects go through [`HostNet`] ([`RealHost`] on a real host).
+//!
+//! Machine names (`NAME.DOMAIN`, [`dns`]) are answered from the lease book itself, by a DNS
+//! responder that listens on the gateway address once the bridge is up; the host's resolver
+//! is pointed at it, or given the names, through [`HostNames`] ([`host_names`]), told at
+//! each change of the book.
 
+pub mod dns;
 pub mod host;
+pub mod host_names;
 pub mod leases;
 pub mod real;
 pub mod resolv;
@@ -35,6 +42,7 @@ use crate::config::NetworkConfig;
 use crate::fsutil;
 
 pub use host::{HostError, HostNet, LinkInfo, NatRules, Port, RouteInfo};
+pub use host_names::HostNames;
 pub use leases::{Exhausted, mac_for};
 pub use real::{NFT_TABLE, RealHost};
 pub use subnet::{Subnet, SubnetError};
@@ -119,6 +127,17 @@ pub enum NetworkError {
     Host(#[from] HostError),
 }
 
+/// An error with its causes, for a log line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
 /// The tap of a machine: `ctap-` and ten hex digits of the SHA-256 of its name (15 bytes,
 /// the longest interface name Linux takes).
 pub fn tap_name(machine: &str) -> String {
@@ -142,9 +161,27 @@ pub struct Network {
     resolv_conf: PathBuf,
     resolv_fallback: PathBuf,
     host: Arc<dyn HostNet>,
-    book: Mutex<leases::LeaseBook>,
+    /// Shared with the DNS responder, which reads it at each query.
+    book: Arc<Mutex<leases::LeaseBook>>,
     /// Serialises changes of the host (bridge, taps, NAT, forwarding).
     host_lock: tokio::sync::Mutex<()>,
+    names: Option<Names>,
+}
+
+/// Machine names: the responder's zone, the host's resolver, and the responder's tasks once
+/// it listens.
+#[derive(Debug)]
+struct Names {
+    zone: Arc<dns::Zone>,
+    host: Box<dyn HostNames>,
+    listening: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Every machine's name and address, sorted by name.
+fn named(book: &leases::LeaseBook) -> Vec<(String, Ipv4Addr)> {
+    book.names()
+        .filter_map(|n| Some((n.to_string(), book.get(n)?)))
+        .collect()
 }
 
 impl Network {
@@ -182,8 +219,9 @@ impl Network {
             resolv_conf: "/etc/resolv.conf".into(),
             resolv_fallback: resolv::RESOLVED_UPSTREAM.into(),
             host,
-            book: Mutex::new(book),
+            book: Arc::new(Mutex::new(book)),
             host_lock: tokio::sync::Mutex::new(()),
+            names: None,
         };
         if !dropped.is_empty() {
             for (name, ip) in &dropped {
@@ -203,6 +241,82 @@ impl Network {
         self.resolv_conf = primary;
         self.resolv_fallback = fallback;
         self
+    }
+
+    /// Answers machine names under `domain` (once the bridge is up) and keeps `host` told;
+    /// tells it the names there are now.
+    pub fn with_names(mut self, domain: &str, host: Box<dyn HostNames>) -> Self {
+        let names = Names {
+            zone: Arc::new(dns::Zone::new(domain, self.gateway())),
+            host,
+            listening: Mutex::new(Vec::new()),
+        };
+        if let Err(e) = names.host.names(&named(&self.book())) {
+            tracing::warn!(error = %error_chain(&e), "could not give the host the machine names");
+        }
+        self.names = Some(names);
+        self
+    }
+
+    /// The DNS name of a machine with an address: `NAME.DOMAIN`.
+    pub fn dns_name(&self, machine: &str) -> Option<String> {
+        let names = self.names.as_ref()?;
+        Some(format!("{machine}.{}", names.zone.domain()))
+    }
+
+    /// Starts the name responder when the bridge exists already (a restarted service; a
+    /// bridge is otherwise made at the first boot, and the responder starts with it).
+    pub async fn start_names(&self) {
+        let _host = self.host_lock.lock().await;
+        let exists = match self.host.links().await {
+            Ok(links) => links.iter().any(|l| l.name == self.bridge),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the host's links");
+                false
+            }
+        };
+        if exists {
+            self.listen_for_names().await;
+        }
+    }
+
+    /// Binds the responder to the gateway's port 53 (UDP and TCP) unless it listens, and
+    /// tells the host's resolver. A failure is logged (names stay unanswered; the next
+    /// bridge check tries again), never fatal: machines work without names.
+    async fn listen_for_names(&self) {
+        let Some(names) = &self.names else {
+            return;
+        };
+        if !names
+            .listening
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return;
+        }
+        let at = std::net::SocketAddr::from((self.gateway(), dns::DNS_PORT));
+        let bound = async {
+            let udp = tokio::net::UdpSocket::bind(at).await?;
+            let tcp = tokio::net::TcpListener::bind(at).await?;
+            Ok::<_, std::io::Error>((udp, tcp))
+        };
+        let (udp, tcp) = match bound.await {
+            Ok(sockets) => sockets,
+            Err(e) => {
+                tracing::warn!(%at, error = %e, "machine names are not answered: cannot listen for DNS");
+                return;
+            }
+        };
+        let directory: Arc<dyn dns::Directory> = Arc::new(dns::Leased(self.book.clone()));
+        *names.listening.lock().unwrap_or_else(|p| p.into_inner()) = vec![
+            tokio::spawn(dns::serve_udp(udp, names.zone.clone(), directory.clone())),
+            tokio::spawn(dns::serve_tcp(tcp, names.zone.clone(), directory)),
+        ];
+        tracing::info!(%at, domain = names.zone.domain(), host = %names.host.describe(), "answering machine names");
+        if let Err(e) = names.host.link_up(&self.bridge, self.gateway()).await {
+            tracing::warn!(error = %error_chain(&e), "could not point the host's resolver at the machine names");
+        }
     }
 
     pub fn subnet(&self) -> Subnet {
@@ -240,7 +354,14 @@ impl Network {
         let mut next = book.clone();
         let out = change(&mut next)?;
         self.save(&next)?;
+        let (before, after) = (named(&book), named(&next));
         *book = next;
+        if let Some(names) = &self.names
+            && before != after
+            && let Err(e) = names.host.names(&after)
+        {
+            tracing::warn!(error = %error_chain(&e), "could not give the host the machine names");
+        }
         Ok(out)
     }
 
@@ -377,6 +498,7 @@ impl Network {
             }
             return Err(e.into());
         }
+        self.listen_for_names().await;
         Ok(())
     }
 

@@ -98,6 +98,60 @@ fn leases_are_sticky_across_reopen_and_released_at_rm() {
 }
 
 #[test]
+fn the_hosts_file_follows_leases_and_a_reopened_network() {
+    let f = Fixture::new();
+    let hosts = f.dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let named = |net: Network| {
+        net.with_names(
+            "machine",
+            Box::new(host_names::HostsFile {
+                path: hosts.clone(),
+                domain: "machine".into(),
+            }),
+        )
+    };
+    let block = |lines: &str| {
+        format!(
+            "127.0.0.1 localhost\n{}\n{lines}{}\n",
+            host_names::BEGIN,
+            host_names::END
+        )
+    };
+    let net = named(f.network());
+    assert_eq!(net.dns_name("dev").as_deref(), Some("dev.machine"));
+    net.lease_owned("dev", 1000).unwrap();
+    net.lease_owned("db", 1000).unwrap();
+    let text = std::fs::read_to_string(&hosts).unwrap();
+    assert_eq!(
+        text,
+        block("192.168.64.3\tdb.machine\n192.168.64.2\tdev.machine\n")
+    );
+    // A rename (the core releases the old name and leases the new one).
+    net.release("dev").unwrap();
+    net.lease_owned("web", 1000).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&hosts).unwrap(),
+        block("192.168.64.3\tdb.machine\n192.168.64.2\tweb.machine\n")
+    );
+    drop(net);
+    // A service started again writes what its leases say, whatever the file holds.
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let net = named(f.network());
+    assert!(
+        std::fs::read_to_string(&hosts)
+            .unwrap()
+            .contains("web.machine")
+    );
+    net.release("web").unwrap();
+    net.release("db").unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&hosts).unwrap(),
+        "127.0.0.1 localhost\n"
+    );
+}
+
+#[test]
 fn a_changed_subnet_drops_old_leases_and_persists_that() {
     let f = Fixture::new();
     f.network().lease("a").unwrap();

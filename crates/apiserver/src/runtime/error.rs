@@ -113,6 +113,9 @@ pub enum RuntimeError {
     CopyOutRefused { message: String },
     #[error("reading the archive")]
     ReadingArchive(#[source] std::io::Error),
+    /// Nothing accepts connections on the guest port (the agent's words say which).
+    #[error("{message}")]
+    ConnectRefused { message: String },
     #[error("connecting machine `{machine}` to the machine network")]
     Tap {
         machine: String,
@@ -177,6 +180,7 @@ impl RuntimeError {
             | Tap { .. }
             | NoNetwork(_)
             | NoVmUser { .. }
+            | ConnectRefused { .. }
             | Network { .. } => ErrorKind::Unavailable,
             _ => ErrorKind::Internal,
         }

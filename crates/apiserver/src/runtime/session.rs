@@ -174,6 +174,18 @@ pub async fn copy_out(
     }
 }
 
+/// A connection to TCP `port` on the machine's loopback, through the agent: its raw bytes.
+pub async fn connect(vsock: &Path, port: u16) -> Result<tokio::net::UnixStream, RuntimeError> {
+    let agent = AgentClient::connect(vsock, PORT)
+        .await
+        .map_err(RuntimeError::Agent)?;
+    match agent.connect_tcp(port).await {
+        Ok(stream) => Ok(stream),
+        Err(ProtoError::Agent { message, .. }) => Err(RuntimeError::ConnectRefused { message }),
+        Err(e) => Err(RuntimeError::Agent(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -483,6 +483,10 @@ impl Vms for ServiceVms {
             .await
             .map_err(ApiError::from)
     }
+    async fn connect(&self, name: &str, port: u16) -> Result<Box<dyn ClientStream>, ApiError> {
+        let stream = runtime::connect(&self.running(name)?, port).await?;
+        Ok(Box::new(stream))
+    }
     fn log_path(&self, name: &str, boot: bool) -> PathBuf {
         console::log_path(&self.machines().join(name), boot)
     }

@@ -256,6 +256,24 @@ impl Core {
         }
     }
 
+    /// A connection to TCP `port` on the loopback of a running (or booted on demand)
+    /// machine: the owner reaches what a process of theirs inside could.
+    pub(in crate::core) async fn machine_connect(
+        &self,
+        caller: &Caller,
+        name: &str,
+        port: u16,
+    ) -> Result<Box<dyn ClientStream>, ApiError> {
+        if port == 0 {
+            return Err(ApiError::invalid("port 0 is not a port to connect to"));
+        }
+        {
+            let (_guard, record) = self.lock_visible(caller, name).await?;
+            self.boot(&record).await?;
+        }
+        self.state.vms.connect(name, port).await
+    }
+
     /// Copies a tar stream into a running (or booted on demand) machine.
     pub(in crate::core) async fn machine_copy_in(
         &self,

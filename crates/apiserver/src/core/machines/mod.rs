@@ -142,6 +142,8 @@ impl Core {
             // As Apple's: the address of a running machine; the lease it keeps is shown apart.
             ip_address: record.ip_address.clone().filter(|_| status.is_up()),
             reserved_ip_address: record.ip_address.clone(),
+            dns_name: (record.network != "none")
+                .then(|| format!("{}.{}", record.name, self.state.config.names.domain)),
             cpus: record.cpus,
             memory: record.memory,
             disk_size: record.disk_size,

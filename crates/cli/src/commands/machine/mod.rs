@@ -14,6 +14,7 @@ mod run;
 mod set;
 mod set_default;
 mod snapshot;
+mod ssh;
 mod start;
 mod stats;
 mod stop;
@@ -61,6 +62,11 @@ pub enum MachineCommand {
     Restart(restart::RestartArgs),
     /// Show what machines cost: host CPU and memory, guest memory, disk and network.
     Stats(stats::StatsArgs),
+    /// Print OpenSSH `Host` entries for your machines (`ssh dev.machine`, editors' remote
+    /// SSH), or with --install add them to ~/.ssh/config through an Include.
+    SshConfig(ssh::SshConfigArgs),
+    /// ssh's ProxyCommand for a machine: stdin and stdout to its port 22, through the service.
+    SshProxy(ssh::SshProxyArgs),
 }
 
 /// The machine a command without a name acts on.
@@ -102,6 +108,8 @@ impl MachineCommand {
             MachineCommand::Snapshot(args) => snapshot::run(&client, args).await?,
             MachineCommand::Rename(args) => rename::run(&client, args).await?,
             MachineCommand::Restart(args) => restart::run(&client, args).await?,
+            MachineCommand::SshConfig(args) => ssh::config(&client, args).await?,
+            MachineCommand::SshProxy(args) => ssh::proxy(&client, args).await?,
         }
         Ok(0)
     }

@@ -1,0 +1,525 @@
+//! The machine names' DNS responder: `NAME.DOMAIN` (`dev.machine`) is the address of machine
+//! `NAME`, answered on the bridge's gateway address, UDP and TCP port 53, from the lease book
+//! as it is at the moment of the query (no copy to go stale: a create, rm or rename is seen by
+//! the next query). Messages are parsed and written by `hickory-proto`.
+//!
+//! What it answers: authoritatively for the domain, and nothing else (no recursion: any name
+//! outside the domain is REFUSED). A machine's A record; AAAA and other types NOERROR with no
+//! answer (the machine network is IPv4 only); NXDOMAIN for a name of the domain that is no
+//! machine with an address *that the asker may know*. Who asks is told by the query's source
+//! address: the host (the gateway itself or loopback) knows every machine; a machine (its
+//! leased address) knows itself and the machines of its own owner, as the bridge's isolation
+//! lets it reach only those; any other source is REFUSED. So no guest learns that another
+//! owner's machine exists.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::leases::LeaseBook;
+
+/// The port the responder listens on (the standard one: resolvers cannot be given another).
+pub const DNS_PORT: u16 = 53;
+/// Answers are not cached: a rename or rm is seen at once.
+const TTL: u32 = 0;
+/// Longest a TCP client may stay idle between queries, and connections served at once.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+const TCP_CONNECTIONS: usize = 64;
+
+/// A machine that has a name in DNS: its address and its owner (when known).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub ip: Ipv4Addr,
+    pub owner: Option<u32>,
+}
+
+/// Where the responder looks names up, at each query.
+pub trait Directory: Send + Sync {
+    /// The machine called `name`.
+    fn entry(&self, name: &str) -> Option<Entry>;
+    /// The machine holding `ip`, with its entry.
+    fn at(&self, ip: Ipv4Addr) -> Option<(String, Entry)>;
+}
+
+/// The live lease book: names, addresses and owners as `Network` keeps them.
+#[derive(Debug, Clone)]
+pub struct Leased(pub Arc<Mutex<LeaseBook>>);
+
+impl Directory for Leased {
+    fn entry(&self, name: &str) -> Option<Entry> {
+        let book = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        book.get(name).map(|ip| Entry {
+            ip,
+            owner: book.owner(name),
+        })
+    }
+    fn at(&self, ip: Ipv4Addr) -> Option<(String, Entry)> {
+        let book = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let name = book.names().find(|n| book.get(n) == Some(ip))?.to_string();
+        let owner = book.owner(&name);
+        Some((name, Entry { ip, owner }))
+    }
+}
+
+impl Directory for BTreeMap<String, Entry> {
+    fn entry(&self, name: &str) -> Option<Entry> {
+        self.get(name).copied()
+    }
+    fn at(&self, ip: Ipv4Addr) -> Option<(String, Entry)> {
+        self.iter()
+            .find(|(_, e)| e.ip == ip)
+            .map(|(n, e)| (n.clone(), *e))
+    }
+}
+
+/// Who sent a query, told by its source address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Asker {
+    /// The host: knows every machine.
+    Host,
+    /// A machine: knows itself and the machines of its owner.
+    Machine { name: String, owner: Option<u32> },
+    /// Anything else (a packet routed in from elsewhere): told nothing.
+    Stranger,
+}
+
+/// The zone the responder serves.
+#[derive(Debug, Clone)]
+pub struct Zone {
+    /// Lower case, no trailing dot.
+    domain: String,
+    gateway: Ipv4Addr,
+}
+
+impl Zone {
+    pub fn new(domain: &str, gateway: Ipv4Addr) -> Self {
+        Self {
+            domain: domain.trim_end_matches('.').to_ascii_lowercase(),
+            gateway,
+        }
+    }
+
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    fn asker(&self, source: IpAddr, directory: &dyn Directory) -> Asker {
+        let source = match source {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None if v6.is_loopback() => return Asker::Host,
+                None => return Asker::Stranger,
+            },
+            v4 => v4,
+        };
+        let IpAddr::V4(v4) = source else {
+            return Asker::Stranger;
+        };
+        if v4.is_loopback() || v4 == self.gateway {
+            return Asker::Host;
+        }
+        match directory.at(v4) {
+            Some((name, entry)) => Asker::Machine {
+                name,
+                owner: entry.owner,
+            },
+            None => Asker::Stranger,
+        }
+    }
+
+    /// The machine name a query name asks about: `Some(Some(name))` for `NAME.DOMAIN`,
+    /// `Some(None)` for the domain itself or a deeper name in it, `None` outside the domain.
+    fn machine_of(&self, qname: &Name) -> Option<Option<String>> {
+        let text = qname.to_ascii().to_ascii_lowercase();
+        let text = text.trim_end_matches('.');
+        if text == self.domain {
+            return Some(None);
+        }
+        let label = text.strip_suffix(&self.domain)?.strip_suffix('.')?;
+        Some((!label.contains('.')).then(|| label.to_string()))
+    }
+
+    /// The answer to one query message (`None`: a message not worth an answer, such as a
+    /// response or garbage without even a header).
+    pub fn answer(
+        &self,
+        request: &[u8],
+        source: IpAddr,
+        directory: &dyn Directory,
+    ) -> Option<Vec<u8>> {
+        let request = match Message::from_vec(request) {
+            Ok(m) => m,
+            Err(_) => {
+                // A header at least: answer FORMERR to its id.
+                let id = u16::from_be_bytes([*request.first()?, *request.get(1)?]);
+                if request.len() < 12 || request[2] & 0x80 != 0 {
+                    return None;
+                }
+                return Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
+                    .to_vec()
+                    .ok();
+            }
+        };
+        if request.metadata.message_type != MessageType::Query {
+            return None;
+        }
+        let response = self.respond(&request, source, directory);
+        response.to_vec().ok()
+    }
+
+    fn respond(&self, request: &Message, source: IpAddr, directory: &dyn Directory) -> Message {
+        let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+        response.metadata.recursion_desired = request.metadata.recursion_desired;
+        response.metadata.recursion_available = false;
+        if request.metadata.op_code != OpCode::Query {
+            response.metadata.response_code = ResponseCode::NotImp;
+            return response;
+        }
+        let [query] = request.queries.as_slice() else {
+            response.metadata.response_code = ResponseCode::FormErr;
+            return response;
+        };
+        response.add_query(query.clone());
+        let Some(asked) = self.machine_of(query.name()) else {
+            response.metadata.response_code = ResponseCode::Refused;
+            return response;
+        };
+        let asker = self.asker(source, directory);
+        if asker == Asker::Stranger {
+            response.metadata.response_code = ResponseCode::Refused;
+            return response;
+        }
+        response.metadata.authoritative = true;
+        let Some(name) = asked else {
+            // The domain itself exists (with no address); deeper names do not.
+            if query.name().num_labels() as usize != self.domain.split('.').count() {
+                response.metadata.response_code = ResponseCode::NXDomain;
+            }
+            return response;
+        };
+        let entry = directory.entry(&name).filter(|entry| match &asker {
+            Asker::Host => true,
+            Asker::Machine {
+                name: own,
+                owner: own_owner,
+            } => *own == name || (own_owner.is_some() && *own_owner == entry.owner),
+            Asker::Stranger => false,
+        });
+        let Some(entry) = entry else {
+            response.metadata.response_code = ResponseCode::NXDomain;
+            return response;
+        };
+        if matches!(query.query_type(), RecordType::A | RecordType::ANY) {
+            response.add_answer(Record::from_rdata(
+                query.name().clone(),
+                TTL,
+                RData::A(A(entry.ip)),
+            ));
+        }
+        response
+    }
+}
+
+/// Serves DNS over UDP on `socket` until the task is dropped.
+pub async fn serve_udp(
+    socket: tokio::net::UdpSocket,
+    zone: Arc<Zone>,
+    directory: Arc<dyn Directory>,
+) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS: receiving a query");
+                continue;
+            }
+        };
+        if let Some(answer) = zone.answer(&buf[..n], peer.ip(), &*directory)
+            && let Err(e) = socket.send_to(&answer, peer).await
+        {
+            tracing::debug!(%peer, error = %e, "DNS: sending an answer");
+        }
+    }
+}
+
+/// Serves DNS over TCP (two-byte length before each message) on `listener` until the task
+/// is dropped; at most [`TCP_CONNECTIONS`] clients at once, each closed when idle.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    zone: Arc<Zone>,
+    directory: Arc<dyn Directory>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(TCP_CONNECTIONS));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS: accepting a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (zone, directory) = (zone.clone(), directory.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            serve_tcp_client(stream, peer, &zone, &*directory).await;
+        });
+    }
+}
+
+async fn serve_tcp_client(
+    mut stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    zone: &Zone,
+    directory: &dyn Directory,
+) {
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let mut query = vec![0u8; u16::from_be_bytes(len) as usize];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut query)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let Some(answer) = zone.answer(&query, peer.ip(), directory) else {
+            return;
+        };
+        let Ok(len) = u16::try_from(answer.len()) else {
+            return;
+        };
+        let mut out = len.to_be_bytes().to_vec();
+        out.extend_from_slice(&answer);
+        if stream.write_all(&out).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+
+    const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 1);
+
+    fn directory() -> BTreeMap<String, Entry> {
+        let entry = |last, owner| Entry {
+            ip: Ipv4Addr::new(192, 168, 64, last),
+            owner: Some(owner),
+        };
+        BTreeMap::from([
+            ("dev".to_string(), entry(2, 1000)),
+            ("db".to_string(), entry(3, 1000)),
+            ("theirs".to_string(), entry(4, 1001)),
+        ])
+    }
+
+    fn ask(name: &str, kind: RecordType, from: &str) -> Message {
+        let mut q = Message::query();
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
+        let bytes = Zone::new("machine", GATEWAY)
+            .answer(&q.to_vec().unwrap(), from.parse().unwrap(), &directory())
+            .expect("an answer");
+        let answer = Message::from_vec(&bytes).unwrap();
+        assert_eq!(answer.metadata.id, q.metadata.id);
+        assert_eq!(answer.metadata.message_type, MessageType::Response);
+        assert!(!answer.metadata.recursion_available);
+        answer
+    }
+
+    fn addresses(m: &Message) -> Vec<Ipv4Addr> {
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_host_resolves_every_machine_to_its_address() {
+        for from in ["192.168.64.1", "127.0.0.1", "::1"] {
+            let a = ask("dev.machine.", RecordType::A, from);
+            assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+            assert!(a.metadata.authoritative);
+            assert_eq!(addresses(&a), [Ipv4Addr::new(192, 168, 64, 2)]);
+            let other = ask("theirs.machine", RecordType::A, from);
+            assert_eq!(addresses(&other), [Ipv4Addr::new(192, 168, 64, 4)]);
+        }
+        // Names are case-insensitive, and the question is echoed as asked.
+        let a = ask("DB.Machine.", RecordType::A, "127.0.0.1");
+        assert_eq!(addresses(&a), [Ipv4Addr::new(192, 168, 64, 3)]);
+        assert_eq!(a.queries[0].name().to_ascii(), "DB.Machine.");
+    }
+
+    #[test]
+    fn no_ipv6_address_is_an_empty_answer_not_an_error() {
+        let a = ask("dev.machine.", RecordType::AAAA, "192.168.64.1");
+        assert_eq!(a.metadata.response_code, ResponseCode::NoError);
+        assert!(a.answers.is_empty());
+        let apex = ask("machine.", RecordType::A, "192.168.64.1");
+        assert_eq!(apex.metadata.response_code, ResponseCode::NoError);
+        assert!(apex.answers.is_empty());
+    }
+
+    #[test]
+    fn unknown_names_in_the_domain_do_not_exist() {
+        for name in ["nope.machine.", "a.dev.machine."] {
+            let a = ask(name, RecordType::A, "192.168.64.1");
+            assert_eq!(a.metadata.response_code, ResponseCode::NXDomain, "{name}");
+            assert!(a.answers.is_empty());
+        }
+    }
+
+    #[test]
+    fn names_outside_the_domain_are_refused_without_recursion() {
+        for name in ["example.com.", "dev.", "machine.example.", "devmachine."] {
+            let a = ask(name, RecordType::A, "192.168.64.1");
+            assert_eq!(a.metadata.response_code, ResponseCode::Refused, "{name}");
+            assert!(a.answers.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_machine_sees_its_owners_machines_only() {
+        // dev (uid 1000) asks.
+        let own = ask("db.machine.", RecordType::A, "192.168.64.2");
+        assert_eq!(addresses(&own), [Ipv4Addr::new(192, 168, 64, 3)]);
+        let itself = ask("dev.machine.", RecordType::A, "192.168.64.2");
+        assert_eq!(addresses(&itself), [Ipv4Addr::new(192, 168, 64, 2)]);
+        // Another owner's machine is as absent as one that does not exist.
+        let theirs = ask("theirs.machine.", RecordType::A, "192.168.64.2");
+        assert_eq!(theirs.metadata.response_code, ResponseCode::NXDomain);
+        assert!(theirs.answers.is_empty());
+        let back = ask("dev.machine.", RecordType::A, "192.168.64.4");
+        assert_eq!(back.metadata.response_code, ResponseCode::NXDomain);
+    }
+
+    #[test]
+    fn strangers_are_refused() {
+        // An address of the subnet nobody holds, and one from elsewhere.
+        for from in ["192.168.64.77", "10.0.0.5", "2001:db8::1"] {
+            let a = ask("dev.machine.", RecordType::A, from);
+            assert_eq!(a.metadata.response_code, ResponseCode::Refused, "{from}");
+            assert!(a.answers.is_empty());
+        }
+    }
+
+    #[test]
+    fn garbage_gets_formerr_or_nothing() {
+        let zone = Zone::new("machine", GATEWAY);
+        let host: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(zone.answer(b"", host, &directory()), None);
+        assert_eq!(zone.answer(b"\x12", host, &directory()), None);
+        let mut junk = vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x05];
+        junk.extend_from_slice(&[0xff; 20]);
+        let a = Message::from_vec(&zone.answer(&junk, host, &directory()).unwrap()).unwrap();
+        assert_eq!(a.metadata.id, 0x1234);
+        assert_eq!(a.metadata.response_code, ResponseCode::FormErr);
+        // A response is never answered (no loops between responders).
+        let mut r = Message::response(7, OpCode::Query);
+        r.add_query(Query::query(
+            Name::from_ascii("dev.machine.").unwrap(),
+            RecordType::A,
+        ));
+        assert_eq!(zone.answer(&r.to_vec().unwrap(), host, &directory()), None);
+    }
+
+    #[test]
+    fn another_domain_can_be_configured() {
+        let zone = Zone::new("VM.Internal.", GATEWAY);
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            Name::from_ascii("dev.vm.internal.").unwrap(),
+            RecordType::A,
+        ));
+        let bytes = zone
+            .answer(
+                &q.to_vec().unwrap(),
+                "127.0.0.1".parse().unwrap(),
+                &directory(),
+            )
+            .unwrap();
+        let a = Message::from_vec(&bytes).unwrap();
+        assert_eq!(addresses(&a), [Ipv4Addr::new(192, 168, 64, 2)]);
+    }
+
+    #[tokio::test]
+    async fn udp_and_tcp_clients_get_answers_from_the_live_book() {
+        let subnet: super::super::Subnet = "192.168.64.0/24".parse().unwrap();
+        let book = Arc::new(Mutex::new(LeaseBook::new(subnet)));
+        let directory: Arc<dyn Directory> = Arc::new(Leased(book.clone()));
+        let zone = Arc::new(Zone::new("machine", GATEWAY));
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
+        let served = [
+            tokio::spawn(serve_udp(udp, zone.clone(), directory.clone())),
+            tokio::spawn(serve_tcp(tcp, zone, directory)),
+        ];
+        let query = |name: &str| {
+            let mut q = Message::query();
+            q.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+            q.to_vec().unwrap()
+        };
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let udp_ask = |name: &'static str| {
+            let client = &client;
+            let q = query(name);
+            async move {
+                client.send_to(&q, udp_addr).await.unwrap();
+                let mut buf = [0u8; 512];
+                let n = client.recv(&mut buf).await.unwrap();
+                Message::from_vec(&buf[..n]).unwrap()
+            }
+        };
+        assert_eq!(
+            udp_ask("dev.machine.").await.metadata.response_code,
+            ResponseCode::NXDomain
+        );
+        // A lease taken now is answered at the next query.
+        let ip = {
+            let mut b = book.lock().unwrap();
+            let ip = b.lease("dev").unwrap();
+            b.set_owner("dev", 1000);
+            ip
+        };
+        assert_eq!(addresses(&udp_ask("dev.machine.").await), [ip]);
+        // TCP: two queries on one connection.
+        let mut stream = tokio::net::TcpStream::connect(tcp_addr).await.unwrap();
+        for _ in 0..2 {
+            let q = query("dev.machine.");
+            let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&q);
+            stream.write_all(&framed).await.unwrap();
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).await.unwrap();
+            let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
+            stream.read_exact(&mut answer).await.unwrap();
+            assert_eq!(addresses(&Message::from_vec(&answer).unwrap()), [ip]);
+        }
+        book.lock().unwrap().release("dev");
+        assert_eq!(
+            udp_ask("dev.machine.").await.metadata.response_code,
+            ResponseCode::NXDomain
+        );
+        for task in served {
+            task.abort();
+        }
+    }
+}
