@@ -1,6 +1,7 @@
 //! The agent daemon: it tells the host it listens ([`report_ready`]), then serves one thread
 //! per vsock connection: the versioned hello, then one request per session: exec
-//! ([`crate::exec`]), copy in/out ([`crate::copy`]), shutdown, set time, ping. A session's
+//! ([`crate::exec`]), copy in/out ([`crate::copy`]), the listening ports and forwarded
+//! connections ([`crate::ports`]), shutdown, set time, ping. A session's
 //! failure is logged and ends that session only.
 //!
 //! The server dispatches to the handlers and never the reverse: they answer through
@@ -16,7 +17,7 @@ use vsock::{VMADDR_CID_ANY, VsockListener, VsockStream};
 
 use crate::console::log;
 use crate::wire::{Writer, error, reply};
-use crate::{copy, exec, sys};
+use crate::{copy, exec, ports, sys};
 
 /// Serves forever.
 pub fn serve(cfg: &BootConfig) -> ! {
@@ -184,6 +185,8 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
         Message::Exec(req) => exec::run(req, reader, writer)?,
         Message::CopyIn { path } => copy::copy_in(&path, reader, &writer)?,
         Message::CopyOut { path } => copy::copy_out(&path, &writer)?,
+        Message::WatchPorts => ports::watch(&reader, &writer)?,
+        Message::Forward { port } => ports::forward(port, reader, &writer)?,
         other => reply(&writer, error(anyhow!("not a request: {other:?}"), None))?,
     }
     Ok(())
