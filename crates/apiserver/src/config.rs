@@ -79,6 +79,7 @@ struct MachineSection {
 struct NetworkSection {
     subnet: Option<String>,
     bridge: Option<String>,
+    forward_address: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -162,6 +163,9 @@ pub struct MachineDefaults {
 pub struct NetworkConfig {
     pub subnet: String,
     pub bridge: String,
+    /// The host address the guests' listening ports are forwarded from (`::1` too when it
+    /// is 127.0.0.1).
+    pub forward_address: std::net::IpAddr,
 }
 
 /// A kernel named in config wins over the one installed with `system kernel set`.
@@ -267,6 +271,7 @@ fn defaults(host: HostFacts) -> FileConfig {
         network: Some(NetworkSection {
             subnet: Some("192.168.64.0/24".into()),
             bridge: Some("container0".into()),
+            forward_address: Some("127.0.0.1".into()),
         }),
         kernel: None,
         runtime: Some(RuntimeSection {
@@ -461,6 +466,16 @@ fn validate(config: &FileConfig) -> Result<(), String> {
             ));
         }
     }
+    if let Some(a) = config
+        .network
+        .as_ref()
+        .and_then(|n| n.forward_address.as_ref())
+        && a.parse::<std::net::IpAddr>().is_err()
+    {
+        return Err(format!(
+            "network.forward-address `{a}` is not an IP address (127.0.0.1 keeps forwarded ports to this host)"
+        ));
+    }
     if let Some(n) = &config.network
         && let Some(bridge) = &n.bridge
         && (bridge.is_empty() || bridge.len() > 15)
@@ -574,6 +589,10 @@ fn resolve(
         network: NetworkConfig {
             subnet: n.subnet.unwrap_or_else(|| "192.168.64.0/24".into()),
             bridge: n.bridge.unwrap_or_else(|| "container0".into()),
+            forward_address: n
+                .forward_address
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
         },
         kernel: KernelOverride {
             binary: k.binary,
