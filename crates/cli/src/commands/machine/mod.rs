@@ -8,6 +8,7 @@ mod delete;
 mod inspect;
 mod list;
 mod logs;
+mod ports;
 mod rename;
 mod restart;
 mod run;
@@ -28,7 +29,7 @@ use crate::service;
 #[derive(Debug, Subcommand)]
 pub enum MachineCommand {
     /// Create a machine from an image (pulled if absent) and boot it.
-    Create(create::CreateArgs),
+    Create(Box<create::CreateArgs>),
     /// Run a command in a machine (booting it if needed); no command: a login shell.
     Run(run::RunArgs),
     /// Boot a machine without running anything.
@@ -38,7 +39,8 @@ pub enum MachineCommand {
     List(list::ListArgs),
     /// Show everything about machines.
     Inspect(inspect::InspectArgs),
-    /// Change settings: cpus, memory, disk-size (grow only), home-mount, kernel, autostart=on|off.
+    /// Change settings: cpus, memory, disk-size (grow only), home-mount, kernel, autostart=on|off,
+    /// forward-ports=on|off.
     Set(set::SetArgs),
     /// Make a machine the default for commands that take no name.
     SetDefault(set_default::SetDefaultArgs),
@@ -61,6 +63,8 @@ pub enum MachineCommand {
     Restart(restart::RestartArgs),
     /// Show what machines cost: host CPU and memory, guest memory, disk and network.
     Stats(stats::StatsArgs),
+    /// List the host ports forwarded to a machine's listening ports, and those refused.
+    Ports(ports::PortsArgs),
 }
 
 /// The machine a command without a name acts on.
@@ -86,12 +90,13 @@ impl MachineCommand {
     pub async fn run(self) -> anyhow::Result<u8> {
         let client = service::connect().await?;
         match self {
-            MachineCommand::Create(args) => create::run(&client, args).await?,
+            MachineCommand::Create(args) => create::run(&client, *args).await?,
             MachineCommand::Run(args) => return run::run(&client, args).await,
             MachineCommand::Start(args) => start::run(&client, args).await?,
             MachineCommand::List(args) => list::run(&client, args).await?,
             MachineCommand::Inspect(args) => inspect::run(&client, args).await?,
             MachineCommand::Stats(args) => stats::run(&client, args).await?,
+            MachineCommand::Ports(args) => ports::run(&client, args).await?,
             MachineCommand::Set(args) => set::run(&client, args).await?,
             MachineCommand::SetDefault(args) => set_default::run(&client, args).await?,
             MachineCommand::Logs(args) => logs::run(&client, args).await?,
