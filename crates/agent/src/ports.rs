@@ -9,7 +9,10 @@
 //! The sockets come from the kernel's sock_diag netlink dump (`netlink-packet-sock-diag`),
 //! asked for listening TCP sockets only: one small request per address family each second
 //! while the host watches, and nothing in between (the wait between dumps is a poll(2) on
-//! the session's socket, which also ends the watch as soon as the host closes it).
+//! the session's socket, which also ends the watch as soon as the host closes it). A kernel
+//! without TCP sock_diag (`tcp_diag`, a module the initramfs carries when the kernel has it)
+//! answers ENOENT; the agent then reads `/proc/net/tcp` and `tcp6`, parsed here by hand
+//! because no maintained crate reads them without pulling in all of procfs.
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -39,13 +42,19 @@ const SPLICE_BUFFER: usize = 256 * 1024;
 /// Serves a `WatchPorts` session: the set now, then the set after each change, until the
 /// host closes the session (or the stream breaks).
 pub fn watch(reader: &VsockStream, writer: &Writer) -> std::io::Result<()> {
-    let mut diag = match SockDiag::open() {
-        Ok(d) => d,
-        Err(e) => return reply(writer, error(e, None)),
-    };
+    let mut diag = SockDiag::open().ok();
     let mut last: Option<Vec<u16>> = None;
     loop {
-        let now = match diag.listening() {
+        let from_diag = diag.as_mut().map(|d| d.listening());
+        let now = match from_diag {
+            Some(Ok(ports)) => Ok(ports),
+            Some(Err(_)) | None => {
+                // No TCP sock_diag in this kernel: /proc/net from now on.
+                diag = None;
+                from_proc()
+            }
+        };
+        let now = match now {
             Ok(ports) => ports,
             Err(e) => return reply(writer, error(e, None)),
         };
@@ -143,6 +152,48 @@ fn ports_of(addresses: impl IntoIterator<Item = (IpAddr, u16)>) -> Vec<u16> {
         .map(|(_, port)| port)
         .collect();
     ports.into_iter().collect()
+}
+
+/// The forwardable listening TCP ports, from `/proc/net/tcp` and `tcp6`.
+fn from_proc() -> Result<Vec<u16>> {
+    let v4 = std::fs::read_to_string("/proc/net/tcp").context("reading /proc/net/tcp")?;
+    let v6 = std::fs::read_to_string("/proc/net/tcp6").unwrap_or_default();
+    Ok(ports_of(
+        proc_net_listening(&v4)
+            .into_iter()
+            .chain(proc_net_listening(&v6)),
+    ))
+}
+
+/// The listening sockets of a `/proc/net/tcp` or `tcp6` text: its local address (hex, each
+/// 32-bit word in the host's byte order) and port (hex), state `0A` (LISTEN).
+fn proc_net_listening(text: &str) -> Vec<(IpAddr, u16)> {
+    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes);
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let local = fields.nth(1)?;
+            let state = fields.nth(1)?;
+            if state != "0A" {
+                return None;
+            }
+            let (addr, port) = local.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let ip = match addr.len() {
+                8 => IpAddr::V4(Ipv4Addr::from(word(addr)?)),
+                32 => {
+                    let mut bytes = [0u8; 16];
+                    for (i, chunk) in bytes.chunks_mut(4).enumerate() {
+                        chunk.copy_from_slice(&word(addr.get(i * 8..i * 8 + 8)?)?);
+                    }
+                    IpAddr::V6(Ipv6Addr::from(bytes))
+                }
+                _ => return None,
+            };
+            Some((ip, port))
+        })
+        .collect()
 }
 
 /// A sock_diag netlink socket.
@@ -261,6 +312,34 @@ mod tests {
     }
 
     #[test]
+    fn proc_net_tcp_gives_the_listening_sockets() {
+        let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+           0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1 0\n\
+           1: 0100007F:1538 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1 0\n\
+           2: 0340A8C0:2328 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1 0\n\
+           3: 0100007F:1F90 0100007F:C000 01 00000000:00000000 00:00000000 00000000     0        0 4 1 0\n";
+        let v6 = "  sl  local_address                         remote_address                        st\n\
+           0: 00000000000000000000000001000000:0BB8 00000000000000000000000000000000:0000 0A 0\n\
+           1: 0000000000000000FFFF00000100007F:0FA0 00000000000000000000000000000000:0000 0A 0\n";
+        let found: Vec<_> = proc_net_listening(v4)
+            .into_iter()
+            .chain(proc_net_listening(v6))
+            .collect();
+        let at = |ip: &str, port| (ip.parse::<IpAddr>().unwrap(), port);
+        assert_eq!(
+            found,
+            [
+                at("0.0.0.0", 8080),
+                at("127.0.0.1", 5432),
+                at("192.168.64.3", 9000),
+                at("::1", 3000),
+                at("::ffff:127.0.0.1", 4000),
+            ]
+        );
+        assert_eq!(ports_of(found), [3000, 4000, 5432, 8080]);
+    }
+
+    #[test]
     fn the_kernels_listening_sockets_are_read_as_they_come_and_go() {
         let mut diag = SockDiag::open().unwrap();
         let v4 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -269,6 +348,8 @@ mod tests {
         let p6 = v6.as_ref().map(|l| l.local_addr().unwrap().port());
         let now = diag.listening().unwrap();
         assert!(now.contains(&p4), "{p4} not in {now:?}");
+        let procfs = from_proc().unwrap();
+        assert!(procfs.contains(&p4), "{p4} not in {procfs:?}");
         if let Some(p6) = p6 {
             assert!(now.contains(&p6), "{p6} not in {now:?}");
         }

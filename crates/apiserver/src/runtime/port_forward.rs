@@ -116,7 +116,9 @@ async fn run(runtime: Runtime, id: String, policy: PortPolicy, table: Arc<Mutex<
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut watch: Option<proto::client::PortWatch> = None;
     let mut reported: Vec<u16> = Vec::new();
-    // An agent from before port reports refuses the session: asked once per boot.
+    // A session is opened again no sooner than a tick after the last one ended.
+    let mut next_attempt = tokio::time::Instant::now();
+    // An agent that refuses to report (one from before port reports) is asked once per boot.
     let mut unsupported = false;
     loop {
         let state = runtime.status(&id);
@@ -125,13 +127,11 @@ async fn run(runtime: Runtime, id: String, policy: PortPolicy, table: Arc<Mutex<
         }
         if let Ok(socket) = runtime.agent_socket(&id) {
             lock(&table).socket = Some(socket.clone());
-            if policy.watch && watch.is_none() && !unsupported {
+            let due = tokio::time::Instant::now() >= next_attempt;
+            if policy.watch && watch.is_none() && !unsupported && due {
+                next_attempt = tokio::time::Instant::now() + TICK;
                 match open_watch(&socket).await {
                     Ok(w) => watch = Some(w),
-                    Err(proto::ProtoError::Agent { message, .. }) => {
-                        tracing::warn!(machine = %id, %message, "the machine's agent cannot report its ports (restart the machine to update it); only published ports are forwarded");
-                        unsupported = true;
-                    }
                     Err(e) => {
                         tracing::debug!(machine = %id, error = %e, "cannot follow the machine's ports yet")
                     }
@@ -147,10 +147,16 @@ async fn run(runtime: Runtime, id: String, policy: PortPolicy, table: Arc<Mutex<
                         tracing::debug!(machine = %id, ?ports, "the guest's listening ports");
                         reported = ports;
                     }
+                    Err(proto::ProtoError::Agent { message, .. }) => {
+                        tracing::warn!(machine = %id, %message, "the machine's agent cannot report its ports (restart the machine to update it); only published ports are forwarded");
+                        unsupported = true;
+                        watch = None;
+                    }
                     Err(e) => {
                         // The VM is stopping, or the agent went away: the next tick tells.
                         tracing::debug!(machine = %id, error = %e, "the port report session ended");
                         watch = None;
+                        next_attempt = tokio::time::Instant::now() + TICK;
                     }
                 }
             }

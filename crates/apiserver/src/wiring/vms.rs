@@ -392,6 +392,8 @@ impl Vms for ServiceVms {
         signal: Option<i32>,
         timeout: Duration,
     ) -> Result<(), ApiError> {
+        // The host ports close as the stop begins, not a tick after it ends.
+        self.forwards.set(name, None);
         Ok(self.runtime.stop(name, signal, timeout).await?)
     }
     fn state(&self, name: &str) -> MachineState {
