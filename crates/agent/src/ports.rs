@@ -83,7 +83,10 @@ fn host_closed_within(reader: &VsockStream, limit: Duration) -> std::io::Result<
 }
 
 /// Serves a `Forward` session: connects to `port` on the guest's loopback, answers `Done`,
-/// then copies bytes both ways until both directions have ended.
+/// then copies bytes both ways. vhost-device-vsock passes no half-close to the host (it
+/// acts only on a shutdown of both directions), so when the guest's server has finished
+/// sending, the session is shut down whole: the host's client sees the end of the reply
+/// (an HTTP/1.0 client that reads to the end would wait for ever otherwise).
 pub fn forward(port: u16, reader: VsockStream, writer: &Writer) -> std::io::Result<()> {
     let tcp = match connect(port) {
         Ok(t) => t,
@@ -94,7 +97,7 @@ pub fn forward(port: u16, reader: VsockStream, writer: &Writer) -> std::io::Resu
     std::thread::scope(|s| {
         s.spawn(|| {
             pump(&tcp, &vsock);
-            let _ = vsock.shutdown(Shutdown::Write);
+            let _ = vsock.shutdown(Shutdown::Both);
         });
         pump(&vsock, &tcp);
         let _ = tcp.shutdown(Shutdown::Write);

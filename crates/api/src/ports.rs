@@ -15,11 +15,14 @@ pub fn default_host_port(guest_port: u16) -> u16 {
 }
 
 /// A host port forwarded to a guest port whatever the guest listens on (`--publish
-/// HOST:GUEST`): the host listens as long as the machine runs.
+/// HOST:GUEST`): the host listens as long as the machine runs. Shown in camelCase with the
+/// machine; the snake_case of request bodies is accepted too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Publish {
+    #[serde(alias = "host_port")]
     pub host_port: u16,
+    #[serde(alias = "guest_port")]
     pub guest_port: u16,
 }
 
@@ -97,6 +100,14 @@ mod tests {
         assert_eq!(default_host_port(1023), 11023);
         assert_eq!(default_host_port(1024), 1024);
         assert_eq!(default_host_port(8080), 8080);
+    }
+
+    #[test]
+    fn publish_reads_either_case_in_json() {
+        let p: Publish = serde_json::from_str(r#"{"host_port":9000,"guest_port":80}"#).unwrap();
+        let q: Publish = serde_json::from_str(r#"{"hostPort":9000,"guestPort":80}"#).unwrap();
+        assert_eq!(p, q);
+        assert!(serde_json::from_str::<Publish>(r#"{"hostPort":9000}"#).is_err());
     }
 
     #[test]

@@ -368,6 +368,10 @@ async fn relay(mut tcp: tokio::net::TcpStream, socket: PathBuf, guest: u16) {
             return;
         }
     };
+    // Each side's end is passed on. vhost-device-vsock has no half-close: the end of the
+    // client's input shuts the guest connection down both ways (a client that half-closes
+    // after its request gets no reply), and the agent ends the session once the guest's
+    // server has finished sending.
     let _ =
         tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut vsock, COPY_BUFFER, COPY_BUFFER)
             .await;
