@@ -2,7 +2,8 @@
 //! host's 127.0.0.1 at its own port with no flag, within 2 s of listening, and stops
 //! answering within 2 s of stopping; a host port another program holds is shown refused and
 //! left to it; forwarding needs no machine network (the machine here has `--network none`)
-//! and comes back after a service restart; `set forward-ports=off` ends it at once.
+//! and comes back after a service restart; `set forward-ports=off` ends it at once; a port
+//! published at create is listened on from the boot and stays through that.
 //! Every request goes to 127.0.0.1 inside the test's own network namespace, where the
 //! service runs.
 
@@ -98,6 +99,8 @@ fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
         "web",
         "--network",
         "none",
+        "--publish",
+        "9090:8082",
     ]);
     eprintln!("booted in {:?}", boot.elapsed());
     service.cli_ok(&[
@@ -113,6 +116,14 @@ fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
         get(url).is_err(),
         "something answers before the server runs"
     );
+    // The published port is listened on before anything in the guest listens.
+    let published = "http://127.0.0.1:9090/";
+    within(&service, PROMPT, "the published port listed", || {
+        ports(&service, "web")
+            .iter()
+            .any(|p| p["hostPort"] == 9090 && p["published"] == true && p["state"] == "forwarded")
+    });
+    assert!(get(published).is_err(), "nothing listens on 8082 yet");
 
     // busybox httpd binds, then goes to the background: `run` returns once it listens.
     let httpd = "httpd -p 8080 -h /srv/www";
@@ -122,7 +133,10 @@ fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
     });
     eprintln!("forwarded {took:?} after httpd listened");
     assert_eq!(get(url).unwrap().trim(), "hello from web");
-    let listed = ports(&service, "web");
+    let listed: Vec<_> = ports(&service, "web")
+        .into_iter()
+        .filter(|p| p["published"] == false)
+        .collect();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["guestPort"], 8080);
     assert_eq!(listed[0]["hostAddress"], "127.0.0.1");
@@ -148,7 +162,10 @@ fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
     // (A connection in between reaches the host, and is closed: nothing listens in the
     // guest.) The host port itself closes once the agent reports.
     let took = within(&service, PROMPT, "the host port's close", || {
-        ports(&service, "web").is_empty() && get(url).is_err()
+        ports(&service, "web")
+            .iter()
+            .all(|p| p["published"] == true)
+            && get(url).is_err()
     });
     eprintln!("host port closed {took:?} after that");
 
@@ -167,7 +184,10 @@ fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
             .iter()
             .any(|p| p["guestPort"] == 8081 && p["state"] == "refused")
     });
-    let refused = ports(&service, "web");
+    let refused: Vec<_> = ports(&service, "web")
+        .into_iter()
+        .filter(|p| p["guestPort"] == 8081)
+        .collect();
     let reason = refused[0]["reason"]
         .as_str()
         .unwrap_or_default()
@@ -201,7 +221,25 @@ fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
     );
     assert_eq!(get(url).unwrap().trim(), "hello from web");
 
-    // forward-ports=off ends it at once, on brings it back; a stop ends it.
+    // The published port reaches the guest port once something listens there, at its own
+    // host port only.
+    service.cli_ok(&[
+        "machine",
+        "run",
+        "-n",
+        "web",
+        "--root",
+        "httpd -p 8082 -h /srv/www",
+    ]);
+    assert_eq!(get(published).unwrap().trim(), "hello from web");
+    std::thread::sleep(PROMPT);
+    assert!(
+        get("http://127.0.0.1:8082/").is_err(),
+        "a published guest port is forwarded twice"
+    );
+
+    // forward-ports=off ends it at once (not the published port), on brings it back; a stop
+    // ends it all.
     service.cli_ok(&["machine", "set", "-n", "web", "forward-ports=off"]);
     within(
         &service,
@@ -209,12 +247,17 @@ fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
         "the end of the forward after set off",
         || get(url).is_err(),
     );
+    assert_eq!(get(published).unwrap().trim(), "hello from web");
     service.cli_ok(&["machine", "set", "-n", "web", "forward-ports=on"]);
     within(&service, PROMPT, "the forward after set on", || {
         get(url).is_ok()
     });
     service.cli_ok(&["machine", "stop", "web"]);
     assert!(get(url).is_err(), "a stopped machine still forwards");
+    assert!(
+        get(published).is_err(),
+        "a stopped machine still has its published port"
+    );
     assert_eq!(
         get(&format!("http://{held}/")).unwrap(),
         "the host's own server"
