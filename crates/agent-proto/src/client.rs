@@ -190,23 +190,32 @@ impl AgentClient {
         }
     }
 
-    async fn expect_done(self, m: Message) -> Result<(), ProtoError> {
-        match self.request(m).await? {
-            Message::Done => Ok(()),
-            other => Err(ProtoError::Unexpected(format!("{other:?}"))),
-        }
+    /// Follows the guest's listening TCP ports: the first [`PortWatch::next`] is the whole
+    /// set now, each later one the set after a change.
+    pub async fn watch_ports(mut self) -> Result<PortWatch, ProtoError> {
+        send(&mut self.stream, Message::WatchPorts).await?;
+        Ok(PortWatch {
+            stream: self.stream,
+        })
     }
 
     /// Connects to TCP `port` on the guest's loopback; the stream returned carries that
-    /// connection's bytes (no frames). A port nobody listens on is [`ProtoError::Agent`].
-    pub async fn connect_tcp(mut self, port: u16) -> Result<UnixStream, ProtoError> {
-        send(&mut self.stream, Message::Connect { port }).await?;
+    /// connection's bytes. Nothing listening there is [`ProtoError::Agent`].
+    pub async fn forward(mut self, port: u16) -> Result<UnixStream, ProtoError> {
+        send(&mut self.stream, Message::Forward { port }).await?;
         match read(&mut self.stream).await? {
             Some(Frame::Message(Message::Done)) => Ok(self.stream),
             Some(Frame::Message(Message::Error { message, code })) => {
                 Err(ProtoError::Agent { message, code })
             }
             other => Err(ProtoError::unexpected(other.as_ref())),
+        }
+    }
+
+    async fn expect_done(self, m: Message) -> Result<(), ProtoError> {
+        match self.request(m).await? {
+            Message::Done => Ok(()),
+            other => Err(ProtoError::Unexpected(format!("{other:?}"))),
         }
     }
 
@@ -303,6 +312,28 @@ impl AgentClient {
             }
         });
         Ok(tokio_util::io::StreamReader::new(Box::pin(chunks)))
+    }
+}
+
+/// A session following the guest's listening ports; dropping it ends the session.
+#[derive(Debug)]
+pub struct PortWatch {
+    stream: UnixStream,
+}
+
+impl PortWatch {
+    /// The next set of listening ports, sorted; waits for a change after the first. The
+    /// session's end (the VM stopped, the agent died) is [`ProtoError::Closed`]; an agent
+    /// that predates port reports answers with [`ProtoError::Agent`].
+    pub async fn next(&mut self) -> Result<Vec<u16>, ProtoError> {
+        match read(&mut self.stream).await? {
+            Some(Frame::Message(Message::Ports { ports })) => Ok(ports),
+            Some(Frame::Message(Message::Error { message, code })) => {
+                Err(ProtoError::Agent { message, code })
+            }
+            None => Err(ProtoError::Closed),
+            other => Err(ProtoError::unexpected(other.as_ref())),
+        }
     }
 }
 
@@ -856,6 +887,50 @@ mod tests {
             .unwrap();
         let err = r.read_to_end(&mut Vec::new()).await.unwrap_err();
         assert!(err.to_string().contains("disk on fire"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn port_reports_stream_until_the_session_ends_and_a_forward_carries_raw_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = fake(dir.path(), "OK 7\n", |mut s| async move {
+            hello(&mut s).await;
+            match read(&mut s).await.unwrap() {
+                Some(Frame::Message(Message::WatchPorts)) => {
+                    for ports in [vec![22, 8080], vec![22]] {
+                        send(&mut s, Message::Ports { ports }).await.unwrap();
+                    }
+                }
+                Some(Frame::Message(Message::Forward { port: 8080 })) => {
+                    send(&mut s, Message::Done).await.unwrap();
+                    let mut buf = [0u8; 4];
+                    s.read_exact(&mut buf).await.unwrap();
+                    s.write_all(&buf).await.unwrap();
+                }
+                Some(Frame::Message(Message::Forward { port })) => {
+                    let refused = Message::Error {
+                        message: format!("nothing listens on port {port}"),
+                        code: None,
+                    };
+                    send(&mut s, refused).await.unwrap();
+                }
+                other => panic!("{other:?}"),
+            }
+        });
+        let client = || AgentClient::connect(&uds, 1024);
+        let mut watch = client().await.unwrap().watch_ports().await.unwrap();
+        assert_eq!(watch.next().await.unwrap(), [22, 8080]);
+        assert_eq!(watch.next().await.unwrap(), [22]);
+        assert!(matches!(watch.next().await, Err(ProtoError::Closed)));
+        let mut conn = client().await.unwrap().forward(8080).await.unwrap();
+        conn.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        conn.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ping");
+        let err = client().await.unwrap().forward(9).await.unwrap_err();
+        assert!(
+            err.to_string().contains("nothing listens on port 9"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

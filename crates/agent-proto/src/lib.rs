@@ -15,7 +15,8 @@
 //! | `Ping` | — | `Pong` |
 //! | `Stats` | — | `StatsReport` or `Error` |
 //! | `Reclaim` | — | `Done` or `Error` |
-//! | `Connect` | after `Done`: raw bytes | `Done` or `Error`, then raw bytes |
+//! | `WatchPorts` | — (closes the session to end it) | `Ports` at once, then at each change |
+//! | `Forward` | the connection's raw bytes, after `Done` | `Done` then raw bytes, or `Error` |
 //!
 //! The agent opens connections the other way too: to the host's [`READY_PORT`] during boot,
 //! carrying a single [`Message::Ready`] once the agent listens (only then does the host open

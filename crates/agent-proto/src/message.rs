@@ -80,10 +80,17 @@ pub enum Message {
     /// machine has been idle): the agent drops it and compacts the free memory, which
     /// free-page reporting then returns to the host. `Done` once that is through.
     Reclaim,
-    /// Host: connect to TCP `port` on the guest's loopback (127.0.0.1). The agent answers
-    /// `Done` once connected (or `Error`), and from then on the session carries that
-    /// connection's raw bytes both ways, no frames, until either side closes.
-    Connect { port: u16 },
+    /// Host: keep me told of the guest's listening TCP ports (IPv4 and IPv6, those on a
+    /// wildcard or loopback address: what a forward to the guest's loopback reaches). The
+    /// agent answers one `Ports` with the whole set at once, then another whenever the set
+    /// changes (it looks every second), until the host closes the session.
+    WatchPorts,
+    /// Agent: the guest's listening TCP ports now, sorted, each once.
+    Ports { ports: Vec<u16> },
+    /// Host: connect to TCP `port` on the guest's loopback (127.0.0.1, else ::1). The agent
+    /// answers `Done` once connected, then the session carries that connection's raw bytes
+    /// both ways (no frames); or `Error` when nothing listens there.
+    Forward { port: u16 },
     /// Agent: the request failed. For `Exec`, `code` follows the shell convention (126 not
     /// executable or bad working directory or user, 127 not found).
     Error { message: String, code: Option<i32> },

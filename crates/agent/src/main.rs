@@ -14,6 +14,7 @@ mod console;
 mod copy;
 mod exec;
 mod net;
+mod ports;
 mod server;
 mod ssh_agent;
 #[allow(unsafe_code)]

@@ -1,6 +1,7 @@
 //! The agent daemon: it tells the host it listens ([`report_ready`]), then serves one thread
 //! per vsock connection: the versioned hello, then one request per session: exec
-//! ([`crate::exec`]), copy in/out ([`crate::copy`]), shutdown, set time, ping. A session's
+//! ([`crate::exec`]), copy in/out ([`crate::copy`]), the listening ports and forwarded
+//! connections ([`crate::ports`]), shutdown, set time, ping. A session's
 //! failure is logged and ends that session only.
 //!
 //! The server dispatches to the handlers and never the reverse: they answer through
@@ -16,7 +17,7 @@ use vsock::{VMADDR_CID_ANY, VsockListener, VsockStream};
 
 use crate::console::log;
 use crate::wire::{Writer, error, reply};
-use crate::{copy, exec, sys};
+use crate::{copy, exec, ports, sys};
 
 /// Serves forever.
 pub fn serve(cfg: &BootConfig) -> ! {
@@ -184,44 +185,10 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
         Message::Exec(req) => exec::run(req, reader, writer)?,
         Message::CopyIn { path } => copy::copy_in(&path, reader, &writer)?,
         Message::CopyOut { path } => copy::copy_out(&path, &writer)?,
-        Message::Connect { port } => connect(port, reader, &writer)?,
+        Message::WatchPorts => ports::watch(&reader, &writer)?,
+        Message::Forward { port } => ports::forward(port, reader, &writer)?,
         other => reply(&writer, error(anyhow!("not a request: {other:?}"), None))?,
     }
-    Ok(())
-}
-
-/// How long a connection to a guest port may take to be accepted.
-const CONNECT_LIMIT: Duration = Duration::from_secs(10);
-
-/// Connects to `port` on the guest's loopback and carries the bytes of that connection on
-/// the session, both ways, until each side has closed its direction (`Connect`).
-fn connect(port: u16, mut reader: VsockStream, writer: &Writer) -> std::io::Result<()> {
-    let at = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut tcp = match std::net::TcpStream::connect_timeout(&at, CONNECT_LIMIT) {
-        Ok(s) => s,
-        Err(e) => {
-            return reply(
-                writer,
-                error(
-                    anyhow!("nothing accepts connections on port {port}: {e}"),
-                    None,
-                ),
-            );
-        }
-    };
-    reply(writer, Message::Done)?;
-    let mut vsock = writer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .try_clone()?;
-    let mut tcp_w = tcp.try_clone()?;
-    let up = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut reader, &mut tcp_w);
-        let _ = tcp_w.shutdown(std::net::Shutdown::Write);
-    });
-    let _ = std::io::copy(&mut tcp, &mut vsock);
-    let _ = vsock.shutdown(std::net::Shutdown::Write);
-    let _ = up.join();
     Ok(())
 }
 

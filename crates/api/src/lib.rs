@@ -8,6 +8,7 @@ pub mod error;
 pub mod image;
 pub mod machine;
 pub mod paths;
+pub mod ports;
 pub mod session;
 pub mod size;
 pub mod stats;

@@ -70,6 +70,10 @@ pub struct CreateRequest {
     /// the JSON when false, so a newer CLI still talks to an older service.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub autostart: bool,
+    /// Host ports forwarded to guest ports whether the guest listens yet or not. Left out
+    /// of the JSON when empty, so a newer CLI still talks to an older service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<crate::ports::Publish>,
 }
 
 /// Lifecycle state of a machine.
@@ -180,6 +184,16 @@ pub struct Machine {
     /// Booted when the service starts and after its VM died unexpectedly.
     #[serde(default)]
     pub autostart: bool,
+    /// The guest's listening TCP ports are forwarded to the host's loopback
+    /// (`set forward-ports=on|off`).
+    #[serde(default = "forward_ports_default")]
+    pub forward_ports: bool,
+    /// Host ports published at create (`--publish HOST:GUEST`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<crate::ports::Publish>,
+    /// The ports forwarded now, while it runs (`GET /v1/machines/{name}/ports`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<crate::ports::PortForward>,
     /// What the machine costs now (`inspect` only; `ls` leaves it out to stay fast).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stats: Option<Box<crate::stats::MachineStats>>,
@@ -190,6 +204,10 @@ pub struct Machine {
     /// `running`, as Apple's scripts expect right after `create`; present only while true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub booting: bool,
+}
+
+fn forward_ports_default() -> bool {
+    true
 }
 
 /// The image a machine was created from.
@@ -320,11 +338,15 @@ pub struct SetRequest {
     pub kernel: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autostart: Option<bool>,
+    /// Forward the guest's listening ports to the host's loopback; takes effect at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_ports: Option<bool>,
 }
 
 impl SetRequest {
     /// The keys `set` takes, as users type them.
-    pub const KEYS: &'static str = "cpus, memory, disk-size, home-mount, kernel, autostart";
+    pub const KEYS: &'static str =
+        "cpus, memory, disk-size, home-mount, kernel, autostart, forward-ports";
 
     /// Parses `KEY=VALUE` settings as users type them: `cpus=2 memory=4G home-mount=ro`.
     pub fn parse<S: AsRef<str>>(settings: &[S]) -> Result<Self, String> {
@@ -346,13 +368,8 @@ impl SetRequest {
                 "disk-size" => req.disk_size = Some(crate::size::parse_size(value)?),
                 "home-mount" => req.home_mount = Some(value.parse()?),
                 "kernel" => req.kernel = Some(value.to_string()),
-                "autostart" => {
-                    req.autostart = Some(match value {
-                        "on" | "true" | "yes" => true,
-                        "off" | "false" | "no" => false,
-                        _ => return Err(format!("autostart must be on or off, got `{value}`")),
-                    })
-                }
+                "autostart" => req.autostart = Some(on_off(key, value)?),
+                "forward-ports" => req.forward_ports = Some(on_off(key, value)?),
                 other => {
                     return Err(format!(
                         "unknown setting `{other}`: valid keys are {}",
@@ -367,6 +384,15 @@ impl SetRequest {
     /// True when it changes nothing.
     pub fn is_empty(&self) -> bool {
         *self == SetRequest::default()
+    }
+}
+
+/// A switch as users type it: on or off (true/false, yes/no).
+fn on_off(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("{key} must be on or off, got `{value}`")),
     }
 }
 
@@ -526,6 +552,9 @@ mod tests {
             owner_uid: 1000,
             pending_restart: false,
             autostart: false,
+            forward_ports: true,
+            publish: vec![],
+            ports: vec![],
             stats: None,
             stop_reason: None,
             booting: false,

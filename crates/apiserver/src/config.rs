@@ -82,6 +82,7 @@ struct NetworkSection {
     domain: Option<String>,
     host_names: Option<HostNames>,
     hosts_file: Option<String>,
+    forward_address: Option<String>,
 }
 
 /// How the host's resolver learns the machines' names (`[network] host-names`).
@@ -182,6 +183,9 @@ pub struct MachineDefaults {
 pub struct NetworkConfig {
     pub subnet: String,
     pub bridge: String,
+    /// The host address the guests' listening ports are forwarded from (`::1` too when it
+    /// is 127.0.0.1).
+    pub forward_address: std::net::IpAddr,
 }
 
 /// Machine names: `NAME.DOMAIN` answered by the service's DNS responder on the gateway, and
@@ -301,6 +305,7 @@ fn defaults(host: HostFacts) -> FileConfig {
             domain: Some(DEFAULT_DOMAIN.into()),
             host_names: Some(HostNames::Auto),
             hosts_file: Some(DEFAULT_HOSTS_FILE.into()),
+            forward_address: Some("127.0.0.1".into()),
         }),
         kernel: None,
         runtime: Some(RuntimeSection {
@@ -495,6 +500,16 @@ fn validate(config: &FileConfig) -> Result<(), String> {
             ));
         }
     }
+    if let Some(a) = config
+        .network
+        .as_ref()
+        .and_then(|n| n.forward_address.as_ref())
+        && a.parse::<std::net::IpAddr>().is_err()
+    {
+        return Err(format!(
+            "network.forward-address `{a}` is not an IP address (127.0.0.1 keeps forwarded ports to this host)"
+        ));
+    }
     if let Some(n) = &config.network
         && let Some(bridge) = &n.bridge
         && (bridge.is_empty() || bridge.len() > 15)
@@ -643,6 +658,10 @@ fn resolve(
         network: NetworkConfig {
             subnet: n.subnet.unwrap_or_else(|| "192.168.64.0/24".into()),
             bridge: n.bridge.unwrap_or_else(|| "container0".into()),
+            forward_address: n
+                .forward_address
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
         },
         names: NamesConfig {
             domain: n

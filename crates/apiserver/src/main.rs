@@ -183,6 +183,7 @@ async fn run(
     core.follow_reboots();
     core.follow_deaths();
     core.autostart_all();
+    core.forward_all();
     let (listener, owned) = listen(&args.socket, inherited).await?;
     tracing::info!(socket = %args.socket.display(), pid = std::process::id(), run_by = %container_apiserver::manager::run_by(), "container service listening");
     // Under a `Type=notify` unit, `systemctl start` returns once the socket answers.

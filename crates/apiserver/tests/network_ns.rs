@@ -170,6 +170,7 @@ impl Ctx {
             &NetworkConfig {
                 subnet: subnet.into(),
                 bridge: bridge.into(),
+                forward_address: std::net::Ipv4Addr::LOCALHOST.into(),
             },
             host,
         )

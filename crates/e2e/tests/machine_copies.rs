@@ -262,14 +262,7 @@ fn each_of_several_live_clones_boots_beside_its_running_source() {
         let mark = format!("echo {i} > /mark-{i} && sync");
         service.cli_ok(&["machine", "run", "--root", "-n", "src", &mark]);
         service.cli_ok(&["machine", "clone", "src", clone]);
-        let seen = service.cli_ok(&[
-            "machine",
-            "run",
-            "--root",
-            "-n",
-            clone,
-            "cat /mark-*",
-        ]);
+        let seen = service.cli_ok(&["machine", "run", "--root", "-n", clone, "cat /mark-*"]);
         let want: Vec<String> = (0..=i).map(|n| n.to_string()).collect();
         assert_eq!(seen.split_whitespace().collect::<Vec<_>>(), want, "{clone}");
     }

@@ -97,6 +97,8 @@ pub enum Request {
     MachineCreate(CreateRequest),
     MachineList,
     MachineInspect(String),
+    /// The host ports forwarded to a machine.
+    MachinePorts(String),
     /// What machines cost: the named ones, else the running ones (`all`: every one).
     MachineStats {
         names: Vec<String>,
@@ -207,6 +209,7 @@ impl std::fmt::Debug for Request {
             Request::RegistryLogout(s) => f.debug_tuple("RegistryLogout").field(s).finish(),
             Request::MachineList => f.write_str("MachineList"),
             Request::MachineInspect(n) => f.debug_tuple("MachineInspect").field(n).finish(),
+            Request::MachinePorts(n) => f.debug_tuple("MachinePorts").field(n).finish(),
             Request::MachineStats { names, all } => f
                 .debug_struct("MachineStats")
                 .field("names", names)
@@ -287,6 +290,7 @@ pub enum Reply {
     Snapshot(Box<Snapshot>),
     Snapshots(Vec<Snapshot>),
     Stats(Vec<container_api::stats::MachineStats>),
+    Ports(Vec<container_api::ports::PortForward>),
     Set(Box<SetReply>),
     Kernel(Box<container_api::system::KernelInfo>),
     Images(Vec<ImageSummary>),
@@ -473,6 +477,7 @@ impl Core {
             Request::MachineCreate(r) => self.machine_create(caller, r).await.map(machine),
             Request::MachineList => self.machine_list(caller).map(Reply::Machines),
             Request::MachineInspect(n) => self.machine_inspect(caller, &n).await.map(machine),
+            Request::MachinePorts(n) => self.machine_ports(caller, &n).map(Reply::Ports),
             Request::MachineStats { names, all } => self
                 .machine_stats(caller, &names, all)
                 .await

@@ -12,6 +12,7 @@ use async_trait::async_trait;
 use container_api::ApiError;
 use container_api::image::{ImageDetail, ImageSummary, LoginRequest, PullEvent, RemoveReport};
 use container_api::machine::{MachineState, MachineUser};
+use container_api::ports::{PortForward, Publish};
 use container_api::system::{KernelInfo, KernelSetRequest};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -267,6 +268,22 @@ pub trait Vms: Send + Sync {
     /// What a running machine's VM costs the host and holds inside now; `None` unless it
     /// runs.
     async fn stats(&self, name: &str) -> Option<VmStats>;
+    /// Forwards host ports to the machine's VM as `plan` says from now until it stops,
+    /// replacing what was forwarded to it; `None` forwards nothing.
+    fn forward_ports(&self, _name: &str, _plan: Option<PortsPlan>) {}
+    /// The host ports forwarded (or refused) to the machine's VM now.
+    fn ports(&self, _name: &str) -> Vec<PortForward> {
+        Vec::new()
+    }
+}
+
+/// What to forward from the host to a running machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortsPlan {
+    /// Follow the guest's listening ports (`forward-ports=on`).
+    pub watch: bool,
+    /// Host ports forwarded to guest ports whatever the guest listens on.
+    pub publish: Vec<Publish>,
 }
 
 /// A running machine's VM ended without anyone asking.

@@ -306,6 +306,20 @@ impl Vms for FakeVms {
             network: None,
         })
     }
+    fn forward_ports(&self, name: &str, plan: Option<super::ports::PortsPlan>) {
+        let what = match plan {
+            None => "none".to_string(),
+            Some(p) => format!(
+                "watch={} publish={:?}",
+                p.watch,
+                p.publish.iter().map(|p| p.to_string()).collect::<Vec<_>>()
+            ),
+        };
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("forward_ports {name} {what}"));
+    }
     fn reboots(&self) -> tokio::sync::broadcast::Receiver<Reboot> {
         self.reboots.subscribe()
     }
@@ -673,6 +687,10 @@ async fn set_validates_keys_and_says_when_a_restart_is_needed() {
     let e = SetRequest::parse(&["cpu=2"]).unwrap_err();
     assert!(e.contains("valid keys"), "{e}");
     assert!(SetRequest::parse(&["memory=lots"]).is_err());
+    let off = SetRequest::parse(&["forward-ports=off"]).unwrap();
+    assert_eq!(off.forward_ports, Some(false));
+    let e = SetRequest::parse(&["forward-ports=maybe"]).unwrap_err();
+    assert!(e.contains("forward-ports must be on or off"), "{e}");
     let e = f.core.handle(&ROOT, set(&[])).await.unwrap_err();
     assert!(e.message.contains("KEY=VALUE"), "{}", e.message);
     let e = f
@@ -1752,4 +1770,78 @@ async fn another_users_machines_have_no_stats_for_you() {
     assert!(stats(&f.core, &NOBODY, &[], true).await.unwrap().is_empty());
     let e = stats(&f.core, &NOBODY, &["mine"], false).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound);
+}
+
+#[tokio::test]
+async fn a_machine_forwards_its_ports_from_boot_and_forward_ports_off_applies_at_once() {
+    let f = fixture();
+    let req = CreateRequest {
+        image: "busybox".into(),
+        name: Some("web".into()),
+        home_mount: Some(container_api::machine::HomeMount::None),
+        publish: vec!["9000:80".parse().unwrap()],
+        ..Default::default()
+    };
+    let m = machine(&f.core, &NOBODY, Request::MachineCreate(req))
+        .await
+        .unwrap();
+    assert!(m.forward_ports, "on by default");
+    assert_eq!(m.publish, ["9000:80".parse().unwrap()]);
+    let forwards = || -> Vec<String> {
+        f.vms
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("forward_ports"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        forwards(),
+        ["forward_ports web watch=true publish=[\"9000:80\"]"]
+    );
+    let set = |on| Request::MachineSet {
+        name: "web".into(),
+        settings: container_api::machine::SetRequest {
+            forward_ports: Some(on),
+            ..Default::default()
+        },
+    };
+    let Reply::Set(reply) = f.core.handle(&NOBODY, set(false)).await.unwrap() else {
+        panic!()
+    };
+    assert!(!reply.takes_effect_at_next_start, "no restart needed");
+    assert!(!reply.machine.pending_restart);
+    assert!(!reply.machine.forward_ports);
+    // The published port stays; the listening ones are no longer followed.
+    assert_eq!(
+        forwards().last().unwrap(),
+        "forward_ports web watch=false publish=[\"9000:80\"]"
+    );
+    // Another user sees no ports of it.
+    let other = Caller {
+        uid: 1000,
+        gid: 1000,
+        pid: None,
+    };
+    let err = f
+        .core
+        .handle(&other, Request::MachinePorts("web".into()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::NotFound);
+    // Two host ports published once each.
+    let twice = CreateRequest {
+        image: "busybox".into(),
+        name: Some("twice".into()),
+        no_boot: true,
+        publish: vec!["9000:80".parse().unwrap(), "9000:81".parse().unwrap()],
+        ..Default::default()
+    };
+    let err = machine(&f.core, &NOBODY, Request::MachineCreate(twice))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind, ErrorKind::InvalidArgument);
+    assert!(err.message.contains("published twice"), "{}", err.message);
 }

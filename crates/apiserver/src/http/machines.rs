@@ -32,6 +32,7 @@ pub fn routes() -> Router<Core> {
         .route("/machines/{name}/copy-out", get(copy_out))
         .route("/machines/{name}/clone", post(clone))
         .route("/machines/{name}/rename", post(rename))
+        .route("/machines/{name}/ports", get(ports))
         .route(
             "/machines/{name}/snapshots",
             get(snapshot_list).post(snapshot_create),
@@ -71,6 +72,10 @@ async fn rename(
         new: body.name,
     };
     answer(&core, &caller, request).await
+}
+
+async fn ports(State(core): State<Core>, caller: Caller, Path(name): Path<String>) -> Response {
+    answer(&core, &caller, Request::MachinePorts(name)).await
 }
 
 async fn snapshot_list(

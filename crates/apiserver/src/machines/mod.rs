@@ -47,6 +47,16 @@ pub struct MachineRecord {
     /// Booted when the service starts, and again after its VM died unexpectedly.
     #[serde(default)]
     pub autostart: bool,
+    /// The guest's listening ports are forwarded to the host (on unless turned off).
+    #[serde(default = "on")]
+    pub forward_ports: bool,
+    /// Host ports forwarded to guest ports whatever the guest listens on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<container_api::ports::Publish>,
+}
+
+fn on() -> bool {
+    true
 }
 
 /// A snapshot of a machine's disk: a shared layer (`runtime::disk`) frozen at `created`.
@@ -318,6 +328,8 @@ mod tests {
             pending_restart: false,
             instance: None,
             autostart: false,
+            forward_ports: true,
+            publish: vec![],
         }
     }
 

@@ -15,6 +15,7 @@ fn config(subnet: &str) -> NetworkConfig {
     NetworkConfig {
         subnet: subnet.into(),
         bridge: "container0".into(),
+        forward_address: std::net::Ipv4Addr::LOCALHOST.into(),
     }
 }
 

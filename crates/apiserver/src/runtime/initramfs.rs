@@ -1,6 +1,6 @@
 //! The initramfs every machine boots: the static agent as `/init`, a `/dev/console` node, and
 //! the kernel modules the agent needs (virtio-mmio transport, disk, vsock, fuse and virtio-fs,
-//! network, balloon) with their dependencies in load order, skipping what the kernel has built
+//! network, balloon, TCP socket diagnostics) with their dependencies in load order, skipping what the kernel has built
 //! in (`modules.builtin`). Dependencies come from `modules.dep` when the tree has one, else
 //! from each module's `.modinfo` (distribution packages ship no `modules.dep`: `depmod`
 //! writes it at install). Compressed modules are stored decompressed, which every kernel
@@ -26,6 +26,9 @@ const WANTED: &[(&str, bool)] = &[
     ("virtiofs", true),
     ("virtio_net", false),
     ("virtio_balloon", false),
+    // The listening sockets the agent reports for port forwarding (sock_diag); without it
+    // the agent reads /proc/net/tcp instead.
+    ("tcp_diag", false),
 ];
 
 /// A built initramfs: its path and the module paths inside it, in load order.

@@ -2,7 +2,8 @@
 //! around the guest agent (`initramfs`), the VMM behind a small trait (`vmm`, `qemu`), the
 //! helper processes (`helpers`), the serial console (`console`) and their supervision
 //! (`supervisor`, whose [`Runtime`] is the door: start, stop, status, adopt); sessions with
-//! the guest agent (`session`) and the SSH agents they forward (`ssh_agent`); what a running
+//! the guest agent (`session`) and the SSH agents they forward (`ssh_agent`); the host's
+//! loopback forwarded to the guests' listening ports (`port_forward`); what a running
 //! VM costs the host (`usage`) and giving idle guests' page cache back (`reclaim`).
 //!
 //! Invariants: every running VM has a `run.json` in its machine directory naming its VMM and
@@ -20,6 +21,7 @@ pub mod helpers;
 pub mod identity;
 pub mod initramfs;
 pub mod kernel;
+pub mod port_forward;
 pub mod process;
 pub mod qemu;
 mod qmp;
@@ -43,6 +45,7 @@ pub use error::RuntimeError;
 pub use helpers::HelperPaths;
 pub use identity::VmUsers;
 pub use kernel::Kernel;
+pub use port_forward::{PortForwards, PortPolicy};
 pub use session::{ClientStream, connect, copy_in, copy_out, exec};
 pub use ssh_agent::{SshAgentTarget, SshAgents};
 pub use supervisor::{Death, GuestPorts, Reboot, Runtime, stop_reason};

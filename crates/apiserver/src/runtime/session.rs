@@ -179,7 +179,7 @@ pub async fn connect(vsock: &Path, port: u16) -> Result<tokio::net::UnixStream, 
     let agent = AgentClient::connect(vsock, PORT)
         .await
         .map_err(RuntimeError::Agent)?;
-    match agent.connect_tcp(port).await {
+    match agent.forward(port).await {
         Ok(stream) => Ok(stream),
         Err(ProtoError::Agent { message, .. }) => Err(RuntimeError::ConnectRefused { message }),
         Err(e) => Err(RuntimeError::Agent(e)),

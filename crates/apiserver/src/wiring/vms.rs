@@ -17,12 +17,13 @@ use tokio::io::AsyncRead;
 use crate::config::Config;
 use crate::core::ServiceOptions;
 use crate::core::ports::{
-    BootSpec, ClientStream, Death, ExecSpec, ExecUser, Reboot, SshAgentForward, VmStats, Vms,
+    BootSpec, ClientStream, Death, ExecSpec, ExecUser, PortsPlan, Reboot, SshAgentForward, VmStats,
+    Vms,
 };
 use crate::network::Network;
 use crate::runtime::{
-    self, HelperPaths, Kernel, NetDevice, Runtime, RuntimeError, RuntimeOptions, ShareSpec,
-    SshAgentTarget, SshAgents, VmSpec, console, disk, kernel,
+    self, HelperPaths, Kernel, NetDevice, PortForwards, PortPolicy, Runtime, RuntimeError,
+    RuntimeOptions, ShareSpec, SshAgentTarget, SshAgents, VmSpec, console, disk, kernel,
 };
 
 /// The runtime of a running service, with running machines adopted.
@@ -88,6 +89,7 @@ pub fn vms(
             }
         }
     });
+    let forwards = PortForwards::new(runtime.clone());
     let service = ServiceVms {
         runtime,
         root: options.root.clone(),
@@ -95,6 +97,7 @@ pub fn vms(
         network,
         reboots,
         ssh_agents: Arc::default(),
+        forwards,
         deaths,
         cpu_samples: Default::default(),
     };
@@ -147,6 +150,8 @@ pub struct ServiceVms {
     deaths: tokio::sync::broadcast::Sender<Death>,
     /// The SSH agents exec sessions forward into their machines.
     ssh_agents: Arc<SshAgents>,
+    /// The host ports forwarded to running machines.
+    forwards: PortForwards,
     /// The last CPU time read of each running VM, and when: a rate needs two reads.
     cpu_samples: std::sync::Mutex<HashMap<String, (u64, Instant)>>,
 }
@@ -387,6 +392,8 @@ impl Vms for ServiceVms {
         signal: Option<i32>,
         timeout: Duration,
     ) -> Result<(), ApiError> {
+        // The host ports close as the stop begins, not a tick after it ends.
+        self.forwards.set(name, None);
         Ok(self.runtime.stop(name, signal, timeout).await?)
     }
     fn state(&self, name: &str) -> MachineState {
@@ -540,5 +547,18 @@ impl Vms for ServiceVms {
             guest_memory,
             network: usage.network,
         })
+    }
+
+    fn forward_ports(&self, name: &str, plan: Option<PortsPlan>) {
+        let policy = plan.map(|p| PortPolicy {
+            watch: p.watch,
+            publish: p.publish,
+            address: self.config.network.forward_address,
+        });
+        self.forwards.set(name, policy);
+    }
+
+    fn ports(&self, name: &str) -> Vec<container_api::ports::PortForward> {
+        self.forwards.list(name)
     }
 }

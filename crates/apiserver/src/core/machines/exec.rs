@@ -359,6 +359,8 @@ mod tests {
             pending_restart: false,
             instance: None,
             autostart: false,
+            forward_ports: true,
+            publish: vec![],
         }
     }
 

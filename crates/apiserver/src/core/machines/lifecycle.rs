@@ -6,6 +6,7 @@ use std::time::Duration;
 use container_api::machine::{
     CreateRequest, HomeMount, Machine, MachineState, MountSpec, StopRequest,
 };
+use container_api::ports::Publish;
 use container_api::system::EventAction;
 use container_api::{ApiError, ErrorKind};
 
@@ -113,6 +114,8 @@ impl Core {
             pending_restart: false,
             instance: Some(crate::runtime::disk::random_id()),
             autostart: req.autostart,
+            forward_ports: true,
+            publish: publish_list(&req.publish)?,
         };
         self.check_settings(&record)?;
         self.check_machine_count(caller.uid)?;
@@ -254,6 +257,7 @@ impl Core {
             self.state.machines.save(&record)?;
         }
         let (owner, name) = (record.owner_uid, record.name.clone());
+        let ports = super::forwards::plan(&record);
         self.emit(owner, &name, EventAction::Booting, None);
         self.state
             .vms
@@ -265,6 +269,7 @@ impl Core {
                 home_shared,
             })
             .await?;
+        self.state.vms.forward_ports(&name, ports);
         self.emit(owner, &name, EventAction::Running, None);
         Ok(())
     }
@@ -350,6 +355,20 @@ impl Core {
         self.collect_layers().await;
         Ok(machine)
     }
+}
+
+/// The ports to publish, each host port once.
+fn publish_list(publish: &[Publish]) -> Result<Vec<Publish>, ApiError> {
+    let mut list = publish.to_vec();
+    list.sort();
+    list.dedup();
+    if let Some(w) = list.windows(2).find(|w| w[0].host_port == w[1].host_port) {
+        return Err(ApiError::invalid(format!(
+            "host port {} is published twice (to {} and {}): publish each host port once",
+            w[0].host_port, w[0].guest_port, w[1].guest_port
+        )));
+    }
+    Ok(list)
 }
 
 #[cfg(test)]

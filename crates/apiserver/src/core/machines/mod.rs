@@ -8,12 +8,14 @@
 //! - `autostart`: booting autostart machines at service start and after their VM died;
 //! - `copies`: clone and snapshots (shared disk layers);
 //! - `rename`: a stopped machine's new name;
+//! - `forwards`: which host ports a running machine gets, and `ports`;
 //! - `exec`: what `run` starts (user, working directory, environment), `run` and `cp`;
 //! - `stats`: what machines cost, for `stats` and `inspect`.
 
 mod autostart;
 mod copies;
 mod exec;
+mod forwards;
 mod lifecycle;
 mod reboot;
 mod rename;
@@ -163,6 +165,12 @@ impl Core {
             owner_uid: record.owner_uid,
             pending_restart: record.pending_restart,
             autostart: record.autostart,
+            forward_ports: record.forward_ports,
+            publish: record.publish.clone(),
+            ports: match status.is_up() {
+                true => vms.ports(&record.name),
+                false => Vec::new(),
+            },
             stats: None,
             stop_reason: match status {
                 MachineState::Stopped => vms.stop_reason(&record.name),

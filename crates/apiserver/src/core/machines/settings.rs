@@ -135,6 +135,9 @@ impl Core {
         if let Some(autostart) = settings.autostart {
             new.autostart = autostart;
         }
+        if let Some(forward) = settings.forward_ports {
+            new.forward_ports = forward;
+        }
         if let Some(kernel) = settings.kernel {
             new.kernel = Some(kernel).filter(|k| !k.is_empty());
         }
@@ -158,16 +161,22 @@ impl Core {
             let disk = self.state.machines.disk_path(name);
             self.state.vms.grow_disk(&disk, new.disk_size).await?;
         }
-        // Autostart is the service's business, never the VM's: it needs no restart.
+        // Autostart and port forwarding are the service's business, never the VM's: they
+        // need no restart (forwarding changes at once).
         let vm_changed = MachineRecord {
             autostart: record.autostart,
+            forward_ports: record.forward_ports,
             ..new.clone()
         } != record;
         new.pending_restart = running && vm_changed;
-        let only_autostart = !vm_changed && new.autostart != record.autostart;
         self.state.machines.save(&new)?;
+        if running && new.forward_ports != record.forward_ports {
+            self.state
+                .vms
+                .forward_ports(name, super::forwards::plan(&new));
+        }
         Ok(SetReply {
-            takes_effect_at_next_start: running && !only_autostart,
+            takes_effect_at_next_start: running && vm_changed,
             machine: self.machine(&new)?,
         })
     }

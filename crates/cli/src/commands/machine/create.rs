@@ -51,6 +51,11 @@ pub struct CreateArgs {
     /// VM dies unexpectedly (with back-off; never one stopped on purpose).
     #[arg(long)]
     autostart: bool,
+    /// Forward host port HOST (on 127.0.0.1) to GUEST in the machine whenever it runs, even
+    /// before anything listens there (listening ports are forwarded anyway, at their own
+    /// number). Repeatable.
+    #[arg(short, long, value_name = "HOST:GUEST")]
+    publish: Vec<container_api::ports::Publish>,
     /// The image platform, OS/ARCH: machines run the host's, `linux/amd64` here; another is
     /// refused before anything is pulled.
     #[arg(long, value_name = "OS/ARCH")]
@@ -177,6 +182,7 @@ pub async fn run(client: &Client, a: CreateArgs) -> anyhow::Result<()> {
             .map(|k| std::path::absolute(k).map(|p| p.display().to_string()))
             .transpose()?,
         autostart: a.autostart,
+        publish: a.publish,
     };
     let machine = client.post::<_, Machine>("/machines", &request).await;
     crate::progress::done(spinner);

@@ -8,6 +8,7 @@ mod delete;
 mod inspect;
 mod list;
 mod logs;
+mod ports;
 mod rename;
 mod restart;
 mod run;
@@ -29,7 +30,7 @@ use crate::service;
 #[derive(Debug, Subcommand)]
 pub enum MachineCommand {
     /// Create a machine from an image (pulled if absent) and boot it.
-    Create(create::CreateArgs),
+    Create(Box<create::CreateArgs>),
     /// Run a command in a machine (booting it if needed); no command: a login shell.
     Run(run::RunArgs),
     /// Boot a machine without running anything.
@@ -39,7 +40,8 @@ pub enum MachineCommand {
     List(list::ListArgs),
     /// Show everything about machines.
     Inspect(inspect::InspectArgs),
-    /// Change settings: cpus, memory, disk-size (grow only), home-mount, kernel, autostart=on|off.
+    /// Change settings: cpus, memory, disk-size (grow only), home-mount, kernel, autostart=on|off,
+    /// forward-ports=on|off.
     Set(set::SetArgs),
     /// Make a machine the default for commands that take no name.
     SetDefault(set_default::SetDefaultArgs),
@@ -67,6 +69,8 @@ pub enum MachineCommand {
     SshConfig(ssh::SshConfigArgs),
     /// ssh's ProxyCommand for a machine: stdin and stdout to its port 22, through the service.
     SshProxy(ssh::SshProxyArgs),
+    /// List the host ports forwarded to a machine's listening ports, and those refused.
+    Ports(ports::PortsArgs),
 }
 
 /// The machine a command without a name acts on.
@@ -92,12 +96,13 @@ impl MachineCommand {
     pub async fn run(self) -> anyhow::Result<u8> {
         let client = service::connect().await?;
         match self {
-            MachineCommand::Create(args) => create::run(&client, args).await?,
+            MachineCommand::Create(args) => create::run(&client, *args).await?,
             MachineCommand::Run(args) => return run::run(&client, args).await,
             MachineCommand::Start(args) => start::run(&client, args).await?,
             MachineCommand::List(args) => list::run(&client, args).await?,
             MachineCommand::Inspect(args) => inspect::run(&client, args).await?,
             MachineCommand::Stats(args) => stats::run(&client, args).await?,
+            MachineCommand::Ports(args) => ports::run(&client, args).await?,
             MachineCommand::Set(args) => set::run(&client, args).await?,
             MachineCommand::SetDefault(args) => set_default::run(&client, args).await?,
             MachineCommand::Logs(args) => logs::run(&client, args).await?,

@@ -1,0 +1,464 @@
+//! The host's loopback forwarded to the guests' listening ports, over vsock: so a server a
+//! user starts in a machine answers at `http://127.0.0.1:PORT` on the host, with no flag,
+//! and with `--network none` too.
+//!
+//! One task per running VM ([`PortForwards::set`]) keeps a `WatchPorts` session open with
+//! its agent, which reports the guest's listening TCP ports at once and after each change;
+//! for each port the host listens on the forward address (`[network] forward-address`,
+//! 127.0.0.1, and `::1` with it when the host has IPv6) at the same port, or `10000 + port`
+//! below 1024 (`container_api::ports::default_host_port`), plus the machine's published
+//! ports whatever the guest listens on. Each accepted connection is a `Forward` session with
+//! the agent, which connects to the port on the guest's loopback; bytes are copied both ways.
+//!
+//! Invariants: a host port another program (or another machine) holds is never taken over:
+//! it is shown refused, with the reason, and tried again each second, so it is forwarded
+//! once it is free. The host listens only while the VM is up: the task ends, closing every
+//! listener, within a second of the VM stopping (or starting to stop). A service that
+//! restarts opens the session again for each adopted VM, and the agent's first report
+//! brings every forward back.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use container_agent_proto as proto;
+use container_api::machine::MachineState;
+use container_api::ports::{PortForward, PortState, Publish, default_host_port};
+use tokio::task::JoinHandle;
+
+use super::Runtime;
+
+/// How often the forwarder looks at the VM's state and retries refused host ports.
+const TICK: Duration = Duration::from_secs(1);
+/// How long a forwarded connection may take to reach the guest port.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The buffer of each direction of a forwarded connection.
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// What to forward for one VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPolicy {
+    /// Follow the guest's listening ports (`forward-ports=on`).
+    pub watch: bool,
+    /// Host ports forwarded whatever the guest listens on.
+    pub publish: Vec<Publish>,
+    /// The host address listened on.
+    pub address: IpAddr,
+}
+
+/// The forwarders of every running VM, by VM id.
+#[derive(Debug)]
+pub struct PortForwards {
+    runtime: Runtime,
+    vms: Mutex<HashMap<String, Forwarder>>,
+}
+
+#[derive(Debug)]
+struct Forwarder {
+    task: JoinHandle<()>,
+    table: Arc<Mutex<Table>>,
+}
+
+impl Drop for Forwarder {
+    fn drop(&mut self) {
+        self.task.abort();
+        lock(&self.table).entries.clear();
+    }
+}
+
+impl PortForwards {
+    pub fn new(runtime: Runtime) -> Self {
+        Self {
+            runtime,
+            vms: Mutex::default(),
+        }
+    }
+
+    /// Forwards as `policy` says for the VM `id` from now until it stops, replacing what
+    /// was forwarded for it before; `None` stops forwarding.
+    pub fn set(&self, id: &str, policy: Option<PortPolicy>) {
+        let mut vms = self.lock();
+        // The old listeners close before the new ones are bound.
+        vms.remove(id);
+        let Some(policy) = policy else { return };
+        let table = Arc::new(Mutex::new(Table::new(id, policy.address)));
+        let task = tokio::spawn(run(
+            self.runtime.clone(),
+            id.to_string(),
+            policy,
+            table.clone(),
+        ));
+        vms.insert(id.to_string(), Forwarder { task, table });
+    }
+
+    /// The ports forwarded (or refused) for the VM `id` now, by host port.
+    pub fn list(&self, id: &str) -> Vec<PortForward> {
+        match self.lock().get(id) {
+            Some(f) => lock(&f.table).list(),
+            None => Vec::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Forwarder>> {
+        self.vms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn lock(table: &Mutex<Table>) -> std::sync::MutexGuard<'_, Table> {
+    table.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Follows the VM's ports until it stops.
+async fn run(runtime: Runtime, id: String, policy: PortPolicy, table: Arc<Mutex<Table>>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut watch: Option<proto::client::PortWatch> = None;
+    let mut reported: Vec<u16> = Vec::new();
+    // A session is opened again no sooner than a tick after the last one ended.
+    let mut next_attempt = tokio::time::Instant::now();
+    // An agent that refuses to report (one from before port reports) is asked once per boot.
+    let mut unsupported = false;
+    loop {
+        let state = runtime.status(&id);
+        if matches!(state, MachineState::Stopped | MachineState::Stopping) {
+            break;
+        }
+        if let Ok(socket) = runtime.agent_socket(&id) {
+            lock(&table).socket = Some(socket.clone());
+            let due = tokio::time::Instant::now() >= next_attempt;
+            if policy.watch && watch.is_none() && !unsupported && due {
+                next_attempt = tokio::time::Instant::now() + TICK;
+                match open_watch(&socket).await {
+                    Ok(w) => watch = Some(w),
+                    Err(e) => {
+                        tracing::debug!(machine = %id, error = %e, "cannot follow the machine's ports yet")
+                    }
+                }
+            }
+        }
+        let wanted = desired(&policy.publish, &reported);
+        lock(&table).reconcile(&wanted);
+        tokio::select! {
+            next = async { watch.as_mut().expect("guarded").next().await }, if watch.is_some() => {
+                match next {
+                    Ok(ports) => {
+                        tracing::debug!(machine = %id, ?ports, "the guest's listening ports");
+                        reported = ports;
+                    }
+                    Err(proto::ProtoError::Agent { message, .. }) => {
+                        tracing::warn!(machine = %id, %message, "the machine's agent cannot report its ports (restart the machine to update it); only published ports are forwarded");
+                        unsupported = true;
+                        watch = None;
+                    }
+                    Err(e) => {
+                        // The VM is stopping, or the agent went away: the next tick tells.
+                        tracing::debug!(machine = %id, error = %e, "the port report session ended");
+                        watch = None;
+                        next_attempt = tokio::time::Instant::now() + TICK;
+                    }
+                }
+            }
+            _ = tick.tick() => {}
+        }
+    }
+    lock(&table).entries.clear();
+    tracing::debug!(machine = %id, "port forwarding stopped");
+}
+
+async fn open_watch(
+    socket: &std::path::Path,
+) -> Result<proto::client::PortWatch, proto::ProtoError> {
+    tokio::time::timeout(CONNECT_TIMEOUT, async {
+        proto::client::AgentClient::connect(socket, proto::PORT)
+            .await?
+            .watch_ports()
+            .await
+    })
+    .await
+    .map_err(|_| proto::ProtoError::Timeout)?
+}
+
+/// What should be forwarded, by host port: the published ports, then each reported guest
+/// port not published already at its default host port, unless a published one holds it.
+fn desired(publish: &[Publish], reported: &[u16]) -> BTreeMap<u16, Want> {
+    let mut wanted: BTreeMap<u16, Want> = publish
+        .iter()
+        .map(|p| {
+            let want = Want {
+                guest: p.guest_port,
+                published: true,
+            };
+            (p.host_port, want)
+        })
+        .collect();
+    let published: BTreeSet<u16> = publish.iter().map(|p| p.guest_port).collect();
+    for &guest in reported {
+        if published.contains(&guest) {
+            continue;
+        }
+        let want = Want {
+            guest,
+            published: false,
+        };
+        wanted.entry(default_host_port(guest)).or_insert(want);
+    }
+    wanted
+}
+
+/// One host port's purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Want {
+    guest: u16,
+    published: bool,
+}
+
+/// A VM's host ports and their listeners.
+#[derive(Debug)]
+struct Table {
+    id: String,
+    address: IpAddr,
+    /// Where the VM's agent is reached, once known.
+    socket: Option<PathBuf>,
+    entries: BTreeMap<u16, Entry>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    want: Want,
+    /// The accepting tasks (one per address), or why the host port could not be had.
+    listening: Result<Vec<Accepting>, String>,
+}
+
+/// An accepting task; dropping it closes its listener.
+#[derive(Debug)]
+struct Accepting(JoinHandle<()>);
+
+impl Drop for Accepting {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Table {
+    fn new(id: &str, address: IpAddr) -> Self {
+        Self {
+            id: id.to_string(),
+            address,
+            socket: None,
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// Makes the listeners match `wanted`: drops the ports no longer wanted, listens on the
+    /// new ones and tries again the refused ones.
+    fn reconcile(&mut self, wanted: &BTreeMap<u16, Want>) {
+        let Some(socket) = self.socket.clone() else {
+            return;
+        };
+        self.entries
+            .retain(|port, e| wanted.get(port) == Some(&e.want));
+        for (&host, &want) in wanted {
+            let entry = self.entries.get(&host);
+            if entry.is_some_and(|e| e.listening.is_ok()) {
+                continue;
+            }
+            let listening = listen(self.address, host, want.guest, &socket);
+            match (&listening, entry) {
+                (Ok(_), _) => {
+                    tracing::info!(machine = %self.id, host_port = host, guest_port = want.guest, "forwarding a port")
+                }
+                (Err(reason), None) => {
+                    tracing::info!(machine = %self.id, host_port = host, guest_port = want.guest, %reason, "cannot forward a port")
+                }
+                (Err(_), Some(_)) => {}
+            }
+            self.entries.insert(host, Entry { want, listening });
+        }
+    }
+
+    fn list(&self) -> Vec<PortForward> {
+        self.entries
+            .iter()
+            .map(|(&host, e)| PortForward {
+                guest_port: e.want.guest,
+                host_address: self.address.to_string(),
+                host_port: host,
+                state: match e.listening {
+                    Ok(_) => PortState::Forwarded,
+                    Err(_) => PortState::Refused,
+                },
+                reason: e.listening.as_ref().err().cloned(),
+                published: e.want.published,
+            })
+            .collect()
+    }
+}
+
+/// Listens on `address:host` (and `[::1]:host` with 127.0.0.1, when it can) and forwards
+/// each connection to `guest`. A host port in use is refused, never shared.
+fn listen(
+    address: IpAddr,
+    host: u16,
+    guest: u16,
+    socket: &std::path::Path,
+) -> Result<Vec<Accepting>, String> {
+    let bind = |ip: IpAddr| -> std::io::Result<tokio::net::TcpListener> {
+        let std = std::net::TcpListener::bind(SocketAddr::new(ip, host))?;
+        std.set_nonblocking(true)?;
+        tokio::net::TcpListener::from_std(std)
+    };
+    let first = bind(address).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            format!("host port {address}:{host} is in use by another program or machine")
+        }
+        _ => format!("cannot listen on {address}:{host}: {e}"),
+    })?;
+    let mut listeners = vec![first];
+    if address == IpAddr::V4(Ipv4Addr::LOCALHOST)
+        && let Ok(v6) = bind(IpAddr::V6(Ipv6Addr::LOCALHOST))
+    {
+        listeners.push(v6);
+    }
+    Ok(listeners
+        .into_iter()
+        .map(|l| Accepting(tokio::spawn(accept(l, socket.to_path_buf(), guest))))
+        .collect())
+}
+
+/// Accepts connections for ever, each relayed to the guest port on a task of its own.
+async fn accept(listener: tokio::net::TcpListener, socket: PathBuf, guest: u16) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => {
+                tokio::spawn(relay(tcp, socket.clone(), guest));
+            }
+            Err(e) => {
+                // Out of descriptors, most likely: a moment later may do.
+                tracing::debug!(error = %e, "accepting a forwarded connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Joins one host connection to `guest` in the machine; a guest port nobody listens on
+/// closes the host connection.
+async fn relay(mut tcp: tokio::net::TcpStream, socket: PathBuf, guest: u16) {
+    let _ = tcp.set_nodelay(true);
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        proto::client::AgentClient::connect(&socket, proto::PORT)
+            .await?
+            .forward(guest)
+            .await
+    })
+    .await;
+    let mut vsock = match connected {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(guest_port = guest, error = %e, "a forwarded connection did not reach the guest");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(
+                guest_port = guest,
+                "a forwarded connection timed out reaching the guest"
+            );
+            return;
+        }
+    };
+    // Each side's end is passed on. vhost-device-vsock has no half-close: the end of the
+    // client's input shuts the guest connection down both ways (a client that half-closes
+    // after its request gets no reply), and the agent ends the session once the guest's
+    // server has finished sending.
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut vsock, COPY_BUFFER, COPY_BUFFER)
+            .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn want(guest: u16, published: bool) -> Want {
+        Want { guest, published }
+    }
+
+    #[test]
+    fn reported_ports_keep_their_number_and_privileged_ones_move_above_10000() {
+        let wanted = desired(&[], &[22, 80, 3000, 8080]);
+        let got: Vec<_> = wanted.into_iter().collect();
+        assert_eq!(
+            got,
+            [
+                (3000, want(3000, false)),
+                (8080, want(8080, false)),
+                (10022, want(22, false)),
+                (10080, want(80, false)),
+            ]
+        );
+    }
+
+    #[test]
+    fn published_ports_stay_and_win_over_reported_ones() {
+        let publish = [
+            Publish {
+                host_port: 9000,
+                guest_port: 80,
+            },
+            Publish {
+                host_port: 8080,
+                guest_port: 5000,
+            },
+        ];
+        // Guest 80 is published (not also at 10080); guest 8080 would take the host port
+        // that 5000 is published on.
+        let wanted = desired(&publish, &[80, 8080, 3000]);
+        let got: Vec<_> = wanted.into_iter().collect();
+        assert_eq!(
+            got,
+            [
+                (3000, want(3000, false)),
+                (8080, want(5000, true)),
+                (9000, want(80, true)),
+            ]
+        );
+        // Nothing reported: the published ports stay.
+        assert_eq!(desired(&publish, &[]).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_host_port_in_use_is_refused_and_left_to_its_owner_then_taken_once_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = Table::new("dev", Ipv4Addr::LOCALHOST.into());
+        table.socket = Some(dir.path().join("agent.sock"));
+        // Another program holds a port; a free one is found the same way.
+        let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = held.local_addr().unwrap().port();
+        let free = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let wanted = desired(&[], &[taken, free]);
+        table.reconcile(&wanted);
+        let list = table.list();
+        let of = |port: u16| list.iter().find(|p| p.host_port == port).unwrap().clone();
+        assert_eq!(of(free).state, PortState::Forwarded);
+        assert_eq!(of(taken).state, PortState::Refused);
+        assert!(of(taken).reason.unwrap().contains("in use"), "{list:?}");
+        // The owner still has it: its listener accepts.
+        let _client = std::net::TcpStream::connect(("127.0.0.1", taken)).unwrap();
+        held.set_nonblocking(false).unwrap();
+        held.accept().unwrap();
+        // Freed, it is forwarded at the next try.
+        drop(held);
+        table.reconcile(&wanted);
+        assert!(table.list().iter().all(|p| p.state == PortState::Forwarded));
+        // No longer reported: no longer listened on.
+        table.reconcile(&desired(&[], &[]));
+        assert!(table.list().is_empty());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(std::net::TcpListener::bind(("127.0.0.1", free)).is_ok());
+    }
+}

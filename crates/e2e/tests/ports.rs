@@ -1,0 +1,265 @@
+//! Automatic port forwarding end to end: a server started in a machine answers on the
+//! host's 127.0.0.1 at its own port with no flag, within 2 s of listening, and stops
+//! answering within 2 s of stopping; a host port another program holds is shown refused and
+//! left to it; forwarding needs no machine network (the machine here has `--network none`)
+//! and comes back after a service restart; `set forward-ports=off` ends it at once; a port
+//! published at create is listened on from the boot and stays through that.
+//! Every request goes to 127.0.0.1 inside the test's own network namespace, where the
+//! service runs.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use container_e2e::{
+    Registry, Service, enter_netns, in_netns, is_root, kernel_config, require, tail, test_image,
+};
+
+/// How soon a change of the guest's listening sockets must show on the host.
+const PROMPT: Duration = Duration::from_secs(2);
+
+/// GETs `url` once from the test namespace: the body, or curl's complaint.
+fn get(url: &str) -> Result<String, String> {
+    let out = in_netns("curl")
+        .args(["-sS", "--max-time", "2", url])
+        .output()
+        .unwrap();
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// Polls `check` every 100 ms until it holds or `limit` passes; how long it took. A failure
+/// shows the end of the service's log.
+fn within(
+    service: &Service,
+    limit: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if check() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not within {limit:?}; the service's log ends:\n{}",
+            tail(&service.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The ports `machine ports --format json` lists.
+fn ports(service: &Service, name: &str) -> Vec<serde_json::Value> {
+    let text = service.cli_ok(&["machine", "ports", name, "--format", "json"]);
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A listener of the test's own on `127.0.0.1:port` in the test namespace, answering every
+/// request with `body`: another program holding a host port.
+fn host_server(port: u16, body: &'static str) -> std::net::SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enter_netns();
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        tx.send(listener.local_addr().unwrap()).unwrap();
+        for mut conn in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf);
+            let reply = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes());
+        }
+    });
+    rx.recv().unwrap()
+}
+
+#[test]
+fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let service = Service::start(&format!(
+        "[machine]\ncpus = 1\nmemory = \"512M\"\nhome-mount = \"none\"\n{}",
+        kernel_config()
+    ));
+    // No machine network: the forward goes over vsock.
+    let boot = Instant::now();
+    service.cli_ok(&[
+        "machine",
+        "create",
+        &image,
+        "--name",
+        "web",
+        "--network",
+        "none",
+        "--publish",
+        "9090:8082",
+    ]);
+    eprintln!("booted in {:?}", boot.elapsed());
+    service.cli_ok(&[
+        "machine",
+        "run",
+        "-n",
+        "web",
+        "--root",
+        "mkdir -p /srv/www && echo hello from web > /srv/www/index.html",
+    ]);
+    let url = "http://127.0.0.1:8080/";
+    assert!(
+        get(url).is_err(),
+        "something answers before the server runs"
+    );
+    // The published port is listened on before anything in the guest listens.
+    let published = "http://127.0.0.1:9090/";
+    within(&service, PROMPT, "the published port listed", || {
+        ports(&service, "web")
+            .iter()
+            .any(|p| p["hostPort"] == 9090 && p["published"] == true && p["state"] == "forwarded")
+    });
+    assert!(get(published).is_err(), "nothing listens on 8082 yet");
+
+    // busybox httpd binds, then goes to the background: `run` returns once it listens.
+    let httpd = "httpd -p 8080 -h /srv/www";
+    service.cli_ok(&["machine", "run", "-n", "web", "--root", httpd]);
+    let took = within(&service, PROMPT, "the forward after httpd listened", || {
+        get(url).is_ok()
+    });
+    eprintln!("forwarded {took:?} after httpd listened");
+    assert_eq!(get(url).unwrap().trim(), "hello from web");
+    let listed: Vec<_> = ports(&service, "web")
+        .into_iter()
+        .filter(|p| p["published"] == false)
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["guestPort"], 8080);
+    assert_eq!(listed[0]["hostAddress"], "127.0.0.1");
+    assert_eq!(listed[0]["hostPort"], 8080);
+    assert_eq!(listed[0]["state"], "forwarded");
+    let inspect = service.cli_ok(&["machine", "inspect", "web"]);
+    assert!(inspect.contains("\"guestPort\": 8080"), "{inspect}");
+    let table = service.cli_ok(&["machine", "ports", "web"]);
+    assert!(
+        table.contains("127.0.0.1:8080") && table.contains("forwarded"),
+        "{table}"
+    );
+
+    // Stopped, it stops answering.
+    service.cli_ok(&["machine", "run", "-n", "web", "--root", "killall httpd"]);
+    let took = within(
+        &service,
+        PROMPT,
+        "the end of the forward after httpd stopped",
+        || get(url).is_err(),
+    );
+    eprintln!("forward gone {took:?} after httpd stopped");
+    // (A connection in between reaches the host, and is closed: nothing listens in the
+    // guest.) The host port itself closes once the agent reports.
+    let took = within(&service, PROMPT, "the host port's close", || {
+        ports(&service, "web")
+            .iter()
+            .all(|p| p["published"] == true)
+            && get(url).is_err()
+    });
+    eprintln!("host port closed {took:?} after that");
+
+    // A host port already held is left to its holder and shown refused.
+    let held = host_server(8081, "the host's own server");
+    service.cli_ok(&[
+        "machine",
+        "run",
+        "-n",
+        "web",
+        "--root",
+        "httpd -p 8081 -h /srv/www",
+    ]);
+    within(&service, PROMPT * 2, "8081 listed refused", || {
+        ports(&service, "web")
+            .iter()
+            .any(|p| p["guestPort"] == 8081 && p["state"] == "refused")
+    });
+    let refused: Vec<_> = ports(&service, "web")
+        .into_iter()
+        .filter(|p| p["guestPort"] == 8081)
+        .collect();
+    let reason = refused[0]["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(reason.contains("in use"), "{refused:?}");
+    assert_eq!(
+        get(&format!("http://{held}/")).unwrap(),
+        "the host's own server"
+    );
+    let table = service.cli_ok(&["machine", "ports", "web"]);
+    assert!(table.contains("refused"), "{table}");
+
+    // Forwarding comes back after a service restart (the machine keeps running).
+    service.cli_ok(&["machine", "run", "-n", "web", "--root", httpd]);
+    within(&service, PROMPT, "the forward before the restart", || {
+        get(url).is_ok()
+    });
+    service.stop_service();
+    assert!(get(url).is_err(), "the stopped service still forwards");
+    let restart = Instant::now();
+    service.launch();
+    let took = within(
+        &service,
+        Duration::from_secs(30),
+        "the forward after a restart",
+        || get(url).is_ok(),
+    );
+    eprintln!(
+        "forward back {took:?} after the service restarted ({:?} in all)",
+        restart.elapsed()
+    );
+    assert_eq!(get(url).unwrap().trim(), "hello from web");
+
+    // The published port reaches the guest port once something listens there, at its own
+    // host port only.
+    service.cli_ok(&[
+        "machine",
+        "run",
+        "-n",
+        "web",
+        "--root",
+        "httpd -p 8082 -h /srv/www",
+    ]);
+    assert_eq!(get(published).unwrap().trim(), "hello from web");
+    std::thread::sleep(PROMPT);
+    assert!(
+        get("http://127.0.0.1:8082/").is_err(),
+        "a published guest port is forwarded twice"
+    );
+
+    // forward-ports=off ends it at once (not the published port), on brings it back; a stop
+    // ends it all.
+    service.cli_ok(&["machine", "set", "-n", "web", "forward-ports=off"]);
+    within(
+        &service,
+        PROMPT,
+        "the end of the forward after set off",
+        || get(url).is_err(),
+    );
+    assert_eq!(get(published).unwrap().trim(), "hello from web");
+    service.cli_ok(&["machine", "set", "-n", "web", "forward-ports=on"]);
+    within(&service, PROMPT, "the forward after set on", || {
+        get(url).is_ok()
+    });
+    service.cli_ok(&["machine", "stop", "web"]);
+    assert!(get(url).is_err(), "a stopped machine still forwards");
+    assert!(
+        get(published).is_err(),
+        "a stopped machine still has its published port"
+    );
+    assert_eq!(
+        get(&format!("http://{held}/")).unwrap(),
+        "the host's own server"
+    );
+}
