@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod gc;
 pub mod manifest;
 pub mod pull;
+pub mod push;
 pub mod registry;
 pub mod store;
 pub mod unpack;

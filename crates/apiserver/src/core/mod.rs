@@ -77,6 +77,12 @@ pub enum Request {
         system: bool,
         events: tokio::sync::mpsc::Sender<PullEvent>,
     },
+    /// Push an image the caller sees to its registry; progress and the result go to
+    /// `events`.
+    ImagePush {
+        reference: String,
+        events: tokio::sync::mpsc::Sender<PullEvent>,
+    },
     ImageTag(TagRequest),
     /// Load the images of an archive read from `archive`; `system`: name them system-wide
     /// (root).
@@ -181,6 +187,9 @@ impl std::fmt::Debug for Request {
             Request::ImageInspect(r) => f.debug_tuple("ImageInspect").field(r).finish(),
             Request::ImagePull { reference, .. } => {
                 f.debug_tuple("ImagePull").field(reference).finish()
+            }
+            Request::ImagePush { reference, .. } => {
+                f.debug_tuple("ImagePush").field(reference).finish()
             }
             Request::ImageTag(t) => f.debug_tuple("ImageTag").field(t).finish(),
             Request::ImageLoad { system, .. } => {
@@ -417,6 +426,10 @@ impl Core {
                 events,
             } => {
                 self.image_pull(caller, reference, system, events).await;
+                Ok(Reply::Empty {})
+            }
+            Request::ImagePush { reference, events } => {
+                self.image_push(caller, reference, events).await;
                 Ok(Reply::Empty {})
             }
             Request::ImageTag(t) => self

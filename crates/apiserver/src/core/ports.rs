@@ -71,6 +71,15 @@ pub trait Images: Send + Sync {
         reference: &str,
         events: tokio::sync::mpsc::Sender<PullEvent>,
     ) -> Result<ImageSummary, ApiError>;
+    /// Pushes the image `ns` sees as `reference` to its registry with `uid`'s registry
+    /// credentials; progress goes to `events` (never blocking on a slow reader).
+    async fn push(
+        &self,
+        uid: u32,
+        ns: Namespace,
+        reference: &str,
+        events: tokio::sync::mpsc::Sender<PullEvent>,
+    ) -> Result<ImageSummary, ApiError>;
     /// Loads the images of an OCI-layout or `docker save` archive, named in `ns`.
     async fn load(&self, ns: Namespace, archive: Bytes) -> Result<Vec<ImageSummary>, ApiError>;
     /// An OCI-layout archive of these references, as `ns` sees them.

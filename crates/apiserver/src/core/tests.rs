@@ -90,6 +90,16 @@ impl Images for FakeImages {
         self.record(format!("pull {ns:?} {reference} as {uid}"));
         Ok(summary_of(reference, ns))
     }
+    async fn push(
+        &self,
+        uid: u32,
+        ns: Namespace,
+        reference: &str,
+        _: tokio::sync::mpsc::Sender<PullEvent>,
+    ) -> Result<ImageSummary, ApiError> {
+        self.record(format!("push {ns:?} {reference} as {uid}"));
+        Ok(summary_of(reference, ns))
+    }
     async fn load(&self, ns: Namespace, mut archive: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
         // Spooled whole, as the real store does.
         let size = tokio::io::copy(&mut archive, &mut tokio::io::sink())

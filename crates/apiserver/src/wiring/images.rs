@@ -204,6 +204,29 @@ impl Images for StoreImages {
         .await
     }
 
+    async fn push(
+        &self,
+        uid: u32,
+        ns: Namespace,
+        reference: &str,
+        events: mpsc::Sender<PullEvent>,
+    ) -> Result<ImageSummary, ApiError> {
+        let opts = PullOptions {
+            insecure: self.registry.insecure.clone(),
+            uid,
+            ..PullOptions::default()
+        };
+        let report = move |p: Progress| {
+            let _ = events.try_send(pull_event(p));
+        };
+        let record = self
+            .store
+            .push(store_ns(ns), reference, &opts, &report)
+            .await
+            .map_err(api_error)?;
+        Ok(summary(&record))
+    }
+
     /// Spools the archive to disk first: the tar reader is synchronous.
     async fn load(&self, ns: Namespace, mut archive: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
         let ns = store_ns(ns);
