@@ -184,6 +184,7 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
         Message::Exec(req) => exec::run(req, reader, writer)?,
         Message::CopyIn { path } => copy::copy_in(&path, reader, &writer)?,
         Message::CopyOut { path } => copy::copy_out(&path, &writer)?,
+        Message::CopyRoot => copy::copy_root(&writer)?,
         other => reply(&writer, error(anyhow!("not a request: {other:?}"), None))?,
     }
     Ok(())

@@ -8,6 +8,7 @@
 //! `spawn_blocking` when called from async code.
 
 pub mod archive;
+pub mod commit;
 pub mod content;
 pub mod error;
 pub mod fsutil;

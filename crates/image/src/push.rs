@@ -85,12 +85,14 @@ impl ImageStore {
                 buf.truncate(filled);
                 Some((Ok(bytes::Bytes::from(buf)), file))
             })
-            .map(move |chunk: Result<bytes::Bytes, oci_client::errors::OciDistributionError>| {
-                if let Ok(b) = &chunk {
-                    let _ = sent_tx.send(b.len() as u64);
-                }
-                chunk
-            });
+            .map(
+                move |chunk: Result<bytes::Bytes, oci_client::errors::OciDistributionError>| {
+                    if let Ok(b) = &chunk {
+                        let _ = sent_tx.send(b.len() as u64);
+                    }
+                    chunk
+                },
+            );
             let upload = client.push_blob_stream(&r, chunks, &blob.digest, Some(total));
             tokio::pin!(upload);
             let mut current = 0;

@@ -202,7 +202,12 @@ impl Core {
         let result = self
             .state
             .images
-            .push(caller.uid, Namespace::User(caller.uid), &reference, events.clone())
+            .push(
+                caller.uid,
+                Namespace::User(caller.uid),
+                &reference,
+                events.clone(),
+            )
             .await;
         let last = match result {
             Ok(image) => PullEvent::Done { image },

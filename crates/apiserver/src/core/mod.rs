@@ -124,6 +124,11 @@ pub enum Request {
         name: String,
         new: String,
     },
+    /// An image of `name`'s filesystem, named `image` among the caller's images.
+    MachineCommit {
+        name: String,
+        image: String,
+    },
     /// A stopped machine's new name.
     MachineRename {
         name: String,
@@ -228,6 +233,11 @@ impl std::fmt::Debug for Request {
                 .debug_tuple("MachineClone")
                 .field(name)
                 .field(new)
+                .finish(),
+            Request::MachineCommit { name, image } => f
+                .debug_tuple("MachineCommit")
+                .field(name)
+                .field(image)
                 .finish(),
             Request::MachineRename { name, new } => f
                 .debug_tuple("MachineRename")
@@ -482,6 +492,10 @@ impl Core {
             Request::MachineClone { name, new } => {
                 self.machine_clone(caller, &name, &new).await.map(machine)
             }
+            Request::MachineCommit { name, image } => self
+                .machine_commit(caller, &name, &image)
+                .await
+                .map(|s| Reply::ImageSummary(Box::new(s))),
             Request::MachineRename { name, new } => {
                 self.machine_rename(caller, &name, &new).await.map(machine)
             }

@@ -43,7 +43,7 @@ pub use error::RuntimeError;
 pub use helpers::HelperPaths;
 pub use identity::VmUsers;
 pub use kernel::Kernel;
-pub use session::{ClientStream, copy_in, copy_out, exec};
+pub use session::{ClientStream, copy_in, copy_out, copy_root, exec};
 pub use ssh_agent::{SshAgentTarget, SshAgents};
 pub use supervisor::{Death, Reboot, Runtime, stop_reason};
 pub use vmm::{NetDevice, TapError, TapPlumbing, Vmm};

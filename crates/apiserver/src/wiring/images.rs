@@ -17,7 +17,7 @@ use container_image::{ImageError, ImageRecord, ImageStore, Progress, PullOptions
 use tokio::sync::mpsc;
 
 use crate::config::RegistryConfig;
-use crate::core::ports::{Bytes, ImageInfo, Images, InUse, Namespace};
+use crate::core::ports::{Bytes, Commit, ImageInfo, Images, InUse, Namespace};
 
 /// The image store with the registry settings pulls and logins use.
 #[derive(Debug)]
@@ -249,6 +249,28 @@ impl Images for StoreImages {
                 .iter()
                 .map(|r| Ok(summary(&store.inspect(ns, &r.reference)?)))
                 .collect()
+        })
+        .await
+    }
+
+    /// Streams the tar through the (blocking) store: nothing is spooled uncompressed.
+    async fn commit(
+        &self,
+        ns: Namespace,
+        commit: Commit,
+        tar: Bytes,
+    ) -> Result<ImageSummary, ApiError> {
+        let store = self.store.clone();
+        let spec = container_image::commit::CommitSpec {
+            base: commit.base,
+            reference: commit.reference,
+            labels: commit.labels,
+            created_by: commit.created_by,
+        };
+        blocking(move || {
+            let reader = tokio_util::io::SyncIoBridge::new(tar);
+            let record = store.commit(store_ns(ns), &spec, reader)?;
+            Ok(summary(&record))
         })
         .await
     }

@@ -12,6 +12,7 @@
 //! - `stats`: what machines cost, for `stats` and `inspect`.
 
 mod autostart;
+mod commit;
 mod copies;
 mod exec;
 mod lifecycle;
