@@ -1,10 +1,10 @@
 //! Request bodies of the service's API, as any local user can send them: garbage is an
 //! error, never a panic, and whatever parses serialises back to a body that parses the same.
 #![no_main]
-use container_api::image::{LoginRequest, PullRequest, TagRequest};
+use container_api::image::{LoginRequest, PullRequest, PushRequest, TagRequest};
 use container_api::machine::{
-    CloneRequest, CreateRequest, RenameRequest, RunRequest, SetRequest, SnapshotCreateRequest,
-    SnapshotRestoreRequest, StopRequest,
+    CloneRequest, CommitRequest, CreateRequest, RenameRequest, RunRequest, SetRequest,
+    SnapshotCreateRequest, SnapshotRestoreRequest, StopRequest,
 };
 use container_api::system::KernelSetRequest;
 use serde::Serialize;
@@ -27,11 +27,13 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     round_trip::<SetRequest>(data);
     round_trip::<StopRequest>(data);
     round_trip::<CloneRequest>(data);
+    round_trip::<CommitRequest>(data);
     round_trip::<RenameRequest>(data);
     round_trip::<SnapshotCreateRequest>(data);
     round_trip::<SnapshotRestoreRequest>(data);
     round_trip::<TagRequest>(data);
     round_trip::<PullRequest>(data);
+    round_trip::<PushRequest>(data);
     round_trip::<LoginRequest>(data);
     round_trip::<KernelSetRequest>(data);
     if let Ok(text) = std::str::from_utf8(data) {

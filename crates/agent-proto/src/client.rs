@@ -271,16 +271,27 @@ impl AgentClient {
     /// A tar stream of `path` in the machine (its base name at the top). A missing path is
     /// an error here; a failure later is an I/O error of the reader.
     pub async fn copy_out(
-        mut self,
+        self,
         path: &str,
     ) -> Result<impl AsyncRead + Send + Unpin + 'static, ProtoError> {
-        send(
-            &mut self.stream,
-            Message::CopyOut {
-                path: path.to_string(),
-            },
-        )
-        .await?;
+        self.tar_stream(Message::CopyOut {
+            path: path.to_string(),
+        })
+        .await
+    }
+
+    /// A tar stream of the machine's root filesystem alone, for a commit (see
+    /// [`Message::CopyRoot`]); errors as [`AgentClient::copy_out`]'s.
+    pub async fn copy_root(self) -> Result<impl AsyncRead + Send + Unpin + 'static, ProtoError> {
+        self.tar_stream(Message::CopyRoot).await
+    }
+
+    /// Sends `request` and reads the tar stream that answers it.
+    async fn tar_stream(
+        mut self,
+        request: Message,
+    ) -> Result<impl AsyncRead + Send + Unpin + 'static, ProtoError> {
+        send(&mut self.stream, request).await?;
         let first = match read(&mut self.stream).await? {
             Some(Frame::Data(Kind::Data, b)) => Some(b),
             Some(Frame::Message(Message::DataEof)) => None,

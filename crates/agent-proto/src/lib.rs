@@ -10,6 +10,7 @@
 //! | `Exec` | `Stdin` data, `StdinEof`, `Resize`, `Signal` | `Started`, `Stdout`/`Stderr` data, `Exit` — or one `Error` (code 126/127) instead of `Started` |
 //! | `CopyIn` | tar in `Data` frames, `DataEof` | `Done` or `Error` |
 //! | `CopyOut` | — | tar in `Data` frames, `DataEof` — or `Error` |
+//! | `CopyRoot` | — | tar in `Data` frames, `DataEof` — or `Error` |
 //! | `Shutdown` | — | `Done` once the stop signal is sent |
 //! | `SetTime` | — | `Done` or `Error` |
 //! | `Ping` | — | `Pong` |

@@ -33,6 +33,11 @@ pub enum Message {
     CopyIn { path: String },
     /// Host: send a tar stream of `path`, its base name at the top, ownership kept.
     CopyOut { path: String },
+    /// Host: send a tar stream of the machine's root filesystem for `machine commit`: that
+    /// filesystem only (no other mount's contents: not /proc, /sys, /dev, nor shares), and
+    /// without the contents of /run, /tmp and the agent's host services; names relative to
+    /// `/`, hard links kept, sockets left out.
+    CopyRoot,
     /// End of a tar stream, either direction.
     DataEof,
     /// Agent: the request succeeded.

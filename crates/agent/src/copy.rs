@@ -229,6 +229,94 @@ fn pack(path: &str, writer: &Writer) -> Result<()> {
         .with_context(|| format!("reading {path}"))
 }
 
+/// Directories of the root filesystem whose contents a commit leaves out (the directories
+/// themselves are kept): what the kernel, the init and the agent make at each boot.
+const COMMIT_EMPTY: &[&str] = &["proc", "sys", "dev", "run", "tmp", "var/host-services"];
+
+/// Streams a tar of the machine's root filesystem for `machine commit`, then `DataEof`; or an
+/// error answer (after whatever part went out).
+pub fn copy_root(writer: &Writer) -> std::io::Result<()> {
+    let out = std::io::BufWriter::with_capacity(256 * 1024, FrameWriter(writer));
+    let r =
+        pack_root(Path::new("/"), out).and_then(|mut w| w.flush().context("sending the archive"));
+    match r {
+        Ok(()) => reply(writer, Message::DataEof),
+        Err(e) => reply(writer, error(e, None)),
+    }
+}
+
+/// Writes a tar of the filesystem mounted at `root` to `out`: names relative to `root`, in
+/// sorted order; only that filesystem (a mount point is kept as an empty directory); no
+/// contents of [`COMMIT_EMPTY`]; a hard link as a link to the first name of its file;
+/// sockets left out; files that vanish while the walk runs skipped.
+pub fn pack_root<W: Write>(root: &Path, out: W) -> Result<W> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::symlink_metadata(root)
+        .with_context(|| format!("reading {}", root.display()))?
+        .dev();
+    let mut builder = tar::Builder::new(out);
+    builder.follow_symlinks(false);
+    let mut links: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
+    let mut pending = vec![PathBuf::new()];
+    while let Some(dir) = pending.pop() {
+        let mut names: Vec<_> = match std::fs::read_dir(root.join(&dir)) {
+            Ok(entries) => entries.flatten().map(|e| e.file_name()).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading /{}", dir.display())),
+        };
+        names.sort();
+        // Pushed in reverse so the walk pops them in order.
+        let mut subdirs = Vec::new();
+        for name in names {
+            let rel = dir.join(&name);
+            let full = root.join(&rel);
+            let meta = match std::fs::symlink_metadata(&full) {
+                Ok(m) => m,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading /{}", rel.display())),
+            };
+            let kind = meta.file_type();
+            if std::os::unix::fs::FileTypeExt::is_socket(&kind) {
+                continue;
+            }
+            if kind.is_dir() {
+                let mut h = tar::Header::new_gnu();
+                h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+                builder
+                    .append_data(&mut h, &rel, std::io::empty())
+                    .with_context(|| format!("archiving /{}", rel.display()))?;
+                let leave_empty =
+                    meta.dev() != dev || COMMIT_EMPTY.iter().any(|e| Path::new(e) == rel.as_path());
+                if !leave_empty {
+                    subdirs.push(rel);
+                }
+                continue;
+            }
+            if kind.is_file() && meta.nlink() > 1 {
+                let key = (meta.dev(), meta.ino());
+                if let Some(first) = links.get(&key) {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_metadata_in_mode(&meta, tar::HeaderMode::Complete);
+                    h.set_entry_type(tar::EntryType::Link);
+                    h.set_size(0);
+                    builder
+                        .append_link(&mut h, &rel, first)
+                        .with_context(|| format!("archiving /{}", rel.display()))?;
+                    continue;
+                }
+                links.insert(key, rel.clone());
+            }
+            match builder.append_path_with_name(&full, &rel) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("archiving /{}", rel.display())),
+            }
+        }
+        pending.extend(subdirs.into_iter().rev());
+    }
+    builder.into_inner().context("finishing the archive")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,5 +400,51 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("os error"), "{err}");
+    }
+
+    #[test]
+    fn a_root_archive_keeps_links_and_leaves_runtime_directories_empty() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        for d in ["etc", "proc/1", "tmp", "opt"] {
+            std::fs::create_dir_all(r.join(d)).unwrap();
+        }
+        std::fs::write(r.join("etc/hostname"), "m\n").unwrap();
+        std::fs::write(r.join("proc/1/status"), "x").unwrap();
+        std::fs::write(r.join("tmp/scratch"), "x").unwrap();
+        std::fs::write(r.join("opt/a"), "same").unwrap();
+        std::fs::hard_link(r.join("opt/a"), r.join("opt/b")).unwrap();
+        symlink("/etc/hostname", r.join("opt/link")).unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(r.join("opt/sock")).unwrap();
+        let tar = pack_root(r, Vec::new()).unwrap();
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let entries: Vec<(String, tar::EntryType)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().entry_type(),
+                )
+            })
+            .collect();
+        let names: Vec<&str> = entries.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "etc",
+                "opt",
+                "proc",
+                "tmp",
+                "etc/hostname",
+                "opt/a",
+                "opt/b",
+                "opt/link"
+            ]
+        );
+        assert_eq!(entries[6].1, tar::EntryType::Link);
+        assert_eq!(entries[7].1, tar::EntryType::Symlink);
     }
 }

@@ -86,7 +86,15 @@ pub struct PullRequest {
     pub system: bool,
 }
 
-/// One line of the NDJSON stream a pull answers with.
+/// `POST /v1/images/push` body: an image the caller sees, sent to the registry its reference
+/// names. The answer streams [`PullEvent`]s, as a pull's does.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushRequest {
+    pub reference: String,
+}
+
+/// One line of the NDJSON stream a pull (or a push) answers with.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum PullEvent {

@@ -421,6 +421,14 @@ pub struct CloneRequest {
     pub name: String,
 }
 
+/// `POST /v1/machines/{name}/commit` body: the name of the image to make of the machine's
+/// filesystem, among the caller's images. Answered with the image's summary.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    pub image: String,
+}
+
 /// `POST /v1/machines/{name}/rename` body: the machine's new name.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -8,12 +8,14 @@
 //! `spawn_blocking` when called from async code.
 
 pub mod archive;
+pub mod commit;
 pub mod content;
 pub mod error;
 pub mod fsutil;
 pub mod gc;
 pub mod manifest;
 pub mod pull;
+pub mod push;
 pub mod registry;
 pub mod store;
 pub mod unpack;

@@ -191,6 +191,31 @@ impl Core {
         };
         let _ = events.send(last).await;
     }
+    /// Pushes an image the caller sees (their own, or a system-wide one) with their registry
+    /// credentials, reporting progress on `events`, ending with `Done` or `Error`.
+    pub(super) async fn image_push(
+        &self,
+        caller: &Caller,
+        reference: String,
+        events: mpsc::Sender<PullEvent>,
+    ) {
+        let result = self
+            .state
+            .images
+            .push(
+                caller.uid,
+                Namespace::User(caller.uid),
+                &reference,
+                events.clone(),
+            )
+            .await;
+        let last = match result {
+            Ok(image) => PullEvent::Done { image },
+            Err(error) => PullEvent::Error { error },
+        };
+        let _ = events.send(last).await;
+    }
+
     pub(super) async fn registry_login(
         &self,
         caller: &Caller,

@@ -77,6 +77,12 @@ pub enum Request {
         system: bool,
         events: tokio::sync::mpsc::Sender<PullEvent>,
     },
+    /// Push an image the caller sees to its registry; progress and the result go to
+    /// `events`.
+    ImagePush {
+        reference: String,
+        events: tokio::sync::mpsc::Sender<PullEvent>,
+    },
     ImageTag(TagRequest),
     /// Load the images of an archive read from `archive`; `system`: name them system-wide
     /// (root).
@@ -119,6 +125,11 @@ pub enum Request {
     MachineClone {
         name: String,
         new: String,
+    },
+    /// An image of `name`'s filesystem, named `image` among the caller's images.
+    MachineCommit {
+        name: String,
+        image: String,
     },
     /// A stopped machine's new name.
     MachineRename {
@@ -190,6 +201,9 @@ impl std::fmt::Debug for Request {
             Request::ImagePull { reference, .. } => {
                 f.debug_tuple("ImagePull").field(reference).finish()
             }
+            Request::ImagePush { reference, .. } => {
+                f.debug_tuple("ImagePush").field(reference).finish()
+            }
             Request::ImageTag(t) => f.debug_tuple("ImageTag").field(t).finish(),
             Request::ImageLoad { system, .. } => {
                 f.debug_struct("ImageLoad").field("system", system).finish()
@@ -228,6 +242,11 @@ impl std::fmt::Debug for Request {
                 .debug_tuple("MachineClone")
                 .field(name)
                 .field(new)
+                .finish(),
+            Request::MachineCommit { name, image } => f
+                .debug_tuple("MachineCommit")
+                .field(name)
+                .field(image)
                 .finish(),
             Request::MachineRename { name, new } => f
                 .debug_tuple("MachineRename")
@@ -446,6 +465,10 @@ impl Core {
                 self.image_pull(caller, reference, system, events).await;
                 Ok(Reply::Empty {})
             }
+            Request::ImagePush { reference, events } => {
+                self.image_push(caller, reference, events).await;
+                Ok(Reply::Empty {})
+            }
             Request::ImageTag(t) => self
                 .image_tag(caller, t.source, t.target, t.system)
                 .await
@@ -497,6 +520,10 @@ impl Core {
             Request::MachineClone { name, new } => {
                 self.machine_clone(caller, &name, &new).await.map(machine)
             }
+            Request::MachineCommit { name, image } => self
+                .machine_commit(caller, &name, &image)
+                .await
+                .map(|s| Reply::ImageSummary(Box::new(s))),
             Request::MachineRename { name, new } => {
                 self.machine_rename(caller, &name, &new).await.map(machine)
             }

@@ -47,6 +47,19 @@ pub enum Namespace {
     System,
 }
 
+/// An image to make of a machine's filesystem ([`Images::commit`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Commit {
+    /// The manifest digest of the machine's image, whose config the new image keeps.
+    pub base: String,
+    /// The name to give it.
+    pub reference: String,
+    /// Labels added to the base's.
+    pub labels: BTreeMap<String, String>,
+    /// What made it, for the image's history.
+    pub created_by: String,
+}
+
 /// The image store and the registries behind it. Names live in a [`Namespace`]; blobs and
 /// base disks are shared by digest.
 #[async_trait]
@@ -72,8 +85,25 @@ pub trait Images: Send + Sync {
         reference: &str,
         events: tokio::sync::mpsc::Sender<PullEvent>,
     ) -> Result<ImageSummary, ApiError>;
+    /// Pushes the image `ns` sees as `reference` to its registry with `uid`'s registry
+    /// credentials; progress goes to `events` (never blocking on a slow reader).
+    async fn push(
+        &self,
+        uid: u32,
+        ns: Namespace,
+        reference: &str,
+        events: tokio::sync::mpsc::Sender<PullEvent>,
+    ) -> Result<ImageSummary, ApiError>;
     /// Loads the images of an OCI-layout or `docker save` archive, named in `ns`.
     async fn load(&self, ns: Namespace, archive: Bytes) -> Result<Vec<ImageSummary>, ApiError>;
+    /// Makes an image of `tar` (a machine's whole filesystem) as `commit` says and names it
+    /// in `ns`, replacing what that name pointed at there only.
+    async fn commit(
+        &self,
+        ns: Namespace,
+        commit: Commit,
+        tar: Bytes,
+    ) -> Result<ImageSummary, ApiError>;
     /// An OCI-layout archive of these references, as `ns` sees them.
     async fn save(&self, ns: Namespace, references: Vec<String>) -> Result<Bytes, ApiError>;
     /// Untags `reference` in `ns`, deleting what no other name (of any namespace) or machine
@@ -256,6 +286,9 @@ pub trait Vms: Send + Sync {
             "machine `{name}`: this runtime cannot connect to guest ports"
         )))
     }
+    /// Streams a tar of the machine's root filesystem alone (no other mount, no /proc, /sys,
+    /// /dev, /run or /tmp contents), for a commit.
+    async fn copy_root(&self, name: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError>;
     /// The console log (`boot`: the boot log) of a machine.
     fn log_path(&self, name: &str, boot: bool) -> PathBuf;
     /// Running machines that stopped because their guest rebooted itself.

@@ -90,6 +90,16 @@ impl Images for FakeImages {
         self.record(format!("pull {ns:?} {reference} as {uid}"));
         Ok(summary_of(reference, ns))
     }
+    async fn push(
+        &self,
+        uid: u32,
+        ns: Namespace,
+        reference: &str,
+        _: tokio::sync::mpsc::Sender<PullEvent>,
+    ) -> Result<ImageSummary, ApiError> {
+        self.record(format!("push {ns:?} {reference} as {uid}"));
+        Ok(summary_of(reference, ns))
+    }
     async fn load(&self, ns: Namespace, mut archive: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
         // Spooled whole, as the real store does.
         let size = tokio::io::copy(&mut archive, &mut tokio::io::sink())
@@ -97,6 +107,21 @@ impl Images for FakeImages {
             .map_err(|e| ApiError::invalid(format!("reading the archive: {e}")))?;
         self.record(format!("load {ns:?} {size}"));
         Ok(Vec::new())
+    }
+    async fn commit(
+        &self,
+        ns: Namespace,
+        commit: super::ports::Commit,
+        mut tar: Bytes,
+    ) -> Result<ImageSummary, ApiError> {
+        let size = tokio::io::copy(&mut tar, &mut tokio::io::sink())
+            .await
+            .map_err(|e| ApiError::invalid(format!("reading the tar: {e}")))?;
+        self.record(format!(
+            "commit {ns:?} {} from {} {:?} {size}",
+            commit.reference, commit.base, commit.labels
+        ));
+        Ok(summary_of(&commit.reference, ns))
     }
     async fn save(&self, ns: Namespace, references: Vec<String>) -> Result<Bytes, ApiError> {
         self.record(format!("save {ns:?} {references:?}"));
@@ -282,6 +307,9 @@ impl Vms for FakeVms {
         _: &str,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError> {
         Ok(Box::new(&b""[..]))
+    }
+    async fn copy_root(&self, _: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError> {
+        Ok(Box::new(&b"root"[..]))
     }
     fn log_path(&self, name: &str, _boot: bool) -> PathBuf {
         PathBuf::from(format!("/logs/{name}"))
@@ -1844,4 +1872,33 @@ async fn a_machine_forwards_its_ports_from_boot_and_forward_ports_off_applies_at
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidArgument);
     assert!(err.message.contains("published twice"), "{}", err.message);
+}
+
+#[tokio::test]
+async fn a_commit_reads_only_your_machine_and_names_the_image_in_your_namespace() {
+    let f = fixture();
+    machine(&f.core, &ROOT, create("busybox", Some("rootbox")))
+        .await
+        .unwrap();
+    let commit = |image: &str| Request::MachineCommit {
+        name: "rootbox".into(),
+        image: image.into(),
+    };
+    let e = f.core.handle(&NOBODY, commit("x:1")).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e:?}");
+    assert!(f.images.calls().iter().all(|c| !c.starts_with("commit")));
+
+    f.core.handle(&ROOT, commit("dev:1")).await.unwrap();
+    let calls = f.images.calls();
+    let made = calls.iter().find(|c| c.starts_with("commit")).unwrap();
+    assert!(
+        made.starts_with("commit User(0) dev:1 from sha256:busybox"),
+        "{made}"
+    );
+    assert!(
+        made.contains(r#""org.container.machine.source": "rootbox""#),
+        "{made}"
+    );
+    // The machine was booted to be read, and the whole tar reached the store.
+    assert!(made.ends_with(" 4"), "{made}");
 }

@@ -6,7 +6,7 @@ use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use container_api::image::{LoginRequest, PullRequest, TagRequest};
+use container_api::image::{LoginRequest, PullRequest, PushRequest, TagRequest};
 use futures::StreamExt;
 use serde::Deserialize;
 
@@ -18,6 +18,7 @@ pub fn routes() -> Router<Core> {
         .route("/images", get(list).delete(remove))
         .route("/images/inspect", get(inspect))
         .route("/images/pull", post(pull))
+        .route("/images/push", post(push))
         .route("/images/tag", post(tag))
         .route("/images/load", post(load))
         .route("/images/save", get(save))
@@ -85,17 +86,38 @@ async fn pull(
     JsonBody(body): JsonBody<PullRequest>,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let request = Request::ImagePull {
+        reference: body.reference,
+        system: body.system,
+        events: tx,
+    };
+    progress_stream(core, caller, request, rx)
+}
+
+/// Streams NDJSON progress, as a pull does; the push goes on in its own task.
+async fn push(
+    State(core): State<Core>,
+    caller: Caller,
+    JsonBody(body): JsonBody<PushRequest>,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let request = Request::ImagePush {
+        reference: body.reference,
+        events: tx,
+    };
+    progress_stream(core, caller, request, rx)
+}
+
+/// Runs `request` in its own task and answers with the events it sends on `rx`, one JSON
+/// object a line.
+fn progress_stream(
+    core: Core,
+    caller: Caller,
+    request: Request,
+    rx: tokio::sync::mpsc::Receiver<container_api::image::PullEvent>,
+) -> Response {
     tokio::spawn(async move {
-        let _ = core
-            .handle(
-                &caller,
-                Request::ImagePull {
-                    reference: body.reference,
-                    system: body.system,
-                    events: tx,
-                },
-            )
-            .await;
+        let _ = core.handle(&caller, request).await;
     });
     let mut rx = rx;
     let lines = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|event| {

@@ -8,8 +8,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use container_api::ApiError;
 use container_api::machine::{
-    CloneRequest, ConnectRequest, CreateRequest, RenameRequest, RunRequest, SetRequest,
-    SnapshotCreateRequest, SnapshotRestoreRequest, StopRequest,
+    CloneRequest, CommitRequest, ConnectRequest, CreateRequest, RenameRequest, RunRequest,
+    SetRequest, SnapshotCreateRequest, SnapshotRestoreRequest, StopRequest,
 };
 use futures::TryStreamExt;
 use serde::Deserialize;
@@ -31,6 +31,7 @@ pub fn routes() -> Router<Core> {
         .route("/machines/{name}/copy-in", post(copy_in))
         .route("/machines/{name}/copy-out", get(copy_out))
         .route("/machines/{name}/clone", post(clone))
+        .route("/machines/{name}/commit", post(commit))
         .route("/machines/{name}/rename", post(rename))
         .route("/machines/{name}/ports", get(ports))
         .route(
@@ -57,6 +58,19 @@ async fn clone(
     let request = Request::MachineClone {
         name,
         new: body.name,
+    };
+    answer(&core, &caller, request).await
+}
+
+async fn commit(
+    State(core): State<Core>,
+    caller: Caller,
+    Path(name): Path<String>,
+    JsonBody(body): JsonBody<CommitRequest>,
+) -> Response {
+    let request = Request::MachineCommit {
+        name,
+        image: body.image,
     };
     answer(&core, &caller, request).await
 }

@@ -46,7 +46,7 @@ pub use helpers::HelperPaths;
 pub use identity::VmUsers;
 pub use kernel::Kernel;
 pub use port_forward::{PortForwards, PortPolicy};
-pub use session::{ClientStream, connect, copy_in, copy_out, exec};
+pub use session::{ClientStream, connect, copy_in, copy_out, copy_root, exec};
 pub use ssh_agent::{SshAgentTarget, SshAgents};
 pub use supervisor::{Death, GuestPorts, Reboot, Runtime, stop_reason};
 pub use vmm::{NetDevice, TapError, TapPlumbing, Vmm};

@@ -186,6 +186,19 @@ pub async fn connect(vsock: &Path, port: u16) -> Result<tokio::net::UnixStream, 
     }
 }
 
+/// A tar stream of the machine's root filesystem alone, for a commit; errors as
+/// [`copy_out`]'s.
+pub async fn copy_root(vsock: &Path) -> Result<Box<dyn AsyncRead + Send + Unpin>, RuntimeError> {
+    let agent = AgentClient::connect(vsock, PORT)
+        .await
+        .map_err(RuntimeError::Agent)?;
+    match agent.copy_root().await {
+        Ok(tar) => Ok(Box::new(tar)),
+        Err(ProtoError::Agent { message, .. }) => Err(RuntimeError::CopyOutRefused { message }),
+        Err(e) => Err(RuntimeError::Agent(e)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use container_image::{ImageError, ImageRecord, ImageStore, Progress, PullOptions
 use tokio::sync::mpsc;
 
 use crate::config::RegistryConfig;
-use crate::core::ports::{Bytes, ImageInfo, Images, InUse, Namespace};
+use crate::core::ports::{Bytes, Commit, ImageInfo, Images, InUse, Namespace};
 
 /// The image store with the registry settings pulls and logins use.
 #[derive(Debug)]
@@ -204,6 +204,29 @@ impl Images for StoreImages {
         .await
     }
 
+    async fn push(
+        &self,
+        uid: u32,
+        ns: Namespace,
+        reference: &str,
+        events: mpsc::Sender<PullEvent>,
+    ) -> Result<ImageSummary, ApiError> {
+        let opts = PullOptions {
+            insecure: self.registry.insecure.clone(),
+            uid,
+            ..PullOptions::default()
+        };
+        let report = move |p: Progress| {
+            let _ = events.try_send(pull_event(p));
+        };
+        let record = self
+            .store
+            .push(store_ns(ns), reference, &opts, &report)
+            .await
+            .map_err(api_error)?;
+        Ok(summary(&record))
+    }
+
     /// Spools the archive to disk first: the tar reader is synchronous.
     async fn load(&self, ns: Namespace, mut archive: Bytes) -> Result<Vec<ImageSummary>, ApiError> {
         let ns = store_ns(ns);
@@ -226,6 +249,28 @@ impl Images for StoreImages {
                 .iter()
                 .map(|r| Ok(summary(&store.inspect(ns, &r.reference)?)))
                 .collect()
+        })
+        .await
+    }
+
+    /// Streams the tar through the (blocking) store: nothing is spooled uncompressed.
+    async fn commit(
+        &self,
+        ns: Namespace,
+        commit: Commit,
+        tar: Bytes,
+    ) -> Result<ImageSummary, ApiError> {
+        let store = self.store.clone();
+        let spec = container_image::commit::CommitSpec {
+            base: commit.base,
+            reference: commit.reference,
+            labels: commit.labels,
+            created_by: commit.created_by,
+        };
+        blocking(move || {
+            let reader = tokio_util::io::SyncIoBridge::new(tar);
+            let record = store.commit(store_ns(ns), &spec, reader)?;
+            Ok(summary(&record))
         })
         .await
     }

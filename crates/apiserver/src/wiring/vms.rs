@@ -494,6 +494,11 @@ impl Vms for ServiceVms {
         let stream = runtime::connect(&self.running(name)?, port).await?;
         Ok(Box::new(stream))
     }
+    async fn copy_root(&self, name: &str) -> Result<Box<dyn AsyncRead + Send + Unpin>, ApiError> {
+        runtime::copy_root(&self.running(name)?)
+            .await
+            .map_err(ApiError::from)
+    }
     fn log_path(&self, name: &str, boot: bool) -> PathBuf {
         console::log_path(&self.machines().join(name), boot)
     }

@@ -13,6 +13,7 @@
 //! - `stats`: what machines cost, for `stats` and `inspect`.
 
 mod autostart;
+mod commit;
 mod copies;
 mod exec;
 mod forwards;

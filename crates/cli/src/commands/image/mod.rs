@@ -1,4 +1,4 @@
-//! `container image …` (alias `i`): pull, list, inspect, remove, tag, load and save images.
+//! `container image …` (alias `i`): pull, push, list, inspect, remove, tag, load and save images.
 //! This file holds the subcommand enum and its dispatch; each subcommand lives in a file of
 //! its own.
 //!
@@ -11,6 +11,7 @@ mod inspect;
 mod list;
 mod load;
 mod pull;
+mod push;
 mod save;
 mod tag;
 
@@ -24,6 +25,8 @@ use crate::service;
 pub enum ImageCommand {
     /// Pull an image from a registry.
     Pull(pull::PullArgs),
+    /// Push one of your images to the registry its name points at.
+    Push(push::PushArgs),
     /// List your images and the system-wide ones (OWNER `system`).
     #[command(visible_alias = "ls")]
     List(list::ListArgs),
@@ -55,6 +58,7 @@ impl ImageCommand {
         let client = service::connect().await?;
         match self {
             ImageCommand::Pull(args) => pull::run(&client, args).await,
+            ImageCommand::Push(args) => push::run(&client, args).await,
             ImageCommand::List(args) => list::run(&client, args).await,
             ImageCommand::Inspect(args) => inspect::run(&client, args).await,
             ImageCommand::Delete(args) => delete::run(&client, args).await,

@@ -73,15 +73,15 @@ async fn pull_into(
     anyhow::bail!("the service closed the pull of {reference} without a result")
 }
 
-/// Renders pull events: bars on a terminal, one line per finished step otherwise.
-struct Progress {
+/// Renders pull (and push) events: bars on a terminal, one line per finished step otherwise.
+pub(super) struct Progress {
     quiet: bool,
     bars: Option<indicatif::MultiProgress>,
     by_digest: std::collections::HashMap<String, indicatif::ProgressBar>,
 }
 
 impl Progress {
-    fn new(quiet: bool) -> Self {
+    pub(super) fn new(quiet: bool) -> Self {
         let bars = (!quiet && std::io::stderr().is_terminal()).then(indicatif::MultiProgress::new);
         Self {
             quiet,
@@ -98,7 +98,7 @@ impl Progress {
             .collect()
     }
 
-    fn show(&mut self, event: &PullEvent) {
+    pub(super) fn show(&mut self, event: &PullEvent) {
         if self.quiet {
             return;
         }
@@ -148,7 +148,7 @@ impl Progress {
         }
     }
 
-    fn finish(&mut self) {
+    pub(super) fn finish(&mut self) {
         for bar in self.by_digest.values() {
             bar.finish();
         }

@@ -2,6 +2,7 @@
 //! and its dispatch; each subcommand lives in a file of its own.
 
 mod clone;
+mod commit;
 mod cp;
 mod create;
 mod delete;
@@ -56,6 +57,8 @@ pub enum MachineCommand {
     Cp(cp::CpArgs),
     /// Make a new machine from another's disk and settings (cheap; the source may run).
     Clone(clone::CloneArgs),
+    /// Make an image of a machine's filesystem (one of your images; push it to share it).
+    Commit(commit::CommitArgs),
     /// Snapshots of a machine's disk: create, ls, restore, rm (host home files not included).
     Snapshot(snapshot::SnapshotArgs),
     /// Give a stopped machine a new name.
@@ -110,6 +113,7 @@ impl MachineCommand {
             MachineCommand::Delete(args) => delete::run(&client, args).await?,
             MachineCommand::Cp(args) => cp::run(&client, args).await?,
             MachineCommand::Clone(args) => clone::run(&client, args).await?,
+            MachineCommand::Commit(args) => commit::run(&client, args).await?,
             MachineCommand::Snapshot(args) => snapshot::run(&client, args).await?,
             MachineCommand::Rename(args) => rename::run(&client, args).await?,
             MachineCommand::Restart(args) => restart::run(&client, args).await?,
