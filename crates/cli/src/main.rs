@@ -100,3 +100,32 @@ fn finish(result: anyhow::Result<()>) -> std::process::ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// The long help of `container ARGS --help`.
+    fn long_help(args: &[&str]) -> String {
+        let mut cmd = Cli::command();
+        for a in args {
+            cmd = cmd.find_subcommand(a).expect(a).clone();
+        }
+        cmd.render_long_help().to_string()
+    }
+
+    #[test]
+    fn long_help_says_more_than_the_summary() {
+        for (args, says) in [
+            (&["machine", "clone"][..], "not copied"),
+            (&["machine", "commit"], "org.container.machine.source"),
+            (&["machine", "rename"], "still is"),
+            (&["image", "push"], "not sent again"),
+            (&["system", "events"], "root sees all"),
+        ] {
+            let help = long_help(args);
+            assert!(help.contains(says), "{args:?} --help: {help}");
+        }
+    }
+}

@@ -19,12 +19,12 @@ pub enum EventFormat {
     Json,
 }
 
-#[derive(Debug, Args)]
-#[command(
-    long_about = "Stream the lifecycle events of your machines as they happen (created, booting, \
+/// What `--help` says beyond the one line (on the subcommand, which would hide it here).
+pub const LONG_ABOUT: &str = "Stream the lifecycle events of your machines as they happen (created, booting, \
 running, stopping, stopped, died, deleted, snapshot, clone, renamed) until interrupted. Other \
-users' machines are never shown (root sees all)."
-)]
+users' machines are never shown (root sees all).";
+
+#[derive(Debug, Args)]
 pub struct EventsArgs {
     #[arg(long, value_enum, default_value_t)]
     format: EventFormat,

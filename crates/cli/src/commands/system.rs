@@ -18,6 +18,7 @@ pub enum SystemCommand {
     /// Show whether the service runs, with what, and what runs it (systemd or the CLI).
     Status(FormatArg),
     /// Stream your machines' lifecycle events (`--format json`: one JSON object a line).
+    #[command(long_about = super::events::LONG_ABOUT)]
     Events(super::events::EventsArgs),
     /// Check that this host can run machines: KVM, QEMU and helpers, kernel, network, disk.
     Check(super::check::CheckArgs),

@@ -26,6 +26,7 @@ pub enum ImageCommand {
     /// Pull an image from a registry.
     Pull(pull::PullArgs),
     /// Push one of your images to the registry its name points at.
+    #[command(long_about = push::LONG_ABOUT)]
     Push(push::PushArgs),
     /// List your images and the system-wide ones (OWNER `system`).
     #[command(visible_alias = "ls")]

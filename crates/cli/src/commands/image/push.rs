@@ -10,15 +10,15 @@ use futures::StreamExt;
 use super::pull::Progress;
 use crate::output::{Format, render_value};
 
-#[derive(Debug, Args)]
-#[command(
-    long_about = "Push one of your images (or a system-wide one) to the registry its name \
+/// What `--help` says beyond the one line (on the subcommand, which would hide it here).
+pub const LONG_ABOUT: &str = "Push one of your images (or a system-wide one) to the registry its name \
 points at: `container image tag` it first to push it elsewhere, e.g. \
 `container image tag dev 127.0.0.1:5000/me/dev:1`. Layers the registry has already are not \
 sent again. Registries on this machine's loopback, and those listed in `insecure` under \
 [registry] in config.toml, are reached over plain HTTP, others over HTTPS; mirrors are only \
-read from. Credentials are yours from `container registry login`."
-)]
+read from. Credentials are yours from `container registry login`.";
+
+#[derive(Debug, Args)]
 pub struct PushArgs {
     /// The image to push, by reference (e.g. `127.0.0.1:5000/me/dev:1`) or digest.
     reference: String,

@@ -7,9 +7,8 @@ use container_api::machine::CommitRequest;
 
 use crate::output::{Format, render_value};
 
-#[derive(Debug, Args)]
-#[command(
-    long_about = "Make an image of NAME's filesystem, named IMAGE among your images \
+/// What `--help` says beyond the one line (on the subcommand, which would hide it here).
+pub const LONG_ABOUT: &str = "Make an image of NAME's filesystem, named IMAGE among your images \
 (replacing your image of that name, never another user's or a system-wide one). The image \
 keeps the config of the machine's image (environment, entrypoint, command, labels, stop \
 signal), gains the labels org.container.machine.source (NAME), org.container.machine.base \
@@ -19,8 +18,9 @@ anything mounted (your host home, --mount directories). A stopped machine is sta
 first; a running one keeps running, and a file written while the commit runs may be \
 caught half-written. A machine made from the image sets its own user up at its first \
 start, as a clone does; the committing user's account stays in the image. Share the image \
-with `container image push`."
-)]
+with `container image push`.";
+
+#[derive(Debug, Args)]
 pub struct CommitArgs {
     /// The machine.
     name: String,

@@ -56,12 +56,15 @@ pub enum MachineCommand {
     /// Copy files between the host and a machine (`NAME:/path` on one side).
     Cp(cp::CpArgs),
     /// Make a new machine from another's disk and settings (cheap; the source may run).
+    #[command(long_about = clone::LONG_ABOUT)]
     Clone(clone::CloneArgs),
     /// Make an image of a machine's filesystem (one of your images; push it to share it).
+    #[command(long_about = commit::LONG_ABOUT)]
     Commit(commit::CommitArgs),
     /// Snapshots of a machine's disk: create, ls, restore, rm (host home files not included).
     Snapshot(snapshot::SnapshotArgs),
     /// Give a stopped machine a new name.
+    #[command(long_about = rename::LONG_ABOUT)]
     Rename(rename::RenameArgs),
     /// Stop machines (with stop's flags), then start them again.
     Restart(restart::RestartArgs),

@@ -4,11 +4,11 @@ use clap::Args;
 use container_api::Client;
 use container_api::machine::{Machine, RenameRequest};
 
+/// What `--help` says beyond the one line (on the subcommand, which would hide it here).
+pub const LONG_ABOUT: &str = "Give a stopped machine a new name (and host name at its next start). Its disk, \
+snapshots and settings stay; if it was your default machine, it still is.";
+
 #[derive(Debug, Args)]
-#[command(
-    long_about = "Give a stopped machine a new name (and host name at its next start). Its disk, \
-snapshots and settings stay; if it was your default machine, it still is."
-)]
 pub struct RenameArgs {
     /// The machine's current name.
     old: String,
