@@ -214,7 +214,7 @@ pub struct RuntimeConfig {
     pub vhost_device_vsock: Option<String>,
     pub agent: Option<String>,
     /// The uids (and gids of the same numbers) VMs run as, one per running VM.
-    pub vm_users: crate::runtime::VmUsers,
+    pub vm_users: VmUsers,
     /// Under software emulation, the most memory QEMU keeps translated guest code in
     /// (`-accel tcg,tb-size=`), in bytes; `None` leaves QEMU's default.
     pub tcg_translation_cache: Option<u64>,
@@ -310,7 +310,7 @@ fn defaults(host: HostFacts) -> FileConfig {
         kernel: None,
         runtime: Some(RuntimeSection {
             virtualization: Some(Virtualization::Auto),
-            vm_users: Some(crate::runtime::VmUsers::default().to_string()),
+            vm_users: Some(VmUsers::default().to_string()),
             boot_timeout: Some(DEFAULT_BOOT_TIMEOUT),
             ..Default::default()
         }),
@@ -344,7 +344,7 @@ pub fn config_files(install_prefix: &Path) -> Vec<PathBuf> {
     let user_dir = std::env::var_os("XDG_CONFIG_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| crate::runtime::helpers::service_home().map(|h| h.join(".config")));
+        .or_else(|| service_home().map(|h| h.join(".config")));
     if let Some(dir) = user_dir {
         files.push(dir.join("container/config.toml"));
     }
@@ -462,7 +462,7 @@ fn validate(config: &FileConfig) -> Result<(), String> {
     if let Some(r) = &config.runtime
         && let Some(v) = &r.vm_users
     {
-        v.parse::<crate::runtime::VmUsers>()
+        v.parse::<VmUsers>()
             .map_err(|e| format!("runtime.vm-users: {e}"))?;
     }
     if let Some(r) = &config.runtime
@@ -718,6 +718,59 @@ fn resolve(
     })
 }
 
+/// VMs' users (`[runtime] vm-users`); the runtime picks from it.
+/// The reserved range: `first` to `last`, both included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmUsers {
+    pub first: u32,
+    pub last: u32,
+}
+
+impl Default for VmUsers {
+    /// 65536 ids high above the usual account (1000+) and subordinate-id (100000+) ranges.
+    fn default() -> Self {
+        VmUsers {
+            first: 0x7000_0000,
+            last: 0x7000_ffff,
+        }
+    }
+}
+
+impl std::str::FromStr for VmUsers {
+    type Err = String;
+
+    /// `FIRST-LAST`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not a uid range FIRST-LAST (e.g. 1879048192-1879113727)");
+        let (a, b) = s.split_once('-').ok_or_else(bad)?;
+        let (first, last): (u32, u32) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if first == 0 || last < first || last == u32::MAX {
+            return Err(format!(
+                "`{s}`: the range must not hold 0 or 4294967295 and must not be empty"
+            ));
+        }
+        Ok(VmUsers { first, last })
+    }
+}
+
+impl std::fmt::Display for VmUsers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.first, self.last)
+    }
+}
+
+/// The home directory of the user the service runs as, from the password database: never
+/// `$HOME`, which is whatever the service's starter had.
+pub fn service_home() -> Option<PathBuf> {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -893,7 +946,7 @@ mod tests {
         );
         assert_eq!(
             load(&[users], HOST).unwrap().runtime.vm_users,
-            crate::runtime::VmUsers {
+            VmUsers {
                 first: 70000,
                 last: 70099
             }

@@ -340,14 +340,15 @@ fn a_service_killed_at_random_moments_leaves_every_machine_usable_or_gone() {
     std::fs::write(&blob, vec![7u8; 4 << 20]).unwrap();
     let blob = blob.to_string_lossy().into_owned();
 
-    const OPS: [&str; 9] = [
-        "create", "start", "stop", "rm", "set", "pull", "cp", "clone", "snapshot",
+    const OPS: [&str; 10] = [
+        "create", "start", "stop", "rm", "set", "pull", "cp", "clone", "snapshot", "commit",
     ];
     for round in 0..rounds {
         let op = OPS[rng.below(OPS.len() as u64) as usize];
         let delay = Duration::from_millis(rng.below(3000));
         let name = format!("r{round}");
         let size = format!("disk-size={}G", 65 + round);
+        let committed = format!("tests/committed:{round}");
         // Each operation gets something to do.
         let args: Vec<&str> = match op {
             "create" => vec!["machine", "create", &image, "--name", &name],
@@ -368,6 +369,7 @@ fn a_service_killed_at_random_moments_leaves_every_machine_usable_or_gone() {
             // Of a running machine: the guest's filesystem frozen, the disk switched live.
             "clone" => vec!["machine", "clone", "base", &name],
             "snapshot" => vec!["machine", "snapshot", "create", "base", &name],
+            "commit" => vec!["machine", "commit", "base", &committed],
             _ => vec!["machine", "cp", &blob, "base:/tmp/blob"],
         };
         let mut cut = service
@@ -409,6 +411,18 @@ fn a_service_killed_at_random_moments_leaves_every_machine_usable_or_gone() {
             service.cli_ok(&["machine", "create", &other, "--name", &probe, "--no-boot"]);
             service.cli_ok(&["machine", "rm", &probe]);
             service.cli_ok(&["image", "rm", &other]);
+        }
+        // A commit is a whole image or none: one that is listed makes a machine.
+        if service
+            .cli(&["image", "inspect", &committed])
+            .status
+            .success()
+        {
+            let probe = format!("q{round}");
+            service.cli_ok(&["machine", "create", &committed, "--name", &probe]);
+            service.cli_ok(&["machine", "run", "--root", "-n", &probe, "true"]);
+            service.cli_ok(&["machine", "rm", "-f", &probe]);
+            service.cli_ok(&["image", "rm", &committed]);
         }
         if names.contains(&name) {
             service.cli_ok(&["machine", "rm", "-f", &name]);

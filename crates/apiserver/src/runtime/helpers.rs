@@ -65,15 +65,6 @@ pub fn clean_env(cmd: &mut Command) -> &mut Command {
     cmd.env_clear().envs(HELPER_ENV)
 }
 
-/// The home directory of the user the service runs as, from the password database: never
-/// `$HOME`, which is whatever the service's starter had.
-pub fn service_home() -> Option<PathBuf> {
-    nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .ok()
-        .flatten()
-        .map(|u| u.dir)
-}
-
 /// Finds a program: the configured path, else next to the service, on PATH, in
 /// `~/.cargo/bin` (of the service's user, from the password database, and of root). Among
 /// several, one that every user may execute wins: virtiofsd runs as the machine's owner, and
@@ -99,7 +90,7 @@ pub fn find_binary(name: &str, configured: Option<&Path>) -> Result<PathBuf, Run
     if let Some(path) = std::env::var_os("PATH") {
         candidates.extend(std::env::split_paths(&path).map(|d| d.join(name)));
     }
-    for home in [service_home(), Some(PathBuf::from("/root"))]
+    for home in [crate::config::service_home(), Some(PathBuf::from("/root"))]
         .into_iter()
         .flatten()
     {

@@ -8,49 +8,7 @@
 use std::collections::HashSet;
 
 use super::RuntimeError;
-
-/// The reserved range: `first` to `last`, both included.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct VmUsers {
-    pub first: u32,
-    pub last: u32,
-}
-
-impl Default for VmUsers {
-    /// 65536 ids high above the usual account (1000+) and subordinate-id (100000+) ranges.
-    fn default() -> Self {
-        VmUsers {
-            first: 0x7000_0000,
-            last: 0x7000_ffff,
-        }
-    }
-}
-
-impl std::str::FromStr for VmUsers {
-    type Err = String;
-
-    /// `FIRST-LAST`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("`{s}` is not a uid range FIRST-LAST (e.g. 1879048192-1879113727)");
-        let (a, b) = s.split_once('-').ok_or_else(bad)?;
-        let (first, last): (u32, u32) = (
-            a.trim().parse().map_err(|_| bad())?,
-            b.trim().parse().map_err(|_| bad())?,
-        );
-        if first == 0 || last < first || last == u32::MAX {
-            return Err(format!(
-                "`{s}`: the range must not hold 0 or 4294967295 and must not be empty"
-            ));
-        }
-        Ok(VmUsers { first, last })
-    }
-}
-
-impl std::fmt::Display for VmUsers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.first, self.last)
-    }
-}
+use crate::config::VmUsers;
 
 impl VmUsers {
     /// The first uid of the range that is not `taken` and has neither an account nor a

@@ -43,7 +43,7 @@ use container_api::system::KernelInfo;
 
 pub use error::RuntimeError;
 pub use helpers::HelperPaths;
-pub use identity::VmUsers;
+pub use crate::config::VmUsers;
 pub use kernel::Kernel;
 pub use port_forward::{PortForwards, PortPolicy};
 pub use session::{ClientStream, connect, copy_in, copy_out, copy_root, exec};
