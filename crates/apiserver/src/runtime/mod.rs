@@ -41,9 +41,9 @@ use std::time::Duration;
 use container_agent_proto as proto;
 use container_api::system::KernelInfo;
 
+pub use crate::config::VmUsers;
 pub use error::RuntimeError;
 pub use helpers::HelperPaths;
-pub use crate::config::VmUsers;
 pub use kernel::Kernel;
 pub use port_forward::{PortForwards, PortPolicy};
 pub use session::{ClientStream, connect, copy_in, copy_out, copy_root, exec};
