@@ -14,6 +14,7 @@
 //! unprivileged user (`identity`), with what they need handed over as descriptors or placed
 //! in a directory of that user's; virtiofsd runs as the share's owner.
 
+pub mod boot_image;
 pub mod console;
 pub mod disk;
 mod error;

@@ -5,7 +5,7 @@
 //! host), an optional tap, the serial console to a file and a QMP socket. Acceleration is KVM
 //! when it can run a standard guest kernel, TCG otherwise. Every file and socket QEMU uses
 //! besides its working directory comes as a descriptor: files through `-add-fd` and
-//! `/dev/fdset/N`, sockets and the tap as `fd=N`.
+//! `/dev/fdset/N`, sockets and the tap as `fd=N`, the kernel as `/proc/self/fd/N`.
 
 use std::os::fd::{OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
@@ -160,7 +160,9 @@ impl Vmm for Qemu {
         c.arg("-chardev")
             .arg(format!("file,id=console,path={console},append=on"))
             .args(["-serial", "chardev:console"]);
-        c.arg("-kernel").arg(&a.kernel);
+        // QEMU opens `-kernel` by name only: the descriptor it inherited, reopened.
+        let kernel = fds.pass(a.kernel);
+        c.arg("-kernel").arg(format!("/proc/self/fd/{kernel}"));
         c.arg("-initrd").arg(&a.initrd);
         c.arg("-append").arg(cmdline(&self.accel, self.tsc_khz));
         // The disk's chain is given node by node, bottom first, each layer naming the one
@@ -365,7 +367,7 @@ mod tests {
         let launch = Launch {
             cpus: 2,
             memory_mib: 512,
-            kernel: "vmlinuz".into(),
+            kernel: null(),
             initrd: "initrd.img".into(),
             disk: vec![
                 DiskLayer {
@@ -405,18 +407,18 @@ mod tests {
             "-accel tcg,thread=multi -cpu max",
             "-smp 2 -m 512M",
             "memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem",
-            // Descriptors from 3: the console, then the disk's base, then its top layer.
+            // Descriptors from 3: the console, the kernel, then the disk's base, its top layer.
             "-add-fd fd=3,set=1 -chardev file,id=console,path=/dev/fdset/1,append=on -serial chardev:console",
-            "-kernel vmlinuz -initrd initrd.img",
-            "-add-fd fd=4,set=2 -blockdev driver=file,node-name=disk1-file,filename=/dev/fdset/2,read-only=on,discard=unmap \
+            "-kernel /proc/self/fd/4 -initrd initrd.img",
+            "-add-fd fd=5,set=2 -blockdev driver=file,node-name=disk1-file,filename=/dev/fdset/2,read-only=on,discard=unmap \
              -blockdev driver=raw,node-name=disk1,file=disk1-file,read-only=on,discard=unmap",
-            "-add-fd fd=5,set=3 -add-fd fd=6,set=3 -blockdev driver=file,node-name=root-file,filename=/dev/fdset/3,discard=unmap \
+            "-add-fd fd=6,set=3 -add-fd fd=7,set=3 -blockdev driver=file,node-name=root-file,filename=/dev/fdset/3,discard=unmap \
              -blockdev driver=qcow2,node-name=root,file=root-file,backing=disk1,discard=unmap \
              -device virtio-blk-device,drive=root",
             "socket,id=vsock,path=vhu.sock -device vhost-user-vsock-device,chardev=vsock",
-            "-chardev socket,id=fs0,fd=7 -device vhost-user-fs-device,chardev=fs0,tag=home",
+            "-chardev socket,id=fs0,fd=8 -device vhost-user-fs-device,chardev=fs0,tag=home",
             "virtio-balloon-device,free-page-reporting=on",
-            "-chardev socket,id=qmp,fd=8,server=on,wait=off -mon chardev=qmp,mode=control",
+            "-chardev socket,id=qmp,fd=9,server=on,wait=off -mon chardev=qmp,mode=control",
             "tsc=reliable",
             "tsc_early_khz=2445406",
             "reboot=t",
@@ -448,7 +450,7 @@ mod tests {
         assert!(a.contains("-accel kvm -cpu host"), "{a}");
         assert!(!a.contains("tsc=reliable") && !a.contains("tsc_early_khz"));
         assert!(a.contains(
-            "-netdev tap,id=n0,fd=8 -device virtio-net-device,netdev=n0,mac=52:54:00:01:02:03"
+            "-netdev tap,id=n0,fd=9 -device virtio-net-device,netdev=n0,mac=52:54:00:01:02:03"
         ));
         assert!(
             !a.contains("/d.qcow2") && !a.contains("ifname"),

@@ -80,7 +80,8 @@ pub struct DiskLayer {
 pub struct Launch {
     pub cpus: u32,
     pub memory_mib: u64,
-    pub kernel: PathBuf,
+    /// The kernel image, open (the VMM reopens it through `/proc/self/fd`).
+    pub kernel: OwnedFd,
     pub initrd: PathBuf,
     /// The machine disk, the guest's `/dev/vda`: its top layer first, then what backs it.
     pub disk: Vec<DiskLayer>,

@@ -24,7 +24,7 @@ use crate::fsutil;
 use crate::runtime::helpers::{self, VHOST_DEVICE_VSOCK, VIRTIOFSD};
 use crate::runtime::process::ProcessId;
 use crate::runtime::vmm::{DiskLayer, Launch};
-use crate::runtime::{RunningVm, RuntimeError, VmSpec, console, disk, initramfs, sys};
+use crate::runtime::{RunningVm, RuntimeError, VmSpec, boot_image, console, disk, initramfs, sys};
 
 const HELPER_LOG: &str = "helpers.log";
 /// Every process a start spawned, in the runtime directory, written as each one is.
@@ -76,8 +76,7 @@ struct RunPaths {
     fs_dir: PathBuf,
     /// (tag, vhost-user socket of its virtiofsd), one per share.
     shares: Vec<(String, PathBuf)>,
-    /// The kernel and the initrd, relative to `vmm`.
-    kernel: PathBuf,
+    /// The initrd, relative to `vmm`.
     initrd: PathBuf,
 }
 
@@ -97,7 +96,6 @@ impl RunPaths {
                 .map(|s| (s.tag.clone(), fs_dir.join(format!("{}.sock", s.tag))))
                 .collect(),
             fs_dir,
-            kernel: "vmlinuz".into(),
             initrd: "initrd.img".into(),
             vmm,
             dir,
@@ -287,14 +285,8 @@ impl Runtime {
             source: std::io::Error::other(e),
         })?;
         initramfs::with_boot_config(&initrd.path, &boot_json, &initrd_path)?;
-        // The VMM may read nothing of the service's: it gets its own copy of the kernel.
-        let kernel = paths.vmm.join(&paths.kernel);
-        std::fs::copy(&spec.kernel.vmlinuz, &kernel)
-            .map_err(RuntimeError::io("copying the kernel to", &kernel))?;
-        for f in [&initrd_path, &kernel] {
-            std::os::unix::fs::chown(f, Some(uid), Some(uid))
-                .map_err(RuntimeError::io("handing over", f))?;
-        }
+        std::os::unix::fs::chown(&initrd_path, Some(uid), Some(uid))
+            .map_err(RuntimeError::io("handing over", &initrd_path))?;
 
         let ready = listen_for_ready(&paths.dir, uid)?;
         let log = spec.machine_dir.join(HELPER_LOG);
@@ -409,10 +401,14 @@ impl Runtime {
             }
             None => None,
         };
+        // The VMM reads nothing of the service's by path: it is handed the kernel it boots.
+        let image = boot_image::prepare(&self.0.options.root.join("boot-kernels"), &spec.kernel)?;
+        let kernel =
+            std::fs::File::open(&image).map_err(RuntimeError::io("opening the kernel", &image))?;
         let launch = Launch {
             cpus: spec.cpus,
             memory_mib: (spec.memory_bytes >> 20).max(64),
-            kernel: paths.kernel.clone(),
+            kernel: kernel.into(),
             initrd: paths.initrd.clone(),
             disk: self.open_disk(&spec.disk)?,
             console: console.into(),
