@@ -557,7 +557,8 @@ async fn ask_gateway(from: Option<&Netns>, name: &str, tcp: bool) -> hickory_pro
     use hickory_proto::rr::{Name, RecordType};
     let ns = from.map(|n| format!("/proc/{}/ns/net", n.pid()));
     let name = name.to_string();
-    tokio::task::spawn_blocking(move || {
+    // A thread of its own: one that entered the guest's namespace stays there.
+    let asked = std::thread::spawn(move || {
         use std::io::{Read, Write};
         if let Some(ns) = ns {
             let file = std::fs::File::open(ns).unwrap();
@@ -593,9 +594,10 @@ async fn ask_gateway(from: Option<&Netns>, name: &str, tcp: bool) -> hickory_pro
         let answer = Message::from_vec(&answer).unwrap();
         assert_eq!(answer.metadata.id, q.metadata.id);
         answer
-    })
-    .await
-    .unwrap()
+    });
+    tokio::task::spawn_blocking(move || asked.join().unwrap())
+        .await
+        .unwrap()
 }
 
 fn a_record(m: &hickory_proto::op::Message) -> Option<Ipv4Addr> {
