@@ -323,6 +323,18 @@ fn machine_names_resolve_on_the_host_and_follow_create_rename_and_rm() {
     );
 
     // Rename: the new name answers at once, the old one no more.
+    // (Its resolv.conf made as an older version left it: the host's resolvers.)
+    alice.cli_ok(
+        &service,
+        &[
+            "machine",
+            "run",
+            "-n",
+            "a2",
+            "--root",
+            "echo nameserver 10.9.9.9 > /etc/resolv.conf",
+        ],
+    );
     alice.cli_ok(&service, &["machine", "stop", "a2"]);
     alice.cli_ok(&service, &["machine", "rename", "a2", "a3"]);
     let a3 = lease(&service, "a3");
@@ -330,6 +342,15 @@ fn machine_names_resolve_on_the_host_and_follow_create_rename_and_rm() {
     assert_eq!(rcode("a2.machine."), ResponseCode::NXDomain);
     expected[1] = (a3, "a3.machine".to_string());
     assert_eq!(hosts_block(&service), expected);
+    // At its next boot the gateway is its nameserver again, and names resolve inside it.
+    alice.cli_ok(&service, &["machine", "start", "a3"]);
+    let resolv = alice.cli_ok(
+        &service,
+        &["machine", "run", "-n", "a3", "cat /etc/resolv.conf"],
+    );
+    assert_eq!(resolv, "nameserver 192.168.64.1\n");
+    let own = resolve(&alice, "a3", "a1.machine");
+    assert!(own.contains(&a1.to_string()), "a3 -> a1.machine: {own}");
 
     // A restarted service answers the same names.
     service.stop_service();
