@@ -10,7 +10,10 @@
 //! the query's source address: the host (the gateway itself or loopback) knows every machine;
 //! a machine (its leased address) knows itself and the machines of its own owner, as the
 //! bridge's isolation lets it reach only those; any other source is REFUSED. So no guest
-//! learns that another owner's machine exists. A name outside the domain is relayed to the
+//! learns that another owner's machine exists. The reverse names of the machine network's
+//! addresses (`2.64.168.192.in-addr.arpa`, PTR `NAME.DOMAIN`) are answered the same way and
+//! never relayed (a private address is nobody else's to answer, nor to hear about). A name
+//! outside the domain is relayed to the
 //! host's resolvers when a machine asks ([`super::dns_forward`], SERVFAIL when none
 //! answers), and REFUSED to the host (it has its own resolver) and to anyone else (the
 //! responder is no open resolver).
@@ -21,12 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, PTR};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::dns_forward::Forwarder;
 use super::leases::LeaseBook;
+use super::subnet::Subnet;
 
 /// The port the responder listens on (the standard one: resolvers cannot be given another).
 pub const DNS_PORT: u16 = 53;
@@ -93,6 +97,21 @@ enum Asker {
     Stranger,
 }
 
+impl Asker {
+    /// Whether the asker may learn that machine `name` exists: the host every machine, a
+    /// machine itself and its owner's machines.
+    fn may_know(&self, name: &str, entry: &Entry) -> bool {
+        match self {
+            Asker::Host => true,
+            Asker::Machine {
+                name: own,
+                owner: own_owner,
+            } => own == name || (own_owner.is_some() && *own_owner == entry.owner),
+            Asker::Stranger => false,
+        }
+    }
+}
+
 /// What to do with one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Handling {
@@ -110,14 +129,15 @@ pub enum Handling {
 pub struct Zone {
     /// Lower case, no trailing dot.
     domain: String,
-    gateway: Ipv4Addr,
+    /// The machine network: its gateway is the host, its addresses' reverse names are ours.
+    subnet: Subnet,
 }
 
 impl Zone {
-    pub fn new(domain: &str, gateway: Ipv4Addr) -> Self {
+    pub fn new(domain: &str, subnet: Subnet) -> Self {
         Self {
             domain: domain.trim_end_matches('.').to_ascii_lowercase(),
-            gateway,
+            subnet,
         }
     }
 
@@ -137,7 +157,7 @@ impl Zone {
         let IpAddr::V4(v4) = source else {
             return Asker::Stranger;
         };
-        if v4.is_loopback() || v4 == self.gateway {
+        if v4.is_loopback() || v4 == self.subnet.gateway() {
             return Asker::Host;
         }
         match directory.at(v4) {
@@ -147,6 +167,22 @@ impl Zone {
             },
             None => Asker::Stranger,
         }
+    }
+
+    /// The address of the machine network a reverse name (`4.64.168.192.in-addr.arpa.`)
+    /// asks about; `None` for any other name.
+    fn reverse_of(&self, qname: &Name) -> Option<Ipv4Addr> {
+        let text = qname.to_ascii().to_ascii_lowercase();
+        let digits = text.trim_end_matches('.').strip_suffix(".in-addr.arpa")?;
+        let octets: Vec<u8> = digits
+            .split('.')
+            .map(|d| d.parse().ok().filter(|_| !d.starts_with('0') || d == "0"))
+            .collect::<Option<_>>()?;
+        let [d, c, b, a] = octets.as_slice() else {
+            return None;
+        };
+        let ip = Ipv4Addr::new(*a, *b, *c, *d);
+        self.subnet.contains(ip).then_some(ip)
     }
 
     /// The machine name a query name asks about: `Some(Some(name))` for `NAME.DOMAIN`,
@@ -208,6 +244,31 @@ impl Zone {
             return Reply::Local(response);
         };
         response.add_query(query.clone());
+        if let Some(ip) = self.reverse_of(query.name()) {
+            // Never relayed: the machine network's addresses are nobody else's to answer.
+            if asker == Asker::Stranger {
+                response.metadata.response_code = ResponseCode::Refused;
+                return Reply::Local(response);
+            }
+            response.metadata.authoritative = true;
+            let named = directory
+                .at(ip)
+                .filter(|(name, entry)| asker.may_know(name, entry));
+            let Some((name, _)) = named else {
+                response.metadata.response_code = ResponseCode::NXDomain;
+                return Reply::Local(response);
+            };
+            if matches!(query.query_type(), RecordType::PTR | RecordType::ANY)
+                && let Ok(target) = Name::from_ascii(format!("{name}.{}.", self.domain))
+            {
+                response.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    TTL,
+                    RData::PTR(PTR(target)),
+                ));
+            }
+            return Reply::Local(response);
+        }
         let Some(asked) = self.machine_of(query.name()) else {
             if recursive {
                 return Reply::Forward;
@@ -227,14 +288,9 @@ impl Zone {
             }
             return Reply::Local(response);
         };
-        let entry = directory.entry(&name).filter(|entry| match &asker {
-            Asker::Host => true,
-            Asker::Machine {
-                name: own,
-                owner: own_owner,
-            } => *own == name || (own_owner.is_some() && *own_owner == entry.owner),
-            Asker::Stranger => false,
-        });
+        let entry = directory
+            .entry(&name)
+            .filter(|entry| asker.may_know(&name, entry));
         let Some(entry) = entry else {
             response.metadata.response_code = ResponseCode::NXDomain;
             return Reply::Local(response);
@@ -390,7 +446,9 @@ mod tests {
     use super::*;
     use hickory_proto::op::Query;
 
-    const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 1);
+    fn subnet() -> Subnet {
+        "192.168.64.0/24".parse().unwrap()
+    }
 
     fn directory() -> BTreeMap<String, Entry> {
         let entry = |last, owner| Entry {
@@ -408,7 +466,7 @@ mod tests {
         let mut q = Message::query();
         q.metadata.recursion_desired = true;
         q.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
-        let handled = Zone::new("machine", GATEWAY).handle(
+        let handled = Zone::new("machine", subnet()).handle(
             &q.to_vec().unwrap(),
             from.parse().unwrap(),
             &directory(),
@@ -483,7 +541,7 @@ mod tests {
 
     #[test]
     fn a_machines_query_outside_the_domain_is_relayed_with_servfail_ready() {
-        let zone = Zone::new("machine", GATEWAY);
+        let zone = Zone::new("machine", subnet());
         for name in ["example.com.", "dev.", "devmachine."] {
             let mut q = Message::query();
             q.metadata.recursion_desired = true;
@@ -539,6 +597,62 @@ mod tests {
         assert_eq!(back.metadata.response_code, ResponseCode::NXDomain);
     }
 
+    fn ptr(m: &Message) -> Vec<String> {
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::PTR(p) => Some(p.0.to_ascii()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reverse_names_of_the_machine_network_are_answered_here_owner_scoped() {
+        let own = ask(
+            "3.64.168.192.in-addr.arpa.",
+            RecordType::PTR,
+            "192.168.64.2",
+        );
+        assert_eq!(own.metadata.response_code, ResponseCode::NoError);
+        assert!(own.metadata.authoritative);
+        assert_eq!(ptr(&own), ["db.machine."]);
+        let host = ask("4.64.168.192.in-addr.arpa.", RecordType::PTR, "127.0.0.1");
+        assert_eq!(ptr(&host), ["theirs.machine."]);
+        // Another owner's machine, a free address and the gateway: as if absent.
+        for name in [
+            "4.64.168.192.in-addr.arpa.",
+            "77.64.168.192.in-addr.arpa.",
+            "1.64.168.192.in-addr.arpa.",
+        ] {
+            let a = ask(name, RecordType::PTR, "192.168.64.2");
+            assert_eq!(a.metadata.response_code, ResponseCode::NXDomain, "{name}");
+            assert!(a.answers.is_empty());
+        }
+        // Outside the subnet, or not an address: relayed for a machine like any name.
+        let zone = Zone::new("machine", subnet());
+        for name in [
+            "4.65.168.192.in-addr.arpa.",
+            "64.168.192.in-addr.arpa.",
+            "03.64.168.192.in-addr.arpa.",
+        ] {
+            let mut q = Message::query();
+            q.add_query(Query::query(
+                Name::from_ascii(name).unwrap(),
+                RecordType::PTR,
+            ));
+            let handled = zone.handle(
+                &q.to_vec().unwrap(),
+                "192.168.64.2".parse().unwrap(),
+                &directory(),
+            );
+            assert!(
+                matches!(handled, Handling::Forward { .. }),
+                "{name}: {handled:?}"
+            );
+        }
+    }
+
     #[test]
     fn strangers_are_refused() {
         // An address of the subnet nobody holds, and one from elsewhere.
@@ -551,7 +665,7 @@ mod tests {
 
     #[test]
     fn garbage_gets_formerr_or_nothing() {
-        let zone = Zone::new("machine", GATEWAY);
+        let zone = Zone::new("machine", subnet());
         let host: IpAddr = "127.0.0.1".parse().unwrap();
         assert_eq!(zone.handle(b"", host, &directory()), Handling::Ignore);
         assert_eq!(zone.handle(b"\x12", host, &directory()), Handling::Ignore);
@@ -577,7 +691,7 @@ mod tests {
 
     #[test]
     fn another_domain_can_be_configured() {
-        let zone = Zone::new("VM.Internal.", GATEWAY);
+        let zone = Zone::new("VM.Internal.", subnet());
         let mut q = Message::query();
         q.add_query(Query::query(
             Name::from_ascii("dev.vm.internal.").unwrap(),
@@ -596,10 +710,9 @@ mod tests {
 
     #[tokio::test]
     async fn udp_and_tcp_clients_get_answers_from_the_live_book() {
-        let subnet: super::super::Subnet = "192.168.64.0/24".parse().unwrap();
-        let book = Arc::new(Mutex::new(LeaseBook::new(subnet)));
+        let book = Arc::new(Mutex::new(LeaseBook::new(subnet())));
         let responder = Arc::new(Responder {
-            zone: Zone::new("machine", GATEWAY),
+            zone: Zone::new("machine", subnet()),
             directory: Arc::new(Leased(book.clone())),
             forwarder: Forwarder::new(Arc::new(Vec::new())),
         });

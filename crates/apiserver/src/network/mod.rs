@@ -248,7 +248,7 @@ impl Network {
     /// tells it the names there are now.
     pub fn with_names(mut self, domain: &str, host: Box<dyn HostNames>) -> Self {
         let names = Names {
-            zone: dns::Zone::new(domain, self.gateway()),
+            zone: dns::Zone::new(domain, self.subnet),
             host,
             listening: Mutex::new(Vec::new()),
         };
