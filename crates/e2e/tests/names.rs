@@ -277,6 +277,14 @@ fn machine_names_resolve_on_the_host_and_follow_create_rename_and_rm() {
         theirs.contains("NXDOMAIN") && !theirs.contains(&b1.to_string()),
         "a1 -> b1.machine (bob's): {theirs}"
     );
+    // Reverse lookups of the machine network: answered the same way, never relayed.
+    let reverse = resolve(&alice, "a1", &a2.to_string());
+    assert!(reverse.contains("a2.machine"), "a1 -> {a2}: {reverse}");
+    let reverse = resolve(&alice, "a1", &b1.to_string());
+    assert!(
+        !reverse.contains("b1.machine") && !reverse.contains("example"),
+        "a1 -> {b1} (bob's): {reverse}"
+    );
     let outside = resolve(&alice, "a1", "www.example.test");
     assert!(
         outside.contains(&UPSTREAM_ANSWER.to_string()),
