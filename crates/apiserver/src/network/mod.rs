@@ -322,11 +322,18 @@ impl Network {
             tokio::spawn(dns::serve_udp(udp, responder.clone())),
             tokio::spawn(dns::serve_tcp(tcp, responder)),
         ];
+        let resolvers = resolv::upstreams_in(&self.resolv_conf, self.gateway());
         tracing::info!(
             %at, domain = names.zone.domain(), host = %names.host.describe(),
-            upstreams = %self.resolv_conf.display(),
+            resolv_conf = %self.resolv_conf.display(), ?resolvers,
             "answering machine names, and relaying the machines' other queries"
         );
+        if resolvers.is_empty() {
+            tracing::warn!(
+                resolv_conf = %self.resolv_conf.display(),
+                "no nameserver to relay the machines' queries to: names outside the machine domain get SERVFAIL until the file names one"
+            );
+        }
         if let Err(e) = names.host.link_up(&self.bridge, self.gateway()).await {
             tracing::warn!(error = %error_chain(&e), "could not point the host's resolver at the machine names");
         }
