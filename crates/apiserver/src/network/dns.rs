@@ -653,6 +653,41 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever a guest sends (garbage, or a real query with bytes flipped), the responder
+        /// neither panics nor answers another id, and relays only for a machine.
+        #[test]
+        fn any_message_is_answered_sanely_or_ignored(
+            junk in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            flips in proptest::collection::vec((0usize..64, proptest::num::u8::ANY), 0..6),
+            from in proptest::sample::select(vec!["127.0.0.1", "192.168.64.2", "192.168.64.77"]),
+        ) {
+            let zone = Zone::new("machine", subnet());
+            let mut q = Message::query();
+            q.add_query(Query::query(Name::from_ascii("db.machine.").unwrap(), RecordType::A));
+            let mut query = q.to_vec().unwrap();
+            for (at, value) in flips {
+                if let Some(b) = query.get_mut(at) {
+                    *b = value;
+                }
+            }
+            for message in [junk, query] {
+                let source: IpAddr = from.parse().unwrap();
+                match zone.handle(&message, source, &directory()) {
+                    Handling::Answer(bytes) => {
+                        proptest::prop_assert_eq!(&bytes[..2], &message[..2]);
+                        proptest::prop_assert!(bytes[2] & 0x80 != 0, "a response");
+                    }
+                    Handling::Forward { servfail } => {
+                        proptest::prop_assert_eq!(from, "192.168.64.2");
+                        proptest::prop_assert_eq!(&servfail[..2], &message[..2]);
+                    }
+                    Handling::Ignore => {}
+                }
+            }
+        }
+    }
+
     #[test]
     fn strangers_are_refused() {
         // An address of the subnet nobody holds, and one from elsewhere.
