@@ -250,17 +250,22 @@ pub fn write_host_files(root: &Path, cfg: &BootConfig) -> Result<()> {
     if let Some(net) = &cfg.network
         && !net.nameservers.is_empty()
     {
-        let resolv = etc.join("resolv.conf");
-        // Often a symlink into /run (systemd-resolved); ours replaces it.
-        let _ = std::fs::remove_file(&resolv);
-        let text: String = net
-            .nameservers
-            .iter()
-            .map(|n| format!("nameserver {n}\n"))
-            .collect();
-        std::fs::write(&resolv, text).context("writing /etc/resolv.conf")?;
+        write_resolv_conf(&etc, &net.nameservers)?;
     }
     Ok(())
+}
+
+/// Replaces /etc/resolv.conf at each boot with the service's nameservers (the gateway), so a
+/// machine whose file an older service wrote (the host's resolvers) is moved over too.
+fn write_resolv_conf(etc: &Path, nameservers: &[String]) -> Result<()> {
+    let resolv = etc.join("resolv.conf");
+    // Often a symlink into /run (systemd-resolved); ours replaces it, its target untouched.
+    let _ = std::fs::remove_file(&resolv);
+    let text: String = nameservers
+        .iter()
+        .map(|n| format!("nameserver {n}\n"))
+        .collect();
+    std::fs::write(&resolv, text).context("writing /etc/resolv.conf")
 }
 
 /// The hosts file: our two lines first, `127.0.0.1 localhost` then the machine's address
@@ -369,6 +374,41 @@ mod tests {
         assert_eq!(
             hosts_file("", "dev", None),
             "127.0.0.1 localhost # container\n127.0.1.1 dev # container\n"
+        );
+    }
+
+    #[test]
+    fn an_old_resolv_conf_or_a_symlink_is_replaced_by_the_gateway() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir_all(&etc).unwrap();
+        let gateway = ["192.168.64.1".to_string()];
+        // What an older service wrote: the host's resolvers.
+        std::fs::write(
+            etc.join("resolv.conf"),
+            "nameserver 10.255.255.53\nnameserver 192.0.2.7\n",
+        )
+        .unwrap();
+        write_resolv_conf(&etc, &gateway).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(etc.join("resolv.conf")).unwrap(),
+            "nameserver 192.168.64.1\n"
+        );
+        // systemd-resolved's link into /run: replaced by a file, its target left alone.
+        let stub = dir.path().join("stub-resolv.conf");
+        std::fs::write(&stub, "nameserver 127.0.0.53\n").unwrap();
+        std::fs::remove_file(etc.join("resolv.conf")).unwrap();
+        std::os::unix::fs::symlink(&stub, etc.join("resolv.conf")).unwrap();
+        write_resolv_conf(&etc, &gateway).unwrap();
+        let meta = std::fs::symlink_metadata(etc.join("resolv.conf")).unwrap();
+        assert!(meta.is_file());
+        assert_eq!(
+            std::fs::read_to_string(etc.join("resolv.conf")).unwrap(),
+            "nameserver 192.168.64.1\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&stub).unwrap(),
+            "nameserver 127.0.0.53\n"
         );
     }
 

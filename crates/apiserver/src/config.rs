@@ -82,6 +82,7 @@ struct NetworkSection {
     domain: Option<String>,
     host_names: Option<HostNames>,
     hosts_file: Option<String>,
+    resolv_conf: Option<String>,
     forward_address: Option<String>,
 }
 
@@ -197,6 +198,9 @@ pub struct NamesConfig {
     pub host_names: HostNames,
     /// The hosts file the managed block goes in (`/etc/hosts`).
     pub hosts_file: PathBuf,
+    /// The resolv.conf whose nameservers the responder relays the machines' other queries
+    /// to (`/etc/resolv.conf`).
+    pub resolv_conf: PathBuf,
 }
 
 /// A kernel named in config wins over the one installed with `system kernel set`.
@@ -305,6 +309,7 @@ fn defaults(host: HostFacts) -> FileConfig {
             domain: Some(DEFAULT_DOMAIN.into()),
             host_names: Some(HostNames::Auto),
             hosts_file: Some(DEFAULT_HOSTS_FILE.into()),
+            resolv_conf: Some(DEFAULT_RESOLV_CONF.into()),
             forward_address: Some("127.0.0.1".into()),
         }),
         kernel: None,
@@ -534,6 +539,14 @@ fn validate(config: &FileConfig) -> Result<(), String> {
             "network.hosts-file `{file}` must be an absolute path"
         ));
     }
+    if let Some(n) = &config.network
+        && let Some(file) = &n.resolv_conf
+        && !Path::new(file).is_absolute()
+    {
+        return Err(format!(
+            "network.resolv-conf `{file}` must be an absolute path"
+        ));
+    }
     Ok(())
 }
 
@@ -541,6 +554,8 @@ fn validate(config: &FileConfig) -> Result<(), String> {
 pub const DEFAULT_DOMAIN: &str = "machine";
 /// The hosts file the managed block of machine names goes in by default.
 pub const DEFAULT_HOSTS_FILE: &str = "/etc/hosts";
+/// Where the machines' queries outside their domain are relayed to by default.
+pub const DEFAULT_RESOLV_CONF: &str = "/etc/resolv.conf";
 
 /// A DNS name of at most 200 characters (room for a machine name in front), each label 1 to
 /// 63 letters, digits or inner `-`, no trailing dot.
@@ -672,6 +687,10 @@ fn resolve(
             hosts_file: n
                 .hosts_file
                 .unwrap_or_else(|| DEFAULT_HOSTS_FILE.into())
+                .into(),
+            resolv_conf: n
+                .resolv_conf
+                .unwrap_or_else(|| DEFAULT_RESOLV_CONF.into())
                 .into(),
         },
         kernel: KernelOverride {
@@ -887,22 +906,26 @@ mod tests {
         assert_eq!(c.names.domain, "machine");
         assert_eq!(c.names.host_names, HostNames::Auto);
         assert_eq!(c.names.hosts_file, Path::new("/etc/hosts"));
+        assert_eq!(c.names.resolv_conf, Path::new("/etc/resolv.conf"));
         let dir = tempfile::tempdir().unwrap();
         let set = write(
             dir.path(),
             "names.toml",
-            "[network]\ndomain = \"VM.test\"\nhost-names = \"hosts\"\nhosts-file = \"/tmp/h\"\n",
+            "[network]\ndomain = \"VM.test\"\nhost-names = \"hosts\"\nhosts-file = \"/tmp/h\"\n\
+             resolv-conf = \"/tmp/r\"\n",
         );
         let c = load(&[set], HOST).unwrap();
         assert_eq!(c.names.domain, "vm.test");
         assert_eq!(c.names.host_names, HostNames::Hosts);
         assert_eq!(c.names.hosts_file, Path::new("/tmp/h"));
+        assert_eq!(c.names.resolv_conf, Path::new("/tmp/r"));
         for bad in [
             "domain = \"\"",
             "domain = \"machine.\"",
             "domain = \"a b\"",
             "domain = \"-x\"",
             "hosts-file = \"hosts\"",
+            "resolv-conf = \"resolv.conf\"",
             "host-names = \"dnsmasq\"",
         ] {
             let f = write(dir.path(), "bad.toml", &format!("[network]\n{bad}\n"));

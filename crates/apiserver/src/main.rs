@@ -28,6 +28,11 @@ struct Args {
     /// and `hosts-file` say (systemd-resolved or /etc/hosts). Tests give a file of their own.
     #[arg(long, env = "CONTAINER_HOSTS_FILE")]
     hosts_file: Option<PathBuf>,
+    /// Relay the machines' DNS queries outside their domain to the nameservers of this
+    /// resolv.conf, instead of the one `[network] resolv-conf` names (/etc/resolv.conf).
+    /// Tests give a file of their own.
+    #[arg(long, env = "CONTAINER_RESOLV_CONF")]
+    resolv_conf: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -168,6 +173,9 @@ async fn run(
     if let Some(hosts_file) = &args.hosts_file {
         config.names.host_names = config::HostNames::Hosts;
         config.names.hosts_file = hosts_file.clone();
+    }
+    if let Some(resolv_conf) = &args.resolv_conf {
+        config.names.resolv_conf = resolv_conf.clone();
     }
     // Before anything under the root is touched: start-up cleanup of a second instance would
     // destroy the first one's work in flight.

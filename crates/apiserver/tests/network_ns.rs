@@ -498,3 +498,187 @@ netns_test!(
         ip(&["link", "del", "gh"]);
     }
 );
+
+/// A fake upstream resolver on this namespace's `ip`:53, UDP and TCP: every A question is
+/// answered with 192.0.2.10 (NXDOMAIN for `missing.test.`), every other type with no answer.
+fn fake_resolver(ip: &str) {
+    use hickory_proto::op::{Message, ResponseCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record, RecordType};
+    fn answer(query: &[u8]) -> Vec<u8> {
+        let q = Message::from_vec(query).unwrap();
+        let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+        r.metadata.recursion_available = true;
+        r.metadata.recursion_desired = q.metadata.recursion_desired;
+        let question = q.queries[0].clone();
+        if question.name().to_ascii() == "missing.test." {
+            r.metadata.response_code = ResponseCode::NXDomain;
+        } else if question.query_type() == RecordType::A {
+            r.add_answer(Record::from_rdata(
+                question.name().clone(),
+                60,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 10))),
+            ));
+        }
+        r.add_query(question);
+        r.to_vec().unwrap()
+    }
+    let udp = std::net::UdpSocket::bind((ip, 53)).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(&answer(&buf[..n]), peer);
+        }
+    });
+    let tcp = std::net::TcpListener::bind((ip, 53)).unwrap();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in tcp.incoming().flatten() {
+            let mut len = [0u8; 2];
+            if s.read_exact(&mut len).is_err() {
+                continue;
+            }
+            let mut q = vec![0u8; u16::from_be_bytes(len) as usize];
+            if s.read_exact(&mut q).is_err() {
+                continue;
+            }
+            let a = answer(&q);
+            let mut out = (a.len() as u16).to_be_bytes().to_vec();
+            out.extend_from_slice(&a);
+            let _ = s.write_all(&out);
+        }
+    });
+}
+
+/// Asks the gateway's responder for `name`'s A record from the namespace of `from` (the host
+/// side when `None`), over UDP or TCP.
+async fn ask_gateway(from: Option<&Netns>, name: &str, tcp: bool) -> hickory_proto::op::Message {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let ns = from.map(|n| format!("/proc/{}/ns/net", n.pid()));
+    let name = name.to_string();
+    // A thread of its own: one that entered the guest's namespace stays there.
+    let asked = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        if let Some(ns) = ns {
+            let file = std::fs::File::open(ns).unwrap();
+            nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        }
+        let mut q = Message::query();
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(
+            Name::from_ascii(&name).unwrap(),
+            RecordType::A,
+        ));
+        let bytes = q.to_vec().unwrap();
+        let at: std::net::SocketAddr = "192.168.64.1:53".parse().unwrap();
+        let answer = if tcp {
+            let mut s = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(5)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(&bytes);
+            s.write_all(&framed).unwrap();
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).unwrap();
+            let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
+            s.read_exact(&mut answer).unwrap();
+            answer
+        } else {
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.send_to(&bytes, at).unwrap();
+            let mut buf = [0u8; 1500];
+            let n = s.recv(&mut buf).expect("the responder answers");
+            buf[..n].to_vec()
+        };
+        let answer = Message::from_vec(&answer).unwrap();
+        assert_eq!(answer.metadata.id, q.metadata.id);
+        answer
+    });
+    tokio::task::spawn_blocking(move || asked.join().unwrap())
+        .await
+        .unwrap()
+}
+
+fn a_record(m: &hickory_proto::op::Message) -> Option<Ipv4Addr> {
+    m.answers.iter().find_map(|r| match &r.data {
+        hickory_proto::rr::RData::A(a) => Some(a.0),
+        _ => None,
+    })
+}
+
+netns_test!(
+    a_guest_resolves_its_owners_machines_and_the_outside_through_the_gateway,
+    |ctx: Ctx| async move {
+        use container_apiserver::network::host_names::NoHostNames;
+        use hickory_proto::op::ResponseCode;
+        // The host's resolver: a fake one on this namespace's loopback (a loopback resolver,
+        // as systemd-resolved's stub is, which a guest could never reach by itself).
+        fake_resolver("127.0.0.1");
+        let resolv = ctx.root().join("resolv.conf");
+        std::fs::write(&resolv, "nameserver 192.168.64.1\nnameserver 127.0.0.1\n").unwrap();
+        let net = ctx
+            .open()
+            .with_names("machine", Box::new(NoHostNames))
+            .with_resolv_conf(resolv.clone());
+        let lease = net.lease_owned("guest", 1000).unwrap();
+        let peer = net.lease_owned("peer", 1000).unwrap();
+        net.lease_owned("theirs", 1001).unwrap();
+        let config = net.guest_config("guest").unwrap();
+        assert_eq!(config.nameservers, ["192.168.64.1"]);
+        net.attach("guest").await.unwrap();
+
+        let guest = Netns::new();
+        ip(&["link", "add", "gh", "type", "veth", "peer", "name", "eth0"]);
+        ip(&["link", "set", "gh", "master", BRIDGE, "up"]);
+        ip(&["link", "set", "eth0", "netns", &guest.pid()]);
+        guest.ok(&["ip", "link", "set", "lo", "up"]);
+        guest.ok(&["ip", "link", "set", "eth0", "address", &lease.mac]);
+        guest.ok(&["ip", "addr", "add", &config.address_cidr, "dev", "eth0"]);
+        guest.ok(&["ip", "link", "set", "eth0", "up"]);
+        guest.ok(&["ip", "route", "add", "default", "via", &config.gateway]);
+        ping(Some(&guest), &config.gateway);
+
+        // Its owner's machines by name; another owner's as if absent.
+        let own = ask_gateway(Some(&guest), "peer.machine.", false).await;
+        assert_eq!(a_record(&own), Some(peer.ip), "{own:?}");
+        assert!(own.metadata.authoritative);
+        let theirs = ask_gateway(Some(&guest), "theirs.machine.", false).await;
+        assert_eq!(theirs.metadata.response_code, ResponseCode::NXDomain);
+        assert!(theirs.answers.is_empty());
+
+        // Any other name: relayed to the loopback resolver (the gateway in its list is skipped),
+        // its answer relayed back, over UDP and TCP; its NXDOMAIN too.
+        for tcp in [false, true] {
+            let out = ask_gateway(Some(&guest), "www.example.test.", tcp).await;
+            assert_eq!(out.metadata.response_code, ResponseCode::NoError, "{out:?}");
+            assert_eq!(
+                a_record(&out),
+                Some(Ipv4Addr::new(192, 0, 2, 10)),
+                "tcp {tcp}"
+            );
+            let missing = ask_gateway(Some(&guest), "missing.test.", tcp).await;
+            assert_eq!(missing.metadata.response_code, ResponseCode::NXDomain);
+        }
+        // The host itself is not relayed for (it has its own resolver).
+        let host = ask_gateway(None, "www.example.test.", false).await;
+        assert_eq!(host.metadata.response_code, ResponseCode::Refused);
+
+        // No resolver answers: SERVFAIL, soon; an edited resolv.conf counts at the next query.
+        std::fs::write(&resolv, "nameserver 127.0.0.2\n").unwrap();
+        let started = Instant::now();
+        let failed = ask_gateway(Some(&guest), "www.example.test.", false).await;
+        assert_eq!(failed.metadata.response_code, ResponseCode::ServFail);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
+        let back = ask_gateway(Some(&guest), "www.example.test.", false).await;
+        assert_eq!(a_record(&back), Some(Ipv4Addr::new(192, 0, 2, 10)));
+
+        net.detach("guest").await.unwrap();
+        ip(&["link", "del", "gh"]);
+    }
+);

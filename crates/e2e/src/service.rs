@@ -21,6 +21,9 @@ pub struct Service {
     /// The hosts file the service keeps machine names in (`--hosts-file`): never the host's
     /// /etc/hosts.
     pub hosts_file: PathBuf,
+    /// The resolv.conf whose nameservers the service relays the machines' other DNS queries
+    /// to (`--resolv-conf`): empty (no resolver) until a test writes one, never the host's.
+    pub resolv_conf: PathBuf,
     process: std::sync::Mutex<Option<std::process::Child>>,
     /// This test's turn at [`netns`], held while the service lives; none for a service on
     /// the host's network (only one that boots no machine, such as the one installing the
@@ -102,6 +105,8 @@ impl Service {
         std::fs::write(&config_path, config).expect("write config");
         let hosts_file = dir.path().join("hosts");
         std::fs::write(&hosts_file, "127.0.0.1\tlocalhost\n").expect("write hosts");
+        let resolv_conf = dir.path().join("resolv.conf");
+        std::fs::write(&resolv_conf, "").expect("write resolv.conf");
         // Let non-root test users reach the socket.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -113,6 +118,7 @@ impl Service {
             socket,
             config: config_path,
             hosts_file,
+            resolv_conf,
             process: std::sync::Mutex::new(None),
             turn,
         };
@@ -145,6 +151,8 @@ impl Service {
             .arg(&self.config)
             .arg("--hosts-file")
             .arg(&self.hosts_file)
+            .arg("--resolv-conf")
+            .arg(&self.resolv_conf)
             .env("CONTAINER_LOG", "info,container_apiserver=debug")
             // A variable QEMU would act on: no helper may see the service's environment.
             .env(HOSTILE_ENV.0, HOSTILE_ENV.1)

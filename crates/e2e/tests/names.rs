@@ -1,7 +1,9 @@
 //! Machine names on the host, inside the test process's own network namespace: the service's
 //! responder on the gateway answers `NAME.machine` (A; AAAA empty; NXDOMAIN for unknown
-//! names; REFUSED outside the domain), over UDP and TCP; a machine learns its owner's machines
-//! and not another owner's; the service's hosts file (its own, never /etc/hosts) has every
+//! names; REFUSED outside the domain), over UDP and TCP; it is a machine's one nameserver,
+//! so a machine resolves its owner's machines by name and not another owner's, and any other
+//! name through the service's resolvers (a fake one on the namespace's loopback, named in
+//! the service's own resolv.conf); the service's hosts file (its own, never /etc/hosts) has every
 //! machine after create, follows a rename, drops a machine at rm; `curl` by name reaches a
 //! server in a machine; names survive a service restart; `inspect` shows `dnsName`. And ssh
 //! for editors: `ssh-config` entries whose ProxyCommand goes through the service reach a
@@ -25,6 +27,47 @@ fn config() -> String {
 }
 
 const RESPONDER: &str = "192.168.64.1:53";
+/// What the fake upstream resolver answers for every A question but [`MISSING`].
+const UPSTREAM_ANSWER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 10);
+/// A name the fake upstream resolver says does not exist.
+const MISSING: &str = "missing.example.test.";
+
+/// A resolver of the test's own on 127.0.0.1:53 of the test namespace (UDP), standing for
+/// the host's: every A question but [`MISSING`] is [`UPSTREAM_ANSWER`], other types have no
+/// answer.
+fn fake_upstream() {
+    use hickory_proto::rr::Record;
+    use hickory_proto::rr::rdata::A;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        enter_netns();
+        let socket = UdpSocket::bind("127.0.0.1:53").expect("port 53 of the test namespace");
+        tx.send(()).unwrap();
+        let mut buf = [0u8; 1500];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+            r.metadata.recursion_desired = q.metadata.recursion_desired;
+            r.metadata.recursion_available = true;
+            for query in &q.queries {
+                r.add_query(query.clone());
+                if query.name().to_ascii().eq_ignore_ascii_case(MISSING) {
+                    r.metadata.response_code = ResponseCode::NXDomain;
+                } else if query.query_type() == RecordType::A {
+                    r.add_answer(Record::from_rdata(
+                        query.name().clone(),
+                        60,
+                        RData::A(A(UPSTREAM_ANSWER)),
+                    ));
+                }
+            }
+            let _ = socket.send_to(&r.to_vec().unwrap(), peer);
+        }
+    });
+    rx.recv().unwrap();
+}
 
 /// Asks the responder from the test namespace (the host side), over UDP or TCP.
 fn ask(name: &str, kind: RecordType, tcp: bool) -> Message {
@@ -138,6 +181,10 @@ fn machine_names_resolve_on_the_host_and_follow_create_rename_and_rm() {
     let registry = Registry::start();
     let image = registry.push(&test_image("busybox"), "tests/busybox:1");
     let service = Service::start(&config());
+    // The service's resolvers: the fake one on the namespace's loopback (a loopback resolver,
+    // as systemd-resolved's stub is, that guests reach only through the service's relay).
+    fake_upstream();
+    std::fs::write(&service.resolv_conf, "nameserver 127.0.0.1\n").unwrap();
     let alice = TestUser::ensure("ctalice", 1500);
     let bob = TestUser::ensure("ctbob", 1501);
     alice.cli_ok(&service, &["machine", "create", &image, "--name", "a1"]);
@@ -202,6 +249,63 @@ fn machine_names_resolve_on_the_host_and_follow_create_rename_and_rm() {
     let back = lookup(&bob, "b1", "a1.machine");
     assert!(!String::from_utf8_lossy(&back.stdout).contains(&a1.to_string()));
 
+    // The gateway is a machine's one nameserver: names resolve with no server named, its
+    // owner's machines, not another owner's, and every other name through the service's
+    // resolver; the host asking for such a name is still refused (above).
+    let resolv = alice.cli_ok(
+        &service,
+        &["machine", "run", "-n", "a1", "cat /etc/resolv.conf"],
+    );
+    assert_eq!(resolv, "nameserver 192.168.64.1\n");
+    let resolve = |user: &TestUser, from: &str, name: &str| {
+        let out = user.cli(
+            &service,
+            &["machine", "run", "-n", from, &format!("nslookup {name}")],
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let own = resolve(&alice, "a1", "a2.machine");
+    assert!(own.contains(&a2.to_string()), "a1 -> a2.machine: {own}");
+    let back = resolve(&bob, "b1", "b1.machine");
+    assert!(back.contains(&b1.to_string()), "b1 -> itself: {back}");
+    let theirs = resolve(&alice, "a1", "b1.machine");
+    assert!(
+        theirs.contains("NXDOMAIN") && !theirs.contains(&b1.to_string()),
+        "a1 -> b1.machine (bob's): {theirs}"
+    );
+    // Reverse lookups of the machine network: answered the same way, never relayed.
+    let reverse = resolve(&alice, "a1", &a2.to_string());
+    assert!(reverse.contains("a2.machine"), "a1 -> {a2}: {reverse}");
+    let reverse = resolve(&alice, "a1", &b1.to_string());
+    assert!(
+        !reverse.contains("b1.machine") && !reverse.contains("example"),
+        "a1 -> {b1} (bob's): {reverse}"
+    );
+    let outside = resolve(&alice, "a1", "www.example.test");
+    assert!(
+        outside.contains(&UPSTREAM_ANSWER.to_string()),
+        "a1 -> a name outside the domain, through the fake upstream: {outside}"
+    );
+    let missing = resolve(&bob, "b1", MISSING.trim_end_matches('.'));
+    assert!(
+        missing.contains("NXDOMAIN"),
+        "the upstream's NXDOMAIN: {missing}"
+    );
+    // No upstream answering: SERVFAIL from the relay, not a hang.
+    std::fs::write(&service.resolv_conf, "nameserver 127.0.0.2\n").unwrap();
+    let started = std::time::Instant::now();
+    let failed = resolve(&alice, "a1", "www.example.test");
+    assert!(
+        failed.contains("SERVFAIL") && !failed.contains(&UPSTREAM_ANSWER.to_string()),
+        "no upstream: {failed}"
+    );
+    eprintln!("SERVFAIL with no upstream took {:?}", started.elapsed());
+    std::fs::write(&service.resolv_conf, "nameserver 127.0.0.1\n").unwrap();
+
     // By name from the host, through the hosts file.
     alice.cli_ok(
         &service,
@@ -227,6 +331,18 @@ fn machine_names_resolve_on_the_host_and_follow_create_rename_and_rm() {
     );
 
     // Rename: the new name answers at once, the old one no more.
+    // (Its resolv.conf made as an older version left it: the host's resolvers.)
+    alice.cli_ok(
+        &service,
+        &[
+            "machine",
+            "run",
+            "-n",
+            "a2",
+            "--root",
+            "echo nameserver 10.9.9.9 > /etc/resolv.conf",
+        ],
+    );
     alice.cli_ok(&service, &["machine", "stop", "a2"]);
     alice.cli_ok(&service, &["machine", "rename", "a2", "a3"]);
     let a3 = lease(&service, "a3");
@@ -234,6 +350,15 @@ fn machine_names_resolve_on_the_host_and_follow_create_rename_and_rm() {
     assert_eq!(rcode("a2.machine."), ResponseCode::NXDomain);
     expected[1] = (a3, "a3.machine".to_string());
     assert_eq!(hosts_block(&service), expected);
+    // At its next boot the gateway is its nameserver again, and names resolve inside it.
+    alice.cli_ok(&service, &["machine", "start", "a3"]);
+    let resolv = alice.cli_ok(
+        &service,
+        &["machine", "run", "-n", "a3", "cat /etc/resolv.conf"],
+    );
+    assert_eq!(resolv, "nameserver 192.168.64.1\n");
+    let own = resolve(&alice, "a3", "a1.machine");
+    assert!(own.contains(&a1.to_string()), "a3 -> a1.machine: {own}");
 
     // A restarted service answers the same names.
     service.stop_service();
@@ -259,9 +384,21 @@ fn machine_names_resolve_on_the_host_and_follow_create_rename_and_rm() {
 /// `ssh ARGS` as `user`, with `home` as HOME and XDG_CONFIG_HOME under it, the CLI that
 /// ProxyCommand runs aimed at `service`.
 fn ssh_as(user: &TestUser, service: &Service, home: &std::path::Path, args: &[&str]) -> Output {
+    ssh_command(user, service, home, args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn ssh_command(
+    user: &TestUser,
+    service: &Service,
+    home: &std::path::Path,
+    args: &[&str],
+) -> Command {
     use std::os::unix::process::CommandExt;
-    Command::new("ssh")
-        .args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=120"])
+    let mut c = Command::new("ssh");
+    c.args(["-o", "BatchMode=yes", "-o", "ConnectTimeout=120"])
         .args(args)
         .uid(user.uid)
         .gid(user.gid)
@@ -270,10 +407,79 @@ fn ssh_as(user: &TestUser, service: &Service, home: &std::path::Path, args: &[&s
         .env("XDG_CONFIG_HOME", home.join(".config"))
         .env("USER", &user.name)
         .env("CONTAINER_SOCKET", &service.socket)
-        .env_remove("SSH_AUTH_SOCK")
-        .stdin(std::process::Stdio::null())
-        .output()
+        .env_remove("SSH_AUTH_SOCK");
+    c
+}
+
+/// The guest port the editor-like server listens on.
+const EDITOR_PORT: u16 = 8765;
+
+/// `ssh ARGS` as [`ssh_as`] runs it, with `input` on its stdin.
+fn ssh_with_stdin(
+    user: &TestUser,
+    service: &Service,
+    home: &std::path::Path,
+    args: &[&str],
+    input: &str,
+) -> Output {
+    use std::io::Write;
+    let mut child = ssh_command(user, service, home, args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
         .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// An `ssh ARGS` running in the background (a tunnel), killed on drop.
+struct Tunnel(std::process::Child);
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ssh_tunnel(user: &TestUser, service: &Service, home: &std::path::Path, args: &[&str]) -> Tunnel {
+    Tunnel(
+        ssh_command(user, service, home, args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// What a server behind host port `port` of loopback sends to a GET, tried until it answers.
+fn fetch_through(port: u16, limit: Duration) -> String {
+    use std::io::{Read, Write};
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+            let mut reply = String::new();
+            s.read_to_string(&mut reply)?;
+            Ok(reply)
+        })();
+        match attempt {
+            Ok(reply) if !reply.is_empty() => return reply,
+            _ if std::time::Instant::now() > deadline => {
+                panic!("nothing answered through 127.0.0.1:{port}: {attempt:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(300)),
+        }
+    }
 }
 
 #[test]
@@ -357,6 +563,82 @@ fn ssh_reaches_a_machine_without_a_network_through_the_service() {
         String::from_utf8_lossy(&pwd.stderr)
     );
     eprintln!("second ssh: {:?}", started.elapsed());
+
+    // What VS Code's Remote-SSH does: `ssh -T HOST bash` with a script on stdin that puts a
+    // server under the home and starts it, then a local port forwarded to it (`ssh -L`).
+    let server_dir = ".vscode-server-ct-e2e";
+    let _ = std::fs::remove_dir_all(alice.home.join(server_dir));
+    let script = format!(
+        r#"set -e
+mkdir -p ~/{server_dir}/bin/commit
+printf 'hello from the editor server\n' > ~/{server_dir}/bin/commit/reply.txt
+echo "PWD=$PWD"
+echo "WHO=$(whoami)"
+cd ~/{server_dir}/bin/commit
+setsid -f perl -MIO::Socket::INET -e '
+  my $l = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => {EDITOR_PORT},
+                                Listen => 5, ReuseAddr => 1) or die "listen: $!";
+  open(my $f, "<", "reply.txt") or die; my $body = <$f>; close $f;
+  while (my $c = $l->accept) {{ print $c "HTTP/1.0 200 OK\r\n\r\n$body"; close $c; }}
+' </dev/null >server.log 2>&1
+echo STARTED
+"#
+    );
+    let editor = ssh_with_stdin(
+        &alice,
+        &service,
+        home.path(),
+        &[
+            "-F",
+            file.to_str().unwrap(),
+            "-T",
+            "container-sshbox",
+            "bash",
+        ],
+        &script,
+    );
+    let said = String::from_utf8_lossy(&editor.stdout).into_owned();
+    assert!(
+        editor.status.success() && said.contains("STARTED"),
+        "ssh -T bash with a script: {said}{}",
+        String::from_utf8_lossy(&editor.stderr)
+    );
+    assert!(
+        said.contains(&format!("PWD={}\n", alice.home.display())),
+        "{said}"
+    );
+    assert!(said.contains(&format!("WHO={}\n", alice.name)), "{said}");
+    // The home is the host's (home-mount rw): the editor's files are there on the host too.
+    assert_eq!(
+        std::fs::read_to_string(alice.home.join(server_dir).join("bin/commit/reply.txt")).unwrap(),
+        "hello from the editor server\n"
+    );
+    let local_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let tunnel = ssh_tunnel(
+        &alice,
+        &service,
+        home.path(),
+        &[
+            "-F",
+            file.to_str().unwrap(),
+            "-N",
+            "-o",
+            "ExitOnForwardFailure=yes",
+            "-L",
+            &format!("127.0.0.1:{local_port}:127.0.0.1:{EDITOR_PORT}"),
+            "container-sshbox",
+        ],
+    );
+    let reply = fetch_through(local_port, Duration::from_secs(60));
+    drop(tunnel);
+    assert!(
+        reply.ends_with("hello from the editor server\n"),
+        "through ssh -L: {reply:?}"
+    );
+    let _ = std::fs::remove_dir_all(alice.home.join(server_dir));
     // The key is authorised in the machine's own file, not in the (shared) home's.
     assert!(
         !alice.home.join(".ssh/authorized_keys").exists() || {

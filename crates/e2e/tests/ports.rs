@@ -4,6 +4,9 @@
 //! left to it; forwarding needs no machine network (the machine here has `--network none`)
 //! and comes back after a service restart; `set forward-ports=off` ends it at once; a port
 //! published at create is listened on from the boot and stays through that.
+//! Two users' machines listening on the same guest port do not collide: the first keeps the
+//! host port, the second is shown refused (why, without naming the other), each user sees
+//! only their own machines' ports, and the second takes the port once the first stops.
 //! Every request goes to 127.0.0.1 inside the test's own network namespace, where the
 //! service runs.
 
@@ -11,7 +14,8 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use container_e2e::{
-    Registry, Service, enter_netns, in_netns, is_root, kernel_config, require, tail, test_image,
+    Registry, Service, TestUser, enter_netns, in_netns, is_root, kernel_config, require, tail,
+    test_image,
 };
 
 /// How soon a change of the guest's listening sockets must show on the host.
@@ -262,4 +266,129 @@ fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
         get(&format!("http://{held}/")).unwrap(),
         "the host's own server"
     );
+}
+
+/// The ports `machine ports NAME --format json` lists for `user`.
+fn ports_as(user: &TestUser, service: &Service, name: &str) -> Vec<serde_json::Value> {
+    let text = user.cli_ok(service, &["machine", "ports", name, "--format", "json"]);
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn two_users_machines_listening_on_the_same_port_do_not_collide() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let image = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let service = Service::start(&format!(
+        "[machine]\ncpus = 1\nmemory = \"512M\"\nhome-mount = \"none\"\n{}",
+        kernel_config()
+    ));
+    let alice = TestUser::ensure("ctalice", 1500);
+    let bob = TestUser::ensure("ctbob", 1501);
+    let url = "http://127.0.0.1:8080/";
+    let serve = |user: &TestUser, machine: &str| {
+        let script = format!(
+            "mkdir -p /srv/www && echo {} > /srv/www/index.html && httpd -p 8080 -h /srv/www",
+            user.name
+        );
+        user.cli_ok(
+            &service,
+            &["machine", "run", "-n", machine, "--root", &script],
+        );
+    };
+    // Each user's machine, with no network: forwarding goes over vsock.
+    for (user, machine) in [(&alice, "web-a"), (&bob, "web-b")] {
+        user.cli_ok(
+            &service,
+            &[
+                "machine",
+                "create",
+                &image,
+                "--name",
+                machine,
+                "--network",
+                "none",
+            ],
+        );
+    }
+
+    // Alice's server listens first and gets the host port.
+    serve(&alice, "web-a");
+    within(&service, PROMPT, "alice's forward", || {
+        get(url).is_ok_and(|body| body.trim() == alice.name)
+    });
+    // Bob's listens on the same guest port: his forward is refused, with the reason, and
+    // alice's server still answers.
+    serve(&bob, "web-b");
+    within(&service, PROMPT * 2, "bob's 8080 listed refused", || {
+        ports_as(&bob, &service, "web-b")
+            .iter()
+            .any(|p| p["guestPort"] == 8080 && p["state"] == "refused")
+    });
+    let refused: Vec<_> = ports_as(&bob, &service, "web-b")
+        .into_iter()
+        .filter(|p| p["guestPort"] == 8080)
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0]["hostPort"], 8080);
+    let reason = refused[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("in use"), "{refused:?}");
+    assert!(
+        !reason.contains("web-a") && !reason.contains(&alice.name),
+        "the reason names another user's machine: {reason}"
+    );
+    let table = bob.cli_ok(&service, &["machine", "ports", "web-b"]);
+    assert!(
+        table.contains("127.0.0.1:8080") && table.contains("refused") && table.contains("in use"),
+        "{table}"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            get(url).unwrap().trim(),
+            alice.name,
+            "alice's server keeps the port"
+        );
+    }
+    let alices = ports_as(&alice, &service, "web-a");
+    assert!(
+        alices
+            .iter()
+            .any(|p| p["guestPort"] == 8080 && p["state"] == "forwarded"),
+        "{alices:?}"
+    );
+
+    // Each user sees their own machines' ports only.
+    for (user, theirs) in [(&alice, "web-b"), (&bob, "web-a")] {
+        let out = user.cli(&service, &["machine", "ports", theirs]);
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{} sees {theirs}'s ports: {}",
+            user.name,
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let listed = user.cli_ok(&service, &["machine", "ls", "-q"]);
+        assert!(!listed.contains(theirs), "{listed}");
+    }
+
+    // Alice's machine stops: bob's forward takes the port within a few seconds.
+    alice.cli_ok(&service, &["machine", "stop", "web-a"]);
+    let took = within(
+        &service,
+        Duration::from_secs(5),
+        "bob's forward after alice's machine stopped",
+        || get(url).is_ok_and(|body| body.trim() == bob.name),
+    );
+    eprintln!("bob's server answered {took:?} after alice's machine stopped");
+    within(&service, PROMPT, "bob's 8080 listed forwarded", || {
+        ports_as(&bob, &service, "web-b")
+            .iter()
+            .any(|p| p["guestPort"] == 8080 && p["state"] == "forwarded")
+    });
+    assert!(ports_as(&alice, &service, "web-a").is_empty());
+
+    alice.cli_ok(&service, &["machine", "rm", "-f", "web-a"]);
+    bob.cli_ok(&service, &["machine", "rm", "-f", "web-b"]);
 }

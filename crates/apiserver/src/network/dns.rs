@@ -1,16 +1,22 @@
 //! The machine names' DNS responder: `NAME.DOMAIN` (`dev.machine`) is the address of machine
 //! `NAME`, answered on the bridge's gateway address, UDP and TCP port 53, from the lease book
 //! as it is at the moment of the query (no copy to go stale: a create, rm or rename is seen by
-//! the next query). Messages are parsed and written by `hickory-proto`.
+//! the next query). Messages are parsed and written by `hickory-proto`. The gateway is each
+//! guest's one nameserver (its resolv.conf).
 //!
-//! What it answers: authoritatively for the domain, and nothing else (no recursion: any name
-//! outside the domain is REFUSED). A machine's A record; AAAA and other types NOERROR with no
-//! answer (the machine network is IPv4 only); NXDOMAIN for a name of the domain that is no
-//! machine with an address *that the asker may know*. Who asks is told by the query's source
-//! address: the host (the gateway itself or loopback) knows every machine; a machine (its
-//! leased address) knows itself and the machines of its own owner, as the bridge's isolation
-//! lets it reach only those; any other source is REFUSED. So no guest learns that another
-//! owner's machine exists.
+//! What it answers: authoritatively for the domain. A machine's A record; AAAA and other types
+//! NOERROR with no answer (the machine network is IPv4 only); NXDOMAIN for a name of the
+//! domain that is no machine with an address *that the asker may know*. Who asks is told by
+//! the query's source address: the host (the gateway itself or loopback) knows every machine;
+//! a machine (its leased address) knows itself and the machines of its own owner, as the
+//! bridge's isolation lets it reach only those; any other source is REFUSED. So no guest
+//! learns that another owner's machine exists. The reverse names of the machine network's
+//! addresses (`2.64.168.192.in-addr.arpa`, PTR `NAME.DOMAIN`) are answered the same way and
+//! never relayed (a private address is nobody else's to answer, nor to hear about). A name
+//! outside the domain is relayed to the
+//! host's resolvers when a machine asks ([`super::dns_forward`], SERVFAIL when none
+//! answers), and REFUSED to the host (it has its own resolver) and to anyone else (the
+//! responder is no open resolver).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -18,11 +24,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, PTR};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use super::dns_forward::Forwarder;
 use super::leases::LeaseBook;
+use super::subnet::Subnet;
 
 /// The port the responder listens on (the standard one: resolvers cannot be given another).
 pub const DNS_PORT: u16 = 53;
@@ -40,7 +48,7 @@ pub struct Entry {
 }
 
 /// Where the responder looks names up, at each query.
-pub trait Directory: Send + Sync {
+pub trait Directory: Send + Sync + std::fmt::Debug {
     /// The machine called `name`.
     fn entry(&self, name: &str) -> Option<Entry>;
     /// The machine holding `ip`, with its entry.
@@ -89,19 +97,47 @@ enum Asker {
     Stranger,
 }
 
+impl Asker {
+    /// Whether the asker may learn that machine `name` exists: the host every machine, a
+    /// machine itself and its owner's machines.
+    fn may_know(&self, name: &str, entry: &Entry) -> bool {
+        match self {
+            Asker::Host => true,
+            Asker::Machine {
+                name: own,
+                owner: own_owner,
+            } => own == name || (own_owner.is_some() && *own_owner == entry.owner),
+            Asker::Stranger => false,
+        }
+    }
+}
+
+/// What to do with one message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handling {
+    /// Send these bytes back.
+    Answer(Vec<u8>),
+    /// A machine asked for a name outside the domain: relay the query to the host's
+    /// resolvers, and send `servfail` back when none answers.
+    Forward { servfail: Vec<u8> },
+    /// Not worth an answer (a response, or garbage without even a header).
+    Ignore,
+}
+
 /// The zone the responder serves.
 #[derive(Debug, Clone)]
 pub struct Zone {
     /// Lower case, no trailing dot.
     domain: String,
-    gateway: Ipv4Addr,
+    /// The machine network: its gateway is the host, its addresses' reverse names are ours.
+    subnet: Subnet,
 }
 
 impl Zone {
-    pub fn new(domain: &str, gateway: Ipv4Addr) -> Self {
+    pub fn new(domain: &str, subnet: Subnet) -> Self {
         Self {
             domain: domain.trim_end_matches('.').to_ascii_lowercase(),
-            gateway,
+            subnet,
         }
     }
 
@@ -121,7 +157,7 @@ impl Zone {
         let IpAddr::V4(v4) = source else {
             return Asker::Stranger;
         };
-        if v4.is_loopback() || v4 == self.gateway {
+        if v4.is_loopback() || v4 == self.subnet.gateway() {
             return Asker::Host;
         }
         match directory.at(v4) {
@@ -131,6 +167,22 @@ impl Zone {
             },
             None => Asker::Stranger,
         }
+    }
+
+    /// The address of the machine network a reverse name (`4.64.168.192.in-addr.arpa.`)
+    /// asks about; `None` for any other name.
+    fn reverse_of(&self, qname: &Name) -> Option<Ipv4Addr> {
+        let text = qname.to_ascii().to_ascii_lowercase();
+        let digits = text.trim_end_matches('.').strip_suffix(".in-addr.arpa")?;
+        let octets: Vec<u8> = digits
+            .split('.')
+            .map(|d| d.parse().ok().filter(|_| !d.starts_with('0') || d == "0"))
+            .collect::<Option<_>>()?;
+        let [d, c, b, a] = octets.as_slice() else {
+            return None;
+        };
+        let ip = Ipv4Addr::new(*a, *b, *c, *d);
+        self.subnet.contains(ip).then_some(ip)
     }
 
     /// The machine name a query name asks about: `Some(Some(name))` for `NAME.DOMAIN`,
@@ -145,55 +197,88 @@ impl Zone {
         Some((!label.contains('.')).then(|| label.to_string()))
     }
 
-    /// The answer to one query message (`None`: a message not worth an answer, such as a
-    /// response or garbage without even a header).
-    pub fn answer(
-        &self,
-        request: &[u8],
-        source: IpAddr,
-        directory: &dyn Directory,
-    ) -> Option<Vec<u8>> {
+    /// What to do with one message from `source`.
+    pub fn handle(&self, request: &[u8], source: IpAddr, directory: &dyn Directory) -> Handling {
         let request = match Message::from_vec(request) {
             Ok(m) => m,
             Err(_) => {
                 // A header at least: answer FORMERR to its id.
-                let id = u16::from_be_bytes([*request.first()?, *request.get(1)?]);
+                let (Some(&hi), Some(&lo)) = (request.first(), request.get(1)) else {
+                    return Handling::Ignore;
+                };
                 if request.len() < 12 || request[2] & 0x80 != 0 {
-                    return None;
+                    return Handling::Ignore;
                 }
-                return Message::error_msg(id, OpCode::Query, ResponseCode::FormErr)
-                    .to_vec()
-                    .ok();
+                let id = u16::from_be_bytes([hi, lo]);
+                return encoded(Message::error_msg(id, OpCode::Query, ResponseCode::FormErr));
             }
         };
         if request.metadata.message_type != MessageType::Query {
-            return None;
+            return Handling::Ignore;
         }
-        let response = self.respond(&request, source, directory);
-        response.to_vec().ok()
+        match self.respond(&request, source, directory) {
+            Reply::Local(response) => encoded(response),
+            Reply::Forward => {
+                let mut servfail = reply_to(&request, true);
+                servfail.metadata.response_code = ResponseCode::ServFail;
+                match servfail.to_vec() {
+                    Ok(servfail) => Handling::Forward { servfail },
+                    Err(_) => Handling::Ignore,
+                }
+            }
+        }
     }
 
-    fn respond(&self, request: &Message, source: IpAddr, directory: &dyn Directory) -> Message {
+    fn respond(&self, request: &Message, source: IpAddr, directory: &dyn Directory) -> Reply {
+        let asker = self.asker(source, directory);
+        let recursive = matches!(asker, Asker::Machine { .. });
         let mut response = Message::response(request.metadata.id, request.metadata.op_code);
         response.metadata.recursion_desired = request.metadata.recursion_desired;
-        response.metadata.recursion_available = false;
+        response.metadata.recursion_available = recursive;
         if request.metadata.op_code != OpCode::Query {
             response.metadata.response_code = ResponseCode::NotImp;
-            return response;
+            return Reply::Local(response);
         }
         let [query] = request.queries.as_slice() else {
             response.metadata.response_code = ResponseCode::FormErr;
-            return response;
+            return Reply::Local(response);
         };
         response.add_query(query.clone());
+        if let Some(ip) = self.reverse_of(query.name()) {
+            // Never relayed: the machine network's addresses are nobody else's to answer.
+            if asker == Asker::Stranger {
+                response.metadata.response_code = ResponseCode::Refused;
+                return Reply::Local(response);
+            }
+            response.metadata.authoritative = true;
+            let named = directory
+                .at(ip)
+                .filter(|(name, entry)| asker.may_know(name, entry));
+            let Some((name, _)) = named else {
+                response.metadata.response_code = ResponseCode::NXDomain;
+                return Reply::Local(response);
+            };
+            if matches!(query.query_type(), RecordType::PTR | RecordType::ANY)
+                && let Ok(target) = Name::from_ascii(format!("{name}.{}.", self.domain))
+            {
+                response.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    TTL,
+                    RData::PTR(PTR(target)),
+                ));
+            }
+            return Reply::Local(response);
+        }
         let Some(asked) = self.machine_of(query.name()) else {
+            if recursive {
+                return Reply::Forward;
+            }
             response.metadata.response_code = ResponseCode::Refused;
-            return response;
+            return Reply::Local(response);
         };
-        let asker = self.asker(source, directory);
         if asker == Asker::Stranger {
             response.metadata.response_code = ResponseCode::Refused;
-            return response;
+            return Reply::Local(response);
         }
         response.metadata.authoritative = true;
         let Some(name) = asked else {
@@ -201,19 +286,14 @@ impl Zone {
             if query.name().num_labels() as usize != self.domain.split('.').count() {
                 response.metadata.response_code = ResponseCode::NXDomain;
             }
-            return response;
+            return Reply::Local(response);
         };
-        let entry = directory.entry(&name).filter(|entry| match &asker {
-            Asker::Host => true,
-            Asker::Machine {
-                name: own,
-                owner: own_owner,
-            } => *own == name || (own_owner.is_some() && *own_owner == entry.owner),
-            Asker::Stranger => false,
-        });
+        let entry = directory
+            .entry(&name)
+            .filter(|entry| asker.may_know(&name, entry));
         let Some(entry) = entry else {
             response.metadata.response_code = ResponseCode::NXDomain;
-            return response;
+            return Reply::Local(response);
         };
         if matches!(query.query_type(), RecordType::A | RecordType::ANY) {
             response.add_answer(Record::from_rdata(
@@ -222,16 +302,52 @@ impl Zone {
                 RData::A(A(entry.ip)),
             ));
         }
-        response
+        Reply::Local(response)
     }
 }
 
-/// Serves DNS over UDP on `socket` until the task is dropped.
-pub async fn serve_udp(
-    socket: tokio::net::UdpSocket,
-    zone: Arc<Zone>,
-    directory: Arc<dyn Directory>,
-) {
+/// The responder's own answer, or a query to relay.
+enum Reply {
+    Local(Message),
+    Forward,
+}
+
+/// An empty response to `request`, its question echoed.
+fn reply_to(request: &Message, recursion_available: bool) -> Message {
+    let mut response = Message::response(request.metadata.id, request.metadata.op_code);
+    response.metadata.recursion_desired = request.metadata.recursion_desired;
+    response.metadata.recursion_available = recursion_available;
+    for query in &request.queries {
+        response.add_query(query.clone());
+    }
+    response
+}
+
+fn encoded(message: Message) -> Handling {
+    match message.to_vec() {
+        Ok(bytes) => Handling::Answer(bytes),
+        Err(_) => Handling::Ignore,
+    }
+}
+
+/// What the serving tasks share: the zone, where names are looked up, and the relay.
+#[derive(Debug)]
+pub struct Responder {
+    pub zone: Zone,
+    pub directory: Arc<dyn Directory>,
+    pub forwarder: Forwarder,
+}
+
+impl Responder {
+    fn handle(&self, request: &[u8], source: IpAddr) -> Handling {
+        self.zone.handle(request, source, &*self.directory)
+    }
+}
+
+/// Serves DNS over UDP on `socket` until the task is dropped; each relayed query on a task of
+/// its own, holding one of the forwarder's slots.
+pub async fn serve_udp(socket: tokio::net::UdpSocket, responder: Arc<Responder>) {
+    let socket = Arc::new(socket);
     let mut buf = vec![0u8; 4096];
     loop {
         let (n, peer) = match socket.recv_from(&mut buf).await {
@@ -241,9 +357,26 @@ pub async fn serve_udp(
                 continue;
             }
         };
-        if let Some(answer) = zone.answer(&buf[..n], peer.ip(), &*directory)
-            && let Err(e) = socket.send_to(&answer, peer).await
-        {
+        let answer = match responder.handle(&buf[..n], peer.ip()) {
+            Handling::Answer(answer) => answer,
+            Handling::Ignore => continue,
+            Handling::Forward { servfail } => match responder.forwarder.slot() {
+                None => servfail,
+                Some(slot) => {
+                    let (socket, responder, query) =
+                        (socket.clone(), responder.clone(), buf[..n].to_vec());
+                    tokio::spawn(async move {
+                        let _slot = slot;
+                        let answer = responder.forwarder.udp(&query).await.unwrap_or(servfail);
+                        if let Err(e) = socket.send_to(&answer, peer).await {
+                            tracing::debug!(%peer, error = %e, "DNS: sending an answer");
+                        }
+                    });
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = socket.send_to(&answer, peer).await {
             tracing::debug!(%peer, error = %e, "DNS: sending an answer");
         }
     }
@@ -251,11 +384,7 @@ pub async fn serve_udp(
 
 /// Serves DNS over TCP (two-byte length before each message) on `listener` until the task
 /// is dropped; at most [`TCP_CONNECTIONS`] clients at once, each closed when idle.
-pub async fn serve_tcp(
-    listener: tokio::net::TcpListener,
-    zone: Arc<Zone>,
-    directory: Arc<dyn Directory>,
-) {
+pub async fn serve_tcp(listener: tokio::net::TcpListener, responder: Arc<Responder>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(TCP_CONNECTIONS));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -269,10 +398,10 @@ pub async fn serve_tcp(
                 continue;
             }
         };
-        let (zone, directory) = (zone.clone(), directory.clone());
+        let responder = responder.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            serve_tcp_client(stream, peer, &zone, &*directory).await;
+            serve_tcp_client(stream, peer, &responder).await;
         });
     }
 }
@@ -280,8 +409,7 @@ pub async fn serve_tcp(
 async fn serve_tcp_client(
     mut stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    zone: &Zone,
-    directory: &dyn Directory,
+    responder: &Responder,
 ) {
     loop {
         let mut len = [0u8; 2];
@@ -294,8 +422,13 @@ async fn serve_tcp_client(
             Ok(Ok(_)) => {}
             _ => return,
         }
-        let Some(answer) = zone.answer(&query, peer.ip(), directory) else {
-            return;
+        let answer = match responder.handle(&query, peer.ip()) {
+            Handling::Answer(answer) => answer,
+            Handling::Ignore => return,
+            Handling::Forward { servfail } => match responder.forwarder.slot() {
+                None => servfail,
+                Some(_slot) => responder.forwarder.tcp(&query).await.unwrap_or(servfail),
+            },
         };
         let Ok(len) = u16::try_from(answer.len()) else {
             return;
@@ -313,7 +446,9 @@ mod tests {
     use super::*;
     use hickory_proto::op::Query;
 
-    const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 64, 1);
+    fn subnet() -> Subnet {
+        "192.168.64.0/24".parse().unwrap()
+    }
 
     fn directory() -> BTreeMap<String, Entry> {
         let entry = |last, owner| Entry {
@@ -331,13 +466,22 @@ mod tests {
         let mut q = Message::query();
         q.metadata.recursion_desired = true;
         q.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
-        let bytes = Zone::new("machine", GATEWAY)
-            .answer(&q.to_vec().unwrap(), from.parse().unwrap(), &directory())
-            .expect("an answer");
+        let handled = Zone::new("machine", subnet()).handle(
+            &q.to_vec().unwrap(),
+            from.parse().unwrap(),
+            &directory(),
+        );
+        let Handling::Answer(bytes) = handled else {
+            panic!("no answer of its own to {name} from {from}: {handled:?}");
+        };
         let answer = Message::from_vec(&bytes).unwrap();
         assert_eq!(answer.metadata.id, q.metadata.id);
         assert_eq!(answer.metadata.message_type, MessageType::Response);
-        assert!(!answer.metadata.recursion_available);
+        // Recursion is offered to machines only.
+        let machine = directory()
+            .values()
+            .any(|e| IpAddr::V4(e.ip) == from.parse::<IpAddr>().unwrap());
+        assert_eq!(answer.metadata.recursion_available, machine);
         answer
     }
 
@@ -387,12 +531,55 @@ mod tests {
     }
 
     #[test]
-    fn names_outside_the_domain_are_refused_without_recursion() {
+    fn names_outside_the_domain_are_refused_to_the_host_without_recursion() {
         for name in ["example.com.", "dev.", "machine.example.", "devmachine."] {
             let a = ask(name, RecordType::A, "192.168.64.1");
             assert_eq!(a.metadata.response_code, ResponseCode::Refused, "{name}");
             assert!(a.answers.is_empty());
         }
+    }
+
+    #[test]
+    fn a_machines_query_outside_the_domain_is_relayed_with_servfail_ready() {
+        let zone = Zone::new("machine", subnet());
+        for name in ["example.com.", "dev.", "devmachine."] {
+            let mut q = Message::query();
+            q.metadata.recursion_desired = true;
+            q.add_query(Query::query(
+                Name::from_ascii(name).unwrap(),
+                RecordType::AAAA,
+            ));
+            let handled = zone.handle(
+                &q.to_vec().unwrap(),
+                "192.168.64.2".parse().unwrap(),
+                &directory(),
+            );
+            let Handling::Forward { servfail } = handled else {
+                panic!("{name} is not relayed: {handled:?}");
+            };
+            let servfail = Message::from_vec(&servfail).unwrap();
+            assert_eq!(servfail.metadata.id, q.metadata.id);
+            assert_eq!(servfail.metadata.response_code, ResponseCode::ServFail);
+            assert_eq!(servfail.queries, q.queries);
+        }
+        // Strangers are told nothing, not even through the relay.
+        let mut q = Message::query();
+        q.add_query(Query::query(
+            Name::from_ascii("example.com.").unwrap(),
+            RecordType::A,
+        ));
+        let stranger = zone.handle(
+            &q.to_vec().unwrap(),
+            "192.168.64.77".parse().unwrap(),
+            &directory(),
+        );
+        let Handling::Answer(bytes) = stranger else {
+            panic!("{stranger:?}");
+        };
+        assert_eq!(
+            Message::from_vec(&bytes).unwrap().metadata.response_code,
+            ResponseCode::Refused
+        );
     }
 
     #[test]
@@ -410,6 +597,97 @@ mod tests {
         assert_eq!(back.metadata.response_code, ResponseCode::NXDomain);
     }
 
+    fn ptr(m: &Message) -> Vec<String> {
+        m.answers
+            .iter()
+            .filter_map(|r| match &r.data {
+                RData::PTR(p) => Some(p.0.to_ascii()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn reverse_names_of_the_machine_network_are_answered_here_owner_scoped() {
+        let own = ask(
+            "3.64.168.192.in-addr.arpa.",
+            RecordType::PTR,
+            "192.168.64.2",
+        );
+        assert_eq!(own.metadata.response_code, ResponseCode::NoError);
+        assert!(own.metadata.authoritative);
+        assert_eq!(ptr(&own), ["db.machine."]);
+        let host = ask("4.64.168.192.in-addr.arpa.", RecordType::PTR, "127.0.0.1");
+        assert_eq!(ptr(&host), ["theirs.machine."]);
+        // Another owner's machine, a free address and the gateway: as if absent.
+        for name in [
+            "4.64.168.192.in-addr.arpa.",
+            "77.64.168.192.in-addr.arpa.",
+            "1.64.168.192.in-addr.arpa.",
+        ] {
+            let a = ask(name, RecordType::PTR, "192.168.64.2");
+            assert_eq!(a.metadata.response_code, ResponseCode::NXDomain, "{name}");
+            assert!(a.answers.is_empty());
+        }
+        // Outside the subnet, or not an address: relayed for a machine like any name.
+        let zone = Zone::new("machine", subnet());
+        for name in [
+            "4.65.168.192.in-addr.arpa.",
+            "64.168.192.in-addr.arpa.",
+            "03.64.168.192.in-addr.arpa.",
+        ] {
+            let mut q = Message::query();
+            q.add_query(Query::query(
+                Name::from_ascii(name).unwrap(),
+                RecordType::PTR,
+            ));
+            let handled = zone.handle(
+                &q.to_vec().unwrap(),
+                "192.168.64.2".parse().unwrap(),
+                &directory(),
+            );
+            assert!(
+                matches!(handled, Handling::Forward { .. }),
+                "{name}: {handled:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever a guest sends (garbage, or a real query with bytes flipped), the responder
+        /// neither panics nor answers another id, and relays only for a machine.
+        #[test]
+        fn any_message_is_answered_sanely_or_ignored(
+            junk in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            flips in proptest::collection::vec((0usize..64, proptest::num::u8::ANY), 0..6),
+            from in proptest::sample::select(vec!["127.0.0.1", "192.168.64.2", "192.168.64.77"]),
+        ) {
+            let zone = Zone::new("machine", subnet());
+            let mut q = Message::query();
+            q.add_query(Query::query(Name::from_ascii("db.machine.").unwrap(), RecordType::A));
+            let mut query = q.to_vec().unwrap();
+            for (at, value) in flips {
+                if let Some(b) = query.get_mut(at) {
+                    *b = value;
+                }
+            }
+            for message in [junk, query] {
+                let source: IpAddr = from.parse().unwrap();
+                match zone.handle(&message, source, &directory()) {
+                    Handling::Answer(bytes) => {
+                        proptest::prop_assert_eq!(&bytes[..2], &message[..2]);
+                        proptest::prop_assert!(bytes[2] & 0x80 != 0, "a response");
+                    }
+                    Handling::Forward { servfail } => {
+                        proptest::prop_assert_eq!(from, "192.168.64.2");
+                        proptest::prop_assert_eq!(&servfail[..2], &message[..2]);
+                    }
+                    Handling::Ignore => {}
+                }
+            }
+        }
+    }
+
     #[test]
     fn strangers_are_refused() {
         // An address of the subnet nobody holds, and one from elsewhere.
@@ -422,13 +700,16 @@ mod tests {
 
     #[test]
     fn garbage_gets_formerr_or_nothing() {
-        let zone = Zone::new("machine", GATEWAY);
+        let zone = Zone::new("machine", subnet());
         let host: IpAddr = "127.0.0.1".parse().unwrap();
-        assert_eq!(zone.answer(b"", host, &directory()), None);
-        assert_eq!(zone.answer(b"\x12", host, &directory()), None);
+        assert_eq!(zone.handle(b"", host, &directory()), Handling::Ignore);
+        assert_eq!(zone.handle(b"\x12", host, &directory()), Handling::Ignore);
         let mut junk = vec![0x12, 0x34, 0x01, 0x00, 0x00, 0x05];
         junk.extend_from_slice(&[0xff; 20]);
-        let a = Message::from_vec(&zone.answer(&junk, host, &directory()).unwrap()).unwrap();
+        let Handling::Answer(bytes) = zone.handle(&junk, host, &directory()) else {
+            panic!("no FORMERR");
+        };
+        let a = Message::from_vec(&bytes).unwrap();
         assert_eq!(a.metadata.id, 0x1234);
         assert_eq!(a.metadata.response_code, ResponseCode::FormErr);
         // A response is never answered (no loops between responders).
@@ -437,40 +718,45 @@ mod tests {
             Name::from_ascii("dev.machine.").unwrap(),
             RecordType::A,
         ));
-        assert_eq!(zone.answer(&r.to_vec().unwrap(), host, &directory()), None);
+        assert_eq!(
+            zone.handle(&r.to_vec().unwrap(), host, &directory()),
+            Handling::Ignore
+        );
     }
 
     #[test]
     fn another_domain_can_be_configured() {
-        let zone = Zone::new("VM.Internal.", GATEWAY);
+        let zone = Zone::new("VM.Internal.", subnet());
         let mut q = Message::query();
         q.add_query(Query::query(
             Name::from_ascii("dev.vm.internal.").unwrap(),
             RecordType::A,
         ));
-        let bytes = zone
-            .answer(
-                &q.to_vec().unwrap(),
-                "127.0.0.1".parse().unwrap(),
-                &directory(),
-            )
-            .unwrap();
+        let Handling::Answer(bytes) = zone.handle(
+            &q.to_vec().unwrap(),
+            "127.0.0.1".parse().unwrap(),
+            &directory(),
+        ) else {
+            panic!("no answer");
+        };
         let a = Message::from_vec(&bytes).unwrap();
         assert_eq!(addresses(&a), [Ipv4Addr::new(192, 168, 64, 2)]);
     }
 
     #[tokio::test]
     async fn udp_and_tcp_clients_get_answers_from_the_live_book() {
-        let subnet: super::super::Subnet = "192.168.64.0/24".parse().unwrap();
-        let book = Arc::new(Mutex::new(LeaseBook::new(subnet)));
-        let directory: Arc<dyn Directory> = Arc::new(Leased(book.clone()));
-        let zone = Arc::new(Zone::new("machine", GATEWAY));
+        let book = Arc::new(Mutex::new(LeaseBook::new(subnet())));
+        let responder = Arc::new(Responder {
+            zone: Zone::new("machine", subnet()),
+            directory: Arc::new(Leased(book.clone())),
+            forwarder: Forwarder::new(Arc::new(Vec::new())),
+        });
         let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (udp_addr, tcp_addr) = (udp.local_addr().unwrap(), tcp.local_addr().unwrap());
         let served = [
-            tokio::spawn(serve_udp(udp, zone.clone(), directory.clone())),
-            tokio::spawn(serve_tcp(tcp, zone, directory)),
+            tokio::spawn(serve_udp(udp, responder.clone())),
+            tokio::spawn(serve_tcp(tcp, responder)),
         ];
         let query = |name: &str| {
             let mut q = Message::query();

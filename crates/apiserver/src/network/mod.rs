@@ -13,9 +13,12 @@
 //! Machine names (`NAME.DOMAIN`, [`dns`]) are answered from the lease book itself, by a DNS
 //! responder that listens on the gateway address once the bridge is up; the host's resolver
 //! is pointed at it, or given the names, through [`HostNames`] ([`host_names`]), told at
-//! each change of the book.
+//! each change of the book. The responder is each guest's one nameserver: it relays a
+//! machine's other queries to the host's resolvers ([`dns_forward`], read from a resolv.conf
+//! at each query, [`resolv`]).
 
 pub mod dns;
+pub mod dns_forward;
 pub mod host;
 pub mod host_names;
 pub mod leases;
@@ -158,8 +161,8 @@ pub struct Network {
     subnet: Subnet,
     bridge: String,
     leases_path: PathBuf,
+    /// Where the resolvers the responder relays to are read from.
     resolv_conf: PathBuf,
-    resolv_fallback: PathBuf,
     host: Arc<dyn HostNet>,
     /// Shared with the DNS responder, which reads it at each query.
     book: Arc<Mutex<leases::LeaseBook>>,
@@ -172,7 +175,7 @@ pub struct Network {
 /// it listens.
 #[derive(Debug)]
 struct Names {
-    zone: Arc<dns::Zone>,
+    zone: dns::Zone,
     host: Box<dyn HostNames>,
     listening: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -216,8 +219,7 @@ impl Network {
             subnet,
             bridge: config.bridge.clone(),
             leases_path,
-            resolv_conf: "/etc/resolv.conf".into(),
-            resolv_fallback: resolv::RESOLVED_UPSTREAM.into(),
+            resolv_conf: crate::config::DEFAULT_RESOLV_CONF.into(),
             host,
             book: Arc::new(Mutex::new(book)),
             host_lock: tokio::sync::Mutex::new(()),
@@ -235,11 +237,10 @@ impl Network {
         Ok(network)
     }
 
-    /// Reads nameservers from `primary` (else `fallback`) instead of /etc/resolv.conf and
-    /// systemd-resolved's upstream list.
-    pub fn with_resolv_conf(mut self, primary: PathBuf, fallback: PathBuf) -> Self {
-        self.resolv_conf = primary;
-        self.resolv_fallback = fallback;
+    /// Relays the guests' queries outside the machine domain to the nameservers of
+    /// `resolv_conf` instead of /etc/resolv.conf's.
+    pub fn with_resolv_conf(mut self, resolv_conf: PathBuf) -> Self {
+        self.resolv_conf = resolv_conf;
         self
     }
 
@@ -247,7 +248,7 @@ impl Network {
     /// tells it the names there are now.
     pub fn with_names(mut self, domain: &str, host: Box<dyn HostNames>) -> Self {
         let names = Names {
-            zone: Arc::new(dns::Zone::new(domain, self.gateway())),
+            zone: dns::Zone::new(domain, self.subnet),
             host,
             listening: Mutex::new(Vec::new()),
         };
@@ -308,12 +309,31 @@ impl Network {
                 return;
             }
         };
-        let directory: Arc<dyn dns::Directory> = Arc::new(dns::Leased(self.book.clone()));
+        let upstreams = dns_forward::ResolvConf {
+            path: self.resolv_conf.clone(),
+            responder: self.gateway(),
+        };
+        let responder = Arc::new(dns::Responder {
+            zone: names.zone.clone(),
+            directory: Arc::new(dns::Leased(self.book.clone())),
+            forwarder: dns_forward::Forwarder::new(Arc::new(upstreams)),
+        });
         *names.listening.lock().unwrap_or_else(|p| p.into_inner()) = vec![
-            tokio::spawn(dns::serve_udp(udp, names.zone.clone(), directory.clone())),
-            tokio::spawn(dns::serve_tcp(tcp, names.zone.clone(), directory)),
+            tokio::spawn(dns::serve_udp(udp, responder.clone())),
+            tokio::spawn(dns::serve_tcp(tcp, responder)),
         ];
-        tracing::info!(%at, domain = names.zone.domain(), host = %names.host.describe(), "answering machine names");
+        let resolvers = resolv::upstreams_in(&self.resolv_conf, self.gateway());
+        tracing::info!(
+            %at, domain = names.zone.domain(), host = %names.host.describe(),
+            resolv_conf = %self.resolv_conf.display(), ?resolvers,
+            "answering machine names, and relaying the machines' other queries"
+        );
+        if resolvers.is_empty() {
+            tracing::warn!(
+                resolv_conf = %self.resolv_conf.display(),
+                "no nameserver to relay the machines' queries to: names outside the machine domain get SERVFAIL until the file names one"
+            );
+        }
         if let Err(e) = names.host.link_up(&self.bridge, self.gateway()).await {
             tracing::warn!(error = %error_chain(&e), "could not point the host's resolver at the machine names");
         }
@@ -422,21 +442,19 @@ impl Network {
         self.book().names().map(str::to_string).collect()
     }
 
-    /// The guest side of the machine's network, for the agent's boot config. Nameservers are
-    /// the host's usable resolvers; when it has none the guest is pointed at the gateway.
+    /// The guest side of the machine's network, for the agent's boot config (made at each
+    /// boot, so a guest from before is given its nameserver anew). The one nameserver is the
+    /// gateway: the responder answers the machine names there and relays the rest to the
+    /// host's resolvers, loopback ones included.
     pub fn guest_config(&self, machine: &str) -> Result<NetConfig, NetworkError> {
         let lease = self
             .lease_of(machine)
             .ok_or_else(|| NetworkError::NotLeased(machine.to_string()))?;
-        let mut nameservers = resolv::host_nameservers(&self.resolv_conf, &self.resolv_fallback);
-        if nameservers.is_empty() {
-            nameservers.push(lease.gateway);
-        }
         Ok(NetConfig {
             interface: GUEST_INTERFACE.into(),
             address_cidr: lease.cidr(),
             gateway: lease.gateway.to_string(),
-            nameservers: nameservers.iter().map(Ipv4Addr::to_string).collect(),
+            nameservers: vec![lease.gateway.to_string()],
         })
     }
 

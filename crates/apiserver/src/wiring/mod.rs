@@ -57,7 +57,8 @@ pub async fn ports(options: &ServiceOptions, config: &Config) -> anyhow::Result<
     let host = RealHost::new().context("opening the host network (netlink)")?;
     let network = Arc::new(
         Network::open(&options.root, &config.network, Arc::new(host))?
-            .with_names(&config.names.domain, host_names(&config.names)),
+            .with_names(&config.names.domain, host_names(&config.names))
+            .with_resolv_conf(config.names.resolv_conf.clone()),
     );
     let vms = vms(options, config, network.clone())?;
     vms.reconcile_network().await;

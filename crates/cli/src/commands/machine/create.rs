@@ -41,7 +41,10 @@ pub struct CreateArgs {
     /// Share another host directory: HOST:GUEST[:ro]. Repeatable.
     #[arg(long = "mount", value_name = "HOST:GUEST[:ro]", value_parser = parse_mount)]
     mounts: Vec<MountSpec>,
-    /// `none` for a machine with only loopback networking.
+    /// `none` for a machine with only loopback networking. Otherwise the machine has an
+    /// address on the machine network and the name NAME.machine, and resolves names through
+    /// the service (its owner's machines as NAME.machine, other names through the host's
+    /// resolvers).
     #[arg(long)]
     network: Option<String>,
     /// A kernel image to boot instead of the system's.
