@@ -1,0 +1,161 @@
+//! The UDP side of port forwarding: a host UDP socket relayed to a guest port.
+//!
+//! UDP has no connections, so the relay makes them up, as Docker's userland proxy does:
+//! the datagrams of one client (its source address and port) travel on one `ForwardUdp`
+//! session with the agent, whose socket in the guest stands in for that client, so the
+//! guest's server sees one peer per host client and its replies go back to the client that
+//! asked. A session ends after [`IDLE`] with no datagram either way, and at most
+//! [`MAX_SESSIONS`] are open per host socket: beyond that a new client's datagrams are
+//! dropped (the clients already relayed keep working) until one ends.
+//!
+//! Invariant: every session is a task owned by its socket's relay, so dropping the relay
+//! (the port is no longer forwarded, the VM stopped) ends them all and frees the host port
+//! at once, whatever the clients do.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use container_agent_proto as proto;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+/// How long a client's session lives without a datagram either way. UDP gives no end of a
+/// conversation, so a relay can only guess: Linux's conntrack forgets an unanswered UDP
+/// flow after 30 s and an answered one after 120 s, Docker's userland proxy
+/// (`docker-proxy`'s `UDPConnTrackTimeout`) after 90 s. A minute keeps the request and
+/// reply protocols a developer serves (DNS, statsd, syslog, game and media servers with
+/// keep-alives every few seconds) on one session, so the guest's server sees the client as
+/// one peer throughout, and returns the session's guest socket, agent threads and vsock
+/// connection soon after the client is gone.
+pub(super) const IDLE: Duration = Duration::from_secs(60);
+/// The most client sessions one host socket keeps at once. Each costs a vsock connection,
+/// a socket and two threads in the guest's agent; a developer's clients open a handful in
+/// a minute, a client that sends from a new port per query (a resolver) a few a second, so
+/// this bounds what a flood of source addresses can cost the machine, and no more.
+pub(super) const MAX_SESSIONS: usize = 128;
+/// Datagrams a session holds while its vsock connection is set up or busy; more are lost,
+/// as on a congested link.
+const QUEUE: usize = 64;
+/// The largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+/// How long a session may take to reach the agent.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Relays every client of `socket` to UDP `guest` in the machine whose agent is at `agent`,
+/// for as long as the returned future runs.
+pub(super) async fn relay(socket: UdpSocket, agent: PathBuf, guest: u16) {
+    let socket = Arc::new(socket);
+    let mut sessions: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
+    // Each yields its client when it ends; dropped with the relay, they are aborted.
+    let mut tasks: JoinSet<SocketAddr> = JoinSet::new();
+    let mut at_cap = false;
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        tokio::select! {
+            received = socket.recv_from(&mut buf) => {
+                let (n, client) = match received {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "receiving a forwarded datagram failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let mut datagram = buf[..n].to_vec();
+                if let Some(queue) = sessions.get(&client) {
+                    match queue.try_send(datagram) {
+                        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => continue,
+                        // Its session ended a moment ago: this datagram opens another.
+                        Err(mpsc::error::TrySendError::Closed(d)) => {
+                            datagram = d;
+                            sessions.remove(&client);
+                        }
+                    }
+                }
+                if sessions.len() >= MAX_SESSIONS {
+                    if !at_cap {
+                        tracing::warn!(guest_port = guest, limit = MAX_SESSIONS, "too many UDP clients at once: new clients' datagrams are dropped until one has been idle for a minute");
+                        at_cap = true;
+                    }
+                    continue;
+                }
+                at_cap = false;
+                let (queue, queued) = mpsc::channel(QUEUE);
+                let _ = queue.try_send(datagram);
+                sessions.insert(client, queue);
+                tasks.spawn(session(socket.clone(), client, queued, agent.clone(), guest));
+            }
+            Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
+                // Forgotten unless a newer session took its place already.
+                if let Ok(client) = ended
+                    && sessions.get(&client).is_some_and(|q| q.is_closed())
+                {
+                    sessions.remove(&client);
+                }
+            }
+        }
+    }
+}
+
+/// One client's session: opens it with the agent, then relays until either side ends it or
+/// it has been idle for [`IDLE`]; returns the client.
+async fn session(
+    socket: Arc<UdpSocket>,
+    client: SocketAddr,
+    mut queued: mpsc::Receiver<Vec<u8>>,
+    agent: PathBuf,
+    guest: u16,
+) -> SocketAddr {
+    let (mut to_guest, mut from_guest) = match open(&agent, guest).await {
+        Ok(halves) => halves,
+        Err(e) => {
+            // Nothing bound there (yet): this client's datagrams so far are lost.
+            tracing::debug!(guest_port = guest, %client, error = %e, "a forwarded datagram did not reach the guest");
+            return client;
+        }
+    };
+    let idle = tokio::time::sleep(IDLE);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            datagram = queued.recv() => {
+                let Some(datagram) = datagram else { break };
+                if to_guest.send(&datagram).await.is_err() {
+                    break;
+                }
+            }
+            reply = from_guest.recv() => {
+                let Some(Ok(reply)) = reply else { break };
+                // A client that went away is no reason to end: UDP does not know.
+                let _ = socket.send_to(&reply, client).await;
+            }
+            _ = &mut idle => break,
+        }
+        idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+    }
+    client
+}
+
+async fn open(
+    agent: &Path,
+    guest: u16,
+) -> Result<
+    (
+        proto::client::DatagramSender,
+        proto::client::DatagramReceiver,
+    ),
+    proto::ProtoError,
+> {
+    tokio::time::timeout(CONNECT_TIMEOUT, async {
+        proto::client::AgentClient::connect(agent, proto::PORT)
+            .await?
+            .forward_udp(guest)
+            .await
+    })
+    .await
+    .map_err(|_| proto::ProtoError::Timeout)?
+}
