@@ -159,3 +159,116 @@ async fn open(
     .await
     .map_err(|_| proto::ProtoError::Timeout)?
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use proto::host::{read, send, write};
+    use proto::{Frame, Kind, Message};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+    /// A fake machine whose agent answers each `ForwardUdp` session by echoing every
+    /// datagram after the session's number; counts the sessions opened.
+    fn fake_agent(dir: &Path) -> (PathBuf, Arc<AtomicUsize>) {
+        let path = dir.join("vsock.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let opened = Arc::new(AtomicUsize::new(0));
+        let count = opened.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let n = count.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    let mut reader = tokio::io::BufReader::new(stream);
+                    let mut line = String::new();
+                    reader.read_line(&mut line).await.unwrap();
+                    let mut s = reader.into_inner();
+                    s.write_all(b"OK 1\n").await.unwrap();
+                    let Some(Frame::Message(Message::Hello { version })) =
+                        read(&mut s).await.unwrap()
+                    else {
+                        panic!("no hello")
+                    };
+                    let hello = Message::HelloOk {
+                        version,
+                        agent: "test".into(),
+                    };
+                    send(&mut s, hello).await.unwrap();
+                    let Some(Frame::Message(Message::ForwardUdp { port: 7070 })) =
+                        read(&mut s).await.unwrap()
+                    else {
+                        panic!("not a UDP forward to 7070")
+                    };
+                    send(&mut s, Message::Done).await.unwrap();
+                    while let Ok(Some(Frame::Data(Kind::Data, d))) = read(&mut s).await {
+                        let reply = [format!("{n} ").as_bytes(), &d].concat();
+                        if write(&mut s, &Frame::Data(Kind::Data, reply)).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        (path, opened)
+    }
+
+    /// A client socket connected to `server`; what it gets back for `datagram`.
+    async fn ask(client: &UdpSocket, datagram: &str) -> String {
+        client.send(datagram.as_bytes()).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.recv(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    async fn client_of(server: SocketAddr) -> UdpSocket {
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(server).await.unwrap();
+        client
+    }
+
+    #[tokio::test]
+    async fn each_client_has_a_session_of_its_own_and_the_port_is_freed_with_the_relay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, opened) = fake_agent(dir.path());
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = socket.local_addr().unwrap();
+        let relay = tokio::spawn(relay(socket, agent, 7070));
+        let (a, b) = (client_of(server).await, client_of(server).await);
+        assert_eq!(ask(&a, "one").await, "1 one");
+        assert_eq!(ask(&b, "two").await, "2 two");
+        // The same client stays on its session, an empty datagram included.
+        assert_eq!(ask(&a, "three").await, "1 three");
+        assert_eq!(ask(&a, "").await, "1 ");
+        assert_eq!(opened.load(Ordering::SeqCst), 2);
+        // The relay gone, the host port is free at once, whatever the clients' sessions.
+        relay.abort();
+        let _ = relay.await;
+        std::net::UdpSocket::bind(server).expect("the host port let go");
+    }
+
+    #[tokio::test]
+    async fn a_client_idle_for_a_minute_gets_a_new_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let (agent, opened) = fake_agent(dir.path());
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server = socket.local_addr().unwrap();
+        let _relay = tokio::spawn(relay(socket, agent, 7070));
+        let a = client_of(server).await;
+        assert_eq!(ask(&a, "one").await, "1 one");
+        tokio::time::pause();
+        tokio::time::advance(IDLE - Duration::from_secs(1)).await;
+        tokio::time::resume();
+        assert_eq!(ask(&a, "still").await, "1 still");
+        tokio::time::pause();
+        tokio::time::advance(IDLE + Duration::from_secs(1)).await;
+        tokio::time::resume();
+        // The old session ends (a moment for its task to see its timer); the next datagram
+        // opens another.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(ask(&a, "later").await, "2 later");
+    }
+}
