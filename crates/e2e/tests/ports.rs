@@ -371,24 +371,35 @@ fn a_udp_server_in_a_machine_answers_on_the_hosts_loopback() {
         "7070 held before the server runs"
     );
 
-    let started = Instant::now();
     service.cli_ok(&[
-        "machine", "run", "-d", "-n", "dns", "--root", "perl", "-e", UDP_ECHO,
+        "machine",
+        "run",
+        "-d",
+        "--no-shell",
+        "-n",
+        "dns",
+        "--root",
+        "perl",
+        "-e",
+        UDP_ECHO,
     ]);
-    let mut answer = UdpAnswer::Silence;
-    let took = within(
+    // `run -d` returns before perl has bound its socket: the guest's own table says when.
+    let bound = || {
+        let udp = service.cli_ok(&["machine", "run", "-n", "dns", "cat", "/proc/net/udp"]);
+        udp.contains(":1B9E ")
+    };
+    within(
         &service,
-        PROMPT * 2,
-        "an answer from the UDP server",
-        || {
-            answer = first.ask("hello");
-            matches!(answer, UdpAnswer::Reply(_))
-        },
+        Duration::from_secs(60),
+        "the server's socket bound",
+        bound,
     );
-    eprintln!(
-        "UDP answered {took:?} after the server was started ({:?} with the run)",
-        started.elapsed()
-    );
+    let mut answer = UdpAnswer::Silence;
+    let took = within(&service, PROMPT, "an answer from the UDP server", || {
+        answer = first.ask("hello");
+        matches!(answer, UdpAnswer::Reply(_))
+    });
+    eprintln!("UDP answered {took:?} after the server was bound");
     let UdpAnswer::Reply(reply) = answer else {
         unreachable!()
     };
@@ -427,16 +438,7 @@ fn a_udp_server_in_a_machine_answers_on_the_hosts_loopback() {
     );
 
     // Stopped, it stops being forwarded: the host port is let go.
-    service.cli_ok(&[
-        "machine",
-        "run",
-        "-n",
-        "dns",
-        "--root",
-        "pkill",
-        "-f",
-        "IO::Socket",
-    ]);
+    service.cli_ok(&["machine", "run", "-n", "dns", "--root", "pkill perl"]);
     let took = within(&service, PROMPT, "the host's UDP port let go", || {
         first.ask("gone?") == UdpAnswer::Refused
     });

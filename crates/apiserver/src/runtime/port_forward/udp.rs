@@ -203,7 +203,10 @@ mod tests {
                     send(&mut s, Message::Done).await.unwrap();
                     while let Ok(Some(Frame::Data(Kind::Data, d))) = read(&mut s).await {
                         let reply = [format!("{n} ").as_bytes(), &d].concat();
-                        if write(&mut s, &Frame::Data(Kind::Data, reply)).await.is_err() {
+                        if write(&mut s, &Frame::Data(Kind::Data, reply))
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                     }
