@@ -336,7 +336,7 @@ fn listen(
                 let std = std::net::UdpSocket::bind(at)?;
                 std.set_nonblocking(true)?;
                 let socket = tokio::net::UdpSocket::from_std(std)?;
-                tokio::spawn(udp::relay(socket, agent, guest))
+                tokio::spawn(udp::relay(socket, agent, guest, udp::Limits::default()))
             }
         };
         Ok(Serving(task))
@@ -530,5 +530,36 @@ mod tests {
         assert!(table.list().is_empty());
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(std::net::TcpListener::bind(("127.0.0.1", free)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_udp_host_port_in_use_is_refused_and_the_tcp_one_of_that_number_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = Table::new("dev", Ipv4Addr::LOCALHOST.into());
+        table.socket = Some(dir.path().join("agent.sock"));
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let reported = GuestPorts {
+            tcp: vec![port],
+            udp: vec![port],
+        };
+        table.reconcile(&desired(&[], &reported));
+        let list = table.list();
+        let of = |protocol| list.iter().find(|p| p.protocol == protocol).unwrap();
+        assert_eq!(of(U).state, PortState::Refused, "{list:?}");
+        let reason = of(U).reason.clone().unwrap();
+        assert!(
+            reason.contains("in use") && reason.contains("udp"),
+            "{reason}"
+        );
+        assert_eq!(of(T).state, PortState::Forwarded, "{list:?}");
+        // Freed, it is taken at the next try; no longer reported, let go.
+        drop(held);
+        table.reconcile(&desired(&[], &reported));
+        assert!(table.list().iter().all(|p| p.state == PortState::Forwarded));
+        table.reconcile(&desired(&[], &GuestPorts::default()));
+        assert!(table.list().is_empty());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok());
     }
 }

@@ -45,9 +45,25 @@ const MAX_DATAGRAM: usize = 65_535;
 /// How long a session may take to reach the agent.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a client's session may idle, and how many a socket keeps at once.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    pub idle: Duration,
+    pub max_sessions: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            idle: IDLE,
+            max_sessions: MAX_SESSIONS,
+        }
+    }
+}
+
 /// Relays every client of `socket` to UDP `guest` in the machine whose agent is at `agent`,
 /// for as long as the returned future runs.
-pub(super) async fn relay(socket: UdpSocket, agent: PathBuf, guest: u16) {
+pub(super) async fn relay(socket: UdpSocket, agent: PathBuf, guest: u16, limits: Limits) {
     let socket = Arc::new(socket);
     let mut sessions: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>> = HashMap::new();
     // Each yields its client when it ends; dropped with the relay, they are aborted.
@@ -76,9 +92,9 @@ pub(super) async fn relay(socket: UdpSocket, agent: PathBuf, guest: u16) {
                         }
                     }
                 }
-                if sessions.len() >= MAX_SESSIONS {
+                if sessions.len() >= limits.max_sessions {
                     if !at_cap {
-                        tracing::warn!(guest_port = guest, limit = MAX_SESSIONS, "too many UDP clients at once: new clients' datagrams are dropped until one has been idle for a minute");
+                        tracing::warn!(guest_port = guest, limit = limits.max_sessions, "too many UDP clients at once: new clients' datagrams are dropped until one has been idle for a minute");
                         at_cap = true;
                     }
                     continue;
@@ -87,7 +103,8 @@ pub(super) async fn relay(socket: UdpSocket, agent: PathBuf, guest: u16) {
                 let (queue, queued) = mpsc::channel(QUEUE);
                 let _ = queue.try_send(datagram);
                 sessions.insert(client, queue);
-                tasks.spawn(session(socket.clone(), client, queued, agent.clone(), guest));
+                let session = session(socket.clone(), client, queued, agent.clone(), guest, limits.idle);
+                tasks.spawn(session);
             }
             Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
                 // Forgotten unless a newer session took its place already.
@@ -102,13 +119,14 @@ pub(super) async fn relay(socket: UdpSocket, agent: PathBuf, guest: u16) {
 }
 
 /// One client's session: opens it with the agent, then relays until either side ends it or
-/// it has been idle for [`IDLE`]; returns the client.
+/// it has been `idle` for that long; returns the client.
 async fn session(
     socket: Arc<UdpSocket>,
     client: SocketAddr,
     mut queued: mpsc::Receiver<Vec<u8>>,
     agent: PathBuf,
     guest: u16,
+    idle_limit: Duration,
 ) -> SocketAddr {
     let (mut to_guest, mut from_guest) = match open(&agent, guest).await {
         Ok(halves) => halves,
@@ -118,7 +136,7 @@ async fn session(
             return client;
         }
     };
-    let idle = tokio::time::sleep(IDLE);
+    let idle = tokio::time::sleep(idle_limit);
     tokio::pin!(idle);
     loop {
         tokio::select! {
@@ -135,7 +153,8 @@ async fn session(
             }
             _ = &mut idle => break,
         }
-        idle.as_mut().reset(tokio::time::Instant::now() + IDLE);
+        idle.as_mut()
+            .reset(tokio::time::Instant::now() + idle_limit);
     }
     client
 }
@@ -239,7 +258,7 @@ mod tests {
         let (agent, opened) = fake_agent(dir.path());
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let server = socket.local_addr().unwrap();
-        let relay = tokio::spawn(relay(socket, agent, 7070));
+        let relay = tokio::spawn(relay(socket, agent, 7070, Limits::default()));
         let (a, b) = (client_of(server).await, client_of(server).await);
         assert_eq!(ask(&a, "one").await, "1 one");
         assert_eq!(ask(&b, "two").await, "2 two");
@@ -254,24 +273,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_client_idle_for_a_minute_gets_a_new_session() {
+    async fn an_idle_client_gets_a_new_session_and_clients_beyond_the_cap_are_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let (agent, opened) = fake_agent(dir.path());
         let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let server = socket.local_addr().unwrap();
-        let _relay = tokio::spawn(relay(socket, agent, 7070));
-        let a = client_of(server).await;
+        let limits = Limits {
+            idle: Duration::from_millis(500),
+            max_sessions: 1,
+        };
+        let _relay = tokio::spawn(relay(socket, agent, 7070, limits));
+        let (a, b) = (client_of(server).await, client_of(server).await);
         assert_eq!(ask(&a, "one").await, "1 one");
-        tokio::time::pause();
-        tokio::time::advance(IDLE - Duration::from_secs(1)).await;
-        tokio::time::resume();
-        assert_eq!(ask(&a, "still").await, "1 still");
-        tokio::time::pause();
-        tokio::time::advance(IDLE + Duration::from_secs(1)).await;
-        tokio::time::resume();
-        // The old session ends (a moment for its task to see its timer); the next datagram
-        // opens another.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(ask(&a, "later").await, "2 later");
+        // Traffic keeps the session: never idle for 500 ms in a row.
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            assert_eq!(ask(&a, "still").await, "1 still");
+        }
+        // A second client while the first holds the only session: dropped, unanswered.
+        b.send(b"me too").await.unwrap();
+        let mut buf = [0u8; 64];
+        let waited = tokio::time::timeout(Duration::from_millis(300), b.recv(&mut buf)).await;
+        assert!(waited.is_err(), "a client beyond the cap was answered");
+        // Once the first has been idle that long, its session ends and the second gets one.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert_eq!(ask(&b, "now").await, "2 now");
+        assert_eq!(opened.load(Ordering::SeqCst), 2);
     }
 }
