@@ -27,8 +27,9 @@
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
-use std::net::UdpSocket;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr as IpSocketAddr, TcpStream};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr as IpSocketAddr, TcpStream, UdpSocket,
+};
 use std::ops::RangeInclusive;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -77,3 +77,38 @@ pub async fn run(client: &Client, args: PortsArgs) -> anyhow::Result<()> {
     print!("{}", output::render_list(&shown, args.format, args.quiet)?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use container_api::ports::PortState;
+
+    fn forward(guest_port: u16, protocol: Protocol, published: bool) -> PortForward {
+        PortForward {
+            guest_port,
+            protocol,
+            host_address: "127.0.0.1".into(),
+            host_port: guest_port,
+            state: PortState::Forwarded,
+            reason: None,
+            published,
+        }
+    }
+
+    #[test]
+    fn rows_say_the_protocol_and_quiet_lines_mark_udp() {
+        let tcp = forward(8080, Protocol::Tcp, false);
+        let udp = forward(5353, Protocol::Udp, true);
+        assert_eq!(tcp.row(), ["8080/tcp", "127.0.0.1:8080", "forwarded"]);
+        assert_eq!(
+            udp.row(),
+            ["5353/udp (published)", "127.0.0.1:5353", "forwarded"]
+        );
+        // `-q` prints what a client connects to: TCP as before, UDP marked.
+        assert_eq!(tcp.id(), "127.0.0.1:8080");
+        assert_eq!(udp.id(), "127.0.0.1:5353/udp");
+        let json = serde_json::to_value(&udp).unwrap();
+        assert_eq!(json["protocol"], "udp");
+        assert_eq!(json["guestPort"], 5353);
+    }
+}
