@@ -190,8 +190,8 @@ impl AgentClient {
         }
     }
 
-    /// Follows the guest's listening TCP ports: the first [`PortWatch::next`] is the whole
-    /// set now, each later one the set after a change.
+    /// Follows the guest's listening TCP ports and served UDP ports: the first
+    /// [`PortWatch::next`] is the whole set now, each later one the set after a change.
     pub async fn watch_ports(mut self) -> Result<PortWatch, ProtoError> {
         send(&mut self.stream, Message::WatchPorts).await?;
         Ok(PortWatch {
@@ -210,6 +210,39 @@ impl AgentClient {
             }
             other => Err(ProtoError::unexpected(other.as_ref())),
         }
+    }
+
+    /// Relays datagrams to UDP `port` on the guest's loopback from a socket of the
+    /// session's own: what is sent on the first half reaches the guest's server, its replies
+    /// come out of the second. A port nobody serves is [`ProtoError::Agent`].
+    pub async fn forward_udp(
+        mut self,
+        port: u16,
+    ) -> Result<(DatagramSender, DatagramReceiver), ProtoError> {
+        send(&mut self.stream, Message::ForwardUdp { port }).await?;
+        match read(&mut self.stream).await? {
+            Some(Frame::Message(Message::Done)) => {}
+            Some(Frame::Message(Message::Error { message, code })) => {
+                return Err(ProtoError::Agent { message, code });
+            }
+            other => return Err(ProtoError::unexpected(other.as_ref())),
+        }
+        let (r, w) = self.stream.into_split();
+        let datagrams = futures_util::stream::unfold(Some(r), |r| async move {
+            let mut r = r?;
+            match read(&mut r).await {
+                Ok(Some(Frame::Data(Kind::Data, d))) => Some((Ok(d), Some(r))),
+                Ok(None) => None,
+                Ok(other) => Some((Err(ProtoError::unexpected(other.as_ref())), None)),
+                Err(e) => Some((Err(e), None)),
+            }
+        });
+        Ok((
+            DatagramSender { w },
+            DatagramReceiver {
+                datagrams: Box::pin(datagrams),
+            },
+        ))
     }
 
     async fn expect_done(self, m: Message) -> Result<(), ProtoError> {
@@ -326,6 +359,50 @@ impl AgentClient {
     }
 }
 
+/// The sending half of a [`AgentClient::forward_udp`] session.
+#[derive(Debug)]
+pub struct DatagramSender {
+    w: OwnedWriteHalf,
+}
+
+impl DatagramSender {
+    /// Sends one datagram to the guest's server.
+    pub async fn send(&mut self, datagram: &[u8]) -> Result<(), ProtoError> {
+        write(&mut self.w, &Frame::Data(Kind::Data, datagram.to_vec())).await?;
+        Ok(())
+    }
+}
+
+/// The receiving half of a [`AgentClient::forward_udp`] session.
+pub struct DatagramReceiver {
+    datagrams:
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Vec<u8>, ProtoError>> + Send>>,
+}
+
+impl std::fmt::Debug for DatagramReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatagramReceiver").finish_non_exhaustive()
+    }
+}
+
+impl DatagramReceiver {
+    /// The next datagram the guest's server sent back; `None` once the session ended.
+    /// Cancel-safe: a frame part-read when the future is dropped is finished by the next
+    /// call, so this can wait in a `select!` beside other work.
+    pub async fn recv(&mut self) -> Option<Result<Vec<u8>, ProtoError>> {
+        use futures_util::StreamExt;
+        self.datagrams.next().await
+    }
+}
+
+/// The guest's ports a [`PortWatch`] reports: listening TCP ports and served UDP ports, each
+/// sorted, each port once.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GuestPorts {
+    pub tcp: Vec<u16>,
+    pub udp: Vec<u16>,
+}
+
 /// A session following the guest's listening ports; dropping it ends the session.
 #[derive(Debug)]
 pub struct PortWatch {
@@ -333,12 +410,14 @@ pub struct PortWatch {
 }
 
 impl PortWatch {
-    /// The next set of listening ports, sorted; waits for a change after the first. The
-    /// session's end (the VM stopped, the agent died) is [`ProtoError::Closed`]; an agent
-    /// that predates port reports answers with [`ProtoError::Agent`].
-    pub async fn next(&mut self) -> Result<Vec<u16>, ProtoError> {
+    /// The next set of ports; waits for a change after the first. The session's end (the
+    /// VM stopped, the agent died) is [`ProtoError::Closed`]; an agent that predates port
+    /// reports answers with [`ProtoError::Agent`]; one that predates UDP reports none.
+    pub async fn next(&mut self) -> Result<GuestPorts, ProtoError> {
         match read(&mut self.stream).await? {
-            Some(Frame::Message(Message::Ports { ports })) => Ok(ports),
+            Some(Frame::Message(Message::Ports { ports, udp })) => {
+                Ok(GuestPorts { tcp: ports, udp })
+            }
             Some(Frame::Message(Message::Error { message, code })) => {
                 Err(ProtoError::Agent { message, code })
             }
@@ -907,8 +986,20 @@ mod tests {
             hello(&mut s).await;
             match read(&mut s).await.unwrap() {
                 Some(Frame::Message(Message::WatchPorts)) => {
-                    for ports in [vec![22, 8080], vec![22]] {
-                        send(&mut s, Message::Ports { ports }).await.unwrap();
+                    let reports = [(vec![22, 8080], vec![5353]), (vec![22], vec![])];
+                    for (ports, udp) in reports {
+                        send(&mut s, Message::Ports { ports, udp }).await.unwrap();
+                    }
+                    // What an agent from before UDP sends.
+                    let old = br#"{"type":"ports","ports":[80]}"#;
+                    s.write_all(&[0, 0, 0, 0, old.len() as u8]).await.unwrap();
+                    s.write_all(old).await.unwrap();
+                }
+                Some(Frame::Message(Message::ForwardUdp { port: 5353 })) => {
+                    send(&mut s, Message::Done).await.unwrap();
+                    // Echoes each datagram, the empty one too, as one frame each.
+                    while let Some(Frame::Data(Kind::Data, d)) = read(&mut s).await.unwrap() {
+                        write(&mut s, &Frame::Data(Kind::Data, d)).await.unwrap();
                     }
                 }
                 Some(Frame::Message(Message::Forward { port: 8080 })) => {
@@ -929,9 +1020,21 @@ mod tests {
         });
         let client = || AgentClient::connect(&uds, 1024);
         let mut watch = client().await.unwrap().watch_ports().await.unwrap();
-        assert_eq!(watch.next().await.unwrap(), [22, 8080]);
-        assert_eq!(watch.next().await.unwrap(), [22]);
+        let ports = |tcp: &[u16], udp: &[u16]| GuestPorts {
+            tcp: tcp.to_vec(),
+            udp: udp.to_vec(),
+        };
+        assert_eq!(watch.next().await.unwrap(), ports(&[22, 8080], &[5353]));
+        assert_eq!(watch.next().await.unwrap(), ports(&[22], &[]));
+        assert_eq!(watch.next().await.unwrap(), ports(&[80], &[]));
         assert!(matches!(watch.next().await, Err(ProtoError::Closed)));
+        let (mut tx, mut rx) = client().await.unwrap().forward_udp(5353).await.unwrap();
+        for datagram in [&b"query"[..], b"", &[7u8; 65507]] {
+            tx.send(datagram).await.unwrap();
+            assert_eq!(rx.recv().await.unwrap().unwrap(), datagram);
+        }
+        drop(tx);
+        assert!(rx.recv().await.is_none());
         let mut conn = client().await.unwrap().forward(8080).await.unwrap();
         conn.write_all(b"ping").await.unwrap();
         let mut back = [0u8; 4];

@@ -86,16 +86,32 @@ pub enum Message {
     /// free-page reporting then returns to the host. `Done` once that is through.
     Reclaim,
     /// Host: keep me told of the guest's listening TCP ports (IPv4 and IPv6, those on a
-    /// wildcard or loopback address: what a forward to the guest's loopback reaches). The
-    /// agent answers one `Ports` with the whole set at once, then another whenever the set
+    /// wildcard or loopback address: what a forward to the guest's loopback reaches) and of
+    /// the UDP ports a server is bound to (the agent's doc says which count). The agent
+    /// answers one `Ports` with the whole set at once, then another whenever the set
     /// changes (it looks every second), until the host closes the session.
     WatchPorts,
-    /// Agent: the guest's listening TCP ports now, sorted, each once.
-    Ports { ports: Vec<u16> },
+    /// Agent: the guest's listening TCP ports (`ports`) and served UDP ports (`udp`) now,
+    /// each sorted, each port once. `udp` is left out when empty and read as empty when
+    /// absent, so this message reads the same to and from a peer that predates UDP: an
+    /// older agent reports no UDP port, and so is never asked for a `ForwardUdp` it does not
+    /// know (which is why the protocol version did not change).
+    Ports {
+        ports: Vec<u16>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        udp: Vec<u16>,
+    },
     /// Host: connect to TCP `port` on the guest's loopback (127.0.0.1, else ::1). The agent
     /// answers `Done` once connected, then the session carries that connection's raw bytes
     /// both ways (no frames); or `Error` when nothing listens there.
     Forward { port: u16 },
+    /// Host: relay one host client's datagrams to UDP `port` on the guest's loopback. The
+    /// agent opens a UDP socket of the session's own (so the guest's server sees one peer
+    /// per host client, and its replies come back to this session only), answers `Done`,
+    /// then each `Data` frame either way is one datagram, whole (a UDP payload is at most
+    /// 65,507 bytes, far below [`crate::MAX_FRAME`]); no other frame follows. The host
+    /// ends the session by closing it.
+    ForwardUdp { port: u16 },
     /// Agent: the request failed. For `Exec`, `code` follows the shell convention (126 not
     /// executable or bad working directory or user, 127 not found).
     Error { message: String, code: Option<i32> },

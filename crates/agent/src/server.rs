@@ -187,6 +187,7 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
         Message::CopyOut { path } => copy::copy_out(&path, &writer)?,
         Message::WatchPorts => ports::watch(&reader, &writer)?,
         Message::Forward { port } => ports::forward(port, reader, &writer)?,
+        Message::ForwardUdp { port } => ports::forward_udp(port, reader, &writer)?,
         Message::CopyRoot => copy::copy_root(&writer)?,
         other => reply(&writer, error(anyhow!("not a request: {other:?}"), None))?,
     }

@@ -184,8 +184,8 @@ pub struct Machine {
     /// Booted when the service starts and after its VM died unexpectedly.
     #[serde(default)]
     pub autostart: bool,
-    /// The guest's listening TCP ports are forwarded to the host's loopback
-    /// (`set forward-ports=on|off`).
+    /// The guest's listening TCP ports and served UDP ports are forwarded to the host's
+    /// loopback (`set forward-ports=on|off`).
     #[serde(default = "forward_ports_default")]
     pub forward_ports: bool,
     /// Host ports published at create (`--publish HOST:GUEST`).

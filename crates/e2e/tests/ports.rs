@@ -7,10 +7,14 @@
 //! Two users' machines listening on the same guest port do not collide: the first keeps the
 //! host port, the second is shown refused (why, without naming the other), each user sees
 //! only their own machines' ports, and the second takes the port once the first stops.
+//! A UDP server in a machine answers datagrams sent to the host's 127.0.0.1 at its port,
+//! each host client as a peer of its own, while client sockets and ports below 1024 in the
+//! guest are left alone; it stops being forwarded once it stops.
 //! Every request goes to 127.0.0.1 inside the test's own network namespace, where the
 //! service runs.
 
 use std::io::{Read, Write};
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use container_e2e::{
@@ -391,4 +395,190 @@ fn two_users_machines_listening_on_the_same_port_do_not_collide() {
 
     alice.cli_ok(&service, &["machine", "rm", "-f", "web-a"]);
     bob.cli_ok(&service, &["machine", "rm", "-f", "web-b"]);
+}
+
+/// A UDP client of the test's own, in the test namespace: one source port for all its
+/// datagrams, as a real client has.
+struct UdpClient(std::sync::mpsc::Sender<(Vec<u8>, std::sync::mpsc::Sender<UdpAnswer>)>);
+
+/// What a datagram sent to a host port brought back.
+#[derive(Debug, PartialEq)]
+enum UdpAnswer {
+    Reply(String),
+    /// ICMP port unreachable: nothing on the host holds the port.
+    Refused,
+    /// No answer within a second.
+    Silence,
+}
+
+impl UdpClient {
+    /// A client of `127.0.0.1:port`.
+    fn new(port: u16) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, std::sync::mpsc::Sender<UdpAnswer>)>();
+        std::thread::spawn(move || {
+            enter_netns();
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.connect(("127.0.0.1", port)).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .unwrap();
+            for (datagram, answer) in rx {
+                // A refusal of an earlier datagram may be pending: it is not this one's.
+                let _ = socket.take_error();
+                let got = match socket.send(&datagram).and_then(|_| {
+                    let mut buf = [0u8; 2048];
+                    socket.recv(&mut buf).map(|n| buf[..n].to_vec())
+                }) {
+                    Ok(reply) => UdpAnswer::Reply(String::from_utf8_lossy(&reply).into_owned()),
+                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        UdpAnswer::Refused
+                    }
+                    Err(_) => UdpAnswer::Silence,
+                };
+                let _ = answer.send(got);
+            }
+        });
+        UdpClient(tx)
+    }
+
+    fn ask(&self, datagram: &str) -> UdpAnswer {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.0.send((datagram.as_bytes().to_vec(), tx)).unwrap();
+        rx.recv().unwrap()
+    }
+}
+
+/// The guest's UDP server: answers each datagram with the port its peer (the agent's socket
+/// for one host client) sent it from, then the datagram. Beside it, as a machine has them,
+/// an unconnected client socket (an ephemeral port) and a socket on port 999: neither is
+/// forwarded.
+const UDP_ECHO: &str = r#"
+use IO::Socket::INET;
+my $client = IO::Socket::INET->new(Proto => "udp", LocalAddr => "0.0.0.0") or die "client: $!";
+my $low = IO::Socket::INET->new(Proto => "udp", LocalAddr => "0.0.0.0", LocalPort => 999) or die "999: $!";
+my $s = IO::Socket::INET->new(Proto => "udp", LocalAddr => "0.0.0.0", LocalPort => 7070) or die "7070: $!";
+while (defined($s->recv(my $m, 65535))) { $s->send($s->peerport . " " . $m) }
+"#;
+
+#[test]
+fn a_udp_server_in_a_machine_answers_on_the_hosts_loopback() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    // Debian for its perl (busybox has no UDP server applet).
+    let image = registry.push(&test_image("debian"), "tests/debian:12");
+    let service = Service::start(&format!(
+        "[machine]\ncpus = 1\nmemory = \"1G\"\nhome-mount = \"none\"\n{}",
+        kernel_config()
+    ));
+    let boot = Instant::now();
+    service.cli_ok(&[
+        "machine",
+        "create",
+        &image,
+        "--name",
+        "dns",
+        "--network",
+        "none",
+        "--publish",
+        "5300:53/udp",
+        "--wait",
+    ]);
+    eprintln!("booted in {:?}", boot.elapsed());
+    let udp = |p: &serde_json::Value| p["protocol"] == "udp";
+    // The published UDP port is held from the boot; nothing else is forwarded over UDP.
+    within(&service, PROMPT, "the published UDP port listed", || {
+        ports(&service, "dns")
+            .iter()
+            .any(|p| udp(p) && p["hostPort"] == 5300 && p["state"] == "forwarded")
+    });
+    let first = UdpClient::new(7070);
+    assert_eq!(
+        first.ask("hello"),
+        UdpAnswer::Refused,
+        "7070 held before the server runs"
+    );
+
+    service.cli_ok(&[
+        "machine",
+        "run",
+        "-d",
+        "--no-shell",
+        "-n",
+        "dns",
+        "--root",
+        "perl",
+        "-e",
+        UDP_ECHO,
+    ]);
+    // `run -d` returns before perl has bound its socket: the guest's own table says when.
+    let bound = || {
+        let udp = service.cli_ok(&["machine", "run", "-n", "dns", "cat", "/proc/net/udp"]);
+        udp.contains(":1B9E ")
+    };
+    within(
+        &service,
+        Duration::from_secs(60),
+        "the server's socket bound",
+        bound,
+    );
+    let mut answer = UdpAnswer::Silence;
+    let took = within(&service, PROMPT, "an answer from the UDP server", || {
+        answer = first.ask("hello");
+        matches!(answer, UdpAnswer::Reply(_))
+    });
+    eprintln!("UDP answered {took:?} after the server was bound");
+    let UdpAnswer::Reply(reply) = answer else {
+        unreachable!()
+    };
+    let (peer, text) = reply.split_once(' ').unwrap();
+    assert_eq!(text, "hello");
+    // One host client is one peer for the guest's server; another client, another peer.
+    assert_eq!(
+        first.ask("again"),
+        UdpAnswer::Reply(format!("{peer} again"))
+    );
+    let second = UdpClient::new(7070);
+    let UdpAnswer::Reply(reply) = second.ask("other") else {
+        panic!("no answer to a second client")
+    };
+    let (other_peer, text) = reply.split_once(' ').unwrap();
+    assert_eq!(text, "other");
+    assert_ne!(other_peer, peer, "two host clients share one guest peer");
+
+    // Listed as UDP; the client socket and port 999 are not forwarded.
+    let listed: Vec<_> = ports(&service, "dns")
+        .into_iter()
+        .filter(|p| udp(p) && p["published"] == false)
+        .collect();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["guestPort"], 7070);
+    assert_eq!(listed[0]["hostPort"], 7070);
+    assert_eq!(listed[0]["state"], "forwarded");
+    let table = service.cli_ok(&["machine", "ports", "dns"]);
+    assert!(
+        table.contains("7070/udp") && table.contains("53/udp (published)"),
+        "{table}"
+    );
+    assert!(
+        !table.contains("999/udp") && !table.contains("10999"),
+        "{table}"
+    );
+
+    // Stopped, it stops being forwarded: the host port is let go.
+    service.cli_ok(&["machine", "run", "-n", "dns", "--root", "pkill perl"]);
+    let took = within(&service, PROMPT, "the host's UDP port let go", || {
+        first.ask("gone?") == UdpAnswer::Refused
+    });
+    eprintln!("UDP port let go {took:?} after the server stopped");
+    assert!(
+        ports(&service, "dns")
+            .iter()
+            .all(|p| p["guestPort"] != 7070)
+    );
+
+    // A stop ends the published one too.
+    service.cli_ok(&["machine", "stop", "dns"]);
+    assert_eq!(UdpClient::new(5300).ask("stopped?"), UdpAnswer::Refused);
 }

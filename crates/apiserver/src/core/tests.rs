@@ -1872,6 +1872,19 @@ async fn a_machine_forwards_its_ports_from_boot_and_forward_ports_off_applies_at
         .unwrap_err();
     assert_eq!(err.kind, ErrorKind::InvalidArgument);
     assert!(err.message.contains("published twice"), "{}", err.message);
+    // The same number over TCP and over UDP is two host ports.
+    let both = CreateRequest {
+        image: "busybox".into(),
+        name: Some("both".into()),
+        no_boot: true,
+        publish: vec!["9000:80/udp".parse().unwrap(), "9000:80".parse().unwrap()],
+        ..Default::default()
+    };
+    let created = machine(&f.core, &NOBODY, Request::MachineCreate(both))
+        .await
+        .unwrap();
+    let shown: Vec<String> = created.publish.iter().map(|p| p.to_string()).collect();
+    assert_eq!(shown, ["9000:80", "9000:80/udp"]);
 }
 
 #[tokio::test]

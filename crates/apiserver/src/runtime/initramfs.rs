@@ -26,9 +26,10 @@ const WANTED: &[(&str, bool)] = &[
     ("virtiofs", true),
     ("virtio_net", false),
     ("virtio_balloon", false),
-    // The listening sockets the agent reports for port forwarding (sock_diag); without it
-    // the agent reads /proc/net/tcp instead.
+    // The listening TCP sockets and bound UDP sockets the agent reports for port forwarding
+    // (sock_diag); without them the agent reads /proc/net/tcp and /proc/net/udp instead.
     ("tcp_diag", false),
+    ("udp_diag", false),
 ];
 
 /// A built initramfs: its path and the module paths inside it, in load order.

@@ -3,12 +3,14 @@
 //! and with `--network none` too.
 //!
 //! One task per running VM ([`PortForwards::set`]) keeps a `WatchPorts` session open with
-//! its agent, which reports the guest's listening TCP ports at once and after each change;
-//! for each port the host listens on the forward address (`[network] forward-address`,
-//! 127.0.0.1, and `::1` with it when the host has IPv6) at the same port, or `10000 + port`
-//! below 1024 (`container_api::ports::default_host_port`), plus the machine's published
-//! ports whatever the guest listens on. Each accepted connection is a `Forward` session with
-//! the agent, which connects to the port on the guest's loopback; bytes are copied both ways.
+//! its agent, which reports the guest's listening TCP ports and served UDP ports at once and
+//! after each change; for each port the host listens on the forward address (`[network]
+//! forward-address`, 127.0.0.1, and `::1` with it when the host has IPv6) at the same port
+//! and protocol, or `10000 + port` below 1024 (`container_api::ports::default_host_port`),
+//! plus the machine's published ports whatever the guest listens on. Each accepted TCP
+//! connection is a `Forward` session with the agent, which connects to the port on the
+//! guest's loopback; bytes are copied both ways. Each UDP client is a `ForwardUdp` session
+//! ([`udp`]).
 //!
 //! Invariants: a host port another program (or another machine) holds is never taken over:
 //! it is shown refused, with the reason, and tried again each second, so it is forwarded
@@ -25,10 +27,13 @@ use std::time::Duration;
 
 use container_agent_proto as proto;
 use container_api::machine::MachineState;
-use container_api::ports::{PortForward, PortState, Publish, default_host_port};
+use container_api::ports::{PortForward, PortState, Protocol, Publish, default_host_port};
+use proto::client::GuestPorts;
 use tokio::task::JoinHandle;
 
 use super::Runtime;
+
+mod udp;
 
 /// How often the forwarder looks at the VM's state and retries refused host ports.
 const TICK: Duration = Duration::from_secs(1);
@@ -115,7 +120,7 @@ async fn run(runtime: Runtime, id: String, policy: PortPolicy, table: Arc<Mutex<
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut watch: Option<proto::client::PortWatch> = None;
-    let mut reported: Vec<u16> = Vec::new();
+    let mut reported = GuestPorts::default();
     // A session is opened again no sooner than a tick after the last one ended.
     let mut next_attempt = tokio::time::Instant::now();
     // An agent that refuses to report (one from before port reports) is asked once per boot.
@@ -180,29 +185,38 @@ async fn open_watch(
     .map_err(|_| proto::ProtoError::Timeout)?
 }
 
+/// A host port: its number and protocol (TCP 5353 and UDP 5353 are two).
+type HostPort = (u16, Protocol);
+
 /// What should be forwarded, by host port: the published ports, then each reported guest
-/// port not published already at its default host port, unless a published one holds it.
-fn desired(publish: &[Publish], reported: &[u16]) -> BTreeMap<u16, Want> {
-    let mut wanted: BTreeMap<u16, Want> = publish
+/// port not published already (same protocol) at its default host port, unless a published
+/// one holds it.
+fn desired(publish: &[Publish], reported: &GuestPorts) -> BTreeMap<HostPort, Want> {
+    let mut wanted: BTreeMap<HostPort, Want> = publish
         .iter()
         .map(|p| {
             let want = Want {
                 guest: p.guest_port,
                 published: true,
             };
-            (p.host_port, want)
+            ((p.host_port, p.protocol), want)
         })
         .collect();
-    let published: BTreeSet<u16> = publish.iter().map(|p| p.guest_port).collect();
-    for &guest in reported {
-        if published.contains(&guest) {
+    let published: BTreeSet<(u16, Protocol)> =
+        publish.iter().map(|p| (p.guest_port, p.protocol)).collect();
+    let guest_ports = (reported.tcp.iter().map(|&p| (p, Protocol::Tcp)))
+        .chain(reported.udp.iter().map(|&p| (p, Protocol::Udp)));
+    for (guest, protocol) in guest_ports {
+        if published.contains(&(guest, protocol)) {
             continue;
         }
         let want = Want {
             guest,
             published: false,
         };
-        wanted.entry(default_host_port(guest)).or_insert(want);
+        wanted
+            .entry((default_host_port(guest), protocol))
+            .or_insert(want);
     }
     wanted
 }
@@ -221,21 +235,22 @@ struct Table {
     address: IpAddr,
     /// Where the VM's agent is reached, once known.
     socket: Option<PathBuf>,
-    entries: BTreeMap<u16, Entry>,
+    entries: BTreeMap<HostPort, Entry>,
 }
 
 #[derive(Debug)]
 struct Entry {
     want: Want,
-    /// The accepting tasks (one per address), or why the host port could not be had.
-    listening: Result<Vec<Accepting>, String>,
+    /// The serving tasks (one per address), or why the host port could not be had.
+    listening: Result<Vec<Serving>, String>,
 }
 
-/// An accepting task; dropping it closes its listener.
+/// A task accepting TCP connections or relaying UDP clients; dropping it closes its
+/// socket.
 #[derive(Debug)]
-struct Accepting(JoinHandle<()>);
+struct Serving(JoinHandle<()>);
 
-impl Drop for Accepting {
+impl Drop for Serving {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -253,36 +268,38 @@ impl Table {
 
     /// Makes the listeners match `wanted`: drops the ports no longer wanted, listens on the
     /// new ones and tries again the refused ones.
-    fn reconcile(&mut self, wanted: &BTreeMap<u16, Want>) {
+    fn reconcile(&mut self, wanted: &BTreeMap<HostPort, Want>) {
         let Some(socket) = self.socket.clone() else {
             return;
         };
         self.entries
             .retain(|port, e| wanted.get(port) == Some(&e.want));
-        for (&host, &want) in wanted {
-            let entry = self.entries.get(&host);
+        for (&(host, protocol), &want) in wanted {
+            let entry = self.entries.get(&(host, protocol));
             if entry.is_some_and(|e| e.listening.is_ok()) {
                 continue;
             }
-            let listening = listen(self.address, host, want.guest, &socket);
+            let listening = listen(self.address, (host, protocol), want.guest, &socket);
             match (&listening, entry) {
                 (Ok(_), _) => {
-                    tracing::info!(machine = %self.id, host_port = host, guest_port = want.guest, "forwarding a port")
+                    tracing::info!(machine = %self.id, host_port = host, guest_port = want.guest, %protocol, "forwarding a port")
                 }
                 (Err(reason), None) => {
-                    tracing::info!(machine = %self.id, host_port = host, guest_port = want.guest, %reason, "cannot forward a port")
+                    tracing::info!(machine = %self.id, host_port = host, guest_port = want.guest, %protocol, %reason, "cannot forward a port")
                 }
                 (Err(_), Some(_)) => {}
             }
-            self.entries.insert(host, Entry { want, listening });
+            self.entries
+                .insert((host, protocol), Entry { want, listening });
         }
     }
 
     fn list(&self) -> Vec<PortForward> {
         self.entries
             .iter()
-            .map(|(&host, e)| PortForward {
+            .map(|(&(host, protocol), e)| PortForward {
                 guest_port: e.want.guest,
+                protocol,
                 host_address: self.address.to_string(),
                 host_port: host,
                 state: match e.listening {
@@ -297,34 +314,50 @@ impl Table {
 }
 
 /// Listens on `address:host` (and `[::1]:host` with 127.0.0.1, when it can) and forwards
-/// each connection to `guest`. A host port in use is refused, never shared.
+/// each connection (each UDP client) to `guest`. A host port in use is refused, never
+/// shared.
 fn listen(
     address: IpAddr,
-    host: u16,
+    (host, protocol): HostPort,
     guest: u16,
     socket: &std::path::Path,
-) -> Result<Vec<Accepting>, String> {
-    let bind = |ip: IpAddr| -> std::io::Result<tokio::net::TcpListener> {
-        let std = std::net::TcpListener::bind(SocketAddr::new(ip, host))?;
-        std.set_nonblocking(true)?;
-        tokio::net::TcpListener::from_std(std)
+) -> Result<Vec<Serving>, String> {
+    let bind = |ip: IpAddr| -> std::io::Result<Serving> {
+        let at = SocketAddr::new(ip, host);
+        let agent = socket.to_path_buf();
+        let task = match protocol {
+            Protocol::Tcp => {
+                let std = std::net::TcpListener::bind(at)?;
+                std.set_nonblocking(true)?;
+                let listener = tokio::net::TcpListener::from_std(std)?;
+                tokio::spawn(accept(listener, agent, guest))
+            }
+            Protocol::Udp => {
+                let std = std::net::UdpSocket::bind(at)?;
+                std.set_nonblocking(true)?;
+                let socket = tokio::net::UdpSocket::from_std(std)?;
+                tokio::spawn(udp::relay(socket, agent, guest, udp::Limits::default()))
+            }
+        };
+        Ok(Serving(task))
+    };
+    let shown = match protocol {
+        Protocol::Tcp => format!("{address}:{host}"),
+        Protocol::Udp => format!("{address}:{host} (udp)"),
     };
     let first = bind(address).map_err(|e| match e.kind() {
         std::io::ErrorKind::AddrInUse => {
-            format!("host port {address}:{host} is in use by another program or machine")
+            format!("host port {shown} is in use by another program or machine")
         }
-        _ => format!("cannot listen on {address}:{host}: {e}"),
+        _ => format!("cannot listen on {shown}: {e}"),
     })?;
-    let mut listeners = vec![first];
+    let mut serving = vec![first];
     if address == IpAddr::V4(Ipv4Addr::LOCALHOST)
         && let Ok(v6) = bind(IpAddr::V6(Ipv6Addr::LOCALHOST))
     {
-        listeners.push(v6);
+        serving.push(v6);
     }
-    Ok(listeners
-        .into_iter()
-        .map(|l| Accepting(tokio::spawn(accept(l, socket.to_path_buf(), guest))))
-        .collect())
+    Ok(serving)
 }
 
 /// Accepts connections for ever, each relayed to the guest port on a task of its own.
@@ -385,17 +418,27 @@ mod tests {
         Want { guest, published }
     }
 
+    fn tcp(ports: &[u16]) -> GuestPorts {
+        GuestPorts {
+            tcp: ports.to_vec(),
+            udp: Vec::new(),
+        }
+    }
+
+    const T: Protocol = Protocol::Tcp;
+    const U: Protocol = Protocol::Udp;
+
     #[test]
     fn reported_ports_keep_their_number_and_privileged_ones_move_above_10000() {
-        let wanted = desired(&[], &[22, 80, 3000, 8080]);
+        let wanted = desired(&[], &tcp(&[22, 80, 3000, 8080]));
         let got: Vec<_> = wanted.into_iter().collect();
         assert_eq!(
             got,
             [
-                (3000, want(3000, false)),
-                (8080, want(8080, false)),
-                (10022, want(22, false)),
-                (10080, want(80, false)),
+                ((3000, T), want(3000, false)),
+                ((8080, T), want(8080, false)),
+                ((10022, T), want(22, false)),
+                ((10080, T), want(80, false)),
             ]
         );
     }
@@ -406,26 +449,53 @@ mod tests {
             Publish {
                 host_port: 9000,
                 guest_port: 80,
+                protocol: T,
             },
             Publish {
                 host_port: 8080,
                 guest_port: 5000,
+                protocol: T,
             },
         ];
         // Guest 80 is published (not also at 10080); guest 8080 would take the host port
         // that 5000 is published on.
-        let wanted = desired(&publish, &[80, 8080, 3000]);
+        let wanted = desired(&publish, &tcp(&[80, 8080, 3000]));
         let got: Vec<_> = wanted.into_iter().collect();
         assert_eq!(
             got,
             [
-                (3000, want(3000, false)),
-                (8080, want(5000, true)),
-                (9000, want(80, true)),
+                ((3000, T), want(3000, false)),
+                ((8080, T), want(5000, true)),
+                ((9000, T), want(80, true)),
             ]
         );
         // Nothing reported: the published ports stay.
-        assert_eq!(desired(&publish, &[]).len(), 2);
+        assert_eq!(desired(&publish, &tcp(&[])).len(), 2);
+    }
+
+    #[test]
+    fn udp_ports_are_forwarded_beside_tcp_ones_of_the_same_number() {
+        let publish = [Publish {
+            host_port: 5300,
+            guest_port: 53,
+            protocol: U,
+        }];
+        let reported = GuestPorts {
+            tcp: vec![53, 8080],
+            udp: vec![53, 5353, 8080],
+        };
+        let got: Vec<_> = desired(&publish, &reported).into_iter().collect();
+        assert_eq!(
+            got,
+            [
+                // UDP 53 is published at 5300; TCP 53 is not, so it gets its default.
+                ((5300, U), want(53, true)),
+                ((5353, U), want(5353, false)),
+                ((8080, T), want(8080, false)),
+                ((8080, U), want(8080, false)),
+                ((10053, T), want(53, false)),
+            ]
+        );
     }
 
     #[tokio::test]
@@ -440,7 +510,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let wanted = desired(&[], &[taken, free]);
+        let wanted = desired(&[], &tcp(&[taken, free]));
         table.reconcile(&wanted);
         let list = table.list();
         let of = |port: u16| list.iter().find(|p| p.host_port == port).unwrap().clone();
@@ -456,9 +526,40 @@ mod tests {
         table.reconcile(&wanted);
         assert!(table.list().iter().all(|p| p.state == PortState::Forwarded));
         // No longer reported: no longer listened on.
-        table.reconcile(&desired(&[], &[]));
+        table.reconcile(&desired(&[], &tcp(&[])));
         assert!(table.list().is_empty());
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(std::net::TcpListener::bind(("127.0.0.1", free)).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_udp_host_port_in_use_is_refused_and_the_tcp_one_of_that_number_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut table = Table::new("dev", Ipv4Addr::LOCALHOST.into());
+        table.socket = Some(dir.path().join("agent.sock"));
+        let held = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let reported = GuestPorts {
+            tcp: vec![port],
+            udp: vec![port],
+        };
+        table.reconcile(&desired(&[], &reported));
+        let list = table.list();
+        let of = |protocol| list.iter().find(|p| p.protocol == protocol).unwrap();
+        assert_eq!(of(U).state, PortState::Refused, "{list:?}");
+        let reason = of(U).reason.clone().unwrap();
+        assert!(
+            reason.contains("in use") && reason.contains("udp"),
+            "{reason}"
+        );
+        assert_eq!(of(T).state, PortState::Forwarded, "{list:?}");
+        // Freed, it is taken at the next try; no longer reported, let go.
+        drop(held);
+        table.reconcile(&desired(&[], &reported));
+        assert!(table.list().iter().all(|p| p.state == PortState::Forwarded));
+        table.reconcile(&desired(&[], &GuestPorts::default()));
+        assert!(table.list().is_empty());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok());
     }
 }

@@ -357,15 +357,17 @@ impl Core {
     }
 }
 
-/// The ports to publish, each host port once.
+/// The ports to publish, each host port (number and protocol) once.
 fn publish_list(publish: &[Publish]) -> Result<Vec<Publish>, ApiError> {
     let mut list = publish.to_vec();
-    list.sort();
+    list.sort_by_key(|p| (p.host_port, p.protocol, p.guest_port));
     list.dedup();
-    if let Some(w) = list.windows(2).find(|w| w[0].host_port == w[1].host_port) {
+    let same_host_port =
+        |w: &&[Publish]| (w[0].host_port, w[0].protocol) == (w[1].host_port, w[1].protocol);
+    if let Some(w) = list.windows(2).find(same_host_port) {
         return Err(ApiError::invalid(format!(
-            "host port {} is published twice (to {} and {}): publish each host port once",
-            w[0].host_port, w[0].guest_port, w[1].guest_port
+            "host port {}/{} is published twice (to {} and {}): publish each host port once",
+            w[0].host_port, w[0].protocol, w[0].guest_port, w[1].guest_port
         )));
     }
     Ok(list)

@@ -56,8 +56,8 @@ pub struct CreateArgs {
     autostart: bool,
     /// Forward host port HOST (on 127.0.0.1) to GUEST in the machine whenever it runs, even
     /// before anything listens there (listening ports are forwarded anyway, at their own
-    /// number). Repeatable.
-    #[arg(short, long, value_name = "HOST:GUEST")]
+    /// number). TCP unless followed by /udp (`5300:53/udp`). Repeatable.
+    #[arg(short, long, value_name = "HOST:GUEST[/udp]")]
     publish: Vec<container_api::ports::Publish>,
     /// The image platform, OS/ARCH: machines run the host's, `linux/amd64` here; another is
     /// refused before anything is pulled.
