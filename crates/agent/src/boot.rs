@@ -86,7 +86,6 @@ pub fn run() -> Result<Infallible> {
     for m in &cfg.modules {
         let file = std::fs::File::open(m).with_context(|| format!("opening module {m}"))?;
         sys::finit_module(&file).with_context(|| format!("loading module {m}"))?;
-        log!("TIMING {m}");
     }
     log!("{} kernel modules loaded", cfg.modules.len());
 
