@@ -325,7 +325,7 @@ fn launch(
         .command(Launch {
             cpus: 1,
             memory_mib: 256,
-            kernel: vmlinuz.to_path_buf(),
+            kernel: std::fs::File::open(vmlinuz).unwrap().into(),
             initrd: initrd.to_path_buf(),
             disk: disk_layers,
             console: console_file.into(),
