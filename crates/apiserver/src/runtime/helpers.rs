@@ -135,7 +135,12 @@ const VIRTIOFSD_FD: i32 = 3;
 /// needs `--sandbox none`. It gets the socket as a descriptor, never a path: the directory
 /// holding the socket stays root's, so the owner cannot swap it for a link to another
 /// socket that root's QEMU would then connect to.
-pub fn virtiofsd(program: &Path, share: &ShareSpec, listener: std::os::fd::OwnedFd) -> Command {
+pub fn virtiofsd(
+    program: &Path,
+    share: &ShareSpec,
+    listener: std::os::fd::OwnedFd,
+    extra: &[String],
+) -> Command {
     let mut c = Command::new(program);
     super::sys::pass_fd(&mut c, listener, VIRTIOFSD_FD);
     c.arg("--fd")
@@ -146,6 +151,9 @@ pub fn virtiofsd(program: &Path, share: &ShareSpec, listener: std::os::fd::Owned
     if share.read_only {
         c.arg("--readonly");
     }
+    // Last, so the config's `--cache` (or any repeated option) wins: virtiofsd takes the
+    // last occurrence.
+    c.args(extra);
     if share.owner_uid != nix::unistd::geteuid().as_raw() {
         use std::os::unix::process::CommandExt;
         c.uid(share.owner_uid).gid(share.owner_gid);
@@ -263,7 +271,8 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
-        let fs = virtiofsd(Path::new("/bin/vfs"), &share, listener.into());
+        let extra = ["--cache".to_string(), "never".to_string()];
+        let fs = virtiofsd(Path::new("/bin/vfs"), &share, listener.into(), &extra);
         assert_eq!(fs.get_program(), "/bin/vfs");
         assert_eq!(
             args(&fs),
@@ -276,7 +285,9 @@ mod tests {
                 "none",
                 "--cache",
                 "auto",
-                "--readonly"
+                "--readonly",
+                "--cache",
+                "never"
             ]
         );
     }
