@@ -853,6 +853,21 @@ mod tests {
     }
 
     #[test]
+    fn virtiofsd_args_are_passed_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(&[], HOST).unwrap().runtime.virtiofsd_args.is_empty());
+        let f = write(
+            dir.path(),
+            "fs.toml",
+            "[runtime]\nvirtiofsd-args = [\"--cache\", \"never\", \"--xattr\"]\n",
+        );
+        assert_eq!(
+            load(&[f], HOST).unwrap().runtime.virtiofsd_args,
+            ["--cache", "never", "--xattr"]
+        );
+    }
+
+    #[test]
     fn first_file_wins_per_key() {
         let dir = tempfile::tempdir().unwrap();
         let user = write(dir.path(), "user.toml", "[machine]\ncpus = 3\n");
