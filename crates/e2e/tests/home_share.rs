@@ -72,10 +72,7 @@ fn the_shared_home_is_coherent_with_the_host() {
         return;
     }
     let registry = Registry::start();
-    let image = registry.push(
-        &container_e2e::test_image("devtools"),
-        "tests/devtools:12",
-    );
+    let image = registry.push(&container_e2e::test_image("devtools"), "tests/devtools:12");
     let service = Service::start(&config());
     let user = TestUser::ensure("ctshare", 1520);
     let dir = user.home.join("share-test");
@@ -163,7 +160,10 @@ fn guest_writes_are_seen_by_the_host_at_once(s: &Shared) {
     );
     // Owned by the user on the host too: the share is served as its owner.
     use std::os::unix::fs::MetadataExt;
-    assert_eq!(std::fs::metadata(s.path("guest.txt")).unwrap().uid(), s.user.uid);
+    assert_eq!(
+        std::fs::metadata(s.path("guest.txt")).unwrap().uid(),
+        s.user.uid
+    );
     s.guest("printf 'again\\n' >> guest.txt");
     assert_eq!(
         std::fs::read_to_string(s.path("guest.txt")).unwrap(),
@@ -171,7 +171,10 @@ fn guest_writes_are_seen_by_the_host_at_once(s: &Shared) {
     );
     // A large write is whole on the host when the guest's command returns.
     s.guest("head -c 3000000 /dev/zero | tr '\\0' x > big.txt");
-    assert_eq!(std::fs::metadata(s.path("big.txt")).unwrap().len(), 3_000_000);
+    assert_eq!(
+        std::fs::metadata(s.path("big.txt")).unwrap().len(),
+        3_000_000
+    );
 }
 
 fn sqlite_works_from_both_sides(s: &Shared) {
@@ -238,10 +241,7 @@ fn git_works_from_both_sides(s: &Shared) {
     // records the host's new content.
     s.host("printf 'hello, edited on the host\\n' > repo/README");
     std::thread::sleep(METADATA_WINDOW);
-    assert_eq!(
-        s.guest("cd repo && git status --porcelain"),
-        " M README\n"
-    );
+    assert_eq!(s.guest("cd repo && git status --porcelain"), " M README\n");
     s.guest(&format!(
         "cd repo && {git} commit -qam 'from the guest' && printf 'guest file\\n' > NEW && \
          {git} add NEW && {git} commit -qm 'added in the guest'"

@@ -342,10 +342,18 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return;
         }
-        let hard = raise_open_files_limit().unwrap();
+        let hard = match raise_open_files_limit() {
+            Ok(hard) => hard,
+            // Root without CAP_SYS_RESOURCE (a sandbox, as on the build machines).
+            Err(nix::errno::Errno::EPERM) => return,
+            Err(e) => panic!("{e}"),
+        };
         assert!(hard >= OPEN_FILES.min(1 << 20), "{hard}");
         // What a spawned helper inherits.
-        let out = Command::new("sh").args(["-c", "ulimit -Hn"]).output().unwrap();
+        let out = Command::new("sh")
+            .args(["-c", "ulimit -Hn"])
+            .output()
+            .unwrap();
         let seen: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
         assert_eq!(seen, hard);
     }
