@@ -4,6 +4,8 @@
 # run, inside a Debian machine (the test image `devtools`: Debian with git and sqlite3).
 #
 #   bench/home-share.sh [ROUNDS] [FILES] [VARIANTS]   (3, 20000, "default")
+#   BENCH_OPS="walk status" measures only those (default: all five below; `read` reads
+#   what `write` wrote).
 #
 # VARIANTS: space-separated virtiofsd option sets, each comma-separated without the leading
 # dashes (`cache=never,thread-pool-size=4`, `writeback`), given to the service as
@@ -15,8 +17,9 @@
 # What is timed (inside the guest, from its clock, so `machine run`'s own cost is not in it;
 # on the host the same script as the same user), per location:
 #   walk    `find DIR -name .git -prune -o -type f -print0 | xargs -0 stat -c %s`: a metadata
-#           walk over FILES files (20 files a directory); warm: an untimed walk ran first, so
-#           each timed one is what a second `find` or `git status` meets.
+#           walk over FILES files (20 files a directory); warm: an untimed walk and status
+#           ran just before (each round), so each timed one is what a second `find` or
+#           `git status` meets.
 #   status  `git status --porcelain` in a clean repository of those FILES files (committed
 #           and packed); warm the same way.
 #   write   `dd bs=1M count=1024 conv=fsync` of 1 GiB: streaming write to stable storage.
@@ -28,6 +31,11 @@
 #           generated from a fixed seed) into an empty directory; no sync after it.
 # Locations: share = the user's home as the machine sees it; guest-disk = /var/tmp on the
 # machine's disk; host = the same directory as the share, on the host.
+#
+# virtiofsd (unprivileged, so without file handles) holds a descriptor per host file the
+# guest has looked up: the walk needs a hard open-file limit above FILES + 5000 (the service
+# raises it to 2^20 where it may; a sandbox without CAP_SYS_RESOURCE keeps the shell's, and
+# past it the guest's `find` fails with ENFILE, which the walk reports).
 #
 # The machine user is a regular host user (BENCH_USER, default `ctbench`, created with
 # useradd when missing and removed at the end if this script created it), so virtiofsd runs
@@ -74,12 +82,15 @@ rm -rf --one-file-system "$dir"
 mkdir -p "$dir"
 cat >"$dir/work.sh" <<'EOF'
 #!/bin/sh
-# work.sh OP DIR: prints the seconds OP took on DIR.
+# work.sh OP DIR FILES: prints the seconds OP took on DIR (FILES: how many the walk finds).
 set -eu
 op=$1 d=$2
 t() { date +%s.%N; }
 case $op in
-  walk) t0=$(t); find "$d/repo" -name .git -prune -o -type f -print0 | xargs -0 stat -c %s >/dev/null ;;
+  walk)
+    t0=$(t)
+    n=$(find "$d/repo" -name .git -prune -o -type f -print0 | xargs -0 stat -c %s | wc -l)
+    [ "$n" = "$3" ] || { echo "walk: $n files of $3" >&2; exit 1; } ;;
   status) cd "$d/repo"; t0=$(t); n=$(git status --porcelain | wc -l); [ "$n" = 0 ] || { echo "git status: $n changes" >&2; exit 1; } ;;
   write) rm -f "$d/big"; t0=$(t); dd if=/dev/zero of="$d/big" bs=1M count=1024 conv=fsync status=none ;;
   read) t0=$(t); dd if="$d/big" of=/dev/null bs=1M status=none ;;
@@ -110,7 +121,7 @@ EOF
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$dir/src" -cf "$dir/src.tar" .
 rm -rf "$dir/src"
 chown -R "$user:" "$dir"
-as_user sh -ec "cd '$dir/repo' && git init -q && git add -A && git -c user.name=bench -c user.email=bench@example.invalid commit -qm tree && git gc -q"
+as_user sh -ec "cd '$dir/repo' && git init -q && git add -A && git -c gc.auto=0 -c user.name=bench -c user.email=bench@example.invalid commit -qm tree && git gc -q"
 # The guest disk's copy is unpacked from one archive: copying 20,000 files over the share
 # would take minutes under emulation.
 as_user tar -C "$dir" -cf "$dir/repo.tar" repo
@@ -125,7 +136,7 @@ drop_guest() { cli_user machine run -n "$machine" --root --no-shell -- sh -c 'sy
 drop_host_file() { dd if="$1" iflag=nocache count=0 status=none; }
 
 declare -A res
-ops=(walk status write read untar)
+read -r -a ops <<<"${BENCH_OPS:-walk status write read untar}"
 for variant in "${variants[@]}"; do
   args=()
   if [ "$variant" != default ]; then
@@ -144,21 +155,22 @@ for variant in "${variants[@]}"; do
   if [ "$first" = 1 ]; then
     in_guest sh -ec "rm -rf $gdir; mkdir -p $gdir; tar -C $gdir -xf $dir/repo.tar; cp $dir/src.tar $gdir/"
   fi
-  # Warm-ups: the first walk and status of each location are not timed.
-  for loc in share guest host; do
-    [ "$first" = 1 ] || [ "$loc" = share ] || continue
-    case $loc in
-      share) in_guest "$dir/work.sh" walk "$dir" >/dev/null; in_guest "$dir/work.sh" status "$dir" >/dev/null ;;
-      guest) in_guest "$dir/work.sh" walk "$gdir" >/dev/null; in_guest "$dir/work.sh" status "$gdir" >/dev/null ;;
-      host) as_user "$dir/work.sh" walk "$dir" >/dev/null; as_user "$dir/work.sh" status "$dir" >/dev/null ;;
+  # Untimed, before each round's walk and status: the previous round's `read` dropped the
+  # guest's caches (dentries and inodes too), and these two are meant warm.
+  warm() {
+    case $1 in
+      share) in_guest "$dir/work.sh" walk "$dir" "$files" >/dev/null; in_guest "$dir/work.sh" status "$dir" "$files" >/dev/null ;;
+      guest) in_guest "$dir/work.sh" walk "$gdir" "$files" >/dev/null; in_guest "$dir/work.sh" status "$gdir" "$files" >/dev/null ;;
+      host) as_user "$dir/work.sh" walk "$dir" "$files" >/dev/null; as_user "$dir/work.sh" status "$dir" "$files" >/dev/null ;;
     esac
-  done
+  }
   for i in $(seq 1 "$rounds"); do
     line="round $i $variant:"
     for loc in share guest host; do
       [ "$first" = 1 ] || [ "$loc" = share ] || continue
       key=$variant.$loc
       [ "$loc" = share ] || key=$loc
+      warm "$loc"
       for op in "${ops[@]}"; do
         if [ "$op" = read ]; then
           drop_guest
@@ -168,9 +180,9 @@ for variant in "${variants[@]}"; do
           esac
         fi
         case $loc in
-          share) s=$(in_guest "$dir/work.sh" "$op" "$dir") ;;
-          guest) s=$(in_guest "$dir/work.sh" "$op" "$gdir") ;;
-          host) s=$(as_user "$dir/work.sh" "$op" "$dir") ;;
+          share) s=$(in_guest "$dir/work.sh" "$op" "$dir" "$files") ;;
+          guest) s=$(in_guest "$dir/work.sh" "$op" "$gdir" "$files") ;;
+          host) s=$(as_user "$dir/work.sh" "$op" "$dir" "$files") ;;
         esac
         res[$key.$op]+=" $s"
         line+=" $loc.$op=$s"

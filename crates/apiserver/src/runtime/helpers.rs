@@ -145,16 +145,19 @@ const VIRTIOFSD_FD: i32 = 3;
 /// cache), which SQLite's WAL mode needs for its `-shm` index.
 /// - `never` has no 1 s window, but opens files for direct I/O, and a 6.1 guest kernel
 ///   refuses MAP_SHARED on those (ENODEV: SQLite in WAL mode fails with "disk I/O error");
-///   `--allow-mmap` needs a 6.6 guest kernel (FUSE_DIRECT_IO_ALLOW_MMAP). Every lookup and
-///   stat goes to the host, which makes a metadata walk several times slower.
+///   `--allow-mmap` needs a 6.6 guest kernel (FUSE_DIRECT_IO_ALLOW_MMAP). Every stat is a
+///   LOOKUP and a GETATTR on the host: a warm walk of 12,000 files took 16x `auto`'s
+///   (streaming 1 GiB was about 5x faster: direct I/O skips the guest's page cache, whose
+///   copies are dear under emulation).
 /// - `metadata` and `always` keep names and attributes for a day (`always` the contents
-///   too): a file the host deleted or an editor replaced stays as it was in the guest.
+///   too): a file the host deleted or an editor replaced stays as it was in the guest
+///   (`always` fails the e2e test at the editor's save).
 /// - `--writeback` lets the guest trust its own idea of a file's size, so what the host
-///   appends to a file the guest has cached is not seen.
-/// - `--xattr` and `--posix-acl` cost a round trip per write (the security.capability
-///   check) and are off, as is a thread pool (`--thread-pool-size`, 0: the queue's thread
-///   serves requests itself, which is fastest for the guest's one-at-a-time metadata
-///   calls).
+///   appends to a file the guest has cached would not be seen: not used.
+/// - `--xattr`, `--posix-acl` and `--thread-pool-size` stay at virtiofsd's defaults (off,
+///   off, 0: the queue's thread serves each request itself); not measured yet.
+/// - The guest mounts with no options: virtiofs has no DAX in QEMU 7.2's
+///   vhost-user-fs-device, and caching is the server's choice.
 pub fn virtiofsd(
     program: &Path,
     share: &ShareSpec,
