@@ -1,8 +1,11 @@
 //! The shared home, end to end, as a regular user on a Debian machine with git and sqlite3
-//! (the `devtools` test image): what the host changes the guest sees at its next read
-//! (in-place edits, an editor's atomic save, new and deleted files), and the other way;
-//! SQLite databases and git repositories used from both sides. One machine serves every
-//! step, in the order a user would meet them.
+//! (the `devtools` test image): a host edit's contents are what the guest reads at its next
+//! open, and names, sizes and modes follow within virtiofsd's 1 s (`--cache auto`: in-place
+//! edits, an editor's atomic save, new and deleted files); what the guest writes the host
+//! reads at once; SQLite databases (WAL mode too, which maps its index shared) and git
+//! repositories used from both sides, one side at a time (locks stay inside the guest).
+//! One machine serves every step, in the order a user would meet them. `--cache always`
+//! fails it (the editor's save), and so does `--cache never` (WAL).
 //!
 //! `CONTAINER_TEST_VIRTIOFSD_ARGS` (space-separated) adds `[runtime] virtiofsd-args` to the
 //! service's config, to check a candidate virtiofsd option set (bench/home-share.sh) against
