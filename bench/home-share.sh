@@ -29,6 +29,7 @@
 #           guest disk), so each side reads from the host's disk.
 #   untar   `tar -xf` of a source tree (4000 small files, 64 B to 8 KiB, in 200 directories,
 #           generated from a fixed seed) into an empty directory; no sync after it.
+# Goal (issue 15): the walk and `git status` within 3x of the guest disk.
 # Locations: share = the user's home as the machine sees it; guest-disk = /var/tmp on the
 # machine's disk; host = the same directory as the share, on the host.
 #
