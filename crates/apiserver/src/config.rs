@@ -120,6 +120,8 @@ struct RuntimeSection {
     tcg_translation_cache: Option<String>,
     /// Seconds a boot may take until the agent reports ready.
     boot_timeout: Option<u64>,
+    /// Arguments added to every virtiofsd command line, after the service's own.
+    virtiofsd_args: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -225,6 +227,9 @@ pub struct RuntimeConfig {
     /// How long a boot may take until the agent reports ready; a VM that does not is
     /// forced off (also one adopted in the middle of its boot).
     pub boot_timeout: std::time::Duration,
+    /// Added to every virtiofsd command line after the service's own arguments, so a later
+    /// `--cache` wins (virtiofsd takes the last of a repeated option).
+    pub virtiofsd_args: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -317,6 +322,7 @@ fn defaults(host: HostFacts) -> FileConfig {
             virtualization: Some(Virtualization::Auto),
             vm_users: Some(VmUsers::default().to_string()),
             boot_timeout: Some(DEFAULT_BOOT_TIMEOUT),
+            virtiofsd_args: Some(Vec::new()),
             ..Default::default()
         }),
         registry: Some(RegistrySection {
@@ -711,6 +717,7 @@ fn resolve(
             boot_timeout: std::time::Duration::from_secs(
                 r.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
             ),
+            virtiofsd_args: r.virtiofsd_args.unwrap_or_default(),
         },
         registry: RegistryConfig {
             insecure: g.insecure.unwrap_or_default(),
@@ -862,6 +869,21 @@ mod tests {
             let f = write(dir.path(), "bad.toml", bad);
             assert!(load(&[f], HOST).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn virtiofsd_args_are_passed_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(load(&[], HOST).unwrap().runtime.virtiofsd_args.is_empty());
+        let f = write(
+            dir.path(),
+            "fs.toml",
+            "[runtime]\nvirtiofsd-args = [\"--cache\", \"never\", \"--xattr\"]\n",
+        );
+        assert_eq!(
+            load(&[f], HOST).unwrap().runtime.virtiofsd_args,
+            ["--cache", "never", "--xattr"]
+        );
     }
 
     #[test]

@@ -54,6 +54,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Err(e) = container_apiserver::runtime::helpers::raise_open_files_limit() {
+        tracing::warn!(
+            "cannot raise the open-file limit (shares of many files may fail with EMFILE): {e}"
+        );
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {

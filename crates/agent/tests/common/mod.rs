@@ -277,6 +277,7 @@ fn launch(
         &helpers::find_binary(helpers::VIRTIOFSD, None).unwrap(),
         &share_spec,
         listener.into(),
+        &[],
     );
     let helpers = vec![spawn(vsock_helper, "vsock"), spawn(fs_helper, "virtiofsd")];
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -134,8 +134,38 @@ const VIRTIOFSD_FD: i32 = 3;
 /// runs as the share's owner, so the guest reaches only what the owner can; unprivileged, it
 /// needs `--sandbox none`. It gets the socket as a descriptor, never a path: the directory
 /// holding the socket stays root's, so the owner cannot swap it for a link to another
-/// socket that root's QEMU would then connect to.
-pub fn virtiofsd(program: &Path, share: &ShareSpec, listener: std::os::fd::OwnedFd) -> Command {
+/// socket that root's QEMU would then connect to. `extra` (`[runtime] virtiofsd-args`)
+/// comes last.
+///
+/// `--cache auto`, chosen by measurement (bench/home-share.sh, numbers in bench/README.md)
+/// and by what the user sees (crates/e2e/tests/home_share.rs). The guest keeps a name and a
+/// file's attributes (size, mode, existence) for 1 s after the host changed them, but never
+/// a file's contents: it drops a file's cached pages at each open, so an edit of the host's
+/// is read at the next open. Shared writable mmap works (pages go through the guest's page
+/// cache), which SQLite's WAL mode needs for its `-shm` index.
+/// - `never` has no 1 s window, but opens files for direct I/O, and a 6.1 guest kernel
+///   refuses MAP_SHARED on those (ENODEV: SQLite in WAL mode fails with "disk I/O error");
+///   `--allow-mmap` needs a 6.6 guest kernel (FUSE_DIRECT_IO_ALLOW_MMAP). Every stat is a
+///   LOOKUP and a GETATTR on the host: a warm walk of 12,000 files took 16x `auto`'s
+///   (streaming 1 GiB was about 5x faster: direct I/O skips the guest's page cache, whose
+///   copies are dear under emulation).
+/// - `metadata` and `always` keep names and attributes for a day (`always` the contents
+///   too): a file the host deleted or an editor replaced stays as it was in the guest
+///   (`always` fails the e2e test at the editor's save).
+/// - `--writeback` lets the guest trust its own idea of a file's size, so what the host
+///   appends to a file the guest has cached would not be seen: not used.
+/// - `--thread-pool-size=16` measured the same as none (0: the queue's thread serves each
+///   request itself) for the walk and `git status`: the guest asks one thing at a time and
+///   both cores are busy emulating it. `--xattr` and `--posix-acl` stay off (virtiofsd's
+///   default; not measured yet): user xattrs and ACLs are not served.
+/// - The guest mounts with no options: virtiofs has no DAX in QEMU 7.2's
+///   vhost-user-fs-device, and caching is the server's choice.
+pub fn virtiofsd(
+    program: &Path,
+    share: &ShareSpec,
+    listener: std::os::fd::OwnedFd,
+    extra: &[String],
+) -> Command {
     let mut c = Command::new(program);
     super::sys::pass_fd(&mut c, listener, VIRTIOFSD_FD);
     c.arg("--fd")
@@ -146,11 +176,39 @@ pub fn virtiofsd(program: &Path, share: &ShareSpec, listener: std::os::fd::Owned
     if share.read_only {
         c.arg("--readonly");
     }
+    // Last, so the config's `--cache` (or any repeated option) wins: virtiofsd takes the
+    // last occurrence.
+    c.args(extra);
     if share.owner_uid != nix::unistd::geteuid().as_raw() {
         use std::os::unix::process::CommandExt;
         c.uid(share.owner_uid).gid(share.owner_gid);
     }
     c
+}
+
+/// The open-file limit the service gives its helpers, as its systemd unit does
+/// (`LimitNOFILE`).
+pub const OPEN_FILES: u64 = 1 << 20;
+
+/// Raises the service's hard limit on open files to [`OPEN_FILES`] (or the kernel's
+/// `nr_open`, if lower), leaving its own soft limit: every helper inherits it. virtiofsd
+/// holds a descriptor for each host file the guest has looked up (it may not use file
+/// handles as an unprivileged user) and raises its soft limit to the hard one; under a
+/// hard limit of 20,000, which a service started from a shell may have, a `git status` in a
+/// repository of 20,000 files made it fail with EMFILE. Returns the new hard limit.
+pub fn raise_open_files_limit() -> nix::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(OPEN_FILES);
+    let wanted = OPEN_FILES.min(nr_open);
+    if hard >= wanted {
+        return Ok(hard);
+    }
+    setrlimit(Resource::RLIMIT_NOFILE, soft, wanted)?;
+    Ok(wanted)
 }
 
 /// Starts `cmd` in a process group of its own, output appended to `log`.
@@ -263,7 +321,8 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
-        let fs = virtiofsd(Path::new("/bin/vfs"), &share, listener.into());
+        let extra = ["--cache".to_string(), "never".to_string()];
+        let fs = virtiofsd(Path::new("/bin/vfs"), &share, listener.into(), &extra);
         assert_eq!(fs.get_program(), "/bin/vfs");
         assert_eq!(
             args(&fs),
@@ -276,9 +335,32 @@ mod tests {
                 "none",
                 "--cache",
                 "auto",
-                "--readonly"
+                "--readonly",
+                "--cache",
+                "never"
             ]
         );
+    }
+
+    #[test]
+    fn helpers_may_open_a_million_files() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let hard = match raise_open_files_limit() {
+            Ok(hard) => hard,
+            // Root without CAP_SYS_RESOURCE (a sandbox, as on the build machines).
+            Err(nix::errno::Errno::EPERM) => return,
+            Err(e) => panic!("{e}"),
+        };
+        assert!(hard >= OPEN_FILES.min(1 << 20), "{hard}");
+        // What a spawned helper inherits.
+        let out = Command::new("sh")
+            .args(["-c", "ulimit -Hn"])
+            .output()
+            .unwrap();
+        let seen: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(seen, hard);
     }
 
     #[test]

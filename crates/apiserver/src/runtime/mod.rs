@@ -74,6 +74,8 @@ pub struct RuntimeOptions {
     pub disk_bases: Vec<PathBuf>,
     /// TCG's translation cache in bytes; `None`: QEMU's default.
     pub tcg_translation_cache: Option<u64>,
+    /// Added to every virtiofsd command line after ours (`[runtime] virtiofsd-args`).
+    pub virtiofsd_args: Vec<String>,
 }
 
 impl RuntimeOptions {
@@ -89,6 +91,7 @@ impl RuntimeOptions {
             boot_timeout: Duration::from_secs(180),
             network: None,
             tcg_translation_cache: None,
+            virtiofsd_args: Vec::new(),
         }
     }
 }

@@ -46,6 +46,7 @@ pub fn vms(
         vm_users: r.vm_users,
         tcg_translation_cache: r.tcg_translation_cache,
         boot_timeout: r.boot_timeout,
+        virtiofsd_args: r.virtiofsd_args.clone(),
         ..RuntimeOptions::new(&options.root, &options.run_dir)
     });
     // The core hears of reboots in its own terms; the forwarder ends with the runtime.

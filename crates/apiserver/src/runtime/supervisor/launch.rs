@@ -360,7 +360,12 @@ impl Runtime {
             let connection = std::os::unix::net::UnixStream::connect(socket)
                 .map_err(RuntimeError::io("connecting to", socket))?;
             connections.push((tag.clone(), connection.into()));
-            let fs = helpers::virtiofsd(virtiofsd, share, listener.into());
+            let fs = helpers::virtiofsd(
+                virtiofsd,
+                share,
+                listener.into(),
+                &self.0.options.virtiofsd_args,
+            );
             started.helper(helpers::spawn(fs, VIRTIOFSD, log)?)?;
         }
         Ok(connections)
