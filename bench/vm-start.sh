@@ -18,6 +18,8 @@
 #          busybox + virtio_ring, virtio, virtio_mmio, virtio_blk from the same kernel) whose
 #          /init loads the modules, mounts /dev/vda and runs `/bin/sh -c 'echo BENCH-READY'`
 #          chrooted into it; timed from the QEMU launch to the marker on the serial console.
+#          It boots the kernel file as installed (the bzImage); ours boots the kernel the
+#          service unpacked from it once (runtime/boot_image.rs), which is part of what we cut.
 #   "Same point" on both sides: the machine disk is mounted as root and a process from it has
 #   run. On ours the image's init has just been started (a Debian machine's systemd is still
 #   booting; the time until `systemctl is-system-running` says running is printed for
