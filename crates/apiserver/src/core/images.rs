@@ -24,6 +24,33 @@ struct Capped {
     inner: Bytes,
     left: u64,
     over: Arc<AtomicBool>,
+    /// What is still read and dropped once over the limit (see `drain`).
+    drain_left: u64,
+}
+
+/// How much of an upload over the limit is still read (and dropped) before the refusal:
+/// a client that meets a closed connection while writing sees a broken pipe, not the
+/// refusal, so the rest of a modest overshoot is read first. Past this, the connection
+/// closes.
+const DRAIN: u64 = 64 << 20;
+
+impl Capped {
+    /// Reads and drops what the client still sends, up to `drain_left`; ready once that is
+    /// done (at the end of the upload, an error of it, or the bound).
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut scratch = [0u8; 64 * 1024];
+        while self.drain_left > 0 {
+            let mut b = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut b) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) if !b.filled().is_empty() => {
+                    self.drain_left = self.drain_left.saturating_sub(b.filled().len() as u64);
+                }
+                Poll::Ready(_) => break,
+            }
+        }
+        Poll::Ready(())
+    }
 }
 
 impl AsyncRead for Capped {
@@ -32,19 +59,24 @@ impl AsyncRead for Capped {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
-        let read = (buf.filled().len() - before) as u64;
-        match self.left.checked_sub(read) {
-            Some(left) => {
-                self.left = left;
-                Poll::Ready(Ok(()))
-            }
-            None => {
-                self.over.store(true, Ordering::SeqCst);
-                Poll::Ready(Err(std::io::Error::other("over the upload limit")))
+        if !self.over.load(Ordering::SeqCst) {
+            let before = buf.filled().len();
+            std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, buf))?;
+            let read = (buf.filled().len() - before) as u64;
+            match self.left.checked_sub(read) {
+                Some(left) => {
+                    self.left = left;
+                    return Poll::Ready(Ok(()));
+                }
+                None => {
+                    // Nothing of the read that went over is passed on.
+                    buf.set_filled(before);
+                    self.over.store(true, Ordering::SeqCst);
+                }
             }
         }
+        std::task::ready!(self.drain(cx));
+        Poll::Ready(Err(std::io::Error::other("over the upload limit")))
     }
 }
 
@@ -116,6 +148,7 @@ impl Core {
             inner: archive,
             left: max,
             over: over.clone(),
+            drain_left: DRAIN,
         };
         match self.state.images.load(ns, Box::new(capped)).await {
             // Whatever the store made of the cut stream, the cause is the limit.
