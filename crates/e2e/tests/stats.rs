@@ -98,6 +98,41 @@ fn stats_follow_what_the_guest_does() {
     assert!(s.disk.allocated > 0 && s.disk.size > s.disk.allocated);
     assert!(s.network.is_some(), "the machine has a network device");
 
+    // What QEMU booted from (the kernel, mapped whole, and the initrd) is paged out of it
+    // once the guest is up: a machine never resets, so QEMU never reads them again.
+    let qemu = host
+        .processes
+        .iter()
+        .find(|p| p.name.starts_with("qemu"))
+        .unwrap();
+    let boot_files = || -> (usize, u64) {
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", qemu.pid)).unwrap();
+        let (mut mappings, mut rss_kib, mut boot) = (0, 0, false);
+        for line in smaps.lines() {
+            // A mapping's line starts with its range; its fields' lines with "Name:".
+            if line.split(' ').next().is_some_and(|r| r.contains('-')) {
+                boot = line.ends_with(".vmlinux") || line.ends_with("/initrd.img");
+                mappings += usize::from(boot);
+            } else if boot && let Some(kib) = line.strip_prefix("Rss:") {
+                rss_kib += kib.trim().trim_end_matches(" kB").parse::<u64>().unwrap();
+            }
+        }
+        (mappings, rss_kib)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mappings, rss_kib) = loop {
+        let (mappings, rss_kib) = boot_files();
+        if rss_kib < 1024 || Instant::now() > deadline {
+            break (mappings, rss_kib);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(mappings > 0, "QEMU maps the files it boots from");
+    assert!(
+        rss_kib < 1024,
+        "QEMU still holds {rss_kib} KiB of the kernel and initrd it booted from"
+    );
+
     // 200 MiB written into a tmpfs: the guest's cache and the host's memory grow by it.
     alice.cli_ok(
         &service,

@@ -21,6 +21,7 @@ use sha2::Digest;
 
 use super::RuntimeError;
 use super::kernel::Kernel;
+use super::process::ProcessId;
 
 /// The largest kernel unpacked (Debian's 6.1 kernel is 51 MiB unpacked).
 const MAX_UNPACKED: usize = 512 << 20;
@@ -166,6 +167,55 @@ fn has_pvh_entry(elf: &[u8]) -> bool {
             std::iter::from_fn(|| notes.next().ok().flatten())
                 .any(|n| n.name() == b"Xen" && n.n_type(endian) == PVH_ENTRY_NOTE)
         })
+}
+
+/// Gives back what QEMU holds of the files it booted from, once the guest is up. QEMU maps
+/// the kernel (an ELF whole: 48 MiB of Debian's) and the initrd and keeps them mapped for a
+/// machine reset, which never comes: it runs with `-no-reboot`, so a reboot inside ends it
+/// and the service starts a new QEMU. Those pages were counted in the VM's memory (its PSS,
+/// `machine stats`) for nothing; they are paged out of `qemu` (process_madvise(2)), and the
+/// kernel, shared by every machine's next boot, is read back into the host's page cache,
+/// which the host may drop when it needs the memory. Returns the bytes asked for.
+pub fn release(qemu: ProcessId, kernel: &Path, initrd: &Path) -> std::io::Result<usize> {
+    let pid = rustix::process::Pid::from_raw(qemu.pid())
+        .ok_or_else(|| std::io::Error::other("not a pid"))?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+    // Opened first: if the pid was reused, the advice goes to the exited process and fails.
+    if !qemu.alive() {
+        return Ok(0);
+    }
+    let files: Vec<PathBuf> = [kernel, initrd]
+        .iter()
+        .filter_map(|f| f.canonicalize().ok())
+        .collect();
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", qemu.pid()))?;
+    let ranges = mappings_of(&maps, &files);
+    if ranges.is_empty() {
+        return Ok(0);
+    }
+    let asked = ranges.iter().map(|r| r.1).sum();
+    super::sys::page_out(&pidfd, &ranges)?;
+    if let Ok(f) = std::fs::File::open(kernel) {
+        let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::WillNeed);
+    }
+    Ok(asked)
+}
+
+/// The (start, length) of each mapping in `maps` (a `/proc/PID/maps`) of one of `files`.
+fn mappings_of(maps: &str, files: &[PathBuf]) -> Vec<(usize, usize)> {
+    maps.lines()
+        .filter_map(|line| {
+            // start-end perms offset dev inode path; the path may hold spaces.
+            let mut fields = line.splitn(6, ' ');
+            let range = fields.next()?;
+            let path = fields.nth(4)?.trim_start();
+            files.iter().any(|f| f.as_os_str() == path).then_some(())?;
+            let (start, end) = range.split_once('-')?;
+            let start = usize::from_str_radix(start, 16).ok()?;
+            let end = usize::from_str_radix(end, 16).ok()?;
+            (end > start).then_some((start, end - start))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -329,5 +379,31 @@ mod tests {
         let given = prepare(&cache, &other).unwrap();
         assert!(given.to_string_lossy().ends_with(".bzimage"));
         assert_eq!(std::fs::read(&given).unwrap(), b"some other kernel");
+    }
+
+    #[test]
+    fn the_mappings_of_the_boot_files_are_found_and_no_others() {
+        let maps = "\
+55d0c0000000-55d0c0200000 r--p 00000000 fe:01 123 /usr/bin/qemu-system-x86_64
+7f0000000000-7f0003000000 rw-p 00000000 fe:01 77 /var/lib/container/boot-kernels/ab.vmlinux
+7f0003000000-7f0003001000 rw-p 03000000 fe:01 77 /var/lib/container/boot-kernels/ab.vmlinux
+7f1000000000-7f1000500000 r--p 00000000 00:1a 9 /run/container/vm/x/vmm/initrd.img
+7f2000000000-7f2000500000 r--p 00000000 00:1a 10 /run/container/vm/y/vmm/initrd.img
+7f3000000000-7f3004000000 rwxp 00000000 00:00 0 
+7f4000000000-7f4000001000 r--p 00000000 00:1a 11 /tmp/a dir/initrd.img (deleted)
+";
+        let files = [
+            PathBuf::from("/var/lib/container/boot-kernels/ab.vmlinux"),
+            PathBuf::from("/run/container/vm/x/vmm/initrd.img"),
+        ];
+        assert_eq!(
+            mappings_of(maps, &files),
+            vec![
+                (0x7f00_0000_0000, 0x300_0000),
+                (0x7f00_0300_0000, 0x1000),
+                (0x7f10_0000_0000, 0x50_0000)
+            ]
+        );
+        assert!(mappings_of(maps, &[PathBuf::from("/tmp/a dir/initrd.img")]).is_empty());
     }
 }

@@ -1,7 +1,8 @@
 //! The runtime's only unsafe code, where the OS or the CPU demands it: registering a pidfd
 //! with tokio's reactor, reading the host's time-stamp counter, between fork and exec
-//! setting a child's umask, handing it file descriptors and dropping its privileges, and file
-//! access with a user's identity on a thread of its own.
+//! setting a child's umask, handing it file descriptors and dropping its privileges, file
+//! access with a user's identity on a thread of its own, and paging out another process's
+//! memory.
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -155,6 +156,37 @@ pub fn as_user<T: Send + 'static>(
         })?
         .join()
         .map_err(|_| std::io::Error::other("the thread acting as a user panicked"))?
+}
+
+/// Asks the kernel to page out `ranges` (start, length) of the process behind `pidfd`
+/// (process_madvise(2) with `MADV_PAGEOUT`: clean file pages are dropped from its page
+/// tables, and from memory when no one else maps them). Needs `CAP_SYS_NICE` and ptrace
+/// read access to the process. Neither libc nor rustix wraps it.
+pub fn page_out(pidfd: &OwnedFd, ranges: &[(usize, usize)]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let iov: Vec<libc::iovec> = ranges
+        .iter()
+        .map(|&(start, len)| libc::iovec {
+            iov_base: start as *mut libc::c_void,
+            iov_len: len,
+        })
+        .collect();
+    // SAFETY: the kernel reads `iov.len()` iovecs from a live vector; the addresses in them
+    // are the other process's and are never dereferenced here.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_process_madvise,
+            pidfd.as_raw_fd(),
+            iov.as_ptr(),
+            iov.len(),
+            libc::MADV_PAGEOUT,
+            0u32,
+        )
+    };
+    match r {
+        -1 => Err(std::io::Error::last_os_error()),
+        n => Ok(n as usize),
+    }
 }
 
 #[cfg(test)]

@@ -231,6 +231,7 @@ impl Runtime {
             }
         };
         learn_boot(&vm, readiness).await;
+        self.release_boot_files(&vm, spec);
         console::write_boot_log(&spec.machine_dir);
         // The boot config carried the host's time at launch; the boot took a while since.
         sync_clock(&spec.id, &vm.agent_socket()).await;
@@ -243,6 +244,24 @@ impl Runtime {
             starting
         });
         Ok(vm.info())
+    }
+
+    /// Pages the kernel and the initrd out of the booted VM's QEMU, in the background
+    /// ([`boot_image::release`]).
+    fn release_boot_files(&self, vm: &Vm, spec: &VmSpec) {
+        let paths = RunPaths::new(vm.run.run_dir.clone(), spec);
+        let initrd = paths.vmm.join(&paths.initrd);
+        let cache = self.0.options.root.join("boot-kernels");
+        let (qemu, kernel) = (vm.run.qemu, spec.kernel.clone());
+        tokio::task::spawn_blocking(move || {
+            let released = boot_image::prepare(&cache, &kernel)
+                .map_err(std::io::Error::other)
+                .and_then(|image| boot_image::release(qemu, &image, &initrd));
+            match released {
+                Ok(bytes) => tracing::debug!(bytes, "boot files paged out of the VMM"),
+                Err(e) => tracing::debug!("boot files left mapped in the VMM: {e}"),
+            }
+        });
     }
 
     /// Reserves the VM's uid for as long as it runs and launches it. Blocking.
