@@ -34,6 +34,13 @@ pub enum ConfigError {
 /// and a loaded host many times that.
 const DEFAULT_BOOT_TIMEOUT: u64 = 180;
 
+/// TCG's translation cache unless configured. QEMU's own default (1 GiB on a host with the
+/// memory) left an idle Debian machine holding 326 MiB of translated code and 67 MiB of
+/// QEMU's bookkeeping for it, 60 s after its boot; at 128 MiB it held 127 + 39 MiB and
+/// booted within a few percent of the same time (64 MiB: 63 + 25 MiB, and boots about 30%
+/// slower). `bench/idle-memory.sh`, bench/README.md.
+const DEFAULT_TCG_TRANSLATION_CACHE: u64 = 128 << 20;
+
 /// Virtualization backend selection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -222,7 +229,8 @@ pub struct RuntimeConfig {
     /// The uids (and gids of the same numbers) VMs run as, one per running VM.
     pub vm_users: VmUsers,
     /// Under software emulation, the most memory QEMU keeps translated guest code in
-    /// (`-accel tcg,tb-size=`), in bytes; `None` leaves QEMU's default.
+    /// (`-accel tcg,tb-size=`), in bytes; `None` leaves QEMU's default (the config always
+    /// gives one, [`DEFAULT_TCG_TRANSLATION_CACHE`] unless set).
     pub tcg_translation_cache: Option<u64>,
     /// How long a boot may take until the agent reports ready; a VM that does not is
     /// forced off (also one adopted in the middle of its boot).
@@ -710,10 +718,12 @@ fn resolve(
             vhost_device_vsock: r.vhost_device_vsock,
             agent: r.agent,
             vm_users: r.vm_users.and_then(|v| v.parse().ok()).unwrap_or_default(),
-            tcg_translation_cache: r
-                .tcg_translation_cache
-                .as_deref()
-                .and_then(|s| parse_size(s).ok()),
+            tcg_translation_cache: Some(
+                r.tcg_translation_cache
+                    .as_deref()
+                    .and_then(|s| parse_size(s).ok())
+                    .unwrap_or(DEFAULT_TCG_TRANSLATION_CACHE),
+            ),
             boot_timeout: std::time::Duration::from_secs(
                 r.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
             ),
@@ -884,6 +894,19 @@ mod tests {
             load(&[f], HOST).unwrap().runtime.virtiofsd_args,
             ["--cache", "never", "--xattr"]
         );
+    }
+
+    #[test]
+    fn the_translation_cache_is_bounded_unless_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = |files: &[PathBuf]| load(files, HOST).unwrap().runtime.tcg_translation_cache;
+        assert_eq!(cache(&[]), Some(128 << 20));
+        let f = write(
+            dir.path(),
+            "tb.toml",
+            "[runtime]\ntcg-translation-cache = \"1G\"\n",
+        );
+        assert_eq!(cache(&[f]), Some(1 << 30));
     }
 
     #[test]
