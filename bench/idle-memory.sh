@@ -32,6 +32,29 @@ conf=$XDG_CONFIG_HOME/container/config.toml
 mkdir -p "$(dirname "$conf")"
 MIB=1048576
 
+# QEMU's PSS by what holds it (/proc/PID/smaps): the guest's RAM (the memfd backend), the
+# translation cache (TCG's code buffer: the anonymous mapping that is writable and
+# executable), QEMU's other anonymous memory (heap, TLBs, stacks), and files (QEMU's binary
+# and libraries).
+qemu_breakdown() {
+  awk -v m=$MIB '
+    /^[0-9a-f]+-[0-9a-f]+ / { kind = "files"; if ($6 ~ /memfd:mem/) kind = "ram";
+      else if ($6 == "" || $6 ~ /^\[/) kind = ($2 ~ /w/ && $2 ~ /x/) ? "tcg" : "anon" }
+    /^Pss:/ { sum[kind] += $2 }
+    END { printf "QEMU ram=%d tcg=%d anon=%d files=%d MiB", sum["ram"] / 1024, sum["tcg"] / 1024,
+      sum["anon"] / 1024, sum["files"] / 1024 }' "/proc/$1/smaps"
+}
+
+# The guest's side, from its /proc/meminfo: what its kernel took before counting (the VM's
+# memory less MemTotal), and what it holds that is neither free nor cache (slab, page tables).
+guest_breakdown() {
+  "$cli" machine run -n "$1" --root cat /proc/meminfo | awk -v vm=$(($(numfmt --from=iec "$memory") / 1024)) '
+    { v[$1] = $2 }
+    END { printf "reserved=%d slab=%d pagetables=%d free=%d MiB", (vm - v["MemTotal:"]) / 1024,
+      (v["Slab:"]) / 1024, v["PageTables:"] / 1024, v["MemFree:"] / 1024 }'
+}
+
+breakdown=()
 printf '%-12s %8s %9s %9s %11s %11s %6s  %s\n' "tb:reclaim" "boot s" "host PSS" "host RSS" "guest used" "guest cache" "ratio" "PSS per process (MiB)"
 for variant in "${variants[@]}"; do
   size=${variant%%:*}
@@ -63,5 +86,10 @@ for variant in "${variants[@]}"; do
   per=$(jq -r --argjson m $MIB '[.hostMemory.processes[] | "\(.name)=\(.pss / $m | floor)"] | join(" ")' <<<"$s")
   printf '%-12s %8s %9d %9d %11d %11d %6s  %s\n' "$variant" "$boot" $((pss / MIB)) $((rss / MIB)) \
     $((used / MIB)) $((cache / MIB)) "$(ratio "$pss" $((used + 64 * MIB)))" "$per"
+  qemu=$(jq -r '[.hostMemory.processes[] | select(.name | test("qemu"))][0].pid' <<<"$s")
+  breakdown+=("$variant: $(qemu_breakdown "$qemu") | guest: $(guest_breakdown "$name")")
   bench_rm "$name"
 done
+echo
+echo "where it is (60 s after boot):"
+printf '  %s\n' "${breakdown[@]}"
