@@ -472,17 +472,7 @@ netns_test!(
         assert_eq!(config.gateway, "192.168.64.1");
         net.attach("guest").await.unwrap();
 
-        // The guest: a veth port of the bridge whose far end lives in its own namespace and is
-        // configured from the guest config, as the agent does inside a machine.
-        let guest = Netns::new();
-        ip(&["link", "add", "gh", "type", "veth", "peer", "name", "eth0"]);
-        ip(&["link", "set", "gh", "master", BRIDGE, "up"]);
-        ip(&["link", "set", "eth0", "netns", &guest.pid()]);
-        guest.ok(&["ip", "link", "set", "lo", "up"]);
-        guest.ok(&["ip", "link", "set", "eth0", "address", &lease.mac]);
-        guest.ok(&["ip", "addr", "add", &config.address_cidr, "dev", "eth0"]);
-        guest.ok(&["ip", "link", "set", "eth0", "up"]);
-        guest.ok(&["ip", "route", "add", "default", "via", &config.gateway]);
+        let guest = veth_guest(&lease.mac, &config);
 
         ping(Some(&guest), &config.gateway);
         ping(None, &lease.ip.to_string());
@@ -559,7 +549,6 @@ async fn ask_gateway(from: Option<&Netns>, name: &str, tcp: bool) -> hickory_pro
     let name = name.to_string();
     // A thread of its own: one that entered the guest's namespace stays there.
     let asked = std::thread::spawn(move || {
-        use std::io::{Read, Write};
         if let Some(ns) = ns {
             let file = std::fs::File::open(ns).unwrap();
             nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -572,25 +561,7 @@ async fn ask_gateway(from: Option<&Netns>, name: &str, tcp: bool) -> hickory_pro
         ));
         let bytes = q.to_vec().unwrap();
         let at: std::net::SocketAddr = "192.168.64.1:53".parse().unwrap();
-        let answer = if tcp {
-            let mut s = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(5)).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
-            framed.extend_from_slice(&bytes);
-            s.write_all(&framed).unwrap();
-            let mut len = [0u8; 2];
-            s.read_exact(&mut len).unwrap();
-            let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
-            s.read_exact(&mut answer).unwrap();
-            answer
-        } else {
-            let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.send_to(&bytes, at).unwrap();
-            let mut buf = [0u8; 1500];
-            let n = s.recv(&mut buf).expect("the responder answers");
-            buf[..n].to_vec()
-        };
+        let answer = container_testkit::dns_exchange(at, &bytes, tcp, Duration::from_secs(10));
         let answer = Message::from_vec(&answer).unwrap();
         assert_eq!(answer.metadata.id, q.metadata.id);
         answer
@@ -598,6 +569,22 @@ async fn ask_gateway(from: Option<&Netns>, name: &str, tcp: bool) -> hickory_pro
     tokio::task::spawn_blocking(move || asked.join().unwrap())
         .await
         .unwrap()
+}
+
+/// A stand-in for a machine: a veth port of the bridge whose far end, `eth0`, lives in a
+/// namespace of its own and is configured from the guest config, as the agent does inside
+/// a machine.
+fn veth_guest(mac: &str, config: &container_agent_proto::NetConfig) -> Netns {
+    let guest = Netns::new();
+    ip(&["link", "add", "gh", "type", "veth", "peer", "name", "eth0"]);
+    ip(&["link", "set", "gh", "master", BRIDGE, "up"]);
+    ip(&["link", "set", "eth0", "netns", &guest.pid()]);
+    guest.ok(&["ip", "link", "set", "lo", "up"]);
+    guest.ok(&["ip", "link", "set", "eth0", "address", mac]);
+    guest.ok(&["ip", "addr", "add", &config.address_cidr, "dev", "eth0"]);
+    guest.ok(&["ip", "link", "set", "eth0", "up"]);
+    guest.ok(&["ip", "route", "add", "default", "via", &config.gateway]);
+    guest
 }
 
 fn a_record(m: &hickory_proto::op::Message) -> Option<Ipv4Addr> {
@@ -628,15 +615,7 @@ netns_test!(
         assert_eq!(config.nameservers, ["192.168.64.1"]);
         net.attach("guest").await.unwrap();
 
-        let guest = Netns::new();
-        ip(&["link", "add", "gh", "type", "veth", "peer", "name", "eth0"]);
-        ip(&["link", "set", "gh", "master", BRIDGE, "up"]);
-        ip(&["link", "set", "eth0", "netns", &guest.pid()]);
-        guest.ok(&["ip", "link", "set", "lo", "up"]);
-        guest.ok(&["ip", "link", "set", "eth0", "address", &lease.mac]);
-        guest.ok(&["ip", "addr", "add", &config.address_cidr, "dev", "eth0"]);
-        guest.ok(&["ip", "link", "set", "eth0", "up"]);
-        guest.ok(&["ip", "route", "add", "default", "via", &config.gateway]);
+        let guest = veth_guest(&lease.mac, &config);
         ping(Some(&guest), &config.gateway);
 
         // Its owner's machines by name; another owner's as if absent.

@@ -64,6 +64,13 @@ impl Shared<'_> {
         )
     }
 
+    /// Runs `host`, waits out the guest's metadata window, then runs `guest`.
+    fn guest_after_window(&self, host: &str, guest: &str) -> String {
+        self.host(host);
+        std::thread::sleep(METADATA_WINDOW);
+        self.guest(guest)
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
@@ -117,40 +124,46 @@ fn host_edits_are_seen_by_the_guests_next_read(s: &Shared) {
     assert_eq!(s.guest("cat notes.txt"), "third version\n");
 
     // Sizes, names and modes within the metadata window.
-    s.host("printf 'second, and longer than the first\\n' > notes.txt");
-    std::thread::sleep(METADATA_WINDOW);
     assert_eq!(
-        s.guest("cat notes.txt"),
+        s.guest_after_window(
+            "printf 'second, and longer than the first\\n' > notes.txt",
+            "cat notes.txt"
+        ),
         "second, and longer than the first\n"
     );
-    s.host("printf 'appended\\n' >> notes.txt");
-    std::thread::sleep(METADATA_WINDOW);
     assert_eq!(
-        s.guest("cat notes.txt"),
+        s.guest_after_window("printf 'appended\\n' >> notes.txt", "cat notes.txt"),
         "second, and longer than the first\nappended\n"
     );
-    s.host("printf 'short\\n' > notes.txt");
-    std::thread::sleep(METADATA_WINDOW);
-    assert_eq!(s.guest("cat notes.txt; stat -c %s notes.txt"), "short\n6\n");
+    assert_eq!(
+        s.guest_after_window(
+            "printf 'short\\n' > notes.txt",
+            "cat notes.txt; stat -c %s notes.txt"
+        ),
+        "short\n6\n"
+    );
     // An editor's atomic save: a new file renamed over the old one (a new inode).
-    s.host("printf 'saved by an editor\\n' > .notes.txt.swp && mv .notes.txt.swp notes.txt");
-    std::thread::sleep(METADATA_WINDOW);
-    assert_eq!(s.guest("cat notes.txt"), "saved by an editor\n");
+    assert_eq!(
+        s.guest_after_window(
+            "printf 'saved by an editor\\n' > .notes.txt.swp && mv .notes.txt.swp notes.txt",
+            "cat notes.txt"
+        ),
+        "saved by an editor\n"
+    );
     // Files the host creates and deletes appear and disappear; a name the guest never saw
     // appears at once.
     s.host("printf 'new\\n' > created.txt");
     assert_eq!(s.guest("cat created.txt"), "new\n");
-    s.host("rm created.txt");
-    std::thread::sleep(METADATA_WINDOW);
     assert_eq!(
-        s.guest("test -e created.txt && echo present || echo gone"),
+        s.guest_after_window(
+            "rm created.txt",
+            "test -e created.txt && echo present || echo gone"
+        ),
         "gone\n"
     );
     // Mode changes, with the host's owner.
-    s.host("chmod 640 notes.txt");
-    std::thread::sleep(METADATA_WINDOW);
     assert_eq!(
-        s.guest("stat -c '%U %a' notes.txt"),
+        s.guest_after_window("chmod 640 notes.txt", "stat -c '%U %a' notes.txt"),
         format!("{} 640\n", s.user.name)
     );
 }

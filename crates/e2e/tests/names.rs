@@ -79,27 +79,7 @@ fn ask(name: &str, kind: RecordType, tcp: bool) -> Message {
         q.add_query(Query::query(Name::from_ascii(&name).unwrap(), kind));
         let bytes = q.to_vec().unwrap();
         let at: SocketAddr = RESPONDER.parse().unwrap();
-        let answer = if tcp {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(5))
-                .expect("the responder takes TCP");
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let mut framed = (bytes.len() as u16).to_be_bytes().to_vec();
-            framed.extend_from_slice(&bytes);
-            s.write_all(&framed).unwrap();
-            let mut len = [0u8; 2];
-            s.read_exact(&mut len).unwrap();
-            let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
-            s.read_exact(&mut answer).unwrap();
-            answer
-        } else {
-            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.send_to(&bytes, at).unwrap();
-            let mut buf = [0u8; 1500];
-            let n = s.recv(&mut buf).expect("the responder answers UDP");
-            buf[..n].to_vec()
-        };
+        let answer = container_testkit::dns_exchange(at, &bytes, tcp, Duration::from_secs(5));
         let answer = Message::from_vec(&answer).unwrap();
         assert_eq!(answer.metadata.id, q.metadata.id);
         answer

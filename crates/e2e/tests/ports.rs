@@ -86,17 +86,24 @@ fn host_server(port: u16, body: &'static str) -> std::net::SocketAddr {
     rx.recv().unwrap()
 }
 
+/// A service whose machines have one vCPU, `memory` and no home, and `image` (a test image
+/// recipe) pushed to a registry of its own; the registry lives as long as the service.
+fn service_with(recipe: &str, memory: &str) -> (Registry, String, Service) {
+    let registry = Registry::start();
+    let image = registry.push(&test_image(recipe), &format!("tests/{recipe}:1"));
+    let service = Service::start(&format!(
+        "[machine]\ncpus = 1\nmemory = \"{memory}\"\nhome-mount = \"none\"\n{}",
+        kernel_config()
+    ));
+    (registry, image, service)
+}
+
 #[test]
 fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
     if !require(is_root(), "the service runs as root") {
         return;
     }
-    let registry = Registry::start();
-    let image = registry.push(&test_image("busybox"), "tests/busybox:1");
-    let service = Service::start(&format!(
-        "[machine]\ncpus = 1\nmemory = \"512M\"\nhome-mount = \"none\"\n{}",
-        kernel_config()
-    ));
+    let (_registry, image, service) = service_with("busybox", "512M");
     // No machine network: the forward goes over vsock.
     let boot = Instant::now();
     service.cli_ok(&[
@@ -283,12 +290,7 @@ fn two_users_machines_listening_on_the_same_port_do_not_collide() {
     if !require(is_root(), "the service runs as root") {
         return;
     }
-    let registry = Registry::start();
-    let image = registry.push(&test_image("busybox"), "tests/busybox:1");
-    let service = Service::start(&format!(
-        "[machine]\ncpus = 1\nmemory = \"512M\"\nhome-mount = \"none\"\n{}",
-        kernel_config()
-    ));
+    let (_registry, image, service) = service_with("busybox", "512M");
     let alice = TestUser::ensure("ctalice", 1500);
     let bob = TestUser::ensure("ctbob", 1501);
     let url = "http://127.0.0.1:8080/";
@@ -465,13 +467,8 @@ fn a_udp_server_in_a_machine_answers_on_the_hosts_loopback() {
     if !require(is_root(), "the service runs as root") {
         return;
     }
-    let registry = Registry::start();
     // Debian for its perl (busybox has no UDP server applet).
-    let image = registry.push(&test_image("debian"), "tests/debian:12");
-    let service = Service::start(&format!(
-        "[machine]\ncpus = 1\nmemory = \"1G\"\nhome-mount = \"none\"\n{}",
-        kernel_config()
-    ));
+    let (_registry, image, service) = service_with("debian", "1G");
     let boot = Instant::now();
     service.cli_ok(&[
         "machine",

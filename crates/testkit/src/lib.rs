@@ -84,3 +84,34 @@ pub fn have(tool: &str) -> bool {
         &format!("{tool} is not installed (scripts/install-deps.sh installs it)"),
     )
 }
+
+/// Sends the DNS message `query` to `at` and returns the answer's bytes: over UDP, or over
+/// TCP with the two-byte length prefix (RFC 1035 4.2.2). Panics when nothing answers within
+/// `wait`.
+pub fn dns_exchange(
+    at: std::net::SocketAddr,
+    query: &[u8],
+    tcp: bool,
+    wait: std::time::Duration,
+) -> Vec<u8> {
+    use std::io::{Read, Write};
+    if tcp {
+        let mut s = std::net::TcpStream::connect_timeout(&at, wait).expect("the server takes TCP");
+        s.set_read_timeout(Some(wait)).unwrap();
+        let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+        framed.extend_from_slice(query);
+        s.write_all(&framed).unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).unwrap();
+        let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut answer).unwrap();
+        answer
+    } else {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(wait)).unwrap();
+        s.send_to(query, at).unwrap();
+        let mut buf = [0u8; 1500];
+        let n = s.recv(&mut buf).expect("the server answers UDP");
+        buf[..n].to_vec()
+    }
+}
