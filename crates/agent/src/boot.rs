@@ -84,8 +84,8 @@ pub fn run() -> Result<Infallible> {
     }
 
     for m in &cfg.modules {
-        let ko = std::fs::read(m).with_context(|| format!("reading module {m}"))?;
-        sys::load_module(&ko).with_context(|| format!("loading module {m}"))?;
+        let file = std::fs::File::open(m).with_context(|| format!("opening module {m}"))?;
+        sys::finit_module(&file).with_context(|| format!("loading module {m}"))?;
     }
     log!("{} kernel modules loaded", cfg.modules.len());
 

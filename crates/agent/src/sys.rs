@@ -20,55 +20,21 @@ pub fn power_off() {
     let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
 }
 
-/// What the kernel's `sign-file` appends to a module after its signature.
-const SIGNATURE_MARKER: &[u8] = b"~Module signature appended~\n";
-/// The kernel's `struct module_signature`, between the signature and the marker; its last
-/// four bytes are the signature's length, big-endian.
-const SIGNATURE_INFO: usize = 12;
-
-/// A signed module without its signature; `None` for an unsigned or malformed one.
-pub fn without_signature(ko: &[u8]) -> Option<&[u8]> {
-    let rest = ko.strip_suffix(SIGNATURE_MARKER)?;
-    let info = rest.len().checked_sub(SIGNATURE_INFO)?;
-    let len = u32::from_be_bytes(rest[rest.len() - 4..].try_into().ok()?) as usize;
-    Some(&rest[..info.checked_sub(len)?])
-}
-
-/// Loads a kernel module from its bytes; one already loaded (or built in) is success.
-///
-/// A signed module is first given without its signature. Checking it (hashing the module
-/// and an RSA verification, under emulation) was most of what loading cost; a kernel that
-/// does not enforce signatures loads an unsigned module all the same (and notes the taint
-/// once in its log). One that enforces them (`module.sig_enforce`, lockdown) refuses it,
-/// and gets the signed module.
-pub fn load_module(ko: &[u8]) -> std::io::Result<()> {
-    let init = |image: &[u8]| -> std::io::Result<()> {
-        let params = c"";
-        // SAFETY: init_module reads `image.len()` bytes from a live slice and a
-        // NUL-terminated parameter string; both outlive the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_init_module,
-                image.as_ptr(),
-                image.len(),
-                params.as_ptr(),
-            )
-        };
-        match rc {
-            0 => Ok(()),
-            _ => match std::io::Error::last_os_error() {
-                e if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-                e => Err(e),
-            },
-        }
-    };
-    if let Some(unsigned) = without_signature(ko) {
-        match init(unsigned) {
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EKEYREJECTED | libc::EPERM)) => {}
-            done => return done,
-        }
+/// Loads a kernel module from an open file; one already loaded (or built in) is success.
+pub fn finit_module(file: &std::fs::File) -> std::io::Result<()> {
+    let params = c"";
+    // SAFETY: finit_module reads the fd and a NUL-terminated parameter string; both outlive
+    // the call.
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
+    if rc == 0 {
+        return Ok(());
     }
-    init(ko)
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EEXIST) {
+        Ok(())
+    } else {
+        Err(e)
+    }
 }
 
 nix::ioctl_readwrite!(fifreeze, b'X', 119, libc::c_int);
@@ -190,38 +156,4 @@ pub fn reset_signals() {
         Some(&nix::sys::signal::SigSet::empty()),
         None,
     );
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn signed(module: &[u8], signature: &[u8]) -> Vec<u8> {
-        let mut ko = module.to_vec();
-        ko.extend_from_slice(signature);
-        ko.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
-        ko.extend_from_slice(&(signature.len() as u32).to_be_bytes());
-        ko.extend_from_slice(SIGNATURE_MARKER);
-        ko
-    }
-
-    #[test]
-    fn a_modules_signature_is_cut_off_and_nothing_else() {
-        let module = b"\x7fELF module body";
-        assert_eq!(
-            without_signature(&signed(module, &[7; 681])),
-            Some(&module[..])
-        );
-        assert_eq!(without_signature(module), None, "unsigned");
-        // A signature longer than what precedes it is not trusted to cut anything.
-        let mut lying = signed(b"x", &[1; 4]);
-        let at = lying.len() - SIGNATURE_MARKER.len() - 4;
-        lying[at..at + 4].copy_from_slice(&1000u32.to_be_bytes());
-        assert_eq!(without_signature(&lying), None);
-        assert_eq!(
-            without_signature(SIGNATURE_MARKER),
-            None,
-            "the marker alone"
-        );
-    }
 }

@@ -416,7 +416,7 @@ fn a_failed_boot_says_why_and_powers_off() {
     assert!(status.success(), "qemu: {status}");
     let console = vm.console();
     assert!(
-        console.contains("container-agent: boot failed: reading module /modules/missing.ko: No such file or directory"),
+        console.contains("container-agent: boot failed: opening module /modules/missing.ko: No such file or directory"),
         "{console}"
     );
     assert!(
