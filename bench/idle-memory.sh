@@ -3,10 +3,10 @@
 # TCG's translation cache size does to it and to the boot, in one run.
 #
 #   bench/idle-memory.sh [VARIANTS] [MEMORY]
-#     VARIANTS: "default:off 128M:off 64M:off 64M:30s"; MEMORY: 1536M
+#     VARIANTS: "1G:off 128M:off 128M:30s 64M:30s"; MEMORY: 1536M
 #
 # Each variant is TB:RECLAIM: the translation-cache size (`[runtime] tcg-translation-cache`;
-# `default` leaves QEMU's own) and when an idle machine gives its page cache back (`[memory]
+# `default` leaves the service's, 128M; 1G is QEMU's own) and when an idle machine gives its page cache back (`[memory]
 # reclaim-idle-after`, `off` or a duration). With a service restarted on that config: a Debian test machine with MEMORY is
 # created without booting, then `container machine run -n N true` boots it; timed until
 # systemd says `running` (or `degraded`) inside. 60 s after that, one
