@@ -129,7 +129,8 @@ impl Client {
             }
         })?;
         let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            hyper::client::conn::http1::handshake(TokioIo::new(HeardOut::new(stream, !upgrade)))
+                .await?;
         tokio::spawn(async move {
             // Errors here surface on the response side; nothing to add.
             let _ = conn.with_upgrades().await;
@@ -300,6 +301,85 @@ pub fn ndjson<T: DeserializeOwned + Send + 'static>(
     })
 }
 
+/// A connection to the service on which a write the service no longer reads is dropped
+/// instead of failing. The service may answer before it has read a whole request body (an
+/// upload over a size limit is refused part-way, then the connection closed) and its answer
+/// waits in the socket; hyper, still sending the body, would report the broken pipe and lose
+/// that answer. With the failed write taken as done, hyper goes on to read the answer, or
+/// the end of the connection if there is none. (Hyper's HTTP/1 client has no
+/// `Expect: 100-continue`, which would ask before sending.) An upgraded connection (an
+/// interactive session) keeps its write errors: there they mean the session is over.
+struct HeardOut {
+    stream: UnixStream,
+    drop_unheard: bool,
+    closed: bool,
+}
+
+impl HeardOut {
+    fn new(stream: UnixStream, drop_unheard: bool) -> Self {
+        Self {
+            stream,
+            drop_unheard,
+            closed: false,
+        }
+    }
+
+    fn peer_closed(e: &std::io::Error) -> bool {
+        use std::io::ErrorKind as K;
+        matches!(e.kind(), K::BrokenPipe | K::ConnectionReset)
+    }
+}
+
+impl tokio::io::AsyncRead for HeardOut {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for HeardOut {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        if self.closed {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        match std::pin::Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Ready(Err(e)) if self.drop_unheard && Self::peer_closed(&e) => {
+                self.closed = true;
+                Poll::Ready(Ok(buf.len()))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.closed {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.closed {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// Adapts a chunk stream to `AsyncRead`.
 pub fn tokio_util_reader(
     stream: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
@@ -341,6 +421,58 @@ mod tests {
         ];
         for (error, exit) in cases {
             assert_eq!(error.exit_code(), exit, "{error}");
+        }
+    }
+
+    /// A service that refuses an upload part-way: reads the head and a little of the body,
+    /// answers, and closes with the rest unread (as the service does past a size limit).
+    fn refusing_service(socket: &Path) -> std::thread::JoinHandle<()> {
+        use std::io::{Read, Write};
+        let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = vec![0; 64 * 1024];
+            let mut read = 0;
+            while read < 256 * 1024 {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+            let body = serde_json::to_vec(&ApiError::new(
+                ErrorKind::PermissionDenied,
+                "the archive is larger than 1 MiB",
+            ))
+            .unwrap();
+            let head = format!(
+                "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            conn.write_all(head.as_bytes()).unwrap();
+            conn.write_all(&body).unwrap();
+        })
+    }
+
+    #[tokio::test]
+    async fn an_upload_refused_part_way_reports_the_refusal_not_a_broken_pipe() {
+        for round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let socket = dir.path().join("api.sock");
+            let service = refusing_service(&socket);
+            // 64 MiB in 1 MiB chunks, far more than the service reads before it answers.
+            let chunks = (0..64).map(|_| Ok(Bytes::from(vec![7u8; 1 << 20])));
+            let body = stream_body(futures::stream::iter(chunks));
+            let err = Client::new(&socket)
+                .upload::<serde_json::Value>("/images/load", body)
+                .await
+                .unwrap_err();
+            service.join().unwrap();
+            assert_eq!(
+                err.kind(),
+                Some(ErrorKind::PermissionDenied),
+                "round {round}: {err:?}"
+            );
+            assert!(err.to_string().contains("larger than 1 MiB"), "{err}");
         }
     }
 }

@@ -123,8 +123,10 @@ fn each_limit_is_refused_clearly_and_leaves_nothing_behind() {
             .contains("running")
     );
 
-    // An upload over the cap stops at it, and nothing of it stays.
-    let load = |root: bool| {
+    // An upload over the cap stops at it, and nothing of it stays. The user's is larger than
+    // what the service drains past the cap before it answers (64 MiB), so the refusal
+    // reaches a client still sending.
+    let load = |root: bool, size: usize| {
         let mut c = match root {
             true => service.command(&["image", "load"]),
             false => alice.command(&service, &alice.home, &["image", "load"]),
@@ -137,17 +139,17 @@ fn each_limit_is_refused_clearly_and_leaves_nothing_behind() {
             .unwrap();
         let mut stdin = child.stdin.take().unwrap();
         // The CLI may stop reading once the service refused.
-        let _ = stdin.write_all(&vec![0u8; 3 << 20]);
+        let _ = stdin.write_all(&vec![0u8; size]);
         drop(stdin);
         child.wait_with_output().unwrap()
     };
     let images_before = alice.cli_ok(&service, &["image", "ls"]);
-    fails_with(&load(false), 4, "limits.image-load-size");
+    fails_with(&load(false, 80 << 20), 4, "limits.image-load-size");
     assert_eq!(entries(&service.root.join("images/work")), 0);
     assert_eq!(entries(&service.root.join("images/ingest")), 0);
     assert_eq!(alice.cli_ok(&service, &["image", "ls"]), images_before);
     // Root is not capped: its upload is read whole (whatever it then makes of zeros).
-    let out = load(true);
+    let out = load(true, 3 << 20);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("limits."), "{err}");
 }

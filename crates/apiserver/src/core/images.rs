@@ -29,9 +29,10 @@ struct Capped {
 }
 
 /// How much of an upload over the limit is still read (and dropped) before the refusal:
-/// a client that meets a closed connection while writing sees a broken pipe, not the
-/// refusal, so the rest of a modest overshoot is read first. Past this, the connection
-/// closes.
+/// a client that meets a closed connection while writing may report the broken pipe and
+/// not the refusal (ours reads the answer anyway: `container_api::client`'s `HeardOut`;
+/// curl does not), so the rest of a modest overshoot is read first. Past this, the
+/// connection closes.
 const DRAIN: u64 = 64 << 20;
 
 impl Capped {
