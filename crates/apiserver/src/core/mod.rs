@@ -380,6 +380,9 @@ struct State {
     platform: Arc<dyn Platform>,
     host: Arc<dyn Host>,
     locks: machines::Locks,
+    /// Machines being created or cloned, and being booted, counted by the limit checks.
+    creating: machines::Claims,
+    booting: machines::Claims,
     reboots: machines::RebootPolicy,
     /// Held while shared disk layers are made, referenced or collected (`machines/copies`).
     disks: tokio::sync::Mutex<()>,
@@ -420,6 +423,8 @@ impl Core {
                 platform: ports.platform,
                 host: ports.host,
                 locks: Default::default(),
+                creating: Default::default(),
+                booting: Default::default(),
                 reboots: Default::default(),
                 disks: Default::default(),
                 events: Default::default(),

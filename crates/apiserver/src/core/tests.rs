@@ -148,6 +148,8 @@ impl Images for FakeImages {
         unused()
     }
     async fn prepare(&self, ns: Namespace, reference: &str) -> Result<ImageInfo, ApiError> {
+        // A real store reads and perhaps pulls: other requests run meanwhile.
+        tokio::task::yield_now().await;
         let info = |has_init, stop_signal: Option<&str>| ImageInfo {
             reference: reference.into(),
             digest: format!("sha256:{reference}"),
@@ -261,6 +263,8 @@ impl Vms for FakeVms {
             .lock()
             .unwrap()
             .push(format!("boot {}", spec.record.name));
+        // A real VM is up only after a while: other requests run meanwhile.
+        tokio::task::yield_now().await;
         self.running
             .lock()
             .unwrap()
@@ -1122,6 +1126,50 @@ async fn nobody_gets_more_than_the_host_and_users_stay_within_their_limits() {
     machine(&f.core, &NOBODY, Request::MachineStart("b".into()))
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn limits_hold_when_a_user_s_creates_and_starts_race() {
+    let f = fixture_with(
+        FakeNet::default(),
+        &["[limits]\nmachines = 2\nrunning-cpus = 3\nrunning-memory = \"8G\"\n"],
+    );
+    let sized = |name: &str| {
+        Request::MachineCreate(CreateRequest {
+            image: "busybox".into(),
+            name: Some(name.into()),
+            no_boot: true,
+            home_mount: Some(container_api::machine::HomeMount::None),
+            cpus: Some(2),
+            ..Default::default()
+        })
+    };
+    // Three creates at once (the fake image store and VMs yield, as the real ones wait):
+    // two machines are the most.
+    let made =
+        futures::future::join_all(["a", "b", "c"].map(|n| machine(&f.core, &NOBODY, sized(n))))
+            .await;
+    let refused: Vec<&ApiError> = made.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 1, "{made:?}");
+    assert!(
+        refused[0].message.contains("limits.machines"),
+        "{refused:?}"
+    );
+    // Two starts at once of 2 vCPUs each, under a limit of 3 running: one boots.
+    let names: Vec<String> = made.into_iter().flatten().map(|m| m.id).collect();
+    let started = futures::future::join_all(
+        names
+            .iter()
+            .map(|n| machine(&f.core, &NOBODY, Request::MachineStart(n.clone()))),
+    )
+    .await;
+    let refused: Vec<&ApiError> = started.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert_eq!(refused.len(), 1, "{started:?}");
+    assert!(
+        refused[0].message.contains("limits.running-cpus"),
+        "{refused:?}"
+    );
+    assert_eq!(names.iter().map(|n| f.vms.boots(n)).sum::<usize>(), 1);
 }
 
 #[tokio::test]

@@ -66,7 +66,7 @@ impl Core {
                 format!("a machine named `{new}` already exists"),
             ));
         }
-        self.check_machine_count(src.owner_uid)?;
+        let _slot = self.check_machine_count(src.owner_uid, new)?;
         let _new_guard = self.state.locks.lock(new).await;
         let mut record = MachineRecord {
             name: new.to_string(),

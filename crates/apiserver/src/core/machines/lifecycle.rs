@@ -118,7 +118,7 @@ impl Core {
             publish: publish_list(&req.publish)?,
         };
         self.check_settings(&record)?;
-        self.check_machine_count(caller.uid)?;
+        let _slot = self.check_machine_count(caller.uid, &name)?;
         if self.state.machines.get(&name).is_ok() {
             let hint = if req.name.is_none() {
                 " (give another with -n/--name)"
@@ -206,7 +206,7 @@ impl Core {
         if self.state.vms.state(&record.name).is_up() {
             return Ok(());
         }
-        self.check_running_totals(record)?;
+        let _booting = self.check_running_totals(record)?;
         // The first boot on a new host installs the recommended kernel rather than failing:
         // `system kernel set` stays for choosing another.
         if record.kernel.is_none()

@@ -37,6 +37,7 @@ pub use lifecycle::{DEFAULT_STOP_TIMEOUT, parse_signal};
 #[cfg(test)]
 pub(super) use reboot::REBOOT_LIMIT;
 pub(super) use reboot::RebootPolicy;
+pub(super) use settings::Claims;
 
 use super::{Caller, Core};
 use crate::machines::{MachineRecord, StoreError};

@@ -1,7 +1,9 @@
 //! What a machine may be: one validator ([`Core::check_settings`]) for what `create` asks
 //! for and what `set` changes, and `set` itself.
 
+use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Mutex;
 
 use container_api::ApiError;
 use container_api::machine::{MachineState, SetReply, SetRequest};
@@ -12,6 +14,53 @@ use crate::machines::MachineRecord;
 
 /// Smallest memory a machine may have.
 const MIN_MEMORY: u64 = 256 << 20;
+
+/// Machines a create (or clone) or a boot is under way for, as (owner, name). A
+/// create holds no record until its disk is made and a boot shows no VM until QEMU runs, so
+/// each limit check counts these too and claims its own machine in the same critical
+/// section: two requests at once cannot both pass a limit that has room for one.
+#[derive(Debug, Default)]
+pub(in crate::core) struct Claims(Mutex<HashSet<(u32, String)>>);
+
+/// A machine's place in [`Claims`], given up when dropped (the request ended: its record
+/// or its VM now counts for it, or it failed).
+pub(super) struct Claim<'a> {
+    claims: &'a Claims,
+    key: (u32, String),
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.claims
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+impl Claims {
+    /// Under the claims' lock: `check` gets the names `owner` has claimed, and when it
+    /// passes, `name` is claimed for `owner`.
+    fn claim<'a>(
+        &'a self,
+        name: &str,
+        owner: u32,
+        check: impl FnOnce(Vec<&str>) -> Result<(), ApiError>,
+    ) -> Result<Claim<'a>, ApiError> {
+        let mut claimed = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        check(
+            claimed
+                .iter()
+                .filter(|(o, n)| *o == owner && n != name)
+                .map(|(_, n)| n.as_str())
+                .collect(),
+        )?;
+        let key = (owner, name.to_string());
+        claimed.insert(key.clone());
+        Ok(Claim { claims: self, key })
+    }
+}
 
 impl Core {
     /// Checks the settings of a machine about to be created or changed: the one place that
@@ -52,26 +101,59 @@ impl Core {
         Ok(())
     }
 
-    /// Checks that a non-root user may have one more machine.
-    pub(super) fn check_machine_count(&self, owner: u32) -> Result<(), ApiError> {
+    /// Checks that a non-root user may have one more machine, `name`, and claims it until
+    /// the claim is dropped (once its record is saved, or the create failed).
+    pub(super) fn check_machine_count(
+        &self,
+        owner: u32,
+        name: &str,
+    ) -> Result<Claim<'_>, ApiError> {
         let max = self.state.config.limits.machines;
-        if owner == 0 {
-            return Ok(());
-        }
-        let held = self.state.machines.list()?;
-        let held = held.iter().filter(|r| r.owner_uid == owner).count();
-        if held as u64 >= u64::from(max) {
-            return Err(over_limit(
-                format!("you have {held} machines, the most you may have"),
-                "machines",
-            ));
-        }
-        Ok(())
+        self.state.creating.claim(name, owner, |creating| {
+            if owner == 0 {
+                return Ok(());
+            }
+            let mut held: Vec<String> = self
+                .state
+                .machines
+                .list()?
+                .into_iter()
+                .filter(|r| r.owner_uid == owner)
+                .map(|r| r.name)
+                .collect();
+            held.extend(creating.into_iter().map(String::from));
+            held.sort();
+            held.dedup();
+            if held.len() as u64 >= u64::from(max) {
+                return Err(over_limit(
+                    format!("you have {} machines, the most you may have", held.len()),
+                    "machines",
+                ));
+            }
+            Ok(())
+        })
     }
 
     /// Checks that booting `record` keeps its non-root owner's running machines within
-    /// `[limits]`: their vCPUs and memory added up.
-    pub(super) fn check_running_totals(&self, record: &MachineRecord) -> Result<(), ApiError> {
+    /// `[limits]`: their vCPUs and memory added up, machines other boots are under way for
+    /// included. Claims `record` as booting until the claim is dropped (once its VM is up or
+    /// the boot failed).
+    pub(super) fn check_running_totals(
+        &self,
+        record: &MachineRecord,
+    ) -> Result<Claim<'_>, ApiError> {
+        self.state
+            .booting
+            .claim(&record.name, record.owner_uid, |booting| {
+                self.running_totals_allow(record, &booting)
+            })
+    }
+
+    fn running_totals_allow(
+        &self,
+        record: &MachineRecord,
+        booting: &[&str],
+    ) -> Result<(), ApiError> {
         if record.owner_uid == 0 {
             return Ok(());
         }
@@ -80,7 +162,8 @@ impl Core {
         for r in self.state.machines.list()? {
             if r.owner_uid == record.owner_uid
                 && r.name != record.name
-                && self.state.vms.state(&r.name) != MachineState::Stopped
+                && (self.state.vms.state(&r.name) != MachineState::Stopped
+                    || booting.contains(&r.name.as_str()))
             {
                 cpus += r.cpus;
                 memory += r.memory;
