@@ -127,8 +127,8 @@ pub struct TagRequest {
     pub system: bool,
 }
 
-/// `DELETE /v1/images/{ref}` answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `DELETE /v1/images/{ref}` and `POST /v1/images/prune` answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RemoveReport {
     pub untagged: Vec<String>,
     pub deleted: Vec<String>,

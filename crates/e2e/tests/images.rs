@@ -94,6 +94,66 @@ fn images_without_init_are_reported() {
 }
 
 #[test]
+fn prune_all_removes_the_images_no_machine_uses_and_says_what_it_reclaimed() {
+    if !require(is_root(), "the service runs as root") {
+        return;
+    }
+    let registry = Registry::start();
+    let busybox = registry.push(&test_image("busybox"), "tests/busybox:1");
+    let noinit = registry.push(&test_image("noinit"), "tests/noinit:1");
+    let service = Service::start("");
+    service.cli_ok(&["image", "pull", "-q", &busybox]);
+    service.cli_ok(&["image", "pull", "-q", &noinit]);
+    service.cli_ok(&[
+        "machine",
+        "create",
+        &busybox,
+        "--name",
+        "keep",
+        "--no-boot",
+        "--network",
+        "none",
+        "--home-mount",
+        "none",
+    ]);
+    let stored = || {
+        run_ok(
+            Command::new("du")
+                .args(["-sb"])
+                .arg(service.root.join("images")),
+        )
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+    };
+    let before = stored();
+
+    // Without --all nothing goes: no image here lacks a name.
+    let out = service.cli_ok(&["image", "prune"]);
+    assert_eq!(out.trim(), "Reclaimed 0B of disk space");
+    assert_eq!(service.cli_ok(&["image", "ls", "-q"]).lines().count(), 2);
+
+    let report: serde_json::Value =
+        serde_json::from_str(&service.cli_ok(&["image", "prune", "--all", "--format", "json"]))
+            .unwrap();
+    assert_eq!(report["untagged"], serde_json::json!([noinit]), "{report}");
+    let freed = report["freed_bytes"].as_u64().unwrap();
+    assert!(freed > 0, "{report}");
+    assert_eq!(service.cli_ok(&["image", "ls", "-q"]).trim(), busybox);
+    let after = stored();
+    assert!(
+        before - after >= freed / 2,
+        "the store shrank by {} bytes, the report says {freed}",
+        before - after
+    );
+    // The machine's image stays, and a second prune finds nothing more.
+    let again = service.cli_ok(&["image", "prune", "--all"]);
+    assert_eq!(again.trim(), "Reclaimed 0B of disk space");
+}
+
+#[test]
 fn bad_references_and_missing_images_fail_clearly() {
     if !require(is_root(), "the service runs as root") {
         return;

@@ -202,6 +202,44 @@ impl Core {
             .await
     }
 
+    /// `image prune`: with `all`, removes each of the caller's own names (in `system`, the
+    /// system-wide ones) whose image none of the machines the caller sees was created from,
+    /// as `image rm` would, and reports what went. Without `all` there is nothing to do: the
+    /// store keeps no image without a name (removing the last name deletes what nothing else
+    /// reaches), so no image dangles.
+    pub(super) async fn image_prune(
+        &self,
+        caller: &Caller,
+        all: bool,
+        system: bool,
+    ) -> Result<RemoveReport, ApiError> {
+        let ns = namespace(caller, system)?;
+        let mut report = RemoveReport::default();
+        if !all {
+            return Ok(report);
+        }
+        let in_use = self.images_in_use(caller)?;
+        let own = |i: &ImageSummary| match ns {
+            Namespace::System => i.is_system(),
+            Namespace::User(uid) => i.owner == Some(uid),
+        };
+        for image in self.state.images.list(ns).await? {
+            let used = in_use.get(&image.digest).is_some_and(|m| !m.is_empty());
+            if !own(&image) || used {
+                continue;
+            }
+            let r = self
+                .state
+                .images
+                .remove(ns, &image.reference, in_use.clone(), false)
+                .await?;
+            report.untagged.extend(r.untagged);
+            report.deleted.extend(r.deleted);
+            report.freed_bytes += r.freed_bytes;
+        }
+        Ok(report)
+    }
+
     /// Pulls, reporting progress on `events`, ending with `Done` or `Error`.
     pub(super) async fn image_pull(
         &self,

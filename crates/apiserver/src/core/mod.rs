@@ -98,6 +98,13 @@ pub enum Request {
         force: bool,
         system: bool,
     },
+    /// Remove the caller's images no machine of theirs was created from (`all`; without it
+    /// nothing: the store keeps no image without a name); `system`: the system-wide names
+    /// (root).
+    ImagePrune {
+        all: bool,
+        system: bool,
+    },
     RegistryLogin(LoginRequest),
     RegistryLogout(String),
     MachineCreate(CreateRequest),
@@ -217,6 +224,11 @@ impl std::fmt::Debug for Request {
                 .debug_struct("ImageRemove")
                 .field("reference", reference)
                 .field("force", force)
+                .field("system", system)
+                .finish(),
+            Request::ImagePrune { all, system } => f
+                .debug_struct("ImagePrune")
+                .field("all", all)
                 .field("system", system)
                 .finish(),
             Request::RegistryLogin(l) => f.debug_tuple("RegistryLogin").field(&l.server).finish(),
@@ -492,6 +504,10 @@ impl Core {
                 system,
             } => self
                 .image_remove(caller, reference, force, system)
+                .await
+                .map(Reply::Removed),
+            Request::ImagePrune { all, system } => self
+                .image_prune(caller, all, system)
                 .await
                 .map(Reply::Removed),
             Request::RegistryLogin(l) => self

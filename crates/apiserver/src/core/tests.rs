@@ -27,6 +27,8 @@ use crate::config::{HostFacts, load};
 #[derive(Default)]
 struct FakeImages {
     calls: Mutex<Vec<String>>,
+    /// What `list` answers from: each namespace sees its own names and the system-wide ones.
+    listed: Mutex<Vec<ImageSummary>>,
 }
 
 impl FakeImages {
@@ -62,7 +64,18 @@ fn unused<T>() -> Result<T, ApiError> {
 impl Images for FakeImages {
     async fn list(&self, ns: Namespace) -> Result<Vec<ImageSummary>, ApiError> {
         self.record(format!("list {ns:?}"));
-        Ok(Vec::new())
+        let mine = |i: &&ImageSummary| match ns {
+            Namespace::User(uid) => i.owner.is_none() || i.owner == Some(uid),
+            Namespace::System => i.owner.is_none(),
+        };
+        Ok(self
+            .listed
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(mine)
+            .cloned()
+            .collect())
     }
     async fn list_all(&self) -> Result<Vec<ImageSummary>, ApiError> {
         self.record("list_all".into());
@@ -1170,6 +1183,55 @@ async fn limits_hold_when_a_user_s_creates_and_starts_race() {
         "{refused:?}"
     );
     assert_eq!(names.iter().map(|n| f.vms.boots(n)).sum::<usize>(), 1);
+}
+
+#[tokio::test]
+async fn prune_removes_only_the_caller_s_own_images_none_of_their_machines_uses() {
+    let f = fixture();
+    *f.images.listed.lock().unwrap() = vec![
+        summary_of("busybox", Namespace::User(NOBODY.uid)),
+        summary_of("debian", Namespace::User(NOBODY.uid)),
+        summary_of("private", Namespace::User(0)),
+        summary_of("noinit", Namespace::System),
+    ];
+    machine(&f.core, &NOBODY, create("busybox", Some("mine")))
+        .await
+        .unwrap();
+    // Root's machine from `debian` is not one the user sees: it keeps nothing of theirs.
+    machine(&f.core, &ROOT, create("debian", Some("roots")))
+        .await
+        .unwrap();
+    let prune = |all: bool, system: bool| Request::ImagePrune { all, system };
+    f.images.calls();
+
+    let Reply::Removed(r) = f.core.handle(&NOBODY, prune(false, false)).await.unwrap() else {
+        panic!("a removal report")
+    };
+    assert!(r.untagged.is_empty() && r.freed_bytes == 0, "{r:?}");
+    assert!(
+        f.images.calls().is_empty(),
+        "without --all nothing is touched"
+    );
+
+    let Reply::Removed(r) = f.core.handle(&NOBODY, prune(true, false)).await.unwrap() else {
+        panic!("a removal report")
+    };
+    assert_eq!(r.untagged, ["debian"]);
+    let removes: Vec<String> = f
+        .images
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("remove"))
+        .collect();
+    assert_eq!(removes.len(), 1, "{removes:?}");
+    assert!(
+        removes[0].starts_with("remove User(65534) debian "),
+        "{removes:?}"
+    );
+
+    let e = f.core.handle(&NOBODY, prune(true, true)).await.unwrap_err();
+    assert_eq!(e.kind, ErrorKind::PermissionDenied, "{}", e.message);
+    assert!(f.images.calls().is_empty());
 }
 
 #[tokio::test]

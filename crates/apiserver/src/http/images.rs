@@ -22,6 +22,7 @@ pub fn routes() -> Router<Core> {
         .route("/images/tag", post(tag))
         .route("/images/load", post(load))
         .route("/images/save", get(save))
+        .route("/images/prune", post(prune))
         .route("/registry/login", post(login))
         .route("/registry/logout", post(logout))
 }
@@ -65,6 +66,27 @@ async fn remove(State(core): State<Core>, caller: Caller, Query(q): Query<RefQue
         Request::ImageRemove {
             reference: q.reference,
             force: q.force,
+            system: q.system,
+        },
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PruneQuery {
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    system: bool,
+}
+
+async fn prune(State(core): State<Core>, caller: Caller, Query(q): Query<PruneQuery>) -> Response {
+    answer(
+        &core,
+        &caller,
+        Request::ImagePrune {
+            all: q.all,
             system: q.system,
         },
     )

@@ -1,4 +1,5 @@
-//! `container image …` (alias `i`): pull, push, list, inspect, remove, tag, load and save images.
+//! `container image …` (alias `i`): pull, push, list, inspect, remove, tag, load, save and prune
+//! images.
 //! This file holds the subcommand enum and its dispatch; each subcommand lives in a file of
 //! its own.
 //!
@@ -10,6 +11,7 @@ mod delete;
 mod inspect;
 mod list;
 mod load;
+mod prune;
 mod pull;
 mod push;
 mod save;
@@ -42,6 +44,8 @@ pub enum ImageCommand {
     Load(load::LoadArgs),
     /// Save images to an OCI image-layout tar archive.
     Save(save::SaveArgs),
+    /// Remove your images no machine of yours uses (--all), and say what that reclaimed.
+    Prune(prune::PruneArgs),
 }
 
 /// A query value for a flag.
@@ -66,6 +70,7 @@ impl ImageCommand {
             ImageCommand::Tag(args) => tag::run(&client, args).await,
             ImageCommand::Load(args) => load::run(&client, args).await,
             ImageCommand::Save(args) => save::run(&client, args).await,
+            ImageCommand::Prune(args) => prune::run(&client, args).await,
         }
     }
 }
