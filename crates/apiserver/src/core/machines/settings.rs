@@ -113,17 +113,16 @@ impl Core {
             if owner == 0 {
                 return Ok(());
             }
-            let mut held: Vec<String> = self
-                .state
-                .machines
-                .list()?
-                .into_iter()
-                .filter(|r| r.owner_uid == owner)
-                .map(|r| r.name)
-                .collect();
-            held.extend(creating.into_iter().map(String::from));
-            held.sort();
-            held.dedup();
+            // A create's record may already be saved: each name once.
+            let mut held: HashSet<String> = creating.into_iter().map(String::from).collect();
+            held.extend(
+                self.state
+                    .machines
+                    .list()?
+                    .into_iter()
+                    .filter(|r| r.owner_uid == owner)
+                    .map(|r| r.name),
+            );
             if held.len() as u64 >= u64::from(max) {
                 return Err(over_limit(
                     format!("you have {} machines, the most you may have", held.len()),
