@@ -6,7 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use container_e2e::{
-    FORCED_POWER_OFF, Registry, Service, TestUser, is_root, kernel_config, require, test_image,
+    FORCED_POWER_OFF, Registry, Service, TestUser, is_root, kernel_config, require, tail,
+    test_image,
 };
 
 fn config() -> String {
@@ -361,7 +362,11 @@ fn stop_is_clean_forced_only_when_init_ignores_the_signal_and_reboot_boots_again
         "the timeout was honoured"
     );
     let console = service.cli_ok(&["machine", "logs", "stopper"]);
-    assert!(console.contains(FORCED_POWER_OFF), "{console}");
+    assert!(
+        console.contains(FORCED_POWER_OFF),
+        "{console}\nservice log tail:\n{}",
+        tail(&service.log(), 30)
+    );
     assert!(service.cli_ok(&["m", "ls"]).contains("stopped"));
     assert_eq!(
         service
