@@ -33,6 +33,28 @@ pub struct KernelInfo {
     pub modules: Option<String>,
 }
 
+/// `GET /v1/system/df`: what the caller's images and machines take on the host's disk.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskUsage {
+    pub images: UsageRow,
+    pub machines: UsageRow,
+}
+
+/// One line of `system df`. Sizes are bytes allocated on the host, never apparent sizes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UsageRow {
+    /// Images (distinct by digest) the caller sees, or their machines (every machine for root).
+    pub total: u64,
+    /// Images one of those machines was created from; machines up.
+    pub active: u64,
+    /// Images: their blobs and base disks, each counted once. Machines: their disks and
+    /// snapshots.
+    pub size: u64,
+    /// Images: what `image prune --all` frees. Machines: the disks and snapshots of the
+    /// stopped ones, which deleting them frees.
+    pub reclaimable: u64,
+}
+
 /// One merged configuration key, as `container system property list` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Property {

@@ -94,7 +94,7 @@ fn images_without_init_are_reported() {
 }
 
 #[test]
-fn prune_all_removes_the_images_no_machine_uses_and_says_what_it_reclaimed() {
+fn prune_all_removes_the_images_no_machine_uses_and_frees_what_system_df_foretold() {
     if !require(is_root(), "the service runs as root") {
         return;
     }
@@ -129,6 +129,43 @@ fn prune_all_removes_the_images_no_machine_uses_and_says_what_it_reclaimed() {
         .unwrap()
     };
     let before = stored();
+    let df = || -> serde_json::Value {
+        serde_json::from_str(&service.cli_ok(&["system", "df", "--format", "json"])).unwrap()
+    };
+    let usage = df();
+    let images = &usage["images"];
+    assert_eq!(
+        (&images["total"], &images["active"]),
+        (&2.into(), &1.into()),
+        "{usage}"
+    );
+    let foretold = images["reclaimable"].as_u64().unwrap();
+    assert!(
+        foretold > 0 && images["size"].as_u64().unwrap() > foretold,
+        "{usage}"
+    );
+    let machines = &usage["machines"];
+    assert_eq!(
+        (&machines["total"], &machines["active"]),
+        (&1.into(), &0.into()),
+        "{usage}"
+    );
+    assert_eq!(
+        machines["reclaimable"], machines["size"],
+        "a stopped machine: {usage}"
+    );
+    let table = service.cli_ok(&["system", "df"]);
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        lines[0],
+        ["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"],
+        "{table}"
+    );
+    assert_eq!(lines[1][..3], ["Images", "2", "1"], "{table}");
+    assert_eq!(lines[2][..3], ["Machines", "1", "0"], "{table}");
 
     // Without --all nothing goes: no image here lacks a name.
     let out = service.cli_ok(&["image", "prune"]);
@@ -140,7 +177,7 @@ fn prune_all_removes_the_images_no_machine_uses_and_says_what_it_reclaimed() {
             .unwrap();
     assert_eq!(report["untagged"], serde_json::json!([noinit]), "{report}");
     let freed = report["freed_bytes"].as_u64().unwrap();
-    assert!(freed > 0, "{report}");
+    assert_eq!(freed, foretold, "{report}");
     assert_eq!(service.cli_ok(&["image", "ls", "-q"]).trim(), busybox);
     let after = stored();
     assert!(
@@ -151,6 +188,12 @@ fn prune_all_removes_the_images_no_machine_uses_and_says_what_it_reclaimed() {
     // The machine's image stays, and a second prune finds nothing more.
     let again = service.cli_ok(&["image", "prune", "--all"]);
     assert_eq!(again.trim(), "Reclaimed 0B of disk space");
+    let images = df()["images"].clone();
+    assert_eq!(
+        (&images["total"], &images["reclaimable"]),
+        (&1.into(), &0.into()),
+        "{images}"
+    );
 }
 
 #[test]

@@ -79,18 +79,41 @@ impl ImageStore {
         self.collect(&refs, in_use)
     }
 
-    /// Marks from the roots and sweeps; the caller holds the store lock.
-    fn collect(
+    /// What the images `namespace` sees hold on disk, each blob and base disk counted once,
+    /// and what untagging its own names `untag` would free, exactly as [`remove`](Self::remove)
+    /// of each would (blobs and base disks no other name or machine needs): the figures of
+    /// `system df`, the second the bytes `image prune --all` reclaims. Changes nothing.
+    pub fn usage(
         &self,
-        refs: &Refs,
+        namespace: Namespace,
+        untag: &[String],
         in_use: &BTreeMap<String, Vec<String>>,
-    ) -> Result<Removed, ImageError> {
-        let mut live: BTreeSet<String> = self.leased();
+    ) -> Result<Usage, ImageError> {
+        let _g = self.guard();
+        let mut refs = self.load_refs()?;
         let manifests: BTreeSet<String> = refs
-            .digests()
-            .into_iter()
-            .chain(live.iter().cloned())
+            .visible(namespace)
+            .into_values()
+            .map(|n| n.digest)
             .collect();
+        let mut usage = Usage::default();
+        for digest in self.reach(manifests.iter().cloned()) {
+            usage.bytes += self.content.size(&digest).unwrap_or(0);
+        }
+        for digest in &manifests {
+            usage.bytes += unpack::allocated_bytes(&self.disk_dir(digest)?.join("base.ext4"));
+        }
+        let names = refs.names_mut(namespace);
+        for r in untag {
+            names.remove(r);
+        }
+        usage.reclaimable = self.garbage(&refs, in_use)?.bytes;
+        Ok(usage)
+    }
+
+    /// The blobs `manifests` reach: each manifest, its config and its layers.
+    fn reach(&self, manifests: impl IntoIterator<Item = String>) -> BTreeSet<String> {
+        let mut live = BTreeSet::new();
         for digest in manifests {
             live.insert(digest.clone());
             // Leases also hold configs and layers, which are not manifests (and may be large).
@@ -103,11 +126,22 @@ impl ImageStore {
                 live.extend(m.layers.iter().map(|l| l.digest.clone()));
             }
         }
-        let mut removed = Removed::default();
+        live
+    }
+
+    /// Marks from the roots: the blobs and base disks nothing reaches, with their bytes. The
+    /// caller holds the store lock.
+    fn garbage(
+        &self,
+        refs: &Refs,
+        in_use: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Garbage, ImageError> {
+        let live = self.reach(refs.digests().into_iter().chain(self.leased()));
+        let mut garbage = Garbage::default();
         for blob in self.content.list()? {
             if !live.contains(&blob) {
-                removed.freed_bytes += self.content.remove(&blob)?;
-                removed.deleted.push(blob);
+                garbage.bytes += self.content.size(&blob).unwrap_or(0);
+                garbage.blobs.push(blob);
             }
         }
         let disks = self.root.join("disks");
@@ -117,12 +151,50 @@ impl ImageStore {
         {
             let digest = format!("sha256:{}", e.file_name().to_string_lossy());
             if !live.contains(&digest) && !in_use.contains_key(&digest) {
-                removed.freed_bytes += unpack::allocated_bytes(&e.path().join("base.ext4"));
-                std::fs::remove_dir_all(e.path()).map_err(ImageError::io(&e.path()))?;
+                garbage.bytes += unpack::allocated_bytes(&e.path().join("base.ext4"));
+                garbage.disks.push(e.path());
             }
+        }
+        Ok(garbage)
+    }
+
+    /// Marks from the roots and sweeps; the caller holds the store lock.
+    fn collect(
+        &self,
+        refs: &Refs,
+        in_use: &BTreeMap<String, Vec<String>>,
+    ) -> Result<Removed, ImageError> {
+        let garbage = self.garbage(refs, in_use)?;
+        let mut removed = Removed::default();
+        for blob in garbage.blobs {
+            removed.freed_bytes += self.content.remove(&blob)?;
+            removed.deleted.push(blob);
+        }
+        for dir in garbage.disks {
+            removed.freed_bytes += unpack::allocated_bytes(&dir.join("base.ext4"));
+            std::fs::remove_dir_all(&dir).map_err(ImageError::io(&dir))?;
         }
         Ok(removed)
     }
+}
+
+/// What a collection would delete.
+#[derive(Debug, Default)]
+struct Garbage {
+    blobs: Vec<String>,
+    /// Base disk directories.
+    disks: Vec<std::path::PathBuf>,
+    /// Bytes of the blobs and the base disks' allocated bytes.
+    bytes: u64,
+}
+
+/// What images take on disk ([`ImageStore::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes of the blobs and base disks the images hold.
+    pub bytes: u64,
+    /// Bytes untagging the names given would free.
+    pub reclaimable: u64,
 }
 
 #[cfg(test)]

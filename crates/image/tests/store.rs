@@ -23,13 +23,18 @@ fn busybox_archive(dir: &std::path::Path, tag: &str) -> (Vec<u8>, String) {
 /// own image, sharing its layers with the others), tagged `tag`; and its manifest descriptor.
 fn marked_archive(dir: &std::path::Path, tag: &str, mark: &str) -> (Vec<u8>, serde_json::Value) {
     let mut layout = Layout::new(dir);
+    let m = layout.image("amd64", marked_config(mark), &busybox_layers());
+    layout.tag(m.clone(), tag);
+    (layout.archive(), m)
+}
+
+/// The busybox config, labelled with `mark` unless that is `busybox`.
+fn marked_config(mark: &str) -> serde_json::Value {
     let mut config = busybox_config();
     if mark != "busybox" {
         config["Labels"] = serde_json::json!({ "mark": mark });
     }
-    let m = layout.image("amd64", config, &busybox_layers());
-    layout.tag(m.clone(), tag);
-    (layout.archive(), m)
+    config
 }
 
 const ALICE: Namespace = Namespace::User(1000);
@@ -372,6 +377,76 @@ fn removal_collects_only_what_no_reference_or_machine_needs() {
     assert!(names(&root.join("blobs/sha256")).is_empty());
     assert!(names(&root.join("disks")).is_empty());
     assert!(store.list(ROOT).unwrap().is_empty());
+}
+
+#[test]
+fn usage_counts_shared_content_once_and_foretells_what_removal_frees() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let mut layout = Layout::new(&work.path().join("alice"));
+    let a = layout.image("amd64", marked_config("a"), &busybox_layers());
+    let b = layout.image("amd64", marked_config("b"), &busybox_layers());
+    layout.tag(a, "a:1").tag(b, "b:1");
+    let root = work.path().join("store");
+    let store = ImageStore::open(&root).unwrap();
+    store
+        .load(ALICE, layout.archive().as_slice(), &store.work_dir())
+        .unwrap();
+    let (bob_archive, _) = marked_archive(&work.path().join("bob"), "b:1", "b");
+    store
+        .load(BOB, bob_archive.as_slice(), &store.work_dir())
+        .unwrap();
+    let disks: u64 = names(&root.join("disks"))
+        .iter()
+        .map(|d| {
+            let base = std::fs::metadata(root.join("disks").join(d).join("base.ext4")).unwrap();
+            std::os::unix::fs::MetadataExt::blocks(&base) * 512
+        })
+        .sum();
+    let none = BTreeMap::new();
+
+    // Alice's two images share their layers: every blob and both disks, each once.
+    let blobs: u64 = names(&root.join("blobs/sha256"))
+        .iter()
+        .map(|n| {
+            std::fs::metadata(root.join("blobs/sha256").join(n))
+                .unwrap()
+                .len()
+        })
+        .sum();
+    let usage = store.usage(ALICE, &[], &none).unwrap();
+    assert_eq!(usage.reclaimable, 0, "untagging nothing frees nothing");
+    assert_eq!(
+        usage.bytes,
+        blobs + disks,
+        "blobs and base disks: {usage:?}"
+    );
+
+    // Untagging a:1 would free its manifest, config and disk, not the shared layers; it
+    // changes nothing, and removing it then frees just that.
+    let a1 = ["docker.io/library/a:1".to_string()];
+    let foretold = store.usage(ALICE, &a1, &none).unwrap().reclaimable;
+    assert!(foretold > 0);
+    assert_eq!(store.list(ALICE).unwrap().len(), 2);
+    let removed = store.remove(ALICE, "a:1", &none, false).unwrap();
+    assert_eq!(removed.deleted.len(), 2, "manifest and config: {removed:?}");
+    assert_eq!(removed.freed_bytes, foretold);
+
+    // b:1 is Bob's too: untagging Alice's name would free nothing while his reaches it.
+    let b1 = ["docker.io/library/b:1".to_string()];
+    assert_eq!(store.usage(ALICE, &b1, &none).unwrap().reclaimable, 0);
+    assert_eq!(
+        store
+            .remove(ALICE, "b:1", &none, false)
+            .unwrap()
+            .freed_bytes,
+        0
+    );
+    // Alice sees no image left and holds nothing; Bob's image stays whole.
+    assert_eq!(store.usage(ALICE, &[], &none).unwrap().bytes, 0);
+    assert!(store.usage(BOB, &[], &none).unwrap().bytes > 0);
 }
 
 #[test]

@@ -81,6 +81,22 @@ impl AsyncRead for Capped {
     }
 }
 
+/// The names of `ns` itself, among the `images` it sees, whose image none of the machines the
+/// caller sees (named in `in_use`) was created from: what `image prune --all` removes.
+pub(super) fn prunable<'a>(
+    ns: Namespace,
+    images: &'a [ImageSummary],
+    in_use: &'a InUse,
+) -> impl Iterator<Item = &'a ImageSummary> {
+    images.iter().filter(move |i| {
+        let own = match ns {
+            Namespace::System => i.is_system(),
+            Namespace::User(uid) => i.owner == Some(uid),
+        };
+        own && in_use.get(&i.digest).is_none_or(|m| m.is_empty())
+    })
+}
+
 /// The namespace `caller` acts in: their own, or (root only) the system-wide one.
 fn namespace(caller: &Caller, system: bool) -> Result<Namespace, ApiError> {
     match system {
@@ -176,7 +192,7 @@ impl Core {
     }
 
     /// Manifest digests in use by every machine, with the names of those `caller` may see.
-    fn images_in_use(&self, caller: &Caller) -> Result<InUse, ApiError> {
+    pub(super) fn images_in_use(&self, caller: &Caller) -> Result<InUse, ApiError> {
         let mut used = InUse::new();
         for m in self.state.machines.list()? {
             let names = used.entry(m.image_digest).or_default();
@@ -219,15 +235,8 @@ impl Core {
             return Ok(report);
         }
         let in_use = self.images_in_use(caller)?;
-        let own = |i: &ImageSummary| match ns {
-            Namespace::System => i.is_system(),
-            Namespace::User(uid) => i.owner == Some(uid),
-        };
-        for image in self.state.images.list(ns).await? {
-            let used = in_use.get(&image.digest).is_some_and(|m| !m.is_empty());
-            if !own(&image) || used {
-                continue;
-            }
+        let images = self.state.images.list(ns).await?;
+        for image in prunable(ns, &images, &in_use) {
             let r = self
                 .state
                 .images

@@ -57,6 +57,8 @@ impl Caller {
 /// Everything the core can be asked to do.
 pub enum Request {
     SystemStatus,
+    /// What the caller's images and machines take on disk (`system df`).
+    DiskUsage,
     SystemProperties,
     /// Stop the service; machines keep running.
     SystemShutdown,
@@ -197,6 +199,7 @@ impl std::fmt::Debug for Request {
                 .finish_non_exhaustive(),
             Request::MachineCreate(r) => f.debug_tuple("MachineCreate").field(&r.image).finish(),
             Request::SystemStatus => f.write_str("SystemStatus"),
+            Request::DiskUsage => f.write_str("DiskUsage"),
             Request::SystemProperties => f.write_str("SystemProperties"),
             Request::SystemShutdown => f.write_str("SystemShutdown"),
             Request::Events { machine } => {
@@ -315,6 +318,7 @@ impl std::fmt::Debug for Request {
 #[serde(untagged)]
 pub enum Reply {
     Status(Box<SystemStatus>),
+    DiskUsage(container_api::system::DiskUsage),
     Properties(Vec<Property>),
     Machine(Box<Machine>),
     Machines(Vec<Machine>),
@@ -451,6 +455,7 @@ impl Core {
         let machine = |m: Machine| Reply::Machine(Box::new(m));
         match request {
             Request::SystemStatus => Ok(Reply::Status(Box::new(self.status().await))),
+            Request::DiskUsage => self.disk_usage(caller).await.map(Reply::DiskUsage),
             Request::SystemProperties => {
                 Ok(Reply::Properties(self.state.config.properties.clone()))
             }

@@ -47,6 +47,15 @@ pub enum Namespace {
     System,
 }
 
+/// What images take on disk ([`Images::usage`]), in allocated bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ImageUsage {
+    /// The blobs and base disks the images hold, each counted once.
+    pub bytes: u64,
+    /// What untagging the names given frees.
+    pub reclaimable: u64,
+}
+
 /// An image to make of a machine's filesystem ([`Images::commit`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Commit {
@@ -115,6 +124,14 @@ pub trait Images: Send + Sync {
         in_use: InUse,
         force: bool,
     ) -> Result<RemoveReport, ApiError>;
+    /// What the images `ns` sees hold on disk, and what untagging its names `untag` would
+    /// then free, as [`remove`](Images::remove) of each would. Changes nothing.
+    async fn usage(
+        &self,
+        ns: Namespace,
+        untag: Vec<String>,
+        in_use: InUse,
+    ) -> Result<ImageUsage, ApiError>;
     /// Checks and stores `uid`'s credentials for a registry.
     async fn login(&self, uid: u32, login: LoginRequest) -> Result<(), ApiError>;
     /// Forgets `uid`'s credentials for `server`; false when there were none.

@@ -1,8 +1,12 @@
-//! System requests: status, properties and the kernel.
+//! System requests: status, disk usage, properties and the kernel.
 
-use container_api::system::{KernelInfo, KernelSetRequest, SystemStatus};
+use std::collections::BTreeSet;
+
+use container_api::system::{DiskUsage, KernelInfo, KernelSetRequest, SystemStatus, UsageRow};
 use container_api::{ApiError, ErrorKind};
 
+use super::images::prunable;
+use super::ports::Namespace;
 use super::{Caller, Core};
 
 impl Core {
@@ -34,6 +38,50 @@ impl Core {
             machines_running: running,
             run_by: crate::manager::run_by(),
         }
+    }
+
+    /// `system df`: what the images the caller sees and the machines they see take on disk;
+    /// reclaimable is what `image prune --all` would free, and the stopped machines' disks.
+    pub(super) async fn disk_usage(&self, caller: &Caller) -> Result<DiskUsage, ApiError> {
+        let ns = Namespace::User(caller.uid);
+        let in_use = self.images_in_use(caller)?;
+        let images = self.state.images.list(ns).await?;
+        let untag = prunable(ns, &images, &in_use)
+            .map(|i| i.reference.clone())
+            .collect();
+        let digests: BTreeSet<&str> = images.iter().map(|i| i.digest.as_str()).collect();
+        let active = digests
+            .iter()
+            .filter(|d| in_use.get(**d).is_some_and(|m| !m.is_empty()))
+            .count();
+        let held = self.state.images.usage(ns, untag, in_use.clone()).await?;
+        let mut machines = UsageRow::default();
+        for m in self.machine_list(caller)? {
+            let snapshots: u64 = self
+                .state
+                .machines
+                .snapshots(&m.id)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| self.state.vms.disk_allocated(&s.layer))
+                .sum();
+            let size = m.disk_allocated + snapshots;
+            machines.total += 1;
+            machines.size += size;
+            match m.status.is_up() {
+                true => machines.active += 1,
+                false => machines.reclaimable += size,
+            }
+        }
+        Ok(DiskUsage {
+            images: UsageRow {
+                total: digests.len() as u64,
+                active: active as u64,
+                size: held.bytes,
+                reclaimable: held.reclaimable,
+            },
+            machines,
+        })
     }
 
     /// Installs the kernel machines boot (root only: it reads host paths as the service).

@@ -39,6 +39,16 @@ impl FakeImages {
     fn calls(&self) -> Vec<String> {
         std::mem::take(&mut *self.calls.lock().unwrap())
     }
+
+    /// The names `ns` sees: its own and the system-wide ones.
+    fn seen(&self, ns: Namespace) -> Vec<ImageSummary> {
+        let mine = |i: &&ImageSummary| match ns {
+            Namespace::User(uid) => i.owner.is_none() || i.owner == Some(uid),
+            Namespace::System => i.owner.is_none(),
+        };
+        let listed = self.listed.lock().unwrap();
+        listed.iter().filter(mine).cloned().collect()
+    }
 }
 
 fn summary_of(reference: &str, ns: Namespace) -> ImageSummary {
@@ -64,18 +74,7 @@ fn unused<T>() -> Result<T, ApiError> {
 impl Images for FakeImages {
     async fn list(&self, ns: Namespace) -> Result<Vec<ImageSummary>, ApiError> {
         self.record(format!("list {ns:?}"));
-        let mine = |i: &&ImageSummary| match ns {
-            Namespace::User(uid) => i.owner.is_none() || i.owner == Some(uid),
-            Namespace::System => i.owner.is_none(),
-        };
-        Ok(self
-            .listed
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(mine)
-            .cloned()
-            .collect())
+        Ok(self.seen(ns))
     }
     async fn list_all(&self) -> Result<Vec<ImageSummary>, ApiError> {
         self.record("list_all".into());
@@ -152,6 +151,20 @@ impl Images for FakeImages {
             untagged: vec![reference.into()],
             deleted: Vec::new(),
             freed_bytes: 0,
+        })
+    }
+    async fn usage(
+        &self,
+        ns: Namespace,
+        untag: Vec<String>,
+        _: InUse,
+    ) -> Result<super::ports::ImageUsage, ApiError> {
+        self.record(format!("usage {ns:?} {untag:?}"));
+        // A megabyte a name seen, a kilobyte a name untagged: what the core adds up shows.
+        let seen = self.seen(ns).len() as u64;
+        Ok(super::ports::ImageUsage {
+            bytes: seen << 20,
+            reclaimable: (untag.len() as u64) << 10,
         })
     }
     async fn login(&self, _: u32, _: LoginRequest) -> Result<(), ApiError> {
@@ -1232,6 +1245,74 @@ async fn prune_removes_only_the_caller_s_own_images_none_of_their_machines_uses(
     let e = f.core.handle(&NOBODY, prune(true, true)).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::PermissionDenied, "{}", e.message);
     assert!(f.images.calls().is_empty());
+}
+
+#[tokio::test]
+async fn disk_usage_counts_what_the_caller_sees_and_what_prune_or_rm_would_free() {
+    let f = fixture();
+    *f.images.listed.lock().unwrap() = vec![
+        summary_of("busybox", Namespace::User(NOBODY.uid)),
+        summary_of("debian", Namespace::User(NOBODY.uid)),
+        summary_of("private", Namespace::User(0)),
+        summary_of("noinit", Namespace::System),
+    ];
+    for name in ["up", "down"] {
+        machine(&f.core, &NOBODY, create("busybox", Some(name)))
+            .await
+            .unwrap();
+    }
+    machine(&f.core, &NOBODY, Request::MachineStart("up".into()))
+        .await
+        .unwrap();
+    f.core
+        .handle(
+            &NOBODY,
+            Request::SnapshotCreate {
+                name: "down".into(),
+                snapshot: Some("s1".into()),
+            },
+        )
+        .await
+        .unwrap();
+    // Root's machine from `debian` is not one the user sees: it keeps nothing of theirs.
+    machine(&f.core, &ROOT, create("debian", Some("roots")))
+        .await
+        .unwrap();
+    let df = |caller: &'static Caller| {
+        let core = f.core.clone();
+        async move {
+            match core.handle(caller, Request::DiskUsage).await.unwrap() {
+                Reply::DiskUsage(d) => d,
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+    };
+    f.images.calls();
+
+    let d = df(&NOBODY).await;
+    // Three images seen (their two, the system's); the machines use one. Only their own
+    // unused name would go, never the system's.
+    assert_eq!((d.images.total, d.images.active), (3, 1), "{d:?}");
+    assert_eq!((d.images.size, d.images.reclaimable), (3 << 20, 1 << 10));
+    assert!(
+        f.images
+            .calls()
+            .contains(&r#"usage User(65534) ["debian"]"#.to_string())
+    );
+    // Two machines, one up; the stopped one's disk and snapshot are what deleting it frees.
+    assert_eq!((d.machines.total, d.machines.active), (2, 1), "{d:?}");
+    assert_eq!(d.machines.size, 3 * 4096, "two disks and a snapshot");
+    assert_eq!(d.machines.reclaimable, 2 * 4096);
+
+    // Root: their own name and the system's; every machine.
+    let d = df(&ROOT).await;
+    assert_eq!((d.images.total, d.images.active), (2, 0), "{d:?}");
+    assert!(
+        f.images
+            .calls()
+            .contains(&r#"usage User(0) ["private"]"#.to_string())
+    );
+    assert_eq!((d.machines.total, d.machines.active), (3, 1), "{d:?}");
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ use crate::core::{Caller, Core, Reply, Request};
 pub fn routes() -> Router<Core> {
     Router::new()
         .route("/system/status", get(status))
+        .route("/system/df", get(disk_usage))
         .route("/system/properties", get(properties))
         .route("/system/shutdown", post(shutdown))
         .route("/system/kernel", post(kernel))
@@ -56,6 +57,10 @@ async fn events(
 
 async fn status(State(core): State<Core>, caller: Caller) -> Response {
     answer(&core, &caller, Request::SystemStatus).await
+}
+
+async fn disk_usage(State(core): State<Core>, caller: Caller) -> Response {
+    answer(&core, &caller, Request::DiskUsage).await
 }
 
 async fn properties(State(core): State<Core>, caller: Caller) -> Response {

@@ -17,7 +17,7 @@ use container_image::{ImageError, ImageRecord, ImageStore, Progress, PullOptions
 use tokio::sync::mpsc;
 
 use crate::config::RegistryConfig;
-use crate::core::ports::{Bytes, Commit, ImageInfo, Images, InUse, Namespace};
+use crate::core::ports::{Bytes, Commit, ImageInfo, ImageUsage, Images, InUse, Namespace};
 
 /// The image store with the registry settings pulls and logins use.
 #[derive(Debug)]
@@ -303,6 +303,23 @@ impl Images for StoreImages {
                 untagged: r.untagged,
                 deleted: r.deleted,
                 freed_bytes: r.freed_bytes,
+            })
+        })
+        .await
+    }
+
+    async fn usage(
+        &self,
+        ns: Namespace,
+        untag: Vec<String>,
+        in_use: InUse,
+    ) -> Result<ImageUsage, ApiError> {
+        let store = self.store.clone();
+        blocking(move || {
+            let u = store.usage(store_ns(ns), &untag, &in_use)?;
+            Ok(ImageUsage {
+                bytes: u.bytes,
+                reclaimable: u.reclaimable,
             })
         })
         .await

@@ -1,7 +1,8 @@
 //! `container system …`: start, stop and inspect the service; configuration; kernel.
 
 use clap::{Args, Subcommand};
-use container_api::system::{KernelSetRequest, Property, SystemStatus};
+use container_api::size::format_size;
+use container_api::system::{DiskUsage, KernelSetRequest, Property, SystemStatus, UsageRow};
 use container_api::{Client, ExitCode, client::ClientError, paths};
 
 use crate::exit::failed;
@@ -17,6 +18,9 @@ pub enum SystemCommand {
     Stop,
     /// Show whether the service runs, with what, and what runs it (systemd or the CLI).
     Status(FormatArg),
+    /// Show what your images and machines take on disk, and what pruning them would free.
+    #[command(long_about = DF_ABOUT)]
+    Df(FormatArg),
     /// Stream your machines' lifecycle events (`--format json`: one JSON object a line).
     #[command(long_about = super::events::LONG_ABOUT)]
     Events(super::events::EventsArgs),
@@ -89,6 +93,65 @@ impl Tabular for Property {
     }
 }
 
+const DF_ABOUT: &str = "Show what your images and machines take on the host's disk.
+
+IMAGES: the images you see (yours and the system-wide ones), counted once per digest; ACTIVE
+ones were used to create one of your machines. SIZE is their blobs and base disks, each
+counted once however many images share it. RECLAIMABLE is exactly what `container image prune
+--all` frees: your own images no machine of yours uses, less what other names still need.
+
+MACHINES: your machines (every machine, for root); ACTIVE ones are running. SIZE is their
+disks and snapshots; RECLAIMABLE is that of the stopped ones, which deleting them frees.
+
+Sizes are blocks allocated on the host, not apparent sizes.";
+
+/// A line of `system df`'s table.
+struct DfRow(&'static str, UsageRow);
+
+impl Tabular for DfRow {
+    fn headers() -> Vec<&'static str> {
+        vec!["TYPE", "TOTAL", "ACTIVE", "SIZE", "RECLAIMABLE"]
+    }
+    fn row(&self) -> Vec<String> {
+        let r = &self.1;
+        let share = (r.reclaimable * 100)
+            .checked_div(r.size)
+            .unwrap_or(0)
+            .min(100);
+        vec![
+            self.0.to_string(),
+            r.total.to_string(),
+            r.active.to_string(),
+            format_size(r.size),
+            format!("{} ({share}%)", format_size(r.reclaimable)),
+        ]
+    }
+    fn id(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl serde::Serialize for DfRow {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.1.serialize(s)
+    }
+}
+
+/// `system df`: a table of the two kinds, or the whole answer as JSON, YAML or TOML.
+fn render_df(usage: &DiskUsage, format: Format) -> anyhow::Result<String> {
+    match format {
+        Format::Table => output::render_list(
+            &[
+                DfRow("Images", usage.images),
+                DfRow("Machines", usage.machines),
+            ],
+            format,
+            false,
+        ),
+        other => output::render_value(usage, other),
+    }
+}
+
 fn absolute(path: &str) -> anyhow::Result<String> {
     Ok(std::path::absolute(path)?.display().to_string())
 }
@@ -155,6 +218,11 @@ impl SystemCommand {
                     }
                     Err(e) => return Err(e.into()),
                 }
+            }
+            SystemCommand::Df(f) => {
+                let client = service::connect().await?;
+                let usage: DiskUsage = client.get("/system/df").await?;
+                print!("{}", render_df(&usage, f.format)?);
             }
             SystemCommand::Events(args) => {
                 let client = service::connect().await?;
