@@ -29,7 +29,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Manage persistent machines (alias: m).
+    /// Manage persistent machines.
     #[command(subcommand, visible_alias = "m")]
     Machine(commands::machine::MachineCommand),
     /// Manage images.
