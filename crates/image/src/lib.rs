@@ -24,7 +24,7 @@ pub use error::ImageError;
 pub use manifest::ConfigInfo;
 pub use registry::{Credentials, Mirror, parse_reference};
 pub use store::{
-    DEFAULT_MAX_UNPACKED_BYTES, ImageRecord, ImageSource, ImageStore, LayerRecord, Limits,
+    DEFAULT_MAX_UNPACKED_BYTES, Hold, ImageRecord, ImageSource, ImageStore, LayerRecord, Limits,
     Namespace, Progress, PullOptions, PullProgress, Removed,
 };
 pub use unpack::DiskInfo;

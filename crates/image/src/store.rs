@@ -339,6 +339,12 @@ impl Refs {
     }
 }
 
+/// An image held against collection ([`ImageStore::hold_base_disk`]) while it lives.
+#[derive(Debug)]
+pub struct Hold {
+    _lease: Lease,
+}
+
 /// Blobs and disks an operation in flight needs: collection keeps them while it lives.
 #[derive(Debug)]
 pub(crate) struct Lease {
@@ -728,6 +734,35 @@ impl ImageStore {
         let mut lease = self.lease();
         lease.add(&record.digest);
         self.disk_job(&record.digest, &record.reference)?.run()
+    }
+
+    /// Resolves `wanted` as `namespace` sees it, holds the image (its blobs and base disk)
+    /// against collection, and builds its base disk unless built: what a machine is created
+    /// from. The name is resolved and the hold taken under the store's lock, so an image
+    /// removed at the same moment is either not found here or kept until the [`Hold`] is
+    /// dropped, by when the machine that needs it is recorded (and so in use). Blocking.
+    pub fn hold_base_disk(
+        &self,
+        namespace: Namespace,
+        wanted: &str,
+    ) -> Result<(ImageRecord, (PathBuf, DiskInfo), Hold), ImageError> {
+        let (record, hold) = {
+            let _g = self.guard();
+            let refs = self.load_refs()?;
+            let visible = refs.visible(namespace);
+            let (reference, named) = self.resolve(&visible, wanted)?;
+            let mut lease = self.lease();
+            lease.add(&named.digest);
+            (
+                self.record(&visible, reference, named)?,
+                Hold { _lease: lease },
+            )
+        };
+        let disk = match &record.disk {
+            Some(d) => d.clone(),
+            None => self.disk_job(&record.digest, &record.reference)?.run()?,
+        };
+        Ok((record, disk, hold))
     }
 
     /// Whether the image's `/sbin/init` is an executable file (building the disk if needed).

@@ -450,6 +450,43 @@ fn usage_counts_shared_content_once_and_foretells_what_removal_frees() {
 }
 
 #[test]
+fn an_image_held_for_a_machine_outlives_its_removal_until_released() {
+    if !tools() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (archive, digest) = busybox_archive(&work.path().join("layout"), "base:1");
+    let root = work.path().join("store");
+    let store = ImageStore::open(&root).unwrap();
+    store
+        .load(ALICE, archive.as_slice(), &store.work_dir())
+        .unwrap();
+    let none = BTreeMap::new();
+
+    // A create holds the image, then the name goes (a prune, an rm) before the machine is
+    // recorded: the disk the machine is being made from stays, and so do the blobs.
+    let (record, (disk, info), hold) = store.hold_base_disk(ALICE, "base:1").unwrap();
+    assert_eq!(
+        (record.digest.as_str(), info.has_init),
+        (digest.as_str(), true)
+    );
+    let removed = store.remove(ALICE, "base:1", &none, false).unwrap();
+    assert!(removed.deleted.is_empty(), "{removed:?}");
+    assert!(disk.exists());
+    assert!(store.collect_garbage(&none).unwrap().deleted.is_empty());
+    // Once the machine is recorded, it is what keeps the disk (`in_use`); with none, the
+    // next collection takes everything.
+    drop(hold);
+    let r = store.collect_garbage(&none).unwrap();
+    assert!(!r.deleted.is_empty() && !disk.exists(), "{r:?}");
+    assert!(names(&root.join("blobs/sha256")).is_empty());
+
+    // A name removed before the hold is simply not found.
+    let e = store.hold_base_disk(ALICE, "base:1").unwrap_err();
+    assert!(matches!(e, ImageError::NotFound(_)), "{e}");
+}
+
+#[test]
 fn a_killed_operation_leaves_a_consistent_store() {
     if !tools() {
         return;

@@ -19,13 +19,26 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::machines::MachineRecord;
 
 /// What machine creation needs to know about an image.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct ImageInfo {
     pub reference: String,
     pub digest: String,
     pub has_init: bool,
     pub stop_signal: Option<String>,
     pub base_disk: PathBuf,
+    /// Keeps the image and its base disk from being collected while it lives: a create
+    /// holds it until the machine is recorded, from when the machine keeps them.
+    pub hold: ImageHold,
+}
+
+/// See [`ImageInfo::hold`]; whatever the store holds the image with.
+#[derive(Default)]
+pub struct ImageHold(pub Option<Box<dyn std::any::Any + Send + Sync>>);
+
+impl std::fmt::Debug for ImageHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "held" } else { "not held" })
+    }
 }
 
 /// A byte stream the core passes through (archives, tar streams).

@@ -182,6 +182,7 @@ impl Images for FakeImages {
             has_init,
             stop_signal: stop_signal.map(Into::into),
             base_disk: PathBuf::from("/base.ext4"),
+            hold: Default::default(),
         };
         match (reference, ns) {
             ("busybox", _) => Ok(info(true, None)),

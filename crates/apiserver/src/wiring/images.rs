@@ -17,7 +17,9 @@ use container_image::{ImageError, ImageRecord, ImageStore, Progress, PullOptions
 use tokio::sync::mpsc;
 
 use crate::config::RegistryConfig;
-use crate::core::ports::{Bytes, Commit, ImageInfo, ImageUsage, Images, InUse, Namespace};
+use crate::core::ports::{
+    Bytes, Commit, ImageHold, ImageInfo, ImageUsage, Images, InUse, Namespace,
+};
 
 /// The image store with the registry settings pulls and logins use.
 #[derive(Debug)]
@@ -346,14 +348,14 @@ impl Images for StoreImages {
     async fn prepare(&self, ns: Namespace, reference: &str) -> Result<ImageInfo, ApiError> {
         let (store, reference, ns) = (self.store.clone(), reference.to_string(), store_ns(ns));
         blocking(move || {
-            let record = store.inspect(ns, &reference)?;
-            let (disk, info) = store.base_disk(ns, &record.digest)?;
+            let (record, (disk, info), hold) = store.hold_base_disk(ns, &reference)?;
             Ok(ImageInfo {
                 reference: record.reference,
                 digest: record.digest,
                 has_init: info.has_init,
                 stop_signal: record.config.stop_signal,
                 base_disk: disk,
+                hold: ImageHold(Some(Box::new(hold))),
             })
         })
         .await
