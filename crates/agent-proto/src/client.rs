@@ -80,22 +80,19 @@ pub struct ExecOutput {
 #[derive(Debug)]
 pub struct AgentClient {
     stream: UnixStream,
-    agent_version: String,
+    hello: crate::host::Hello,
 }
 
 impl AgentClient {
     /// Connects through the hybrid-vsock socket `uds` to the agent on `port` and says hello.
     pub async fn connect(uds: &Path, port: u32) -> Result<AgentClient, ProtoError> {
-        let (stream, agent_version) = open(uds, port).await?;
-        Ok(AgentClient {
-            stream,
-            agent_version,
-        })
+        let (stream, hello) = open(uds, port).await?;
+        Ok(AgentClient { stream, hello })
     }
 
     /// The agent's version string (its crate version).
     pub fn agent_version(&self) -> &str {
-        &self.agent_version
+        &self.hello.agent
     }
 
     async fn request(mut self, m: Message) -> Result<Message, ProtoError> {
@@ -199,10 +196,30 @@ impl AgentClient {
         })
     }
 
-    /// Connects to TCP `port` on the guest's loopback; the stream returned carries that
-    /// connection's bytes. Nothing listening there is [`ProtoError::Agent`].
-    pub async fn forward(mut self, port: u16) -> Result<UnixStream, ProtoError> {
-        send(&mut self.stream, Message::Forward { port }).await?;
+    /// Connects to TCP `port` on the guest's loopback; [`Forwarded::relay`] then carries a
+    /// host connection's bytes to it and back. Nothing listening there is
+    /// [`ProtoError::Agent`].
+    pub async fn forward(self, port: u16) -> Result<Forwarded, ProtoError> {
+        let framed = self.hello.half_close;
+        let request = match framed {
+            true => Message::ForwardStream { port },
+            false => Message::Forward { port },
+        };
+        Ok(Forwarded {
+            stream: self.open_forward(request).await?,
+            framed,
+        })
+    }
+
+    /// As [`forward`](Self::forward), but the stream returned carries the connection's raw
+    /// bytes, for a peer that never half-closes (an SSH tunnel: the end of its input ends
+    /// the connection both ways).
+    pub async fn forward_raw(self, port: u16) -> Result<UnixStream, ProtoError> {
+        self.open_forward(Message::Forward { port }).await
+    }
+
+    async fn open_forward(mut self, request: Message) -> Result<UnixStream, ProtoError> {
+        send(&mut self.stream, request).await?;
         match read(&mut self.stream).await? {
             Some(Frame::Message(Message::Done)) => Ok(self.stream),
             Some(Frame::Message(Message::Error { message, code })) => {
@@ -356,6 +373,54 @@ impl AgentClient {
             }
         });
         Ok(tokio_util::io::StreamReader::new(Box::pin(chunks)))
+    }
+}
+
+/// A TCP connection in the guest, opened by [`AgentClient::forward`].
+#[derive(Debug)]
+pub struct Forwarded {
+    stream: UnixStream,
+    /// The host's bytes go in `Data` frames, their end as `DataEof` (`ForwardStream`).
+    framed: bool,
+}
+
+impl Forwarded {
+    /// Copies `peer`'s bytes to the guest connection and the guest's back until both ends
+    /// are done. With an agent that takes half-closes, the end of `peer`'s input shuts down
+    /// only the guest connection's sending side, so a reply still comes back; with an older
+    /// one it ends the connection both ways. `buffer`: bytes read at a time.
+    pub async fn relay<P>(self, mut peer: P, buffer: usize) -> std::io::Result<()>
+    where
+        P: AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = self.stream;
+        if !self.framed {
+            tokio::io::copy_bidirectional_with_sizes(&mut peer, &mut stream, buffer, buffer)
+                .await?;
+            return Ok(());
+        }
+        let (mut from_guest, mut to_guest) = stream.into_split();
+        let (mut from_peer, mut to_peer) = tokio::io::split(peer);
+        let up = async {
+            let mut buf = vec![0u8; buffer.min(crate::MAX_FRAME)];
+            loop {
+                let n = from_peer.read(&mut buf).await?;
+                if n == 0 {
+                    return send(&mut to_guest, Message::DataEof).await;
+                }
+                write(&mut to_guest, &Frame::Data(Kind::Data, buf[..n].to_vec())).await?;
+            }
+        };
+        let down = async {
+            tokio::io::copy_buf(
+                &mut tokio::io::BufReader::with_capacity(buffer, &mut from_guest),
+                &mut to_peer,
+            )
+            .await?;
+            to_peer.shutdown().await
+        };
+        tokio::try_join!(up, down).map(|_| ())
     }
 }
 
@@ -722,7 +787,12 @@ mod tests {
         path
     }
 
+    /// Takes the session as an agent from before half-closes.
     async fn hello(s: &mut UnixStream) {
+        hello_with(s, false).await
+    }
+
+    async fn hello_with(s: &mut UnixStream, half_close: bool) {
         match read(s).await.unwrap() {
             Some(Frame::Message(Message::Hello { version })) => assert_eq!(version, crate::VERSION),
             other => panic!("{other:?}"),
@@ -732,6 +802,7 @@ mod tests {
             Message::HelloOk {
                 version: crate::VERSION,
                 agent: "9.9".into(),
+                half_close,
             },
         )
         .await
@@ -1035,7 +1106,7 @@ mod tests {
         }
         drop(tx);
         assert!(rx.recv().await.is_none());
-        let mut conn = client().await.unwrap().forward(8080).await.unwrap();
+        let mut conn = client().await.unwrap().forward_raw(8080).await.unwrap();
         conn.write_all(b"ping").await.unwrap();
         let mut back = [0u8; 4];
         conn.read_exact(&mut back).await.unwrap();
@@ -1045,6 +1116,45 @@ mod tests {
             err.to_string().contains("nothing listens on port 9"),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_client_that_half_closes_still_gets_the_reply_from_an_agent_that_passes_it_on() {
+        let dir = tempfile::tempdir().unwrap();
+        // A server that answers once it has read the whole request, as the agent gives it.
+        let uds = fake(dir.path(), "OK 9\n", |mut s| async move {
+            hello_with(&mut s, true).await;
+            match read(&mut s).await.unwrap() {
+                Some(Frame::Message(Message::ForwardStream { port: 7 })) => {}
+                other => panic!("{other:?}"),
+            }
+            send(&mut s, Message::Done).await.unwrap();
+            let mut request = Vec::new();
+            loop {
+                match read(&mut s).await.unwrap() {
+                    Some(Frame::Data(Kind::Data, d)) => request.extend(d),
+                    Some(Frame::Message(Message::DataEof)) => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+            let answer = format!("read {} bytes", request.len());
+            s.write_all(answer.as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+        });
+        let forwarded = AgentClient::connect(&uds, 1024)
+            .await
+            .unwrap()
+            .forward(7)
+            .await
+            .unwrap();
+        let (mut client, relayed) = tokio::io::duplex(4096);
+        let relay = tokio::spawn(forwarded.relay(relayed, 1000));
+        client.write_all(&[1u8; 2500]).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut reply = String::new();
+        client.read_to_string(&mut reply).await.unwrap();
+        assert_eq!(reply, "read 2500 bytes");
+        relay.await.unwrap().unwrap();
     }
 
     #[tokio::test]

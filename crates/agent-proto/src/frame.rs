@@ -160,7 +160,13 @@ mod tests {
     fn message() -> impl Strategy<Value = Message> {
         prop_oneof![
             any::<u32>().prop_map(|version| Message::Hello { version }),
-            (any::<u32>(), ".*").prop_map(|(version, agent)| Message::HelloOk { version, agent }),
+            (any::<u32>(), ".*", any::<bool>()).prop_map(|(version, agent, half_close)| {
+                Message::HelloOk {
+                    version,
+                    agent,
+                    half_close,
+                }
+            }),
             (
                 proptest::collection::vec(".*", 0..4),
                 proptest::option::of(".*"),

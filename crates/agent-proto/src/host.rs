@@ -39,8 +39,17 @@ pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, Prot
     decode(kind, payload).map(Some)
 }
 
-/// Opens a session and says hello; returns the stream and the agent's version string.
-pub async fn open(uds: &Path, port: u32) -> Result<(UnixStream, String), ProtoError> {
+/// What the agent said of itself when it took the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// Its version string (its crate version).
+    pub agent: String,
+    /// Whether it serves [`Message::ForwardStream`].
+    pub half_close: bool,
+}
+
+/// Opens a session and says hello; returns the stream and what the agent said of itself.
+pub async fn open(uds: &Path, port: u32) -> Result<(UnixStream, Hello), ProtoError> {
     let mut stream = UnixStream::connect(uds).await?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
@@ -56,7 +65,9 @@ pub async fn open(uds: &Path, port: u32) -> Result<(UnixStream, String), ProtoEr
     }
     send(&mut stream, Message::Hello { version: VERSION }).await?;
     match read(&mut stream).await? {
-        Some(Frame::Message(Message::HelloOk { agent, .. })) => Ok((stream, agent)),
+        Some(Frame::Message(Message::HelloOk {
+            agent, half_close, ..
+        })) => Ok((stream, Hello { agent, half_close })),
         Some(Frame::Message(Message::Error { message, .. })) => Err(ProtoError::Refused(message)),
         other => Err(ProtoError::unexpected(other.as_ref())),
     }

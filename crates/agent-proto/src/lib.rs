@@ -18,6 +18,7 @@
 //! | `Reclaim` | — | `Done` or `Error` |
 //! | `WatchPorts` | — (closes the session to end it) | `Ports` at once, then at each change |
 //! | `Forward` | the connection's raw bytes, after `Done` | `Done` then raw bytes, or `Error` |
+//! | `ForwardStream` (agents whose `HelloOk` says `half_close`) | the connection's bytes in `Data` frames, then `DataEof` (a half-close) | `Done` then raw bytes, or `Error` |
 //! | `ForwardUdp` | one `Data` frame per datagram, after `Done` | `Done` then one `Data` frame per datagram, or `Error` |
 //!
 //! The agent opens connections the other way too: to the host's [`READY_PORT`] during boot,

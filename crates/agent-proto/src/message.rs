@@ -9,8 +9,14 @@ use serde::{Deserialize, Serialize};
 pub enum Message {
     /// Host, first frame of every session.
     Hello { version: u32 },
-    /// Agent, accepting the session.
-    HelloOk { version: u32, agent: String },
+    /// Agent, accepting the session. `half_close`: it serves [`Message::ForwardStream`]
+    /// (left out when false, so agents from before it read the same).
+    HelloOk {
+        version: u32,
+        agent: String,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        half_close: bool,
+    },
     /// Host: start a process.
     Exec(ExecRequest),
     /// Agent: the process runs.
@@ -105,6 +111,12 @@ pub enum Message {
     /// answers `Done` once connected, then the session carries that connection's raw bytes
     /// both ways (no frames); or `Error` when nothing listens there.
     Forward { port: u16 },
+    /// Host: as `Forward`, but after `Done` the host's bytes come in `Data` frames and
+    /// their end as one `DataEof`, on which the agent shuts down only the sending side of the
+    /// guest connection: a client that half-closes after its request still gets the reply.
+    /// The guest's bytes come back raw, as for `Forward`. Asked only of an agent whose
+    /// `HelloOk` says `half_close` (vhost-device-vsock carries no half-close of its own).
+    ForwardStream { port: u16 },
     /// Host: relay one host client's datagrams to UDP `port` on the guest's loopback. The
     /// agent opens a UDP socket of the session's own (so the guest's server sees one peer
     /// per host client, and its replies come back to this session only), answers `Done`,

@@ -167,10 +167,11 @@ fn host_closed_within(reader: &VsockStream, limit: Duration) -> std::io::Result<
 }
 
 /// Serves a `Forward` session: connects to `port` on the guest's loopback, answers `Done`,
-/// then copies bytes both ways. vhost-device-vsock passes no half-close to the host (it
-/// acts only on a shutdown of both directions), so when the guest's server has finished
-/// sending, the session is shut down whole: the host's client sees the end of the reply
-/// (an HTTP/1.0 client that reads to the end would wait for ever otherwise).
+/// then copies bytes both ways. vhost-device-vsock passes no half-close (it acts only on a
+/// shutdown of both directions), so when the guest's server has finished sending, the
+/// session is shut down whole: the host's client sees the end of the reply (an HTTP/1.0
+/// client that reads to the end would wait for ever otherwise). The host's half-close
+/// comes as a message instead ([`forward_stream`]).
 pub fn forward(port: u16, reader: VsockStream, writer: &Writer) -> std::io::Result<()> {
     let tcp = match connect(port) {
         Ok(t) => t,
@@ -185,6 +186,45 @@ pub fn forward(port: u16, reader: VsockStream, writer: &Writer) -> std::io::Resu
         });
         pump(&vsock, &tcp);
         let _ = tcp.shutdown(Shutdown::Write);
+    });
+    Ok(())
+}
+
+/// Serves a `ForwardStream` session: as [`forward`], but the host's bytes come in `Data`
+/// frames, and its `DataEof` shuts down only the sending side of the guest connection, so
+/// the guest's server reads the end of the request and still sends its reply.
+pub fn forward_stream(port: u16, mut reader: VsockStream, writer: &Writer) -> std::io::Result<()> {
+    let tcp = match connect(port) {
+        Ok(t) => t,
+        Err(e) => return reply(writer, error(e, None)),
+    };
+    reply(writer, Message::Done)?;
+    let to_host = writer
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .try_clone()?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            pump(&tcp, &to_host);
+            let _ = to_host.shutdown(Shutdown::Both);
+        });
+        let mut to_guest = &tcp;
+        loop {
+            match container_agent_proto::sync::read(&mut reader) {
+                Ok(Some(Frame::Data(Kind::Data, bytes))) => {
+                    if to_guest.write_all(&bytes).is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(Frame::Message(Message::DataEof))) => {
+                    let _ = tcp.shutdown(Shutdown::Write);
+                    return;
+                }
+                // The host went away, or spoke out of turn: the connection ends both ways.
+                _ => break,
+            }
+        }
+        let _ = tcp.shutdown(Shutdown::Both);
     });
     Ok(())
 }

@@ -128,6 +128,7 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
                 Message::HelloOk {
                     version: VERSION,
                     agent: env!("CARGO_PKG_VERSION").into(),
+                    half_close: true,
                 },
             )
             .context("answering the hello")?;
@@ -187,6 +188,7 @@ fn session(stream: VsockStream, started: Instant) -> Result<()> {
         Message::CopyOut { path } => copy::copy_out(&path, &writer)?,
         Message::WatchPorts => ports::watch(&reader, &writer)?,
         Message::Forward { port } => ports::forward(port, reader, &writer)?,
+        Message::ForwardStream { port } => ports::forward_stream(port, reader, &writer)?,
         Message::ForwardUdp { port } => ports::forward_udp(port, reader, &writer)?,
         Message::CopyRoot => copy::copy_root(&writer)?,
         other => reply(&writer, error(anyhow!("not a request: {other:?}"), None))?,

@@ -86,6 +86,23 @@ fn host_server(port: u16, body: &'static str) -> std::net::SocketAddr {
     rx.recv().unwrap()
 }
 
+/// Sends `request` to `127.0.0.1:port` from the test namespace, half-closes, and reads the
+/// reply to its end (at most 5 s): what a client that says it is done sending gets back.
+fn half_closed_exchange(port: u16, request: &'static [u8]) -> std::io::Result<String> {
+    std::thread::spawn(move || {
+        enter_netns();
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        conn.write_all(request)?;
+        conn.shutdown(std::net::Shutdown::Write)?;
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply)?;
+        Ok(reply)
+    })
+    .join()
+    .unwrap()
+}
+
 /// A service whose machines have one vCPU, `memory` and no home, and `image` (a test image
 /// recipe) pushed to a registry of its own; the registry lives as long as the service.
 fn service_with(recipe: &str, memory: &str) -> (Registry, String, Service) {
@@ -148,6 +165,28 @@ fn a_server_in_a_machine_answers_on_the_hosts_loopback() {
     });
     eprintln!("forwarded {took:?} after httpd listened");
     assert_eq!(get(url).unwrap().trim(), "hello from web");
+    // A client that half-closes after its request gets the reply: a server that answers
+    // once it has read everything (`wc -c`) sees the end of the input, not of the connection.
+    let counter = "setsid nc -ll -p 8083 -e wc -c </dev/null >/dev/null 2>&1 &";
+    service.cli_ok(&["machine", "run", "-n", "web", "--root", counter]);
+    within(&service, PROMPT * 5, "the forward of 8083", || {
+        ports(&service, "web")
+            .iter()
+            .any(|p| p["guestPort"] == 8083 && p["state"] == "forwarded")
+    });
+    let reply = half_closed_exchange(8083, b"twelve bytes").unwrap();
+    assert_eq!(reply.trim(), "12", "the reply after a half-close");
+    service.cli_ok(&["machine", "run", "-n", "web", "--root", "killall nc"]);
+    within(
+        &service,
+        PROMPT * 5,
+        "the end of the forward of 8083",
+        || {
+            ports(&service, "web")
+                .iter()
+                .all(|p| p["guestPort"] != 8083)
+        },
+    );
     let listed: Vec<_> = ports(&service, "web")
         .into_iter()
         .filter(|p| p["published"] == false)

@@ -378,7 +378,7 @@ async fn accept(listener: tokio::net::TcpListener, socket: PathBuf, guest: u16) 
 
 /// Joins one host connection to `guest` in the machine; a guest port nobody listens on
 /// closes the host connection.
-async fn relay(mut tcp: tokio::net::TcpStream, socket: PathBuf, guest: u16) {
+async fn relay(tcp: tokio::net::TcpStream, socket: PathBuf, guest: u16) {
     let _ = tcp.set_nodelay(true);
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
         proto::client::AgentClient::connect(&socket, proto::PORT)
@@ -387,7 +387,7 @@ async fn relay(mut tcp: tokio::net::TcpStream, socket: PathBuf, guest: u16) {
             .await
     })
     .await;
-    let mut vsock = match connected {
+    let forwarded = match connected {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(guest_port = guest, error = %e, "a forwarded connection did not reach the guest");
@@ -401,13 +401,11 @@ async fn relay(mut tcp: tokio::net::TcpStream, socket: PathBuf, guest: u16) {
             return;
         }
     };
-    // Each side's end is passed on. vhost-device-vsock has no half-close: the end of the
-    // client's input shuts the guest connection down both ways (a client that half-closes
-    // after its request gets no reply), and the agent ends the session once the guest's
-    // server has finished sending.
-    let _ =
-        tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut vsock, COPY_BUFFER, COPY_BUFFER)
-            .await;
+    // Each side's end is passed on: the client's, as the end of its input only (a client
+    // that half-closes after its request still gets the reply; with an agent from before
+    // that, it shuts the guest connection down both ways), and the guest server's, as the
+    // agent ends the session once that server has finished sending.
+    let _ = forwarded.relay(tcp, COPY_BUFFER).await;
 }
 
 #[cfg(test)]

@@ -179,7 +179,7 @@ pub async fn connect(vsock: &Path, port: u16) -> Result<tokio::net::UnixStream, 
     let agent = AgentClient::connect(vsock, PORT)
         .await
         .map_err(RuntimeError::Agent)?;
-    match agent.forward(port).await {
+    match agent.forward_raw(port).await {
         Ok(stream) => Ok(stream),
         Err(ProtoError::Agent { message, .. }) => Err(RuntimeError::ConnectRefused { message }),
         Err(e) => Err(RuntimeError::Agent(e)),
@@ -230,6 +230,7 @@ mod tests {
                 let hello = Message::HelloOk {
                     version,
                     agent: "test".into(),
+                    half_close: true,
                 };
                 send(&mut s, hello).await.unwrap();
                 agent(s).await;

@@ -212,6 +212,7 @@ mod tests {
                     let hello = Message::HelloOk {
                         version,
                         agent: "test".into(),
+                        half_close: true,
                     };
                     send(&mut s, hello).await.unwrap();
                     let Some(Frame::Message(Message::ForwardUdp { port: 7070 })) =
