@@ -3,7 +3,9 @@
 # over vsock) against the same server reached directly at the machine's address (the
 # bridge and its tap): latency of many small requests, each on a new connection (`ab -c 1`;
 # busybox httpd closes every connection, so each forwarded request is also a new vsock
-# session) and throughput of one large file (`curl`), each as a ratio forward / direct.
+# session), throughput of one large file down (`curl`) and of as much up (to `nc -e wc -c`
+# in the guest, the end of the upload sent as a half-close and timed until the guest's
+# count comes back), each as a ratio forward / direct.
 #
 #   bench/port-forward.sh [REQUESTS] [FILE_MIB] [ROUNDS]   (500, 64, 3)
 #
@@ -11,14 +13,14 @@
 # round runs `ab -n REQUESTS -c 1` and a `curl` download against both addresses; the
 # medians are reported. Runs in a network namespace of its own with a service of its own
 # (bench/lib.sh). CONTAINER: the CLI (default target/install/bin/container, from
-# scripts/build.sh). Needs root, ab (apache2-utils) and curl.
+# scripts/build.sh). Needs root, ab (apache2-utils), curl and python3.
 set -euo pipefail
 self=$(realpath "$0")
 cd "$(dirname "$self")/.."
 # shellcheck source=bench/lib.sh
 . bench/lib.sh
-for tool in ab curl; do
-  command -v "$tool" >/dev/null || bench_die "$tool is missing (apt-get install apache2-utils curl)"
+for tool in ab curl python3; do
+  command -v "$tool" >/dev/null || bench_die "$tool is missing (apt-get install apache2-utils curl python3)"
 done
 bench_enter_netns "$self" "$@"
 requests=${1:-500}
@@ -41,6 +43,13 @@ until curl -fsS --max-time 2 "http://$forward/index.html" >/dev/null 2>&1; do
   [ "$(date +%s)" -lt "$deadline" ] || bench_die "the forward to 8080 did not come up: $("$cli" machine ports bench-web)"
   sleep 0.2
 done
+# The upload's sink: counts what it read to the end of its input, then answers.
+"$cli" machine run -n bench-web --root \
+  "setsid nc -ll -p 8085 -e wc -c </dev/null >/dev/null 2>&1 &"
+until "$cli" machine ports bench-web | grep -q '^8085/tcp .*forwarded'; do
+  [ "$(date +%s)" -lt "$deadline" ] || bench_die "the forward to 8085 did not come up: $("$cli" machine ports bench-web)"
+  sleep 0.2
+done
 "$cli" machine ports bench-web >&2
 
 # Mean ms per request of `ab -c 1` against $1.
@@ -55,17 +64,43 @@ throughput() {
     awk '{printf "%.1f", $1 / 1000000}'
 }
 
-declare -A lat tput
+# MB/s of one upload of the same size to port 8085 of $1 (the host part of an address),
+# its end sent as a half-close; timed until the guest's count comes back, which must be all.
+upload() {
+  python3 - "$1" 8085 "$mib" <<'PY'
+import socket, sys, time
+host, port, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) << 20
+chunk = bytes(1 << 16)
+s = socket.create_connection((host, port))
+start = time.monotonic()
+for _ in range(size // len(chunk)):
+    s.sendall(chunk)
+s.shutdown(socket.SHUT_WR)
+reply = b""
+while True:
+    b = s.recv(4096)
+    if not b:
+        break
+    reply += b
+took = time.monotonic() - start
+if reply.strip() != str(size).encode():
+    sys.exit(f"the guest counted {reply!r}, not {size}")
+print(f"{size / took / 1e6:.1f}")
+PY
+}
+
+declare -A lat tput up
 for side in forward direct; do
-  lat[$side]='' tput[$side]=''
+  lat[$side]='' tput[$side]='' up[$side]=''
 done
 for i in $(seq 1 "$rounds"); do
   for side in forward direct; do
     addr=${!side}
     l=$(latency "$addr")
     t=$(throughput "$addr")
-    lat[$side]+=" $l" tput[$side]+=" $t"
-    echo "round $i $side ($addr): $l ms per request, $t MB/s" >&2
+    u=$(upload "${addr%:*}")
+    lat[$side]+=" $l" tput[$side]+=" $t" up[$side]+=" $u"
+    echo "round $i $side ($addr): $l ms per request, $t MB/s down, $u MB/s up" >&2
   done
 done
 
@@ -73,9 +108,11 @@ done
 {
   lf=$(median ${lat[forward]}) ld=$(median ${lat[direct]})
   tf=$(median ${tput[forward]}) td=$(median ${tput[direct]})
+  uf=$(median ${up[forward]}) ud=$(median ${up[direct]})
 }
 echo
 echo "port forward vs direct to the machine (busybox httpd, median of $rounds; $(nproc) cores):"
 printf '  %-28s %10s %10s %8s\n' "" forward direct ratio
 printf '  %-28s %10s %10s %8s\n' "latency, ms per request" "$lf" "$ld" "$(ratio "$lf" "$ld")"
-printf '  %-28s %10s %10s %8s\n' "throughput, MB/s ($mib MiB)" "$tf" "$td" "$(ratio "$tf" "$td")"
+printf '  %-28s %10s %10s %8s\n' "download, MB/s ($mib MiB)" "$tf" "$td" "$(ratio "$tf" "$td")"
+printf '  %-28s %10s %10s %8s\n' "upload, MB/s ($mib MiB)" "$uf" "$ud" "$(ratio "$uf" "$ud")"
