@@ -125,4 +125,5 @@ curl -fsS --max-time 10 "http://$ip:8080/"
 time as_user container machine run -n dev true
 as_user container machine stop dev
 as_user container m ls
+as_user container system df
 echo "== done"
