@@ -93,8 +93,14 @@ pub(super) fn prunable<'a>(
             Namespace::System => i.is_system(),
             Namespace::User(uid) => i.owner == Some(uid),
         };
-        own && in_use.get(&i.digest).is_none_or(|m| m.is_empty())
+        own && !used_by_visible(in_use, &i.digest)
     })
+}
+
+/// Whether one of the machines the caller sees (those `in_use` names) was created from the
+/// image `digest`.
+pub(super) fn used_by_visible(in_use: &InUse, digest: &str) -> bool {
+    in_use.get(digest).is_some_and(|m| !m.is_empty())
 }
 
 /// The namespace `caller` acts in: their own, or (root only) the system-wide one.

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use container_api::system::{DiskUsage, KernelInfo, KernelSetRequest, SystemStatus, UsageRow};
 use container_api::{ApiError, ErrorKind};
 
-use super::images::prunable;
+use super::images::{prunable, used_by_visible};
 use super::ports::Namespace;
 use super::{Caller, Core};
 
@@ -52,7 +52,7 @@ impl Core {
         let digests: BTreeSet<&str> = images.iter().map(|i| i.digest.as_str()).collect();
         let active = digests
             .iter()
-            .filter(|d| in_use.get(**d).is_some_and(|m| !m.is_empty()))
+            .filter(|d| used_by_visible(&in_use, d))
             .count();
         let held = self.state.images.usage(ns, untag, in_use.clone()).await?;
         let mut machines = UsageRow::default();
